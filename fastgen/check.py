@@ -1,0 +1,141 @@
+"""`fastgen check`: every implementation of every op against its reference, on this machine.
+
+Each op's check cases are drawn fresh from a seed, run through each available fast
+implementation into an output poisoned with NaN (an element a kernel forgets stays NaN and
+fails), and compared with the reference evaluated in float64 on the same inputs. The backward
+goes through the registered custom op and autograd with the backend forced, against the
+float64 reference's autograd. On a machine without a GPU the Triton kernels run under the
+interpreter (TRITON_INTERPRET=1) on CPU tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+from fastgen.ops.registry import FAST_BACKENDS, OPS, TOLERANCES, Op, backend_unavailable_reason, use_backend
+
+
+@dataclass
+class CheckResult:
+    op: str
+    backend: str
+    case: str
+    dtype: str
+    direction: str  # "fwd" or "bwd"
+    status: str  # "ok", "FAIL" or "skipped"
+    max_abs_err: Optional[float] = None
+    detail: str = ""
+
+
+def _upcast(args: tuple) -> tuple:
+    return tuple(a.detach().double() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def mismatch(actual: torch.Tensor, expected: torch.Tensor) -> tuple:
+    """(max abs error, description of the worst violation or "") under the dtype's tolerance."""
+    rtol, atol = TOLERANCES[actual.dtype]
+    actual64 = actual.detach().double().cpu()
+    expected64 = expected.detach().double().cpu()
+    if actual64.shape != expected64.shape:
+        return float("inf"), f"shape {tuple(actual64.shape)} != expected {tuple(expected64.shape)}"
+    error = (actual64 - expected64).abs()
+    max_error = error.max().item() if error.numel() else 0.0
+    allowed = atol + rtol * expected64.abs()
+    bad = ~(error <= allowed)  # NaN (an unwritten output element) counts as bad
+    if not bad.any():
+        return max_error, ""
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    return max_error, (
+        f"{int(bad.sum())} of {error.numel()} elements off, first at {index}: "
+        f"got {actual64[index].item():.6g}, expected {expected64[index].item():.6g} (rtol {rtol}, atol {atol})"
+    )
+
+
+def _check_forward(op: Op, backend: str, args: tuple) -> tuple:
+    out = op.allocate_output(*args)
+    out.fill_(float("nan"))
+    op.implementations[backend].run(*args, out=out)
+    return mismatch(out, op.reference(*_upcast(args)))
+
+
+def _check_backward(op: Op, backend: str, args: tuple, generator: torch.Generator) -> tuple:
+    custom_op = getattr(torch.ops.fastgen, op.name)
+    leaves = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    fast_args = list(args)
+    reference_args = list(_upcast(args))
+    for i in leaves:
+        fast_args[i] = args[i].detach().requires_grad_()
+        reference_args[i] = reference_args[i].requires_grad_()
+    with use_backend(backend):
+        out = custom_op(*fast_args)
+    grad_out = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
+    out.backward(grad_out)
+    op.reference(*reference_args).backward(grad_out.double())
+    worst = (0.0, "")
+    for i in leaves:
+        error, detail = mismatch(fast_args[i].grad, reference_args[i].grad)
+        if detail:
+            return error, f"grad of argument {i}: {detail}"
+        worst = max(worst, (error, ""))
+    return worst
+
+
+def check_op(op: Op, backend: str, device: torch.device, seed: int = 0) -> list:
+    implementation = op.implementations.get(backend)
+    if implementation is None:
+        return []
+    reason = backend_unavailable_reason(backend, device)
+    if reason is not None:
+        return [CheckResult(op.name, backend, "*", "*", "*", "skipped", detail=reason)]
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for case in op.check_cases():
+        for dtype in implementation.dtypes:
+            dtype_name = str(dtype).replace("torch.", "")
+            for direction in ("fwd", "bwd"):
+                args = case.make_args(device, dtype, generator)
+                try:
+                    if direction == "fwd":
+                        error, detail = _check_forward(op, backend, args)
+                    else:
+                        error, detail = _check_backward(op, backend, args, generator)
+                except Exception as exc:  # a crashing kernel is a failed check, reported with the rest
+                    error, detail = None, f"{type(exc).__name__}: {exc}"
+                status = "FAIL" if detail else "ok"
+                results.append(CheckResult(op.name, backend, case.label, dtype_name, direction, status, error, detail))
+    return results
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_checks(device: Optional[torch.device] = None, backends: Iterable[str] = FAST_BACKENDS,
+               op_names: Optional[Iterable[str]] = None, seed: int = 0) -> list:
+    device = device or default_device()
+    names = list(op_names) if op_names is not None else sorted(OPS)
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}; known: {sorted(OPS)}")
+    return [r for name in names for backend in backends for r in check_op(OPS[name], backend, device, seed)]
+
+
+def summarize(results: list) -> str:
+    """One line per (op, backend): counts, the worst error, and every failure in full."""
+    lines = []
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r.op, r.backend), []).append(r)
+    for (op_name, backend), rows in groups.items():
+        if rows[0].status == "skipped":
+            lines.append(f"  {op_name:32s} {backend:7s} skipped: {rows[0].detail}")
+            continue
+        failed = [r for r in rows if r.status == "FAIL"]
+        errors = [r.max_abs_err for r in rows if r.max_abs_err is not None]
+        worst = max(errors) if errors else float("nan")
+        verdict = f"FAILED {len(failed)} of {len(rows)}" if failed else f"ok {len(rows)} checks"
+        lines.append(f"  {op_name:32s} {backend:7s} {verdict} (fwd+bwd, max abs err {worst:.2e})")
+        lines.extend(f"      {r.case} {r.dtype} {r.direction}: {r.detail}" for r in failed)
+    return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""The op contract: one place where each op declares its reference and fast implementations.
+
+An op is a `torch.library.custom_op` (so `torch.compile(fullgraph=True)` traces it as one node)
+whose body calls `Op.run`. `Op.run` validates the arguments (the same function gives the fake
+op its output shape), allocates the output and hands it to the implementation picked by the
+active backend:
+
+- "reference": the eager PyTorch reference (ground truth and benchmark baseline).
+- "triton" / "cuda": that implementation for every op that has one; an op without one runs as
+  under "auto". If the op has it but it cannot run here (extension not built, CPU tensors
+  without TRITON_INTERPRET=1, unsupported dtype), `BackendUnavailable` says why: an explicit
+  request never silently falls back.
+- "auto" (default): CPU tensors run the reference; CUDA tensors take the first usable
+  implementation in the op's preference order for this GPU's compute capability, else the
+  op's default order, else the reference.
+
+The backend is process-wide (not per thread) because autograd runs backward passes on its own
+worker threads, which must see the same choice. Set it with `use_backend(...)` or the
+`FASTGEN_BACKEND` environment variable.
+
+Implementations write into an output tensor they are given (`out=`), so tests can poison it
+beforehand and catch elements a kernel never writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+FAST_BACKENDS = ("triton", "cuda")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Per output dtype (rtol, atol) against a reference computed in float32 or wider.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run the given inputs on this machine."""
+
+
+def _validated_backend(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+_active_backend = _validated_backend(os.environ.get("FASTGEN_BACKEND", "auto"), "FASTGEN_BACKEND")
+
+
+def current_backend() -> str:
+    return _active_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the fastgen ops inside the block with backend `name` (see the module docstring)."""
+    global _active_backend
+    previous = _active_backend
+    _active_backend = _validated_backend(name, "backend")
+    try:
+        yield name
+    finally:
+        _active_backend = previous
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot run on `device` here, or None when it can."""
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled()):
+            return None
+        if device.type == "cpu":
+            return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+        return f"Triton kernels do not run on {device.type} tensors"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA extension needs CUDA tensors, got {device.type} tensors"
+        from fastgen import _cuda
+
+        return _cuda.available()
+    raise ValueError(f"unknown fast backend {backend!r}")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    backend: str
+    run: Callable[..., None]  # run(*op_args, out=Tensor) writes the op's result into out
+    dtypes: tuple = KERNEL_DTYPES
+
+    def unavailable_reason(self, reference_tensor: torch.Tensor) -> Optional[str]:
+        if reference_tensor.dtype not in self.dtypes:
+            supported = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"{self.backend} kernels support {supported}, not {reference_tensor.dtype}"
+        return backend_unavailable_reason(self.backend, reference_tensor.device)
+
+
+def random_tensor(shape: tuple, layout: str, device, dtype, generator: torch.Generator) -> torch.Tensor:
+    """Standard-normal tensor of `shape` stored as `layout`: "contiguous", "channels_last", or
+    "sliced" (every other element of the last dim of a wider tensor: no unit stride anywhere).
+    Drawn in float32 on the CPU so a seed gives the same values on every device and dtype."""
+    if layout == "sliced":
+        wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=generator)
+        return wide.to(device=device, dtype=dtype)[..., ::2]
+    values = torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        return values.contiguous(memory_format=torch.channels_last)
+    if layout != "contiguous":
+        raise ValueError(f"unknown layout {layout!r}")
+    return values
+
+
+@dataclass
+class CheckCase:
+    """One input for `fastgen check`: positional op args, with tensors made on demand."""
+
+    label: str
+    make_args: Callable[[torch.device, torch.dtype, torch.Generator], tuple]
+
+
+@dataclass
+class Op:
+    """An op family member: its reference, output allocation and fast implementations.
+
+    `allocate_output(*args)` validates the arguments (raising TypeError/ValueError that name the
+    offending argument) and returns an uninitialised output; the fake op calls it on meta
+    tensors. The first positional argument is the tensor whose device and dtype select the
+    implementation.
+    """
+
+    name: str
+    reference: Callable[..., torch.Tensor]
+    allocate_output: Callable[..., torch.Tensor]
+    default_order: Sequence[str] = ("cuda", "triton")
+    # Measured preference per compute capability, e.g. {(9, 0): ("triton", "cuda")}.
+    order_by_capability: dict = field(default_factory=dict)
+    check_cases: Callable[[], list] = lambda: []
+    implementations: dict = field(default_factory=dict)
+
+    def implement(self, backend: str, dtypes: tuple = KERNEL_DTYPES):
+        if backend not in FAST_BACKENDS:
+            raise ValueError(f"{self.name}: implementations are {FAST_BACKENDS}, got {backend!r}")
+
+        def register(run):
+            self.implementations[backend] = Implementation(backend, run, dtypes)
+            return run
+
+        return register
+
+    def preference(self, device: torch.device) -> Sequence[str]:
+        if device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            return self.order_by_capability.get(capability, self.default_order)
+        return self.default_order
+
+    def select(self, reference_tensor: torch.Tensor, backend: Optional[str] = None) -> Optional[Implementation]:
+        """The implementation the backend picks for these inputs; None means the reference."""
+        backend = backend or current_backend()
+        if backend == "reference":
+            return None
+        if backend in self.implementations:
+            implementation = self.implementations[backend]
+            reason = implementation.unavailable_reason(reference_tensor)
+            if reason is not None:
+                raise BackendUnavailable(f"fastgen.{self.name}: backend {backend!r} was requested but {reason}")
+            return implementation
+        if reference_tensor.device.type != "cuda":
+            return None
+        for candidate in self.preference(reference_tensor.device):
+            implementation = self.implementations.get(candidate)
+            if implementation is not None and implementation.unavailable_reason(reference_tensor) is None:
+                return implementation
+        return None
+
+    def run(self, *args) -> torch.Tensor:
+        out = self.allocate_output(*args)
+        implementation = self.select(args[0])
+        if implementation is None:
+            return _as_fresh_output(self.reference(*args), out, args)
+        implementation.run(*args, out=out)
+        return out
+
+
+def _as_fresh_output(result: torch.Tensor, out: torch.Tensor, args: tuple) -> torch.Tensor:
+    """A custom op must return a new tensor laid out as its fake says: copy when the reference
+    returned a view of an input or a different memory layout."""
+    aliases_input = any(
+        isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == result.untyped_storage().data_ptr()
+        for a in args
+    )
+    if aliases_input or result.stride() != out.stride() or result.dtype != out.dtype:
+        return out.copy_(result)
+    return result
+
+
+OPS: dict = {}
+
+
+def register(op: Op) -> Op:
+    if op.name in OPS:
+        raise ValueError(f"op {op.name!r} is registered twice")
+    OPS[op.name] = op
+    return op
+

@@ -1,0 +1,193 @@
+"""The op contract: backend selection, fake shapes, torch.compile tracing, opcheck, fastgen check."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastgen
+from fastgen import check
+from fastgen.ops.registry import OPS, BackendUnavailable, Implementation, Op, use_backend
+from fastgen.ops.shortcut import (
+    CHANNEL_DUP_PIXEL_SHUFFLE,
+    PIXEL_UNSHUFFLE_CHANNEL_AVG,
+    channel_dup_pixel_shuffle,
+    pixel_unshuffle_channel_avg,
+)
+
+
+def test_every_op_is_a_registered_torch_op():
+    assert set(OPS) == {"pixel_unshuffle_channel_avg", "channel_dup_pixel_shuffle"}
+    for name in OPS:
+        assert hasattr(torch.ops.fastgen, name)
+
+
+def test_use_backend_nests_and_restores():
+    assert fastgen.current_backend() == "auto"
+    with use_backend("triton"):
+        with use_backend("reference"):
+            assert fastgen.current_backend() == "reference"
+        assert fastgen.current_backend() == "triton"
+    assert fastgen.current_backend() == "auto"
+    with pytest.raises(ValueError, match="backend must be one of auto, reference, triton, cuda; got 'cudnn'"):
+        with use_backend("cudnn"):
+            pass
+
+
+def test_fastgen_backend_environment_variable():
+    code = "import fastgen; print(fastgen.current_backend())"
+    env = dict(os.environ, FASTGEN_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+    env["FASTGEN_BACKEND"] = "fastest"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "FASTGEN_BACKEND must be one of" in bad.stderr
+
+
+def test_selection_on_cpu(monkeypatch):
+    x = torch.randn(1, 4, 4, 4)
+    op = PIXEL_UNSHUFFLE_CHANNEL_AVG
+    assert op.select(x, "auto") is None, "auto runs the reference on CPU tensors"
+    assert op.select(x, "reference") is None
+    assert op.select(x, "triton").backend == "triton"  # the interpreter is on in the tests
+    with pytest.raises(BackendUnavailable, match="backend 'cuda' was requested but the CUDA extension needs CUDA tensors"):
+        op.select(x, "cuda")
+    with pytest.raises(BackendUnavailable, match="triton kernels support float32, float16, bfloat16, not torch.float64"):
+        op.select(x.double(), "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="only under TRITON_INTERPRET=1"):
+        op.select(x, "triton")
+
+
+def test_requesting_a_backend_the_op_lacks_falls_back_to_auto():
+    only_triton = Op("only_triton", reference=lambda x: x, allocate_output=torch.empty_like)
+    only_triton.implement("triton")(lambda x, *, out: out.copy_(x))
+    assert only_triton.select(torch.ones(2), "cuda") is None
+
+
+def test_explicit_backend_runs_that_implementation(monkeypatch):
+    calls = []
+    triton_run = PIXEL_UNSHUFFLE_CHANNEL_AVG.implementations["triton"].run
+
+    def counting_run(*args, out):
+        calls.append(args[0].shape)
+        triton_run(*args, out=out)
+
+    monkeypatch.setitem(PIXEL_UNSHUFFLE_CHANNEL_AVG.implementations, "triton", Implementation("triton", counting_run))
+    x = torch.randn(1, 4, 4, 4)
+    pixel_unshuffle_channel_avg(x, 2, 8)
+    assert calls == []
+    with use_backend("triton"):
+        pixel_unshuffle_channel_avg(x, 2, 8)
+    assert calls == [x.shape]
+
+
+def test_backward_uses_the_forward_backend(monkeypatch):
+    """.backward() called after the use_backend block still runs the forward's backend."""
+    calls = []
+    triton_run = CHANNEL_DUP_PIXEL_SHUFFLE.implementations["triton"].run
+
+    def counting_run(*args, out):
+        calls.append("adjoint")
+        triton_run(*args, out=out)
+
+    monkeypatch.setitem(CHANNEL_DUP_PIXEL_SHUFFLE.implementations, "triton", Implementation("triton", counting_run))
+    x = torch.randn(1, 4, 4, 4, requires_grad=True)
+    with use_backend("triton"):
+        y = pixel_unshuffle_channel_avg(x, 2, 8)
+    y.backward(torch.randn_like(y))
+    assert calls == ["adjoint"]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fake_gives_shape_dtype_and_layout(layout):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 6, 4, dtype=torch.bfloat16).contiguous(memory_format=layout)
+        down = torch.ops.fastgen.pixel_unshuffle_channel_avg(x, 2, 16)
+        up = torch.ops.fastgen.channel_dup_pixel_shuffle(x, 2, 4)
+    assert down.shape == (2, 16, 3, 2) and up.shape == (2, 4, 12, 8)
+    assert down.dtype == up.dtype == torch.bfloat16
+    assert down.is_contiguous(memory_format=layout) and up.is_contiguous(memory_format=layout)
+
+
+def test_fake_rejects_bad_shapes_while_tracing():
+    # Dynamo wraps the fake's ValueError in its own error type; the message must survive.
+    with pytest.raises(Exception, match="must be a multiple of out_channels=5"):
+        torch.compile(lambda x: pixel_unshuffle_channel_avg(x, 2, 5), backend="eager", fullgraph=True)(
+            torch.randn(1, 4, 4, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend, generator):
+    """torch.library.opcheck: schema, fake tensor, autograd registration and AOT dispatch."""
+    with use_backend(backend):
+        for name in OPS:
+            op = OPS[name]
+            for case in op.check_cases():
+                args = case.make_args(torch.device("cpu"), torch.float32, generator)
+                args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+                torch.library.opcheck(getattr(torch.ops.fastgen, name), args)
+
+
+def _decoder_tail(x, branch):
+    """A DC-AE-like snippet: encode shortcut, arithmetic between, decode shortcut."""
+    latent = pixel_unshuffle_channel_avg(x, 2, 16, branch)
+    return channel_dup_pixel_shuffle(torch.tanh(latent) * 2.0, 2, 8, residual=x)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph_forward_and_backward(backend, generator):
+    """The custom ops trace without a graph break (fullgraph=True) and the compiled forward and
+    backward agree with eager."""
+    x = torch.randn(2, 8, 8, 8, generator=generator, requires_grad=True)
+    branch = torch.randn(2, 16, 4, 4, generator=generator, requires_grad=True)
+    with use_backend(backend):
+        expected = _decoder_tail(x, branch)
+        expected_grads = torch.autograd.grad(expected.square().sum(), (x, branch))
+        compiled = torch.compile(_decoder_tail, backend="aot_eager", fullgraph=True)
+        actual = compiled(x, branch)
+        actual_grads = torch.autograd.grad(actual.square().sum(), (x, branch))
+    torch.testing.assert_close(actual, expected)
+    for a, e in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_torch_compile_inductor_on_cpu(generator):
+    x = torch.randn(1, 8, 4, 4, generator=generator)
+    branch = torch.randn(1, 16, 2, 2, generator=generator)
+    compiled = torch.compile(_decoder_tail, fullgraph=True)
+    torch.testing.assert_close(compiled(x, branch), _decoder_tail(x, branch))
+
+
+def test_check_passes_for_every_triton_implementation_here():
+    results = check.run_checks(torch.device("cpu"), backends=("triton",))
+    assert results and all(r.status == "ok" for r in results), check.summarize(results)
+    assert {r.direction for r in results} == {"fwd", "bwd"}
+
+
+def test_check_reports_an_unwritten_element_and_wrong_math(monkeypatch):
+    triton_run = PIXEL_UNSHUFFLE_CHANNEL_AVG.implementations["triton"].run
+
+    def forgets_last_element(*args, out):
+        triton_run(*args, out=out)
+        out[-1, -1, -1, -1] = float("nan")  # as if never written over the poison
+
+    def off_by_a_bit(*args, out):
+        triton_run(*args, out=out)
+        out.mul_(1.01)
+
+    for broken in (forgets_last_element, off_by_a_bit):
+        monkeypatch.setitem(PIXEL_UNSHUFFLE_CHANNEL_AVG.implementations, "triton", Implementation("triton", broken))
+        results = check.run_checks(torch.device("cpu"), backends=("triton",), op_names=["pixel_unshuffle_channel_avg"])
+        failed = [r for r in results if r.status == "FAIL" and r.direction == "fwd"]
+        assert failed, f"{broken.__name__} was not caught"
+        assert "elements off" in failed[0].detail
+
+
+def test_check_skips_cuda_here_with_the_reason():
+    results = check.run_checks(torch.device("cpu"), backends=("cuda",))
+    assert results and all(r.status == "skipped" for r in results)
+    assert "needs CUDA tensors" in results[0].detail
