@@ -190,10 +190,13 @@ def _shuffle_triton(x, factor, out_channels, residual, scale, *, out):
 
 def _launch_cuda(entry_point: str, x, out, residual, factor: int, scale: float) -> None:
     extension = _cuda.load()
-    residual_arg = None if residual is None else _cuda.tensor_arg(residual)
-    getattr(extension, entry_point)(
-        _cuda.tensor_arg(x), _cuda.tensor_arg(out), residual_arg, factor, scale, _cuda.stream_handle(x.device)
-    )
+    residual_arg = None if residual is None else _cuda.tensor_arg(residual, "residual")
+    # The extension launches on the current device: make it x's (cuda:1 tensors, say).
+    with torch.cuda.device(x.device):
+        getattr(extension, entry_point)(
+            _cuda.tensor_arg(x, "x"), _cuda.tensor_arg(out, "out"), residual_arg, factor, scale,
+            _cuda.stream_handle(x.device),
+        )
 
 
 @PIXEL_UNSHUFFLE_CHANNEL_AVG.implement("cuda")

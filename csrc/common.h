@@ -1,0 +1,218 @@
+// Shared pieces of the torch-free CUDA extension fastgen._C: error checks, a strided 4-D
+// tensor view, argument checks, dtype dispatch, grid sizing, and the declarations of the
+// launchers that bindings.cpp exposes. bindings.cpp is compiled by the host compiler, so
+// everything that needs nvcc sits behind __CUDACC__.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace fastgen {
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* expr, const char* file,
+                                          int line) {
+  throw std::runtime_error(std::string("fastgen._C: CUDA error at ") + file + ":" +
+                           std::to_string(line) + " in `" + expr + "`: " +
+                           cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+#define FASTGEN_CUDA_CHECK(expr)                                              \
+  do {                                                                        \
+    cudaError_t fastgen_err_ = (expr);                                        \
+    if (fastgen_err_ != cudaSuccess)                                          \
+      ::fastgen::throw_cuda_error(fastgen_err_, #expr, __FILE__, __LINE__);   \
+  } while (0)
+
+// A bad launch configuration is only reported through cudaGetLastError.
+#define FASTGEN_LAUNCH_CHECK() FASTGEN_CUDA_CHECK(cudaGetLastError())
+
+// Throws a clear error instead of letting the first launch fail obscurely on a machine with
+// no driver or no device. Success is cached: the device count cannot change in a process.
+inline void ensure_device() {
+  static std::atomic<bool> ok{false};
+  if (ok.load(std::memory_order_relaxed)) return;
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    // The error is not sticky, but would otherwise surface at the next launch check.
+    cudaGetLastError();
+    std::string reason = err != cudaSuccess ? cudaGetErrorString(err) : "0 devices";
+    throw std::runtime_error("fastgen._C: no CUDA device available (cudaGetDeviceCount: " +
+                             reason + "); use the triton or reference backend");
+  }
+  ok.store(true, std::memory_order_relaxed);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensors
+
+enum class DType { Float32, Float16, BFloat16 };
+
+inline const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return "float32";
+    case DType::Float16: return "float16";
+    case DType::BFloat16: return "bfloat16";
+  }
+  return "unknown";
+}
+
+// A 4-D tensor as the launchers see it: sizes and strides in elements, any layout.
+struct TensorView4d {
+  void* data = nullptr;
+  DType dtype = DType::Float32;
+  int64_t size[4] = {0, 0, 0, 0};
+  int64_t stride[4] = {0, 0, 0, 0};
+
+  int64_t numel() const { return size[0] * size[1] * size[2] * size[3]; }
+};
+
+inline std::string shape_str(const int64_t* s) {
+  return "(" + std::to_string(s[0]) + ", " + std::to_string(s[1]) + ", " +
+         std::to_string(s[2]) + ", " + std::to_string(s[3]) + ")";
+}
+
+// Argument checks throw std::invalid_argument, which pybind11 turns into ValueError.
+// Messages start with the argument's name.
+inline void require(bool cond, const std::string& message) {
+  if (!cond) throw std::invalid_argument(message);
+}
+
+inline void require_same_dtype(const TensorView4d& t, const char* name, const TensorView4d& ref,
+                               const char* ref_name) {
+  require(t.dtype == ref.dtype, std::string(name) + ": dtype " + dtype_name(t.dtype) +
+                                    " differs from " + ref_name + "'s " +
+                                    dtype_name(ref.dtype));
+}
+
+inline void require_shape(const TensorView4d& t, const char* name, const int64_t* expected,
+                          const std::string& why) {
+  bool same = std::equal(t.size, t.size + 4, expected);
+  require(same, std::string(name) + ": expected shape " + shape_str(expected) + " = " + why +
+                    ", got " + shape_str(t.size));
+}
+
+// An output with a zero stride over a dimension of size > 1 would have several threads
+// writing one element.
+inline void require_no_broadcast(const TensorView4d& t, const char* name) {
+  for (int d = 0; d < 4; ++d)
+    require(t.stride[d] != 0 || t.size[d] <= 1,
+            std::string(name) + ": stride 0 in dimension " + std::to_string(d) +
+                " (an expanded view); an output must not overlap itself");
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch geometry
+
+constexpr int kThreadsPerBlock = 256;
+
+// Enough blocks for n elements, but no more than fill the device once: the kernels use
+// grid-stride loops, so extra blocks would only add scheduling overhead.
+inline unsigned int grid_size(int64_t n, int threads = kThreadsPerBlock) {
+  int device = 0, sms = 0, threads_per_sm = 0;
+  FASTGEN_CUDA_CHECK(cudaGetDevice(&device));
+  FASTGEN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  FASTGEN_CUDA_CHECK(
+      cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  int64_t wanted = (n + threads - 1) / threads;
+  int64_t cap = int64_t(sms) * std::max(1, threads_per_sm / threads);
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, cap)));
+}
+
+#ifdef __CUDACC__
+
+// int64 throughout: tensors may hold more than 2^31 elements.
+__device__ __forceinline__ int64_t grid_thread_index() {
+  return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t grid_thread_count() {
+  return int64_t(gridDim.x) * blockDim.x;
+}
+
+// ---------------------------------------------------------------------------------------
+// Element types: loads widen to fp32, stores round once to the tensor's dtype.
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) with T the C++ type of dtype.
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: f(TypeTag<float>{}); return;
+    case DType::Float16: f(TypeTag<__half>{}); return;
+    case DType::BFloat16: f(TypeTag<__nv_bfloat16>{}); return;
+  }
+  throw std::invalid_argument("fastgen._C: unsupported dtype");
+}
+
+__host__ __device__ __forceinline__ float to_float(float v) { return v; }
+__host__ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__host__ __device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__host__ __device__ __forceinline__ T from_float(float v);
+template <>
+__host__ __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__host__ __device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// A typed pointer with its strides, small enough to pass to a kernel by value.
+template <typename T>
+struct Strided4d {
+  T* data;
+  int64_t s0, s1, s2, s3;
+
+  __host__ __device__ __forceinline__ T& at(int64_t i0, int64_t i1, int64_t i2,
+                                            int64_t i3) const {
+    return data[i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3];
+  }
+};
+
+template <typename T>
+Strided4d<T> strided(const TensorView4d& t) {
+  return {static_cast<T*>(t.data), t.stride[0], t.stride[1], t.stride[2], t.stride[3]};
+}
+
+#endif  // __CUDACC__
+
+// ---------------------------------------------------------------------------------------
+// Launchers (csrc/*.cu). Each validates its arguments (std::invalid_argument), then calls
+// ensure_device(), then launches on `stream`. `residual` may be null.
+
+// shortcut.cu: y[b,o,h,w] = scale * sum_{t<g} x[b, c, h*f+i, w*f+j] (+ residual[b,o,h,w]),
+// where o*g+t = c*f*f + i*f + j and g = C*f*f/O.
+void pixel_unshuffle_channel_avg(const TensorView4d& x, const TensorView4d& y,
+                                 const TensorView4d* residual, int64_t factor, float scale,
+                                 cudaStream_t stream);
+
+// shortcut.cu: y[b, o, h*f+i, w*f+j] = scale * x[b, (o*f*f + i*f + j) / r, h, w]
+// (+ residual), where r = O*f*f/C.
+void channel_dup_pixel_shuffle(const TensorView4d& x, const TensorView4d& y,
+                               const TensorView4d* residual, int64_t factor, float scale,
+                               cudaStream_t stream);
+
+}  // namespace fastgen

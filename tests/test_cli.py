@@ -1,0 +1,50 @@
+"""The `fastgen` command on a machine without a GPU."""
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fastgen import cli
+from fastgen.ops.registry import OPS
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+
+
+def test_info_lists_versions_and_every_op(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out
+    assert "GPU: none found" in out
+    for name in OPS:
+        assert name in out
+    assert "triton: yes" in out, "the interpreter makes Triton available on CPU"
+    assert "cuda: no (the CUDA extension needs CUDA tensors" in out
+
+
+def test_check_runs_every_triton_kernel_under_the_interpreter(capsys):
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "Triton under the interpreter" in out
+    assert " 0 failed" in out
+    for name in OPS:
+        assert f"{name}" in out
+
+
+def test_check_unknown_op_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown op"):
+        cli.main(["check", "--op", "flash_everything"])
+
+
+def test_bench_without_gpu_checks_and_says_no_timings(capsys):
+    assert cli.main(["bench", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "no timings were taken" in out
+    assert "Verifying every kernel under the Triton interpreter" in out
+    assert " 0 failed" in out
+
+
+@pytest.mark.skipif(shutil.which("fastgen") is None, reason="console script not installed (pip install -e .)")
+def test_console_script_is_installed():
+    result = subprocess.run(["fastgen", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "info" in result.stdout and "bench" in result.stdout

@@ -1,0 +1,302 @@
+"""The torch-free CUDA extension fastgen._C and its Python side fastgen._cuda.
+
+Without a GPU: the module must import wherever it could be built (a missing module next to
+an nvcc is a failed build, not a skip), report no device, refuse to launch with a clear
+RuntimeError, and reject bad arguments with a ValueError naming the argument.
+With a GPU (marker `gpu`): both shortcut ops against eager PyTorch over dtypes, factors,
+layouts, residuals and scales, on NaN-poisoned outputs.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastgen import _cuda
+
+
+def _find_nvcc():
+    # The same places setup.py looks.
+    candidates = [shutil.which("nvcc")]
+    candidates += [os.path.join(os.environ[v], "bin", "nvcc")
+                   for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    return next((p for p in candidates if p and os.path.isfile(p)), None)
+
+
+@pytest.fixture(scope="module")
+def C():
+    try:
+        return _cuda.load()
+    except RuntimeError as e:
+        reason = str(e)
+    if os.environ.get("FASTGEN_SKIP_CUDA", "") not in ("", "0"):
+        pytest.skip("fastgen._C not built: FASTGEN_SKIP_CUDA is set")
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        pytest.skip("fastgen._C not built: no nvcc on this machine")
+    pytest.fail(f"nvcc is at {nvcc} but fastgen._C does not import, so the install failed to "
+                f"build it (reinstall with pip install -v --no-build-isolation -e .): {reason}")
+
+
+has_cuda = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA GPU")
+
+# Host addresses that are never dereferenced: every call below fails before any launch.
+FAKE_PTR = 1 << 20
+
+
+def arg(sizes, dtype="float32", ptr=FAKE_PTR):
+    strides, acc = [], 1
+    for s in reversed(sizes):
+        strides.insert(0, acc)
+        acc *= s
+    return (ptr, dtype, tuple(sizes), tuple(strides))
+
+
+# ---------------------------------------------------------------------------------------
+# Everywhere
+
+
+def test_module_imports_and_reports_its_build(C):
+    info = C.build_info()
+    assert isinstance(info["cuda_runtime_version"], int) and info["cuda_runtime_version"] >= 11000
+    assert "sm_" in info["archs"] and "compute_" in info["archs"]
+    assert _cuda.build_info() == info
+
+
+def test_device_count_never_throws(C):
+    count = C.cuda_device_count()
+    assert isinstance(count, int) and count >= 0
+    if has_cuda:
+        assert count == torch.cuda.device_count()
+    elif not os.path.exists("/dev/nvidiactl"):
+        assert count == 0
+    if count == 0:
+        assert "no CUDA device" in _cuda.available()
+
+
+@pytest.mark.parametrize("op, x, y", [
+    ("pixel_unshuffle_channel_avg", (2, 4, 8, 8), (2, 8, 4, 4)),
+    ("channel_dup_pixel_shuffle", (2, 8, 4, 4), (2, 4, 8, 8)),
+])
+def test_call_without_device_raises(C, op, x, y):
+    if C.cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        getattr(C, op)(arg(x), arg(y), None, 2, 1.0, 0)
+
+
+UNSHUFFLE_BAD = [
+    # (x, y, residual, factor, the argument the message must name)
+    (arg((2, 4, 8, 8), "float64"), arg((2, 8, 4, 4)), None, 2, "x"),
+    (arg((2, 4, 8, 8)), arg((2, 8, 4, 4), "int8"), None, 2, "y"),
+    (arg((2, 4, 8, 8)), arg((2, 8, 4, 4), "float16"), None, 2, "y"),
+    (arg((2, 4, 8, 8)), arg((2, 8, 4, 4)), arg((2, 8, 4, 4), "bfloat16"), 2, "residual"),
+    (arg((2, 4, 8, 8)), arg((2, 8, 4, 4)), arg((2, 8, 4, 5)), 2, "residual"),
+    (arg((2, 4, 8, 9)), arg((2, 8, 4, 4)), None, 2, "x"),     # W not divisible by f
+    (arg((2, 4, 8, 8)), arg((2, 8, 4, 3)), None, 2, "y"),     # wrong spatial size
+    (arg((2, 4, 8, 8)), arg((3, 8, 4, 4)), None, 2, "y"),     # wrong batch
+    (arg((2, 4, 8, 8)), arg((2, 5, 4, 4)), None, 2, "y"),     # 5 does not divide 16
+    (arg((2, 4, 8, 8)), arg((2, 8, 4, 4)), None, 0, "factor"),
+    (arg((2, 0, 8, 8)), arg((2, 8, 4, 4)), None, 2, "x"),     # no channels
+    ((FAKE_PTR, "float32", (2, 4, 8), (64, 8, 1)), arg((2, 8, 4, 4)), None, 2, "x"),
+    ([FAKE_PTR, "float32", (2, 4, 8, 8), (256, 64, 8, 1)], arg((2, 8, 4, 4)), None, 2, "x"),
+    ((FAKE_PTR, 32, (2, 4, 8, 8), (256, 64, 8, 1)), arg((2, 8, 4, 4)), None, 2, "x"),
+    ((-1, "float32", (2, 4, 8, 8), (256, 64, 8, 1)), arg((2, 8, 4, 4)), None, 2, "x"),
+    ((FAKE_PTR, "float32", (2, 4, 8, 8), (256, 64, 8, 1.0)), arg((2, 8, 4, 4)), None, 2, "x"),
+    (arg((2, 4, 8, 8)), (FAKE_PTR, "float32", (2, 8, 4, 4), (0, 16, 4, 1)), None, 2, "y"),
+]
+
+DUP_BAD = [
+    (arg((2, 8, 4, 4), "float64"), arg((2, 4, 8, 8)), None, 2, "x"),
+    (arg((2, 8, 4, 4)), arg((2, 4, 8, 8), "bfloat16"), None, 2, "y"),
+    (arg((2, 8, 4, 4)), arg((2, 4, 8, 8)), arg((2, 4, 8, 8), "half"), 2, "residual"),
+    (arg((2, 8, 4, 4)), arg((2, 4, 8, 8)), arg((2, 4, 8, 7)), 2, "residual"),
+    (arg((2, 8, 4, 4)), arg((2, 4, 8, 6)), None, 2, "y"),     # wrong spatial size
+    (arg((2, 8, 4, 4)), arg((2, 3, 8, 8)), None, 2, "y"),     # 3*4 not a multiple of 8
+    (arg((2, 8, 4, 4)), arg((2, 4, 8, 8)), None, -1, "factor"),
+]
+
+
+@pytest.mark.parametrize("op, case", [("pixel_unshuffle_channel_avg", c) for c in UNSHUFFLE_BAD]
+                         + [("channel_dup_pixel_shuffle", c) for c in DUP_BAD])
+def test_bad_arguments_raise_value_error_naming_them(C, op, case):
+    x, y, residual, factor, name = case
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        getattr(C, op)(x, y, residual, factor, 1.0, 0)
+
+
+def test_tensor_arg_rejects_what_the_kernels_cannot_take():
+    with pytest.raises(ValueError, match="x: expected a 4-D tensor"):
+        _cuda.tensor_arg(torch.zeros(2, 3, 4), "x")
+    with pytest.raises(ValueError, match="dtype must be"):
+        _cuda.tensor_arg(torch.zeros(1, 1, 2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected a CUDA tensor"):
+        _cuda.tensor_arg(torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="expected a torch.Tensor"):
+        _cuda.tensor_arg([[1.0]])
+
+
+def test_load_explains_how_to_build_when_missing(monkeypatch):
+    monkeypatch.setattr(_cuda, "_module", None)
+    monkeypatch.setattr(_cuda, "_import_error", ImportError("No module named 'fastgen._C'"))
+    with pytest.raises(RuntimeError, match="not built.*nvcc"):
+        _cuda.load()
+    assert "not built" in _cuda.available()
+    assert _cuda.build_info() is None
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: against eager PyTorch
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _layout(t, kind):
+    """t's values in the memory layout `kind`."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    # A non-contiguous view inside a bigger NaN-poisoned buffer, every stride unusual.
+    B, C, H, W = t.shape
+    big = torch.full((B + 1, C + 2, H + 3, 2 * W + 1), float("nan"), dtype=t.dtype,
+                     device=t.device)
+    view = big[1:, 2:, 3:, 1::2]
+    view.copy_(t)
+    return view
+
+
+def _poisoned_output(shape, dtype, kind):
+    y = _layout(torch.full(shape, float("nan"), dtype=dtype, device="cuda"), kind)
+    return y, (y._base if y._base is not None else y)
+
+
+def _unshuffle_ref(x, f, out_channels, scale, residual):
+    B, C, H, W = x.shape
+    g = C * f * f // out_channels
+    u = F.pixel_unshuffle(x.double(), f).view(B, out_channels, g, H // f, W // f)
+    y = u.mean(2) * (scale * g)
+    return y if residual is None else y + residual.double()
+
+
+def _dup_ref(x, f, out_channels, scale, residual):
+    r = out_channels * f * f // x.shape[1]
+    y = F.pixel_shuffle(x.double().repeat_interleave(r, dim=1), f) * scale
+    return y if residual is None else y + residual.double()
+
+
+def _call(C, op, x, y, residual, f, scale):
+    with torch.cuda.device(x.device):
+        getattr(C, op)(_cuda.tensor_arg(x, "x"), _cuda.tensor_arg(y, "y"),
+                       None if residual is None else _cuda.tensor_arg(residual, "residual"),
+                       f, scale, _cuda.stream_handle(x.device))
+
+
+def _check(y, buffer, ref, exact=False):
+    tol = 0.0 if exact else TOL[y.dtype]
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    # Everything around a strided output must still be NaN: nothing written out of bounds.
+    outside = torch.ones_like(buffer, dtype=torch.bool)
+    offset = y.storage_offset() - buffer.storage_offset()
+    outside.as_strided(y.shape, y.stride(), offset).fill_(False)
+    assert buffer[outside].isnan().all()
+
+
+# (factor, x channels, out channels, H, W of the smaller side), odd sizes so no block divides
+# them.
+UNSHUFFLE_SHAPES = [(1, 6, 3, 5, 7), (1, 6, 1, 3, 33), (2, 6, 24, 6, 10), (2, 6, 8, 34, 6),
+                    (2, 3, 3, 6, 130), (4, 3, 12, 8, 12), (4, 2, 1, 4, 8)]
+DUP_SHAPES = [(1, 3, 6, 5, 7), (1, 1, 4, 3, 33), (2, 24, 6, 6, 10), (2, 8, 6, 34, 6),
+              (2, 3, 3, 6, 130), (4, 12, 3, 8, 12), (4, 1, 2, 4, 8)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", UNSHUFFLE_SHAPES, ids=str)
+@pytest.mark.parametrize("x_layout, y_layout, r_layout", [
+    ("contiguous", "contiguous", None), ("channels_last", "contiguous", None),
+    ("sliced", "channels_last", None), ("contiguous", "sliced", "channels_last"),
+    ("channels_last", "channels_last", "sliced"), ("sliced", "sliced", "contiguous")])
+@pytest.mark.parametrize("scale", ["mean", 0.37])
+@pytest.mark.gpu
+@requires_cuda
+def test_pixel_unshuffle_channel_avg_matches_eager(C, dtype, shape, x_layout, y_layout,
+                                                   r_layout, scale):
+    f, Cx, O, H, W = shape
+    scale = 1.0 / (Cx * f * f // O) if scale == "mean" else scale
+    x = _layout(torch.randn(2, Cx, H * f, W * f, device="cuda").to(dtype), x_layout)
+    y, buffer = _poisoned_output((2, O, H, W), dtype, y_layout)
+    residual = None if r_layout is None else _layout(
+        torch.randn(2, O, H, W, device="cuda").to(dtype), r_layout)
+    _call(C, "pixel_unshuffle_channel_avg", x, y, residual, f, scale)
+    _check(y, buffer, _unshuffle_ref(x, f, O, scale, residual))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DUP_SHAPES, ids=str)
+@pytest.mark.parametrize("x_layout, y_layout, r_layout", [
+    ("contiguous", "contiguous", None), ("channels_last", "contiguous", None),
+    ("sliced", "channels_last", None), ("contiguous", "sliced", "channels_last"),
+    ("channels_last", "channels_last", "sliced"), ("sliced", "sliced", "contiguous")])
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+@pytest.mark.gpu
+@requires_cuda
+def test_channel_dup_pixel_shuffle_matches_eager(C, dtype, shape, x_layout, y_layout,
+                                                 r_layout, scale):
+    f, Cx, O, H, W = shape
+    x = _layout(torch.randn(2, Cx, H, W, device="cuda").to(dtype), x_layout)
+    y, buffer = _poisoned_output((2, O, H * f, W * f), dtype, y_layout)
+    residual = None if r_layout is None else _layout(
+        torch.randn(2, O, H * f, W * f, device="cuda").to(dtype), r_layout)
+    _call(C, "channel_dup_pixel_shuffle", x, y, residual, f, scale)
+    # Pure duplication is a copy: it must be bit exact.
+    _check(y, buffer, _dup_ref(x, f, O, scale, residual),
+           exact=residual is None and scale == 1.0)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_each_op_is_the_adjoint_of_the_other(C):
+    # With scale 1, <unshuffle_sum(a), b> = <a, dup_shuffle(b)>: the backward of each op.
+    f, Cx, O = 2, 6, 8
+    a = torch.randn(3, Cx, 10, 14, device="cuda")
+    b = torch.randn(3, O, 5, 7, device="cuda")
+    ua = torch.empty_like(b)
+    db = torch.empty_like(a)
+    _call(C, "pixel_unshuffle_channel_avg", a, ua, None, f, 1.0)
+    _call(C, "channel_dup_pixel_shuffle", b, db, None, f, 1.0)
+    lhs, rhs = (ua.double() * b.double()).sum(), (a.double() * db.double()).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_more_than_2_to_the_31_elements(C):
+    # int64 indexing: the tail beyond 2^31 elements must be written and correct.
+    shape = (1, 1, 1 << 16, (1 << 15) + 3)
+    need = 2 * 2 * shape[2] * shape[3] + (1 << 30)
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip("not enough free GPU memory for two 4 GiB tensors")
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    y = torch.full_like(x, float("nan"))
+    for op in ("pixel_unshuffle_channel_avg", "channel_dup_pixel_shuffle"):
+        y.fill_(float("nan"))
+        _call(C, op, x, y, None, 1, 1.0)
+        assert torch.equal(y, x)
+    del x, y
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_tensor_arg_and_stream_handle_on_cuda():
+    t = torch.empty(2, 3, 4, 5, device="cuda", dtype=torch.bfloat16).permute(0, 2, 3, 1)
+    assert _cuda.tensor_arg(t) == (t.data_ptr(), "bfloat16", (2, 4, 5, 3), t.stride())
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        assert _cuda.stream_handle() == s.cuda_stream
+    assert _cuda.available() is None
