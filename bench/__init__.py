@@ -1,0 +1,59 @@
+"""fastgen's benchmark suite (installed as `fastgen.bench`): `fastgen bench` on a CUDA GPU.
+
+Each module below declares its benchmarks with `benchmarks(quick) -> list[harness.Benchmark]`;
+a new op or model family adds its module to MODULES. harness.py says how cases are checked,
+timed and written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import harness, ops_shortcut
+
+MODULES = (ops_shortcut,)
+
+
+def benchmarks(quick: bool = False) -> list:
+    return [bench for module in MODULES for bench in module.benchmarks(quick)]
+
+
+def run(filter: Optional[str] = None, quick: bool = False, out_dir: Optional[Path] = None,
+        impls: Optional[Sequence[str]] = None, timer: Optional[harness.Timer] = None, device: str = "cuda",
+        no_compile: bool = False) -> tuple:
+    """Run the suite; returns (rows, meta, {"json": path, "csv": path}). See harness.run."""
+    return harness.run(benchmarks(quick), filter=filter, quick=quick, out_dir=out_dir, impls=impls,
+                       no_compile=no_compile, timer=timer, device=device)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--filter", metavar="REGEX",
+                        help="only cases whose 'name shape dtype direction' matches (re.search)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few representative cases and fewer repetitions (a couple of minutes on an H100)")
+    parser.add_argument("--out", metavar="DIR", type=Path,
+                        help="directory for the JSON and CSV (default: bench/results/<gpu>/)")
+    parser.add_argument("--impl", action="append", metavar="NAME",
+                        help="only this implementation (repeatable); eager always runs, as the reference")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """0: every row ok or skipped; 1: some row is an error or a mismatch; 2: nothing was run."""
+    if not torch.cuda.is_available():
+        print("fastgen bench: timings need a CUDA GPU and none is visible", file=sys.stderr)
+        return 2
+    try:
+        rows, _, _ = run(filter=args.filter, quick=args.quick, out_dir=args.out, impls=args.impl,
+                         no_compile=args.no_compile)
+    except ValueError as exc:  # a filter or impl name that selects nothing
+        print(f"fastgen bench: {exc}", file=sys.stderr)
+        return 2
+    failed = [row for row in rows if row["status"].startswith("error")]
+    if failed:
+        print(f"fastgen bench: {len(failed)} of {len(rows)} rows failed (listed under the table)", file=sys.stderr)
+    return 1 if failed else 0
