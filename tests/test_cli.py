@@ -1,6 +1,9 @@
 """The `fastgen` command on a machine without a GPU."""
+import os
+import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ def test_info_lists_versions_and_every_op(capsys):
     for name in OPS:
         assert name in out
     assert "triton: yes" in out, "the interpreter makes Triton available on CPU"
-    assert "cuda: no (the CUDA extension needs CUDA tensors" in out
+    assert re.search(r"cuda: no \((fastgen._C sees no CUDA device|the CUDA extension fastgen._C is not built)", out)
 
 
 def test_check_runs_every_triton_kernel_under_the_interpreter(capsys):
@@ -44,7 +47,8 @@ def test_bench_without_gpu_checks_and_says_no_timings(capsys):
     assert " 0 failed" in out
 
 
-@pytest.mark.skipif(shutil.which("fastgen") is None, reason="console script not installed (pip install -e .)")
 def test_console_script_is_installed():
-    result = subprocess.run(["fastgen", "--help"], capture_output=True, text=True)
+    script = shutil.which("fastgen", path=os.path.dirname(sys.executable))
+    assert script, f"pip install put no `fastgen` script beside {sys.executable}"
+    result = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "info" in result.stdout and "bench" in result.stdout

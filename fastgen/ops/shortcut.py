@@ -209,30 +209,25 @@ def _shuffle_cuda(x, factor, out_channels, residual, scale, *, out):
     _launch_cuda("channel_dup_pixel_shuffle", x, out, residual, factor, _shuffle_scale(scale))
 
 
-@torch.library.custom_op("fastgen::pixel_unshuffle_channel_avg", mutates_args=())
-def pixel_unshuffle_channel_avg(
-    x: torch.Tensor,
-    factor: int,
-    out_channels: int,
-    residual: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-) -> torch.Tensor:
-    return PIXEL_UNSHUFFLE_CHANNEL_AVG.run(x, factor, out_channels, residual, scale)
+def _define_custom_op(op: Op):
+    """Both shortcuts share one signature; the op carries what differs."""
+    def forward(
+        x: torch.Tensor,
+        factor: int,
+        out_channels: int,
+        residual: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None,
+    ) -> torch.Tensor:
+        return op.run(x, factor, out_channels, residual, scale)
+
+    forward.__name__ = op.name
+    custom_op = torch.library.custom_op(f"fastgen::{op.name}", forward, mutates_args=())
+    custom_op.register_fake(op.allocate_output)
+    return custom_op
 
 
-@torch.library.custom_op("fastgen::channel_dup_pixel_shuffle", mutates_args=())
-def channel_dup_pixel_shuffle(
-    x: torch.Tensor,
-    factor: int,
-    out_channels: int,
-    residual: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-) -> torch.Tensor:
-    return CHANNEL_DUP_PIXEL_SHUFFLE.run(x, factor, out_channels, residual, scale)
-
-
-pixel_unshuffle_channel_avg.register_fake(_allocate_unshuffle_output)
-channel_dup_pixel_shuffle.register_fake(_allocate_shuffle_output)
+pixel_unshuffle_channel_avg = _define_custom_op(PIXEL_UNSHUFFLE_CHANNEL_AVG)
+channel_dup_pixel_shuffle = _define_custom_op(CHANNEL_DUP_PIXEL_SHUFFLE)
 
 
 def _save_shape_and_scale(ctx, inputs, output, effective_scale):
