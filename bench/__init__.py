@@ -13,9 +13,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import harness, ops_shortcut
+from . import harness, ops_linear_attention, ops_shortcut
 
-MODULES = (ops_shortcut,)
+MODULES = (ops_shortcut, ops_linear_attention)
 
 
 def benchmarks(quick: bool = False) -> list:

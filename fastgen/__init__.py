@@ -1,14 +1,20 @@
 """fastgen: hand-written Triton and CUDA kernels for generative image models, as PyTorch ops."""
+from fastgen.accelerator import AccelerationReport, accelerate, restore
 from fastgen.ops.registry import BACKENDS, BackendUnavailable, current_backend, use_backend
 from fastgen.ops import OPS
+from fastgen.ops.linear_attention import linear_attention
 from fastgen.ops.shortcut import channel_dup_pixel_shuffle, pixel_unshuffle_channel_avg
 
 __all__ = [
+    "AccelerationReport",
     "BACKENDS",
     "BackendUnavailable",
     "OPS",
+    "accelerate",
     "channel_dup_pixel_shuffle",
     "current_backend",
+    "linear_attention",
     "pixel_unshuffle_channel_avg",
+    "restore",
     "use_backend",
 ]

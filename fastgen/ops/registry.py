@@ -88,11 +88,13 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[s
             return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
         return f"Triton kernels do not run on {device.type} tensors"
     if backend == "cuda":
-        if device.type != "cuda":
-            return f"the CUDA extension needs CUDA tensors, got {device.type} tensors"
         from fastgen import _cuda
 
-        return _cuda.available()
+        # Not built / no GPU first: that is the reason that matters on a machine without one.
+        reason = _cuda.available()
+        if reason is None and device.type != "cuda":
+            reason = f"the CUDA extension needs CUDA tensors, got {device.type} tensors"
+        return reason
     raise ValueError(f"unknown fast backend {backend!r}")
 
 
@@ -137,8 +139,9 @@ class Op:
     """An op family member: its reference, output allocation and fast implementations.
 
     `allocate_output(*args)` validates the arguments (raising TypeError/ValueError that name the
-    offending argument) and returns an uninitialised output; the fake op calls it on meta
-    tensors. The first positional argument is the tensor whose device and dtype select the
+    offending argument) and returns an uninitialised output, or a tuple of them for an op with
+    several outputs (then `out=` and the reference's result are tuples too); the fake op calls
+    it on meta tensors. The first positional argument is the tensor whose device and dtype select the
     implementation.
     """
 
@@ -186,11 +189,14 @@ class Op:
                 return implementation
         return None
 
-    def run(self, *args) -> torch.Tensor:
+    def run(self, *args):
         out = self.allocate_output(*args)
         implementation = self.select(args[0])
         if implementation is None:
-            return _as_fresh_output(self.reference(*args), out, args)
+            result = self.reference(*args)
+            if isinstance(out, tuple):
+                return tuple(_as_fresh_output(r, o, args) for r, o in zip(result, out))
+            return _as_fresh_output(result, out, args)
         implementation.run(*args, out=out)
         return out
 

@@ -1,0 +1,231 @@
+"""ReLU linear attention, as in SANA's Linear DiT, EfficientViT's LiteMLA and DC-AE.
+
+`linear_attention(q, k, v, eps=1e-15)`: q of shape (B, Nq, H, D), k and v of shape
+(B, Nkv, H, D) (Nq = Nkv for self-attention), D <= 128, any strides. With phi = ReLU and, for
+each batch b and head h,
+
+    S  = sum_n phi(k_n)^T v_n            a D x D matrix (k_n, v_n: row n of head (b, h))
+    z  = sum_n phi(k_n)                  a D-vector
+    out_n = phi(q_n) S / (phi(q_n) . z + eps)
+
+Instead of normalising an Nq x Nkv score matrix, every query reads the same small state
+(S, z), so the cost is O(N D^2). A query row whose phi(q_n) is all zero (every entry <= 0)
+gets 0 / eps = 0, as in the SANA formulation. S, z and all arithmetic are float32 (float64
+for float64 inputs); out has q's dtype and shape, contiguous.
+
+Backward, for an output gradient g, with den_n = phi(q_n) . z + eps:
+
+    dnum_n = g_n / den_n                 dden_n = -(g_n . out_n) / den_n
+    dS = sum_n phi(q_n)^T dnum_n         dz = sum_n dden_n phi(q_n)
+    dq_n = (dnum_n S^T + dden_n z) * [q_n > 0]
+    dk_n = (v_n dS^T + dz) * [k_n > 0]
+    dv_n = phi(k_n) dS
+
+The backward is an op of its own, `linear_attention_backward(grad, q, k, v, eps) -> (dq, dk,
+dv)`, so that the fast backward is one graph node under torch.compile. It has no autograd
+formula itself: linear_attention supports first-order gradients only (SANA trains without
+gradients of gradients).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastgen.ops.registry import CheckCase, Op, current_backend, random_tensor, register, use_backend
+
+MAX_HEAD_DIM = 128
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_tensor(op_name: str, name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{op_name}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
+    if tensor.dim() != 4:
+        raise ValueError(f"{op_name}: {name} must be 4-D (B, N, H, D), got shape {tuple(tensor.shape)}")
+
+
+def _check_like(op_name: str, name: str, tensor: torch.Tensor, q: torch.Tensor) -> None:
+    if tensor.dtype != q.dtype:
+        raise TypeError(f"{op_name}: {name} dtype {tensor.dtype} must match q dtype {q.dtype}")
+    if tensor.device != q.device:
+        raise ValueError(f"{op_name}: {name} is on {tensor.device} but q is on {q.device}")
+
+
+def _check_inputs(op_name: str, q, k, v, eps) -> None:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(op_name, name, tensor)
+    for name, tensor in (("k", k), ("v", v)):
+        _check_like(op_name, name, tensor, q)
+    batch, _, heads, head_dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, head_dim):
+        raise ValueError(
+            f"{op_name}: k must have q's batch, heads and head dim (B, H, D) = {(batch, heads, head_dim)}, "
+            f"got k of shape {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"{op_name}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{op_name}: head dim D must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{op_name}: eps must be a finite number > 0, got {eps!r}")
+
+
+def _allocate_output(q, k, v, eps=1e-15):
+    _check_inputs("linear_attention", q, k, v, eps)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _check_backward_inputs(grad, q, k, v, eps) -> None:
+    _check_inputs("linear_attention_backward", q, k, v, eps)
+    _check_tensor("linear_attention_backward", "grad", grad)
+    _check_like("linear_attention_backward", "grad", grad, q)
+    if grad.shape != q.shape:
+        raise ValueError(f"linear_attention_backward: grad must have q's shape {tuple(q.shape)}, got {tuple(grad.shape)}")
+
+
+def _allocate_gradients(grad, q, k, v, eps=1e-15):
+    _check_backward_inputs(grad, q, k, v, eps)
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def linear_attention_reference(q, k, v, eps=1e-15):
+    """SANA's eager formulation (diffusers' SanaLinearAttnProcessor2_0): ReLU on q and k, V
+    padded with a row of ones so that one matmul gives S and z together, a second matmul with
+    phi(q), then division by the last row (the denominator)."""
+    _check_inputs("linear_attention", q, k, v, eps)
+    compute = _compute_dtype(q.dtype)
+    phi_q = F.relu(q).to(compute).permute(0, 2, 3, 1)  # (B, H, D, Nq)
+    phi_k = F.relu(k).to(compute).transpose(1, 2)  # (B, H, Nkv, D)
+    v_with_ones = F.pad(v.to(compute).permute(0, 2, 3, 1), (0, 0, 0, 1), value=1.0)  # (B, H, D+1, Nkv)
+    state = v_with_ones @ phi_k  # (B, H, D+1, D): S^T on top, z as the last row
+    projected = state @ phi_q  # (B, H, D+1, Nq)
+    out = projected[:, :, :-1] / (projected[:, :, -1:] + eps)
+    return out.permute(0, 3, 1, 2).to(q.dtype)
+
+
+def linear_attention_backward_reference(grad, q, k, v, eps=1e-15):
+    """The backward formulas of the module docstring in eager PyTorch, (B, H, N, D) layout."""
+    _check_backward_inputs(grad, q, k, v, eps)
+    compute = _compute_dtype(q.dtype)
+    q_, k_, v_, grad_ = (t.to(compute).transpose(1, 2) for t in (q, k, v, grad))
+    phi_q, phi_k = F.relu(q_), F.relu(k_)
+    state = phi_k.mT @ v_
+    normalizer = phi_k.sum(-2, keepdim=True)  # (B, H, 1, D)
+    denominator = (phi_q * normalizer).sum(-1, keepdim=True) + eps
+    out = (phi_q @ state) / denominator
+    dnumerator = grad_ / denominator
+    ddenominator = -(grad_ * out).sum(-1, keepdim=True) / denominator
+    dq = torch.where(q_ > 0, dnumerator @ state.mT + ddenominator * normalizer, 0.0)
+    dstate = phi_q.mT @ dnumerator
+    dnormalizer = (ddenominator * phi_q).sum(-2, keepdim=True)
+    dk = torch.where(k_ > 0, v_ @ dstate.mT + dnormalizer, 0.0)
+    dv = phi_k @ dstate
+    return tuple(t.transpose(1, 2).to(q.dtype) for t in (dq, dk, dv))
+
+
+def fused_qkv(batch: int, tokens: int, heads: int, head_dim: int, device, dtype, generator) -> tuple:
+    """q, k, v as the models pass them: views into one (B, N, 3, H, D) projection output."""
+    qkv = random_tensor((batch, tokens, 3, heads, head_dim), "contiguous", device, dtype, generator)
+    return qkv.unbind(2)
+
+
+def _self_attention_case(label, batch, tokens, heads, head_dim):
+    def make_args(device, dtype, generator):
+        return (*fused_qkv(batch, tokens, heads, head_dim, device, dtype, generator), 1e-15)
+
+    return CheckCase(label, make_args)
+
+
+def _cross_case(label, batch, q_tokens, kv_tokens, heads, head_dim, layout):
+    def make_args(device, dtype, generator):
+        q = random_tensor((batch, q_tokens, heads, head_dim), layout, device, dtype, generator)
+        k, v = (random_tensor((batch, kv_tokens, heads, head_dim), layout, device, dtype, generator) for _ in "kv")
+        return (q, k, v, 1e-6)
+
+    return CheckCase(label, make_args)
+
+
+def _check_cases():
+    return [
+        _self_attention_case("SANA-like fused qkv D32 N37", 2, 37, 3, 32),
+        _self_attention_case("fused qkv D16 N70", 1, 70, 2, 16),
+        # D = 8 would test the padding too, but its gradients are too ill-conditioned for the
+        # float32 tolerance that `fastgen check` applies (the unit tests cover D = 8).
+        _cross_case("D12 sliced Nq9 Nkv48", 2, 9, 48, 2, 12, "sliced"),
+        _cross_case("D72 Nq11 Nkv24", 1, 11, 24, 2, 72, "contiguous"),
+        _self_attention_case("fused qkv D128 N19", 1, 19, 1, 128),
+    ]
+
+
+LINEAR_ATTENTION = register(
+    Op(
+        name="linear_attention",
+        reference=linear_attention_reference,
+        allocate_output=_allocate_output,
+        check_cases=_check_cases,
+    )
+)
+# Not in OPS: `fastgen check` and the contract tests drive ops with one output. The backward is
+# checked through linear_attention's "bwd" direction, which runs it with the backend forced.
+LINEAR_ATTENTION_BACKWARD = Op(
+    name="linear_attention_backward",
+    reference=linear_attention_backward_reference,
+    allocate_output=_allocate_gradients,
+)
+
+
+@LINEAR_ATTENTION.implement("triton")
+def _forward_triton(q, k, v, eps, *, out):
+    from fastgen.kernels import linear_attention as kernels
+
+    kernels.linear_attention_forward(q, k, v, eps, out)
+
+
+@LINEAR_ATTENTION_BACKWARD.implement("triton")
+def _backward_triton(grad, q, k, v, eps, *, out):
+    from fastgen.kernels import linear_attention as kernels
+
+    kernels.linear_attention_backward(grad, q, k, v, eps, *out)
+
+
+@torch.library.custom_op("fastgen::linear_attention", mutates_args=())
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
+    return LINEAR_ATTENTION.run(q, k, v, eps)
+
+
+@torch.library.custom_op("fastgen::linear_attention_backward", mutates_args=())
+def linear_attention_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return LINEAR_ATTENTION_BACKWARD.run(grad, q, k, v, eps)
+
+
+linear_attention.register_fake(_allocate_output)
+linear_attention_backward.register_fake(_allocate_gradients)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, eps = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.eps = eps
+    # The backward runs with the forward's backend even if .backward() is called after the
+    # use_backend block has closed.
+    ctx.backend = current_backend()
+
+
+def _backward(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    with use_backend(ctx.backend):
+        dq, dk, dv = linear_attention_backward(grad, q, k, v, ctx.eps)
+    return dq, dk, dv, None
+
+
+linear_attention.register_autograd(_backward, setup_context=_setup_context)

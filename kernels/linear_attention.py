@@ -1,0 +1,287 @@
+"""Triton kernels for ReLU linear attention (math in fastgen/ops/linear_attention.py).
+
+Per (batch, head) the op is a D x D state S = phi(K)^T V and a D-vector z = sum_n phi(k_n),
+followed by a row-wise pass over the queries. Every tensor is addressed through its four
+strides (q, k, v are usually views of one fused qkv projection); nothing is copied, and there
+is no padded ones-row tensor: z is a row sum kept beside S.
+
+Forward, two launches:
+  1. `_state_partials_kernel`, grid (kv chunks, B*H): each program accumulates S and z over
+     one contiguous chunk of key/value rows and writes them to its own workspace slot.
+  2. `_output_kernel`, grid (q chunks, B*H): each program first adds the chunk partials of its
+     (batch, head) in chunk order, then streams its chunk of query rows: ReLU, numerator
+     phi(q) S, denominator phi(q).z + eps and the division are fused; out is written once.
+Backward, three launches (S and z are recomputed from k and v rather than saved, so the op's
+only output stays `out`): the state kernel again; `_query_grad_kernel` (reads q and dout,
+writes dq and the chunk partials of dS and dz); `_key_value_grad_kernel` (adds those partials,
+reads k and v, writes dk and dv).
+
+Determinism: no atomics. Every partial is produced by one program in a fixed row order and
+every consumer adds the partials in chunk order, so two runs give bitwise equal results.
+Folding the reduction into the consumer costs each consumer program a read of all partials
+of its head (from L2); the number of chunks is therefore only as large as needed to fill the
+GPU when B*H alone does not.
+
+Precision: every value is converted to float32 after loading and every tl.dot runs on
+float32 operands. For float32 inputs the dots use input_precision="ieee": TF32 would round
+the operands to 10 mantissa bits and miss the float32 tolerance. For float16/bfloat16
+inputs they use "tf32": the 16-bit input values are exactly representable in TF32, so the
+products that build S from k and v are the same as a native 16-bit tensor-core dot; only the
+float32 intermediates (S, dS, dout/den) are rounded to TF32, about 5e-4 relative, well inside
+the 16-bit output tolerances. Native 16-bit operands would double the tensor-core rate on the
+GPU, but at D = 32 these kernels are bound by memory, not by the dots, and the Triton CPU
+interpreter computes bfloat16 dots (and bfloat16 arithmetic) wrongly, so the float32 path is
+the one that can be verified on every machine.
+
+Block shapes: D is padded to D_PAD = max(16, next power of two) inside the kernels with
+masked loads (tl.dot needs every dimension >= 16); BLOCK_N rows per tile. Row offsets are
+int64: B*N*3*H*D of a fused qkv tensor can pass 2^31 elements.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(ptr, b, h, rows, N, s_b, s_n, s_h, s_d, d, D: tl.constexpr):
+    """A (BLOCK_N, D_PAD) float32 tile of rows `rows` of head (b, h); zeros outside N x D."""
+    offsets = b.to(tl.int64) * s_b + rows.to(tl.int64)[:, None] * s_n + h * s_h + d[None, :] * s_d
+    mask = (rows < N)[:, None] & (d < D)[None, :]
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, values, b, h, rows, N, s_b, s_n, s_h, s_d, d, D: tl.constexpr):
+    offsets = b.to(tl.int64) * s_b + rows.to(tl.int64)[:, None] * s_n + h * s_h + d[None, :] * s_d
+    mask = (rows < N)[:, None] & (d < D)[None, :]
+    tl.store(ptr + offsets, values.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _program_head(H, D_PAD: tl.constexpr):
+    """(batch, head) of this program (grid axis 1 runs over B*H) and the padded column range."""
+    return tl.program_id(1) // H, tl.program_id(1) % H, tl.arange(0, D_PAD)
+
+
+@triton.jit
+def _chunk_rows(N, rows_per_program):
+    """[start, end) of the rows this program owns along axis 0 of the grid."""
+    start = tl.program_id(0) * rows_per_program
+    return start, tl.minimum(start + rows_per_program, N)
+
+
+@triton.jit
+def _store_partial(matrix_ptr, vector_ptr, matrix, vector, D_PAD: tl.constexpr):
+    """Write this program's (D_PAD, D_PAD) matrix and D_PAD vector into its workspace slot."""
+    slot = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    d = tl.arange(0, D_PAD)
+    tl.store(matrix_ptr + slot * D_PAD * D_PAD + d[:, None] * D_PAD + d[None, :], matrix)
+    tl.store(vector_ptr + slot * D_PAD + d, vector)
+
+
+@triton.jit
+def _sum_partials(matrix_ptr, vector_ptr, num_partials, D_PAD: tl.constexpr):
+    """The partials of this program's (batch, head), added in chunk order (deterministic)."""
+    d = tl.arange(0, D_PAD)
+    matrix = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
+    vector = tl.zeros((D_PAD,), dtype=tl.float32)
+    first = tl.program_id(1).to(tl.int64) * num_partials
+    for p in range(num_partials):
+        slot = first + p
+        matrix += tl.load(matrix_ptr + slot * D_PAD * D_PAD + d[:, None] * D_PAD + d[None, :])
+        vector += tl.load(vector_ptr + slot * D_PAD + d)
+    return matrix, vector
+
+
+@triton.jit
+def _state_partials_kernel(
+    k_ptr, v_ptr, state_ptr, normalizer_ptr,
+    N, H, rows_per_program,
+    k_sb, k_sn, k_sh, k_sd,
+    v_sb, v_sn, v_sh, v_sd,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b, h, d = _program_head(H, D_PAD)
+    state = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
+    normalizer = tl.zeros((D_PAD,), dtype=tl.float32)
+    start, end = _chunk_rows(N, rows_per_program)
+    for row0 in range(start, end, BLOCK_N):
+        rows = row0 + tl.arange(0, BLOCK_N)
+        phi_k = tl.maximum(_load_rows(k_ptr, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, d, D), 0.0)
+        v = _load_rows(v_ptr, b, h, rows, N, v_sb, v_sn, v_sh, v_sd, d, D)
+        state += tl.dot(tl.trans(phi_k), v, input_precision=DOT_PRECISION)
+        normalizer += tl.sum(phi_k, axis=0)
+    _store_partial(state_ptr, normalizer_ptr, state, normalizer, D_PAD)
+
+
+@triton.jit
+def _output_kernel(
+    q_ptr, out_ptr, state_ptr, normalizer_ptr,
+    N, H, rows_per_program, num_partials, eps,
+    q_sb, q_sn, q_sh, q_sd,
+    o_sb, o_sn, o_sh, o_sd,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b, h, d = _program_head(H, D_PAD)
+    state, normalizer = _sum_partials(state_ptr, normalizer_ptr, num_partials, D_PAD)
+    start, end = _chunk_rows(N, rows_per_program)
+    for row0 in range(start, end, BLOCK_N):
+        rows = row0 + tl.arange(0, BLOCK_N)
+        phi_q = tl.maximum(_load_rows(q_ptr, b, h, rows, N, q_sb, q_sn, q_sh, q_sd, d, D), 0.0)
+        numerator = tl.dot(phi_q, state, input_precision=DOT_PRECISION)
+        denominator = tl.sum(phi_q * normalizer[None, :], axis=1) + eps
+        out = numerator / denominator[:, None]
+        _store_rows(out_ptr, out, b, h, rows, N, o_sb, o_sn, o_sh, o_sd, d, D)
+
+
+@triton.jit
+def _query_grad_kernel(
+    q_ptr, grad_ptr, dq_ptr, state_ptr, normalizer_ptr, dstate_ptr, dnormalizer_ptr,
+    N, H, rows_per_program, num_partials, eps,
+    q_sb, q_sn, q_sh, q_sd,
+    g_sb, g_sn, g_sh, g_sd,
+    dq_sb, dq_sn, dq_sh, dq_sd,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b, h, d = _program_head(H, D_PAD)
+    state, normalizer = _sum_partials(state_ptr, normalizer_ptr, num_partials, D_PAD)
+    state_t = tl.trans(state)
+    dstate = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
+    dnormalizer = tl.zeros((D_PAD,), dtype=tl.float32)
+    start, end = _chunk_rows(N, rows_per_program)
+    for row0 in range(start, end, BLOCK_N):
+        rows = row0 + tl.arange(0, BLOCK_N)
+        q = _load_rows(q_ptr, b, h, rows, N, q_sb, q_sn, q_sh, q_sd, d, D)
+        grad = _load_rows(grad_ptr, b, h, rows, N, g_sb, g_sn, g_sh, g_sd, d, D)
+        phi_q = tl.maximum(q, 0.0)
+        # The forward is recomputed rather than read back: out is not saved.
+        denominator = tl.sum(phi_q * normalizer[None, :], axis=1) + eps
+        out = tl.dot(phi_q, state, input_precision=DOT_PRECISION) / denominator[:, None]
+        dnumerator = grad / denominator[:, None]
+        ddenominator = -tl.sum(grad * out, axis=1) / denominator
+        dphi_q = tl.dot(dnumerator, state_t, input_precision=DOT_PRECISION) + ddenominator[:, None] * normalizer[None, :]
+        # where, not a product with the mask: on rows whose phi(q) is all zero dnumerator is
+        # grad / eps, which overflows to inf for large gradients, and inf * 0 would be NaN.
+        _store_rows(dq_ptr, tl.where(q > 0, dphi_q, 0.0), b, h, rows, N, dq_sb, dq_sn, dq_sh, dq_sd, d, D)
+        dstate += tl.dot(tl.trans(phi_q), dnumerator, input_precision=DOT_PRECISION)
+        dnormalizer += tl.sum(ddenominator[:, None] * phi_q, axis=0)
+    _store_partial(dstate_ptr, dnormalizer_ptr, dstate, dnormalizer, D_PAD)
+
+
+@triton.jit
+def _key_value_grad_kernel(
+    k_ptr, v_ptr, dk_ptr, dv_ptr, dstate_ptr, dnormalizer_ptr,
+    N, H, rows_per_program, num_partials,
+    k_sb, k_sn, k_sh, k_sd,
+    v_sb, v_sn, v_sh, v_sd,
+    dk_sb, dk_sn, dk_sh, dk_sd,
+    dv_sb, dv_sn, dv_sh, dv_sd,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b, h, d = _program_head(H, D_PAD)
+    dstate, dnormalizer = _sum_partials(dstate_ptr, dnormalizer_ptr, num_partials, D_PAD)
+    dstate_t = tl.trans(dstate)
+    start, end = _chunk_rows(N, rows_per_program)
+    for row0 in range(start, end, BLOCK_N):
+        rows = row0 + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_ptr, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, d, D)
+        v = _load_rows(v_ptr, b, h, rows, N, v_sb, v_sn, v_sh, v_sd, d, D)
+        dphi_k = tl.dot(v, dstate_t, input_precision=DOT_PRECISION) + dnormalizer[None, :]
+        _store_rows(dk_ptr, tl.where(k > 0, dphi_k, 0.0), b, h, rows, N, dk_sb, dk_sn, dk_sh, dk_sd, d, D)
+        dv = tl.dot(tl.maximum(k, 0.0), dstate, input_precision=DOT_PRECISION)
+        _store_rows(dv_ptr, dv, b, h, rows, N, dv_sb, dv_sn, dv_sh, dv_sd, d, D)
+
+
+class _Plan:
+    """Block shapes, dot precision and the split of each sequence into chunks, for one call."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor):
+        batch, _, self.heads, self.head_dim = q.shape
+        self.batch_heads = batch * self.heads
+        self.d_pad = max(16, triton.next_power_of_2(self.head_dim))
+        # Two (BLOCK_N, D_PAD) float32 tiles plus a (D_PAD, D_PAD) state per program: smaller
+        # row tiles at D = 128 keep that in registers.
+        self.block_n = 64 if self.d_pad <= 64 else 32
+        self.num_warps = 4 if self.d_pad <= 64 else 8
+        self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.target_programs = _target_programs(q.device)
+
+    def rows_per_program(self, tokens: int) -> int:
+        """Rows per chunk (a multiple of BLOCK_N): enough chunks that B*H*chunks fills the GPU."""
+        tiles = triton.cdiv(max(tokens, 1), self.block_n)
+        chunks = min(tiles, max(1, triton.cdiv(self.target_programs, self.batch_heads)))
+        return self.block_n * triton.cdiv(tiles, chunks)
+
+    def grid(self, tokens: int) -> tuple:
+        return (triton.cdiv(max(tokens, 1), self.rows_per_program(tokens)), self.batch_heads)
+
+    def workspace(self, tokens: int, device: torch.device) -> tuple:
+        """Uninitialised (matrix, vector) partials, one slot per program of grid(tokens)."""
+        slots = self.grid(tokens)[0] * self.batch_heads
+        return (torch.empty(slots, self.d_pad, self.d_pad, device=device, dtype=torch.float32),
+                torch.empty(slots, self.d_pad, device=device, dtype=torch.float32))
+
+    def meta(self) -> dict:
+        return dict(D=self.head_dim, D_PAD=self.d_pad, BLOCK_N=self.block_n,
+                    DOT_PRECISION=self.dot_precision, num_warps=self.num_warps)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter runs programs one after another: a few chunks still exercise the
+    # reduction over partials without making the tests slow.
+    return 4
+
+
+def _state_partials(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """The chunk partials of S and z, and how many chunks each head has."""
+    tokens = k.shape[1]
+    state, normalizer = plan.workspace(tokens, k.device)
+    grid = plan.grid(tokens)
+    _state_partials_kernel[grid](
+        k, v, state, normalizer,
+        tokens, plan.heads, plan.rows_per_program(tokens),
+        *k.stride(), *v.stride(),
+        **plan.meta(),
+    )
+    return state, normalizer, grid[0]
+
+
+def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    """out = ReLU linear attention of (q, k, v), written into out (same shape as q)."""
+    if out.numel() == 0:
+        return
+    plan = _Plan(q, k)
+    state, normalizer, num_partials = _state_partials(plan, k, v)
+    tokens = q.shape[1]
+    _output_kernel[plan.grid(tokens)](
+        q, out, state, normalizer,
+        tokens, plan.heads, plan.rows_per_program(tokens), num_partials, eps,
+        *q.stride(), *out.stride(),
+        **plan.meta(),
+    )
+
+
+def linear_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
+                              dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """(dq, dk, dv) of ReLU linear attention for the output gradient `grad`, written in place."""
+    if dq.numel() == 0 and dk.numel() == 0:
+        return
+    plan = _Plan(q, k)
+    state, normalizer, num_state_partials = _state_partials(plan, k, v)
+    q_tokens, kv_tokens = q.shape[1], k.shape[1]
+    dstate, dnormalizer = plan.workspace(q_tokens, q.device)
+    q_grid = plan.grid(q_tokens)
+    _query_grad_kernel[q_grid](
+        q, grad, dq, state, normalizer, dstate, dnormalizer,
+        q_tokens, plan.heads, plan.rows_per_program(q_tokens), num_state_partials, eps,
+        *q.stride(), *grad.stride(), *dq.stride(),
+        **plan.meta(),
+    )
+    _key_value_grad_kernel[plan.grid(kv_tokens)](
+        k, v, dk, dv, dstate, dnormalizer,
+        kv_tokens, plan.heads, plan.rows_per_program(kv_tokens), q_grid[0],
+        *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
+        **plan.meta(),
+    )

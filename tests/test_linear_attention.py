@@ -1,0 +1,264 @@
+"""ReLU linear attention: every implementation against the float64 reference, gradients,
+determinism, all-zero feature rows, errors."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastgen
+from fastgen.check import mismatch
+from fastgen.ops.linear_attention import (
+    LINEAR_ATTENTION,
+    LINEAR_ATTENTION_BACKWARD,
+    fused_qkv,
+    linear_attention,
+    linear_attention_backward,
+    linear_attention_backward_reference,
+    linear_attention_reference,
+)
+from fastgen.ops.registry import TOLERANCES, random_tensor
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEAD_DIMS = (8, 16, 32, 40, 64, 72, 128)
+CPU = torch.device("cpu")
+
+
+def _devices():
+    return [pytest.param(CPU, id="cpu-triton-interpreter"),
+            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+
+
+@st.composite
+def attention_inputs(draw, device, generator, min_kv_tokens=1):
+    """(q, k, v, eps): odd token counts, Nq != Nkv or self-attention, fused-qkv views or
+    separate tensors (contiguous or with no unit stride), every dtype and the head dims the
+    models use plus odd ones."""
+    dtype = draw(st.sampled_from(DTYPES))
+    batch, heads, head_dim = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.sampled_from(HEAD_DIMS))
+    layout = draw(st.sampled_from(["fused qkv", "contiguous", "sliced"]))
+    eps = draw(st.sampled_from([1e-15, 1e-3]))
+    kv_tokens = draw(st.integers(min_kv_tokens, 150))
+    if layout == "fused qkv":
+        return (*fused_qkv(batch, kv_tokens, heads, head_dim, device, dtype, generator), eps)
+    q_tokens = draw(st.integers(1, 150))
+    q = random_tensor((batch, q_tokens, heads, head_dim), layout, device, dtype, generator)
+    k, v = (random_tensor((batch, kv_tokens, heads, head_dim), layout, device, dtype, generator) for _ in "kv")
+    return q, k, v, eps
+
+
+def _upcast(tensors):
+    return tuple(t.detach().double() for t in tensors)
+
+
+def _assert_close_to(actual, expected, what):
+    _, detail = mismatch(actual, expected)
+    assert not detail, f"{what}: {detail}"
+
+
+def _assert_gradients_close(actual_grads, grad, q, k, v, eps=1e-15):
+    """(dq, dk, dv) against the float64 reference backward. Each gradient sums over many rows,
+    and the two terms of dq and of dk nearly cancel when out barely depends on q or k (few
+    keys), so even float32 eager PyTorch misses the float32 tolerance on some inputs. The
+    tolerance is therefore widened by 4x the worst error of the same formulas evaluated in
+    float32: the kernels must be as accurate as float32 allows, not more."""
+    inputs = (grad, q, k, v)
+    expected = linear_attention_backward_reference(*_upcast(inputs), eps)
+    in_float32 = linear_attention_backward_reference(*(t.detach().float() for t in inputs), eps)
+    for name, actual, reference, float32_result in zip(("dq", "dk", "dv"), actual_grads, expected, in_float32):
+        rtol, atol = TOLERANCES[actual.dtype]
+        atol += 4 * (float32_result.double() - reference).abs().max().item()
+        error = (actual.detach().double().cpu() - reference.cpu()).abs()
+        bad = ~(error <= atol + rtol * reference.cpu().abs())  # NaN (an unwritten element) is bad
+        assert not bad.any(), (f"{name}: {int(bad.sum())} of {error.numel()} elements off, worst error "
+                               f"{error.max().item():.3g} (rtol {rtol}, atol {atol:.3g})")
+
+
+_HYPOTHESIS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.mark.parametrize("device", _devices())
+@_HYPOTHESIS
+@given(data=st.data())
+def test_forward_matches_reference(device, data, generator):
+    q, k, v, eps = data.draw(attention_inputs(device, generator))
+    out = LINEAR_ATTENTION.allocate_output(q, k, v, eps).fill_(float("nan"))
+    LINEAR_ATTENTION.implementations["triton"].run(q, k, v, eps, out=out)
+    _assert_close_to(out, linear_attention_reference(*_upcast((q, k, v)), eps), "out")
+
+
+@pytest.mark.parametrize("device", _devices())
+@_HYPOTHESIS
+@given(data=st.data())
+def test_backward_kernel_matches_reference(device, data, generator):
+    # At least 8 keys: with one or two, out hardly depends on q and k, so their gradients are
+    # float32 rounding noise, and two correct float32 evaluations differ by no fixed factor.
+    q, k, v, eps = data.draw(attention_inputs(device, generator, min_kv_tokens=8))
+    grad = random_tensor(tuple(q.shape), "sliced", device, q.dtype, generator)
+    grads = LINEAR_ATTENTION_BACKWARD.allocate_output(grad, q, k, v, eps)
+    for tensor in grads:
+        tensor.fill_(float("nan"))
+    LINEAR_ATTENTION_BACKWARD.implementations["triton"].run(grad, q, k, v, eps, out=grads)
+    _assert_gradients_close(grads, grad, q, k, v, eps)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_autograd_runs_the_triton_backward(device, dtype, generator):
+    """The custom op's registered backward runs the Triton kernels with the forward's backend."""
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(2, 45, 3, 32, device, dtype, generator))
+    with fastgen.use_backend("triton"):
+        out = linear_attention(q, k, v)
+    grad = torch.randn(out.shape, generator=generator).to(device, dtype)
+    out.backward(grad)  # outside the block: the backward must still run the Triton kernels
+    _assert_gradients_close((q.grad, k.grad, v.grad), grad, q, k, v)
+
+
+def test_reference_is_the_quadratic_formula(generator):
+    """The padded-ones formulation against the definition written with the Nq x Nkv matrix of
+    feature products: out = (A V) / (A 1 + eps), A = phi(q) phi(k)^T, per (batch, head)."""
+    q = torch.randn(2, 7, 3, 5, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(2, 11, 3, 5, generator=generator, dtype=torch.float64) for _ in "kv")
+    scores = torch.einsum("bnhd,bmhd->bhnm", q.relu(), k.relu())
+    expected = torch.einsum("bhnm,bmhd->bnhd", scores, v) / (scores.sum(-1).transpose(1, 2)[..., None] + 1e-15)
+    torch.testing.assert_close(linear_attention_reference(q, k, v), expected)
+
+
+def test_custom_op_gradcheck(generator):
+    """The registered autograd (the backward op's reference: the SPEC formulas) against finite
+    differences in float64, with Nq != Nkv and a head dim that is not a power of two."""
+    q = torch.randn(2, 5, 2, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 7, 2, 3, generator=generator, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    with fastgen.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda *qkv: linear_attention(*qkv, 1e-3), (q, k, v))
+
+
+def test_second_order_gradients_say_they_are_unsupported(generator):
+    q, k, v = (torch.randn(1, 5, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    (dq,) = torch.autograd.grad(linear_attention(q, k, v).sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="linear_attention_backward.* no autograd formula"):
+        torch.autograd.grad(dq.sum(), (q,))
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_runs_are_bitwise_identical(device, generator):
+    """Several chunks per head, so the partial states are reduced: still no run-to-run noise."""
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(1, 300, 2, 32, device, torch.bfloat16, generator))
+    grad = torch.randn(q.shape, generator=generator).to(device, q.dtype)
+    results = []
+    with fastgen.use_backend("triton"):
+        for _ in range(2):
+            out = linear_attention(q, k, v)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_rows_with_no_positive_feature(backend, generator):
+    """A query row with every entry <= 0 gets 0 / eps = 0 and zero gradient, never NaN; keys
+    that are all <= 0 make every output 0."""
+    q, k, v = (t.clone() for t in fused_qkv(1, 20, 2, 16, CPU, torch.float32, generator))
+    q[0, 3] = -q[0, 3].abs()
+    q[0, 7] = 0.0
+    q.requires_grad_()
+    with fastgen.use_backend(backend):
+        out = linear_attention(q, k, v)
+        out.backward(torch.randn(out.shape, generator=generator))
+        all_negative_keys = linear_attention(q, -k.abs(), v)
+    assert torch.equal(out[0, 3], torch.zeros_like(out[0, 3])) and torch.equal(out[0, 7], out[0, 3])
+    assert torch.isfinite(q.grad).all() and not q.grad[0, [3, 7]].any()
+    assert torch.equal(all_negative_keys, torch.zeros_like(all_negative_keys))
+    torch.testing.assert_close(out, linear_attention_reference(q, k, v))
+
+
+def test_backward_accepts_broadcast_gradients(generator):
+    """out.sum().backward() hands the backward an expanded gradient with all strides 0."""
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(1, 9, 2, 16, CPU, torch.float32, generator))
+    with fastgen.use_backend("triton"):
+        linear_attention(q, k, v).sum().backward()
+    _assert_gradients_close((q.grad, k.grad, v.grad), torch.ones(q.shape), q, k, v)
+
+
+def test_torch_compile_fullgraph_forward_and_backward(generator):
+    """Forward and backward ops trace into one graph each (no graph break) and agree with eager."""
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(1, 12, 2, 16, CPU, torch.float32, generator))
+
+    def attention_block(q, k, v):
+        return linear_attention(q * 2.0, k, v).square().sum()
+
+    with fastgen.use_backend("triton"):
+        expected = torch.autograd.grad(attention_block(q, k, v), (q, k, v))
+        compiled = torch.compile(attention_block, backend="aot_eager", fullgraph=True)
+        actual = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+def _qkv(q_shape=(1, 4, 2, 8), kv_shape=(1, 6, 2, 8), dtype=torch.float32):
+    return torch.ones(q_shape, dtype=dtype), torch.ones(kv_shape, dtype=dtype), torch.ones(kv_shape, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "make_args, error, message",
+    [
+        (lambda: _qkv(dtype=torch.int32), TypeError, "q must be float32, float16, bfloat16 or float64, got torch.int32"),
+        (lambda: (torch.ones(4, 2, 8), *_qkv()[1:]), ValueError, r"q must be 4-D \(B, N, H, D\), got shape \(4, 2, 8\)"),
+        (lambda: (*_qkv()[:2], torch.ones(1, 6, 2, 8, dtype=torch.float16)), TypeError,
+         "v dtype torch.float16 must match q dtype torch.float32"),
+        (lambda: (_qkv()[0], torch.ones(1, 6, 2, 8, device="meta"), _qkv()[2]), ValueError, "k is on meta but q is on cpu"),
+        (lambda: _qkv(kv_shape=(1, 6, 3, 8)), ValueError,
+         r"k must have q's batch, heads and head dim \(B, H, D\) = \(1, 2, 8\), got k of shape \(1, 6, 3, 8\)"),
+        (lambda: (*_qkv()[:2], torch.ones(1, 5, 2, 8)), ValueError, r"v must have k's shape \(1, 6, 2, 8\), got \(1, 5, 2, 8\)"),
+        (lambda: _qkv((1, 4, 1, 129), (1, 6, 1, 129)), ValueError, "head dim D must be between 1 and 128, got 129"),
+        (lambda: (*_qkv(), 0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(make_args, error, message):
+    for function in (linear_attention, linear_attention_reference):
+        with pytest.raises(error, match=message):
+            function(*make_args())
+
+
+def test_reference_rejects_a_non_tensor():
+    # The custom op's schema rejects it before fastgen's checks run; the reference is plain Python.
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        linear_attention_reference([[1.0]], *_qkv()[1:])
+
+
+def test_backward_op_checks_the_gradient():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"grad must have q's shape \(1, 4, 2, 8\), got \(1, 4, 2, 4\)"):
+        linear_attention_backward(torch.ones(1, 4, 2, 4), q, k, v)
+    with pytest.raises(TypeError, match="grad dtype torch.float64 must match q dtype torch.float32"):
+        linear_attention_backward(q.double(), q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [36, 70])
+def test_sana_shape_on_gpu(heads, generator):
+    """The real SANA head layout at 64x64 latents (N = 4096): many chunks per head."""
+    q, k, v = (t.detach().requires_grad_()
+               for t in fused_qkv(2, 4096, heads, 32, torch.device("cuda"), torch.bfloat16, generator))
+    with fastgen.use_backend("triton"):
+        out = linear_attention(q, k, v)
+    grad = torch.randn(out.shape, generator=generator).to(out)
+    out.backward(grad)
+    _assert_close_to(out, linear_attention_reference(*_upcast((q, k, v))), "out")
+    _assert_gradients_close((q.grad, k.grad, v.grad), grad, q, k, v)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_with_new_inputs(generator):
+    """Samplers capture the denoiser in a CUDA graph: the launches (and their workspaces) must
+    be capturable and read the inputs' current contents on replay."""
+    qkv = torch.randn(2, 1024, 3, 36, 32, generator=generator).to("cuda", torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    with fastgen.use_backend("triton"):
+        linear_attention(q, k, v)  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = linear_attention(q, k, v)
+    qkv.copy_(torch.randn(qkv.shape, generator=generator))
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_close_to(out, linear_attention_reference(*_upcast((q, k, v))), "out")
