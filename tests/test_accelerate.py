@@ -1,0 +1,143 @@
+"""fastgen.accelerate / restore on diffusers models built from configs with random weights."""
+import pytest
+import torch
+
+import fastgen
+from fastgen.accelerator import LinearAttentionProcessor, accelerate, restore
+from fastgen.ops.registry import Implementation
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
+
+LAYERS = 2
+
+
+@pytest.fixture
+def sana_transformer(generator):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    return diffusers.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=LAYERS,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=24,
+        patch_size=2, sample_size=8,
+    ).eval()
+
+
+def _sana_inputs(generator, dtype=torch.float32):
+    latents = torch.randn(2, 4, 8, 6, generator=generator).to(dtype)
+    caption = torch.randn(2, 7, 24, generator=generator).to(dtype)
+    timestep = torch.tensor([3.0, 700.0])
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    return latents, caption, timestep, mask
+
+
+def _run(model, inputs):
+    latents, caption, timestep, mask = inputs
+    with torch.no_grad():
+        return model(latents, caption, timestep, encoder_attention_mask=mask).sample
+
+
+def _processor_names(model):
+    return [type(m.processor).__name__ for m in model.modules() if type(m).__name__ == "Attention"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sana_transformer_equal_outputs_and_restore(sana_transformer, generator, backend):
+    inputs = _sana_inputs(generator)
+    before = _run(sana_transformer, inputs)
+    originals = _processor_names(sana_transformer)
+
+    report = accelerate(sana_transformer, backend=backend)
+    assert [r.path for r in report.replaced] == [f"transformer_blocks.{i}.attn1" for i in range(LAYERS)]
+    assert all(r.op == "linear_attention" for r in report.replaced)
+    assert [r.path for r in report.left] == [f"transformer_blocks.{i}.attn2" for i in range(LAYERS)]
+    assert all("SanaAttnProcessor2_0 has no fastgen replacement" in r.reason for r in report.left)
+    assert "replaced transformer_blocks.0.attn1" in str(report)
+    torch.testing.assert_close(_run(sana_transformer, inputs), before)
+
+    assert restore(sana_transformer) == LAYERS
+    assert _processor_names(sana_transformer) == originals
+    assert torch.equal(_run(sana_transformer, inputs), before)
+
+
+def test_pinned_backend_runs_that_implementation(sana_transformer, generator, monkeypatch):
+    from fastgen.ops.linear_attention import LINEAR_ATTENTION
+
+    calls = []
+    triton = LINEAR_ATTENTION.implementations["triton"]
+
+    def counting(*args, out):
+        calls.append(args[0].shape)
+        triton.run(*args, out=out)
+
+    monkeypatch.setitem(LINEAR_ATTENTION.implementations, "triton", Implementation("triton", counting, triton.dtypes))
+    accelerate(sana_transformer, backend="triton")
+    _run(sana_transformer, _sana_inputs(generator))
+    assert len(calls) == LAYERS
+    restore(sana_transformer)
+    accelerate(sana_transformer)  # "auto": CPU tensors run the reference
+    _run(sana_transformer, _sana_inputs(generator))
+    assert len(calls) == LAYERS
+
+
+def test_half_precision_matches(sana_transformer, generator):
+    inputs = _sana_inputs(generator, torch.bfloat16)
+    sana_transformer.to(torch.bfloat16)
+    before = _run(sana_transformer, inputs)
+    accelerate(sana_transformer, backend="triton")
+    torch.testing.assert_close(_run(sana_transformer, inputs), before, rtol=2e-2, atol=2e-2)
+
+
+def test_compiles_as_one_graph(sana_transformer, generator):
+    """An accelerated model traces with fullgraph=True; the backend is chosen around the
+    compiled call and read when the graph runs."""
+    inputs = _sana_inputs(generator)
+    before = _run(sana_transformer, inputs)
+    accelerate(sana_transformer)
+    compiled = torch.compile(_run, backend="aot_eager", fullgraph=True)
+    with fastgen.use_backend("triton"):
+        torch.testing.assert_close(compiled(sana_transformer, inputs), before)
+
+
+def test_pinned_backend_under_compile_is_a_clear_error(sana_transformer, generator):
+    accelerate(sana_transformer, backend="triton")
+    compiled = torch.compile(_run, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"pins the backend in eager mode only.*use_backend\('triton'\)"):
+        compiled(sana_transformer, _sana_inputs(generator))
+
+
+def test_ops_filter_leaves_unselected_ops_with_the_reason(sana_transformer):
+    report = accelerate(sana_transformer, ops=["pixel_unshuffle_channel_avg"])
+    assert report.replaced == []
+    assert sum("linear_attention was not selected" in r.reason for r in report.left) == LAYERS
+
+
+def test_pipeline_components_are_accelerated(sana_transformer):
+    class Pipeline:  # what accelerate relies on: diffusers pipelines expose .components
+        components = {"transformer": sana_transformer, "scheduler": object()}
+
+    pipeline = Pipeline()
+    report = accelerate(pipeline)
+    assert report.replaced[0].path == "transformer.transformer_blocks.0.attn1"
+    assert isinstance(sana_transformer.transformer_blocks[0].attn1.processor, LinearAttentionProcessor)
+    assert restore(pipeline) == LAYERS
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda m: accelerate(m, backend="fastest"), ValueError, "backend must be one of"),
+        (lambda m: accelerate(m, ops=["flash_everything"]), ValueError, r"unknown op\(s\) \['flash_everything'\]"),
+        (lambda m: accelerate(object()), TypeError, "takes a torch.nn.Module or a diffusers pipeline"),
+    ],
+)
+def test_bad_arguments(sana_transformer, call, error, message):
+    with pytest.raises(error, match=message):
+        call(sana_transformer)
+
+
+def test_accelerating_twice_asks_for_restore(sana_transformer):
+    accelerate(sana_transformer)
+    with pytest.raises(ValueError, match="already accelerated"):
+        accelerate(sana_transformer)
+    assert restore(sana_transformer) == LAYERS
+    assert restore(sana_transformer) == 0
