@@ -1,7 +1,5 @@
 """The SANA Linear DiT reference model (fastgen.models.sana): tiny config end to end, checkpoint
 loading, the published configs, and equality with diffusers' SanaTransformer2DModel."""
-import sys
-import types
 
 import pytest
 import torch
@@ -85,25 +83,14 @@ def test_fully_masked_caption_gives_finite_output_and_grads(generator, tiny_mode
     assert caption.grad[0].abs().max() == 0
 
 
-def test_linear_attention_matches_the_quadratic_form(generator):
-    """Whichever implementation the model resolved (the op, or the stand-in while the op is
-    absent) against relu(q) relu(k)^T written out as an N x N matrix."""
-    q, k, v = (torch.randn(2, 9, 3, 16, generator=generator, dtype=torch.float64) for _ in range(3))
-    scores = torch.einsum("bnhd,bmhd->bhnm", q.relu(), k.relu())
-    expected = torch.einsum("bhnm,bmhd->bnhd", scores, v) / (scores.sum(-1).transpose(1, 2)[..., None] + 1e-15)
-    torch.testing.assert_close(sana._linear_attention(q, k, v, 1e-15), expected)
-
-
 def test_linear_attention_op_gets_views_of_the_projections(generator, tiny_model, monkeypatch):
     calls = []
 
     def recording_op(q, k, v, eps):
         calls.append((q, k, v, eps))
-        return sana._eager_linear_attention(q, k, v, eps)
+        return fastgen.linear_attention(q, k, v, eps)
 
-    fake_module = types.ModuleType("fastgen.ops.linear_attention")
-    fake_module.linear_attention = recording_op
-    monkeypatch.setitem(sys.modules, "fastgen.ops.linear_attention", fake_module)
+    monkeypatch.setattr(sana, "linear_attention", recording_op)
     latents, caption, timestep, mask = _inputs(generator)
     tiny_model(latents, caption, timestep, mask)
     assert len(calls) == TINY.num_layers
@@ -113,17 +100,6 @@ def test_linear_attention_op_gets_views_of_the_projections(generator, tiny_model
             assert tensor.shape == (latents.shape[0], tokens, TINY.num_attention_heads, TINY.attention_head_dim)
             assert tensor._base is not None, "expected a view of the projection output, not a copy"
         assert eps == 1e-15
-
-
-def test_stand_in_is_used_only_while_the_op_module_is_missing(generator, monkeypatch):
-    q, k, v = (torch.randn(1, 5, 2, 16, generator=generator) for _ in range(3))
-    # A None entry in sys.modules makes the import fail as for a missing module.
-    monkeypatch.setitem(sys.modules, "fastgen.ops.linear_attention", None)
-    torch.testing.assert_close(sana._linear_attention(q, k, v, 1e-15), sana._eager_linear_attention(q, k, v, 1e-15))
-    broken = types.ModuleType("fastgen.ops.linear_attention")
-    monkeypatch.setitem(sys.modules, "fastgen.ops.linear_attention", broken)
-    with pytest.raises(ImportError):
-        sana._linear_attention(q, k, v, 1e-15)
 
 
 def _loss_and_grads(model, latents, caption, timestep, mask):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
+from fastgen.ops.linear_attention import linear_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,30 +128,6 @@ DEFAULT_GUIDANCE_SCALE = 4.5
 DEFAULT_FLOW_SHIFT = 3.0
 # The network takes timesteps in [0, 1000]; the flow time runs over [0, 1].
 TIMESTEP_RANGE = 1000.0
-
-
-def _eager_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    """Stand-in for `fastgen.ops.linear_attention` (same signature) while that module is absent."""
-    dtype = q.dtype
-    q, k, v = F.relu(q.float()), F.relu(k.float()), v.float()
-    kv = torch.einsum("bnhd,bnhe->bhde", k, v)
-    numerator = torch.einsum("bnhd,bhde->bnhe", q, kv)
-    denominator = torch.einsum("bnhd,bhd->bnh", q, k.sum(dim=1)).unsqueeze(-1) + eps
-    return (numerator / denominator).to(dtype)
-
-
-def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    # Imported at call time, not at module import, so that the model picks up the op once its
-    # module lands (a cached import costs a dictionary lookup). Only the op module itself being
-    # absent falls back; an op that fails to import (a bug, a missing dependency of it) must
-    # raise rather than silently run the stand-in.
-    try:
-        from fastgen.ops.linear_attention import linear_attention
-    except ModuleNotFoundError as error:
-        if error.name != "fastgen.ops.linear_attention":
-            raise
-        linear_attention = _eager_linear_attention
-    return linear_attention(q, k, v, eps)
 
 
 def _ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
@@ -259,7 +236,7 @@ class LinearSelfAttention(_Attention):
         batch, tokens, _ = x.shape
         heads = (batch, tokens, self.heads, self.head_dim)
         # Views of the projections: the op accepts any strides, so no copies.
-        out = _linear_attention(
+        out = linear_attention(
             self.to_q(x).view(heads), self.to_k(x).view(heads), self.to_v(x).view(heads), 1e-15
         )
         out = out.reshape(batch, tokens, -1)

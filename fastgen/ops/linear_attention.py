@@ -33,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.registry import CheckCase, Op, current_backend, random_tensor, register, use_backend
+from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
 
 MAX_HEAD_DIM = 128
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -196,36 +196,28 @@ def _backward_triton(grad, q, k, v, eps, *, out):
     kernels.linear_attention_backward(grad, q, k, v, eps, *out)
 
 
-@torch.library.custom_op("fastgen::linear_attention", mutates_args=())
+@define_custom_op(LINEAR_ATTENTION)
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
-    return LINEAR_ATTENTION.run(q, k, v, eps)
+    """out = relu(q) S / (relu(q) . z + eps) with S, z summed over relu(k), v (module docstring)."""
 
 
-@torch.library.custom_op("fastgen::linear_attention_backward", mutates_args=())
+@define_custom_op(LINEAR_ATTENTION_BACKWARD)
 def linear_attention_backward(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return LINEAR_ATTENTION_BACKWARD.run(grad, q, k, v, eps)
-
-
-linear_attention.register_fake(_allocate_output)
-linear_attention_backward.register_fake(_allocate_gradients)
+    """(dq, dk, dv) of linear_attention for the output gradient `grad`."""
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, eps = inputs
     ctx.save_for_backward(q, k, v)
     ctx.eps = eps
-    # The backward runs with the forward's backend even if .backward() is called after the
-    # use_backend block has closed.
-    ctx.backend = current_backend()
 
 
 def _backward(ctx, grad):
     q, k, v = ctx.saved_tensors
-    with use_backend(ctx.backend):
-        dq, dk, dv = linear_attention_backward(grad, q, k, v, ctx.eps)
+    dq, dk, dv = linear_attention_backward(grad, q, k, v, ctx.eps)
     return dq, dk, dv, None
 
 
-linear_attention.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(linear_attention, _backward, _setup_context)

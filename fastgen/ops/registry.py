@@ -24,7 +24,9 @@ beforehand and catch elements a kernel never writes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
@@ -222,3 +224,40 @@ def register(op: Op) -> Op:
     OPS[op.name] = op
     return op
 
+
+def define_custom_op(op: Op, mutates_args: tuple = ()):
+    """Decorator turning a typed signature (its body is never run) into the custom op
+    `fastgen::<op.name>`: the signature's parameters and type hints give the schema, `op.run`
+    the body and `op.allocate_output` the fake, so each op states these once."""
+
+    def decorate(signature):
+        parameters = inspect.signature(signature, eval_str=True)
+
+        def run(*args, **kwargs):
+            bound = parameters.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return op.run(*bound.args)
+
+        functools.update_wrapper(run, signature)
+        run.__signature__ = parameters  # the schema is inferred from this, evaluated in the op's module
+        custom_op = torch.library.custom_op(f"fastgen::{op.name}", run, mutates_args=mutates_args)
+        custom_op.register_fake(op.allocate_output)
+        return custom_op
+
+    return decorate
+
+
+def register_autograd(custom_op, backward: Callable, setup_context: Callable) -> None:
+    """custom_op.register_autograd, with the backward run under the backend the forward ran
+    with, even when `.backward()` is called after the `use_backend` block has closed. (Under
+    torch.compile the compiled backward reads the backend when it runs, like every op.)"""
+
+    def remember_backend(ctx, inputs, output):
+        ctx.fastgen_backend = current_backend()
+        setup_context(ctx, inputs, output)
+
+    def backward_with_forward_backend(ctx, *grads):
+        with use_backend(ctx.fastgen_backend):
+            return backward(ctx, *grads)
+
+    custom_op.register_autograd(backward_with_forward_backend, setup_context=remember_backend)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import CheckCase, Op, current_backend, random_tensor, register, use_backend
+from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -209,25 +209,26 @@ def _shuffle_cuda(x, factor, out_channels, residual, scale, *, out):
     _launch_cuda("channel_dup_pixel_shuffle", x, out, residual, factor, _shuffle_scale(scale))
 
 
-def _define_custom_op(op: Op):
-    """Both shortcuts share one signature; the op carries what differs."""
-    def forward(
-        x: torch.Tensor,
-        factor: int,
-        out_channels: int,
-        residual: Optional[torch.Tensor] = None,
-        scale: Optional[float] = None,
-    ) -> torch.Tensor:
-        return op.run(x, factor, out_channels, residual, scale)
-
-    forward.__name__ = op.name
-    custom_op = torch.library.custom_op(f"fastgen::{op.name}", forward, mutates_args=())
-    custom_op.register_fake(op.allocate_output)
-    return custom_op
+@define_custom_op(PIXEL_UNSHUFFLE_CHANNEL_AVG)
+def pixel_unshuffle_channel_avg(
+    x: torch.Tensor,
+    factor: int,
+    out_channels: int,
+    residual: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """y = scale * group sums of pixel_unshuffle(x, factor) (+ residual); scale None: the mean."""
 
 
-pixel_unshuffle_channel_avg = _define_custom_op(PIXEL_UNSHUFFLE_CHANNEL_AVG)
-channel_dup_pixel_shuffle = _define_custom_op(CHANNEL_DUP_PIXEL_SHUFFLE)
+@define_custom_op(CHANNEL_DUP_PIXEL_SHUFFLE)
+def channel_dup_pixel_shuffle(
+    x: torch.Tensor,
+    factor: int,
+    out_channels: int,
+    residual: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """y = scale * pixel_shuffle(repeat_interleave(x), factor) (+ residual); scale None: 1."""
 
 
 def _save_shape_and_scale(ctx, inputs, output, effective_scale):
@@ -236,9 +237,6 @@ def _save_shape_and_scale(ctx, inputs, output, effective_scale):
     ctx.factor = factor
     ctx.scale = effective_scale
     ctx.has_residual = residual is not None
-    # The backward runs with the forward's backend even if .backward() is called after the
-    # use_backend block has closed.
-    ctx.backend = current_backend()
 
 
 def _unshuffle_setup_context(ctx, inputs, output):
@@ -255,17 +253,12 @@ def _adjoint_backward(adjoint_op):
     def backward(ctx, grad):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            with use_backend(ctx.backend):
-                grad_x = adjoint_op(grad, ctx.factor, ctx.x_channels, None, ctx.scale)
+            grad_x = adjoint_op(grad, ctx.factor, ctx.x_channels, None, ctx.scale)
         grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[3] else None
         return grad_x, None, None, grad_residual, None
 
     return backward
 
 
-pixel_unshuffle_channel_avg.register_autograd(
-    _adjoint_backward(channel_dup_pixel_shuffle), setup_context=_unshuffle_setup_context
-)
-channel_dup_pixel_shuffle.register_autograd(
-    _adjoint_backward(pixel_unshuffle_channel_avg), setup_context=_shuffle_setup_context
-)
+register_autograd(pixel_unshuffle_channel_avg, _adjoint_backward(channel_dup_pixel_shuffle), _unshuffle_setup_context)
+register_autograd(channel_dup_pixel_shuffle, _adjoint_backward(pixel_unshuffle_channel_avg), _shuffle_setup_context)
