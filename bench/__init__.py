@@ -13,9 +13,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import harness, ops_linear_attention, ops_shortcut
+from . import harness, models_sana, ops_linear_attention, ops_shortcut
 
-MODULES = (ops_shortcut, ops_linear_attention)
+MODULES = (ops_shortcut, ops_linear_attention, models_sana)
 
 
 def benchmarks(quick: bool = False) -> list:
