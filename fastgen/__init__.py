@@ -4,6 +4,7 @@ from fastgen.ops.registry import BACKENDS, BackendUnavailable, current_backend, 
 from fastgen.ops import OPS
 from fastgen.ops.linear_attention import linear_attention
 from fastgen.ops.shortcut import channel_dup_pixel_shuffle, pixel_unshuffle_channel_avg
+from fastgen.ops.vq import vq_nearest, vq_quantize
 
 __all__ = [
     "AccelerationReport",
@@ -17,4 +18,6 @@ __all__ = [
     "pixel_unshuffle_channel_avg",
     "restore",
     "use_backend",
+    "vq_nearest",
+    "vq_quantize",
 ]

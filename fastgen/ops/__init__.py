@@ -2,7 +2,7 @@
 
 Importing this package registers every op as `torch.ops.fastgen.<name>`.
 """
-from fastgen.ops import linear_attention, shortcut
+from fastgen.ops import linear_attention, shortcut, vq
 from fastgen.ops.registry import OPS
 
-__all__ = ["OPS", "linear_attention", "shortcut"]
+__all__ = ["OPS", "linear_attention", "shortcut", "vq"]

@@ -1,0 +1,227 @@
+"""Codebook nearest-neighbour search and vector quantization (VQ-VAE, VQGAN, VAR's VQVAE).
+
+`vq_nearest(z, codebook, metric="l2", return_distance=False, exact=False, input_precision="ieee")`
+For rows z_n of z (N, D) and codes e_k of codebook (K, D):
+
+    l2:      idx[n] = argmin_k ||z_n||^2 + ||e_k||^2 - 2 z_n . e_k       (= ||z_n - e_k||^2)
+    cosine:  idx[n] = argmax_k z_n . e_k / max(||e_k||, 1e-12)
+
+ties going to the lowest k (as torch.argmin / argmax). With return_distance the op also
+gives, per row, the l2 distance ||z||^2 + ||e||^2 - 2 z.e of the chosen code or the cosine
+similarity z.e / (max(||z||, eps) max(||e||, eps)), in float32 (float64 for float64 inputs).
+The l2 distance in the expanded form can come out slightly negative for a near-exact match,
+as the eager formulation's does. Neither output has a gradient.
+
+`vq_quantize(z, codebook, beta=0.25, exact=False, input_precision="ieee")` ->
+(z_q, idx, loss, counts), the VQ-VAE bottleneck with the l2 search above and e = codebook[idx]:
+
+    z_q    = z + (e - z).detach()        value e, gradient straight through to z
+    loss   = mean((z.detach() - e)^2) + beta * mean((z - e.detach())^2)
+             (codebook loss + commitment loss; both means over all N*D elements)
+    counts = bincount(idx, minlength=K)  (int64 code usage)
+
+so that, for upstream gradients g (of z_q) and gl (of loss):
+    dz = g + gl * beta * 2 (z - e) / (N D)
+    dcodebook[k] = gl * sum_{n: idx[n] = k} 2 (e_k - z_n) / (N D)
+The loss is float32 (float64 for float64 inputs), z_q has z's dtype.
+
+Precision. The eager reference (ground truth and benchmark baseline) is VAR's formulation:
+the N x K distance matrix by `addmm_` and `argmin` (normalized matmul and `argmax` for
+cosine), in float32 (float64 for float64 inputs). The Triton kernels never form that
+matrix: they stream codebook tiles with a running best per row (kernels/vq.py). Their
+scores are float32 from tensor-core dot products: fp16/bf16 operands as given (exact
+products, float32 accumulation), fp32 operands with `input_precision` "ieee" (plain fp32),
+"tf32" (operands rounded to 10 mantissa bits: fast, but about 1e-3 relative error) or
+"tf32x3" (three tf32 products, about fp32 accuracy); the option only matters for fp32.
+Without `exact`, the result can differ from the reference only between codes whose
+distances differ by less than the fast scores' error (for fp16/bf16/ieee about D * 2^-24 *
+(||e||^2 + 2 ||z|| ||e||), for tf32 about 2^-9 ||z|| ||e||).
+
+`exact=True` guarantees: the returned index minimizes the distance evaluated in float64 from
+the input values in the direct form, sum_d (z_d - e_kd)^2 for l2 and
+-(z . e_k) / max(||e_k||, eps) for cosine, with ties (equal float64 values, e.g. duplicated
+codes) to the lowest index. That is the exact answer up to float64 rounding (relative
+(D + 2) 2^-53) and, unlike any expanded-form evaluation, also right for codes much closer
+to z than z's norm. It costs one more pass over the codebook: every code whose fast score
+is within twice a rigorous error bound of the fast best (the bound assumes float32
+accumulation with at most twice round-to-nearest's error, which covers tensor cores) is a
+candidate, and candidates other than the fast winner are rescored in float64. Distances
+returned in exact mode are the float64 direct-form values rounded to float32. The rescoring
+costs in proportion to the number of near-tie candidates: negligible on real codebooks, up to
+a float64 brute-force search for a codebook of identical codes.
+
+Inputs: z and codebook of the same floating dtype and device, any strides (read in place),
+K >= 1, 1 <= D <= 512. The usage counts are exact; the loss is summed in a fixed order
+(bitwise reproducible); the codebook gradient's sums over rows sharing a code use
+`index_add_`, which on CUDA is order-dependent in the last bits unless
+`torch.use_deterministic_algorithms(True)` is set.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastgen.ops.registry import Op, define_custom_op, register_autograd
+
+MAX_DIM = 512
+METRICS = ("l2", "cosine")
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_inputs(op_name: str, z, codebook, metric: str, exact: bool, input_precision: str) -> None:
+    for name, tensor, layout in (("z", z, "(N, D)"), ("codebook", codebook, "(K, D)")):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{op_name}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
+        if tensor.dim() != 2:
+            raise ValueError(f"{op_name}: {name} must be 2-D {layout}, got shape {tuple(tensor.shape)}")
+    if codebook.dtype != z.dtype:
+        raise TypeError(f"{op_name}: codebook dtype {codebook.dtype} must match z dtype {z.dtype}")
+    if codebook.device != z.device:
+        raise ValueError(f"{op_name}: codebook is on {codebook.device} but z is on {z.device}")
+    if codebook.shape[1] != z.shape[1]:
+        raise ValueError(f"{op_name}: codebook dim D={codebook.shape[1]} must match z's D={z.shape[1]}")
+    if codebook.shape[0] == 0:
+        raise ValueError(f"{op_name}: codebook is empty (K=0); it needs at least one code")
+    if not 1 <= z.shape[1] <= MAX_DIM:
+        raise ValueError(f"{op_name}: D must be between 1 and {MAX_DIM}, got {z.shape[1]}")
+    if metric not in METRICS:
+        raise ValueError(f"{op_name}: metric must be 'l2' or 'cosine', got {metric!r}")
+    if not isinstance(exact, bool):
+        raise TypeError(f"{op_name}: exact must be a bool, got {type(exact).__name__}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"{op_name}: input_precision must be one of {', '.join(INPUT_PRECISIONS)}, "
+                         f"got {input_precision!r}")
+
+
+def _statistic_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _allocate_nearest(z, codebook, metric="l2", exact=False, input_precision="ieee"):
+    _check_inputs("vq_nearest", z, codebook, metric, exact, input_precision)
+    n = z.shape[0]
+    return (torch.empty(n, dtype=torch.int64, device=z.device),
+            torch.empty(n, dtype=_statistic_dtype(z.dtype), device=z.device))
+
+
+def _check_quantize_inputs(z, codebook, beta, exact, input_precision) -> None:
+    _check_inputs("vq_quantize", z, codebook, "l2", exact, input_precision)
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta)):
+        raise ValueError(f"vq_quantize: beta must be a finite number, got {beta!r}")
+
+
+def _allocate_quantize(z, codebook, beta=0.25, exact=False, input_precision="ieee"):
+    _check_quantize_inputs(z, codebook, beta, exact, input_precision)
+    return (torch.empty(z.shape, dtype=z.dtype, device=z.device),
+            torch.empty(z.shape[0], dtype=torch.int64, device=z.device),
+            torch.empty((), dtype=_statistic_dtype(z.dtype), device=z.device),
+            torch.empty(codebook.shape[0], dtype=torch.int64, device=z.device))
+
+
+def vq_nearest_reference(z, codebook, metric="l2", exact=False, input_precision="ieee"):
+    """VAR's eager search (the whole distance matrix, then argmin) in float32 or wider; exact
+    and input_precision do not apply (this is the plain fp32 computation)."""
+    _check_inputs("vq_nearest", z, codebook, metric, exact, input_precision)
+    compute = _statistic_dtype(z.dtype)
+    z_, e_ = z.detach().to(compute), codebook.detach().to(compute)
+    if metric == "l2":
+        scores = z_.square().sum(1, keepdim=True) + e_.square().sum(1)
+        scores.addmm_(z_, e_.T, alpha=-2, beta=1)
+        idx = scores.argmin(1)
+    else:
+        scores = F.normalize(z_, dim=1) @ F.normalize(e_, dim=1).T
+        idx = scores.argmax(1)
+    return idx, scores.gather(1, idx[:, None]).squeeze(1)
+
+
+def vq_quantize_reference(z, codebook, beta=0.25, exact=False, input_precision="ieee"):
+    """The VQ-VAE bottleneck as written in VQ-VAE / VQGAN / VAR code, differentiable by autograd."""
+    _check_quantize_inputs(z, codebook, beta, exact, input_precision)
+    idx, _ = vq_nearest_reference(z, codebook, "l2", exact, input_precision)
+    compute = _statistic_dtype(z.dtype)
+    z_, e = z.to(compute), codebook.to(compute)[idx]
+    z_q = (z_ + (e - z_).detach()).to(z.dtype)
+    loss = F.mse_loss(z_.detach(), e) + beta * F.mse_loss(z_, e.detach())
+    return z_q, idx, loss, torch.bincount(idx, minlength=codebook.shape[0])
+
+
+# Not in OPS: `fastgen check` and the contract tests compare single floating outputs under a
+# tolerance, while these ops return indices (compared exactly) and tuples; tests/test_vq.py
+# checks them.
+VQ_NEAREST = Op(name="vq_nearest", reference=vq_nearest_reference, allocate_output=_allocate_nearest)
+VQ_QUANTIZE = Op(name="vq_quantize", reference=vq_quantize_reference, allocate_output=_allocate_quantize)
+
+
+@VQ_NEAREST.implement("triton")
+def _nearest_triton(z, codebook, metric, exact, input_precision, *, out):
+    from fastgen.kernels import vq as kernels
+
+    kernels.nearest(z, codebook, metric, exact, input_precision, *out)
+
+
+@VQ_QUANTIZE.implement("triton")
+def _quantize_triton(z, codebook, beta, exact, input_precision, *, out):
+    from fastgen.kernels import vq as kernels
+
+    kernels.quantize(z, codebook, beta, exact, input_precision, *out)
+
+
+@define_custom_op(VQ_NEAREST)
+def _vq_nearest_op(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", exact: bool = False, input_precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, distance) of the nearest code per row."""
+
+
+@define_custom_op(VQ_QUANTIZE)
+def _vq_quantize_op(
+    z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25, exact: bool = False, input_precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_q, idx, loss, counts)."""
+
+
+# The public functions check first so that a non-tensor argument gets this module's TypeError
+# rather than the dispatcher's schema error.
+def vq_nearest(z, codebook, metric="l2", return_distance=False, exact=False, input_precision="ieee"):
+    """idx (N,) int64, or (idx, distance) with return_distance; see the module docstring."""
+    _check_inputs("vq_nearest", z, codebook, metric, exact, input_precision)
+    idx, distance = _vq_nearest_op(z, codebook, metric, exact, input_precision)
+    return (idx, distance) if return_distance else idx
+
+
+def vq_quantize(z, codebook, beta=0.25, exact=False, input_precision="ieee"):
+    """(z_q, idx, loss, counts); see the module docstring."""
+    _check_quantize_inputs(z, codebook, beta, exact, input_precision)
+    return _vq_quantize_op(z, codebook, beta, exact, input_precision)
+
+
+def _quantize_setup_context(ctx, inputs, output):
+    z, codebook, beta, _, _ = inputs
+    ctx.save_for_backward(z, codebook, output[1])
+    ctx.beta = beta
+
+
+def _quantize_backward(ctx, grad_zq, _grad_idx, grad_loss, _grad_counts):
+    """Eager math on the saved indices (a gather and an index_add_): cheap next to the search."""
+    z, codebook, idx = ctx.saved_tensors
+    compute = _statistic_dtype(z.dtype)
+    n, d = z.shape
+    residual = z.to(compute) - codebook.to(compute)[idx]  # z - e
+    scale = 2.0 * grad_loss.to(compute) / (n * d)
+    grad_z = grad_codebook = None
+    if ctx.needs_input_grad[0]:
+        # Unused outputs' gradients arrive as zeros (custom ops materialize them).
+        grad_z = (grad_zq.to(compute) + (ctx.beta * scale) * residual).to(z.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_codebook = torch.zeros(codebook.shape, dtype=compute, device=codebook.device)
+        grad_codebook.index_add_(0, idx, residual * -scale)
+        grad_codebook = grad_codebook.to(codebook.dtype)
+    return grad_z, grad_codebook, None, None, None
+
+
+register_autograd(_vq_quantize_op, _quantize_backward, _quantize_setup_context)
