@@ -30,7 +30,7 @@ class CheckResult:
 
 
 def _upcast(args: tuple) -> tuple:
-    return tuple(a.detach().double() if isinstance(a, torch.Tensor) else a for a in args)
+    return tuple(a.detach().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def mismatch(actual: torch.Tensor, expected: torch.Tensor) -> tuple:
@@ -53,14 +53,43 @@ def mismatch(actual: torch.Tensor, expected: torch.Tensor) -> tuple:
     )
 
 
+def _as_tuple(outputs) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def _poison(tensor: torch.Tensor) -> None:
+    # NaN for floats; for indices and counts a value no kernel would write.
+    tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
+
+
+def _worst(pairs, what: str) -> tuple:
+    """(max abs error, first failure's description) over (actual, expected) pairs: floating
+    tensors under the dtype's tolerance, integer ones (indices, counts) exactly."""
+    worst = 0.0
+    for i, (actual, expected) in enumerate(pairs):
+        if actual.is_floating_point():
+            error, detail = mismatch(actual, expected)
+        else:
+            wrong = actual.cpu() != expected.cpu()
+            error, detail = 0.0, f"{int(wrong.sum())} of {wrong.numel()} differ" if wrong.any() else ""
+        if detail:
+            return error, f"{what} {i}: {detail}"
+        worst = max(worst, error)
+    return worst, ""
+
+
 def _check_forward(op: Op, backend: str, args: tuple) -> tuple:
     out = op.allocate_output(*args)
-    out.fill_(float("nan"))
+    for tensor in _as_tuple(out):
+        _poison(tensor)
     op.implementations[backend].run(*args, out=out)
-    return mismatch(out, op.reference(*_upcast(args)))
+    expected = _as_tuple(op.reference(*_upcast(args)))
+    return _worst(zip(_as_tuple(out), expected), "output")
 
 
 def _check_backward(op: Op, backend: str, args: tuple, generator: torch.Generator) -> tuple:
+    """Gradients of every floating input through every floating output, against float64
+    autograd of the reference."""
     custom_op = getattr(torch.ops.fastgen, op.name)
     leaves = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
     fast_args = list(args)
@@ -69,17 +98,13 @@ def _check_backward(op: Op, backend: str, args: tuple, generator: torch.Generato
         fast_args[i] = args[i].detach().requires_grad_()
         reference_args[i] = reference_args[i].requires_grad_()
     with use_backend(backend):
-        out = custom_op(*fast_args)
-    grad_out = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
-    out.backward(grad_out)
-    op.reference(*reference_args).backward(grad_out.double())
-    worst = (0.0, "")
-    for i in leaves:
-        error, detail = mismatch(fast_args[i].grad, reference_args[i].grad)
-        if detail:
-            return error, f"grad of argument {i}: {detail}"
-        worst = max(worst, (error, ""))
-    return worst
+        outputs = _as_tuple(custom_op(*fast_args))
+    expected = _as_tuple(op.reference(*reference_args))
+    differentiable = [(o, e) for o, e in zip(outputs, expected) if o.is_floating_point()]
+    grads = [torch.randn(o.shape, generator=generator).to(o.device, o.dtype) for o, _ in differentiable]
+    torch.autograd.backward([o for o, _ in differentiable], grads)
+    torch.autograd.backward([e for _, e in differentiable], [g.double() for g in grads])
+    return _worst(((fast_args[i].grad, reference_args[i].grad) for i in leaves), "grad of argument")
 
 
 def check_op(op: Op, backend: str, device: torch.device, seed: int = 0) -> list:
@@ -94,7 +119,7 @@ def check_op(op: Op, backend: str, device: torch.device, seed: int = 0) -> list:
     for case in op.check_cases():
         for dtype in implementation.dtypes:
             dtype_name = str(dtype).replace("torch.", "")
-            for direction in ("fwd", "bwd"):
+            for direction in ("fwd", "bwd") if op.differentiable else ("fwd",):
                 args = case.make_args(device, dtype, generator)
                 try:
                     if direction == "fwd":
@@ -136,6 +161,7 @@ def summarize(results: list) -> str:
         errors = [r.max_abs_err for r in rows if r.max_abs_err is not None]
         worst = max(errors) if errors else float("nan")
         verdict = f"FAILED {len(failed)} of {len(rows)}" if failed else f"ok {len(rows)} checks"
-        lines.append(f"  {op_name:32s} {backend:7s} {verdict} (fwd+bwd, max abs err {worst:.2e})")
+        directions = "+".join(d for d in ("fwd", "bwd") if any(r.direction == d for r in rows))
+        lines.append(f"  {op_name:32s} {backend:7s} {verdict} ({directions}, max abs err {worst:.2e})")
         lines.extend(f"      {r.case} {r.dtype} {r.direction}: {r.detail}" for r in failed)
     return "\n".join(lines)

@@ -22,7 +22,8 @@ NO_CUDA_HERE = "sees no CUDA device|is not built"
 
 
 def test_every_op_is_a_registered_torch_op():
-    assert set(OPS) == {"pixel_unshuffle_channel_avg", "channel_dup_pixel_shuffle", "linear_attention"}
+    assert set(OPS) == {"pixel_unshuffle_channel_avg", "channel_dup_pixel_shuffle", "linear_attention", "vq_nearest",
+                        "vq_quantize", "cross_attention"}
     for name in OPS:
         assert hasattr(torch.ops.fastgen, name)
 
@@ -132,7 +133,9 @@ def test_opcheck(backend, generator):
             op = OPS[name]
             for case in op.check_cases():
                 args = case.make_args(torch.device("cpu"), torch.float32, generator)
-                args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+                if op.differentiable:
+                    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                 for a in args)
                 torch.library.opcheck(getattr(torch.ops.fastgen, name), args)
 
 
@@ -170,6 +173,7 @@ def test_check_passes_for_every_triton_implementation_here():
     results = check.run_checks(torch.device("cpu"), backends=("triton",))
     assert results and all(r.status == "ok" for r in results), check.summarize(results)
     assert {r.direction for r in results} == {"fwd", "bwd"}
+    assert {r.op for r in results} == set(OPS)
 
 
 def test_check_reports_an_unwritten_element_and_wrong_math(monkeypatch):

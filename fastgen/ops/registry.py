@@ -154,6 +154,7 @@ class Op:
     # Measured preference per compute capability, e.g. {(9, 0): ("triton", "cuda")}.
     order_by_capability: dict = field(default_factory=dict)
     check_cases: Callable[[], list] = lambda: []
+    differentiable: bool = True  # False: no autograd (index outputs); checks skip the backward
     implementations: dict = field(default_factory=dict)
 
     def implement(self, backend: str, dtypes: tuple = KERNEL_DTYPES):

@@ -63,7 +63,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.registry import Op, define_custom_op, register_autograd
+from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
 
 MAX_DIM = 512
 METRICS = ("l2", "cosine")
@@ -150,11 +150,35 @@ def vq_quantize_reference(z, codebook, beta=0.25, exact=False, input_precision="
     return z_q, idx, loss, torch.bincount(idx, minlength=codebook.shape[0])
 
 
-# Not in OPS: `fastgen check` and the contract tests compare single floating outputs under a
-# tolerance, while these ops return indices (compared exactly) and tuples; tests/test_vq.py
-# checks them.
-VQ_NEAREST = Op(name="vq_nearest", reference=vq_nearest_reference, allocate_output=_allocate_nearest)
-VQ_QUANTIZE = Op(name="vq_quantize", reference=vq_quantize_reference, allocate_output=_allocate_quantize)
+def _check_case(label, rows, codes, dim, layout, *extra):
+    """exact=True: without it a legitimate near-tie pick could differ from the reference."""
+    def make_args(device, dtype, generator):
+        z = random_tensor((rows, dim), layout, device, dtype, generator)
+        codebook = random_tensor((codes, dim), "contiguous", device, dtype, generator)
+        return (z, codebook, *extra, True, "ieee")
+
+    return CheckCase(label, make_args)
+
+
+def _nearest_cases():
+    return [
+        _check_case("VAR-like l2 D32 K300", 37, 300, 32, "contiguous", "l2"),
+        _check_case("cosine D8 K70 sliced z", 21, 70, 8, "sliced", "cosine"),
+        _check_case("l2 D40 K129", 9, 129, 40, "sliced", "l2"),
+    ]
+
+
+def _quantize_cases():
+    return [
+        _check_case("D32 K300 beta 0.25", 37, 300, 32, "contiguous", 0.25),
+        _check_case("D8 K70 sliced z beta 1", 21, 70, 8, "sliced", 1.0),
+    ]
+
+
+VQ_NEAREST = register(Op(name="vq_nearest", reference=vq_nearest_reference, allocate_output=_allocate_nearest,
+                         check_cases=_nearest_cases, differentiable=False))
+VQ_QUANTIZE = register(Op(name="vq_quantize", reference=vq_quantize_reference, allocate_output=_allocate_quantize,
+                          check_cases=_quantize_cases))
 
 
 @VQ_NEAREST.implement("triton")
