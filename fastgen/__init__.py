@@ -2,6 +2,7 @@
 from fastgen.accelerator import AccelerationReport, accelerate, restore
 from fastgen.ops.registry import BACKENDS, BackendUnavailable, current_backend, use_backend
 from fastgen.ops import OPS
+from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.linear_attention import linear_attention
 from fastgen.ops.shortcut import channel_dup_pixel_shuffle, pixel_unshuffle_channel_avg
 from fastgen.ops.vq import vq_nearest, vq_quantize
@@ -13,6 +14,7 @@ __all__ = [
     "OPS",
     "accelerate",
     "channel_dup_pixel_shuffle",
+    "cross_attention",
     "current_backend",
     "linear_attention",
     "pixel_unshuffle_channel_avg",

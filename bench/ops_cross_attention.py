@@ -1,0 +1,112 @@
+"""Benchmarks of flash cross-attention (SPEC.md section 2) at the shapes of the text-to-image
+models, against eager math attention, its torch.compile, and every backend of PyTorch's
+scaled_dot_product_attention (flash, memory-efficient, cuDNN) as peers.
+
+Shapes (batch doubled by classifier-free guidance; q, k, v in the op's (B, L, H, D) layout,
+k and v views of one fused to_kv projection as diffusers' fused processors give them):
+- SD 1.5 at 512 px: latent 64x64; the four UNet levels attend from 4096, 1024, 256 and 64
+  image tokens to the 77 CLIP tokens with 8 heads of 40, 80, 160 and 160. Batch 2 x 2.
+- SDXL at 1024 px: latent 128x128, attention at 64x64 (10 heads) and 32x32 (20 heads), D 64.
+- SANA at 1024 px: 32x32 latent tokens to 300 Gemma caption tokens padded with a key mask,
+  16 heads of 72 (0.6B) and 20 heads of 112 (1.6B).
+- Self-attention at SD 1.5's first level: Lq = Lkv = 4096, 8 heads of 40.
+
+Work is FLOPs (bound "compute"): 4 B H Lq Lkv D for the forward (two matrix products); the
+backward is counted as 2.5 times that (five products, as FlashAttention counts), so a
+fwd+bwd call is 3.5 times the forward.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from fastgen import BackendUnavailable
+from fastgen.ops import cross_attention
+
+from .harness import Benchmark, Case, Impl, standard_impls
+
+_SD15_LEVELS = ((4096, 40), (1024, 80), (256, 160), (64, 160))  # (image tokens, head dim)
+_FWD_BWD_FACTOR = 1 + 2.5
+
+
+def _case(label: str, batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, dtype: torch.dtype,
+          direction: str, caption_lengths=None) -> Case:
+    def make_inputs(device, dtype, seed):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        q = torch.randn(batch, q_len, heads, head_dim, generator=generator, device=device, dtype=dtype)
+        if q_len == kv_len and caption_lengths is None:  # self-attention: one fused qkv projection
+            qkv = torch.randn(batch, q_len, 3, heads, head_dim, generator=generator, device=device, dtype=dtype)
+            q, k, v = qkv.unbind(2)
+        else:
+            kv = torch.randn(batch, kv_len, 2, heads, head_dim, generator=generator, device=device, dtype=dtype)
+            k, v = kv.unbind(2)
+        mask = None
+        if caption_lengths is not None:
+            mask = cross_attention.padding_mask(caption_lengths, kv_len, device)
+        return {"q": q, "k": k, "v": v, "key_padding_mask": mask}
+
+    flops = 4 * batch * heads * q_len * kv_len * head_dim
+    if direction == "fwd+bwd":
+        flops = int(flops * _FWD_BWD_FACTOR)
+    masked = "" if caption_lengths is None else " masked"
+    shape = f"{label} B{batch} Lq{q_len} Lkv{kv_len} H{heads}x{head_dim}{masked}"
+    return Case(shape, dtype, direction, make_inputs, flops)
+
+
+def _sana_lengths(batch: int) -> tuple:
+    """Ragged caption lengths out of 300, as a batch of prompts padded to SANA's max length."""
+    return tuple(300 - 37 * i for i in range(batch))
+
+
+def _cases(quick: bool) -> list:
+    directions = ("fwd", "fwd+bwd")
+    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
+    sd15 = [("SD1.5", 4, q_len, 77, 8, head_dim, None) for q_len, head_dim in _SD15_LEVELS]
+    sdxl = [("SDXL", 4, 4096, 77, 10, 64, None), ("SDXL", 4, 1024, 77, 20, 64, None)]
+    sana = [("SANA-0.6B", 4, 1024, 300, 16, 72, _sana_lengths(4)), ("SANA-1.6B", 4, 1024, 300, 20, 112, _sana_lengths(4))]
+    self_attention = [("SD1.5 self", 4, 4096, 4096, 8, 40, None)]
+    if quick:
+        shapes = [sd15[0], sd15[2], sdxl[0], sana[0], self_attention[0]]
+    else:
+        shapes = sd15 + sdxl + sana + self_attention
+    cases = [_case(label, b, lq, lkv, h, d, dtype, direction, lengths)
+             for (label, b, lq, lkv, h, d, lengths), dtype, direction in itertools.product(shapes, dtypes, directions)]
+    if not quick:  # float32 at the largest SD 1.5 level, for the ieee-precision path
+        cases += [_case("SD1.5", 4, 4096, 77, 8, 40, torch.float32, d) for d in directions]
+    return cases
+
+
+def _sdpa(backend, q, k, v, key_padding_mask=None):
+    """torch's scaled_dot_product_attention restricted to one backend, in the op's layout."""
+    from torch.nn.attention import sdpa_kernel
+
+    attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    try:
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=attn_mask)
+    except RuntimeError as exc:  # "No available kernel": this backend does not take these inputs
+        raise BackendUnavailable(f"SDPA {backend.name} cannot run this case: {str(exc).splitlines()[0]}") from exc
+    return out.transpose(1, 2)
+
+
+def _sdpa_impls() -> dict:
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:  # torch < 2.3: no per-backend selection
+        return {}
+    backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "sdpa-cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None)}
+    return {name: Impl(lambda case, backend=backend: functools.partial(_sdpa, backend))
+            for name, backend in backends.items() if backend is not None}
+
+
+def benchmarks(quick: bool = False) -> list:
+    impls = standard_impls(cross_attention.cross_attention, cross_attention.cross_attention_reference)
+    # No CUDA C++ implementation: a "cuda" row would silently time the Triton kernels again.
+    del impls["cuda"]
+    impls.update(_sdpa_impls())
+    return [Benchmark("cross_attention", _cases(quick), impls, bound="compute")]

@@ -1,0 +1,309 @@
+"""Scaled dot-product attention from Lq queries to Lkv keys, with key padding: the
+cross-attention of Stable Diffusion's UNet (image tokens to text tokens), SANA and DiT, and
+with Lq = Lkv the same op serves self-attention.
+
+`cross_attention(q, k, v, key_padding_mask=None, scale=None)`: q of shape (B, Lq, H, D), k
+and v of shape (B, Lkv, H, D), D <= 256, any strides; key_padding_mask a (B, Lkv) bool tensor,
+True where the key may be attended (the text tokens), False for padding; scale defaults to
+1/sqrt(D). For each batch b, head h and query row i,
+
+    s_ij    = scale * q_i . k_j                     for the keys j with mask[b, j] True
+    lse_i   = log sum_j exp(s_ij)                   (the row's log-sum-exp)
+    out_i   = sum_j exp(s_ij - lse_i) v_j           (softmax(s_i) v)
+
+A row with no attendable key has an empty sum: its output is 0 (not the NaN of 0/0) and its
+lse is +inf, so that every recomputed exp(s_ij - lse_i) of that row is 0 as well.
+Scores, softmax statistics and accumulation are float32 (float64 for float64 inputs); out
+has q's dtype and shape, contiguous; lse is float32 (B, H, Lq).
+
+Backward (FlashAttention-2), for an output gradient g and P_ij = exp(s_ij - lse_i):
+
+    delta_i = g_i . out_i                 (= sum_j P_ij (g_i . v_j))
+    dv_j    = sum_i P_ij g_i
+    dS_ij   = P_ij (g_i . v_j - delta_i)
+    dq_i    = scale sum_j dS_ij k_j       dk_j = scale sum_i dS_ij q_i
+
+Ops: `cross_attention_forward -> (out, lse)` keeps lse for the backward;
+`cross_attention_backward(grad, q, k, v, output, lse, mask, scale) -> (dq, dk, dv)` is an op of
+its own so the fast backward is one graph node under torch.compile (first-order gradients
+only); and the public `cross_attention -> out` is a CompositeImplicitAutograd op that returns
+the forward's first output, so autograd and torch.compile see the forward op (whose autograd
+saves lse) and the user sees one tensor. The registered `Op` named cross_attention (driven by
+`fastgen check` and the contract tests) has the single-output signature; its Triton
+implementation is the forward kernel with lse written to a scratch buffer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
+
+MAX_HEAD_DIM = 256
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_tensor(op_name: str, name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{op_name}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
+    if tensor.dim() != 4:
+        raise ValueError(f"{op_name}: {name} must be 4-D (B, L, H, D), got shape {tuple(tensor.shape)}")
+
+
+def _check_same_place(op_name: str, name: str, tensor: torch.Tensor, q: torch.Tensor, dtype=None) -> None:
+    dtype = q.dtype if dtype is None else dtype
+    if tensor.dtype != dtype:
+        raise TypeError(f"{op_name}: {name} dtype {tensor.dtype} must be {dtype}")
+    if tensor.device != q.device:
+        raise ValueError(f"{op_name}: {name} is on {tensor.device} but q is on {q.device}")
+
+
+def _check_inputs(op_name: str, q, k, v, key_padding_mask, scale) -> None:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(op_name, name, tensor)
+    for name, tensor in (("k", k), ("v", v)):
+        _check_same_place(op_name, name, tensor, q)
+    batch, _, heads, head_dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, head_dim):
+        raise ValueError(
+            f"{op_name}: k must have q's batch, heads and head dim (B, H, D) = {(batch, heads, head_dim)}, "
+            f"got k of shape {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"{op_name}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{op_name}: head dim D must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"{op_name}: key_padding_mask must be a bool tensor or None, "
+                            f"got {type(key_padding_mask).__name__}")
+        _check_same_place(op_name, "key_padding_mask", key_padding_mask, q, torch.bool)
+        if key_padding_mask.shape != (batch, k.shape[1]):
+            raise ValueError(f"{op_name}: key_padding_mask must have shape (B, Lkv) = {(batch, k.shape[1])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{op_name}: scale must be a finite number or None, got {scale!r}")
+
+
+def _effective_scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _lse_shape(q: torch.Tensor) -> tuple:
+    batch, q_len, heads, _ = q.shape
+    return (batch, heads, q_len)
+
+
+def _allocate_output(q, k, v, key_padding_mask=None, scale=None):
+    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _allocate_output_and_lse(q, k, v, key_padding_mask=None, scale=None):
+    _check_inputs("cross_attention_forward", q, k, v, key_padding_mask, scale)
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device))
+
+
+def _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale) -> None:
+    op_name = "cross_attention_backward"
+    _check_inputs(op_name, q, k, v, key_padding_mask, scale)
+    for name, tensor in (("grad", grad), ("output", output)):
+        _check_tensor(op_name, name, tensor)
+        _check_same_place(op_name, name, tensor, q)
+        if tensor.shape != q.shape:
+            raise ValueError(f"{op_name}: {name} must have q's shape {tuple(q.shape)}, got {tuple(tensor.shape)}")
+    if not isinstance(lse, torch.Tensor):
+        raise TypeError(f"{op_name}: lse must be a torch.Tensor, got {type(lse).__name__}")
+    _check_same_place(op_name, "lse", lse, q, torch.float32)
+    if lse.shape != _lse_shape(q):
+        raise ValueError(f"{op_name}: lse must have shape (B, H, Lq) = {_lse_shape(q)}, got {tuple(lse.shape)}")
+
+
+def _allocate_gradients(grad, q, k, v, output, lse, key_padding_mask=None, scale=None):
+    _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale)
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _probabilities(q, k, key_padding_mask, scale):
+    """(P, scores, has_key) in the compute dtype: the (B, H, Lq, Lkv) softmax probabilities,
+    the scaled scores with -inf where the key is masked, and the (B, 1, Lq, 1) bool of rows
+    that have at least one key."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * _effective_scale(q, scale)
+    if key_padding_mask is None:
+        has_key = torch.full((1, 1, 1, 1), k.shape[1] > 0, device=q.device)
+    else:
+        keep = key_padding_mask[:, None, None, :]
+        scores, has_key = scores.masked_fill(~keep, float("-inf")), keep.any(-1, keepdim=True)
+    # Rows without a key would be softmax(-inf, ..., -inf) = NaN: give them finite scores
+    # and zero the probabilities, so the output and the gradients stay 0 there.
+    probabilities = torch.softmax(torch.where(has_key, scores, 0.0), dim=-1) * has_key
+    return probabilities, scores, has_key
+
+
+def _attend(q, k, v, key_padding_mask, scale):
+    """(out in the compute dtype, scores, has_key) of eager math attention."""
+    probabilities, scores, has_key = _probabilities(q, k, key_padding_mask, scale)
+    out = torch.einsum("bhqk,bkhd->bqhd", probabilities, v.to(probabilities.dtype))
+    return out, scores, has_key
+
+
+def cross_attention_reference(q, k, v, key_padding_mask=None, scale=None):
+    """Eager math attention: the (B, H, Lq, Lkv) score matrix, masked softmax, then v, in
+    float32 (float64 for float64 inputs)."""
+    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale)
+    return _attend(q, k, v, key_padding_mask, scale)[0].to(q.dtype)
+
+
+def cross_attention_forward_reference(q, k, v, key_padding_mask=None, scale=None):
+    """(out, lse) in eager PyTorch; lse is +inf on rows without a key."""
+    _check_inputs("cross_attention_forward", q, k, v, key_padding_mask, scale)
+    out, scores, has_key = _attend(q, k, v, key_padding_mask, scale)
+    lse = torch.where(has_key[..., 0], torch.logsumexp(scores, dim=-1), float("inf"))
+    return out.to(q.dtype), lse.float()
+
+
+def cross_attention_backward_reference(grad, q, k, v, output, lse, key_padding_mask=None, scale=None):
+    """The backward formulas of the module docstring in eager PyTorch. P is recomputed from q
+    and k (not from the given lse) and delta from P, so the reference depends on nothing the
+    fast forward produced: output and lse are the kernels' inputs."""
+    _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale)
+    probabilities = _probabilities(q, k, key_padding_mask, scale)[0]
+    q_, k_, v_, grad_ = (t.to(probabilities.dtype) for t in (q, k, v, grad))
+    dv = torch.einsum("bhqk,bqhd->bkhd", probabilities, grad_)
+    dprobabilities = torch.einsum("bqhd,bkhd->bhqk", grad_, v_)
+    delta = (dprobabilities * probabilities).sum(-1, keepdim=True)
+    dscores = probabilities * (dprobabilities - delta) * _effective_scale(q, scale)
+    dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k_)
+    dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q_)
+    return tuple(t.to(q.dtype) for t in (dq, dk, dv))
+
+
+def padding_mask(lengths, max_length: int, device) -> torch.Tensor:
+    """(len(lengths), max_length) bool: True on the first lengths[b] keys of row b, as a text
+    encoder's attention mask marks the real tokens of captions padded to max_length."""
+    return torch.arange(max_length, device=device)[None, :] < torch.as_tensor(lengths, device=device)[:, None]
+
+
+def _check_case(label, batch, q_len, kv_len, heads, head_dim, layout, scale=None):
+    def make_args(device, dtype, generator):
+        if layout == "fused qkv":
+            q, k, v = random_tensor((batch, q_len, 3, heads, head_dim), "contiguous", device, dtype, generator).unbind(2)
+        else:
+            q = random_tensor((batch, q_len, heads, head_dim), layout, device, dtype, generator)
+            k, v = (random_tensor((batch, kv_len, heads, head_dim), layout, device, dtype, generator) for _ in "kv")
+        return (q, k, v, None, scale)
+
+    return CheckCase(label, make_args)
+
+
+def _check_cases():
+    # No key padding masks here: fastgen check upcasts every tensor argument to float64 and
+    # the contract's opcheck makes every tensor require grad, neither of which a bool mask
+    # survives. tests/test_cross_attention.py covers the masks.
+    return [
+        _check_case("SD-like D40 Lq37 Lkv21", 2, 37, 21, 2, 40, "contiguous"),
+        _check_case("self-attention fused qkv D16 L33", 1, 33, 33, 2, 16, "fused qkv"),
+        _check_case("D80 sliced Lq9 Lkv19 scale 0.3", 2, 9, 19, 1, 80, "sliced", scale=0.3),
+        _check_case("SANA-like D72 Lq20 Lkv30", 1, 20, 30, 2, 72, "contiguous"),
+    ]
+
+
+CROSS_ATTENTION = register(
+    Op(
+        name="cross_attention",
+        reference=cross_attention_reference,
+        allocate_output=_allocate_output,
+        check_cases=_check_cases,
+    )
+)
+# Not in OPS: `fastgen check` and the contract tests drive ops with one output. Both run
+# through cross_attention: its "bwd" direction runs these with the backend forced.
+CROSS_ATTENTION_FORWARD = Op(
+    name="cross_attention_forward",
+    reference=cross_attention_forward_reference,
+    allocate_output=_allocate_output_and_lse,
+)
+CROSS_ATTENTION_BACKWARD = Op(
+    name="cross_attention_backward",
+    reference=cross_attention_backward_reference,
+    allocate_output=_allocate_gradients,
+)
+
+
+@CROSS_ATTENTION.implement("triton")
+def _output_triton(q, k, v, key_padding_mask, scale, *, out):
+    from fastgen.kernels import cross_attention as kernels
+
+    lse = torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
+    kernels.cross_attention_forward(q, k, v, key_padding_mask, _effective_scale(q, scale), out, lse)
+
+
+@CROSS_ATTENTION_FORWARD.implement("triton")
+def _forward_triton(q, k, v, key_padding_mask, scale, *, out):
+    from fastgen.kernels import cross_attention as kernels
+
+    kernels.cross_attention_forward(q, k, v, key_padding_mask, _effective_scale(q, scale), *out)
+
+
+@CROSS_ATTENTION_BACKWARD.implement("triton")
+def _backward_triton(grad, q, k, v, output, lse, key_padding_mask, scale, *, out):
+    from fastgen.kernels import cross_attention as kernels
+
+    kernels.cross_attention_backward(grad, q, k, v, output, lse, key_padding_mask, _effective_scale(q, scale), *out)
+
+
+@define_custom_op(CROSS_ATTENTION_FORWARD)
+def cross_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): the attention output and the per-row log-sum-exp the backward needs."""
+
+
+@define_custom_op(CROSS_ATTENTION_BACKWARD)
+def cross_attention_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor, lse: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) for the output gradient `grad`, recomputing the probabilities from lse."""
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.mark_non_differentiable(lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = cross_attention_backward(grad, q, k, v, out, lse, key_padding_mask, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+register_autograd(cross_attention_forward, _backward, _setup_context)
+
+_LIBRARY = torch.library.Library("fastgen", "FRAGMENT")
+_LIBRARY.define(
+    "cross_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float? scale=None) -> Tensor"
+)
+
+
+def _cross_attention_composite(q, k, v, key_padding_mask=None, scale=None):
+    return torch.ops.fastgen.cross_attention_forward(q, k, v, key_padding_mask, scale)[0]
+
+
+_LIBRARY.impl("cross_attention", _cross_attention_composite, "CompositeImplicitAutograd")
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T scale + mask bias) v (see the module docstring); `torch.ops.fastgen.cross_attention`."""
+    return torch.ops.fastgen.cross_attention(q, k, v, key_padding_mask, scale)

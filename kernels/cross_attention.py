@@ -1,0 +1,341 @@
+"""Triton flash-attention kernels for cross- and self-attention (math in
+fastgen/ops/cross_attention.py).
+
+Every tensor is addressed through its four (B, L, H, D) strides, so q, k and v can be views
+of one fused projection; nothing is copied or padded in memory. The head dim D is padded to
+D_PAD = max(16, next power of two) inside the kernels by masked loads (tl.dot needs every
+dimension >= 16 and power-of-two block shapes); the padded columns load as zeros, add nothing
+to q.k and are never stored. Offsets are int64.
+
+Forward, one launch, grid (query blocks, B*H): each program keeps BLOCK_M query rows and
+streams the keys and values in tiles of BLOCK_N with the online softmax: a running row max m
+and row sum l in float32, the accumulator rescaled by exp(m_old - m_new) when the max grows.
+Scores are computed in base 2 (scale * log2(e) is folded into one multiply, exp2 is the
+hardware instruction). Key columns past Lkv or masked out get a score of -inf; while a row
+has seen no key, m is -inf and the exponent is taken against 0 instead, so no inf - inf NaN
+appears. It writes out = acc / l (0 for a row with no key) and the row's log-sum-exp in
+natural-log units, +inf for a row with no key, so that the backward's exp(s - lse) is 0 there.
+
+Backward (FlashAttention-2), two launches, no atomics (deterministic):
+  1. `_query_grad_kernel`, grid (query blocks, B*H): computes delta = rowsum(dout * out) for its
+     rows and stores it for the next launch, then streams the key/value tiles recomputing
+     P = exp(s - lse), dP = dout v^T, dS = P (dP - delta), and accumulates dq = scale dS k.
+  2. `_key_value_grad_kernel`, grid (key blocks, B*H): keeps BLOCK_N keys and streams the
+     query tiles, recomputing P^T and dP^T, and accumulates dv = P^T dout, dk = scale dS^T q.
+P and dS are recomputed twice (once per launch) instead of sharing dq between key blocks
+with atomic adds: that costs two of the backward's seven tile products again but makes every
+gradient a fixed-order sum.
+
+Precision: tl.dot takes the input dtype (tensor cores for float16/bfloat16, P and dS rounded
+to it as FlashAttention does) and accumulates in float32; float32 inputs use
+input_precision="ieee" because TF32 would miss the float32 tolerance. Softmax statistics and
+all elementwise arithmetic are float32. The Triton CPU interpreter computes bfloat16 dots
+wrongly (conversions are exact), so under the interpreter bfloat16 operands are converted to
+float32 before each dot (UPCAST_DOTS): the values multiplied are the same bfloat16 values.
+
+Tiles: a few autotuned configs, valid on Ampere and Hopper, pruned by D_PAD so the float32
+accumulators fit in registers; BLOCK_N = 32 wastes least on the 77 text tokens of Stable
+Diffusion (96 columns computed instead of 128). Under the interpreter one fixed small config
+runs (autotuning there would only multiply the test time).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastgen.ops.registry import triton_interpreter_enabled
+
+# Module constants a kernel may read must be tl.constexpr.
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _tile_offsets(b, h, rows, d, s_b, s_l, s_h, s_d):
+    """(len(rows), D_PAD) offsets of rows `rows` of head (b, h), columns d."""
+    return b.to(tl.int64) * s_b + rows.to(tl.int64)[:, None] * s_l + h.to(tl.int64) * s_h + d[None, :] * s_d
+
+
+@triton.jit
+def _load_tile(ptr, b, h, rows, L, d, D: tl.constexpr, s_b, s_l, s_h, s_d):
+    """Rows `rows` of head (b, h) in the input dtype; zeros outside L x D."""
+    mask = (rows < L)[:, None] & (d < D)[None, :]
+    return tl.load(ptr + _tile_offsets(b, h, rows, d, s_b, s_l, s_h, s_d), mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, values, b, h, rows, L, d, D: tl.constexpr, s_b, s_l, s_h, s_d):
+    mask = (rows < L)[:, None] & (d < D)[None, :]
+    tl.store(ptr + _tile_offsets(b, h, rows, d, s_b, s_l, s_h, s_d), values.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    if UPCAST_DOTS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK: tl.constexpr):
+    """True for the columns that are keys of this batch row: inside Lkv and not padding."""
+    valid = cols < LKV
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + b.to(tl.int64) * m_sb + cols.to(tl.int64) * m_sl, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    return valid
+
+
+@triton.jit
+def _row_stats_ptrs(stats_ptr, bh, rows, LQ):
+    """Pointers and bounds into a (B, H, Lq) float32 row statistic (contiguous)."""
+    return stats_ptr + bh.to(tl.int64) * LQ + rows, rows < LQ
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
+    LQ, LKV, H, qk_scale_log2,
+    q_sb, q_sl, q_sh, q_sd,
+    k_sb, k_sl, k_sh, k_sd,
+    v_sb, v_sl, v_sh, v_sd,
+    m_sb, m_sl,
+    o_sb, o_sl, o_sh, o_sd,
+    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D_PAD)
+    q = _load_tile(q_ptr, b, h, rows, LQ, d, D, q_sb, q_sl, q_sh, q_sd)
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    for start in range(0, LKV, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_ptr, b, h, cols, LKV, d, D, k_sb, k_sl, k_sh, k_sd)
+        scores = _dot(q, tl.trans(k), PRECISION, UPCAST_DOTS) * qk_scale_log2
+        valid = _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # A row with no key yet keeps max -inf: exponents against 0 give p = 0, rescale 0.
+        pivot = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp2(scores - pivot[:, None])
+        rescale = tl.exp2(row_max - pivot)
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        v = _load_tile(v_ptr, b, h, cols, LKV, d, D, v_sb, v_sl, v_sh, v_sd)
+        acc = acc * rescale[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST_DOTS)
+        row_max = new_max
+    has_key = row_sum > 0.0
+    out = acc / tl.where(has_key, row_sum, 1.0)[:, None]
+    _store_tile(out_ptr, out, b, h, rows, LQ, d, D, o_sb, o_sl, o_sh, o_sd)
+    lse_ptrs, in_range = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
+    lse = tl.where(has_key, (row_max + tl.log2(tl.where(has_key, row_sum, 1.0))) * _LN2, float("inf"))
+    tl.store(lse_ptrs, lse, mask=in_range)
+
+
+@triton.jit
+def _query_grad_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr,
+    LQ, LKV, H, scale, qk_scale_log2,
+    q_sb, q_sl, q_sh, q_sd,
+    k_sb, k_sl, k_sh, k_sd,
+    v_sb, v_sl, v_sh, v_sd,
+    m_sb, m_sl,
+    o_sb, o_sl, o_sh, o_sd,
+    g_sb, g_sl, g_sh, g_sd,
+    dq_sb, dq_sl, dq_sh, dq_sd,
+    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D_PAD)
+    q = _load_tile(q_ptr, b, h, rows, LQ, d, D, q_sb, q_sl, q_sh, q_sd)
+    grad = _load_tile(grad_ptr, b, h, rows, LQ, d, D, g_sb, g_sl, g_sh, g_sd)
+    out = _load_tile(out_ptr, b, h, rows, LQ, d, D, o_sb, o_sl, o_sh, o_sd)
+    delta = tl.sum(grad.to(tl.float32) * out.to(tl.float32), axis=1)
+    stats_ptrs, in_range = _row_stats_ptrs(delta_ptr, bh, rows, LQ)
+    tl.store(stats_ptrs, delta, mask=in_range)
+    lse_ptrs, _ = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
+    lse_log2 = tl.load(lse_ptrs, mask=in_range, other=float("inf")) * _LOG2E
+    dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    for start in range(0, LKV, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_ptr, b, h, cols, LKV, d, D, k_sb, k_sl, k_sh, k_sd)
+        v = _load_tile(v_ptr, b, h, cols, LKV, d, D, v_sb, v_sl, v_sh, v_sd)
+        scores = _dot(q, tl.trans(k), PRECISION, UPCAST_DOTS) * qk_scale_log2
+        valid = _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK)
+        p = tl.exp2(tl.where(valid[None, :], scores, float("-inf")) - lse_log2[:, None])
+        dp = _dot(grad, tl.trans(v), PRECISION, UPCAST_DOTS)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST_DOTS)
+    _store_tile(dq_ptr, dq * scale, b, h, rows, LQ, d, D, dq_sb, dq_sl, dq_sh, dq_sd)
+
+
+@triton.jit
+def _key_value_grad_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    LQ, LKV, H, scale, qk_scale_log2,
+    q_sb, q_sl, q_sh, q_sd,
+    k_sb, k_sl, k_sh, k_sd,
+    v_sb, v_sl, v_sh, v_sd,
+    m_sb, m_sl,
+    g_sb, g_sl, g_sh, g_sd,
+    dk_sb, dk_sl, dk_sh, dk_sd,
+    dv_sb, dv_sl, dv_sh, dv_sd,
+    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D_PAD)
+    k = _load_tile(k_ptr, b, h, cols, LKV, d, D, k_sb, k_sl, k_sh, k_sd)
+    v = _load_tile(v_ptr, b, h, cols, LKV, d, D, v_sb, v_sl, v_sh, v_sd)
+    valid = _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK)
+    dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
+    for start in range(0, LQ, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_ptr, b, h, rows, LQ, d, D, q_sb, q_sl, q_sh, q_sd)
+        grad = _load_tile(grad_ptr, b, h, rows, LQ, d, D, g_sb, g_sl, g_sh, g_sd)
+        lse_ptrs, in_range = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
+        # Rows past Lq read lse = +inf: their P^T column is exactly 0.
+        lse_log2 = tl.load(lse_ptrs, mask=in_range, other=float("inf")) * _LOG2E
+        delta_ptrs, _ = _row_stats_ptrs(delta_ptr, bh, rows, LQ)
+        delta = tl.load(delta_ptrs, mask=in_range, other=0.0)
+        scores_t = _dot(k, tl.trans(q), PRECISION, UPCAST_DOTS) * qk_scale_log2
+        p_t = tl.exp2(tl.where(valid[:, None], scores_t, float("-inf")) - lse_log2[None, :])
+        dv += _dot(p_t.to(grad.dtype), grad, PRECISION, UPCAST_DOTS)
+        dp_t = _dot(v, tl.trans(grad), PRECISION, UPCAST_DOTS)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST_DOTS)
+    _store_tile(dk_ptr, dk * scale, b, h, cols, LKV, d, D, dk_sb, dk_sl, dk_sh, dk_sd)
+    _store_tile(dv_ptr, dv, b, h, cols, LKV, d, D, dv_sb, dv_sl, dv_sh, dv_sd)
+
+
+def _configs(blocks: tuple) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+            for m, n, warps, stages in blocks]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages). The forward keeps a (BLOCK_M, D_PAD) accumulator; the
+# key/value gradient kernel two (BLOCK_N, D_PAD) ones; the query gradient kernel one
+# (BLOCK_M, D_PAD) plus the q and dout tiles.
+_FORWARD_BLOCKS = ((128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                   (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2))
+_BACKWARD_BLOCKS = ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2),
+                    (128, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2))
+# Elements of float32 accumulator tiles per program that still fit the registers.
+_MAX_ACCUMULATOR = 128 * 128
+
+
+def _prune(accumulator_rows):
+    """Configs whose accumulators (accumulator_rows(block sizes) x D_PAD float32) fit."""
+    def prune(configs, named_args, **kwargs):
+        d_pad = {**named_args, **kwargs}["D_PAD"]
+        return [c for c in configs if accumulator_rows(c.kwargs) * d_pad <= _MAX_ACCUMULATOR]
+
+    return prune
+
+
+def _forward_accumulator_rows(blocks):
+    return blocks["BLOCK_M"]
+
+
+def _query_grad_accumulator_rows(blocks):
+    # dq, plus the q and dout tiles held across the loop (16-bit: together one float32 tile).
+    return 2 * blocks["BLOCK_M"]
+
+
+def _key_value_grad_accumulator_rows(blocks):
+    # dk and dv (the k and v tiles held across the loop come on top, in 16 bits).
+    return 2 * blocks["BLOCK_N"]
+
+
+# Under the interpreter: one small config whose tiles still split odd test lengths into
+# several blocks (online softmax across tiles, partial last tiles).
+_INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16}
+# The autotuner adds the dtypes of the tensor arguments to the key.
+_TUNING_KEY = ["LQ", "LKV", "D_PAD", "HAS_MASK"]
+
+
+class _Kernel:
+    """A kernel with its autotuned twin: the fixed interpreter config, or autotuning."""
+
+    def __init__(self, kernel, blocks, accumulator_rows, blocks_along):
+        self.kernel = kernel
+        self.tuned = triton.autotune(_configs(blocks), key=_TUNING_KEY,
+                                     prune_configs_by={"early_config_prune": _prune(accumulator_rows)})(kernel)
+        self.blocks_along = blocks_along  # "BLOCK_M" or "BLOCK_N": the block axis 0 of the grid runs over
+
+    def __call__(self, length: int, batch_heads: int, *args, **meta) -> None:
+        if length == 0 or batch_heads == 0:
+            return
+        if triton_interpreter_enabled():
+            grid = (triton.cdiv(length, _INTERPRETER_META[self.blocks_along]), batch_heads)
+            self.kernel[grid](*args, **meta, **_INTERPRETER_META)
+        else:
+            self.tuned[lambda config: (triton.cdiv(length, config[self.blocks_along]), batch_heads)](*args, **meta)
+
+
+_forward = _Kernel(_forward_kernel, _FORWARD_BLOCKS, _forward_accumulator_rows, "BLOCK_M")
+_query_grad = _Kernel(_query_grad_kernel, _BACKWARD_BLOCKS, _query_grad_accumulator_rows, "BLOCK_M")
+_key_value_grad = _Kernel(_key_value_grad_kernel, _BACKWARD_BLOCKS, _key_value_grad_accumulator_rows, "BLOCK_N")
+
+
+def _mask_args(mask, q):
+    """The mask as bytes (any strides) and its two strides; without one q stands in, unread."""
+    if mask is None:
+        return q, (0, 0)
+    return mask.view(torch.uint8), mask.stride()
+
+
+def _meta(q, mask) -> dict:
+    head_dim = q.shape[-1]
+    return dict(
+        D=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), HAS_MASK=mask is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST_DOTS=q.dtype == torch.bfloat16 and triton_interpreter_enabled(),
+    )
+
+
+def cross_attention_forward(q, k, v, mask, scale: float, out, lse) -> None:
+    """out (like q) and lse ((B, H, Lq) float32) of softmax(q k^T scale + mask bias) v."""
+    batch, q_len, heads, _ = q.shape
+    mask_tensor, mask_strides = _mask_args(mask, q)
+    _forward(
+        q_len, batch * heads,
+        q, k, v, mask_tensor, out, lse,
+        q_len, k.shape[1], heads, scale * _LOG2E.value,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        **_meta(q, mask),
+    )
+
+
+def cross_attention_backward(grad, q, k, v, out, lse, mask, scale: float, dq, dk, dv) -> None:
+    """(dq, dk, dv) for the output gradient `grad`, from the forward's out and lse."""
+    batch, q_len, heads, _ = q.shape
+    kv_len = k.shape[1]
+    mask_tensor, mask_strides = _mask_args(mask, q)
+    delta = torch.empty_like(lse)
+    meta = _meta(q, mask)
+    _query_grad(
+        q_len, batch * heads,
+        q, k, v, mask_tensor, out, grad, lse, delta, dq,
+        q_len, kv_len, heads, scale, scale * _LOG2E.value,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), *grad.stride(), *dq.stride(),
+        **meta,
+    )
+    _key_value_grad(
+        kv_len, batch * heads,
+        q, k, v, mask_tensor, grad, lse, delta, dk, dv,
+        q_len, kv_len, heads, scale, scale * _LOG2E.value,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad.stride(), *dk.stride(), *dv.stride(),
+        **meta,
+    )

@@ -1,0 +1,424 @@
+"""Flash cross-attention: every implementation against the float64 reference (outputs, lse,
+gradients), key padding masks with empty rows, strides, determinism, torch.compile, errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastgen
+from fastgen.check import mismatch
+from fastgen.ops.cross_attention import (
+    CROSS_ATTENTION,
+    CROSS_ATTENTION_BACKWARD,
+    CROSS_ATTENTION_FORWARD,
+    cross_attention,
+    cross_attention_backward,
+    cross_attention_backward_reference,
+    cross_attention_forward,
+    cross_attention_forward_reference,
+    cross_attention_reference,
+    padding_mask,
+)
+from fastgen.ops.registry import TOLERANCES, random_tensor
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEAD_DIMS = (16, 40, 64, 72, 80, 160)
+CPU = torch.device("cpu")
+
+
+def _devices():
+    return [pytest.param(CPU, id="cpu-triton-interpreter"),
+            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+
+
+def _qkv(batch, q_len, kv_len, heads, head_dim, layout, device, dtype, generator):
+    """q, k, v as "fused qkv" (self-attention: views into one (B, L, 3, H, D) projection),
+    "fused kv" (cross-attention: k and v views into one (B, Lkv, 2, H, D) projection, as
+    diffusers' fused to_kv gives them), "contiguous" or "sliced" (no unit stride)."""
+    if layout == "fused qkv":
+        return random_tensor((batch, q_len, 3, heads, head_dim), "contiguous", device, dtype, generator).unbind(2)
+    q = random_tensor((batch, q_len, heads, head_dim), "contiguous" if layout == "fused kv" else layout,
+                      device, dtype, generator)
+    if layout == "fused kv":
+        return (q, *random_tensor((batch, kv_len, 2, heads, head_dim), "contiguous", device, dtype, generator).unbind(2))
+    k, v = (random_tensor((batch, kv_len, heads, head_dim), layout, device, dtype, generator) for _ in "kv")
+    return q, k, v
+
+
+@st.composite
+def attention_inputs(draw, device, generator):
+    """(q, k, v, key_padding_mask, scale): odd lengths, cross- or self-attention, every layout
+    and dtype, the models' head dims, no mask or ragged caption lengths (0 included: a row
+    with no key), default or explicit scale."""
+    dtype = draw(st.sampled_from(DTYPES))
+    batch, heads, head_dim = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from(HEAD_DIMS))
+    layout = draw(st.sampled_from(["fused qkv", "fused kv", "contiguous", "sliced"]))
+    q_len = draw(st.integers(1, 40))
+    kv_len = q_len if layout == "fused qkv" else draw(st.integers(1, 40))
+    q, k, v = _qkv(batch, q_len, kv_len, heads, head_dim, layout, device, dtype, generator)
+    mask = None
+    if draw(st.booleans()):
+        lengths = draw(st.lists(st.integers(0, kv_len), min_size=batch, max_size=batch))
+        mask = padding_mask(lengths, kv_len, device)
+    scale = draw(st.sampled_from([None, 0.05, 0.3]))
+    return q, k, v, mask, scale
+
+
+def _upcast(args):
+    return tuple(a.detach().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _assert_close_to(actual, expected, what):
+    _, detail = mismatch(actual, expected)
+    assert not detail, f"{what}: {detail}"
+
+
+def _assert_lse_is_logsumexp(lse, q, k, key_padding_mask, scale):
+    """lse against torch.logsumexp of the float64 scores; +inf exactly on rows with no key."""
+    q64, k64 = _upcast((q, k))
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64).cpu() * scale
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask.cpu()[:, None, None, :], float("-inf"))
+    expected = torch.logsumexp(scores, dim=-1)
+    empty = expected == float("-inf")
+    lse = lse.cpu()
+    assert lse.dtype == torch.float32
+    assert torch.equal(lse == float("inf"), empty), "lse must be +inf exactly on the rows without a key"
+    # float32 of a value of magnitude up to ~|scores|: relative and absolute 1e-5.
+    _assert_close_to(lse[~empty], expected[~empty].float(), "lse")
+
+
+def _poisoned(tensors):
+    return tuple(t.fill_(float("nan")) for t in tensors)
+
+
+def _reference_gradients(grad, q, k, v, key_padding_mask, scale):
+    grad64, q64, k64, v64 = _upcast((grad, q, k, v))
+    out, lse = cross_attention_forward_reference(q64, k64, v64, key_padding_mask, scale)
+    return cross_attention_backward_reference(grad64, q64, k64, v64, out, lse, key_padding_mask, scale)
+
+
+def _attention_in_dtype(q, k, v, key_padding_mask, scale):
+    """Unfused eager attention computed in the inputs' own dtype, as model code without a
+    fused kernel runs it: the yardstick for how exact 16-bit gradients can be."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if key_padding_mask is None:
+        return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
+    keep = key_padding_mask[:, None, None, :]
+    has_key = keep.any(-1, keepdim=True)
+    probabilities = torch.softmax(torch.where(has_key, scores.masked_fill(~keep, float("-inf")), 0.0), dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probabilities * has_key, v)
+
+
+def _assert_gradients_close(actual_grads, grad, q, k, v, key_padding_mask, scale):
+    """(dq, dk, dv) against the float64 reference backward. The kernels form delta from the
+    stored 16-bit output and round P and dS to the input dtype before their products, as
+    FlashAttention does; with peaked softmaxes (large scores, D = 160) the rounded output
+    alone puts bfloat16 gradients past the output tolerance, and in float32 the sums over
+    many rows miss 1e-5 as eager PyTorch does. So atol is widened by 4x the worst error of the
+    same gradients computed by unfused eager attention in the input dtype (the most seen over
+    many draws was about 2x): the kernels must be about as exact as the code they replace.
+    A real bug is off by far more (ignoring the mask or delta: 100x)."""
+    expected = _reference_gradients(grad, q, k, v, key_padding_mask, scale)
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    in_dtype = torch.autograd.grad(_attention_in_dtype(*leaves, key_padding_mask, scale), leaves, grad)
+    for name, actual, reference, yardstick in zip(("dq", "dk", "dv"), actual_grads, expected, in_dtype):
+        rtol, atol = TOLERANCES[actual.dtype]
+        atol += 4 * (yardstick.double() - reference).abs().max().item()
+        error = (actual.detach().double() - reference).abs()
+        bad = ~(error <= atol + rtol * reference.abs())  # NaN (an unwritten element) is bad
+        assert not bad.any(), (f"{name}: {int(bad.sum())} of {error.numel()} elements off, worst error "
+                               f"{error.max().item():.3g} (rtol {rtol}, atol {atol:.3g})")
+
+
+_HYPOTHESIS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.mark.parametrize("device", _devices())
+@_HYPOTHESIS
+@given(data=st.data())
+def test_forward_matches_reference(device, data, generator):
+    q, k, v, mask, scale = data.draw(attention_inputs(device, generator))
+    out, lse = _poisoned(CROSS_ATTENTION_FORWARD.allocate_output(q, k, v, mask, scale))
+    CROSS_ATTENTION_FORWARD.implementations["triton"].run(q, k, v, mask, scale, out=(out, lse))
+    _assert_close_to(out, cross_attention_reference(*_upcast((q, k, v)), mask, scale), "out")
+    _assert_lse_is_logsumexp(lse, q, k, mask, scale)
+
+
+@pytest.mark.parametrize("device", _devices())
+@_HYPOTHESIS
+@given(data=st.data())
+def test_backward_kernel_matches_reference(device, data, generator):
+    """From the Triton forward's out and lse, as the autograd hands them over."""
+    q, k, v, mask, scale = data.draw(attention_inputs(device, generator))
+    grad = random_tensor(tuple(q.shape), "sliced", device, q.dtype, generator)
+    with fastgen.use_backend("triton"):
+        out, lse = cross_attention_forward(q, k, v, mask, scale)
+    grads = _poisoned(CROSS_ATTENTION_BACKWARD.allocate_output(grad, q, k, v, out, lse, mask, scale))
+    CROSS_ATTENTION_BACKWARD.implementations["triton"].run(grad, q, k, v, out, lse, mask, scale, out=grads)
+    _assert_gradients_close(grads, grad, q, k, v, mask, scale)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, lengths", [("fused qkv", None), ("fused kv", (11, 6))], ids=["self", "cross-masked"])
+def test_autograd_runs_the_triton_backward(device, dtype, layout, lengths, generator):
+    """The public op's autograd runs the Triton backward with the forward's backend: self-
+    attention on a fused qkv projection, cross-attention on a fused kv projection with padding."""
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(2, 19, 11, 2, 40, layout, device, dtype, generator))
+    mask = None if lengths is None else padding_mask(lengths, k.shape[1], device)
+    with fastgen.use_backend("triton"):
+        out = cross_attention(q, k, v, mask)
+    grad = random_tensor(tuple(q.shape), "contiguous", device, dtype, generator)
+    out.backward(grad)  # outside the block: the backward must still run the Triton kernels
+    _assert_close_to(out, cross_attention_reference(*_upcast((q, k, v)), mask), "out")
+    _assert_gradients_close((q.grad, k.grad, v.grad), grad, q, k, v, mask, None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_without_a_key_give_zeros_and_zero_gradients(backend, dtype, generator):
+    """Batch row 0 has no caption token at all: its outputs are exactly 0 and every gradient
+    through it is exactly 0, never NaN; masked keys get zero dk and dv."""
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(2, 21, 9, 2, 16, "sliced", CPU, dtype, generator))
+    mask = padding_mask((0, 4), 9, CPU)
+    with fastgen.use_backend(backend):
+        out = cross_attention(q, k, v, mask)
+        out.backward(random_tensor(tuple(out.shape), "contiguous", CPU, dtype, generator))
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    for grad in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(grad).all()
+    assert not q.grad[0].any() and not k.grad[0].any() and not v.grad[0].any()
+    assert not k.grad[1, 4:].any() and not v.grad[1, 4:].any()
+    assert out[1].abs().sum() > 0 and q.grad[1].abs().sum() > 0
+
+
+def test_reference_is_pytorch_attention(generator):
+    """The eager reference against torch's own math attention (boolean attn_mask) in float64,
+    and the explicit backward formulas against autograd through it."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 13, 7, 3, 24, "contiguous", CPU, torch.float64, generator))
+    mask = padding_mask((7, 3), 7, CPU)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask[:, None, None, :], scale=0.2).transpose(1, 2)
+    actual = cross_attention_reference(q, k, v, mask, 0.2)
+    torch.testing.assert_close(actual, expected)
+    grad = torch.randn(q.shape, generator=generator, dtype=torch.float64)
+    autograd_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    out, lse = cross_attention_forward_reference(q, k, v, mask, 0.2)
+    for a, e in zip(cross_attention_backward_reference(grad, q, k, v, out, lse, mask, 0.2), autograd_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_custom_op_gradcheck(generator):
+    """The registered autograd (the backward op's reference) against finite differences in
+    float64: Lq != Lkv, D not a power of two, a ragged mask with an empty row, a given scale."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 5, 6, 1, 3, "contiguous", CPU, torch.float64, generator))
+    mask = padding_mask((0, 4), 6, CPU)
+    with fastgen.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda *qkv: cross_attention(*qkv, mask, 0.7), (q, k, v))
+        assert torch.autograd.gradcheck(lambda *qkv: cross_attention(*qkv), (q, k, v))
+
+
+def test_lse_is_not_differentiable_and_second_order_is_unsupported(generator):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 5, 4, 2, 4, "contiguous", CPU, torch.float64, generator))
+    out, lse = cross_attention_forward(q, k, v)
+    assert out.requires_grad and not lse.requires_grad
+    (dq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="cross_attention_backward.* no autograd formula"):
+        torch.autograd.grad(dq.sum(), (q,))
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_runs_are_bitwise_identical(device, generator):
+    """No atomics: the dq pass and the dk/dv pass each sum in a fixed order."""
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(2, 40, 40, 2, 40, "fused qkv", device, torch.bfloat16, generator))
+    grad = random_tensor(tuple(q.shape), "contiguous", device, q.dtype, generator)
+    results = []
+    with fastgen.use_backend("triton"):
+        for _ in range(2):
+            out = cross_attention(q, k, v)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_backward_accepts_broadcast_gradients(generator):
+    """out.sum().backward() hands the backward an expanded gradient with all strides 0."""
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(1, 9, 7, 2, 16, "contiguous", CPU, torch.float32, generator))
+    with fastgen.use_backend("triton"):
+        cross_attention(q, k, v).sum().backward()
+    _assert_gradients_close((q.grad, k.grad, v.grad), torch.ones(q.shape), q, k, v, None, None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph_forward_and_backward(backend, generator):
+    """The public op traces (through its composite into the forward op) without a graph break
+    and the compiled forward and backward agree with eager."""
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(2, 12, 5, 2, 16, "contiguous", CPU, torch.float32, generator))
+    mask = padding_mask((5, 2), 5, CPU)
+
+    def attention_block(q, k, v):
+        return cross_attention(q * 2.0, k, v, mask).square().sum()
+
+    with fastgen.use_backend(backend):
+        expected = torch.autograd.grad(attention_block(q, k, v), (q, k, v))
+        compiled = torch.compile(attention_block, backend="aot_eager", fullgraph=True)
+        actual = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+def _tensors(q_shape=(1, 4, 2, 8), kv_shape=(1, 6, 2, 8), dtype=torch.float32):
+    return torch.ones(q_shape, dtype=dtype), torch.ones(kv_shape, dtype=dtype), torch.ones(kv_shape, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "make_args, error, message",
+    [
+        (lambda: _tensors(dtype=torch.int32), TypeError, "q must be float32, float16, bfloat16 or float64, got torch.int32"),
+        (lambda: (torch.ones(4, 2, 8), *_tensors()[1:]), ValueError, r"q must be 4-D \(B, L, H, D\), got shape \(4, 2, 8\)"),
+        (lambda: (*_tensors()[:2], torch.ones(1, 6, 2, 8, dtype=torch.float16)), TypeError,
+         "v dtype torch.float16 must be torch.float32"),
+        (lambda: (_tensors()[0], torch.ones(1, 6, 2, 8, device="meta"), _tensors()[2]), ValueError,
+         "k is on meta but q is on cpu"),
+        (lambda: _tensors(kv_shape=(1, 6, 3, 8)), ValueError,
+         r"k must have q's batch, heads and head dim \(B, H, D\) = \(1, 2, 8\), got k of shape \(1, 6, 3, 8\)"),
+        (lambda: (*_tensors()[:2], torch.ones(1, 5, 2, 8)), ValueError,
+         r"v must have k's shape \(1, 6, 2, 8\), got \(1, 5, 2, 8\)"),
+        (lambda: _tensors((1, 4, 1, 257), (1, 6, 1, 257)), ValueError, "head dim D must be between 1 and 256, got 257"),
+        (lambda: (*_tensors(), torch.ones(1, 6)), TypeError, "key_padding_mask dtype torch.float32 must be torch.bool"),
+        (lambda: (*_tensors(), torch.ones(1, 5, dtype=torch.bool)), ValueError,
+         r"key_padding_mask must have shape \(B, Lkv\) = \(1, 6\), got \(1, 5\)"),
+        (lambda: (*_tensors(), torch.ones(1, 6, dtype=torch.bool, device="meta")), ValueError,
+         "key_padding_mask is on meta but q is on cpu"),
+        (lambda: (*_tensors(), None, float("nan")), ValueError, "scale must be a finite number or None, got nan"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(make_args, error, message):
+    for function in (cross_attention, cross_attention_forward, cross_attention_reference):
+        with pytest.raises(error, match=message):
+            function(*make_args())
+
+
+def test_reference_rejects_non_tensors():
+    # The custom op's schema rejects these before fastgen's checks run; the reference is plain Python.
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        cross_attention_reference([[1.0]], *_tensors()[1:])
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor or None, got list"):
+        cross_attention_reference(*_tensors(), [True] * 6)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(grad=torch.ones(1, 4, 2, 4)), ValueError, r"grad must have q's shape \(1, 4, 2, 8\), got \(1, 4, 2, 4\)"),
+        (dict(grad=torch.ones(1, 4, 2, 8, dtype=torch.float64)), TypeError,
+         "grad dtype torch.float64 must be torch.float32"),
+        (dict(output=torch.ones(1, 3, 2, 8)), ValueError, r"output must have q's shape \(1, 4, 2, 8\), got \(1, 3, 2, 8\)"),
+        (dict(lse=torch.ones(1, 2, 4, dtype=torch.float16)), TypeError, "lse dtype torch.float16 must be torch.float32"),
+        (dict(lse=torch.ones(1, 4, 2)), ValueError, r"lse must have shape \(B, H, Lq\) = \(1, 2, 4\), got \(1, 4, 2\)"),
+    ],
+)
+def test_backward_op_checks_its_inputs(change, error, message):
+    q, k, v = _tensors()
+    args = dict(grad=torch.ones(q.shape), q=q, k=k, v=v, output=torch.ones(q.shape), lse=torch.ones(1, 2, 4))
+    args.update(change)
+    with pytest.raises(error, match=message):
+        cross_attention_backward(**args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck_with_a_mask(backend, generator):
+    """torch.library.opcheck (schema, fake, autograd registration, AOT dispatch) of the three
+    ops with a key padding mask, which the contract's check cases leave out."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 7, 5, 2, 16, "sliced", CPU, torch.float32, generator))
+    mask = padding_mask((0, 3), 5, CPU)
+    with fastgen.use_backend(backend):
+        out, lse = cross_attention_forward(q, k, v, mask, None)
+        grad = random_tensor(tuple(q.shape), "contiguous", CPU, q.dtype, generator)
+        for op, args in ((torch.ops.fastgen.cross_attention, (q, k, v, mask, 0.5)),
+                         (torch.ops.fastgen.cross_attention_forward, (q, k, v, mask, None)),
+                         (torch.ops.fastgen.cross_attention_backward,
+                          (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse, mask, None))):
+            torch.library.opcheck(op, args)
+
+
+def test_public_op_is_the_registered_contract():
+    """What `fastgen check` and the contract tests drive: one output, the Triton forward."""
+    assert CROSS_ATTENTION.name == "cross_attention" and hasattr(torch.ops.fastgen, "cross_attention")
+    q, k, v = _tensors()
+    assert cross_attention(q, k, v).shape == q.shape
+
+
+@pytest.mark.parametrize("head_dim", [16, 40, 64, 80, 128, 160, 256])
+def test_autotuning_keeps_configs_that_fit_every_head_dim(head_dim):
+    """The GPU autotuner prunes its configs by D_PAD (they cannot run here): some must stay for
+    every head dim, all of them for small ones."""
+    from fastgen.kernels import cross_attention as kernels
+
+    d_pad = max(16, 1 << (head_dim - 1).bit_length())
+    for kernel in (kernels._forward, kernels._query_grad, kernels._key_value_grad):
+        kept = kernel.tuned.early_config_prune(kernel.tuned.configs, {}, D_PAD=d_pad)
+        assert kept, f"no config left for D = {head_dim}"
+        if d_pad <= 64:
+            assert kept == kernel.tuned.configs
+    forward_rows = {c.kwargs["BLOCK_M"] for c in kernels._forward.tuned.early_config_prune(
+        kernels._forward.tuned.configs, {}, D_PAD=d_pad)}
+    # A (BLOCK_M, D_PAD) float32 accumulator of 128 x 256 would spill.
+    assert forward_rows == ({64} if d_pad == 256 else {64, 128})
+
+
+_SD15_CROSS = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (image tokens, head dim) per UNet level
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len, head_dim", _SD15_CROSS)
+def test_stable_diffusion_shapes_on_gpu(q_len, head_dim, generator):
+    """SD 1.5 at 512 px with CFG (batch 2 x 2): 77 text tokens, 8 heads, padded captions;
+    outputs and gradients against the reference and against torch's SDPA."""
+    device = torch.device("cuda")
+    q, k, v = (t.detach().requires_grad_()
+               for t in _qkv(4, q_len, 77, 8, head_dim, "fused kv", device, torch.bfloat16, generator))
+    mask = padding_mask((77, 12, 77, 1), 77, device)
+    with fastgen.use_backend("triton"):
+        out = cross_attention(q, k, v, mask)
+    grad = random_tensor(tuple(q.shape), "contiguous", device, q.dtype, generator)
+    out.backward(grad)
+    _assert_close_to(out, cross_attention_reference(*_upcast((q, k, v)), mask), "out")
+    _assert_gradients_close((q.grad, k.grad, v.grad), grad, q, k, v, mask, None)
+    sdpa = F.scaled_dot_product_attention(*(t.detach().transpose(1, 2) for t in (q, k, v)),
+                                          attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    torch.testing.assert_close(out, sdpa, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_self_attention_4096_on_gpu(dtype, generator):
+    """Lq = Lkv = 4096 (the UNet's first level), every dtype, through the public op."""
+    q, k, v = _qkv(2, 4096, 4096, 8, 40, "fused qkv", torch.device("cuda"), dtype, generator)
+    with fastgen.use_backend("triton"):
+        out, lse = cross_attention_forward(q, k, v)
+    _assert_close_to(out, cross_attention_reference(*_upcast((q, k, v))), "out")
+    _assert_lse_is_logsumexp(lse, q, k, None, None)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_with_new_inputs(generator):
+    """Samplers capture the denoiser in a CUDA graph: the launches must be capturable (autotuned
+    before the capture) and read the inputs' current contents on replay."""
+    q, k, v = (t.contiguous() for t in _qkv(4, 1024, 77, 8, 80, "contiguous", torch.device("cuda"), torch.float16,
+                                           generator))
+    with fastgen.use_backend("triton"):
+        cross_attention(q, k, v)  # autotunes and compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = cross_attention(q, k, v)
+    for tensor in (q, k, v):
+        tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_close_to(out, cross_attention_reference(*_upcast((q, k, v))), "out")
