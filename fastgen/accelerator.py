@@ -116,9 +116,42 @@ class LinearAttentionProcessor(_BackendScope):
         return out
 
 
+class CrossAttentionProcessor(_BackendScope):
+    """diffusers attention processor for softmax attention to a padded context (SANA's caption
+    cross-attention), backed by `fastgen::cross_attention` with q/k/v as (B, L, H, D) views.
+
+    diffusers hands the caption mask over as an additive bias (0 to attend, -10000 for padding,
+    broadcast over queries); it becomes the op's boolean key padding mask. The one difference:
+    a row whose keys are all padding gives zeros here, where the bias form averages the padding
+    tokens (a real caption always keeps at least one token)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        from fastgen.ops.cross_attention import cross_attention
+
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        key_padding_mask = None
+        if attention_mask is not None:
+            key_padding_mask = attention_mask.reshape(context.shape[0], context.shape[1]) == 0
+        heads = attn.heads
+        out = self.run(
+            cross_attention,
+            query.unflatten(-1, (heads, -1)),
+            key.unflatten(-1, (heads, -1)),
+            value.unflatten(-1, (heads, -1)),
+            key_padding_mask,
+        )
+        return attn.to_out[1](attn.to_out[0](out.flatten(2)))
+
+
 # diffusers processor class name -> (fastgen processor class, the op it runs)
 _DIFFUSERS_PROCESSORS = {
     "SanaLinearAttnProcessor2_0": (LinearAttentionProcessor, "linear_attention"),
+    "SanaAttnProcessor2_0": (CrossAttentionProcessor, "cross_attention"),
 }
 
 

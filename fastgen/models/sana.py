@@ -12,7 +12,7 @@ Each block, with the adaLN-single modulation t2i_modulate(x, shift, scale) = x (
   e (B, C) and silu(e) W -> (B, 6C); every block adds its own learned (6, C) table to it to get
   its six (shift, scale, gate) vectors. The final layer uses e and a (2, C) table.
 - Linear self-attention: ReLU kernel attention, O(N D^2), `fastgen.ops.linear_attention`.
-- Cross-attention: softmax attention from the image tokens to the caption tokens (Gemma-2
+- Cross-attention (`fastgen.ops.cross_attention`): softmax attention from the image tokens to the caption tokens (Gemma-2
   hidden states projected by a GELU MLP and RMS-normalised with a learnable per-channel scale
   initialised to 0.01), keys masked by `caption_mask` (True = attend). A caption whose tokens
   are all masked contributes zeros.
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
+from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.linear_attention import linear_attention
 
 
@@ -251,19 +252,12 @@ class CrossAttention(_Attention):
         batch, tokens, _ = x.shape
 
         def split_heads(projected: torch.Tensor) -> torch.Tensor:
-            return projected.view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
+            return projected.view(batch, -1, self.heads, self.head_dim)  # a view: the op takes any strides
 
-        q, k, v = split_heads(self.to_q(x)), split_heads(self.to_k(caption)), split_heads(self.to_v(caption))
-        if caption_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            has_keys = caption_mask.any(dim=1)
-            # A row with every key masked would be 0/0 in softmax; let it attend to everything,
-            # then zero its output, so neither the forward nor the backward sees a NaN.
-            attend = caption_mask | ~has_keys[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
-            out = out * has_keys[:, None, None, None].to(out.dtype)
-        return self.to_out[0](out.transpose(1, 2).reshape(batch, tokens, -1))
+        # Rows whose caption is fully masked come out as zeros (the op's contract).
+        out = cross_attention(split_heads(self.to_q(x)), split_heads(self.to_k(caption)),
+                              split_heads(self.to_v(caption)), key_padding_mask=caption_mask)
+        return self.to_out[0](out.reshape(batch, tokens, -1))
 
 
 class GLUMBConv(nn.Module):
