@@ -2,9 +2,11 @@
 from fastgen.accelerator import AccelerationReport, accelerate, restore
 from fastgen.ops.registry import BACKENDS, BackendUnavailable, current_backend, use_backend
 from fastgen.ops import OPS
+from fastgen.ops.bias_act import bias_act
 from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.linear_attention import linear_attention
 from fastgen.ops.shortcut import channel_dup_pixel_shuffle, pixel_unshuffle_channel_avg
+from fastgen.ops.upfirdn2d import upfirdn2d
 from fastgen.ops.vq import vq_nearest, vq_quantize
 
 __all__ = [
@@ -13,12 +15,14 @@ __all__ = [
     "BackendUnavailable",
     "OPS",
     "accelerate",
+    "bias_act",
     "channel_dup_pixel_shuffle",
     "cross_attention",
     "current_backend",
     "linear_attention",
     "pixel_unshuffle_channel_avg",
     "restore",
+    "upfirdn2d",
     "use_backend",
     "vq_nearest",
     "vq_quantize",

@@ -23,7 +23,7 @@ NO_CUDA_HERE = "sees no CUDA device|is not built"
 
 def test_every_op_is_a_registered_torch_op():
     assert set(OPS) == {"pixel_unshuffle_channel_avg", "channel_dup_pixel_shuffle", "linear_attention", "vq_nearest",
-                        "vq_quantize", "cross_attention"}
+                        "vq_quantize", "cross_attention", "upfirdn2d", "bias_act"}
     for name in OPS:
         assert hasattr(torch.ops.fastgen, name)
 

@@ -1,0 +1,293 @@
+"""FIR resampling of images: upsample by zero insertion, pad, filter, downsample.
+
+`upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1)` with x of shape
+(B, C, H, W) (any strides; channels_last stays channels_last) applies, to every channel plane:
+
+1. Upsampling: up_x - 1 zeros after every pixel along W and up_y - 1 along H, giving an
+   (H*up_y, W*up_x) plane u.
+2. Padding: px0 / px1 zero columns before / after, py0 / py1 zero rows above / below; a
+   negative amount crops instead. Call the result p, of size Hp x Wp.
+3. Filtering with the FIR filter w, keeping only the outputs whose footprint lies inside p
+   (a "valid" convolution): with w = f flipped in both axes for a true convolution
+   (flip_filter=False) and w = f itself for a correlation (flip_filter=True),
+       z[v, u] = gain * sum_{i<fh, j<fw} w[i, j] * p[v + i, u + j].
+   A 1-D f of n taps is separable: the 2-D filter f[i] * f[j] (n x n). f = None is the
+   1 x 1 identity filter.
+4. Downsampling: y[oy, ox] = z[oy*down_y, ox*down_x].
+
+So out_h = (H*up_y + py0 + py1 - fh) // down_y + 1 and out_w likewise; arguments that make
+either < 1 are an error. `up` and `down` are an int or (x, y); `padding` is an int, (px, py)
+or (px0, px1, py0, py1), in pixels of the upsampled image, as in StyleGAN2-ADA / StyleGAN3.
+
+Written with the input plane X directly (no u or p): output row oy reads input rows
+ry = (oy*down_y - py0 + i) / up_y for the taps i that make the division exact, i.e.
+i = i0(oy) + k*up_y with i0(oy) = (py0 - oy*down_y) mod up_y and k = 0, 1, ...,
+ceil(fh / up_y) - 1; likewise for columns. This polyphase form is what the kernels compute.
+
+Gradients. y is linear in x and its adjoint is again an upfirdn2d: the output gradient dy
+goes through the same filter flipped (flip_filter negated), up and down swapped, and padding
+    (fw - px0 - 1,  W*up_x - out_w*down_x + px0 - up_x + 1,
+     fh - py0 - 1,  H*up_y - out_h*down_y + py0 - up_y + 1),
+with the same gain. The backward calls the op itself, so gradients of every order work (R1
+and path-length regularisation differentiate through it). The filter's gradient, needed only
+if f requires grad (StyleGAN's filters are constant buffers), is gain times the correlation of
+the padded, upsampled input with the zero-interleaved output gradient, computed with eager
+PyTorch ops (it is differentiable too).
+
+Arithmetic is float32 (float64 for float64 x); the filter may have any float dtype and
+strides; the output has x's dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NAME = "upfirdn2d"
+
+
+def _is_int(value) -> bool:
+    # SymInt: under torch.compile with dynamic shapes the backward's padding is symbolic.
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
+def _int_list(name: str, value, lengths: Sequence[int]) -> list:
+    """`value` as a list of ints: an int is repeated, a sequence must have an allowed length."""
+    if _is_int(value):
+        return [value] * lengths[-1]
+    if isinstance(value, (list, tuple)) and len(value) in lengths and all(_is_int(v) for v in value):
+        return list(value)
+    forms = " or ".join(f"{n} ints" for n in lengths)
+    raise TypeError(f"{_NAME}: {name} must be an int or a sequence of {forms}, got {value!r}")
+
+
+def parse_scaling(name: str, value) -> list:
+    """up / down as [x, y], each >= 1."""
+    factors = _int_list(name, value, (2,))
+    if min(factors) < 1:
+        raise ValueError(f"{_NAME}: {name} factors must be >= 1, got {value!r}")
+    return factors
+
+
+def parse_padding(value) -> list:
+    """padding as [px0, px1, py0, py1]."""
+    padding = _int_list("padding", value, (2, 4))
+    if len(padding) == 2:
+        return [padding[0], padding[0], padding[1], padding[1]]
+    return padding
+
+
+def filter_size(f: Optional[torch.Tensor]) -> tuple:
+    """(fh, fw) of a filter that passed validation; (1, 1) for None."""
+    if f is None:
+        return 1, 1
+    return int(f.shape[0]), int(f.shape[-1])
+
+
+def _check_inputs(x, f, gain) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{_NAME}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{_NAME}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{_NAME}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if f is not None:
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"{_NAME}: f must be a torch.Tensor or None, got {type(f).__name__}")
+        if not f.is_floating_point():
+            raise TypeError(f"{_NAME}: f must be a floating-point tensor, got {f.dtype}")
+        if f.dim() not in (1, 2) or f.numel() == 0:
+            raise ValueError(
+                f"{_NAME}: f must be a non-empty 1-D (separable taps) or 2-D (fh, fw) filter, "
+                f"got shape {tuple(f.shape)}"
+            )
+        if f.device != x.device:
+            raise ValueError(f"{_NAME}: f is on {f.device} but x is on {x.device}")
+    if not (isinstance(gain, (int, float)) and math.isfinite(gain)):
+        raise TypeError(f"{_NAME}: gain must be a finite number, got {gain!r}")
+
+
+def output_size(x, f, up, down, padding) -> tuple:
+    """(out_h, out_w), validating that the output is not empty."""
+    upx, upy = parse_scaling("up", up)
+    downx, downy = parse_scaling("down", down)
+    px0, px1, py0, py1 = parse_padding(padding)
+    fh, fw = filter_size(f)
+    _, _, height, width = x.shape
+    padded_h, padded_w = height * upy + py0 + py1, width * upx + px0 + px1
+    if padded_h < fh or padded_w < fw:
+        raise ValueError(
+            f"{_NAME}: padding {[px0, px1, py0, py1]} leaves an empty output: the upsampled, padded image is "
+            f"{padded_h} x {padded_w}, smaller than the {fh} x {fw} filter"
+        )
+    return (padded_h - fh) // downy + 1, (padded_w - fw) // downx + 1
+
+
+def _allocate_output(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1.0):
+    _check_inputs(x, f, gain)
+    out_h, out_w = output_size(x, f, up, down, padding)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((x.shape[0], x.shape[1], out_h, out_w), dtype=x.dtype, device=x.device, memory_format=layout)
+
+
+def _upsample_and_pad(x: torch.Tensor, up, padding) -> torch.Tensor:
+    """Steps 1 and 2 of the module docstring, materialised: zero insertion, then pad or crop."""
+    upx, upy = parse_scaling("up", up)
+    px0, px1, py0, py1 = parse_padding(padding)
+    batch, channels, height, width = x.shape
+    u = F.pad(x.reshape(batch, channels, height, 1, width, 1), [0, upx - 1, 0, 0, 0, upy - 1])
+    u = u.reshape(batch, channels, height * upy, width * upx)
+    p = F.pad(u, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
+    return p[:, :, max(-py0, 0): p.shape[2] - max(-py1, 0), max(-px0, 0): p.shape[3] - max(-px1, 0)]
+
+
+def upfirdn2d_reference(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1.0):
+    """The eager formulation (StyleGAN's reference path): zero insertion, pad and crop, a
+    depthwise conv2d (two 1-D ones for a separable filter), then strided slicing."""
+    _allocate_output(x, f, up, down, padding, flip_filter, gain)
+    downx, downy = parse_scaling("down", down)
+    channels = x.shape[1]
+    p = _upsample_and_pad(x, up, padding)
+    if f is None:
+        f = torch.ones(1, 1, dtype=x.dtype, device=x.device)
+    # conv2d correlates: flip for a true convolution. The gain goes into the first pass's taps.
+    w = f.to(x.dtype)
+    if not flip_filter:
+        w = w.flip(list(range(w.dim())))
+    if w.dim() == 2:
+        z = F.conv2d(p, (w * gain).expand(channels, 1, *w.shape), groups=channels)
+    else:
+        z = F.conv2d(p, (w * gain).expand(channels, 1, 1, w.shape[0]), groups=channels)
+        z = F.conv2d(z, w[:, None].expand(channels, 1, w.shape[0], 1), groups=channels)
+    return z[:, :, ::downy, ::downx]
+
+
+def adjoint_padding(x_shape, y_shape, f, up, down, padding) -> list:
+    """The padding of the upfirdn2d that maps the output gradient back to x's shape."""
+    upx, upy = parse_scaling("up", up)
+    downx, downy = parse_scaling("down", down)
+    px0, _, py0, _ = parse_padding(padding)
+    fh, fw = filter_size(f)
+    _, _, height, width = x_shape
+    _, _, out_h, out_w = y_shape
+    return [
+        fw - px0 - 1,
+        width * upx - out_w * downx + px0 - upx + 1,
+        fh - py0 - 1,
+        height * upy - out_h * downy + py0 - upy + 1,
+    ]
+
+
+def _check_case(label, x_shape, filter_shape, up, down, padding, flip_filter=False, gain=1.0, layout="contiguous"):
+    def make_args(device, dtype, generator):
+        x = random_tensor(x_shape, layout, device, dtype, generator)
+        f = None if filter_shape is None else torch.randn(filter_shape, generator=generator).to(device, torch.float32)
+        return (x, f, up, down, padding, flip_filter, gain)
+
+    return CheckCase(label, make_args)
+
+
+def _check_cases():
+    return [
+        _check_case("StyleGAN2 up2 4-tap", (2, 3, 5, 6), (4,), [2, 2], [1, 1], [2, 1, 2, 1], gain=4.0),
+        _check_case("StyleGAN2 down2 4-tap channels_last", (1, 4, 9, 8), (4,), [1, 1], [2, 2], [1, 1, 1, 1],
+                    layout="channels_last"),
+        _check_case("2-D 3x5 up(1,3) down(2,1) crop", (1, 2, 7, 6), (3, 5), [1, 3], [2, 1], [-1, 2, 0, -2],
+                    flip_filter=True, gain=0.5),
+        _check_case("12-tap up2 down2 sliced", (1, 2, 6, 5), (12,), [2, 2], [2, 2], [5, 6, 6, 5], layout="sliced"),
+        _check_case("identity filter crop", (2, 2, 5, 4), None, [1, 1], [1, 1], [-1, 0, 1, -2]),
+    ]
+
+
+UPFIRDN2D = register(
+    Op(
+        name=_NAME,
+        reference=upfirdn2d_reference,
+        allocate_output=_allocate_output,
+        check_cases=_check_cases,
+    )
+)
+
+
+@UPFIRDN2D.implement("triton")
+def _upfirdn2d_triton(x, f, up, down, padding, flip_filter, gain, *, out):
+    from fastgen.kernels import upfirdn2d as kernels
+
+    kernels.upfirdn2d(x, f, parse_scaling("up", up), parse_scaling("down", down), parse_padding(padding),
+                      flip_filter, float(gain), out)
+
+
+@define_custom_op(UPFIRDN2D)
+def _upfirdn2d_op(
+    x: torch.Tensor,
+    f: Optional[torch.Tensor],
+    up: Sequence[int],
+    down: Sequence[int],
+    padding: Sequence[int],
+    flip_filter: bool,
+    gain: float,
+) -> torch.Tensor:
+    """upfirdn2d with up/down/padding in their normalized (x, y) / (px0, px1, py0, py1) forms."""
+
+
+def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1):
+    """`torch.ops.fastgen.upfirdn2d` with StyleGAN's argument forms: up / down an int or (x, y),
+    padding an int, (px, py) or (px0, px1, py0, py1). See the module docstring."""
+    _check_inputs(x, f, gain)
+    return _upfirdn2d_op(x, f, parse_scaling("up", up), parse_scaling("down", down), parse_padding(padding),
+                         bool(flip_filter), float(gain))
+
+
+def _filter_gradient(x, f, dy, up, down, padding, flip_filter, gain):
+    """d loss / d f in eager ops: gain * correlation of the padded, upsampled x with dy
+    zero-interleaved by `down` (the gradient of the full-resolution filter output z)."""
+    downx, downy = parse_scaling("down", down)
+    fh, fw = filter_size(f)
+    batch, channels = x.shape[:2]
+    compute = torch.promote_types(dy.dtype, torch.float32)
+    dy = dy.to(compute)
+    p = _upsample_and_pad(x.to(compute), up, padding)
+    z_h, z_w = p.shape[2] - fh + 1, p.shape[3] - fw + 1
+    dz = dy.new_zeros(batch, channels, dy.shape[2] * downy, dy.shape[3] * downx)
+    dz[:, :, ::downy, ::downx] = dy
+    dz = dz[:, :, :z_h, :z_w]
+    # One "image" of B*C channels correlated with a B*C-channel "weight": sums over b, c, pixels.
+    dw = F.conv2d(p.reshape(1, batch * channels, *p.shape[2:]), dz.reshape(1, batch * channels, z_h, z_w))[0, 0] * gain
+    if f.dim() == 1:
+        taps = (f if flip_filter else f.flip(0)).to(compute)
+        # w[i, j] = taps[i] * taps[j]: both factors get the product rule's share.
+        dw = dw @ taps + dw.mT @ taps
+    if not flip_filter:
+        dw = dw.flip(list(range(dw.dim())))
+    return dw.to(f.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, f, up, down, padding, flip_filter, gain = inputs
+    ctx.args = (up, down, padding, flip_filter, gain)
+    ctx.x_shape = tuple(x.shape)
+    ctx.x_dtype = x.dtype
+    # x is kept alive only when the filter's gradient needs it.
+    filter_grad = f is not None and f.requires_grad
+    ctx.save_for_backward(f, x if filter_grad else None)
+
+
+def _backward(ctx, dy):
+    f, x = ctx.saved_tensors
+    up, down, padding, flip_filter, gain = ctx.args
+    dx = df = None
+    if ctx.needs_input_grad[0]:
+        adjoint = adjoint_padding(ctx.x_shape, dy.shape, f, up, down, padding)
+        dx = _upfirdn2d_op(dy, f, list(down), list(up), adjoint, not flip_filter, gain)
+    if f is not None and ctx.needs_input_grad[1]:
+        df = _filter_gradient(x, f, dy, up, down, padding, flip_filter, gain)
+    return dx, df, None, None, None, None, None
+
+
+register_autograd(_upfirdn2d_op, _backward, _setup_context)

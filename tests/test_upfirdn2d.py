@@ -1,0 +1,292 @@
+"""upfirdn2d: the Triton kernel against the float64 reference, the reference against the
+definition, first and second gradients, errors."""
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import fastgen
+from fastgen.check import mismatch
+from fastgen.ops.registry import random_tensor
+from fastgen.ops.upfirdn2d import UPFIRDN2D, output_size, upfirdn2d, upfirdn2d_reference
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("contiguous", "channels_last", "sliced")
+CPU = torch.device("cpu")
+
+
+def _devices():
+    return [pytest.param(CPU, id="cpu-triton-interpreter"),
+            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+
+
+def _filter(shape, generator, device=CPU, dtype=torch.float32):
+    return None if shape is None else torch.randn(shape, generator=generator).to(device, dtype)
+
+
+def _assert_matches_reference(x, f, up, down, padding, flip_filter, gain):
+    args = (x, f, up, down, padding, flip_filter, gain)
+    out = UPFIRDN2D.allocate_output(*args)
+    out.fill_(float("nan"))
+    UPFIRDN2D.implementations["triton"].run(*args, out=out)
+    expected = upfirdn2d_reference(x.double(), None if f is None else f.double(), up, down, padding, flip_filter, gain)
+    _, detail = mismatch(out, expected)
+    assert not detail, detail
+
+
+@st.composite
+def problems(draw):
+    """(x shape, filter shape or None, up, down, padding) with a non-empty output."""
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+    filter_shape = draw(st.sampled_from([None, (1,), (2,), (4,), (5,), (12,), (3, 3), (2, 5), (4, 1)]))
+    factor = st.integers(1, 3)
+    up = draw(st.one_of(factor, st.tuples(factor, factor).map(list)))
+    down = draw(st.one_of(factor, st.tuples(factor, factor).map(list)))
+    padding = draw(st.lists(st.integers(-2, 7), min_size=4, max_size=4))
+    f = None if filter_shape is None else torch.empty(filter_shape)
+    try:
+        output_size(torch.empty(shape), f, up, down, padding)
+    except ValueError:
+        assume(False)
+    return shape, filter_shape, up, down, padding
+
+
+@pytest.mark.parametrize("device", _devices())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems(), dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
+       flip_filter=st.booleans(), gain=st.sampled_from([1.0, 4.0, -0.5]))
+def test_forward_matches_reference(device, problem, dtype, layout, flip_filter, gain, generator):
+    shape, filter_shape, up, down, padding = problem
+    x = random_tensor(shape, layout, device, dtype, generator)
+    _assert_matches_reference(x, _filter(filter_shape, generator, device), up, down, padding, flip_filter, gain)
+
+
+def _by_definition(x, f, up, down, padding, flip_filter, gain):
+    """The module docstring's four steps with explicit loops, for tiny float64 inputs."""
+    (upx, upy), (downx, downy) = [(v, v) if isinstance(v, int) else v for v in (up, down)]
+    px0, px1, py0, py1 = padding
+    f2 = torch.ones(1, 1, dtype=x.dtype) if f is None else (torch.outer(f, f) if f.dim() == 1 else f)
+    w = f2 if flip_filter else f2.flip(0, 1)
+    fh, fw = w.shape
+    batch, channels, height, width = x.shape
+    padded_h, padded_w = height * upy + py0 + py1, width * upx + px0 + px1
+    p = torch.zeros(batch, channels, padded_h, padded_w, dtype=x.dtype)
+    for v in range(padded_h):
+        for u in range(padded_w):
+            sy, sx = v - py0, u - px0  # position in the upsampled image
+            if sy % upy == 0 and sx % upx == 0 and 0 <= sy // upy < height and 0 <= sx // upx < width:
+                p[:, :, v, u] = x[:, :, sy // upy, sx // upx]
+    out = torch.zeros(batch, channels, (padded_h - fh) // downy + 1, (padded_w - fw) // downx + 1, dtype=x.dtype)
+    for oy in range(out.shape[2]):
+        for ox in range(out.shape[3]):
+            window = p[:, :, oy * downy: oy * downy + fh, ox * downx: ox * downx + fw]
+            out[:, :, oy, ox] = gain * (window * w).sum((2, 3))
+    return out
+
+
+@pytest.mark.parametrize(
+    "filter_shape, up, down, padding, flip_filter",
+    [((4,), 2, 1, [2, 1, 2, 1], False), ((3, 2), [1, 2], [2, 1], [-1, 3, 0, -2], False),
+     ((5,), [3, 1], 2, [4, 2, 1, 5], True), (None, 1, [1, 2], [1, -1, 2, 0], False)],
+)
+def test_reference_follows_the_definition(filter_shape, up, down, padding, flip_filter, generator):
+    """Checks the reference's conventions (flip, padding order, per-axis factors) against a
+    loop written straight from the docstring, so the kernel is not compared with a wrong oracle."""
+    x = torch.randn(1, 2, 4, 5, generator=generator, dtype=torch.float64)
+    f = None if filter_shape is None else torch.randn(filter_shape, generator=generator, dtype=torch.float64)
+    expected = _by_definition(x, f, up, down, padding, flip_filter, 1.5)
+    torch.testing.assert_close(upfirdn2d_reference(x, f, up, down, padding, flip_filter, 1.5), expected)
+
+
+@pytest.mark.parametrize("max_fused_taps", [0, 1000], ids=["two-1d-passes", "one-fused-pass"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_separable_paths_agree(max_fused_taps, layout, monkeypatch, generator):
+    from fastgen.kernels import upfirdn2d as kernels
+
+    monkeypatch.setattr(kernels, "_MAX_FUSED_TAPS", max_fused_taps)
+    x = random_tensor((2, 3, 7, 6), layout, CPU, torch.float32, generator)
+    f = _filter((12,), generator)
+    _assert_matches_reference(x, f, [2, 1], [1, 2], [6, 5, 5, 6], False, 2.0)
+    _assert_matches_reference(x, f, 2, 2, [5, 6, 6, 5], True, 1.0)
+
+
+def test_argument_forms_are_stylegans(generator):
+    """up / down as int or (x, y); padding as int, (px, py) or (px0, px1, py0, py1)."""
+    x = torch.randn(1, 2, 5, 6, generator=generator)
+    f = torch.randn(4, generator=generator)
+    with fastgen.use_backend("triton"):
+        torch.testing.assert_close(upfirdn2d(x, f, up=2, padding=1), upfirdn2d(x, f, up=[2, 2], padding=[1, 1, 1, 1]))
+        torch.testing.assert_close(upfirdn2d(x, f, down=(2, 1), padding=(2, 1)), upfirdn2d(x, f, down=[2, 1], padding=[2, 2, 1, 1]))
+
+
+def test_output_keeps_channels_last(generator):
+    x = random_tensor((2, 4, 5, 6), "channels_last", CPU, torch.float32, generator)
+    with fastgen.use_backend("triton"):
+        y = upfirdn2d(x, torch.ones(4), up=2, padding=[2, 1, 2, 1])
+    assert y.shape == (2, 4, 10, 12)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    "filter_shape, up, down, padding",
+    [((4,), [2, 2], [1, 1], [2, 1, 2, 1]), ((3, 2), [1, 2], [2, 1], [-1, 2, 1, 0])],
+)
+def test_custom_op_gradients_gradcheck(filter_shape, up, down, padding, generator):
+    """First and second order, for x and the filter, in float64 through the registered autograd."""
+    x = torch.randn(1, 2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(filter_shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    with fastgen.use_backend("reference"):
+        fn = lambda a, w: upfirdn2d(a, w, up, down, padding, True, 1.5)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, f))
+        assert torch.autograd.gradgradcheck(fn, (x, f))
+
+
+def _gradients(backend, x, f, up, down, padding, grad_out):
+    x = x.detach().requires_grad_()
+    f = f.detach().requires_grad_()
+    with fastgen.use_backend(backend):
+        y = upfirdn2d(x, f, up, down, padding, False, 2.0)
+    y.backward(grad_out)
+    return y, x.grad, f.grad
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "filter_shape, up, down, padding",
+    [((4,), 2, 1, [2, 1, 2, 1]), ((4,), 1, 2, [1, 1, 1, 1]), ((2, 3), [1, 2], [3, 1], [0, 2, -1, 1]),
+     ((12,), 2, 1, [6, 5, 6, 5])],
+)
+def test_backward_matches_reference(device, dtype, filter_shape, up, down, padding, generator):
+    x = random_tensor((2, 3, 5, 6), "sliced", device, dtype, generator)
+    f = _filter(filter_shape, generator, device)
+    out_shape = UPFIRDN2D.allocate_output(x, f, up, down, padding).shape
+    grad_out = torch.randn(out_shape, generator=generator).to(device, dtype)
+    actual = _gradients("triton", x, f, up, down, padding, grad_out)
+    expected = _gradients("reference", x.double(), f.double(), up, down, padding, grad_out.double())
+    for name, a, e in zip(("y", "dx"), actual, expected):
+        _, detail = mismatch(a, e)
+        assert not detail, f"{name}: {detail}"
+    # df sums B*C*out_h*out_w float32 products with cancellation: scale the tolerance to them.
+    df, df_expected = actual[2].double(), expected[2]
+    torch.testing.assert_close(df, df_expected, rtol=1e-4, atol=1e-5 * df_expected.abs().max().item())
+
+
+def _second_order(backend, x, f):
+    """An R1-like penalty: the gradient of a nonlinear loss, squared, differentiated again."""
+    x = x.detach().requires_grad_()
+    f = f.detach().requires_grad_()
+    with fastgen.use_backend(backend):
+        y = upfirdn2d(x, f, up=[1, 2], down=[2, 1], padding=[1, 2, 2, 1])
+        (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        grad_x.square().sum().backward()
+    return x.grad, f.grad
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_second_order_through_triton_matches_reference(device, generator):
+    x = torch.randn(2, 3, 5, 4, generator=generator).to(device)
+    f = torch.randn(4, generator=generator).to(device)
+    actual = _second_order("triton", x, f)
+    expected = _second_order("reference", x.double().cpu(), f.double().cpu())
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_fullgraph(generator):
+    x = torch.randn(1, 2, 5, 6, generator=generator, requires_grad=True)
+    f = torch.randn(4, generator=generator)
+
+    def layer(x):
+        return torch.tanh(upfirdn2d(x, f, up=2, padding=[2, 1, 2, 1], gain=4))
+
+    with fastgen.use_backend("triton"):
+        expected = layer(x)
+        actual = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_opcheck(generator):
+    for case in UPFIRDN2D.check_cases():
+        args = case.make_args(CPU, torch.float32, generator)
+        torch.library.opcheck(torch.ops.fastgen.upfirdn2d, (args[0].requires_grad_(),) + args[1:])
+
+
+@pytest.mark.parametrize("taps", [4, 12])
+@pytest.mark.parametrize("up, down", [(2, 1), (1, 2)])
+def test_benchmark_padding_scales_the_side_exactly(taps, up, down):
+    """The benchmark's StyleGAN upsample2d / downsample2d padding: side * up / down out."""
+    from fastgen.bench.ops_stylegan import _Resampling
+
+    resampling = _Resampling(taps, up, down)
+    for side in (4, 8, 64):
+        x = torch.empty(1, 1, side, side, device="meta")
+        size = output_size(x, resampling.filter(CPU), up, down, resampling.padding)
+        assert size == (side * up // down,) * 2
+
+
+_X = torch.ones(1, 1, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: upfirdn2d(_X, torch.ones(2, 2, 2)), ValueError, r"f must be a non-empty 1-D .* or 2-D .* got shape \(2, 2, 2\)"),
+        (lambda: upfirdn2d(_X, torch.ones(0)), ValueError, r"f must be a non-empty 1-D"),
+        (lambda: upfirdn2d(_X, [1.0, 2.0]), TypeError, "f must be a torch.Tensor or None, got list"),
+        (lambda: upfirdn2d(_X, torch.ones(3, dtype=torch.int64)), TypeError, "f must be a floating-point tensor"),
+        (lambda: upfirdn2d(_X, torch.ones(3, device="meta")), ValueError, "f is on meta but x is on cpu"),
+        (lambda: upfirdn2d(_X, None, up=0), ValueError, "up factors must be >= 1, got 0"),
+        (lambda: upfirdn2d(_X, None, down=[1, -2]), ValueError, r"down factors must be >= 1, got \[1, -2\]"),
+        (lambda: upfirdn2d(_X, None, up=1.5), TypeError, "up must be an int or a sequence of 2 ints, got 1.5"),
+        (lambda: upfirdn2d(_X, None, padding=[1, 2, 3]), TypeError, "padding must be an int or a sequence of 2 ints or 4 ints"),
+        (lambda: upfirdn2d(_X, torch.ones(4), padding=[-1, 0, 0, 0]), ValueError,
+         r"leaves an empty output: the upsampled, padded image is 4 x 3, smaller than the 4 x 4 filter"),
+        (lambda: upfirdn2d(_X, None, gain=float("inf")), TypeError, "gain must be a finite number"),
+        (lambda: upfirdn2d(torch.ones(4, 4), None), ValueError, r"x must be 4-D \(B, C, H, W\)"),
+        (lambda: upfirdn2d(torch.ones(1, 1, 4, 4, dtype=torch.int32), None), TypeError, "x must be float32"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stylegan_layer_shapes_on_cuda(layout, dtype, generator):
+    """Real sizes compile and match: StyleGAN2's up / down resampling and a 12-tap filter."""
+    x = random_tensor((2, 64, 128, 128), layout, "cuda", dtype, generator)
+    for taps, up, down, padding in [(4, 2, 1, [2, 1, 2, 1]), (4, 1, 2, [1, 1, 1, 1]), (12, 2, 2, [5, 6, 5, 6])]:
+        _assert_matches_reference(x, _filter((taps,), generator, "cuda"), up, down, padding, False, float(up * up))
+
+
+def test_backward_accepts_broadcast_gradients(generator):
+    """y.sum().backward() hands the backward an expanded gradient with all strides 0."""
+    x = torch.randn(1, 2, 4, 5, generator=generator, requires_grad=True)
+    f = torch.randn(4, generator=generator)
+    with fastgen.use_backend("triton"):
+        upfirdn2d(x, f, down=2, padding=1).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    upfirdn2d_reference(x64, f.double(), 2 * [1], 2 * [2], 4 * [1]).sum().backward()
+    _, detail = mismatch(x.grad, x64.grad)
+    assert not detail, detail
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_replays(generator):
+    """Both paths (fused, and two passes with their intermediate) capture and replay."""
+    x = torch.randn(2, 32, 64, 64, generator=generator).cuda()
+    filters = [torch.randn(taps, generator=generator).cuda() for taps in (4, 12)]
+    with fastgen.use_backend("triton"):
+        for f in filters:  # compile outside the capture
+            upfirdn2d(x, f, up=2, padding=[2, 1, 2, 1])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = [upfirdn2d(x, f, up=2, padding=[2, 1, 2, 1]) for f in filters]
+    x.copy_(torch.randn(x.shape, generator=generator))
+    graph.replay()
+    torch.cuda.synchronize()
+    for f, y in zip(filters, outputs):
+        torch.testing.assert_close(y, upfirdn2d_reference(x, f, 2, 1, [2, 1, 2, 1]), rtol=1e-4, atol=1e-4)
