@@ -84,33 +84,35 @@ class _BackendScope:
             return fn(*args)
 
 
+def _projected_heads(attn, hidden_states, encoder_hidden_states):
+    """q, k, v of a diffusers Attention as (B, L, H, D) views of its projections (channel
+    h*D + d, as diffusers splits heads), with its optional q/k norms applied."""
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return tuple(t.unflatten(-1, (attn.heads, -1)) for t in (query, key, value))
+
+
+def _project_out(attn, heads_out):
+    return attn.to_out[1](attn.to_out[0](heads_out.flatten(2)))
+
+
 class LinearAttentionProcessor(_BackendScope):
     """diffusers attention processor for SANA's ReLU linear attention, backed by
     `fastgen::linear_attention`. It computes what `SanaLinearAttnProcessor2_0` computes: the
-    projections split into heads as (B, N, H, D) views (channel h*D + d, as diffusers splits
-    them), the ReLU kernel, the eps = 1e-15 denominator, the output projection, and the float16
-    clip."""
+    ReLU kernel over the heads, the eps = 1e-15 denominator, the output projection, and the
+    float16 clip."""
 
     eps = 1e-15
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         from fastgen.ops.linear_attention import linear_attention
 
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        heads = attn.heads
-        out = self.run(
-            linear_attention,
-            query.unflatten(-1, (heads, -1)),
-            key.unflatten(-1, (heads, -1)),
-            value.unflatten(-1, (heads, -1)),
-            self.eps,
-        )
-        out = attn.to_out[1](attn.to_out[0](out.flatten(2)))
+        q, k, v = _projected_heads(attn, hidden_states, encoder_hidden_states)
+        out = _project_out(attn, self.run(linear_attention, q, k, v, self.eps))
         if out.dtype == torch.float16:
             out = out.clip(-65504, 65504)
         return out
@@ -118,7 +120,7 @@ class LinearAttentionProcessor(_BackendScope):
 
 class CrossAttentionProcessor(_BackendScope):
     """diffusers attention processor for softmax attention to a padded context (SANA's caption
-    cross-attention), backed by `fastgen::cross_attention` with q/k/v as (B, L, H, D) views.
+    cross-attention), backed by `fastgen::cross_attention`.
 
     diffusers hands the caption mask over as an additive bias (0 to attend, -10000 for padding,
     broadcast over queries); it becomes the op's boolean key padding mask. The one difference:
@@ -128,24 +130,11 @@ class CrossAttentionProcessor(_BackendScope):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         from fastgen.ops.cross_attention import cross_attention
 
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        q, k, v = _projected_heads(attn, hidden_states, encoder_hidden_states)
         key_padding_mask = None
         if attention_mask is not None:
-            key_padding_mask = attention_mask.reshape(context.shape[0], context.shape[1]) == 0
-        heads = attn.heads
-        out = self.run(
-            cross_attention,
-            query.unflatten(-1, (heads, -1)),
-            key.unflatten(-1, (heads, -1)),
-            value.unflatten(-1, (heads, -1)),
-            key_padding_mask,
-        )
-        return attn.to_out[1](attn.to_out[0](out.flatten(2)))
+            key_padding_mask = attention_mask.reshape(k.shape[0], k.shape[1]) == 0
+        return _project_out(attn, self.run(cross_attention, q, k, v, key_padding_mask))
 
 
 # diffusers processor class name -> (fastgen processor class, the op it runs)
