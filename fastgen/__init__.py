@@ -2,6 +2,7 @@
 from fastgen.accelerator import AccelerationReport, accelerate, restore
 from fastgen.ops.registry import BACKENDS, BackendUnavailable, current_backend, use_backend
 from fastgen.ops import OPS
+from fastgen.ops.ada_norm import ada_group_norm, ada_layer_norm
 from fastgen.ops.bias_act import bias_act
 from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.linear_attention import linear_attention
@@ -15,6 +16,8 @@ __all__ = [
     "BackendUnavailable",
     "OPS",
     "accelerate",
+    "ada_group_norm",
+    "ada_layer_norm",
     "bias_act",
     "channel_dup_pixel_shuffle",
     "cross_attention",

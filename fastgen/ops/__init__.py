@@ -2,7 +2,7 @@
 
 Importing this package registers every op as `torch.ops.fastgen.<name>`.
 """
-from fastgen.ops import bias_act, cross_attention, linear_attention, shortcut, upfirdn2d, vq
+from fastgen.ops import ada_norm, bias_act, cross_attention, linear_attention, shortcut, upfirdn2d, vq
 from fastgen.ops.registry import OPS
 
-__all__ = ["OPS", "bias_act", "cross_attention", "linear_attention", "shortcut", "upfirdn2d", "vq"]
+__all__ = ["OPS", "ada_norm", "bias_act", "cross_attention", "linear_attention", "shortcut", "upfirdn2d", "vq"]

@@ -1,0 +1,135 @@
+"""Benchmarks of adaptive normalization (SPEC.md section 3) at the shapes of the models that use it.
+
+- AdaGN, ADM imagenet256 (guided diffusion, use_scale_shift_norm): every ResBlock's out_layers
+  normalize with GroupNorm(32) (affine), modulate with the timestep/class embedding and apply
+  SiLU. That UNet has 512 channels at 64 and 32 px and 1024 at 16 and 8 px; batches 8..64.
+  The eager baseline is ADM's own sequence: GroupNorm, * (1 + scale) + shift, SiLU.
+- AdaIN, StyleGAN (v1) ffhq-1024 generator: instance norm (G = C, no affine, eps 1e-8) then
+  the style's (1 + y_s), y_b after every convolution, from 4 to 1024 px with the official
+  channel counts min(512, 8192 / side): 512 up to 32 px, halving per octave to 16 at 1024 px.
+- adaLN: DiT-XL/2 (C 1152; N 256 tokens at 256 px, 1024 at 512 px) and SANA 0.6B / 1.6B
+  (C 1152 / 2240; N 1024 at 1024 px, 4096 at 2048 px).
+
+Bytes per call: x read and y written once (scale, shift, weight and bias are a rounding error
+but counted); fwd+bwd adds reading x and dy and writing dx once (the statistics are recomputed
+from x, which is the read already counted).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from fastgen.ops import ada_norm
+
+from .harness import Benchmark, Case, standard_impls
+
+_ADM_LEVELS = ((512, 64), (512, 32), (1024, 16), (1024, 8))  # (channels, side) of imagenet256's ResBlocks
+_STYLEGAN_SIDES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TENSORS_MOVED = {"fwd": 2, "fwd+bwd": 5}
+# The harness checks every impl against the eager output in the same dtype. Eager bf16 rounds
+# the normalized map, the product and the sum separately; with unit-variance scale and shift,
+# a product of ~10 cancelled by a shift of ~-10 leaves it more than the bf16 tolerance away from
+# the exact value on a few elements in millions. Modulations of this size (embedding outputs
+# are typically well below 1) keep the check meaningful for every impl.
+_MODULATION_STD = 0.5
+
+
+def _stylegan_channels(side: int) -> int:
+    return min(512, 8192 // side)
+
+
+def _modulation_bytes(batch: int, channels: int, affine: bool, dtype: torch.dtype) -> int:
+    return (2 * batch * channels + (2 * channels if affine else 0)) * dtype.itemsize
+
+
+def _group_norm_case(label: str, batch: int, channels: int, side: int, groups: int, affine: bool, act,
+                     eps: float, layout: str, dtype: torch.dtype, direction: str) -> Case:
+    shape = (batch, channels, side, side)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+    def make_inputs(device, dtype, seed):
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        def randn(*size, std=1.0):
+            return std * torch.randn(size, generator=generator, device=device, dtype=dtype)
+
+        return {
+            "x": randn(*shape).contiguous(memory_format=memory_format),
+            "scale": randn(batch, channels, std=_MODULATION_STD), "shift": randn(batch, channels, std=_MODULATION_STD),
+            "num_groups": groups,
+            "weight": randn(channels) if affine else None, "bias": randn(channels) if affine else None,
+            "eps": eps, "act": act,
+        }
+
+    work = (_TENSORS_MOVED[direction] * batch * channels * side * side * dtype.itemsize
+            + _modulation_bytes(batch, channels, affine, dtype))
+    suffix = " channels_last" if layout == "channels_last" else ""
+    return Case(f"{label} B{batch} C{channels} {side}px G{groups}{suffix}", dtype, direction, make_inputs, work)
+
+
+def _adm_case(batch, channels, side, layout, dtype, direction):
+    return _group_norm_case("ADM", batch, channels, side, 32, True, "silu", 1e-5, layout, dtype, direction)
+
+
+def _stylegan_case(batch, side, dtype, direction):
+    channels = _stylegan_channels(side)
+    return _group_norm_case("StyleGAN", batch, channels, side, channels, False, None, 1e-8, "contiguous", dtype,
+                            direction)
+
+
+def _layer_norm_case(label: str, batch: int, tokens: int, channels: int, dtype: torch.dtype, direction: str) -> Case:
+    def make_inputs(device, dtype, seed):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return {
+            "x": torch.randn(batch, tokens, channels, generator=generator, device=device, dtype=dtype),
+            "scale": _MODULATION_STD * torch.randn(batch, channels, generator=generator, device=device, dtype=dtype),
+            "shift": _MODULATION_STD * torch.randn(batch, channels, generator=generator, device=device, dtype=dtype),
+        }
+
+    work = (_TENSORS_MOVED[direction] * batch * tokens * channels * dtype.itemsize
+            + _modulation_bytes(batch, channels, False, dtype))
+    return Case(f"{label} B{batch} N{tokens} C{channels}", dtype, direction, make_inputs, work)
+
+
+_LAYER_NORM_SHAPES = (("DiT-XL/2 256px", 32, 256, 1152), ("DiT-XL/2 512px", 8, 1024, 1152),
+                      ("SANA-0.6B 1024px", 4, 1024, 1152), ("SANA-0.6B 2048px", 4, 4096, 1152),
+                      ("SANA-1.6B 1024px", 4, 1024, 2240), ("SANA-1.6B 2048px", 4, 4096, 2240))
+_DIRECTIONS = ("fwd", "fwd+bwd")
+
+
+def _group_norm_cases(quick: bool) -> list:
+    bf16 = torch.bfloat16
+    if quick:
+        return ([_adm_case(32, c, s, "contiguous", bf16, d) for (c, s), d in itertools.product(_ADM_LEVELS[::3], _DIRECTIONS)]
+                + [_stylegan_case(1, s, bf16, d) for s, d in itertools.product((32, 1024), _DIRECTIONS)])
+    adm = [_adm_case(b, c, s, "contiguous", bf16, d)
+           for b, (c, s), d in itertools.product((8, 32, 64), _ADM_LEVELS, _DIRECTIONS)]
+    # ADM samples in float16; channels_last is how a cuDNN-friendly UNet holds its maps.
+    adm += [_adm_case(32, c, s, layout, dtype, d)
+            for (layout, dtype), (c, s), d in itertools.product(
+                (("contiguous", torch.float16), ("channels_last", bf16), ("contiguous", torch.float32)),
+                _ADM_LEVELS, _DIRECTIONS)]
+    stylegan = [_stylegan_case(b, s, bf16, d) for b, s, d in itertools.product((1, 8), _STYLEGAN_SIDES, _DIRECTIONS)]
+    return adm + stylegan
+
+
+def _layer_norm_cases(quick: bool) -> list:
+    shapes = _LAYER_NORM_SHAPES[::3] if quick else _LAYER_NORM_SHAPES
+    return [_layer_norm_case(*shape, torch.bfloat16, d) for shape, d in itertools.product(shapes, _DIRECTIONS)]
+
+
+def _impls(op, reference) -> dict:
+    impls = standard_impls(op, reference)
+    # No CUDA C++ implementation yet: a "cuda" row would silently time the Triton kernels again.
+    del impls["cuda"]
+    return impls
+
+
+def benchmarks(quick: bool = False) -> list:
+    return [
+        Benchmark("ada_group_norm", _group_norm_cases(quick),
+                  _impls(ada_norm.ada_group_norm, ada_norm.ada_group_norm_reference)),
+        Benchmark("ada_layer_norm", _layer_norm_cases(quick),
+                  _impls(ada_norm.ada_layer_norm, ada_norm.ada_layer_norm_reference)),
+    ]

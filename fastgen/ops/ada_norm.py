@@ -1,0 +1,397 @@
+"""Adaptive normalization: AdaGN / AdaIN (group norm) and adaLN (layer norm), each followed by
+a per-sample affine modulation.
+
+`ada_group_norm(x, scale, shift, num_groups, weight=None, bias=None, eps=1e-5, act=None)`,
+x of shape (B, C, *spatial) (any strides; channels_last is read in place), scale and shift
+(B, C), weight and bias (C,) or None. The C channels split into G = num_groups groups of C/G
+consecutive channels. For sample b and group g, mu and var are the mean and the biased
+variance of x over the C/G channels of g and every spatial position; then, per element,
+
+    y = ((x - mu) / sqrt(var + eps) * weight[c] + bias[c]) * (1 + scale[b, c]) + shift[b, c]
+    y = act(y)                              act: None (identity) or "silu" (y * sigmoid(y))
+
+with weight = 1 and bias = 0 when they are None. ADM's AdaGN is G = 32 with an affine
+GroupNorm and SiLU; StyleGAN's AdaIN is G = C (instance norm, one group per channel) with
+no affine and no activation. y has x's dtype, shape and memory format (channels_last in,
+channels_last out; other layouts give a contiguous y).
+
+`ada_layer_norm(x, scale, shift, eps=1e-6)`, x of shape (B, N, C): per token, normalize over
+the C channels (no affine of its own) and modulate with the token's sample:
+
+    y[b, n, :] = (x[b, n, :] - mu[b, n]) / sqrt(var[b, n] + eps) * (1 + scale[b]) + shift[b]
+
+as in DiT's adaLN, SANA's t2i_modulate and VAR's AdaLN. y is contiguous with x's dtype.
+
+Statistics are float32 (float64 for float64 inputs) whatever the input dtype. They stay exact
+for a large mean: the fast kernels subtract a pivot (the group's / row's first element) before
+summing, so neither the mean of shifted values nor (x - pivot) - mean loses digits to the
+offset, and variances are merged tile by tile with Chan's parallel update instead of
+E[x^2] - E[x]^2.
+
+Backward, writing xhat = (x - mu) * rstd (rstd = 1 / sqrt(var + eps)), z the pre-activation
+output, dz = dy * act'(z), u[b, c] = weight[c] * (1 + scale[b, c]) and, per (b, c),
+A = sum over positions of dz, Bc = sum over positions of dz * xhat:
+
+    dshift[b, c] = A                    dscale[b, c] = weight[c] * Bc + bias[c] * A
+    dbias[c] = sum_b (1 + scale) A      dweight[c] = sum_b (1 + scale) Bc
+    dx = rstd * (u dz - mean_group(u A) - xhat * mean_group(u Bc))     (group means over the
+                                                                        group's C/G*S elements)
+
+adaLN is the same with G = 1 per token, u = 1 + scale and sums over the token's channels.
+Each backward is an op of its own (`ada_group_norm_backward`, `ada_layer_norm_backward`) so
+that the fast backward is one graph node under torch.compile; the statistics are recomputed
+there from x rather than saved, so each forward op keeps its single output. The backward ops
+have no autograd formula themselves: first-order gradients only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
+
+ACTIVATIONS = (None, "silu")
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_tensor(op_name: str, name: str, tensor, min_dim: int, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{op_name}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
+    if tensor.dim() < min_dim:
+        raise ValueError(f"{op_name}: {name} must be {layout}, got shape {tuple(tensor.shape)}")
+
+
+def _check_companion(op_name: str, name: str, tensor, x: torch.Tensor, shape: tuple, meaning: str) -> None:
+    """A tensor that travels with x: a tensor of x's dtype and device and the given shape."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{op_name}: {name} must have shape {meaning} = {shape}, got {tuple(tensor.shape)}")
+    if tensor.dtype != x.dtype:
+        raise TypeError(f"{op_name}: {name} dtype {tensor.dtype} must match x dtype {x.dtype}")
+    if tensor.device != x.device:
+        raise ValueError(f"{op_name}: {name} is on {tensor.device} but x is on {x.device}")
+
+
+def _check_eps(op_name: str, eps) -> None:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{op_name}: eps must be a finite number > 0, got {eps!r}")
+
+
+def _check_group_norm_inputs(op_name, x, scale, shift, num_groups, weight, bias, eps, act) -> None:
+    _check_tensor(op_name, "x", x, 2, "(B, C, *spatial)")
+    batch, channels = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"{op_name}: num_groups must be an int >= 1, got {num_groups!r}")
+    if channels % num_groups:
+        raise ValueError(f"{op_name}: channels C={channels} must be divisible by num_groups={num_groups}")
+    if channels // num_groups * math.prod(x.shape[2:]) == 1:
+        raise ValueError(f"{op_name}: each group must hold more than one value (its variance), got C/G * spatial = 1")
+    _check_companion(op_name, "scale", scale, x, (batch, channels), "(B, C)")
+    _check_companion(op_name, "shift", shift, x, (batch, channels), "(B, C)")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None:
+            _check_companion(op_name, name, tensor, x, (channels,), "(C,)")
+    _check_eps(op_name, eps)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{op_name}: act must be None or 'silu', got {act!r}")
+
+
+def _check_layer_norm_inputs(op_name, x, scale, shift, eps) -> None:
+    _check_tensor(op_name, "x", x, 3, "3-D (B, N, C)")
+    if x.dim() != 3:
+        raise ValueError(f"{op_name}: x must be 3-D (B, N, C), got shape {tuple(x.shape)}")
+    batch, _, channels = x.shape
+    _check_companion(op_name, "scale", scale, x, (batch, channels), "(B, C)")
+    _check_companion(op_name, "shift", shift, x, (batch, channels), "(B, C)")
+    _check_eps(op_name, eps)
+
+
+def _check_grad(op_name: str, grad, x: torch.Tensor) -> None:
+    _check_tensor(op_name, "grad", grad, 0, "like x")
+    _check_companion(op_name, "grad", grad, x, tuple(x.shape), "of x")
+
+
+def _like_x(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped like x: channels_last (or channels_last_3d) when x is,
+    contiguous otherwise."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    layout = formats.get(x.dim(), torch.contiguous_format)
+    if x.is_contiguous() or not x.is_contiguous(memory_format=layout):
+        layout = torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
+
+
+def _allocate_group_norm_output(x, scale, shift, num_groups, weight=None, bias=None, eps=1e-5, act=None):
+    _check_group_norm_inputs("ada_group_norm", x, scale, shift, num_groups, weight, bias, eps, act)
+    return _like_x(x)
+
+
+def _allocate_group_norm_gradients(grad, x, scale, shift, num_groups, weight=None, bias=None, eps=1e-5, act=None):
+    """(dx, dscale, dshift, dweight, dbias); dweight and dbias are the gradients the affine
+    parameters would get (weight = 1, bias = 0 when absent): autograd drops them then."""
+    _check_group_norm_inputs("ada_group_norm_backward", x, scale, shift, num_groups, weight, bias, eps, act)
+    _check_grad("ada_group_norm_backward", grad, x)
+    per_channel = x.new_empty(x.shape[1])
+    return _like_x(x), torch.empty_like(scale), torch.empty_like(shift), per_channel, torch.empty_like(per_channel)
+
+
+def _allocate_layer_norm_output(x, scale, shift, eps=1e-6):
+    _check_layer_norm_inputs("ada_layer_norm", x, scale, shift, eps)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _allocate_layer_norm_gradients(grad, x, scale, shift, eps=1e-6):
+    _check_layer_norm_inputs("ada_layer_norm_backward", x, scale, shift, eps)
+    _check_grad("ada_layer_norm_backward", grad, x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(scale), torch.empty_like(shift)
+
+
+def _expand_per_channel(t: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    return t.reshape(*t.shape, *([1] * spatial_dims))
+
+
+def ada_group_norm_reference(x, scale, shift, num_groups, weight=None, bias=None, eps=1e-5, act=None):
+    """The eager formulation as ADM and diffusers write it: GroupNorm, multiply, add, SiLU."""
+    _check_group_norm_inputs("ada_group_norm", x, scale, shift, num_groups, weight, bias, eps, act)
+    spatial_dims = x.dim() - 2
+    if weight is None and bias is not None:
+        # torch's group_norm backward fails on a bias without a weight (torch 2.13): add it here.
+        y = F.group_norm(x, num_groups, None, None, eps) + _expand_per_channel(bias, spatial_dims)
+    else:
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+    y = y * (1 + _expand_per_channel(scale, spatial_dims)) + _expand_per_channel(shift, spatial_dims)
+    return F.silu(y) if act == "silu" else y
+
+
+def ada_layer_norm_reference(x, scale, shift, eps=1e-6):
+    """DiT's eager formulation: LayerNorm without affine, then modulate(x, shift, scale)."""
+    _check_layer_norm_inputs("ada_layer_norm", x, scale, shift, eps)
+    y = F.layer_norm(x, x.shape[-1:], eps=eps)
+    return y * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def ada_group_norm_backward_reference(grad, x, scale, shift, num_groups, weight=None, bias=None, eps=1e-5, act=None):
+    """The backward formulas of the module docstring in eager PyTorch."""
+    _check_group_norm_inputs("ada_group_norm_backward", x, scale, shift, num_groups, weight, bias, eps, act)
+    _check_grad("ada_group_norm_backward", grad, x)
+    compute = _compute_dtype(x.dtype)
+    batch, channels = x.shape[:2]
+    spatial = tuple(range(2, x.dim()))
+    grouped = x.to(compute).reshape(batch, num_groups, -1)
+    mean = grouped.mean(-1, keepdim=True)
+    rstd_per_group = (grouped.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
+    xhat = ((grouped - mean) * rstd_per_group).reshape(x.shape)
+    weight_ = torch.ones(channels, dtype=compute, device=x.device) if weight is None else weight.to(compute)
+    bias_ = torch.zeros(channels, dtype=compute, device=x.device) if bias is None else bias.to(compute)
+    one_plus_scale = 1 + scale.to(compute)
+    u = weight_ * one_plus_scale  # (B, C)
+    dz = grad.to(compute)
+    if act == "silu":
+        z = xhat * _expand_per_channel(u, len(spatial)) + _expand_per_channel(
+            bias_ * one_plus_scale + shift.to(compute), len(spatial))
+        sigmoid = torch.sigmoid(z)
+        dz = dz * sigmoid * (1 + z * (1 - sigmoid))
+    sum_dz = dz.sum(spatial) if spatial else dz
+    sum_dz_xhat = (dz * xhat).sum(spatial) if spatial else dz * xhat
+    per_group = channels // num_groups
+    group_size = per_group * math.prod(x.shape[2:])
+
+    def group_mean(per_channel):  # (B, C) -> each channel gets its group's sum / group size
+        sums = per_channel.reshape(batch, num_groups, per_group).sum(-1) / group_size
+        return _expand_per_channel(sums.repeat_interleave(per_group, dim=1), len(spatial))
+
+    rstd = _expand_per_channel(rstd_per_group.reshape(batch, num_groups).repeat_interleave(per_group, dim=1),
+                               len(spatial))
+    dx = rstd * (_expand_per_channel(u, len(spatial)) * dz - group_mean(u * sum_dz) - xhat * group_mean(u * sum_dz_xhat))
+    dscale = weight_ * sum_dz_xhat + bias_ * sum_dz
+    dweight = (one_plus_scale * sum_dz_xhat).sum(0)
+    dbias = (one_plus_scale * sum_dz).sum(0)
+    return tuple(t.to(x.dtype) for t in (dx, dscale, sum_dz, dweight, dbias))
+
+
+def ada_layer_norm_backward_reference(grad, x, scale, shift, eps=1e-6):
+    """The backward formulas of the module docstring in eager PyTorch."""
+    _check_layer_norm_inputs("ada_layer_norm_backward", x, scale, shift, eps)
+    _check_grad("ada_layer_norm_backward", grad, x)
+    compute = _compute_dtype(x.dtype)
+    x_, grad_ = x.to(compute), grad.to(compute)
+    mean = x_.mean(-1, keepdim=True)
+    rstd = (x_.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
+    xhat = (x_ - mean) * rstd
+    dxhat = grad_ * (1 + scale.to(compute))[:, None, :]
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return tuple(t.to(x.dtype) for t in (dx, (grad_ * xhat).sum(1), grad_.sum(1)))
+
+
+def _group_norm_case(label, shape, num_groups, layout="contiguous", affine=True, act="silu", eps=1e-5):
+    def make_args(device, dtype, generator):
+        x = random_tensor(shape, layout, device, dtype, generator)
+        scale, shift = (random_tensor(shape[:2], "contiguous", device, dtype, generator) for _ in "ab")
+        weight, bias = ((random_tensor(shape[1:2], "contiguous", device, dtype, generator) for _ in "ab")
+                        if affine else (None, None))
+        return (x, scale, shift, num_groups, weight, bias, eps, act)
+
+    return CheckCase(label, make_args)
+
+
+def _layer_norm_case(label, shape, layout="contiguous"):
+    def make_args(device, dtype, generator):
+        x = random_tensor(shape, layout, device, dtype, generator)
+        scale, shift = (random_tensor((shape[0], shape[2]), "contiguous", device, dtype, generator) for _ in "ab")
+        return (x, scale, shift, 1e-6)
+
+    return CheckCase(label, make_args)
+
+
+def _group_norm_cases():
+    return [
+        _group_norm_case("AdaGN G8 C24 9x7 silu", (2, 24, 9, 7), 8),
+        _group_norm_case("AdaGN G4 C16 channels_last", (2, 16, 6, 5), 4, "channels_last"),
+        _group_norm_case("AdaIN G=C 12 sliced", (2, 12, 5, 6), 12, "sliced", affine=False, act=None, eps=1e-8),
+        _group_norm_case("G3 C9 1-D spatial 37", (1, 9, 37), 3),
+    ]
+
+
+def _layer_norm_cases():
+    return [
+        _layer_norm_case("adaLN N17 C72", (2, 17, 72)),
+        _layer_norm_case("adaLN N5 C200 sliced", (1, 5, 200), "sliced"),
+    ]
+
+
+ADA_GROUP_NORM = register(
+    Op(
+        name="ada_group_norm",
+        reference=ada_group_norm_reference,
+        allocate_output=_allocate_group_norm_output,
+        check_cases=_group_norm_cases,
+    )
+)
+ADA_LAYER_NORM = register(
+    Op(
+        name="ada_layer_norm",
+        reference=ada_layer_norm_reference,
+        allocate_output=_allocate_layer_norm_output,
+        check_cases=_layer_norm_cases,
+    )
+)
+# Not in OPS (`fastgen check` drives ops with one output): the backward ops are checked through
+# the forward ops' "bwd" direction, which runs them with the backend forced.
+ADA_GROUP_NORM_BACKWARD = Op(
+    name="ada_group_norm_backward",
+    reference=ada_group_norm_backward_reference,
+    allocate_output=_allocate_group_norm_gradients,
+)
+ADA_LAYER_NORM_BACKWARD = Op(
+    name="ada_layer_norm_backward",
+    reference=ada_layer_norm_backward_reference,
+    allocate_output=_allocate_layer_norm_gradients,
+)
+
+
+@ADA_GROUP_NORM.implement("triton")
+def _group_norm_triton(x, scale, shift, num_groups, weight, bias, eps, act, *, out):
+    from fastgen.kernels import ada_norm as kernels
+
+    kernels.ada_group_norm_forward(x, scale, shift, num_groups, weight, bias, eps, act, out)
+
+
+@ADA_GROUP_NORM_BACKWARD.implement("triton")
+def _group_norm_backward_triton(grad, x, scale, shift, num_groups, weight, bias, eps, act, *, out):
+    from fastgen.kernels import ada_norm as kernels
+
+    kernels.ada_group_norm_backward(grad, x, scale, shift, num_groups, weight, bias, eps, act, *out)
+
+
+@ADA_LAYER_NORM.implement("triton")
+def _layer_norm_triton(x, scale, shift, eps, *, out):
+    from fastgen.kernels import ada_norm as kernels
+
+    kernels.ada_layer_norm_forward(x, scale, shift, eps, out)
+
+
+@ADA_LAYER_NORM_BACKWARD.implement("triton")
+def _layer_norm_backward_triton(grad, x, scale, shift, eps, *, out):
+    from fastgen.kernels import ada_norm as kernels
+
+    kernels.ada_layer_norm_backward(grad, x, scale, shift, eps, *out)
+
+
+@define_custom_op(ADA_GROUP_NORM)
+def ada_group_norm(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    act: Optional[str] = None,
+) -> torch.Tensor:
+    """act(GroupNorm(x) * (1 + scale) + shift), statistics per (sample, group) (module docstring)."""
+
+
+@define_custom_op(ADA_GROUP_NORM_BACKWARD)
+def ada_group_norm_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    act: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dscale, dshift, dweight, dbias) of ada_group_norm for the output gradient `grad`."""
+
+
+@define_custom_op(ADA_LAYER_NORM)
+def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale[b]) + shift[b] per token (module docstring)."""
+
+
+@define_custom_op(ADA_LAYER_NORM_BACKWARD)
+def ada_layer_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dscale, dshift) of ada_layer_norm for the output gradient `grad`."""
+
+
+def _group_norm_setup_context(ctx, inputs, output):
+    x, scale, shift, num_groups, weight, bias, eps, act = inputs
+    ctx.save_for_backward(x, scale, shift, weight, bias)
+    ctx.options = dict(num_groups=num_groups, eps=eps, act=act)
+
+
+def _group_norm_backward(ctx, grad):
+    x, scale, shift, weight, bias = ctx.saved_tensors
+    dx, dscale, dshift, dweight, dbias = ada_group_norm_backward(
+        grad, x, scale, shift, weight=weight, bias=bias, **ctx.options)
+    return (dx, dscale, dshift, None, dweight if weight is not None else None,
+            dbias if bias is not None else None, None, None)
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, scale, shift, ctx.eps = inputs
+    ctx.save_for_backward(x, scale, shift)
+
+
+def _layer_norm_backward(ctx, grad):
+    x, scale, shift = ctx.saved_tensors
+    dx, dscale, dshift = ada_layer_norm_backward(grad, x, scale, shift, ctx.eps)
+    return dx, dscale, dshift, None
+
+
+register_autograd(ada_group_norm, _group_norm_backward, _group_norm_setup_context)
+register_autograd(ada_layer_norm, _layer_norm_backward, _layer_norm_setup_context)

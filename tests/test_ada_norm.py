@@ -1,0 +1,425 @@
+"""Adaptive group / layer norm: every implementation against the float64 reference (fused and
+split statistics paths), large-mean inputs, gradients, determinism, errors."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastgen
+from fastgen.check import mismatch
+from fastgen.ops.ada_norm import (
+    ADA_GROUP_NORM,
+    ADA_GROUP_NORM_BACKWARD,
+    ADA_LAYER_NORM,
+    ADA_LAYER_NORM_BACKWARD,
+    ada_group_norm,
+    ada_group_norm_backward,
+    ada_group_norm_reference,
+    ada_layer_norm,
+    ada_layer_norm_reference,
+)
+from fastgen.ops.registry import random_tensor
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU = torch.device("cpu")
+_HYPOTHESIS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _devices():
+    return [pytest.param(CPU, id="cpu-triton-interpreter"),
+            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+
+
+def _kernels():
+    from fastgen.kernels import ada_norm
+
+    return ada_norm
+
+
+def _upcast(values):
+    return tuple(v.detach().double() if isinstance(v, torch.Tensor) else v for v in values)
+
+
+def _assert_close_to(actual, expected, what):
+    _, detail = mismatch(actual, expected)
+    assert not detail, f"{what}: {detail}"
+
+
+def _poisoned(outputs):
+    for tensor in outputs if isinstance(outputs, tuple) else (outputs,):
+        tensor.fill_(float("nan"))
+    return outputs
+
+
+@st.composite
+def group_norm_inputs(draw, device, generator):
+    """Positional ada_group_norm args: odd channel and spatial sizes, 0 to 3 spatial dims,
+    AdaGN (affine, SiLU) or AdaIN (G = C, plain), every layout and dtype."""
+    dtype = draw(st.sampled_from(DTYPES))
+    groups, per_group = draw(st.integers(1, 5)), draw(st.sampled_from([1, 2, 3, 5, 8, 33]))
+    spatial = tuple(draw(st.lists(st.integers(1, 9), min_size=0, max_size=3)))
+    if per_group * math.prod(spatial) == 1:
+        spatial = (2,)  # a group of one value has no variance: rejected (see the error tests)
+    shape = (draw(st.integers(1, 3)), groups * per_group, *spatial)
+    layouts = ["contiguous", "sliced"] + (["channels_last"] if len(shape) == 4 else [])
+    layout = draw(st.sampled_from(layouts)) if spatial else "contiguous"
+    x = random_tensor(shape, layout, device, dtype, generator)
+    scale, shift = (random_tensor(shape[:2], draw(st.sampled_from(["contiguous", "sliced"])), device, dtype, generator)
+                    for _ in "ab")
+    weight = random_tensor(shape[1:2], "sliced", device, dtype, generator) if draw(st.booleans()) else None
+    bias = random_tensor(shape[1:2], "contiguous", device, dtype, generator) if draw(st.booleans()) else None
+    eps, act = draw(st.sampled_from([1e-5, 1e-8, 0.5])), draw(st.sampled_from([None, "silu"]))
+    return x, scale, shift, groups, weight, bias, eps, act
+
+
+@st.composite
+def layer_norm_inputs(draw, device, generator):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.sampled_from([1, 7, 32, 72, 200])))
+    x = random_tensor(shape, draw(st.sampled_from(["contiguous", "sliced"])), device, dtype, generator)
+    scale, shift = (random_tensor((shape[0], shape[2]), "sliced", device, dtype, generator) for _ in "ab")
+    return x, scale, shift, draw(st.sampled_from([1e-6, 1e-3]))
+
+
+# None lets the launcher choose (fused on these sizes); k forces the split-statistics path
+# with chunks of about S / k positions (sizes round up to powers of two: 1 to k chunks).
+_SPLITS = st.sampled_from([None, None, 2, 3, 7])
+
+
+def _chunk_size(x, splits):
+    return None if splits is None else -(-math.prod(x.shape[2:]) // splits)
+
+
+def test_chunk_size_forces_the_split_path():
+    plan = _kernels()._GroupPlan(torch.empty(2, 12, 90), num_groups=3, chunk_size=7)
+    assert not plan.fused and (plan.chunk, plan.num_chunks) == (8, 12)
+    assert _kernels()._GroupPlan(torch.empty(2, 12, 90), num_groups=3).fused
+
+
+def _run_group_norm(args, chunk_size=None):
+    out = _poisoned(ADA_GROUP_NORM.allocate_output(*args))
+    if chunk_size is None:
+        ADA_GROUP_NORM.implementations["triton"].run(*args, out=out)
+    else:
+        _kernels().ada_group_norm_forward(*args, out, chunk_size=chunk_size)
+    return out
+
+
+def _run_group_norm_backward(grad, args, chunk_size):
+    grads = _poisoned(ADA_GROUP_NORM_BACKWARD.allocate_output(grad, *args))
+    if chunk_size is None:
+        ADA_GROUP_NORM_BACKWARD.implementations["triton"].run(grad, *args, out=grads)
+    else:
+        _kernels().ada_group_norm_backward(grad, *args, *grads, chunk_size=chunk_size)
+    return grads
+
+
+def _reference_gradients(reference, grad, args, tensor_positions):
+    """Gradients of the float64 reference by autograd, for the args at tensor_positions."""
+    upcast = list(_upcast(args))
+    absent = {4: torch.ones, 5: torch.zeros}  # weight, bias: the gradient they would get
+    leaves = []
+    for i in tensor_positions:
+        if upcast[i] is None:
+            upcast[i] = absent[i](args[0].shape[1], dtype=torch.float64, device=args[0].device)
+        upcast[i].requires_grad_()
+        leaves.append(upcast[i])
+    return torch.autograd.grad(reference(*upcast), leaves, grad.double())
+
+
+_GROUP_GRAD_NAMES = ("dx", "dscale", "dshift", "dweight", "dbias")
+
+
+@pytest.mark.parametrize("device", _devices())
+@_HYPOTHESIS
+@given(data=st.data())
+def test_group_norm_forward_matches_reference(device, data, generator):
+    args = data.draw(group_norm_inputs(device, generator))
+    out = _run_group_norm(args, _chunk_size(args[0], data.draw(_SPLITS)))
+    _assert_close_to(out, ada_group_norm_reference(*_upcast(args)), "y")
+
+
+@pytest.mark.parametrize("device", _devices())
+@_HYPOTHESIS
+@given(data=st.data())
+def test_group_norm_backward_kernel_matches_reference(device, data, generator):
+    args = data.draw(group_norm_inputs(device, generator))
+    grad = random_tensor(tuple(args[0].shape), "contiguous", device, args[0].dtype, generator)
+    grads = _run_group_norm_backward(grad, args, _chunk_size(args[0], data.draw(_SPLITS)))
+    expected = _reference_gradients(ada_group_norm_reference, grad, args, (0, 1, 2, 4, 5))
+    for name, actual, reference in zip(_GROUP_GRAD_NAMES, grads, expected):
+        _assert_close_to(actual, reference, name)
+
+
+@pytest.mark.parametrize("device", _devices())
+@_HYPOTHESIS
+@given(data=st.data())
+def test_layer_norm_forward_and_backward_kernels_match_reference(device, data, generator):
+    args = data.draw(layer_norm_inputs(device, generator))
+    out = _poisoned(ADA_LAYER_NORM.allocate_output(*args))
+    ADA_LAYER_NORM.implementations["triton"].run(*args, out=out)
+    _assert_close_to(out, ada_layer_norm_reference(*_upcast(args)), "y")
+    grad = random_tensor(tuple(args[0].shape), "sliced", device, args[0].dtype, generator)
+    grads = _poisoned(ADA_LAYER_NORM_BACKWARD.allocate_output(grad, *args))
+    ADA_LAYER_NORM_BACKWARD.implementations["triton"].run(grad, *args, out=grads)
+    expected = _reference_gradients(ada_layer_norm_reference, grad, args, (0, 1, 2))
+    for name, actual, reference in zip(("dx", "dscale", "dshift"), grads, expected):
+        _assert_close_to(actual, reference, name)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16, 64])
+def test_group_norm_statistics_survive_a_large_mean(chunk_size, generator):
+    """mean 1e3, std 1e-2 in float32: the group's values agree in their first 5 digits, so
+    E[x^2] - E[x]^2 (or even a float32 mean) would lose most of the normalized value."""
+    x = 1e3 + 1e-2 * torch.randn(2, 8, 12, 11, generator=generator)
+    scale, shift, weight, bias = (torch.randn(*s, generator=generator) for s in ((2, 8), (2, 8), (8,), (8,)))
+    args = (x, scale, shift, 2, weight, bias, 1e-5, "silu")
+    _assert_close_to(_run_group_norm(args, chunk_size), ada_group_norm_reference(*_upcast(args)), "y")
+    grad = torch.randn(x.shape, generator=generator)
+    grads = _run_group_norm_backward(grad, args, chunk_size)
+    expected = _reference_gradients(ada_group_norm_reference, grad, args, (0, 1, 2, 4, 5))
+    # dx scales with rstd = 100: compare relative to its size.
+    _assert_close_to(grads[0] / 100, expected[0] / 100, "dx / 100")
+    for name, actual, reference in zip(_GROUP_GRAD_NAMES[1:], grads[1:], expected[1:]):
+        _assert_close_to(actual, reference, name)
+
+
+def test_layer_norm_statistics_survive_a_large_mean(generator):
+    x = 1e3 + 1e-2 * torch.randn(2, 9, 96, generator=generator)
+    scale, shift = (torch.randn(2, 96, generator=generator) for _ in "ab")
+    with fastgen.use_backend("triton"):
+        out = ada_layer_norm(x, scale, shift)
+    _assert_close_to(out, ada_layer_norm_reference(*_upcast((x, scale, shift))), "y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_mean_in_16_bit_stays_finite(dtype, generator):
+    """At 1e3 a 16-bit format cannot hold a 1e-2 spread: groups become (nearly) constant, and
+    the output must be the modulated bias, not NaN."""
+    x = (1e3 + 1e-2 * torch.randn(2, 4, 5, 5, generator=generator)).to(dtype)
+    scale, shift, bias = (torch.randn(*s, generator=generator).to(dtype) for s in ((2, 4), (2, 4), (4,)))
+    args = (x, scale, shift, 2, None, bias, 1e-5, None)
+    _assert_close_to(_run_group_norm(args), ada_group_norm_reference(*_upcast(args)), "y")
+
+
+def test_large_groups_take_the_split_path():
+    """A 256 x 256 x 32-element group is reduced by many programs, not serially by one."""
+    x3 = torch.empty(2, 64, 256 * 256, device="meta")
+    plan = _kernels()._GroupPlan(x3, num_groups=2)
+    assert not plan.fused and plan.num_chunks >= 16
+    assert plan.num_chunks * plan.chunk >= 256 * 256 > (plan.num_chunks - 1) * plan.chunk
+    small = _kernels()._GroupPlan(torch.empty(2, 64, 8 * 8, device="meta"), num_groups=32)
+    assert small.fused
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_split_path_is_deterministic_and_agrees_with_fused(device, generator):
+    args = (random_tensor((2, 12, 10, 9), "channels_last", device, torch.float32, generator),
+            *(random_tensor(s, "contiguous", device, torch.float32, generator) for s in ((2, 12), (2, 12), (12,), (12,))))
+    args = (*args[:3], 3, *args[3:], 1e-5, "silu")
+    grad = random_tensor((2, 12, 10, 9), "contiguous", device, torch.float32, generator)
+    runs = [(_run_group_norm(args, chunk), *_run_group_norm_backward(grad, args, chunk)) for chunk in (7, 7, None)]
+    for first, second, fused in zip(*runs):
+        assert torch.equal(first, second)
+        torch.testing.assert_close(first, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_matches_the_adm_formulation(generator):
+    """ADM's ResBlock with use_scale_shift_norm: out_norm(h) * (1 + scale) + shift, SiLU."""
+    norm = torch.nn.GroupNorm(4, 16)
+    torch.nn.init.normal_(norm.weight, generator=generator)
+    torch.nn.init.normal_(norm.bias, generator=generator)
+    h = torch.randn(2, 16, 6, 6, generator=generator)
+    scale, shift = torch.randn(2, 32, 1, 1, generator=generator).chunk(2, dim=1)
+    expected = torch.nn.functional.silu(norm(h) * (1 + scale) + shift)
+    with torch.no_grad(), fastgen.use_backend("triton"):
+        out = ada_group_norm(h, scale[:, :, 0, 0], shift[:, :, 0, 0], 4, norm.weight, norm.bias, norm.eps, "silu")
+    torch.testing.assert_close(out, expected)
+
+
+def test_custom_op_gradcheck(generator):
+    """The registered autograd against finite differences in float64: AdaGN with affine and
+    SiLU, AdaIN without, and adaLN."""
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    with fastgen.use_backend("reference"):
+        assert torch.autograd.gradcheck(
+            lambda *t: ada_group_norm(t[0], t[1], t[2], 2, t[3], t[4], 1e-5, "silu"),
+            (leaf(2, 6, 3, 2), leaf(2, 6), leaf(2, 6), leaf(6), leaf(6)))
+        assert torch.autograd.gradcheck(lambda *t: ada_group_norm(*t, 3, eps=1e-8),
+                                        (leaf(1, 3, 5), leaf(1, 3), leaf(1, 3)))
+        assert torch.autograd.gradcheck(ada_layer_norm, (leaf(2, 3, 5), leaf(2, 5), leaf(2, 5)))
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_autograd_runs_the_triton_backward(device, dtype, generator):
+    """Gradients through the custom ops with the Triton backend (backward called after the
+    use_backend block) against the float64 reference; absent weight gets no gradient."""
+    shapes = ((2, 8, 5, 3), (2, 8), (2, 8), (8,), (2, 11, 24), (2, 24), (2, 24))
+    leaves = [random_tensor(shape, "channels_last" if len(shape) == 4 else "contiguous", device, dtype, generator)
+              .requires_grad_() for shape in shapes]
+
+    def both_ops(x, scale, shift, bias, tokens, token_scale, token_shift, group_norm, layer_norm):
+        return (group_norm(x, scale, shift, 4, None, bias, 1e-5, "silu"),
+                layer_norm(tokens, token_scale, token_shift))
+
+    with fastgen.use_backend("triton"):
+        outputs = both_ops(*leaves, ada_group_norm, ada_layer_norm)
+    grads = [random_tensor(tuple(out.shape), "contiguous", device, dtype, generator) for out in outputs]
+    torch.autograd.backward(outputs, grads)
+    leaves64 = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    outputs64 = both_ops(*leaves64, ada_group_norm_reference, ada_layer_norm_reference)
+    expected = torch.autograd.grad(outputs64, leaves64, [g.double() for g in grads])
+    names = ("x", "scale", "shift", "bias", "tokens", "token scale", "token shift")
+    for name, leaf, reference in zip(names, leaves, expected):
+        _assert_close_to(leaf.grad, reference, f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_output_keeps_channels_last_and_broadcast_gradients_work(backend, generator):
+    """y.sum().backward() hands the backward an expanded gradient with all strides 0."""
+    x = torch.randn(1, 8, 4, 6, generator=generator).contiguous(memory_format=torch.channels_last).requires_grad_()
+    scale, shift = torch.randn(1, 8, generator=generator), torch.randn(1, 8, generator=generator)
+    with fastgen.use_backend(backend):
+        y = ada_group_norm(x, scale, shift, 2, act="silu")
+        y.sum().backward()
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    x64 = x.detach().double().requires_grad_()
+    ada_group_norm_reference(x64, scale.double(), shift.double(), 2, act="silu").sum().backward()
+    _assert_close_to(x.grad, x64.grad, "grad of x")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last_3d"])
+def test_other_dense_layouts(layout, generator):
+    """A permuted view whose spatial dims do not flatten (read through a copy, y contiguous) and
+    a 5-D channels_last_3d map (read in place, y keeps the layout)."""
+    if layout == "transposed":
+        x = torch.randn(2, 6, 5, 4, generator=generator).transpose(2, 3)
+    else:
+        x = torch.randn(2, 6, 3, 4, 5, generator=generator).contiguous(memory_format=torch.channels_last_3d)
+    args = (x, *(torch.randn(2, 6, generator=generator) for _ in "ab"), 3, None, None, 1e-5, "silu")
+    out = _run_group_norm(args)
+    _assert_close_to(out, ada_group_norm_reference(*_upcast(args)), "y")
+    assert out.is_contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.contiguous_format)
+
+
+def test_torch_compile_fullgraph_forward_and_backward(generator):
+    """Forward and backward ops trace into one graph each (no graph break) and agree with eager."""
+    x = torch.randn(2, 8, 4, 4, generator=generator, requires_grad=True)
+    tokens = torch.randn(2, 5, 8, generator=generator, requires_grad=True)
+    scale, shift = (torch.randn(2, 8, generator=generator, requires_grad=True) for _ in "ab")
+
+    def block(x, tokens, scale, shift):
+        h = ada_group_norm(x * 2.0, scale, shift, 4, act="silu")
+        return h.square().sum() + ada_layer_norm(tokens, scale, shift).square().sum()
+
+    inputs = (x, tokens, scale, shift)
+    with fastgen.use_backend("triton"):
+        expected = torch.autograd.grad(block(*inputs), inputs)
+        actual = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(*inputs), inputs)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+def _gn_args(x_shape=(2, 8, 4, 4), groups=4, **changes):
+    args = dict(x=torch.ones(x_shape), scale=torch.ones(x_shape[:2]), shift=torch.ones(x_shape[:2]),
+                num_groups=groups, weight=None, bias=None, eps=1e-5, act=None)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (_gn_args(x=torch.ones(2, 8, 4, 4, dtype=torch.int32)), TypeError, "x must be float32, float16, bfloat16 or float64"),
+        (_gn_args(x=torch.ones(8)), ValueError, r"x must be \(B, C, \*spatial\), got shape \(8,\)"),
+        (_gn_args(groups=0), ValueError, "num_groups must be an int >= 1, got 0"),
+        (_gn_args(groups=3), ValueError, "channels C=8 must be divisible by num_groups=3"),
+        (_gn_args(scale=torch.ones(2, 4)), ValueError, r"scale must have shape \(B, C\) = \(2, 8\), got \(2, 4\)"),
+        (_gn_args(x_shape=(2, 8), groups=8), ValueError, r"each group must hold more than one value"),
+        (_gn_args(shift=torch.ones(2, 8, dtype=torch.float16)), TypeError, "shift dtype torch.float16 must match x dtype"),
+        (_gn_args(weight=torch.ones(4)), ValueError, r"weight must have shape \(C,\) = \(8,\), got \(4,\)"),
+        (_gn_args(bias=torch.ones(8, device="meta")), ValueError, "bias is on meta but x is on cpu"),
+        (_gn_args(scale=[1.0]), TypeError, "scale must be a torch.Tensor, got list"),
+        (_gn_args(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+        (_gn_args(act="relu"), ValueError, "act must be None or 'silu', got 'relu'"),
+    ],
+)
+def test_group_norm_bad_input_gets_a_clear_error(args, error, message):
+    with pytest.raises(error, match=message):
+        ada_group_norm_reference(**args)
+    if isinstance(args["scale"], torch.Tensor):  # the op's schema rejects a list before fastgen does
+        with pytest.raises(error, match=message):
+            ada_group_norm(**args)
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        ((torch.ones(2, 3, 4, 1), torch.ones(2, 4), torch.ones(2, 4)), ValueError,
+         r"x must be 3-D \(B, N, C\), got shape \(2, 3, 4, 1\)"),
+        ((torch.ones(2, 3, 4), torch.ones(2, 4), torch.ones(1, 4)), ValueError,
+         r"shift must have shape \(B, C\) = \(2, 4\), got \(1, 4\)"),
+        ((torch.ones(2, 3, 4), torch.ones(2, 4), torch.ones(2, 4), float("nan")), ValueError, "eps must be a finite number"),
+    ],
+)
+def test_layer_norm_bad_input_gets_a_clear_error(args, error, message):
+    for function in (ada_layer_norm, ada_layer_norm_reference):
+        with pytest.raises(error, match=message):
+            function(*args)
+
+
+def test_backward_op_checks_the_gradient():
+    args = _gn_args()
+    with pytest.raises(ValueError, match=r"grad must have shape of x = \(2, 8, 4, 4\), got \(2, 8, 4\)"):
+        ada_group_norm_backward(torch.ones(2, 8, 4), *args.values())
+
+
+def test_layer_norm_kernel_says_which_widths_it_supports():
+    x = torch.ones(1, 1, 16385)
+    with fastgen.use_backend("triton"), pytest.raises(ValueError, match="support C <= 16384, got C=16385"):
+        ada_layer_norm(x, torch.ones(1, 16385), torch.ones(1, 16385))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, groups, affine", [
+    ((8, 256, 64, 64), 32, True),  # ADM imagenet256 ResBlock at 64 px: fused path
+    ((1, 32, 512, 512), 32, False),  # StyleGAN AdaIN at 512 px: split path
+])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_model_shapes_on_gpu(shape, groups, affine, layout, generator):
+    device = torch.device("cuda")
+    x = random_tensor(shape, layout, device, torch.bfloat16, generator).requires_grad_()
+    scale, shift = (random_tensor(shape[:2], "contiguous", device, torch.bfloat16, generator).requires_grad_()
+                    for _ in "ab")
+    weight, bias = ((random_tensor(shape[1:2], "contiguous", device, torch.bfloat16, generator).requires_grad_()
+                     for _ in "ab") if affine else (None, None))
+    args = (x, scale, shift, groups, weight, bias, 1e-5, "silu" if affine else None)
+    with fastgen.use_backend("triton"):
+        y = ada_group_norm(*args)
+    _assert_close_to(y, ada_group_norm_reference(*_upcast(args)), "y")
+    grad = torch.randn(shape, generator=generator).to(device, torch.bfloat16)
+    y.backward(grad)
+    positions = (0, 1, 2, 4, 5) if affine else (0, 1, 2)
+    expected = _reference_gradients(ada_group_norm_reference, grad, args, positions)
+    for i, reference in zip(positions, expected):
+        _assert_close_to(args[i].grad, reference, f"grad of argument {i}")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_with_new_inputs(generator):
+    x = torch.randn(4, 256, 32, 32, generator=generator).cuda()
+    scale, shift = torch.randn(4, 256, generator=generator).cuda(), torch.randn(4, 256, generator=generator).cuda()
+    with fastgen.use_backend("triton"):
+        ada_group_norm(x, scale, shift, 32, act="silu")  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = ada_group_norm(x, scale, shift, 32, act="silu")
+    x.copy_(torch.randn(x.shape, generator=generator))
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_close_to(y, ada_group_norm_reference(*_upcast((x, scale, shift)), 32, act="silu"), "y")
