@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
+from fastgen.ops.ada_norm import ada_layer_norm
 from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.linear_attention import linear_attention
 
@@ -129,13 +130,6 @@ DEFAULT_GUIDANCE_SCALE = 4.5
 DEFAULT_FLOW_SHIFT = 3.0
 # The network takes timesteps in [0, 1000]; the flow time runs over [0, 1].
 TIMESTEP_RANGE = 1000.0
-
-
-def _ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
-    """t2i_modulate(LayerNorm(x)): x (B, N, C), scale and shift (B, C). Same signature as the
-    planned `fastgen.ops.ada_layer_norm`, which will replace it."""
-    normalized = F.layer_norm(x, x.shape[-1:], eps=eps)
-    return normalized * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def _sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -299,10 +293,10 @@ class SanaBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table + modulation.unflatten(1, (6, -1))
         ).unbind(1)
-        attended = self.attn1(_ada_layer_norm(x, scale_msa, shift_msa, self.norm_eps))
+        attended = self.attn1(ada_layer_norm(x, scale_msa, shift_msa, self.norm_eps))
         x = x + gate_msa.unsqueeze(1) * attended
         x = x + self.attn2(x, caption, caption_mask)
-        fed = self.ff(_ada_layer_norm(x, scale_mlp, shift_mlp, self.norm_eps), *grid)
+        fed = self.ff(ada_layer_norm(x, scale_mlp, shift_mlp, self.norm_eps), *grid)
         return x + gate_mlp.unsqueeze(1) * fed
 
 
@@ -362,7 +356,7 @@ class SanaTransformer(nn.Module):
             x = block(x, caption, caption_mask, modulation, grid)
 
         shift, scale = (self.scale_shift_table + embedding.unsqueeze(1)).unbind(1)
-        x = self.proj_out(_ada_layer_norm(x, scale, shift, eps=1e-6))
+        x = self.proj_out(ada_layer_norm(x, scale, shift, eps=1e-6))
         # Each token holds its patch as (row, column, channel).
         patches = x.view(batch, *grid, p, p, self.config.out_channels)
         return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch, -1, height, width)
