@@ -1,4 +1,4 @@
-"""The `fastgen` command: info, check, bench."""
+"""The `fastgen` command: info, check, bench, bench compare."""
 from __future__ import annotations
 
 import argparse
@@ -85,6 +85,12 @@ def _bench(args) -> int:
     return bench.run_from_args(args)
 
 
+def _bench_compare(args) -> int:
+    from fastgen.bench import compare
+
+    return compare.run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=_bench)
+    # Optional, so `fastgen bench [--quick ...]` still runs the suite; its defaults override run=_bench.
+    bench_commands = bench_parser.add_subparsers(dest="bench_command", metavar="{compare}")
+    compare_parser = bench_commands.add_parser(
+        "compare", help="compare two result files: regressions beyond noise, status changes, missing rows")
+    from fastgen.bench import compare
+
+    compare.add_arguments(compare_parser)
+    compare_parser.set_defaults(run=_bench_compare)
     return parser
 
 

@@ -52,3 +52,20 @@ def test_console_script_is_installed():
     assert script, f"pip install put no `fastgen` script beside {sys.executable}"
     result = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "info" in result.stdout and "bench" in result.stdout
+
+
+def test_bench_compare_subcommand(tmp_path, capsys):
+    from fastgen.bench import harness
+
+    def write(directory, ms):
+        row = {"name": "op", "impl": "triton", "shape": "s", "dtype": "float32", "direction": "fwd", "ms": ms,
+               "ms_p20": ms * 0.99, "ms_p80": ms * 1.01, "gbps": 1.0, "fraction_of_ceiling": 0.5,
+               "speedup_vs_eager": 1.0, "max_abs_err": 0.0, "status": "ok"}
+        meta = {"gpu": "NVIDIA H100", "driver": "1", "torch": "t", "triton": "t", "cuda": "c", "commit": "c",
+                "timestamp": "t", "ceilings": {"copy_gbps": 1.0, "bf16_matmul_tflops": 1.0}}
+        return harness.write_results([row], meta, tmp_path / directory)["json"]
+
+    old, new = write("old", 1.0), write("new", 2.0)
+    assert cli.main(["bench", "compare", str(old), str(new)]) == 1
+    assert "regression" in capsys.readouterr().out.lower()
+    assert cli.main(["bench", "compare", str(old), str(old)]) == 0
