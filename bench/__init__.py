@@ -13,9 +13,19 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import harness, models_sana, ops_ada_norm, ops_cross_attention, ops_linear_attention, ops_shortcut, ops_stylegan, ops_vq
+from . import (
+    harness,
+    models_sana,
+    ops_ada_norm,
+    ops_cross_attention,
+    ops_linear_attention,
+    ops_rms_norm_2d,
+    ops_shortcut,
+    ops_stylegan,
+    ops_vq,
+)
 
-MODULES = (ops_shortcut, ops_linear_attention, ops_cross_attention, ops_vq, ops_stylegan, ops_ada_norm, models_sana)
+MODULES = (ops_shortcut, ops_linear_attention, ops_cross_attention, ops_vq, ops_stylegan, ops_ada_norm, ops_rms_norm_2d, models_sana)
 
 
 def benchmarks(quick: bool = False) -> list:

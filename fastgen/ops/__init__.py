@@ -2,7 +2,16 @@
 
 Importing this package registers every op as `torch.ops.fastgen.<name>`.
 """
-from fastgen.ops import ada_norm, bias_act, cross_attention, linear_attention, shortcut, upfirdn2d, vq
+from fastgen.ops import (
+    ada_norm,
+    bias_act,
+    cross_attention,
+    linear_attention,
+    rms_norm_2d,
+    shortcut,
+    upfirdn2d,
+    vq,
+)
 from fastgen.ops.registry import OPS
 
-__all__ = ["OPS", "ada_norm", "bias_act", "cross_attention", "linear_attention", "shortcut", "upfirdn2d", "vq"]
+__all__ = ["OPS", "ada_norm", "bias_act", "cross_attention", "linear_attention", "rms_norm_2d", "shortcut", "upfirdn2d", "vq"]

@@ -1,0 +1,158 @@
+"""trms2d (channel RMSNorm): every implementation against the float64 reference, gradients, errors."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastgen
+from fastgen.check import mismatch
+from fastgen.ops.registry import random_tensor
+from fastgen.ops.rms_norm_2d import (
+    TRMS2D,
+    TRMS2D_BACKWARD,
+    trms2d,
+    trms2d_backward_reference,
+    trms2d_reference,
+)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("contiguous", "channels_last", "sliced")
+CPU = torch.device("cpu")
+
+
+def _devices():
+    return [pytest.param(CPU, id="cpu-triton-interpreter"),
+            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+
+
+def _problem(device, dtype, shape, layout, affine, generator):
+    x = random_tensor(shape, layout, device, dtype, generator)
+    weight, bias = (random_tensor(shape[1:2], "contiguous", device, dtype, generator) if present else None
+                    for present in affine)
+    return x, weight, bias
+
+
+def _assert_matches_reference(op, reference, args):
+    """The Triton implementation, writing into NaN-poisoned outputs, against float64."""
+    out = op.allocate_output(*args)
+    for tensor in out if isinstance(out, tuple) else (out,):
+        tensor.fill_(float("nan"))
+    op.implementations["triton"].run(*args, out=out)
+    upcast = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
+    expected = reference(*upcast)
+    pairs = zip(out, expected) if isinstance(out, tuple) else [(out, expected)]
+    for actual, wanted in pairs:
+        _, detail = mismatch(actual, wanted)
+        assert not detail, detail
+
+
+@st.composite
+def problems(draw):
+    shape = (draw(st.integers(1, 2)), draw(st.sampled_from([1, 3, 16, 37, 130])),
+             draw(st.integers(1, 5)), draw(st.integers(1, 9)))
+    affine = (draw(st.booleans()), draw(st.booleans()))
+    return shape, draw(st.sampled_from(LAYOUTS)), affine, draw(st.sampled_from(DTYPES))
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("op, reference", [(TRMS2D, trms2d_reference), (TRMS2D_BACKWARD, trms2d_backward_reference)],
+                         ids=["forward", "backward"])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems(), eps=st.sampled_from([1e-5, 1e-2]))
+def test_kernels_match_reference(device, op, reference, problem, eps, generator):
+    shape, layout, affine, dtype = problem
+    x, weight, bias = _problem(device, dtype, shape, layout, affine, generator)
+    args = (x, weight, bias, eps)
+    if op is TRMS2D_BACKWARD:
+        args = (random_tensor(shape, layout, device, dtype, generator), *args)
+    _assert_matches_reference(op, reference, args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_matches_the_diffusers_formulation(backend, generator):
+    """DC-AE's norm: diffusers' RMSNorm (fp32 mean square, eps inside the root, weight then
+    bias) over channels moved last, in float32 where rounding order does not matter."""
+    x = torch.randn(2, 24, 5, 6, generator=generator)
+    weight, bias = torch.randn(24, generator=generator), torch.randn(24, generator=generator)
+    h = x.movedim(1, -1)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+    expected = (h * weight + bias).movedim(-1, 1)
+    with fastgen.use_backend(backend):
+        torch.testing.assert_close(trms2d(x, weight, bias), expected)
+
+
+def test_output_keeps_channels_last(generator):
+    x = random_tensor((2, 8, 3, 5), "channels_last", CPU, torch.float32, generator)
+    with fastgen.use_backend("triton"):
+        y = trms2d(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
+def test_custom_op_gradients_gradcheck(generator):
+    """The registered autograd (the analytic backward op) against finite differences in float64."""
+    x, weight, bias = (t.requires_grad_() for t in _problem(CPU, torch.float64, (2, 5, 3, 2), "sliced",
+                                                                (True, True), generator))
+    with fastgen.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda *a: trms2d(*a, eps=1e-3), (x, weight, bias))
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, affine", [("contiguous", (True, True)), ("channels_last", (True, False)),
+                                            ("sliced", (False, True))])
+def test_autograd_matches_reference_autograd(device, dtype, layout, affine, generator):
+    """The Triton custom op's gradients against autograd through the eager reference in float64."""
+    shape = (2, 33, 3, 7)
+    inputs = [t for t in _problem(device, dtype, shape, layout, affine, generator) if t is not None]
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    for t in inputs:
+        t.requires_grad_()
+    weight, bias = (inputs[1] if affine[0] else None), (inputs[-1] if affine[1] else None)
+    weight64, bias64 = (inputs64[1] if affine[0] else None), (inputs64[-1] if affine[1] else None)
+    grad = torch.randn(shape, generator=generator).to(device, dtype)
+    with fastgen.use_backend("triton"):
+        trms2d(inputs[0], weight, bias).backward(grad)
+    trms2d_reference(inputs64[0], weight64, bias64).backward(grad.double())
+    for actual, expected in zip(inputs, inputs64):
+        _, detail = mismatch(actual.grad, expected.grad)
+        assert not detail, detail
+
+
+def test_backward_accepts_broadcast_gradients(generator):
+    """y.sum().backward() hands the backward an expanded gradient with all strides 0."""
+    x = torch.randn(1, 6, 3, 4, generator=generator, requires_grad=True)
+    bias = torch.randn(6, generator=generator, requires_grad=True)
+    with fastgen.use_backend("triton"):
+        trms2d(x, None, bias).sum().backward()
+    torch.testing.assert_close(bias.grad, torch.full_like(bias, 12.0))
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: trms2d_reference([1.0]), TypeError, "x must be a torch.Tensor"),
+        (lambda: trms2d(torch.ones(1, 4, 2, 2, dtype=torch.int32)), TypeError, "x must be float32"),
+        (lambda: trms2d(torch.ones(4, 2, 2)), ValueError, "x must be 4-D"),
+        (lambda: trms2d(torch.ones(1, 0, 2, 2)), ValueError, "x must have at least one channel"),
+        (lambda: trms2d(torch.ones(1, 4, 2, 2), torch.ones(3)), ValueError, r"weight must have shape \(C,\)"),
+        (lambda: trms2d(torch.ones(1, 4, 2, 2), None, torch.ones(4, dtype=torch.float16)), TypeError, "bias dtype"),
+        (lambda: trms2d(torch.ones(1, 4, 2, 2), torch.ones(4, device="meta")), ValueError, "weight is on meta"),
+        (lambda: trms2d(torch.ones(1, 4, 2, 2), eps=0.0), ValueError, "eps must be a finite number > 0"),
+        (lambda: torch.ops.fastgen.trms2d_backward(torch.ones(1, 4, 2, 3), torch.ones(1, 4, 2, 2)), ValueError,
+         "grad must have shape of x"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.gpu
+def test_weight_gradient_is_deterministic(generator):
+    x = torch.randn(4, 256, 64, 64, generator=generator).cuda()
+    grad = torch.randn(x.shape, generator=generator).cuda()
+    weight = torch.randn(256, generator=generator).cuda()
+    with fastgen.use_backend("triton"):
+        runs = [torch.ops.fastgen.trms2d_backward(grad, x, weight) for _ in range(3)]
+    for dx, dweight, dbias in runs[1:]:
+        assert torch.equal(dweight, runs[0][1]) and torch.equal(dbias, runs[0][2]) and torch.equal(dx, runs[0][0])
