@@ -25,7 +25,16 @@ from . import (
     ops_vq,
 )
 
-MODULES = (ops_shortcut, ops_linear_attention, ops_cross_attention, ops_vq, ops_stylegan, ops_ada_norm, ops_rms_norm_2d, models_sana)
+MODULES = (
+    ops_shortcut,
+    ops_linear_attention,
+    ops_cross_attention,
+    ops_vq,
+    ops_stylegan,
+    ops_ada_norm,
+    ops_rms_norm_2d,
+    models_sana,
+)
 
 
 def benchmarks(quick: bool = False) -> list:

@@ -14,4 +14,14 @@ from fastgen.ops import (
 )
 from fastgen.ops.registry import OPS
 
-__all__ = ["OPS", "ada_norm", "bias_act", "cross_attention", "linear_attention", "rms_norm_2d", "shortcut", "upfirdn2d", "vq"]
+__all__ = [
+    "OPS",
+    "ada_norm",
+    "bias_act",
+    "cross_attention",
+    "linear_attention",
+    "rms_norm_2d",
+    "shortcut",
+    "upfirdn2d",
+    "vq",
+]
