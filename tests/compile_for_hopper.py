@@ -1,0 +1,139 @@
+"""Compile every Triton kernel that the ops' check cases launch, forward and backward, for an
+H100 (sm_90), on a machine without a GPU.
+
+The interpreter accepts code that the GPU compiler rejects (block shapes, dot operand sizes,
+non-constant globals, register-hungry tiles), so CI compiles the real kernels too: a stand-in
+driver reports an sm_90 target and every launch becomes compile-only (Triton's warm-up path);
+autotuned kernels compile every config. Outputs stay zero: only compilation is checked here,
+values are checked under the interpreter and on a GPU.
+
+Run as a script (the test does, in a subprocess: triton.jit must see TRITON_INTERPRET unset).
+Exit 0 when everything compiled, 1 when a kernel failed to compile, 3 when this Triton's
+internals no longer fit the stand-in driver (the test then skips rather than fail for a
+reason that is not ours).
+"""
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+    from triton.backends.nvidia.driver import ty_to_cpp
+    from triton.runtime import autotuner, jit
+    from triton.runtime import driver as active_driver
+except ImportError as error:
+    print(f"Triton internals changed: {error}")
+    sys.exit(3)
+
+from fastgen.ops import registry  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+class CompileOnlyHopper(DriverBase):
+    """Just enough of a driver for JITFunction.run(warmup=True): target, device and stream."""
+
+    def __init__(self):  # the real driver loads libcuda; nothing to load here
+        pass
+
+    @classmethod
+    def is_active(cls):
+        return True
+
+    def get_current_target(self):
+        return HOPPER
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def map_python_to_cpp_type(self, ty):
+        return ty_to_cpp(ty)
+
+    def get_benchmarker(self):
+        raise RuntimeError("compile-only driver: nothing is timed")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_empty_cache_for_benchmark(self):
+        raise RuntimeError("compile-only driver: nothing is timed")
+
+    def clear_cache(self, cache):
+        pass
+
+
+compiled = set()
+_launch = jit.JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    _launch(self, *args, grid=grid, warmup=True, **kwargs)
+    compiled.add(self.fn.__name__)
+
+
+def _every_config(self, *args, **kwargs):
+    for config in self.configs:
+        self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+
+
+def _zeroed(allocate_output):
+    """Kernels write nothing here; zeros keep index outputs valid for eager backward code."""
+    def allocate(*args):
+        out = allocate_output(*args)
+        for tensor in out if isinstance(out, tuple) else (out,):
+            tensor.zero_()
+        return out
+
+    return allocate
+
+
+def _floating_leaves(args):
+    return tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
+def main() -> int:
+    try:
+        active_driver.set_active(CompileOnlyHopper())
+        jit.JITFunction.run = _compile_only
+        autotuner.Autotuner.run = _every_config
+    except AttributeError as error:
+        print(f"Triton internals changed: {error}")
+        return 3
+    # The Triton backend takes CPU tensors (they only supply shapes, strides and dtypes here).
+    registry.triton_interpreter_enabled = lambda: True
+    generator = torch.Generator().manual_seed(0)
+    failures = []
+    for name, op in sorted(registry.OPS.items()):
+        op.allocate_output = _zeroed(op.allocate_output)
+        implementation = op.implementations["triton"]
+        for case in op.check_cases():
+            for dtype in implementation.dtypes:
+                args = case.make_args(torch.device("cpu"), dtype, generator)
+                try:
+                    with registry.use_backend("triton"):
+                        outputs = getattr(torch.ops.fastgen, name)(*_floating_leaves(args))
+                        if op.differentiable:
+                            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                            floating = [o for o in outputs if o.is_floating_point()]
+                            torch.autograd.backward(floating, [torch.ones_like(o) for o in floating])
+                except Exception as error:  # report every failing case, not just the first
+                    failures.append(f"{name} [{case.label}, {dtype}]: {type(error).__name__}: {str(error)[:2000]}")
+    print(f"compiled for sm_90: {len(compiled)} kernels: {', '.join(sorted(compiled))}")
+    for failure in failures:
+        print(f"FAILED {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
