@@ -51,7 +51,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
+from fastgen.ops.registry import (
+    CheckCase,
+    Op,
+    check_same_dtype_and_device,
+    define_custom_op,
+    random_tensor,
+    register,
+    register_autograd,
+)
 
 ACTIVATIONS = (None, "silu")
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -72,10 +80,7 @@ def _check_companion(op_name: str, name: str, tensor, x: torch.Tensor, shape: tu
         raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{op_name}: {name} must have shape {meaning} = {shape}, got {tuple(tensor.shape)}")
-    if tensor.dtype != x.dtype:
-        raise TypeError(f"{op_name}: {name} dtype {tensor.dtype} must match x dtype {x.dtype}")
-    if tensor.device != x.device:
-        raise ValueError(f"{op_name}: {name} is on {tensor.device} but x is on {x.device}")
+    check_same_dtype_and_device(op_name, name, tensor, x, "x")
 
 
 def _check_eps(op_name: str, eps) -> None:

@@ -51,7 +51,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
+from fastgen.ops.registry import (
+    CheckCase,
+    Op,
+    check_same_dtype_and_device,
+    define_custom_op,
+    random_tensor,
+    register,
+    register_autograd,
+)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NAME = "bias_act"
@@ -121,10 +129,7 @@ def _check_tensor(name: str, tensor, x: Optional[torch.Tensor] = None) -> None:
     if tensor.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{_NAME}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
     if x is not None:
-        if tensor.dtype != x.dtype:
-            raise TypeError(f"{_NAME}: {name} dtype {tensor.dtype} must match x dtype {x.dtype}")
-        if tensor.device != x.device:
-            raise ValueError(f"{_NAME}: {name} is on {tensor.device} but x is on {x.device}")
+        check_same_dtype_and_device(_NAME, name, tensor, x, "x")
 
 
 def parse_params(x, b, act, alpha, gain, clamp, dim) -> Params:

@@ -33,7 +33,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
+from fastgen.ops.registry import (
+    CheckCase,
+    Op,
+    check_same_dtype_and_device,
+    define_custom_op,
+    random_tensor,
+    register,
+    register_autograd,
+)
 
 MAX_HEAD_DIM = 128
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -48,18 +56,12 @@ def _check_tensor(op_name: str, name: str, tensor) -> None:
         raise ValueError(f"{op_name}: {name} must be 4-D (B, N, H, D), got shape {tuple(tensor.shape)}")
 
 
-def _check_like(op_name: str, name: str, tensor: torch.Tensor, q: torch.Tensor) -> None:
-    if tensor.dtype != q.dtype:
-        raise TypeError(f"{op_name}: {name} dtype {tensor.dtype} must match q dtype {q.dtype}")
-    if tensor.device != q.device:
-        raise ValueError(f"{op_name}: {name} is on {tensor.device} but q is on {q.device}")
-
 
 def _check_inputs(op_name: str, q, k, v, eps) -> None:
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _check_tensor(op_name, name, tensor)
     for name, tensor in (("k", k), ("v", v)):
-        _check_like(op_name, name, tensor, q)
+        check_same_dtype_and_device(op_name, name, tensor, q, "q")
     batch, _, heads, head_dim = q.shape
     if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, head_dim):
         raise ValueError(
@@ -82,7 +84,7 @@ def _allocate_output(q, k, v, eps=1e-15):
 def _check_backward_inputs(grad, q, k, v, eps) -> None:
     _check_inputs("linear_attention_backward", q, k, v, eps)
     _check_tensor("linear_attention_backward", "grad", grad)
-    _check_like("linear_attention_backward", "grad", grad, q)
+    check_same_dtype_and_device("linear_attention_backward", "grad", grad, q, "q")
     if grad.shape != q.shape:
         raise ValueError(f"linear_attention_backward: grad must have q's shape {tuple(q.shape)}, got {tuple(grad.shape)}")
 

@@ -128,6 +128,15 @@ def random_tensor(shape: tuple, layout: str, device, dtype, generator: torch.Gen
     return values
 
 
+def check_same_dtype_and_device(op_name: str, name: str, tensor: torch.Tensor, primary: torch.Tensor,
+                                primary_name: str) -> None:
+    """A tensor that travels with the op's primary input must share its dtype and device."""
+    if tensor.dtype != primary.dtype:
+        raise TypeError(f"{op_name}: {name} dtype {tensor.dtype} must match {primary_name} dtype {primary.dtype}")
+    if tensor.device != primary.device:
+        raise ValueError(f"{op_name}: {name} is on {tensor.device} but {primary_name} is on {primary.device}")
+
+
 @dataclass
 class CheckCase:
     """One input for `fastgen check`: positional op args, with tensors made on demand."""

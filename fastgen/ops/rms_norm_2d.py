@@ -31,7 +31,15 @@ from typing import Optional
 
 import torch
 
-from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
+from fastgen.ops.registry import (
+    CheckCase,
+    Op,
+    check_same_dtype_and_device,
+    define_custom_op,
+    random_tensor,
+    register,
+    register_autograd,
+)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -47,10 +55,7 @@ def _check_like_x(op_name: str, name: str, tensor, x: torch.Tensor, shape: tuple
     _check_floating(op_name, name, tensor)
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{op_name}: {name} must have shape {meaning} = {shape}, got {tuple(tensor.shape)}")
-    if tensor.dtype != x.dtype:
-        raise TypeError(f"{op_name}: {name} dtype {tensor.dtype} must match x dtype {x.dtype}")
-    if tensor.device != x.device:
-        raise ValueError(f"{op_name}: {name} is on {tensor.device} but x is on {x.device}")
+    check_same_dtype_and_device(op_name, name, tensor, x, "x")
 
 
 def _check_inputs(op_name: str, x, weight, bias, eps) -> None:

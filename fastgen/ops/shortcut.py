@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
+from fastgen.ops.registry import (
+    CheckCase,
+    Op,
+    check_same_dtype_and_device,
+    define_custom_op,
+    random_tensor,
+    register,
+    register_autograd,
+)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -54,10 +62,7 @@ def _allocate_checked_output(op_name: str, x: torch.Tensor, shape: tuple, residu
             raise TypeError(f"{op_name}: residual must be a tensor or None, got {type(residual).__name__}")
         if tuple(residual.shape) != shape:
             raise ValueError(f"{op_name}: residual must have the output shape {shape}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"{op_name}: residual dtype {residual.dtype} must match x dtype {x.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"{op_name}: residual is on {residual.device} but x is on {x.device}")
+        check_same_dtype_and_device(op_name, "residual", residual, x, "x")
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)

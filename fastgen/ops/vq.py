@@ -63,7 +63,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
+from fastgen.ops.registry import (
+    CheckCase,
+    Op,
+    check_same_dtype_and_device,
+    define_custom_op,
+    random_tensor,
+    register,
+    register_autograd,
+)
 
 MAX_DIM = 512
 METRICS = ("l2", "cosine")
@@ -79,10 +87,7 @@ def _check_inputs(op_name: str, z, codebook, metric: str, exact: bool, input_pre
             raise TypeError(f"{op_name}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
         if tensor.dim() != 2:
             raise ValueError(f"{op_name}: {name} must be 2-D {layout}, got shape {tuple(tensor.shape)}")
-    if codebook.dtype != z.dtype:
-        raise TypeError(f"{op_name}: codebook dtype {codebook.dtype} must match z dtype {z.dtype}")
-    if codebook.device != z.device:
-        raise ValueError(f"{op_name}: codebook is on {codebook.device} but z is on {z.device}")
+    check_same_dtype_and_device(op_name, "codebook", codebook, z, "z")
     if codebook.shape[1] != z.shape[1]:
         raise ValueError(f"{op_name}: codebook dim D={codebook.shape[1]} must match z's D={z.shape[1]}")
     if codebook.shape[0] == 0:
