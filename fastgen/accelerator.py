@@ -6,9 +6,10 @@ modules (diffusers' own extension point), so the state dict, hooks and `torch.co
 same module tree. Each replacement computes the same function as the code it replaces, up to
 floating-point rounding; `fastgen.restore(model)` puts every original back.
 
-Which submodules can be accelerated is declared by the `_ACCELERATORS` list below, one entry per
-kind of submodule; each returns, for a submodule, nothing (not its kind), a replacement (with
-how to undo it) or the reason it is left as it is. The report lists both.
+Which submodules can be accelerated is declared in the modules of `fastgen.accelerators`, one
+`@accelerator` function per kind of submodule; each returns, for a submodule, nothing (not its
+kind), a replacement (with how to undo it) or the reason it is left as it is. The report lists
+both.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class AccelerationReport:
 
 
 @dataclass
-class _Swap:
+class Swap:
     """What an accelerator did to one submodule, with the way back."""
 
     original: str
@@ -60,7 +61,7 @@ class _Swap:
     undo: Callable[[], None]
 
 
-class _BackendScope:
+class BackendScope:
     """Runs a replacement's op under the backend given to accelerate(); "auto" leaves the
     process-wide choice (use_backend / FASTGEN_BACKEND) in charge.
 
@@ -84,81 +85,15 @@ class _BackendScope:
             return fn(*args)
 
 
-def _projected_heads(attn, hidden_states, encoder_hidden_states):
-    """q, k, v of a diffusers Attention as (B, L, H, D) views of its projections (channel
-    h*D + d, as diffusers splits heads), with its optional q/k norms applied."""
-    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    return tuple(t.unflatten(-1, (attn.heads, -1)) for t in (query, key, value))
+# Filled by the modules of fastgen.accelerators through @accelerator, one per kind of submodule.
+_ACCELERATORS: list = []
 
 
-def _project_out(attn, heads_out):
-    return attn.to_out[1](attn.to_out[0](heads_out.flatten(2)))
-
-
-class LinearAttentionProcessor(_BackendScope):
-    """diffusers attention processor for SANA's ReLU linear attention, backed by
-    `fastgen::linear_attention`. It computes what `SanaLinearAttnProcessor2_0` computes: the
-    ReLU kernel over the heads, the eps = 1e-15 denominator, the output projection, and the
-    float16 clip."""
-
-    eps = 1e-15
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
-        from fastgen.ops.linear_attention import linear_attention
-
-        q, k, v = _projected_heads(attn, hidden_states, encoder_hidden_states)
-        out = _project_out(attn, self.run(linear_attention, q, k, v, self.eps))
-        if out.dtype == torch.float16:
-            out = out.clip(-65504, 65504)
-        return out
-
-
-class CrossAttentionProcessor(_BackendScope):
-    """diffusers attention processor for softmax attention to a padded context (SANA's caption
-    cross-attention), backed by `fastgen::cross_attention`.
-
-    diffusers hands the caption mask over as an additive bias (0 to attend, -10000 for padding,
-    broadcast over queries); it becomes the op's boolean key padding mask. The one difference:
-    a row whose keys are all padding gives zeros here, where the bias form averages the padding
-    tokens (a real caption always keeps at least one token)."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
-        from fastgen.ops.cross_attention import cross_attention
-
-        q, k, v = _projected_heads(attn, hidden_states, encoder_hidden_states)
-        key_padding_mask = None
-        if attention_mask is not None:
-            key_padding_mask = attention_mask.reshape(k.shape[0], k.shape[1]) == 0
-        return _project_out(attn, self.run(cross_attention, q, k, v, key_padding_mask))
-
-
-# diffusers processor class name -> (fastgen processor class, the op it runs)
-_DIFFUSERS_PROCESSORS = {
-    "SanaLinearAttnProcessor2_0": (LinearAttentionProcessor, "linear_attention"),
-    "SanaAttnProcessor2_0": (CrossAttentionProcessor, "cross_attention"),
-}
-
-
-def _diffusers_attention(module: nn.Module, backend: str, ops: frozenset) -> Union[None, _Swap, str]:
-    if type(module).__name__ != "Attention" or not type(module).__module__.startswith("diffusers."):
-        return None
-    original = module.processor
-    name = type(original).__name__
-    if name not in _DIFFUSERS_PROCESSORS:
-        return f"attention processor {name} has no fastgen replacement yet"
-    processor_class, op = _DIFFUSERS_PROCESSORS[name]
-    if op not in ops:
-        return f"op {op} was not selected (ops=...)"
-    module.set_processor(processor_class(backend))
-    return _Swap(name, processor_class.__name__, op, lambda: module.set_processor(original))
-
-
-_ACCELERATORS = (_diffusers_attention,)
+def accelerator(fn: Callable[[nn.Module, str, frozenset], Union[None, "Swap", str]]):
+    """Declare `fn(module, backend, ops)` as an accelerator: it returns None when `module` is not
+    its kind, a Swap when it replaced it, or the reason it left it alone."""
+    _ACCELERATORS.append(fn)
+    return fn
 
 
 def _named_modules(model) -> Iterator[tuple]:
@@ -197,11 +132,13 @@ def accelerate(model, backend: str = "auto", ops: Optional[Iterable[str]] = None
     selected = _selected_ops(ops)
     if getattr(model, _UNDO_ATTRIBUTE, None):
         raise ValueError("accelerate: this model is already accelerated; call fastgen.restore(model) first")
+    import fastgen.accelerators  # noqa: F401  (registers every accelerator)
+
     report, undo = AccelerationReport(), []
     for path, module in _named_modules(model):
         for accelerator in _ACCELERATORS:
             outcome = accelerator(module, backend, selected)
-            if isinstance(outcome, _Swap):
+            if isinstance(outcome, Swap):
                 report.replaced.append(Replacement(path, outcome.original, outcome.replacement, outcome.op))
                 undo.append(outcome.undo)
             elif isinstance(outcome, str):

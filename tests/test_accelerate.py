@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import fastgen
-from fastgen.accelerator import LinearAttentionProcessor, accelerate, restore
+from fastgen.accelerator import accelerate, restore
+from fastgen.accelerators.diffusers_attention import LinearAttentionProcessor
 from fastgen.ops.registry import Implementation
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
