@@ -6,6 +6,11 @@ dict / tuple / list of tensors (for example a caption and its mask), batched alo
 Wrapping a network into this form (scaling t to its timestep range, unpacking cond) is the
 caller's job, which keeps the samplers independent of any one model.
 
+Two families: flow matching (the model predicts a velocity, t runs from 1 to 0) and the
+discrete-time diffusion samplers DDPM and DDIM (the model predicts the noise eps, t is a
+training timestep in [0, T), the forward process is x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t)
+eps with abar_t the cumulative product of 1 - beta over steps 0..t).
+
 Classifier-free guidance: pred = pred_u + s (pred_c - pred_u), where pred_u is the prediction
 under `uncond` and pred_c under `cond`. Both halves are computed in ONE model call on the
 batch concatenated as [uncond; cond], which keeps the GPU busy with one large batch instead of
@@ -14,6 +19,8 @@ two small ones.
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
+
+import math
 
 import torch
 
@@ -110,4 +117,180 @@ def flow_matching_euler(
     for t, t_next in zip(timesteps[:-1], timesteps[1:]):
         velocity = guided_prediction(model_fn, x, t.expand(batch), cond, uncond, guidance_scale)
         x = x + (t_next - t).to(x.dtype) * velocity.to(x.dtype)
+    return x
+
+
+def beta_schedule(kind: str, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The betas of a diffusion forward process, float64, shape (num_train_timesteps,).
+
+    "linear": evenly spaced from 1e-4 to 0.02 at 1000 steps (DDPM, ADM ImageNet 256); for
+    another T both ends scale by 1000 / T so the total noise stays comparable.
+    "scaled_linear": evenly spaced in sqrt(beta) from sqrt(0.00085) to sqrt(0.012) (Stable
+    Diffusion / LDM). "cosine": abar(t) = cos^2(pi/2 (t/T + 0.008) / 1.008), betas from the ratio
+    of consecutive abar, capped at 0.999 where the curve reaches zero (improved DDPM, ADM
+    ImageNet 64)."""
+    if num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be >= 1; got {num_train_timesteps}")
+    if kind == "linear":
+        scale = 1000.0 / num_train_timesteps
+        return torch.linspace(scale * 1e-4, scale * 0.02, num_train_timesteps, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    if kind == "cosine":
+        grid = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+        alpha_bar = torch.cos((grid + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    raise ValueError(f"beta schedule kind must be 'linear', 'scaled_linear' or 'cosine'; got {kind!r}")
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """abar_t = prod_{s <= t} (1 - beta_s), in float64."""
+    return torch.cumprod(1 - betas.to(torch.float64), dim=0)
+
+
+def spaced_timesteps(num_steps: int, num_train_timesteps: int = 1000, offset: int = 0) -> torch.Tensor:
+    """num_steps training timesteps, descending, evenly spaced with stride T // num_steps from
+    `offset` up (diffusers' "leading" spacing; Stable Diffusion uses offset 1). int64."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}]; got {num_steps}")
+    stride = num_train_timesteps // num_steps
+    if not 0 <= offset < stride:
+        raise ValueError(f"offset must be in [0, {stride}) for {num_steps} steps of {num_train_timesteps}; got {offset}")
+    return (torch.arange(num_steps, dtype=torch.int64) * stride + offset).flip(0)
+
+
+def _diffusion_timesteps(alphas_cumprod: torch.Tensor, num_steps: Optional[int], timesteps, required: bool) -> list:
+    """The chain's training timesteps as Python ints, validated: strictly descending, in range."""
+    if num_steps is not None and timesteps is not None:
+        raise ValueError("give at most one of num_steps and timesteps")
+    if alphas_cumprod.ndim != 1 or alphas_cumprod.numel() == 0:
+        raise ValueError(f"alphas_cumprod must be a non-empty 1-D tensor; got shape {tuple(alphas_cumprod.shape)}")
+    total = alphas_cumprod.numel()
+    if timesteps is None:
+        if num_steps is None and required:
+            raise ValueError("give num_steps or timesteps")
+        timesteps = spaced_timesteps(num_steps, total) if num_steps is not None else torch.arange(total).flip(0)
+    steps = [int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
+    if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or steps[0] >= total or steps[-1] < 0:
+        raise ValueError(f"timesteps must be strictly descending training timesteps in [0, {total}); got {steps}")
+    return steps
+
+
+def _gaussian(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def ddim(
+    model_fn: ModelFn,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    num_steps: Optional[int] = None,
+    timesteps: Optional[torch.Tensor] = None,
+    eta: float = 0.0,
+    final_alpha_cumprod: float = 1.0,
+    cond: Any = None,
+    uncond: Any = None,
+    guidance_scale: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """DDIM from x = `noise` at timesteps[0] down to the data.
+
+    Each step from t to the next timestep p (abar_p = `final_alpha_cumprod` after the last):
+    x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t); sigma = eta sqrt((1 - abar_p) / (1 - abar_t))
+    sqrt(1 - abar_t / abar_p); x <- sqrt(abar_p) x0 + sqrt(1 - abar_p - sigma^2) eps + sigma z.
+    eta = 0 is deterministic, eta = 1 is DDPM's posterior noise. Give `num_steps` (evenly spaced,
+    see spaced_timesteps) or explicit descending `timesteps`. eps is guided as in the module
+    docstring. Stable Diffusion passes final_alpha_cumprod = alphas_cumprod[0]."""
+    steps = _diffusion_timesteps(alphas_cumprod, num_steps, timesteps, required=True)
+    abar = alphas_cumprod.to(torch.float64).tolist()
+    x, batch = noise, noise.shape[0]
+    for i, t in enumerate(steps):
+        abar_t = abar[t]
+        abar_prev = abar[steps[i + 1]] if i + 1 < len(steps) else final_alpha_cumprod
+        time = torch.full((batch,), float(t), device=noise.device)
+        eps = guided_prediction(model_fn, x, time, cond, uncond, guidance_scale).to(x.dtype)
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+        sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * _gaussian(x, generator)
+    return x
+
+
+def _eps_and_variance_fraction(model_fn, x, time, cond, uncond, guidance_scale, learned_variance):
+    """eps (guided) and, for a learned-variance model, v in [-1, 1] from the conditional half.
+
+    Such a model returns 2C channels, [eps, v]; guidance mixes eps only, because interpolating
+    the two halves' variances has no meaning as a guided score."""
+    if not learned_variance:
+        return guided_prediction(model_fn, x, time, cond, uncond, guidance_scale), None
+    channels = x.shape[1]
+    if uncond is None or guidance_scale == 1.0:
+        out = model_fn(x, time, cond)
+        _check_learned_variance_output(out, x)
+        return out[:, :channels], out[:, channels:]
+    both = model_fn(torch.cat([x, x]), torch.cat([time, time]), _concat_halves(uncond, cond))
+    unconditional, conditional = both.chunk(2)
+    _check_learned_variance_output(conditional, x)
+    eps_u, eps_c = unconditional[:, :channels], conditional[:, :channels]
+    return eps_u + guidance_scale * (eps_c - eps_u), conditional[:, channels:]
+
+
+def _check_learned_variance_output(out: torch.Tensor, x: torch.Tensor) -> None:
+    if out.ndim < 2 or out.shape[1] != 2 * x.shape[1] or out.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            f"with learned_variance the model must return [eps, v] with 2 x {x.shape[1]} channels shaped like x "
+            f"otherwise; got {tuple(out.shape)} for x {tuple(x.shape)}"
+        )
+
+
+def ddpm(
+    model_fn: ModelFn,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    timesteps: Optional[torch.Tensor] = None,
+    learned_variance: bool = False,
+    clip_denoised: bool = False,
+    cond: Any = None,
+    uncond: Any = None,
+    guidance_scale: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """DDPM ancestral sampling from x = `noise` at timesteps[0] (default: every training step,
+    T-1 down to 0).
+
+    A step from t to the next timestep p (abar_p = 1 after the last) has beta = 1 - abar_t /
+    abar_p, which is the training beta_t on the full chain and the respaced beta on a sparser
+    `timesteps` (improved DDPM's respacing). The step is
+    x <- (x - beta / sqrt(1 - abar_t) eps) / sqrt(1 - beta) + sigma z, computed in the
+    equivalent posterior-mean form from x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t), which
+    `clip_denoised` clamps to [-1, 1] first (ADM's pixel-space models). sigma^2 is the posterior
+    variance beta (1 - abar_p) / (1 - abar_t), or, with `learned_variance` (ADM), the model's
+    interpolation exp(f log beta + (1 - f) log posterior) with f = (v + 1) / 2. No noise is added
+    on the last step."""
+    steps = _diffusion_timesteps(alphas_cumprod, None, timesteps, required=False)
+    abar = alphas_cumprod.to(torch.float64).tolist()
+    x, batch = noise, noise.shape[0]
+    for i, t in enumerate(steps):
+        abar_t = abar[t]
+        abar_prev = abar[steps[i + 1]] if i + 1 < len(steps) else 1.0
+        beta = 1 - abar_t / abar_prev
+        time = torch.full((batch,), float(t), device=noise.device)
+        eps, fraction = _eps_and_variance_fraction(model_fn, x, time, cond, uncond, guidance_scale, learned_variance)
+        x0 = (x - math.sqrt(1 - abar_t) * eps.to(x.dtype)) / math.sqrt(abar_t)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        mean = (math.sqrt(abar_prev) * beta / (1 - abar_t)) * x0 + (
+            math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t)) * x
+        if i + 1 == len(steps):
+            return mean
+        posterior_variance = beta * (1 - abar_prev) / (1 - abar_t)
+        if fraction is None:
+            x = mean + math.sqrt(posterior_variance) * _gaussian(x, generator)
+        else:
+            f = (fraction.to(torch.float32) + 1) / 2
+            log_variance = f * math.log(beta) + (1 - f) * math.log(posterior_variance)
+            x = mean + (0.5 * log_variance).exp().to(x.dtype) * _gaussian(x, generator)
     return x

@@ -97,3 +97,158 @@ def test_bad_arguments_are_refused():
             model, noise, num_steps=1, guidance_scale=2.0,
             cond={"mask": torch.ones(2, 4)}, uncond={"mask": torch.ones(2, 5)},
         )
+
+
+def _schedule(kind="linear", steps=50):
+    return samplers.alphas_cumprod(samplers.beta_schedule(kind, steps))
+
+
+class PointMassDenoiser:
+    """The exact noise prediction when the data is the single point x0:
+    eps(x_t, t) = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t). Every step of DDIM (any eta) and of
+    DDPM then predicts x0 exactly, so both must end on x0 whatever the chain and the noise."""
+
+    def __init__(self, x0, alphas_cumprod):
+        self.x0, self.abar, self.times = x0, alphas_cumprod, []
+
+    def __call__(self, x, t, cond):
+        self.times.append(t[0].item())
+        abar = self.abar[t.long()].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_lands_on_the_point_mass(generator, kind, eta):
+    abar = _schedule(kind)
+    x0 = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+    model = PointMassDenoiser(x0, abar)
+    out = samplers.ddim(model, torch.randn(x0.shape, generator=generator, dtype=torch.float64), abar,
+                        num_steps=7, eta=eta, generator=generator)
+    torch.testing.assert_close(out, x0)
+    assert model.times == [float(t) for t in samplers.spaced_timesteps(7, 50)]
+
+
+@pytest.mark.parametrize("timesteps", [None, torch.tensor([40, 25, 9, 3, 0])])
+def test_ddpm_lands_on_the_point_mass(generator, timesteps):
+    abar = _schedule("cosine")
+    x0 = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    model = PointMassDenoiser(x0, abar)
+    out = samplers.ddpm(model, torch.randn(x0.shape, generator=generator, dtype=torch.float64), abar,
+                        timesteps=timesteps, generator=generator)
+    torch.testing.assert_close(out, x0)
+    expected = list(range(49, -1, -1)) if timesteps is None else timesteps.tolist()
+    assert model.times == [float(t) for t in expected]
+
+
+def test_ddpm_step_is_the_spec_formula(generator):
+    """One ancestral step with an arbitrary eps: x' = (x - beta / sqrt(1 - abar_t) eps) /
+    sqrt(alpha) + sigma z with sigma^2 the posterior variance, then the final noiseless step."""
+    abar = _schedule("linear", 20)
+    x = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    eps = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    out = samplers.ddpm(lambda x_, t, c: eps, x, abar, timesteps=torch.tensor([12, 5]),
+                        generator=torch.Generator().manual_seed(3))
+    beta = 1 - abar[12] / abar[5]
+    sigma = (beta * (1 - abar[5]) / (1 - abar[12])).sqrt()
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x5 = (x - beta / (1 - abar[12]).sqrt() * eps) / (1 - beta).sqrt() + sigma * z
+    final = (x5 - (1 - abar[5]).sqrt() * eps) / abar[5].sqrt()  # abar_prev = 1: the mean is x0
+    torch.testing.assert_close(out, final)
+
+
+def test_learned_variance_interpolates_between_the_posterior_and_beta(generator):
+    """v = -1 is the posterior variance (the default chain, same noise draws); v = +1 is beta."""
+    abar = _schedule("linear", 20)
+    x = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+    eps = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    chain = torch.tensor([15, 7, 2])
+
+    def sample(v, learned):
+        def model(x_, t, c):
+            return torch.cat([eps, torch.full_like(eps, v)], dim=1) if learned else eps
+        return samplers.ddpm(model, x, abar, timesteps=chain, learned_variance=learned,
+                             generator=torch.Generator().manual_seed(7))
+
+    torch.testing.assert_close(sample(-1.0, True), sample(None, False))
+    # With v = +1 the first step's noise is scaled by sqrt(beta) instead of the posterior sigma;
+    # the two later steps are deterministic functions of x, so compare through one step.
+    def one_step(v):
+        model = lambda x_, t, c: torch.cat([eps, torch.full_like(eps, v)], dim=1)  # noqa: E731
+        return samplers.ddpm(model, x, abar, timesteps=chain[:2], learned_variance=True,
+                             generator=torch.Generator().manual_seed(7))
+    beta = 1 - abar[15] / abar[7]
+    posterior = beta * (1 - abar[7]) / (1 - abar[15])
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    # one_step returns x0 of the second step: (x7 - sqrt(1 - abar_7) eps) / sqrt(abar_7); the
+    # difference between v = +1 and v = -1 is only the noise term, divided by sqrt(abar_7).
+    difference = (one_step(1.0) - one_step(-1.0)) * abar[7].sqrt()
+    torch.testing.assert_close(difference, (beta.sqrt() - posterior.sqrt()) * z)
+
+
+def test_diffusion_guidance_is_one_batched_call(generator):
+    abar = _schedule("scaled_linear", 30)
+    model = CountingModel()
+    cond, uncond = {"scale": torch.full((2,), 0.1)}, {"scale": torch.full((2,), -0.1)}
+    noise = torch.randn(2, 4, generator=generator)
+    samplers.ddim(model, noise, abar, num_steps=3, cond=cond, uncond=uncond, guidance_scale=5.0)
+    assert model.batches == [4] * 3
+
+
+def test_learned_variance_guidance_mixes_eps_only(generator):
+    x = torch.randn(2, 3, generator=generator)
+    time = torch.full((2,), 4.0)
+
+    def model(x_, t, cond):
+        return torch.cat([cond * x_, cond.expand_as(x_)], dim=1)
+
+    cond, uncond = torch.full((2, 1), 2.0), torch.full((2, 1), -1.0)
+    eps, fraction = samplers._eps_and_variance_fraction(model, x, time, cond, uncond, 3.0, True)
+    torch.testing.assert_close(eps, -x + 3.0 * (2 * x + x))
+    torch.testing.assert_close(fraction, torch.full((2, 3), 2.0))
+
+
+def test_schedules():
+    linear = samplers.beta_schedule("linear")
+    assert linear[0].item() == pytest.approx(1e-4) and linear[-1].item() == pytest.approx(0.02)
+    scaled = samplers.beta_schedule("scaled_linear")
+    assert scaled[0].item() == pytest.approx(0.00085) and scaled[-1].item() == pytest.approx(0.012)
+    abar = samplers.alphas_cumprod(samplers.beta_schedule("cosine"))
+    assert (abar[1:] < abar[:-1]).all() and abar[-1] < 1e-4 and abar[0] > 0.9999
+    assert samplers.spaced_timesteps(50, offset=1)[:3].tolist() == [981, 961, 941]
+    assert samplers.spaced_timesteps(50, offset=1)[-1].item() == 1
+
+
+def test_bad_diffusion_arguments_are_refused():
+    abar = _schedule()
+    noise = torch.zeros(1, 2)
+    eps = lambda x, t, c: x  # noqa: E731
+    with pytest.raises(ValueError, match="kind"):
+        samplers.beta_schedule("quadratic")
+    with pytest.raises(ValueError, match="num_steps must be in"):
+        samplers.spaced_timesteps(0, 50)
+    with pytest.raises(ValueError, match="offset"):
+        samplers.spaced_timesteps(10, 50, offset=5)
+    with pytest.raises(ValueError, match="num_steps or timesteps"):
+        samplers.ddim(eps, noise, abar)
+    with pytest.raises(ValueError, match="at most one"):
+        samplers.ddim(eps, noise, abar, num_steps=2, timesteps=torch.tensor([3, 1]))
+    with pytest.raises(ValueError, match="strictly descending"):
+        samplers.ddpm(eps, noise, abar, timesteps=torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="strictly descending"):
+        samplers.ddpm(eps, noise, abar, timesteps=torch.tensor([50, 3]))
+    with pytest.raises(ValueError, match="2 x 2 channels"):
+        samplers.ddpm(eps, noise, abar, timesteps=torch.tensor([5, 1]), learned_variance=True)
+
+
+def test_ddim_step_is_the_spec_formula(generator):
+    abar = _schedule("scaled_linear", 30)
+    x = torch.randn(2, 5, generator=generator, dtype=torch.float64)
+    eps = torch.randn(2, 5, generator=generator, dtype=torch.float64)
+    out = samplers.ddim(lambda x_, t, c: eps, x, abar, timesteps=torch.tensor([20]), eta=0.5,
+                        final_alpha_cumprod=abar[4].item(), generator=torch.Generator().manual_seed(5))
+    abar_t, abar_p = abar[20], abar[4]
+    sigma = 0.5 * ((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)).sqrt()
+    x0 = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(out, abar_p.sqrt() * x0 + (1 - abar_p - sigma ** 2).sqrt() * eps + sigma * z)
