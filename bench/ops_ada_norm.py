@@ -27,12 +27,6 @@ from .harness import Benchmark, Case, standard_impls
 _ADM_LEVELS = ((512, 64), (512, 32), (1024, 16), (1024, 8))  # (channels, side) of imagenet256's ResBlocks
 _STYLEGAN_SIDES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TENSORS_MOVED = {"fwd": 2, "fwd+bwd": 5}
-# The harness checks every impl against the eager output in the same dtype. Eager bf16 rounds
-# the normalized map, the product and the sum separately; with unit-variance scale and shift,
-# a product of ~10 cancelled by a shift of ~-10 leaves it more than the bf16 tolerance away from
-# the exact value on a few elements in millions. Modulations of this size (embedding outputs
-# are typically well below 1) keep the check meaningful for every impl.
-_MODULATION_STD = 0.5
 
 
 def _stylegan_channels(side: int) -> int:
@@ -51,12 +45,12 @@ def _group_norm_case(label: str, batch: int, channels: int, side: int, groups: i
     def make_inputs(device, dtype, seed):
         generator = torch.Generator(device=device).manual_seed(seed)
 
-        def randn(*size, std=1.0):
-            return std * torch.randn(size, generator=generator, device=device, dtype=dtype)
+        def randn(*size):
+            return torch.randn(size, generator=generator, device=device, dtype=dtype)
 
         return {
             "x": randn(*shape).contiguous(memory_format=memory_format),
-            "scale": randn(batch, channels, std=_MODULATION_STD), "shift": randn(batch, channels, std=_MODULATION_STD),
+            "scale": randn(batch, channels), "shift": randn(batch, channels),
             "num_groups": groups,
             "weight": randn(channels) if affine else None, "bias": randn(channels) if affine else None,
             "eps": eps, "act": act,
@@ -83,8 +77,8 @@ def _layer_norm_case(label: str, batch: int, tokens: int, channels: int, dtype: 
         generator = torch.Generator(device=device).manual_seed(seed)
         return {
             "x": torch.randn(batch, tokens, channels, generator=generator, device=device, dtype=dtype),
-            "scale": _MODULATION_STD * torch.randn(batch, channels, generator=generator, device=device, dtype=dtype),
-            "shift": _MODULATION_STD * torch.randn(batch, channels, generator=generator, device=device, dtype=dtype),
+            "scale": torch.randn(batch, channels, generator=generator, device=device, dtype=dtype),
+            "shift": torch.randn(batch, channels, generator=generator, device=device, dtype=dtype),
         }
 
     work = (_TENSORS_MOVED[direction] * batch * tokens * channels * dtype.itemsize

@@ -143,6 +143,45 @@ def test_a_wrong_answer_is_an_untimed_error_row(toy_run):
     assert _by(rows, "wrong_grad", "fwd+bwd")["status"].startswith("error: MISMATCH")
 
 
+def _running_sum(values):
+    """A long sum rounded to the input's dtype at every step: in bfloat16, eager's own error
+    against float32 is large."""
+    total, sums = torch.zeros_like(values[:, 0]), []
+    for column in values.unbind(-1):
+        total = total + column
+        sums.append(total)
+    return torch.stack(sums, -1)
+
+
+def _running_sum_in_float32(values):
+    return values.float().cumsum(-1).to(values.dtype)
+
+
+def test_low_precision_results_are_held_to_eagers_accuracy_against_float32(tmp_path):
+    """bfloat16: an impl that differs from eager elementwise by far more than the dtype's
+    tolerance passes when it is as accurate against eager-in-float32 as eager itself is (here:
+    more accurate); one 5% off fails with both relative errors in the status."""
+    def make_inputs(device, dtype, seed):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return {"values": torch.rand(4, 300, generator=generator, device=device).to(dtype)}
+
+    case = harness.Case("4x300", torch.bfloat16, "fwd", make_inputs, 4 * 300 * 4)
+    impls = {
+        "eager": harness.Impl(lambda case: _running_sum),
+        "fp32_accumulation": harness.Impl(lambda case: _running_sum_in_float32),
+        "five_percent_off": harness.Impl(lambda case: lambda values: _running_sum_in_float32(values) * 1.05),
+    }
+    rows, _, _ = harness.run([harness.Benchmark("sum", [case], impls)], quick=True, out_dir=tmp_path,
+                             timer=harness.wall_clock_timer, device="cpu")
+    accurate, off = _by(rows, "fp32_accumulation", "fwd"), _by(rows, "five_percent_off", "fwd")
+    eager_output = _running_sum(make_inputs("cpu", torch.bfloat16, 0)["values"]).float()
+    elementwise_tolerance = 1.6e-2 * (1 + eager_output.abs().max().item())
+    assert accurate["max_abs_err"] > elementwise_tolerance  # the old elementwise check would fail it
+    assert accurate["status"] == "ok"
+    assert off["status"].startswith("error: MISMATCH vs eager: result 0: relative error vs float32")
+    assert "eager's" in off["status"]
+
+
 def test_raising_impls_become_error_or_skipped_rows(toy_run):
     rows = toy_run[0]
     for direction in ("fwd", "fwd+bwd"):
