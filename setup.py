@@ -169,6 +169,8 @@ setup(
     packages=packages,
     package_dir=package_dir,
     include_package_data=False,
+    # The measured "auto" backend order (fastgen bench order --write); absent until a GPU run.
+    package_data={"fastgen.ops": ["backend_order.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -120,7 +120,7 @@ def _status_kind(status: str) -> str:
     return "ok" if status == "ok" else status.split(":", 1)[0]
 
 
-def _load(path, argument: str) -> tuple:
+def load_results(path, argument: str) -> tuple:
     """(meta, {key: row}) of one result file; ValueError naming `argument` when it is not one."""
     path = Path(path)
     expected = f"{argument} must be a benchmark result JSON file (the harness's {{\"meta\", \"rows\"}})"
@@ -198,8 +198,8 @@ def compare(old_path, new_path, threshold: float = 0.05) -> Report:
         raise TypeError(f"threshold must be a number (a fraction, 0.05 for 5%), got {type(threshold).__name__}")
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be a fraction in [0, 1), e.g. 0.05 for 5%, got {threshold!r}")
-    old_meta, old_rows = _load(old_path, "old_path")
-    new_meta, new_rows = _load(new_path, "new_path")
+    old_meta, old_rows = load_results(old_path, "old_path")
+    new_meta, new_rows = load_results(new_path, "new_path")
     rows = []
     for key in dict.fromkeys([*old_rows, *new_rows]):
         old, new = old_rows.get(key), new_rows.get(key)

@@ -12,7 +12,10 @@ active backend:
   request never silently falls back.
 - "auto" (default): CPU tensors run the reference; CUDA tensors take the first usable
   implementation in the op's preference order for this GPU's compute capability, else the
-  op's default order, else the reference.
+  op's default order, else the reference. The per-capability orders are measured, not
+  guessed: `fastgen bench order RESULTS.json --write` ranks each op's backends by their
+  benchmark speedups on that GPU and records the ranking in backend_order.json next to this
+  file, with the GPU and the commit it was measured on.
 
 The backend is process-wide (not per thread) because autograd runs backward passes on its own
 worker threads, which must see the same choice. Set it with `use_backend(...)` or the
@@ -27,13 +30,16 @@ import contextlib
 import functools
 import importlib.util
 import inspect
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
+MEASURED_ORDER_PATH = Path(__file__).with_name("backend_order.json")
 FAST_BACKENDS = ("triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -137,6 +143,16 @@ def check_same_dtype_and_device(op_name: str, name: str, tensor: torch.Tensor, p
         raise ValueError(f"{op_name}: {name} is on {tensor.device} but {primary_name} is on {primary.device}")
 
 
+@functools.lru_cache(maxsize=1)
+def measured_orders() -> dict:
+    """{op name: {"major.minor": backends fastest first}} from MEASURED_ORDER_PATH; {} without it."""
+    if not MEASURED_ORDER_PATH.exists():
+        return {}
+    entries = json.loads(MEASURED_ORDER_PATH.read_text())["orders"]
+    return {op: {capability: tuple(entry["order"]) for capability, entry in by_capability.items()}
+            for op, by_capability in entries.items()}
+
+
 @dataclass
 class CheckCase:
     """One input for `fastgen check`: positional op args, with tensors made on demand."""
@@ -160,8 +176,6 @@ class Op:
     reference: Callable[..., torch.Tensor]
     allocate_output: Callable[..., torch.Tensor]
     default_order: Sequence[str] = ("cuda", "triton")
-    # Measured preference per compute capability, e.g. {(9, 0): ("triton", "cuda")}.
-    order_by_capability: dict = field(default_factory=dict)
     check_cases: Callable[[], list] = lambda: []
     differentiable: bool = True  # False: no autograd (index outputs); checks skip the backward
     implementations: dict = field(default_factory=dict)
@@ -177,10 +191,13 @@ class Op:
         return register
 
     def preference(self, device: torch.device) -> Sequence[str]:
-        if device.type == "cuda":
-            capability = torch.cuda.get_device_capability(device)
-            return self.order_by_capability.get(capability, self.default_order)
-        return self.default_order
+        """The measured order for this GPU's compute capability (backends it did not rank, such
+        as one added since, follow in the default order), else the default order."""
+        if device.type != "cuda":
+            return tuple(self.default_order)
+        major, minor = torch.cuda.get_device_capability(device)
+        measured = measured_orders().get(self.name, {}).get(f"{major}.{minor}", ())
+        return tuple(measured) + tuple(b for b in self.default_order if b not in measured)
 
     def select(self, reference_tensor: torch.Tensor, backend: Optional[str] = None) -> Optional[Implementation]:
         """The implementation the backend picks for these inputs; None means the reference."""
