@@ -15,6 +15,7 @@ import torch
 
 from . import (
     harness,
+    models_dcae,
     models_sana,
     ops_ada_norm,
     ops_cross_attention,
@@ -34,6 +35,7 @@ MODULES = (
     ops_ada_norm,
     ops_rms_norm_2d,
     models_sana,
+    models_dcae,
 )
 
 
