@@ -17,6 +17,7 @@ from . import (
     harness,
     models_dcae,
     models_sana,
+    models_var,
     ops_ada_norm,
     ops_cross_attention,
     ops_linear_attention,
@@ -36,6 +37,7 @@ MODULES = (
     ops_rms_norm_2d,
     models_sana,
     models_dcae,
+    models_var,
 )
 
 
