@@ -16,6 +16,7 @@ import torch
 from . import (
     harness,
     models_dcae,
+    models_ldm_unet,
     models_sana,
     models_var,
     ops_ada_norm,
@@ -36,6 +37,7 @@ MODULES = (
     ops_ada_norm,
     ops_rms_norm_2d,
     models_sana,
+    models_ldm_unet,
     models_dcae,
     models_var,
 )

@@ -1,6 +1,7 @@
 """Benchmarks of flash cross-attention (SPEC.md section 2) at the shapes of the text-to-image
 models, against eager math attention, its torch.compile, and every backend of PyTorch's
-scaled_dot_product_attention (flash, memory-efficient, cuDNN) as peers.
+scaled_dot_product_attention (flash, memory-efficient, cuDNN), xformers' memory_efficient_attention
+and flash-attn's flash_attn_func as peers (the last two on unmasked cases, when installed).
 
 Shapes (batch doubled by classifier-free guidance; q, k, v in the op's (B, L, H, D) layout,
 k and v views of one fused to_kv projection as diffusers' fused processors give them):
@@ -18,6 +19,7 @@ fwd+bwd call is 3.5 times the forward.
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
 
 import torch
@@ -104,9 +106,35 @@ def _sdpa_impls() -> dict:
             for name, backend in backends.items() if backend is not None}
 
 
+def _library_peer(module: str, function: str, dtypes: tuple = ()) -> Impl:
+    """A peer from another attention library, called in the op's (B, L, H, D) layout (which
+    both xformers and flash-attn take). A row is skipped when the library is missing, for a
+    dtype outside `dtypes` (empty: any), and on masked cases: those need the libraries'
+    variable-length forms (packed sequences with cumulative lengths), which are not wired here."""
+
+    def make(case: Case):
+        if dtypes and case.dtype not in dtypes:
+            raise BackendUnavailable(f"{module} takes {', '.join(str(d) for d in dtypes)} only")
+        try:
+            attend = getattr(importlib.import_module(module), function)
+        except ImportError as exc:  # missing, or built against another torch
+            raise BackendUnavailable(f"{module} cannot be imported: {str(exc).splitlines()[0]}") from exc
+
+        def call(q, k, v, key_padding_mask=None):
+            if key_padding_mask is not None:
+                raise BackendUnavailable(f"the {module} peer runs unmasked cases only")
+            return attend(q, k, v)
+
+        return call
+
+    return Impl(make)
+
+
 def benchmarks(quick: bool = False) -> list:
     impls = standard_impls(cross_attention.cross_attention, cross_attention.cross_attention_reference)
     # No CUDA C++ implementation: a "cuda" row would silently time the Triton kernels again.
     del impls["cuda"]
     impls.update(_sdpa_impls())
+    impls["xformers"] = _library_peer("xformers.ops", "memory_efficient_attention")
+    impls["flash-attn"] = _library_peer("flash_attn", "flash_attn_func", (torch.float16, torch.bfloat16))
     return [Benchmark("cross_attention", _cases(quick), impls, bound="compute")]
