@@ -15,6 +15,7 @@ import torch
 
 from . import (
     harness,
+    models_adm,
     models_dcae,
     models_ldm_unet,
     models_sana,
@@ -38,6 +39,7 @@ MODULES = (
     ops_rms_norm_2d,
     models_sana,
     models_ldm_unet,
+    models_adm,
     models_dcae,
     models_var,
 )

@@ -4,6 +4,6 @@ Each model is a module here: `fastgen.models.sana` (SANA Linear DiT), `fastgen.m
 SD 1.5 UNet), `fastgen.models.dcae` (DC-AE
 autoencoder), `fastgen.models.var_vqvae` (VAR multi-scale VQVAE), `fastgen.models.vqgan` (VQGAN /
 l2-normalized single-scale quantizer)."""
-from fastgen.models import dcae, ldm_unet, sana, var_vqvae, vqgan
+from fastgen.models import adm_unet, dcae, ldm_unet, sana, var_vqvae, vqgan
 
-__all__ = ["dcae", "ldm_unet", "sana", "var_vqvae", "vqgan"]
+__all__ = ["adm_unet", "dcae", "ldm_unet", "sana", "var_vqvae", "vqgan"]
