@@ -189,6 +189,7 @@ def ddim(
     timesteps: Optional[torch.Tensor] = None,
     eta: float = 0.0,
     final_alpha_cumprod: float = 1.0,
+    clip_denoised: bool = False,
     cond: Any = None,
     uncond: Any = None,
     guidance_scale: float = 1.0,
@@ -201,7 +202,9 @@ def ddim(
     sqrt(1 - abar_t / abar_p); x <- sqrt(abar_p) x0 + sqrt(1 - abar_p - sigma^2) eps + sigma z.
     eta = 0 is deterministic, eta = 1 is DDPM's posterior noise. Give `num_steps` (evenly spaced,
     see spaced_timesteps) or explicit descending `timesteps`. eps is guided as in the module
-    docstring. Stable Diffusion passes final_alpha_cumprod = alphas_cumprod[0]."""
+    docstring. Stable Diffusion passes final_alpha_cumprod = alphas_cumprod[0]. With
+    `clip_denoised` (pixel-space models such as ADM), x0 is clamped to [-1, 1] and eps
+    re-derived from it, so the step stays consistent with the clamped estimate."""
     steps = _diffusion_timesteps(alphas_cumprod, num_steps, timesteps, required=True)
     abar = alphas_cumprod.to(torch.float64).tolist()
     x, batch = noise, noise.shape[0]
@@ -211,6 +214,9 @@ def ddim(
         time = torch.full((batch,), float(t), device=noise.device)
         eps = guided_prediction(model_fn, x, time, cond, uncond, guidance_scale).to(x.dtype)
         x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
         sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
         x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)) * eps
         if sigma > 0:

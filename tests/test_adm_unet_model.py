@@ -285,13 +285,15 @@ def test_ddim_with_guidance_is_one_batched_call_per_step(generator, tiny_model):
     finally:
         hook.remove()
     assert [call[1] for call in calls] == [null.tolist() + labels.tolist()] * 2
-    # The same two deterministic DDIM steps (timesteps 500, 0 of the linear schedule) by hand.
+    # The same two deterministic DDIM steps (timesteps 500, 0 of the linear schedule) by hand,
+    # with guided-diffusion's clipping of x0 and eps re-derived from the clipped x0.
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     expected = x
     for t, previous in ((500, 0), (0, None)):
         eps_c, eps_u = (tiny_model(expected, torch.full((2,), float(t)), y)[:, :3] for y in (labels, null))
         eps = eps_u + scale * (eps_c - eps_u)
-        x0 = (expected - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        x0 = ((expected - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()).clamp(-1, 1)
+        eps = (expected - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()
         abar_prev = abar[previous] if previous is not None else torch.tensor(1.0, dtype=torch.float64)
         expected = (abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps).float()
     torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)

@@ -252,3 +252,17 @@ def test_ddim_step_is_the_spec_formula(generator):
     x0 = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     torch.testing.assert_close(out, abar_p.sqrt() * x0 + (1 - abar_p - sigma ** 2).sqrt() * eps + sigma * z)
+
+
+def test_ddim_clip_denoised_steps_from_the_clamped_estimate(generator):
+    """ADM's DDIM: x0 clamped to [-1, 1] and eps re-derived from it (guided-diffusion's
+    _predict_eps_from_xstart) before the step."""
+    abar = _schedule("linear", 30)
+    x = 3 * torch.randn(2, 5, generator=generator, dtype=torch.float64)
+    eps = torch.randn(2, 5, generator=generator, dtype=torch.float64)
+    out = samplers.ddim(lambda x_, t, c: eps, x, abar, timesteps=torch.tensor([25]), clip_denoised=True,
+                        final_alpha_cumprod=abar[10].item())
+    x0 = ((x - (1 - abar[25]).sqrt() * eps) / abar[25].sqrt()).clamp(-1, 1)
+    assert (x0.abs() == 1).any()  # the clamp is exercised
+    eps_clipped = (x - abar[25].sqrt() * x0) / (1 - abar[25]).sqrt()
+    torch.testing.assert_close(out, abar[10].sqrt() * x0 + (1 - abar[10]).sqrt() * eps_clipped)

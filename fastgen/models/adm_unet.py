@@ -357,7 +357,7 @@ def sample(
     def eps(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         return model(x, t, cond)[:, : config.in_channels]
 
-    return samplers.ddim(eps, noise, abar, num_steps=num_steps, eta=eta, **guidance)
+    return samplers.ddim(eps, noise, abar, num_steps=num_steps, eta=eta, clip_denoised=True, **guidance)
 
 
 def example_step(model: ADMUNet, batch: int = 1, resolution: Optional[int] = None,
