@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.sana import _sinusoidal_embedding
+from fastgen.models.common import load_safetensors, resolve_config, sinusoidal_embedding
 from fastgen.ops.ada_norm import ada_group_norm
 from fastgen.ops.cross_attention import cross_attention
 
@@ -274,7 +274,7 @@ class ADMUNet(nn.Module):
             timesteps = timesteps.expand(x.shape[0])
         self._check_inputs(x, timesteps, labels)
         dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(_sinusoidal_embedding(timesteps, self.config.model_channels).to(dtype))
+        emb = self.time_embed(sinusoidal_embedding(timesteps, self.config.model_channels).to(dtype))
         if labels is not None:
             emb = emb + self.label_emb(labels)
 
@@ -289,31 +289,18 @@ class ADMUNet(nn.Module):
         return conv(F.silu(norm(h)))
 
 
-def _config(name_or_config: Union[str, ADMConfig]) -> ADMConfig:
-    if isinstance(name_or_config, ADMConfig):
-        return name_or_config
-    if name_or_config not in CONFIGS:
-        raise ValueError(f"unknown ADM config {name_or_config!r}; expected one of {', '.join(CONFIGS)}")
-    return CONFIGS[name_or_config]
-
-
 def build(name_or_config: Union[str, ADMConfig]) -> ADMUNet:
     """A randomly initialised model (build under `with torch.device("meta"):` for the structure
     alone). guided-diffusion zero-initialises the last convolutions; here every layer is random
     so that tests exercise every path."""
-    return ADMUNet(_config(name_or_config))
+    return ADMUNet(resolve_config(name_or_config, CONFIGS, ADMConfig, "ADM"))
 
 
 def from_safetensors(path: str, config: Union[str, ADMConfig], device: Union[str, torch.device] = "cpu") -> ADMUNet:
     """Load a guided-diffusion UNet state dict saved as one .safetensors file (for the released
     .pt files: `safetensors.torch.save_file(torch.load(pt_path), path)`). The model is built on
     the meta device and takes the file's tensors and dtype as they are."""
-    from safetensors.torch import load_file
-
-    with torch.device("meta"):
-        model = build(config)
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=True, assign=True)
-    return model
+    return load_safetensors(path, lambda: build(config), device)
 
 
 def respaced_timesteps(num_steps: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.models.common import load_safetensors, resolve_config
 from fastgen.ops.linear_attention import linear_attention
 from fastgen.ops.rms_norm_2d import trms2d
 from fastgen.ops.shortcut import channel_dup_pixel_shuffle, pixel_unshuffle_channel_avg
@@ -470,11 +471,7 @@ def build(name_or_config: Union[str, DCAEConfig]) -> DCAE:
     """A randomly initialised model (training mode, as nn.Module starts; call .eval() for
     inference, which the BatchNorm stages need). Build under `with torch.device("meta"):` to
     get the structure without allocating."""
-    if isinstance(name_or_config, DCAEConfig):
-        return DCAE(name_or_config)
-    if name_or_config not in CONFIGS:
-        raise ValueError(f"unknown DC-AE config {name_or_config!r}; expected one of {', '.join(CONFIGS)}")
-    return DCAE(CONFIGS[name_or_config])
+    return DCAE(resolve_config(name_or_config, CONFIGS, DCAEConfig, "DC-AE"))
 
 
 def from_safetensors(
@@ -483,14 +480,8 @@ def from_safetensors(
     """Load a diffusers-layout AutoencoderDC checkpoint (a single .safetensors file, e.g. the
     diffusion_pytorch_model.safetensors of mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers).
 
-    The model is built on the meta device and takes the file's tensors (and dtype) as they
-    are, so the weights are allocated once. Returned in eval mode."""
-    from safetensors.torch import load_file
-
-    with torch.device("meta"):
-        model = build(config)
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=True, assign=True)
-    return model.eval()
+    The file's dtype is kept. Returned in eval mode."""
+    return load_safetensors(path, lambda: build(config), device).eval()
 
 
 def example_step(

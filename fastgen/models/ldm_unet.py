@@ -38,7 +38,6 @@ Sampling: DDIM with classifier-free guidance on SD's scaled-linear schedule (`sa
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Optional, Union
 
 import torch
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
+from fastgen.models.common import load_safetensors, resolve_config, sinusoidal_embedding
 from fastgen.ops.ada_norm import ada_group_norm
 from fastgen.ops.cross_attention import cross_attention
 
@@ -163,15 +163,6 @@ def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, act: Optional[str] = None) 
     """act(norm(x)) in one fused pass: ada_group_norm with zero scale and shift is a GroupNorm."""
     no_modulation = x.new_zeros(x.shape[:2])
     return ada_group_norm(x, no_modulation, no_modulation, norm.num_groups, norm.weight, norm.bias, norm.eps, act)
-
-
-def _timestep_sinusoid(timestep: torch.Tensor, channels: int) -> torch.Tensor:
-    """[cos(t w_i), sin(t w_i)], w_i = 10000^(-i / half), float32 (diffusers' Timesteps with
-    flip_sin_to_cos=True and downscale_freq_shift=0)."""
-    half = channels // 2
-    frequencies = torch.exp(-math.log(10000.0) / half * torch.arange(half, dtype=torch.float32, device=timestep.device))
-    angles = timestep.float()[:, None] * frequencies
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
 class TimestepEmbedding(nn.Module):
@@ -415,7 +406,7 @@ class LDMUNet(nn.Module):
         if timestep.ndim == 0:
             timestep = timestep.expand(sample.shape[0])
         self._check_inputs(sample, timestep, context)
-        sinusoid = _timestep_sinusoid(timestep, self.config.block_out_channels[0]).to(sample.dtype)
+        sinusoid = sinusoidal_embedding(timestep, self.config.block_out_channels[0]).to(sample.dtype)
         embedding = F.silu(self.time_embedding(sinusoid))
 
         h = self.conv_in(sample)
@@ -431,11 +422,7 @@ class LDMUNet(nn.Module):
 def build(name_or_config: Union[str, LDMUNetConfig]) -> LDMUNet:
     """A randomly initialised model. Build under `with torch.device("meta"):` to get the
     structure without allocating."""
-    if isinstance(name_or_config, LDMUNetConfig):
-        return LDMUNet(name_or_config)
-    if name_or_config not in CONFIGS:
-        raise ValueError(f"unknown LDM UNet config {name_or_config!r}; expected one of {', '.join(CONFIGS)}")
-    return LDMUNet(CONFIGS[name_or_config])
+    return LDMUNet(resolve_config(name_or_config, CONFIGS, LDMUNetConfig, "LDM UNet"))
 
 
 def from_safetensors(
@@ -443,14 +430,8 @@ def from_safetensors(
 ) -> LDMUNet:
     """Load a diffusers-layout UNet checkpoint (e.g. SD 1.5's unet/diffusion_pytorch_model.safetensors).
 
-    The model is built on the meta device and takes the file's tensors (and dtype) as they are,
-    so the weights are allocated once."""
-    from safetensors.torch import load_file
-
-    with torch.device("meta"):
-        model = build(config)
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=True, assign=True)
-    return model
+    The file's dtype is kept."""
+    return load_safetensors(path, lambda: build(config), device)
 
 
 def sample(

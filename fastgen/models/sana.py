@@ -30,14 +30,14 @@ in the original (non-diffusers) SANA layout.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
+from fastgen.models.common import load_safetensors, resolve_config, sinusoidal_embedding
 from fastgen.ops.ada_norm import ada_layer_norm
 from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.linear_attention import linear_attention
@@ -130,16 +130,10 @@ DEFAULT_GUIDANCE_SCALE = 4.5
 DEFAULT_FLOW_SHIFT = 3.0
 # The network takes timesteps in [0, 1000]; the flow time runs over [0, 1].
 TIMESTEP_RANGE = 1000.0
-
-
-def _sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (channels / 2)), in float32."""
-    half = channels // 2
-    frequencies = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
-    )
-    angles = timestep.float()[:, None] * frequencies[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+# example_step's captions: SANA's 300 Gemma-2 tokens. Images reach the network through the f32
+# DC-AE, so the latent side is the image side / 32.
+EXAMPLE_CAPTION_TOKENS = 300
+AUTOENCODER_FACTOR = 32
 
 
 class PatchEmbed(nn.Module):
@@ -160,7 +154,7 @@ class TimestepEmbedder(nn.Module):
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        frequencies = _sinusoidal_embedding(timestep, self.frequency_channels).to(dtype)
+        frequencies = sinusoidal_embedding(timestep, self.frequency_channels).to(dtype)
         return self.linear_2(F.silu(self.linear_1(frequencies)))
 
 
@@ -365,26 +359,54 @@ class SanaTransformer(nn.Module):
 def build(name_or_config: Union[str, SanaConfig]) -> SanaTransformer:
     """A randomly initialised model. Build under `with torch.device("meta"):` to get the
     structure without allocating, e.g. for the large configs."""
-    if isinstance(name_or_config, SanaConfig):
-        return SanaTransformer(name_or_config)
-    if name_or_config not in CONFIGS:
-        raise ValueError(f"unknown SANA config {name_or_config!r}; expected one of {', '.join(CONFIGS)}")
-    return SanaTransformer(CONFIGS[name_or_config])
+    return SanaTransformer(resolve_config(name_or_config, CONFIGS, SanaConfig, "SANA"))
+
+
+def example_step(
+    model: SanaTransformer,
+    batch: int = 1,
+    resolution: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Callable[[], torch.Tensor]:
+    """One denoising call as the sampler makes it: the classifier-free-guidance batch (2 x batch
+    latents) against EXAMPLE_CAPTION_TOKENS caption tokens, the unconditional half's caption
+    shorter and padded (masked), at timestep 500. `resolution` is the image side in pixels,
+    by default the config's sample_size x 32 (1024 px for the released models, whose latents are
+    32 x 32; 256 px for tiny); the latent side is resolution / 32. Inputs are made
+    once, on the model's device and dtype, from `generator` (a CPU generator: the same values
+    whatever the device). Returns the zero-argument call."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int; got {batch!r}")
+    resolution = AUTOENCODER_FACTOR * model.config.sample_size if resolution is None else resolution
+    latent_multiple = AUTOENCODER_FACTOR * model.config.patch_size
+    if not isinstance(resolution, int) or resolution < latent_multiple or resolution % latent_multiple:
+        raise ValueError(f"resolution must be a positive multiple of {latent_multiple} pixels (the autoencoder "
+                         f"factor {AUTOENCODER_FACTOR} times the patch size); got {resolution!r}")
+    parameter = next(model.parameters())
+    device, dtype, config = parameter.device, parameter.dtype, model.config
+    side = resolution // AUTOENCODER_FACTOR
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+    latents = random(2 * batch, config.in_channels, side, side)
+    caption = random(2 * batch, EXAMPLE_CAPTION_TOKENS, config.caption_channels)
+    caption_mask = torch.ones(2 * batch, EXAMPLE_CAPTION_TOKENS, dtype=torch.bool, device=device)
+    caption_mask[batch:, EXAMPLE_CAPTION_TOKENS // 3:] = False
+    timestep = torch.full((2 * batch,), TIMESTEP_RANGE / 2, device=device)
+
+    def step() -> torch.Tensor:
+        return model(latents, caption, timestep, caption_mask)
+
+    return step
 
 
 def from_safetensors(
     path: str, config: Union[str, SanaConfig], device: Union[str, torch.device] = "cpu"
 ) -> SanaTransformer:
-    """Load a diffusers-layout SANA transformer checkpoint (a single .safetensors file).
-
-    The model is built on the meta device and takes the file's tensors (and dtype) as they are,
-    so the weights are allocated once."""
-    from safetensors.torch import load_file
-
-    with torch.device("meta"):
-        model = build(config)
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=True, assign=True)
-    return model
+    """Load a diffusers-layout SANA transformer checkpoint (a single .safetensors file), keeping
+    the file's dtype."""
+    return load_safetensors(path, lambda: build(config), device)
 
 
 def sample(

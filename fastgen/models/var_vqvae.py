@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.models.common import load_safetensors, resolve_config
 from fastgen.ops.vq import vq_nearest
 
 
@@ -378,11 +379,7 @@ class VarVQVAE(nn.Module):
 
 def build(name_or_config: Union[str, VarVQVAEConfig]) -> VarVQVAE:
     """A randomly initialised model. Build under `with torch.device("meta"):` for structure only."""
-    if isinstance(name_or_config, VarVQVAEConfig):
-        return VarVQVAE(name_or_config)
-    if name_or_config not in CONFIGS:
-        raise ValueError(f"unknown VAR VQVAE config {name_or_config!r}; expected one of {', '.join(CONFIGS)}")
-    return VarVQVAE(CONFIGS[name_or_config])
+    return VarVQVAE(resolve_config(name_or_config, CONFIGS, VarVQVAEConfig, "VAR VQVAE"))
 
 
 # VAR's checkpoint also holds the quantizer's codebook-usage statistics, used only for logging.
@@ -395,15 +392,10 @@ def from_safetensors(
     """Load VAR's VQVAE state dict (its own key names: encoder.*, decoder.*, quant_conv.*,
     post_quant_conv.*, quantize.embedding.weight, quantize.quant_resi.qresi_ls.*) from a
     .safetensors file; the tensors keep the file's dtype."""
-    from safetensors.torch import load_file
+    def without_training_statistics(state: dict) -> dict:
+        return {key: value for key, value in state.items() if key not in _TRAINING_ONLY_KEYS}
 
-    state = load_file(str(path), device=str(device))
-    for key in _TRAINING_ONLY_KEYS:
-        state.pop(key, None)
-    with torch.device("meta"):
-        model = build(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return load_safetensors(path, lambda: build(config), device, without_training_statistics)
 
 
 def example_step(

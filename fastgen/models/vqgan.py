@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.models.common import resolve_config
 from fastgen.ops.vq import vq_quantize
 
 
@@ -101,11 +102,7 @@ class VectorQuantizer(nn.Module):
 
 
 def build(name_or_config: Union[str, VQGANQuantizerConfig]) -> VectorQuantizer:
-    if isinstance(name_or_config, VQGANQuantizerConfig):
-        return VectorQuantizer(name_or_config)
-    if name_or_config not in CONFIGS:
-        raise ValueError(f"unknown VQGAN quantizer config {name_or_config!r}; expected one of {', '.join(CONFIGS)}")
-    return VectorQuantizer(CONFIGS[name_or_config])
+    return VectorQuantizer(resolve_config(name_or_config, CONFIGS, VQGANQuantizerConfig, "VQGAN quantizer"))
 
 
 def from_safetensors(

@@ -1,0 +1,48 @@
+"""What every reference model module shares: resolving a config by name, loading a checkpoint
+file without allocating the weights twice, and the sinusoidal timestep embedding."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+
+def resolve_config(name_or_config, configs: dict, config_type: type, family: str):
+    """The config object for a name in `configs`, or the given config instance."""
+    if isinstance(name_or_config, config_type):
+        return name_or_config
+    if not isinstance(name_or_config, str) or name_or_config not in configs:
+        raise ValueError(f"unknown {family} config {name_or_config!r}; expected one of {', '.join(configs)} "
+                         f"or a {config_type.__name__}")
+    return configs[name_or_config]
+
+
+def load_safetensors(path, build_model: Callable[[], nn.Module], device: Union[str, torch.device] = "cpu",
+                     adapt_state: Optional[Callable[[dict], dict]] = None) -> nn.Module:
+    """A model built on the meta device that takes the file's tensors as they are (dtype
+    included), so the weights are allocated once; every key must match (strict).
+    `adapt_state` maps the file's state dict to the model's (dropping training-only entries,
+    selecting one network of several)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device=str(device))
+    if adapt_state is not None:
+        state = adapt_state(state)
+    with torch.device("meta"):
+        model = build_model()
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (channels / 2)), float32, (B, channels)
+    (diffusers' Timesteps with flip_sin_to_cos and no frequency shift; guided-diffusion's
+    timestep_embedding)."""
+    half = channels // 2
+    frequencies = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
+    )
+    angles = timestep.float()[:, None] * frequencies[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
