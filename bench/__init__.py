@@ -75,11 +75,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("fastgen bench: timings need a CUDA GPU and none is visible", file=sys.stderr)
         return 2
     try:
-        rows, _, _ = run(filter=args.filter, quick=args.quick, out_dir=args.out, impls=args.impl,
-                         no_compile=args.no_compile)
+        rows, _, paths = run(filter=args.filter, quick=args.quick, out_dir=args.out, impls=args.impl,
+                             no_compile=args.no_compile)
     except ValueError as exc:  # a filter or impl name that selects nothing
         print(f"fastgen bench: {exc}", file=sys.stderr)
         return 2
+    from . import plots
+
+    plots.plot_results(paths["json"])
     failed = [row for row in rows if row["status"].startswith("error")]
     if failed:
         print(f"fastgen bench: {len(failed)} of {len(rows)} rows failed (listed under the table)", file=sys.stderr)

@@ -1,9 +1,10 @@
-"""The `fastgen` command: info, check, bench, bench compare."""
+"""The `fastgen` command: info, check, bench (compare, plot), profile."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -91,6 +92,58 @@ def _bench_compare(args) -> int:
     return compare.run_from_args(args)
 
 
+def _bench_order(args) -> int:
+    from fastgen.bench import order
+
+    return order.run_from_args(args)
+
+
+def _bench_plot(args) -> int:
+    from fastgen.bench import plots
+
+    if not args.results.is_file():
+        print(f"fastgen bench plot: no result file {args.results}", file=sys.stderr)
+        return 2
+    written = plots.plot_results(args.results, args.out)
+    return 0 if written is not None else 1
+
+
+def _profile(args) -> int:
+    from fastgen import profile
+
+    try:
+        profile.profile(args.model, config=args.config, backend=args.backend, batch=args.batch,
+                        resolution=args.resolution, steps=args.steps, warmup=args.warmup, out_dir=args.out,
+                        dtype=args.dtype)
+    except profile.ProfileError as exc:
+        print(f"fastgen profile: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_profile_parser(commands) -> None:
+    from fastgen.ops.registry import BACKENDS
+    from fastgen.profile import DTYPES
+
+    parser = commands.add_parser(
+        "profile", help="time one step of a reference model per op family, eager vs fastgen (torch.profiler)",
+        description="Profile one step of a reference model (module fastgen.models.<model>) under torch.profiler, "
+                    "with every op on its eager reference and then on a fastgen backend; prints time per op "
+                    "family side by side and writes a Chrome trace per run and summary.json. Without a GPU "
+                    "it profiles the eager reference on CPU (no kernel timings).")
+    parser.add_argument("model", help="model module name, e.g. sana")
+    parser.add_argument("--config", help="named config (default: tiny on CPU, the model's first config on a GPU)")
+    parser.add_argument("--backend", default="auto", choices=[b for b in BACKENDS if b != "reference"],
+                        help="the fastgen backend compared with the eager reference (default auto)")
+    parser.add_argument("--batch", type=int, default=1, help="images per step (diffusion: doubled by guidance)")
+    parser.add_argument("--resolution", type=int, help="image side in pixels (default: the model's canonical size)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default bfloat16 on a GPU, float32 on CPU")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps per backend (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before (default 2)")
+    parser.add_argument("--out", type=Path, help="output directory (default profiles/<model>-<config>/)")
+    parser.set_defaults(run=_profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,13 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=_bench)
     # Optional, so `fastgen bench [--quick ...]` still runs the suite; its defaults override run=_bench.
-    bench_commands = bench_parser.add_subparsers(dest="bench_command", metavar="{compare}")
+    bench_commands = bench_parser.add_subparsers(dest="bench_command", metavar="{compare,plot,order}")
     compare_parser = bench_commands.add_parser(
         "compare", help="compare two result files: regressions beyond noise, status changes, missing rows")
     from fastgen.bench import compare
 
     compare.add_arguments(compare_parser)
     compare_parser.set_defaults(run=_bench_compare)
+    plot_parser = bench_commands.add_parser(
+        "plot", help="PNG plots of a result file: speedup vs size per op, model step times")
+    plot_parser.add_argument("results", type=Path, help="a result JSON written by fastgen bench")
+    plot_parser.add_argument("--out", type=Path, help="directory for the PNGs (default: beside RESULTS)")
+    plot_parser.set_defaults(run=_bench_plot)
+    order_parser = bench_commands.add_parser(
+        "order", help="rank each op's backends by a result file's speedups: the 'auto' order for that GPU")
+    from fastgen.bench import order
+
+    order.add_arguments(order_parser)
+    order_parser.set_defaults(run=_bench_order)
+
+    _add_profile_parser(commands)
     return parser
 
 

@@ -69,3 +69,93 @@ def test_bench_compare_subcommand(tmp_path, capsys):
     assert cli.main(["bench", "compare", str(old), str(new)]) == 1
     assert "regression" in capsys.readouterr().out.lower()
     assert cli.main(["bench", "compare", str(old), str(old)]) == 0
+
+
+def _results_file(directory, rows):
+    from fastgen.bench import harness
+
+    meta = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "1", "torch": "t", "triton": "t", "cuda": "c",
+            "commit": "0123456789abcdef", "timestamp": "2026-11-22T00:00:00+00:00",
+            "ceilings": {"copy_gbps": 3000.0, "bf16_matmul_tflops": 700.0}}
+    return harness.write_results(rows, meta, directory)["json"]
+
+
+def _timed_row(name, impl, shape, ms, eager_ms, rate, direction="fwd", status="ok"):
+    row = {"name": name, "impl": impl, "shape": shape, "dtype": "bfloat16", "direction": direction, "ms": ms,
+           "ms_p20": ms, "ms_p80": ms, "fraction_of_ceiling": 0.5, "speedup_vs_eager": eager_ms / ms,
+           "max_abs_err": 0.0, "status": status}
+    row.update(rate)
+    return row
+
+
+def _synthetic_rows():
+    rows = []
+    for size, eager_ms in ((1, 0.1), (4, 0.4), (16, 1.6)):
+        for impl, ms in (("eager", eager_ms), ("compile", eager_ms / 1.5), ("triton", eager_ms / 3)):
+            for direction in ("fwd", "fwd+bwd"):
+                rows.append(_timed_row("linear_attention", impl, f"N{size}k", ms, eager_ms,
+                                       {"gbps": size * 1e3 / ms}, direction))
+    rows.append({**_timed_row("linear_attention", "cuda", "N1k", 1.0, 1.0, {"gbps": 1.0}),
+                 "ms": None, "speedup_vs_eager": None, "status": "skipped: no cuda implementation"})
+    for impl, ms in (("eager", 80.0), ("compile", 60.0), ("triton", 40.0)):
+        rows.append(_timed_row("model.sana-1600m.step", impl, "32x32 latent", ms, 80.0, {"tflops": 100.0}))
+    return rows
+
+
+def test_plot_series_from_a_results_file():
+    from fastgen.bench import plots
+
+    rows = _synthetic_rows()
+    series = plots.speedup_series(rows)
+    assert set(series) == {"linear_attention"}, "model rows and eager rows are not op speedups"
+    fwd = series["linear_attention"]["fwd"]
+    assert set(fwd) == {("compile", "bfloat16"), ("triton", "bfloat16")}, "skipped rows are not drawn"
+    work, speedup = zip(*fwd[("triton", "bfloat16")])
+    assert work == pytest.approx((1e9, 4e9, 16e9)), "size = GB/s x ms: the bytes the case moves"
+    assert speedup == pytest.approx((3.0, 3.0, 3.0))
+    assert plots.model_times(rows) == {"sana-1600m.step\n32x32 latent": {"eager": 80.0, "compile": 60.0,
+                                                                          "triton": 40.0}}
+
+
+def test_bench_plot_writes_pngs_beside_the_results(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (it is in the bench extra)")
+    results = _results_file(tmp_path, _synthetic_rows())
+    assert cli.main(["bench", "plot", str(results)]) == 0
+    pngs = sorted(path.name for path in tmp_path.glob("*.png"))
+    assert pngs == [f"{results.stem}.linear_attention.png", f"{results.stem}.models.png"]
+    for name in pngs:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote 2 plot(s)" in capsys.readouterr().out
+
+
+def test_bench_plot_of_a_missing_file_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["bench", "plot", str(tmp_path / "nothing.json")]) == 2
+    assert "no result file" in capsys.readouterr().err
+
+
+def test_bench_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
+    results = _results_file(tmp_path, _synthetic_rows())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert cli.main(["bench", "plot", str(results)]) == 1
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_plain_pytest_collects_only_tests():
+    """CI runs the README's `python -m pytest -q`: pyproject's testpaths keeps bench/ (GPU timings
+    through pytest-benchmark) out of it."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as handle:
+        assert tomllib.load(handle)["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+
+
+def test_pytest_benchmark_entry_skips_with_the_reason_without_gpu():
+    result = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-rs",
+                             "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"\d+ skipped in .*", summary), summary
+    assert "needs a CUDA GPU" in result.stdout
