@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Everything to run on a lent GPU machine, in one call and offline: build and import the CUDA
 # extension for this GPU, the GPU tests, `fastgen check`, the quick benchmark (FULL=1: the
-# whole suite) and, where compute-sanitizer exists, memcheck and racecheck over the CUDA tests.
+# whole suite) with the measured backend order, `fastgen profile` of SANA, the SD 1.5 UNet and
+# StyleGAN2 and, where compute-sanitizer exists, memcheck and racecheck over the CUDA tests.
 #
 # Writes under $OUT (default $TMPDIR/fastgen-gpu-check): gpu_check.log (every step's full
 # output under a header; one file, since the device tool returns at most 8), summary.txt (step,
-# exit code, seconds, appended as each step ends so a killed run keeps it) and results/ (the
-# benchmark JSON and CSV). A failing step does not stop the others; the exit code is 1 if any
-# failed.
+# exit code, seconds, appended as each step ends so a killed run keeps it), results/ (the
+# benchmark JSON, CSV and plots) and profiles/<model>/ (traces and summary.json). Then, on the
+# development machine: `fastgen bench order RESULTS.json --write` records the "auto" order.
+# A failing step does not stop the others; the exit code is 1 if any failed.
 #
 # Environment:
 #   PYTHON              interpreter with torch and triton (default python3)
@@ -100,6 +102,14 @@ step info "${FASTGEN[@]}" info
 step pytest_gpu "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
 step check "${FASTGEN[@]}" check
 step bench "${FASTGEN[@]}" bench "${bench_args[@]}" --out "$OUT/results"
+if compgen -G "$OUT/results/*.json" > /dev/null; then
+    step order "${FASTGEN[@]}" bench order "$(ls -t "$OUT"/results/*.json | head -n 1)"
+else
+    skip_step order "no benchmark result file"
+fi
+for model in sana ldm_unet stylegan2; do
+    step "profile_$model" "${FASTGEN[@]}" profile "$model" --out "$OUT/profiles/$model"
+done
 if [[ "$SANITIZE" != 1 ]]; then
     skip_step memcheck "SANITIZE=$SANITIZE"
     skip_step racecheck "SANITIZE=$SANITIZE"
