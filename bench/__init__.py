@@ -19,6 +19,7 @@ from . import (
     models_dcae,
     models_ldm_unet,
     models_sana,
+    models_stylegan,
     models_var,
     ops_ada_norm,
     ops_cross_attention,
@@ -41,6 +42,7 @@ MODULES = (
     models_ldm_unet,
     models_adm,
     models_dcae,
+    models_stylegan,
     models_var,
 )
 

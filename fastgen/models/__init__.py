@@ -1,9 +1,18 @@
 """Reference models: complete, runnable PyTorch implementations of the models the kernels
-serve, each built from named configs with random weights (`build`) or from a local checkpoint.
-Each model is a module here: `fastgen.models.sana` (SANA Linear DiT), `fastgen.models.ldm_unet` (LDM /
-SD 1.5 UNet), `fastgen.models.dcae` (DC-AE
-autoencoder), `fastgen.models.var_vqvae` (VAR multi-scale VQVAE), `fastgen.models.vqgan` (VQGAN /
-l2-normalized single-scale quantizer)."""
-from fastgen.models import adm_unet, dcae, ldm_unet, sana, var_vqvae, vqgan
+serve, each built from named configs with random weights (`build`) or from a local checkpoint
+(`from_safetensors`), with `example_step` making one representative step:
 
-__all__ = ["adm_unet", "dcae", "ldm_unet", "sana", "var_vqvae", "vqgan"]
+- `sana`: SANA Linear DiT (diffusers layout), flow-matching sampling with guidance
+- `ldm_unet`: the LDM / Stable Diffusion 1.5 UNet (diffusers layout), DDIM with guidance
+- `adm_unet`: the ADM UNet of guided diffusion, DDPM (learned variance) and DDIM
+- `dcae`: the DC-AE deep-compression autoencoder (diffusers layout)
+- `stylegan`: the StyleGAN (v1) generator
+- `stylegan2`: the StyleGAN2 generator and discriminator, the R1-regularised training step
+- `stylegan3`: the StyleGAN3 alias-free generator, T and R
+- `var_vqvae`: VAR's multi-scale VQVAE
+- `vqgan`: the VQGAN / l2-normalised single-scale quantizer
+
+`fastgen.models.common` holds what they share."""
+from fastgen.models import adm_unet, dcae, ldm_unet, sana, stylegan, stylegan2, var_vqvae, vqgan
+
+__all__ = ["adm_unet", "dcae", "ldm_unet", "sana", "stylegan", "stylegan2", "var_vqvae", "vqgan"]
