@@ -157,14 +157,14 @@ def upfirdn2d_reference(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1
     if f is None:
         f = torch.ones(1, 1, dtype=x.dtype, device=x.device)
     # conv2d correlates: flip for a true convolution. The gain goes into the first pass's taps.
+    # The depthwise weights are materialised per channel: an expanded (stride-0) weight sends
+    # conv2d down a path about 1000x slower on CPU.
     w = f.to(x.dtype)
     if not flip_filter:
         w = w.flip(list(range(w.dim())))
-    if w.dim() == 2:
-        z = F.conv2d(p, (w * gain).expand(channels, 1, *w.shape), groups=channels)
-    else:
-        z = F.conv2d(p, (w * gain).expand(channels, 1, 1, w.shape[0]), groups=channels)
-        z = F.conv2d(z, w[:, None].expand(channels, 1, w.shape[0], 1), groups=channels)
+    z = F.conv2d(p, (w * gain).repeat(channels, 1, 1, 1), groups=channels)  # a 1-D filter: along W
+    if w.dim() == 1:
+        z = F.conv2d(z, w[:, None].repeat(channels, 1, 1, 1), groups=channels)  # then along H
     return z[:, :, ::downy, ::downx]
 
 
