@@ -20,6 +20,7 @@ from . import (
     models_ldm_unet,
     models_sana,
     models_stylegan,
+    models_stylegan3,
     models_var,
     ops_ada_norm,
     ops_cross_attention,
@@ -43,6 +44,7 @@ MODULES = (
     models_adm,
     models_dcae,
     models_stylegan,
+    models_stylegan3,
     models_var,
 )
 

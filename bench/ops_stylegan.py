@@ -1,6 +1,6 @@
-"""Benchmarks of upfirdn2d and bias_act (SPEC.md section 5) at StyleGAN2 / StyleGAN3 layer
-shapes, against the eager formulation (zero insertion + pad + depthwise conv2d; separate
-bias, activation, gain and clamp ops) and torch.compile of it.
+"""Benchmarks of upfirdn2d, bias_act and filtered_lrelu (SPEC.md section 5) at StyleGAN2 /
+StyleGAN3 layer shapes, against the eager formulation (zero insertion + pad + depthwise conv2d;
+separate bias, activation, gain and clamp ops) and torch.compile of it.
 
 Shapes follow StyleGAN2 at 1024 px: 512 channels up to 64 px, then 256, 128, 64 and 32 at
 128, 256, 512 and 1024 px; batch 4 (32 images over 8 GPUs, the paper's setup). The generator
@@ -14,17 +14,28 @@ resampling filter. Labels give the batch, channels, input side, filter taps and 
 Mixed precision as StyleGAN2-ADA trains: float16 channels_last for the high-resolution layers,
 and float32 NCHW at a few sizes for comparison.
 
+filtered_lrelu is measured as StyleGAN3's synthesis layers run it: 12-tap up and down filters
+(fu, fd), the 2x temporary upsampling (up 2, down 2, padding 11/10 so the output keeps the
+input's side), conv_clamp 256, a bias; plus the two ends of the network, up 2 / down 1 and
+up 1 / down 2. Channels go from 512 at 16-128 px to 32 at 1024 px (StyleGAN3-T 1024 narrows
+as the resolution grows), batch 4. Its eager formulation is StyleGAN3's reference path in the
+input dtype: bias add, upfirdn2d(fu) (zero insertion, pad, conv2d), lrelu * gain, clamp,
+upfirdn2d(fd), each op reading and writing the 4x-larger intermediate.
+
 Bytes per call: x read and y written once (bias_act also reads b); fwd+bwd adds dy read and
 dx written (bias_act's backward reads y or x once more). The filter stays constant (a buffer,
-as in StyleGAN), so no filter gradient is computed.
+as in StyleGAN), so no filter gradient is computed. filtered_lrelu's fused kernels also write
+and read a 2-bit code per intermediate sample in fwd+bwd: their own overhead, not counted.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from fastgen.ops import bias_act as bias_act_ops
+from fastgen.ops import filtered_lrelu as filtered_lrelu_ops
 from fastgen.ops import upfirdn2d as upfirdn2d_ops
 
 from .harness import Benchmark, Case, standard_impls
@@ -143,12 +154,83 @@ def _bias_act_cases(quick: bool) -> list:
     return cases
 
 
+# StyleGAN3 (channels, side in px) for the up 2 / down 2 layers, from 16 px up.
+_STYLEGAN3_LAYERS = ((512, 16), (512, 32), (512, 64), (512, 128), (256, 256), (128, 512), (64, 1024), (32, 1024))
+_STYLEGAN3_CLAMP = 256.0
+
+
+@dataclass(frozen=True)
+class _FilteredLayer:
+    """A StyleGAN3 layer's constant filtered_lrelu arguments (filters shared like _Resampling's)."""
+
+    up: int
+    down: int
+    fu: _Resampling = field(default_factory=lambda: _Resampling(12, 2, 1))
+    fd: _Resampling = field(default_factory=lambda: _Resampling(12, 1, 2))
+
+    def filters(self, device) -> tuple:
+        return (self.fu.filter(device) if self.up > 1 else None, self.fd.filter(device) if self.down > 1 else None)
+
+    @property
+    def padding(self) -> list:
+        """Output side = input side * up / down, as StyleGAN3 pads for its 'valid' layers."""
+        halo = 11 * (self.up > 1) + 11 * (self.down > 1)  # (taps - 1) of each filter that exists
+        total = halo - self.down + 1
+        return [(total + 1) // 2, total // 2] * 2
+
+
+def _filtered_lrelu_eager(x, b, layer):
+    """StyleGAN3's reference path in x's dtype: every step a separate eager op."""
+    fu, fd = layer.filters(x.device)
+    z = upfirdn2d_ops.upfirdn2d_reference(x + b[:, None, None], fu, layer.up, 1, layer.padding, False,
+                                          float(layer.up**2))
+    a = bias_act_ops.bias_act_reference(z, None, "lrelu", gain=math.sqrt(2), clamp=_STYLEGAN3_CLAMP)
+    return upfirdn2d_ops.upfirdn2d_reference(a, fd, 1, layer.down, 0, False, 1.0)
+
+
+def _filtered_lrelu_fused(x, b, layer):
+    fu, fd = layer.filters(x.device)
+    return filtered_lrelu_ops.filtered_lrelu(x, fu, fd, b, layer.up, layer.down, layer.padding,
+                                             clamp=_STYLEGAN3_CLAMP)
+
+
+def _filtered_lrelu_case(channels, side, layer, dtype, channels_last, direction) -> Case:
+    shape = (_BATCH, channels, side, side)
+    out_side = side * layer.up // layer.down
+
+    def make_inputs(device, dtype, seed):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return {"x": _random(shape, channels_last, device, dtype, generator),
+                "b": torch.randn(channels, generator=generator, device=device, dtype=dtype), "layer": layer}
+
+    tensors = (1 + (out_side / side) ** 2) * (2 if direction == "fwd+bwd" else 1)
+    work = int(tensors * _BATCH * channels * side * side * dtype.itemsize)
+    label = f"B{_BATCH} C{channels} {side}px 12-tap up{layer.up} down{layer.down}" + (" cl" if channels_last else "")
+    return Case(label, dtype, direction, make_inputs, work)
+
+
+def _filtered_lrelu_cases(quick: bool) -> list:
+    """float16 NCHW (StyleGAN3's high-resolution layers run in float16) at every layer, the two
+    ends of the network, and float32 / channels_last at a few sizes."""
+    body = _FilteredLayer(2, 2)
+    layers = [(c, side, body, torch.float16, False) for c, side in _STYLEGAN3_LAYERS]
+    layers += [(64, 512, _FilteredLayer(2, 1), torch.float16, False),
+               (64, 1024, _FilteredLayer(1, 2), torch.float16, False)]
+    layers += [(c, side, body, dtype, channels_last) for c, side in ((512, 64), (128, 512))
+               for dtype, channels_last in ((torch.float32, False), (torch.float16, True))]
+    if quick:
+        layers = [layers[i] for i in (2, 5, 6)]
+    return [_filtered_lrelu_case(*layer, direction) for layer in layers for direction in ("fwd", "fwd+bwd")]
+
+
 def benchmarks(quick: bool = False) -> list:
     resampling_impls = standard_impls(_upfirdn2d_fused, _upfirdn2d_eager)
     bias_act_impls = standard_impls(bias_act_ops.bias_act, bias_act_ops.bias_act_reference)
-    for impls in (resampling_impls, bias_act_impls):
+    filtered_lrelu_impls = standard_impls(_filtered_lrelu_fused, _filtered_lrelu_eager)
+    for impls in (resampling_impls, bias_act_impls, filtered_lrelu_impls):
         del impls["cuda"]  # Triton only for now: no CUDA C++ kernel for these ops yet
     return [
         Benchmark("upfirdn2d", _resampling_cases(quick), resampling_impls),
         Benchmark("bias_act", _bias_act_cases(quick), bias_act_impls),
+        Benchmark("filtered_lrelu", _filtered_lrelu_cases(quick), filtered_lrelu_impls),
     ]

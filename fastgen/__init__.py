@@ -5,6 +5,7 @@ from fastgen.ops import OPS
 from fastgen.ops.ada_norm import ada_group_norm, ada_layer_norm
 from fastgen.ops.bias_act import bias_act
 from fastgen.ops.cross_attention import cross_attention
+from fastgen.ops.filtered_lrelu import filtered_lrelu
 from fastgen.ops.linear_attention import linear_attention
 from fastgen.ops.rms_norm_2d import trms2d
 from fastgen.ops.shortcut import channel_dup_pixel_shuffle, pixel_unshuffle_channel_avg
@@ -23,6 +24,7 @@ __all__ = [
     "channel_dup_pixel_shuffle",
     "cross_attention",
     "current_backend",
+    "filtered_lrelu",
     "linear_attention",
     "pixel_unshuffle_channel_avg",
     "restore",

@@ -24,7 +24,7 @@ NO_CUDA_HERE = "sees no CUDA device|is not built"
 def test_every_op_is_a_registered_torch_op():
     assert set(OPS) == {"pixel_unshuffle_channel_avg", "channel_dup_pixel_shuffle", "linear_attention", "vq_nearest",
                         "vq_quantize", "cross_attention", "upfirdn2d", "bias_act",
-                        "ada_group_norm", "ada_layer_norm", "trms2d"}
+                        "ada_group_norm", "ada_layer_norm", "trms2d", "filtered_lrelu"}
     for name in OPS:
         assert hasattr(torch.ops.fastgen, name)
 

@@ -13,6 +13,6 @@ serve, each built from named configs with random weights (`build`) or from a loc
 - `vqgan`: the VQGAN / l2-normalised single-scale quantizer
 
 `fastgen.models.common` holds what they share."""
-from fastgen.models import adm_unet, dcae, ldm_unet, sana, stylegan, stylegan2, var_vqvae, vqgan
+from fastgen.models import adm_unet, dcae, ldm_unet, sana, stylegan, stylegan2, stylegan3, var_vqvae, vqgan
 
-__all__ = ["adm_unet", "dcae", "ldm_unet", "sana", "stylegan", "stylegan2", "var_vqvae", "vqgan"]
+__all__ = ["adm_unet", "dcae", "ldm_unet", "sana", "stylegan", "stylegan2", "stylegan3", "var_vqvae", "vqgan"]

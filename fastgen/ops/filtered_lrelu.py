@@ -1,0 +1,478 @@
+"""Filtered leaky ReLU: StyleGAN3's alias-free nonlinearity, upsample -> lrelu -> downsample.
+
+`filtered_lrelu(x, fu=None, fd=None, b=None, up=1, down=1, padding=0, gain=sqrt(2),
+slope=0.2, clamp=None, flip_filter=False)` with x of shape (B, C, H, W) (any strides) computes,
+per channel plane,
+
+    z = upfirdn2d(x + b, fu, up=up, padding=padding, gain=up*up)     (b[c] added to channel c)
+    v = gain * z
+    a = clamp(lrelu(v), -clamp, clamp),  lrelu(v) = v if v > 0 else slope * v
+    y = upfirdn2d(a, fd, down=down)
+
+with the upfirdn2d of fastgen/ops/upfirdn2d.py (flip_filter applies to both filters). The gain
+multiplies before the leaky ReLU, as the SPEC orders it (for gain > 0 the order does not
+matter; StyleGAN3's CUDA kernel also scales first). The gain up*up restores a normalized
+filter's DC gain after zero insertion leaves 1 / up^2 of the samples non-zero. A 1-D filter of
+n taps is separable (f outer f); None is the identity. `padding` is an int, (px, py) or
+(px0, px1, py0, py1) in pixels of the upsampled image; negative crops.
+With (fuh, fuw) / (fdh, fdw) the filter sizes:
+
+    out_h = (H*up + py0 + py1 - (fuh - 1) - (fdh - 1) + down - 1) // down        (likewise W)
+
+z is up^2 times larger than x; the fused kernel never writes it to memory. Only the part of z
+that fd reads exists conceptually: rows [0, zh), zh = (out_h - 1)*down + fdh, likewise columns.
+
+Gradients. The map x -> y is piecewise linear: for fixed signs, y is linear in x, with the
+per-sample derivative of a with respect to z
+
+    d = gain * (1 if v > 0 else slope) * [|lrelu(v)| <= clamp]     (inclusive, like torch.clamp)
+
+so dx = U^T (d * D^T dy), where U / D are the two (linear) upfirdn2d maps and their transposes
+are upfirdn2d with the filter flipped and up / down swapped. The forward therefore records, per
+sample of z, which of the three cases of d holds (a 2-bit "code": 0 negative side, 1 positive
+side, 2 clamped), packed four to a byte along the columns (the code of column j in bits
+2*(j % 4) of byte j // 4) in a uint8 tensor of shape (B, C, zh, ceil(zw / 4)): an eighth of z's
+bytes in float16. `filtered_lrelu_backward(dy, codes, ...)` evaluates dx from dy and the codes
+alone, and db = dx summed over (B, H, W) in float32 before dx is rounded. The second
+derivative through the codes is zero almost everywhere, and dx is linear in dy, so the gradient
+of dx with respect to dy is the forward map with frozen codes, dy' = D (d * U g): written with
+the upfirdn2d op, whose own gradients exist to every order. That is what R1 regularisation
+differentiates through. Filter gradients (StyleGAN3's filters are
+constant buffers) come from autograd through the eager reference, recomputed in the backward,
+and are first order only.
+
+Three custom ops: `filtered_lrelu` (registered in OPS, output y; its backward recomputes the
+codes), the internal `filtered_lrelu_with_codes` (y and the codes; what the public function
+calls when a gradient is needed, so the backward does not recompute) and
+`filtered_lrelu_backward`. Arithmetic is float32 (float64 for float64 x); outputs take x's dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastgen.ops.registry import (
+    CheckCase,
+    Op,
+    check_same_dtype_and_device,
+    define_custom_op,
+    random_tensor,
+    register,
+    register_autograd,
+)
+from fastgen.ops.upfirdn2d import adjoint_padding, filter_size, parse_padding, upfirdn2d, upfirdn2d_reference
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NAME = "filtered_lrelu"
+CODE_NEGATIVE, CODE_POSITIVE, CODE_CLAMPED = 0, 1, 2
+_CODES_PER_BYTE = 4
+
+
+def _check_filter(name: str, f, x: torch.Tensor) -> None:
+    if f is None:
+        return
+    if not isinstance(f, torch.Tensor):
+        raise TypeError(f"{_NAME}: {name} must be a torch.Tensor or None, got {type(f).__name__}")
+    if not f.is_floating_point():
+        raise TypeError(f"{_NAME}: {name} must be a floating-point tensor, got {f.dtype}")
+    if f.dim() not in (1, 2) or f.numel() == 0:
+        raise ValueError(
+            f"{_NAME}: {name} must be a non-empty 1-D (separable taps) or 2-D (fh, fw) filter, "
+            f"got shape {tuple(f.shape)}"
+        )
+    if f.device != x.device:
+        raise ValueError(f"{_NAME}: {name} is on {f.device} but x is on {x.device}")
+
+
+def _check_factor(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{_NAME}: {name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{_NAME}: {name} must be >= 1, got {value}")
+
+
+def _check_number(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{_NAME}: {name} must be a finite number{' or None' if allow_none else ''}, got {value!r}")
+
+
+def normalized_padding(padding) -> list:
+    """padding as [px0, px1, py0, py1] (upfirdn2d's forms), with this op's name in the error."""
+    try:
+        return parse_padding(padding)
+    except TypeError:
+        raise TypeError(
+            f"{_NAME}: padding must be an int, (px, py) or (px0, px1, py0, py1) ints, got {padding!r}"
+        ) from None
+
+
+def check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp) -> None:
+    """Validate every argument; errors name the argument and what was expected."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{_NAME}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{_NAME}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{_NAME}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    _check_filter("fu", fu, x)
+    _check_filter("fd", fd, x)
+    if b is not None:
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"{_NAME}: b must be a torch.Tensor or None, got {type(b).__name__}")
+        check_same_dtype_and_device(_NAME, "b", b, x, "x")
+        if b.shape != (x.shape[1],):
+            raise ValueError(
+                f"{_NAME}: b must have shape ({x.shape[1]},) (one entry per channel), got {tuple(b.shape)}")
+    _check_factor("up", up)
+    _check_factor("down", down)
+    _check_number("gain", gain)
+    _check_number("slope", slope)
+    _check_number("clamp", clamp, allow_none=True)
+    if clamp is not None and clamp < 0:
+        raise ValueError(f"{_NAME}: clamp must be >= 0 or None, got {clamp}")
+    intermediate_size(x.shape, fu, fd, up, down, normalized_padding(padding))
+
+
+def intermediate_size(x_shape, fu, fd, up, down, padding) -> tuple:
+    """(zh, zw, out_h, out_w): the part of z that fd reads, and the output size (module
+    docstring); raises when the padding leaves no output."""
+    px0, px1, py0, py1 = padding
+    (fuh, fuw), (fdh, fdw) = filter_size(fu), filter_size(fd)
+    _, _, height, width = x_shape
+    # z as upfirdn2d(fu) leaves it (a "valid" filter over the padded, upsampled image).
+    full_h = height * up + py0 + py1 - fuh + 1
+    full_w = width * up + px0 + px1 - fuw + 1
+    if full_h < fdh or full_w < fdw:
+        raise ValueError(
+            f"{_NAME}: padding {list(padding)} leaves an empty output: the upsampled, padded, fu-filtered image is "
+            f"{max(full_h, 0)} x {max(full_w, 0)}, smaller than the {fdh} x {fdw} fd filter"
+        )
+    out_h, out_w = (full_h - fdh) // down + 1, (full_w - fdw) // down + 1
+    return (out_h - 1) * down + fdh, (out_w - 1) * down + fdw, out_h, out_w
+
+
+def _memory_format(x: torch.Tensor):
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _allocate_output(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter):
+    check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp)
+    _, _, out_h, out_w = intermediate_size(x.shape, fu, fd, up, down, padding)
+    return torch.empty((*x.shape[:2], out_h, out_w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+def _packed_codes_shape(batch_channels, zh: int, zw: int) -> tuple:
+    return (*batch_channels, zh, -(-zw // _CODES_PER_BYTE))
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Per-sample codes (..., zw) -> 2-bit codes packed along the last axis (module docstring)."""
+    padded = F.pad(codes.to(torch.int32), [0, -codes.shape[-1] % _CODES_PER_BYTE])
+    shifts = 2 * torch.arange(_CODES_PER_BYTE, device=codes.device)
+    return (padded.unflatten(-1, (-1, _CODES_PER_BYTE)) << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, zw: int) -> torch.Tensor:
+    shifts = 2 * torch.arange(_CODES_PER_BYTE, device=packed.device)
+    return ((packed.to(torch.int32)[..., None] >> shifts) & 3).flatten(-2)[..., :zw]
+
+
+def _allocate_output_and_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter):
+    y = _allocate_output(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter)
+    zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
+    return y, torch.empty(_packed_codes_shape(x.shape[:2], zh, zw), dtype=torch.uint8, device=x.device)
+
+
+def _activation_and_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, with_codes=True):
+    """(a, codes) of the module docstring, in eager ops on the cropped z; codes None unless
+    with_codes."""
+    zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xb = x.to(compute) if b is None else x.to(compute) + b.to(compute)[:, None, None]
+    z = upfirdn2d_reference(xb, fu, up, 1, padding, flip_filter, up * up)[:, :, :zh, :zw]
+    v = z * gain
+    a = F.leaky_relu(v, slope)
+    codes = None
+    if with_codes:
+        codes = torch.where(v > 0, CODE_POSITIVE, CODE_NEGATIVE)
+        if clamp is not None:
+            codes = torch.where(a.abs() > clamp, CODE_CLAMPED, codes)
+        codes = pack_codes(codes)
+    return a if clamp is None else a.clamp(-clamp, clamp), codes
+
+
+def filtered_lrelu_with_codes_reference(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter,
+                                        with_codes=True):
+    """The eager formulation (zero insertion, pad, conv2d, separate activation) and the codes."""
+    check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp)
+    padding = normalized_padding(padding)
+    a, codes = _activation_and_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, with_codes)
+    return upfirdn2d_reference(a, fd, 1, down, 0, flip_filter, 1.0).to(x.dtype), codes
+
+
+def filtered_lrelu_reference(x, fu=None, fd=None, b=None, up=1, down=1, padding=0, gain=math.sqrt(2), slope=0.2,
+                             clamp=None, flip_filter=False):
+    """The eager formulation in float32 (float64 for float64 x): the ground truth."""
+    return filtered_lrelu_with_codes_reference(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter,
+                                               with_codes=False)[0]
+
+
+def _intermediate_shape(dy: torch.Tensor, fd, down: int) -> tuple:
+    """(zh, zw): the part of z that fd reads, from the output (gradient)'s size."""
+    fdh, fdw = filter_size(fd)
+    return (dy.shape[2] - 1) * down + fdh, (dy.shape[3] - 1) * down + fdw
+
+
+def derivative_factor(codes: torch.Tensor, zw: int, gain: float, slope: float, dtype: torch.dtype) -> torch.Tensor:
+    """d of the module docstring from the packed codes of a z zw columns wide."""
+    factor = torch.tensor([gain * slope, gain, 0.0], dtype=dtype, device=codes.device)
+    return factor[unpack_codes(codes, zw).long()]
+
+
+def _allocate_input_gradients(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, x_height, x_width,
+                              bias_grad):
+    expected = _packed_codes_shape(dy.shape[:2], *_intermediate_shape(dy, fd, down))
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != expected:
+        raise ValueError(f"{_NAME}: codes must be uint8 of shape {expected} for dy of shape {tuple(dy.shape)}, "
+                         f"got {codes.dtype} {tuple(codes.shape)}")
+    dx = torch.empty((*dy.shape[:2], x_height, x_width), dtype=dy.dtype, device=dy.device,
+                     memory_format=_memory_format(dy))
+    return dx, torch.empty(dy.shape[1] if bias_grad else 0, dtype=dy.dtype, device=dy.device)
+
+
+def filtered_lrelu_backward_reference(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, x_height,
+                                      x_width, bias_grad):
+    """(dx, db): dx = U^T (d * D^T dy) with U^T, D^T the adjoint upfirdn2d maps, and db its sum
+    over (B, H, W) before rounding to dy's dtype (empty unless bias_grad), in eager ops."""
+    compute = torch.promote_types(dy.dtype, torch.float32)
+    z_shape = (*dy.shape[:2], *_intermediate_shape(dy, fd, down))
+    x_shape = (*dy.shape[:2], x_height, x_width)
+    da = upfirdn2d_reference(dy.to(compute), fd, down, 1, adjoint_padding(z_shape, dy.shape, fd, 1, down, [0] * 4),
+                             not flip_filter, 1.0)
+    dz = da * derivative_factor(codes, z_shape[3], gain, slope, compute)
+    dx = upfirdn2d_reference(dz, fu, 1, up, adjoint_padding(x_shape, z_shape, fu, up, 1, padding), not flip_filter,
+                             float(up * up))
+    db = dx.sum((0, 2, 3)) if bias_grad else dx.new_empty(0)
+    return dx.to(dy.dtype), db.to(dy.dtype)
+
+
+def _check_case(label, x_shape, fu_shape, fd_shape, up, down, padding, with_bias=True, gain=math.sqrt(2), slope=0.2,
+                clamp=None, flip_filter=False, layout="contiguous"):
+    def make_args(device, dtype, generator):
+        x = random_tensor(x_shape, layout, device, dtype, generator)
+        fu, fd = (None if shape is None else torch.randn(shape, generator=generator).to(device) / shape[0]
+                  for shape in (fu_shape, fd_shape))
+        b = random_tensor((x_shape[1],), "contiguous", device, dtype, generator) if with_bias else None
+        return (x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter)
+
+    return CheckCase(label, make_args)
+
+
+def _check_cases():
+    return [
+        _check_case("StyleGAN3 up2 down2 12-tap clamp", (2, 3, 6, 5), (12,), (12,), 2, 2, [11, 10, 11, 10], clamp=1.5),
+        _check_case("up2 down1 6-tap channels_last", (1, 4, 5, 7), (6,), (6,), 2, 1, [5, 4, 5, 4],
+                    layout="channels_last"),
+        _check_case("up1 down2 2-D filters sliced flip", (1, 2, 9, 8), (3, 4), (4, 3), 1, 2, [2, 1, 3, -1],
+                    slope=-0.3, flip_filter=True, layout="sliced"),
+        _check_case("identity filters no bias", (2, 2, 4, 5), None, None, 1, 1, [0, 0, 0, 0], with_bias=False,
+                    gain=0.5, clamp=0.4),
+    ]
+
+
+FILTERED_LRELU = register(
+    Op(
+        name=_NAME,
+        reference=filtered_lrelu_reference,
+        allocate_output=_allocate_output,
+        check_cases=_check_cases,
+    )
+)
+# Not in OPS (`fastgen check` compares every output, and codes at |v| ~ 0 legitimately differ
+# between dtypes); tested through the public function's autograd.
+FILTERED_LRELU_WITH_CODES = Op(
+    name="filtered_lrelu_with_codes",
+    reference=filtered_lrelu_with_codes_reference,
+    allocate_output=_allocate_output_and_codes,
+)
+FILTERED_LRELU_BACKWARD = Op(
+    name="filtered_lrelu_backward",
+    reference=filtered_lrelu_backward_reference,
+    allocate_output=_allocate_input_gradients,
+)
+
+
+@FILTERED_LRELU.implement("triton")
+def _forward_triton(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, *, out):
+    from fastgen.kernels import filtered_lrelu as kernels
+
+    kernels.filtered_lrelu_forward(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, out, None)
+
+
+@FILTERED_LRELU_WITH_CODES.implement("triton")
+def _forward_with_codes_triton(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, *, out):
+    from fastgen.kernels import filtered_lrelu as kernels
+
+    kernels.filtered_lrelu_forward(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, *out)
+
+
+@FILTERED_LRELU_BACKWARD.implement("triton")
+def _backward_triton(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, x_height, x_width, bias_grad, *,
+                     out):
+    from fastgen.kernels import filtered_lrelu as kernels
+
+    kernels.filtered_lrelu_backward(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, *out)
+
+
+def _forward_signature(returns):
+    """The forward ops' typed signature, padding as (px0, px1, py0, py1); define_custom_op reads
+    only its parameters and annotations. One definition for both ops: they differ in outputs."""
+
+    def signature(
+        x: torch.Tensor,
+        fu: Optional[torch.Tensor],
+        fd: Optional[torch.Tensor],
+        b: Optional[torch.Tensor],
+        up: int,
+        down: int,
+        padding: Sequence[int],
+        gain: float,
+        slope: float,
+        clamp: Optional[float],
+        flip_filter: bool,
+    ):
+        """filtered_lrelu (module docstring); the _with_codes op also returns the packed 2-bit codes."""
+
+    signature.__annotations__["return"] = returns
+    return signature
+
+
+_filtered_lrelu_op = define_custom_op(FILTERED_LRELU)(_forward_signature(torch.Tensor))
+_filtered_lrelu_with_codes_op = define_custom_op(FILTERED_LRELU_WITH_CODES)(
+    _forward_signature(tuple[torch.Tensor, torch.Tensor]))
+
+
+@define_custom_op(FILTERED_LRELU_BACKWARD)
+def _filtered_lrelu_backward_op(
+    dy: torch.Tensor,
+    codes: torch.Tensor,
+    fu: Optional[torch.Tensor],
+    fd: Optional[torch.Tensor],
+    up: int,
+    down: int,
+    padding: Sequence[int],
+    gain: float,
+    slope: float,
+    flip_filter: bool,
+    x_height: int,
+    x_width: int,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, db): dx = U^T (d * D^T dy) from the output gradient and the forward's codes, db its
+    per-channel sum (accumulated in float32; empty unless bias_grad)."""
+
+
+def filtered_lrelu(x, fu=None, fd=None, b=None, up=1, down=1, padding=0, gain=math.sqrt(2), slope=0.2, clamp=None,
+                   flip_filter=False):
+    """Bias, upsample with fu, gain, leaky ReLU, clamp, downsample with fd (module docstring).
+
+    x (B, C, H, W); fu / fd 1-D (separable), 2-D or None (identity); b (C,) or None; up / down
+    ints; padding an int, (px, py) or (px0, px1, py0, py1) in upsampled pixels (negative crops).
+    """
+    check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp)
+    args = (x, fu, fd, b, up, down, normalized_padding(padding), float(gain), float(slope),
+            None if clamp is None else float(clamp), bool(flip_filter))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, fu, fd, b))
+    if needs_grad:
+        return _filtered_lrelu_with_codes_op(*args)[0]
+    return _filtered_lrelu_op(*args)
+
+
+def _save_for_backward(ctx, inputs, codes):
+    """codes (None: recomputed in the backward from x and b, which are then kept); x and b are
+    also kept for the filters' gradient, which recomputes the reference."""
+    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = inputs
+    ctx.args = (up, down, padding, gain, slope, clamp, flip_filter)
+    ctx.x_shape = tuple(x.shape)
+    ctx.has_bias = b is not None
+    ctx.filter_grad = any(f is not None and f.requires_grad for f in (fu, fd))
+    keep = ctx.filter_grad or codes is None
+    ctx.save_for_backward(codes, fu, fd, x if keep else None, b if keep else None)
+
+
+def _gradients(ctx, dy, codes, fu, fd, x, b):
+    up, down, padding, gain, slope, clamp, flip_filter = ctx.args
+    dx = db = dfu = dfd = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+        bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
+        dx, db = _filtered_lrelu_backward_op(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter,
+                                             ctx.x_shape[2], ctx.x_shape[3], bias_grad)
+        db = db if bias_grad else None
+    if ctx.filter_grad:
+        dfu, dfd = _filter_gradients(dy, x, fu, fd, b, ctx.args, ctx.needs_input_grad[1:3])
+    return (dx if ctx.needs_input_grad[0] else None, dfu, dfd, db) + (None,) * 7
+
+
+def _filter_gradients(dy, x, fu, fd, b, args, needed):
+    """Autograd through the eager reference, recomputed: filters are rarely trained."""
+    with torch.enable_grad():
+        filters = [f.detach().requires_grad_() if f is not None and need else f for f, need in zip((fu, fd), needed)]
+        y = filtered_lrelu_reference(x.detach(), *filters, None if b is None else b.detach(), *args)
+        leaves = [f for f, need in zip(filters, needed) if need]
+        grads = iter(torch.autograd.grad(y, leaves, dy))
+    return tuple(next(grads) if need else None for need in needed)
+
+
+def _setup_with_codes(ctx, inputs, output):
+    _save_for_backward(ctx, inputs, output[1])
+
+
+def _backward_with_codes(ctx, dy, _):
+    codes, fu, fd, x, b = ctx.saved_tensors
+    return _gradients(ctx, dy, codes, fu, fd, x, b)
+
+
+def _setup_plain(ctx, inputs, output):
+    _save_for_backward(ctx, inputs, None)
+
+
+def _backward_plain(ctx, dy):
+    """The op without codes (a direct torch.ops call, `fastgen check`) recomputes them."""
+    _, fu, fd, x, b = ctx.saved_tensors
+    with torch.no_grad():
+        _, codes = _filtered_lrelu_with_codes_op(x, fu, fd, b, *ctx.args)
+    return _gradients(ctx, dy, codes, fu, fd, x, b)
+
+
+def _setup_backward(ctx, inputs, output):
+    dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, _, _, _ = inputs
+    ctx.args = (up, down, padding, gain, slope, flip_filter)
+    ctx.z_size = _intermediate_shape(dy, fd, down)
+    ctx.save_for_backward(codes, fu, fd)
+
+
+def _backward_of_backward(ctx, grad_dx, grad_db):
+    """dx is linear in dy: its gradient is the forward map with the codes frozen; db = sum dx
+    sends its gradient through dx, broadcast."""
+    codes, fu, fd = ctx.saved_tensors
+    up, down, padding, gain, slope, flip_filter = ctx.args
+    grad_dy = None
+    if ctx.needs_input_grad[0]:
+        if grad_db is not None and grad_db.numel():
+            grad_dx = grad_dx + grad_db[:, None, None]
+        zh, zw = ctx.z_size
+        z = upfirdn2d(grad_dx, fu, up, 1, padding, flip_filter, up * up)[:, :, :zh, :zw]
+        a = z * derivative_factor(codes, zw, gain, slope, z.dtype)
+        grad_dy = upfirdn2d(a, fd, 1, down, 0, flip_filter, 1)
+    return (grad_dy,) + (None,) * 12
+
+
+register_autograd(_filtered_lrelu_op, _backward_plain, _setup_plain)
+register_autograd(_filtered_lrelu_with_codes_op, _backward_with_codes, _setup_with_codes)
+register_autograd(_filtered_lrelu_backward_op, _backward_of_backward, _setup_backward)

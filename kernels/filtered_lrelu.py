@@ -1,0 +1,308 @@
+"""Triton kernels for filtered_lrelu (math in fastgen/ops/filtered_lrelu.py).
+
+One kernel serves the forward and the backward, because both have the same shape: a linear
+upsampling FIR (stage 1), a pointwise factor, a linear downsampling FIR (stage 2).
+
+    forward:   x + b --[fu, up]--> z --lrelu, clamp (codes out)--> a --[fd, down]--> y
+    backward:  dy ----[fd^T, down]--> da --* d(codes in)---------> dz --[fu^T, up]--> dx
+
+Each program owns one channel plane's tile of outputs and does everything on chip:
+
+1. Load the input tile plus its halo once (BI x BI, masked at the borders: padding, cropping
+   and the zeros of the upsampling are never materialised; the bias goes on real pixels only).
+2. Stage 1 as two small matrix products, Z = Uy @ X @ Ux^T. A 1-D FIR along one axis of a tile
+   is a banded matrix whose entry [t, s] is the tap linking mid sample t to input sample s, zero
+   off the band and between the upsampling phases: the polyphase structure lives in that
+   matrix. tl.dot multiplies its zeros too (about BI / (taps / up) times more products than the
+   taps alone), but on tensor cores and with every operand in registers, where gathering taps
+   from a shared tile one by one is not expressible in Triton. Z stays on chip: the
+   up^2-larger intermediate never reaches global memory.
+3. The pointwise step in float32: the forward applies gain, leaky ReLU and clamp and (when the
+   backward will need it) stores a 2-bit code per sample of z; the backward multiplies by the
+   derivative the code stands for.
+4. Stage 2 the same way, Y = Dy @ A @ Dx^T, and one masked store of the valid outputs. The
+   backward also stores its tile's float32 sum of dx, one partial per program, which torch
+   reduces to db per channel (deterministic, no atomics, no second read of dx, and no float16
+   rounding of dx before the sum).
+
+A non-separable (2-D) filter is split on the host into a sum of separable ones by its SVD
+(rank <= min(fh, fw), exact in float64), and each stage loops over those terms; a 1-D filter is
+rank 1, None the 1 x 1 identity.
+
+Tiles overlap by the filters' halo: a tile of BO outputs per axis computes BM mid samples from
+BI inputs, of which only VO outputs (VO <= BO, host-computed from the filter lengths so that
+every tap a valid output needs is inside the tile) are stored; tile t covers outputs
+[t*VO, (t+1)*VO). The wasted work is the price of power-of-two blocks; _blocks() picks the
+(BI, BM, BO) with the fewest multiply-adds per stored output. The forward's codes are stored by
+the tile that "owns" them (mid samples [t*VO*down, (t+1)*VO*down), the last tile up to the end)
+so every code is written exactly once.
+
+Codes are 2 bits per sample of z (as in StyleGAN3's CUDA kernel), four consecutive columns to a
+byte, so they cost an eighth of z's bytes in float16 (int8 codes would cost half). The forward
+tiles columns so that a tile's owned span VO*down is a multiple of 4: no byte is shared by two
+tiles, and each is written once, whole. Codes are written only when a gradient is needed.
+
+Operand precision. Stage 1 of the forward runs in float32 (input_precision="ieee": exact
+float32 FMA) for every dtype, because z decides the codes: a float16 z would flip the sign of
+samples within float16 rounding of 0, where the gradient jumps, and disagree with the reference
+(measured: a few per 10^4 samples, each a visible error in dx). Stage 2, and both stages of the
+backward, run in float16 on tensor cores for float16 inputs (float32 accumulation; operands
+rounded to float16) when the stage's filter is separable; the terms of a 2-D filter's split
+cancel each other, and rounding each term to float16 costs more than the result's tolerance
+(measured: 2x-3x over it), so those stages stay in float32. Everything else runs in float32:
+bfloat16 has too few mantissa bits to round the intermediate to, and the Triton CPU
+interpreter cannot multiply bfloat16 matrices.
+
+Every tensor is addressed through its strides (NCHW, channels_last, sliced views); plane
+offsets are int64. channels_last tensors are read with a stride of C between neighbours: correct,
+not coalesced.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_FORWARD, _FORWARD_WITH_CODES, _BACKWARD = 0, 1, 2
+_MAX_MID_BLOCK = 128
+_CODE_ALIGNMENT = 4  # codes per byte
+
+
+@triton.jit
+def _banded(w_ptr, K, k):
+    """Filter taps w[k] where 0 <= k < K, zero elsewhere (off the band, between phases)."""
+    return tl.load(w_ptr + k, mask=(k >= 0) & (k < K), other=0.0)
+
+
+@triton.jit
+def _stage1_origin(o0, DOWN: tl.constexpr, UP: tl.constexpr, pad1, pad2, lift):
+    """(m0, q0): first mid and input sample of a tile whose first output is o0. q0 is the
+    first input whose upsampled position m0 - pad1 + k can reach, ceil((m0 - pad1) / UP);
+    `lift` keeps the division's argument non-negative (Triton's // truncates like C)."""
+    m0 = o0 * DOWN - pad2
+    q0 = (m0 - pad1 + lift * UP + UP - 1) // UP - lift
+    return m0, q0
+
+
+@triton.jit
+def _filtered_lrelu_kernel(
+    src_ptr, bias_ptr, dst_ptr, codes_ptr, partial_ptr,
+    w1y_ptr, w1x_ptr, w2y_ptr, w2x_ptr,
+    C, IN_H, IN_W, MID_H, MID_W, OUT_H, OUT_W,
+    src_sb, src_sc, src_sh, src_sw,
+    dst_sb, dst_sc, dst_sh, dst_sw,
+    codes_sb, codes_sc, codes_sh, codes_sw,
+    K1Y, K1X, K2Y, K2X,
+    pad1_y, pad1_x, pad2_y, pad2_x, lift_y, lift_x,
+    VO_Y, VO_X, tiles_y, tiles_x,
+    gain, slope, clamp,
+    UP: tl.constexpr, DOWN: tl.constexpr, RANK1: tl.constexpr, RANK2: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLAMP: tl.constexpr, PARTIAL_SUMS: tl.constexpr,
+    STAGE1_DTYPE: tl.constexpr, STAGE2_DTYPE: tl.constexpr,
+    BI: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile_x = pid % tiles_x
+    rest = pid // tiles_x
+    tile_y = rest % tiles_y
+    plane = rest // tiles_y
+    b = (plane // C).to(tl.int64)
+    c = plane % C
+
+    o0_y, o0_x = tile_y * VO_Y, tile_x * VO_X
+    m0_y, q0_y = _stage1_origin(o0_y, DOWN, UP, pad1_y, pad2_y, lift_y)
+    m0_x, q0_x = _stage1_origin(o0_x, DOWN, UP, pad1_x, pad2_x, lift_x)
+
+    s_col = tl.arange(0, BI)[:, None]   # input samples as rows of a matrix
+    s_row = tl.arange(0, BI)[None, :]   # ... and as columns
+    t_col = tl.arange(0, BM)[:, None]
+    t_row = tl.arange(0, BM)[None, :]
+    o_col = tl.arange(0, BO)[:, None]
+    o_row = tl.arange(0, BO)[None, :]
+
+    # 1. The input tile, halo included.
+    q_y = q0_y + s_col
+    q_x = q0_x + s_row
+    inside = (q_y >= 0) & (q_y < IN_H) & (q_x >= 0) & (q_x < IN_W)
+    src_plane = src_ptr + b * src_sb + c.to(tl.int64) * src_sc
+    x = tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x * src_sw, mask=inside, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x = tl.where(inside, x + tl.load(bias_ptr + c).to(tl.float32), 0.0)
+    x = x.to(STAGE1_DTYPE)
+
+    # 2. Stage 1: mid sample m reads input q through tap k = q*UP + pad1 - m.
+    z = tl.zeros((BM, BM), tl.float32)
+    for r in tl.static_range(RANK1):
+        up_y = _banded(w1y_ptr + r * K1Y, K1Y, (q0_y + s_row) * UP + pad1_y - (m0_y + t_col)).to(STAGE1_DTYPE)
+        up_x_t = _banded(w1x_ptr + r * K1X, K1X, (q0_x + s_col) * UP + pad1_x - (m0_x + t_row)).to(STAGE1_DTYPE)
+        rows_done = tl.dot(up_y, x, input_precision="ieee").to(STAGE1_DTYPE)
+        z += tl.dot(rows_done, up_x_t, input_precision="ieee")
+
+    # 3. The pointwise step on the mid tile. Codes: 2 bits each, 4 consecutive columns a byte.
+    m_y = m0_y + t_col
+    m_x = m0_x + t_row
+    codes_rows = codes_ptr + b * codes_sb + c.to(tl.int64) * codes_sc + m_y.to(tl.int64) * codes_sh
+    in_mid = (m_y >= 0) & (m_y < MID_H) & (m_x >= 0) & (m_x < MID_W)
+    if MODE == 2:
+        packed = tl.load(codes_rows + (m_x >> 2) * codes_sw, mask=in_mid, other=0).to(tl.int32)
+        code = (packed >> ((m_x & 3) * 2)) & 3
+        a = tl.where(in_mid, z * tl.where(code == 1, gain, tl.where(code == 0, gain * slope, 0.0)), 0.0)
+    else:
+        v = z * gain
+        positive = v > 0
+        a = tl.where(positive, v, v * slope)
+        code = positive.to(tl.int8)
+        if HAS_CLAMP:
+            code = tl.where(tl.abs(a) > clamp, 2, code).to(tl.int8)
+            a = tl.minimum(tl.maximum(a, -clamp), clamp)
+        if MODE == 1:
+            # Each byte is written by the one tile that owns it (module docstring); m0_x is a
+            # multiple of 4 here, so the tile's bytes start at a byte boundary.
+            shifts = 2 * tl.arange(0, 4)[None, None, :]
+            packed = tl.sum(tl.reshape(code.to(tl.int32), (BM, BM // 4, 4)) << shifts, axis=2)
+            byte = tl.arange(0, BM // 4)[None, :]
+            first_x = m0_x + 4 * byte
+            owned_y = t_col < VO_Y * DOWN + (tile_y == tiles_y - 1).to(tl.int32) * BM
+            owned_x = 4 * byte < VO_X * DOWN + (tile_x == tiles_x - 1).to(tl.int32) * BM
+            inside = (m_y < MID_H) & (first_x < MID_W) & owned_y & owned_x
+            tl.store(codes_rows + (first_x >> 2) * codes_sw, packed.to(tl.uint8), mask=inside)
+    a = a.to(STAGE2_DTYPE)
+
+    # 4. Stage 2: output o reads mid sample m through tap k = m + pad2 - o*DOWN = t - o_local*DOWN.
+    y = tl.zeros((BO, BO), tl.float32)
+    for r in tl.static_range(RANK2):
+        down_y = _banded(w2y_ptr + r * K2Y, K2Y, t_row - o_col * DOWN).to(STAGE2_DTYPE)
+        down_x_t = _banded(w2x_ptr + r * K2X, K2X, t_col - o_row * DOWN).to(STAGE2_DTYPE)
+        rows_done = tl.dot(down_y, a, input_precision="ieee").to(STAGE2_DTYPE)
+        y += tl.dot(rows_done, down_x_t, input_precision="ieee")
+
+    out_y = o0_y + o_col
+    out_x = o0_x + o_row
+    valid = (o_col < VO_Y) & (o_row < VO_X) & (out_y < OUT_H) & (out_x < OUT_W)
+    dst_offsets = b * dst_sb + c.to(tl.int64) * dst_sc + out_y.to(tl.int64) * dst_sh + out_x * dst_sw
+    tl.store(dst_ptr + dst_offsets, y.to(dst_ptr.dtype.element_ty), mask=valid)
+    if PARTIAL_SUMS:
+        # The bias gradient's share of this tile, summed before rounding to the output dtype.
+        tl.store(partial_ptr + pid, tl.sum(tl.sum(tl.where(valid, y, 0.0), axis=1), axis=0))
+
+
+def factor_tables(f, flip_filter: bool, gain: float, device) -> tuple:
+    """(rows, cols), float32 (rank, taps) tables with correlation weights
+    w[i, j] = sum_r rows[r, i] * cols[r, j] (the filter flipped unless flip_filter) times gain."""
+    if f is None:
+        one = torch.full((1, 1), float(gain), dtype=torch.float32, device=device)
+        return one, torch.ones_like(one)
+    w = f.to(torch.float64)
+    if not flip_filter:
+        w = w.flip(list(range(w.dim())))
+    if w.dim() == 1:
+        return (w * gain)[None].float().contiguous(), w[None].float().contiguous()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return (u * (s * gain)).mT.float().contiguous(), vh.float().contiguous()
+
+
+def _blocks(k1: int, k2: int, up: int, down: int) -> tuple:
+    """(BI, BM, BO): power-of-two input / mid / output tile sides (>= 16, tl.dot's minimum)
+    with the fewest multiply-adds per stored output (_valid_outputs of them per axis)."""
+    best = None
+    for bi in (16, 32, 64, 128):
+        bm = max(16, bi * up)
+        if bm > _MAX_MID_BLOCK:
+            break
+        vo = _valid_outputs(bi, up, down, k1, k2, bo=None)
+        if vo < _CODE_ALIGNMENT:  # room to round VO down to whole code bytes (_launch)
+            continue
+        bo = max(16, triton.next_power_of_2(vo))
+        macs = bm * bi * (bi + bm) + bo * bm * (bm + bo)
+        if best is None or macs / vo**2 < best[0]:
+            best = (macs / vo**2, (bi, bm, bo))
+    if best is None:
+        raise ValueError(
+            f"filtered_lrelu: the Triton kernel supports filters of up to about {_MAX_MID_BLOCK} upsampled taps "
+            f"(fu {k1} taps, fd {k2} taps at up={up}, down={down}); use the reference backend"
+        )
+    return best[1]
+
+
+def _valid_outputs(bi: int, up: int, down: int, k1: int, k2: int, bo) -> int:
+    """VO: of the BM = up * BI mid samples a tile computes from BI inputs, the last k1 - 1 lack
+    taps, and VO outputs need (VO - 1) * down + k2 good ones; at most BO (when given)."""
+    vo = (bi * up - k1 + 1 - k2) // down + 1
+    return vo if bo is None else min(vo, bo)
+
+
+def _lift(pad1: int, pad2: int, up: int) -> int:
+    return max(0, -(-(pad1 + pad2) // up)) + 1
+
+
+def _launch(mode, src, bias, dst, codes, stage1, stage2, mid_shape, pads1, pads2, up, down, gain, slope, clamp,
+            channel_sums=None):
+    """One fused pass over every plane. stage1 / stage2: ((rows, cols) tables) per stage;
+    pads1 = (pad1_y, pad1_x), pads2 = (pad2_y, pad2_x) as in the kernel's index maps.
+    channel_sums (C,), when given, receives dst summed over (B, H, W) in float32."""
+    batch, channels, in_h, in_w = src.shape
+    out_h, out_w = dst.shape[2:]
+    if dst.numel() == 0:
+        if channel_sums is not None:
+            channel_sums.zero_()
+        return
+    (w1y, w1x), (w2y, w2x) = stage1, stage2
+    k1y, k1x, k2y, k2x = w1y.shape[1], w1x.shape[1], w2y.shape[1], w2x.shape[1]
+    bi, bm, bo = _blocks(max(k1y, k1x), max(k2y, k2x), up, down)
+    vo_y = _valid_outputs(bi, up, down, k1y, k2y, bo)
+    vo_x = _valid_outputs(bi, up, down, k1x, k2x, bo)
+    if mode == _FORWARD_WITH_CODES:
+        # A tile's columns of z, vo_x * down, fill whole bytes of codes: no byte is shared.
+        step = _CODE_ALIGNMENT // math.gcd(_CODE_ALIGNMENT, down)
+        vo_x -= vo_x % step
+    tiles_y, tiles_x = triton.cdiv(out_h, vo_y), triton.cdiv(out_w, vo_x)
+    half = src.dtype == torch.float16
+    codes_arg = codes if codes is not None else dst
+    codes_strides = codes.stride() if codes is not None else (0, 0, 0, 0)
+    grid = (batch * channels * tiles_y * tiles_x,)
+    partials = None if channel_sums is None else torch.empty(grid, dtype=torch.float32, device=dst.device)
+    _filtered_lrelu_kernel[grid](
+        src, bias if bias is not None else src, dst, codes_arg, partials if partials is not None else dst,
+        w1y, w1x, w2y, w2x,
+        channels, in_h, in_w, mid_shape[0], mid_shape[1], out_h, out_w,
+        *src.stride(), *dst.stride(), *codes_strides,
+        k1y, k1x, k2y, k2x,
+        pads1[0], pads1[1], pads2[0], pads2[1], _lift(pads1[0], pads2[0], up), _lift(pads1[1], pads2[1], up),
+        vo_y, vo_x, tiles_y, tiles_x,
+        gain, slope, 0.0 if clamp is None else clamp,
+        UP=up, DOWN=down, RANK1=w1y.shape[0], RANK2=w2y.shape[0],
+        MODE=mode, HAS_BIAS=bias is not None, HAS_CLAMP=clamp is not None, PARTIAL_SUMS=partials is not None,
+        STAGE1_DTYPE=tl.float16 if half and mode == _BACKWARD and w1y.shape[0] == 1 else tl.float32,
+        STAGE2_DTYPE=tl.float16 if half and w2y.shape[0] == 1 else tl.float32,
+        BI=bi, BM=bm, BO=bo,
+        num_warps=8 if bm * bm > 4096 else 4,
+    )
+    if partials is not None:
+        channel_sums.copy_(partials.view(batch, channels, -1).sum((0, 2)))
+
+
+def filtered_lrelu_forward(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, out, codes) -> None:
+    """out = filtered_lrelu(x, ...); codes (packed uint8 (B, C, zh, ceil(zw / 4))) filled too when given."""
+    px0, _, py0, _ = padding
+    stage1 = factor_tables(fu, flip_filter, up * up, x.device)
+    stage2 = factor_tables(fd, flip_filter, 1.0, x.device)
+    zh = (out.shape[2] - 1) * down + stage2[0].shape[1]
+    zw = (out.shape[3] - 1) * down + stage2[1].shape[1]
+    mode = _FORWARD if codes is None else _FORWARD_WITH_CODES
+    _launch(mode, x, b, out, codes, stage1, stage2, (zh, zw), (py0, px0), (0, 0), up, down, gain, slope, clamp)
+
+
+def filtered_lrelu_backward(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, dx, db) -> None:
+    """dx = U^T (d(codes) * D^T dy): the forward's kernel with the stages' roles swapped, each
+    filter reversed (the adjoint of a correlation is the correlation with the reversed taps);
+    db (empty: not wanted) = dx summed over (B, H, W)."""
+    px0, _, py0, _ = padding
+    rows_u, cols_u = factor_tables(fu, flip_filter, up * up, dy.device)
+    rows_d, cols_d = factor_tables(fd, flip_filter, 1.0, dy.device)
+    stage1 = (rows_d.flip(1).contiguous(), cols_d.flip(1).contiguous())
+    stage2 = (rows_u.flip(1).contiguous(), cols_u.flip(1).contiguous())
+    pads1 = (rows_d.shape[1] - 1, cols_d.shape[1] - 1)
+    pads2 = (rows_u.shape[1] - 1 - py0, cols_u.shape[1] - 1 - px0)
+    mid_shape = ((dy.shape[2] - 1) * down + rows_d.shape[1], (dy.shape[3] - 1) * down + cols_d.shape[1])
+    _launch(_BACKWARD, dy, None, dx, codes, stage1, stage2, mid_shape, pads1, pads2, down, up, gain, slope, None,
+            db if db.numel() else None)

@@ -1,0 +1,367 @@
+"""filtered_lrelu: the fused Triton kernels against the float64 reference (values, codes, first
+and second gradients), the reference against the SPEC's composition of upfirdn2d and bias_act,
+torch.compile, errors."""
+import math
+
+import pytest
+import torch
+
+import fastgen
+from fastgen.check import mismatch
+from fastgen.ops.bias_act import bias_act_reference
+from fastgen.ops.filtered_lrelu import (
+    FILTERED_LRELU,
+    FILTERED_LRELU_BACKWARD,
+    FILTERED_LRELU_WITH_CODES,
+    filtered_lrelu,
+    filtered_lrelu_backward_reference,
+    filtered_lrelu_reference,
+    filtered_lrelu_with_codes_reference,
+    intermediate_size,
+    normalized_padding,
+    pack_codes,
+    unpack_codes,
+)
+from fastgen.ops.registry import Implementation, random_tensor
+from fastgen.ops.upfirdn2d import upfirdn2d_reference
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU = torch.device("cpu")
+SQRT2 = math.sqrt(2)
+
+# (x shape, fu shape, fd shape, up, down, padding, clamp, slope, flip_filter). Sizes are odd and,
+# where marked, larger than one tile so that tile seams and the codes' ownership are exercised.
+GEOMETRIES = {
+    "stylegan3 up2 down2 12-tap": ((2, 3, 7, 5), (12,), (12,), 2, 2, [11, 10, 11, 10], 1.5, 0.2, False),
+    "up2 down2 12-tap 2x2 tiles": ((1, 2, 42, 26), (12,), (12,), 2, 2, [11, 10, 11, 10], None, 0.2, False),
+    "up2 down1 (critically sampled end)": ((1, 2, 5, 9), (12,), (6,), 2, 1, [8, 7, 6, 9], 0.7, 0.2, True),
+    "up1 down2 1x2 tiles": ((1, 2, 11, 100), (6,), (12,), 1, 2, [5, 6, 4, 4], None, 0.1, False),
+    "2-D filters, crop, negative slope": ((1, 2, 9, 8), (3, 4), (4, 5), 2, 2, [2, -1, 3, 1], 2.0, -0.3, True),
+    "identity filters": ((2, 2, 4, 5), None, None, 1, 1, [0, 0, 0, 0], 0.4, 0.2, False),
+    "up4 down3": ((1, 1, 6, 7), (8,), (5, 3), 4, 3, [3, 4, 4, 3], None, 0.2, False),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """The reference's tiny float64 convolutions are 100x slower when split over threads on a
+    busy CPU (measured: 0.6 ms vs 7 us); restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _devices():
+    return [pytest.param(CPU, id="cpu-triton-interpreter"),
+            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+
+
+def _args(geometry, layout, device, dtype, generator, gain=SQRT2, with_bias=True):
+    shape, fu_shape, fd_shape, up, down, padding, clamp, slope, flip_filter = geometry
+    x = random_tensor(shape, layout, device, dtype, generator)
+    fu, fd = (None if s is None else (torch.randn(s, generator=generator) / s[0]).to(device)
+              for s in (fu_shape, fd_shape))
+    b = random_tensor((shape[1],), "contiguous", device, dtype, generator) if with_bias else None
+    return (x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter)
+
+
+def _float64(args):
+    return tuple(a.detach().double().cpu() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _assert_close(actual, expected, what):
+    _, detail = mismatch(actual, expected)
+    assert not detail, f"{what}: {detail}"
+
+
+def _assert_codes_agree(codes, args):
+    """Codes equal the reference's except where the float64 v sits within rounding of a
+    decision boundary (0, or +-clamp): there either answer is right."""
+    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = _float64(args)
+    _, expected = filtered_lrelu_with_codes_reference(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter)
+    zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
+    codes, expected = unpack_codes(codes.cpu(), zw), unpack_codes(expected, zw)
+    z = upfirdn2d_reference(x + b[:, None, None] if b is not None else x, fu, up, 1, padding, flip_filter, up * up)
+    v = z[:, :, :zh, :zw] * gain
+    near = v.abs() < 1e-5 * v.abs().max()
+    if clamp is not None:
+        near |= (torch.nn.functional.leaky_relu(v, slope).abs() - clamp).abs() < 1e-5 * clamp
+    differ = (codes != expected) & ~near
+    assert not differ.any(), (f"{int(differ.sum())} of {codes.numel()} codes differ, "
+                              f"first at {differ.nonzero()[0].tolist()}")
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_forward_and_codes_match_reference(device, dtype, name, generator):
+    """Both forward kernels (with and without codes) write every output and every code:
+    they are poisoned first."""
+    layout = ("contiguous", "channels_last", "sliced")[list(GEOMETRIES).index(name) % 3]
+    args = _args(GEOMETRIES[name], layout, device, dtype, generator)
+    expected = filtered_lrelu_reference(*_float64(args))
+    y, codes = FILTERED_LRELU_WITH_CODES.allocate_output(*args)
+    y.fill_(float("nan"))
+    codes.fill_(0xFF)  # every code 3: no valid code
+    FILTERED_LRELU_WITH_CODES.implementations["triton"].run(*args, out=(y, codes))
+    _assert_close(y, expected, "y")
+    _assert_codes_agree(codes, args)
+    plain = FILTERED_LRELU.allocate_output(*args).fill_(float("nan"))
+    FILTERED_LRELU.implementations["triton"].run(*args, out=plain)
+    _assert_close(plain, expected, "y without codes")
+
+
+def test_codes_pack_four_to_a_byte(generator):
+    codes = torch.randint(0, 3, (2, 3, 5, 7), generator=generator)
+    packed = pack_codes(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 5, 2)
+    assert packed[0, 0, 0, 0] == sum(int(codes[0, 0, 0, j]) << (2 * j) for j in range(4))
+    assert torch.equal(unpack_codes(packed, 7), codes)
+
+
+def test_reference_is_the_specs_composition(generator):
+    """bias, upfirdn2d(fu, up, gain up^2), bias_act's lrelu with gain and clamp, upfirdn2d(fd,
+    down): the SPEC's sentence, with the existing ops (gain > 0, where gain and lrelu commute)."""
+    x = torch.randn(2, 3, 7, 6, generator=generator, dtype=torch.float64)
+    b = torch.randn(3, generator=generator, dtype=torch.float64)
+    fu = torch.randn(12, generator=generator, dtype=torch.float64)
+    fd = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    padding = [9, 8, 7, 10]
+    z = upfirdn2d_reference(x + b[:, None, None], fu, 2, 1, padding, False, 4.0)
+    a = bias_act_reference(z, None, "lrelu", alpha=0.25, gain=1.7, clamp=3.0)
+    expected = upfirdn2d_reference(a, fd, 1, 2, 0, False, 1.0)
+    actual = filtered_lrelu_reference(x, fu, fd, b, 2, 2, padding, 1.7, 0.25, 3.0)
+    torch.testing.assert_close(actual, expected)
+    zh, zw, out_h, out_w = intermediate_size(x.shape, fu, fd, 2, 2, padding)
+    assert (out_h, out_w) == ((7 * 2 + 17 - 11 - 3 + 1) // 2, (6 * 2 + 17 - 11 - 4 + 1) // 2) == expected.shape[2:]
+
+
+def _gradients(backend, args, dy, direct_op=False):
+    """y, dx, db through autograd: the public function (codes saved by the forward) or the
+    registered op called directly (codes recomputed in the backward)."""
+    x, fu, fd, b, *rest = args
+    x = x.detach().requires_grad_()
+    b = b.detach().requires_grad_()
+    with fastgen.use_backend(backend):
+        if direct_op:
+            y = torch.ops.fastgen.filtered_lrelu(x, fu, fd, b, *rest)
+        else:
+            y = filtered_lrelu(x, fu, fd, b, *rest)
+    y.backward(dy)
+    return y, x.grad, b.grad
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["stylegan3 up2 down2 12-tap", "up2 down1 (critically sampled end)",
+                                  "2-D filters, crop, negative slope", "up1 down2 1x2 tiles"])
+def test_backward_matches_reference(device, dtype, name, generator):
+    layout = "channels_last" if dtype == torch.float16 else "sliced" if dtype == torch.bfloat16 else "contiguous"
+    args = _args(GEOMETRIES[name], layout, device, dtype, generator)
+    dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device, dtype)
+    actual = _gradients("triton", args, dy)
+    expected = _gradients("reference", _float64(args), dy.double().cpu())
+    for what, a, e in zip(("y", "dx", "db"), actual, expected):
+        _assert_close(a, e, what)
+
+
+def test_direct_op_recomputes_the_codes(generator):
+    args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", CPU, torch.float32, generator)
+    dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator)
+    actual = _gradients("triton", args, dy, direct_op=True)
+    expected = _gradients("reference", _float64(args), dy.double())
+    for what, a, e in zip(("y", "dx", "db"), actual, expected):
+        _assert_close(a, e, what)
+
+
+def test_codes_are_stored_only_when_a_gradient_is_needed(monkeypatch, generator):
+    """No grad: the forward without codes; grad: codes from the forward, no recomputation."""
+    calls = []
+    for op, label in ((FILTERED_LRELU, "plain"), (FILTERED_LRELU_WITH_CODES, "codes")):
+        run = op.implementations["triton"].run
+
+        def counting_run(*args, out, run=run, label=label):
+            calls.append(label)
+            run(*args, out=out)
+
+        monkeypatch.setitem(op.implementations, "triton", Implementation("triton", counting_run))
+    args = _args(GEOMETRIES["identity filters"], "contiguous", CPU, torch.float32, generator)
+    with fastgen.use_backend("triton"):
+        filtered_lrelu(*args)
+        assert calls == ["plain"]
+        filtered_lrelu(args[0].requires_grad_(), *args[1:]).sum().backward()
+    assert calls == ["plain", "codes"]
+
+
+def test_empty_batch(generator):
+    args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", CPU, torch.float32, generator)
+    x = args[0][:0].requires_grad_()
+    b = args[3].requires_grad_()
+    with fastgen.use_backend("triton"):
+        y = filtered_lrelu(x, *args[1:3], b, *args[4:])
+    y.sum().backward()
+    assert y.shape[0] == 0 and x.grad.shape == x.shape and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_kernel_given_the_same_codes(dtype, generator):
+    """The backward kernel alone, fed the reference's codes: dx and db (summed in float32 before
+    rounding) match even where a forward in another precision could decide a code differently."""
+    args = _args(GEOMETRIES["up2 down2 12-tap 2x2 tiles"], "contiguous", CPU, dtype, generator)
+    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = args
+    _, codes = filtered_lrelu_with_codes_reference(*_float64(args))
+    dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(dtype)
+    backward_args = (dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, x.shape[2], x.shape[3], True)
+    out = FILTERED_LRELU_BACKWARD.allocate_output(*backward_args)
+    for tensor in out:
+        tensor.fill_(float("nan"))
+    FILTERED_LRELU_BACKWARD.implementations["triton"].run(*backward_args, out=out)
+    expected = filtered_lrelu_backward_reference(dy.double(), codes, fu.double(), fd.double(), *backward_args[4:])
+    for what, actual, e in zip(("dx", "db"), out, expected):
+        _assert_close(actual, e, what)
+
+
+@pytest.mark.parametrize("geometry", [((1, 2, 3, 4), (4,), (2, 3), 2, 2, [2, 1, 2, 1], 0.9, 0.2, False),
+                                      ((1, 1, 4, 3), (2, 3), (3,), 1, 2, [1, 2, 0, 2], None, -0.5, True)])
+def test_reference_gradients_gradcheck(geometry, generator):
+    """First and second order in float64 for x and b, first order for the filters (tiny
+    shapes: gradgradcheck differentiates numerically per element)."""
+    x, fu, fd, b, *rest = _float64(_args(geometry, "contiguous", CPU, torch.float64, generator))
+    x.requires_grad_()
+    b.requires_grad_()
+    with fastgen.use_backend("reference"):
+        def fn(x, b):
+            return filtered_lrelu(x, fu, fd, b, *rest)
+
+        assert torch.autograd.gradcheck(fn, (x, b))
+        assert torch.autograd.gradgradcheck(fn, (x, b))
+        assert torch.autograd.gradcheck(lambda u, d: filtered_lrelu(x, u, d, b, *rest),
+                                        (fu.requires_grad_(), fd.requires_grad_()))
+
+
+def _r1_penalty_gradients(backend, args, weight):
+    """StyleGAN's R1: the squared gradient of a discriminator-like score with respect to the
+    input, differentiated again with respect to the input and a downstream weight."""
+    x, fu, fd, b, *rest = args
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    with fastgen.use_backend(backend):
+        score = (filtered_lrelu(x, fu, fd, b, *rest) * weight).square().sum()
+        (grad_x,) = torch.autograd.grad(score, x, create_graph=True)
+        grad_x.square().sum().backward()
+    return x.grad, weight.grad
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_second_order_through_triton_matches_reference(device, generator):
+    args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", device, torch.float32, generator)
+    weight = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device)
+    actual = _r1_penalty_gradients("triton", args, weight)
+    expected = _r1_penalty_gradients("reference", _float64(args), weight.double().cpu())
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+
+
+def test_torch_compile_fullgraph_forward_and_backward(generator):
+    args = _args(GEOMETRIES["up2 down1 (critically sampled end)"], "contiguous", CPU, torch.float32, generator)
+    x = args[0].requires_grad_()
+
+    def layer(x):
+        return torch.tanh(filtered_lrelu(x, *args[1:]))
+
+    with fastgen.use_backend("triton"):
+        expected = layer(x)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+        actual = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        (actual_grad,) = torch.autograd.grad(actual.sum(), x)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(actual_grad, expected_grad)
+
+
+def test_stylegan3_output_sizes_and_padding_forms():
+    """A StyleGAN3 layer (up 2, down 2, 12-tap filters) keeps its 'valid' size bookkeeping; an
+    int and (px, py) padding expand like upfirdn2d's."""
+    fu, fd = torch.empty(12, device="meta"), torch.empty(12, device="meta")
+    x = torch.empty(1, 512, 36, 36, device="meta")
+    with torch.no_grad():
+        y = filtered_lrelu(x, fu, fd, None, up=2, down=2, padding=[20, 19, 20, 19])
+    assert y.shape == (1, 512, (72 + 39 - 22 + 1) // 2, (72 + 39 - 22 + 1) // 2)
+    assert normalized_padding(3) == [3, 3, 3, 3] and normalized_padding((1, 2)) == [1, 1, 2, 2]
+
+
+def test_output_keeps_channels_last(generator):
+    args = _args(GEOMETRIES["up2 down1 (critically sampled end)"], "channels_last", CPU, torch.float32, generator)
+    with fastgen.use_backend("triton"):
+        y = filtered_lrelu(*args)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
+_X = torch.ones(1, 2, 4, 4)
+_F = torch.ones(4)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: filtered_lrelu(_X, torch.ones(2, 2, 2)), ValueError,
+         r"fu must be a non-empty 1-D .* got shape \(2, 2, 2\)"),
+        (lambda: filtered_lrelu(_X, None, torch.ones(0)), ValueError, r"fd must be a non-empty 1-D"),
+        (lambda: filtered_lrelu(_X, [1.0, 2.0]), TypeError, "fu must be a torch.Tensor or None, got list"),
+        (lambda: filtered_lrelu(_X, None, torch.ones(3, dtype=torch.int64)), TypeError, "fd must be a floating-point"),
+        (lambda: filtered_lrelu(_X, torch.ones(3, device="meta")), ValueError, "fu is on meta but x is on cpu"),
+        (lambda: filtered_lrelu(_X, up=0), ValueError, "up must be >= 1, got 0"),
+        (lambda: filtered_lrelu(_X, down=2.0), TypeError, "down must be an int, got 2.0"),
+        (lambda: filtered_lrelu(_X, up=True), TypeError, "up must be an int, got True"),
+        (lambda: filtered_lrelu(_X, padding=[1, 2, 3]), TypeError, r"padding must be an int, \(px, py\) or"),
+        (lambda: filtered_lrelu(_X, _F, _F, padding=[0, 0, 0, 0]), ValueError,
+         r"padding \[0, 0, 0, 0\] leaves an empty output: the upsampled, padded, fu-filtered image is 1 x 1, "
+         r"smaller than the 4 x 4 fd filter"),
+        (lambda: filtered_lrelu(_X, None, None, padding=[-2, -2, 0, 0]), ValueError,
+         r"padding \[-2, -2, 0, 0\] leaves an empty output: .* is 4 x 0, smaller than the 1 x 1 fd filter"),
+        (lambda: filtered_lrelu(_X, b=torch.ones(3)), ValueError, r"b must have shape \(2,\)"),
+        (lambda: filtered_lrelu(_X, b=torch.ones(2, dtype=torch.float64)), TypeError,
+         "b dtype torch.float64 must match"),
+        (lambda: filtered_lrelu(_X, gain=float("nan")), TypeError, "gain must be a finite number, got nan"),
+        (lambda: filtered_lrelu(_X, slope=None), TypeError, "slope must be a finite number, got None"),
+        (lambda: filtered_lrelu(_X, clamp=-1.0), ValueError, "clamp must be >= 0 or None, got -1.0"),
+        (lambda: filtered_lrelu(torch.ones(2, 4, 4)), ValueError, r"x must be 4-D \(B, C, H, W\)"),
+        (lambda: filtered_lrelu(torch.ones(1, 1, 4, 4, dtype=torch.int32)), TypeError, "x must be float32"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, error, message):
+    with pytest.raises(error, match=f"filtered_lrelu: {message}"):
+        call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stylegan3_layer_shapes_on_cuda(layout, dtype, generator):
+    """Real StyleGAN3 sizes compile and match: the up2/down2 body, the up2/down1 and up1/down2 ends."""
+    for up, down, side, padding in [(2, 2, 148, [11, 10, 11, 10]), (2, 1, 84, [11, 10, 11, 10]),
+                                    (1, 2, 276, [5, 6, 5, 6])]:
+        geometry = ((2, 64, side, side), (12,), (12,), up, down, padding, 256.0, 0.2, False)
+        args = _args(geometry, layout, "cuda", dtype, generator)
+        dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to("cuda", dtype)
+        actual = _gradients("triton", args, dy)
+        expected = _gradients("reference", _float64(args), dy.double().cpu())
+        for what, a, e in zip(("y", "dx", "db"), actual, expected):
+            _assert_close(a, e, what)
+
+
+@pytest.mark.parametrize("up, down", [(2, 2), (2, 1), (1, 2)])
+def test_benchmark_layers_keep_stylegan3_sizes_and_match_the_op(up, down, generator):
+    """bench/ops_stylegan.py's layers: output side = side * up / down, and its eager
+    formulation (StyleGAN3's reference path in x's dtype) agrees with the op."""
+    from fastgen.bench.ops_stylegan import _STYLEGAN3_CLAMP, _filtered_lrelu_eager, _FilteredLayer
+
+    layer = _FilteredLayer(up, down)
+    fu, fd = layer.filters(CPU)
+    for side in (16, 36, 64):
+        size = intermediate_size((1, 1, side, side), fu, fd, up, down, layer.padding)[2:]
+        assert size == (side * up // down,) * 2
+    x = torch.randn(1, 2, 8, 8, generator=generator)
+    b = torch.randn(2, generator=generator)
+    expected = filtered_lrelu_reference(x, fu, fd, b, up, down, layer.padding, clamp=_STYLEGAN3_CLAMP)
+    torch.testing.assert_close(_filtered_lrelu_eager(x, b, layer), expected)
