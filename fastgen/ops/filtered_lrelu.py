@@ -63,28 +63,19 @@ from fastgen.ops.registry import (
     register,
     register_autograd,
 )
-from fastgen.ops.upfirdn2d import adjoint_padding, filter_size, parse_padding, upfirdn2d, upfirdn2d_reference
+from fastgen.ops.upfirdn2d import (
+    adjoint_padding,
+    check_filter,
+    filter_size,
+    parse_padding,
+    upfirdn2d,
+    upfirdn2d_reference,
+)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NAME = "filtered_lrelu"
 CODE_NEGATIVE, CODE_POSITIVE, CODE_CLAMPED = 0, 1, 2
 _CODES_PER_BYTE = 4
-
-
-def _check_filter(name: str, f, x: torch.Tensor) -> None:
-    if f is None:
-        return
-    if not isinstance(f, torch.Tensor):
-        raise TypeError(f"{_NAME}: {name} must be a torch.Tensor or None, got {type(f).__name__}")
-    if not f.is_floating_point():
-        raise TypeError(f"{_NAME}: {name} must be a floating-point tensor, got {f.dtype}")
-    if f.dim() not in (1, 2) or f.numel() == 0:
-        raise ValueError(
-            f"{_NAME}: {name} must be a non-empty 1-D (separable taps) or 2-D (fh, fw) filter, "
-            f"got shape {tuple(f.shape)}"
-        )
-    if f.device != x.device:
-        raise ValueError(f"{_NAME}: {name} is on {f.device} but x is on {x.device}")
 
 
 def _check_factor(name: str, value) -> None:
@@ -119,8 +110,8 @@ def check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp) -> None
         raise TypeError(f"{_NAME}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() != 4:
         raise ValueError(f"{_NAME}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    _check_filter("fu", fu, x)
-    _check_filter("fd", fd, x)
+    check_filter(_NAME, "fu", fu, x)
+    check_filter(_NAME, "fd", fd, x)
     if b is not None:
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"{_NAME}: b must be a torch.Tensor or None, got {type(b).__name__}")

@@ -89,6 +89,24 @@ def filter_size(f: Optional[torch.Tensor]) -> tuple:
     return int(f.shape[0]), int(f.shape[-1])
 
 
+def check_filter(op_name: str, name: str, f, x: torch.Tensor) -> None:
+    """A FIR filter argument: None (identity), or 1-D separable taps / a 2-D (fh, fw) filter of a
+    floating dtype on x's device."""
+    if f is None:
+        return
+    if not isinstance(f, torch.Tensor):
+        raise TypeError(f"{op_name}: {name} must be a torch.Tensor or None, got {type(f).__name__}")
+    if not f.is_floating_point():
+        raise TypeError(f"{op_name}: {name} must be a floating-point tensor, got {f.dtype}")
+    if f.dim() not in (1, 2) or f.numel() == 0:
+        raise ValueError(
+            f"{op_name}: {name} must be a non-empty 1-D (separable taps) or 2-D (fh, fw) filter, "
+            f"got shape {tuple(f.shape)}"
+        )
+    if f.device != x.device:
+        raise ValueError(f"{op_name}: {name} is on {f.device} but x is on {x.device}")
+
+
 def _check_inputs(x, f, gain) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{_NAME}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -96,18 +114,7 @@ def _check_inputs(x, f, gain) -> None:
         raise TypeError(f"{_NAME}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() != 4:
         raise ValueError(f"{_NAME}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if f is not None:
-        if not isinstance(f, torch.Tensor):
-            raise TypeError(f"{_NAME}: f must be a torch.Tensor or None, got {type(f).__name__}")
-        if not f.is_floating_point():
-            raise TypeError(f"{_NAME}: f must be a floating-point tensor, got {f.dtype}")
-        if f.dim() not in (1, 2) or f.numel() == 0:
-            raise ValueError(
-                f"{_NAME}: f must be a non-empty 1-D (separable taps) or 2-D (fh, fw) filter, "
-                f"got shape {tuple(f.shape)}"
-            )
-        if f.device != x.device:
-            raise ValueError(f"{_NAME}: f is on {f.device} but x is on {x.device}")
+    check_filter(_NAME, "f", f, x)
     if not (isinstance(gain, (int, float)) and math.isfinite(gain)):
         raise TypeError(f"{_NAME}: gain must be a finite number, got {gain!r}")
 
