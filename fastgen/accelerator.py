@@ -2,8 +2,9 @@
 
 The model keeps its weights and its modules; what changes is how some of them compute. For
 diffusers models that means installing fastgen attention processors on their `Attention`
-modules (diffusers' own extension point), so the state dict, hooks and `torch.compile` see the
-same module tree. Each replacement computes the same function as the code it replaces, up to
+modules (diffusers' own extension point) and fused forwards on the blocks fastgen has kernels
+for, so the state dict, hooks and `torch.compile` see the same module tree. fastgen's own
+reference models (fastgen.models) call the ops already: for them accelerate pins a backend. Each replacement computes the same function as the code it replaces, up to
 floating-point rounding; `fastgen.restore(model)` puts every original back.
 
 Which submodules can be accelerated is declared in the modules of `fastgen.accelerators`, one
@@ -110,6 +111,31 @@ def _named_modules(model) -> Iterator[tuple]:
                 yield (f"{component_name}.{path}" if path else component_name), module
 
 
+def _is_reference_model(model) -> bool:
+    return isinstance(model, nn.Module) and type(model).__module__.startswith("fastgen.models.")
+
+
+def _pin_reference_model(model: nn.Module, backend: str, ops: frozenset) -> Union[Swap, str]:
+    """fastgen's own reference models call the ops in their layers already; what accelerate can
+    add is pinning them to one backend, by running the model's forward under it."""
+    if backend == "auto":
+        return ("a fastgen reference model: its layers call fastgen ops already, under the process-wide "
+                "backend (fastgen.use_backend / FASTGEN_BACKEND); pass backend= to pin one")
+    if ops != frozenset(OPS):
+        return "a fastgen reference model calls its ops directly: ops= cannot exclude some of them"
+    scope = BackendScope(backend)
+
+    def forward(*args, **kwargs):
+        return scope.run(lambda: type(model).forward(model, *args, **kwargs))
+
+    model.forward = forward
+
+    def undo() -> None:
+        del model.forward
+
+    return Swap(type(model).__name__, f"forward under backend {backend!r}", "every op it calls", undo)
+
+
 def _selected_ops(ops: Optional[Iterable[str]]) -> frozenset:
     if ops is None:
         return frozenset(OPS)
@@ -135,6 +161,15 @@ def accelerate(model, backend: str = "auto", ops: Optional[Iterable[str]] = None
     import fastgen.accelerators  # noqa: F401  (registers every accelerator)
 
     report, undo = AccelerationReport(), []
+    if _is_reference_model(model):
+        outcome = _pin_reference_model(model, backend, selected)
+        if isinstance(outcome, Swap):
+            report.replaced.append(Replacement("", outcome.original, outcome.replacement, outcome.op))
+            undo.append(outcome.undo)
+        else:
+            report.left.append(LeftAlone("", type(model).__name__, outcome))
+        setattr(model, _UNDO_ATTRIBUTE, undo)
+        return report
     for path, module in _named_modules(model):
         for accelerator in _ACCELERATORS:
             outcome = accelerator(module, backend, selected)
