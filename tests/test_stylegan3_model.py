@@ -434,10 +434,17 @@ def test_training_mode_tracks_magnitudes_and_eval_mode_does_not(generator):
     torch.testing.assert_close(layer.magnitude_ema, expected)
 
 
-def test_float16_forward_stays_finite(generator):
-    model = _tiny(generator).eval().to(torch.float16)
-    images = model(torch.randn(2, model.config.z_dim, generator=generator))
-    assert images.dtype == torch.float16 and torch.isfinite(images).all()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward_keeps_float32_filters(generator, dtype):
+    model = _tiny(generator).eval()
+    filters = {name: b.clone() for name, b in model.named_buffers() if name.endswith("_filter")}
+    model = model.to(dtype)
+    for name, buffer in model.named_buffers():
+        if name in filters:
+            assert buffer.dtype == torch.float32 and torch.equal(buffer, filters[name]), name
+    assert filters and all(p.dtype == dtype for p in model.parameters())
+    images = model(torch.randn(2, model.config.z_dim, generator=generator).to(dtype), noise_mode="const")
+    assert images.dtype == dtype and torch.isfinite(images).all()
 
 
 def test_example_step(generator):

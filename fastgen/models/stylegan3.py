@@ -380,6 +380,18 @@ class SynthesisLayer(nn.Module):
         low = (total + self.up_factor) // 2
         self.padding = [low, total - low, low, total - low]
 
+    def _apply(self, fn, recurse=True):
+        """The FIR filters follow device moves and float64 casts but stay float32 under casts
+        to 16-bit types: bfloat16 taps miss the designed stopband attenuation (NVlabs keeps them
+        float32 too; filtered_lrelu takes filters of any floating dtype)."""
+        filters = {name: getattr(self, name) for name in ("up_filter", "down_filter")}
+        super()._apply(fn, recurse)
+        for name, original in filters.items():
+            cast = getattr(self, name)
+            if original is not None and cast.element_size() < 4:
+                setattr(self, name, original.to(device=cast.device))
+        return self
+
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
