@@ -98,6 +98,12 @@ def _bench_order(args) -> int:
     return order.run_from_args(args)
 
 
+def _bench_headline(args) -> int:
+    from fastgen.bench import headline
+
+    return headline.run_from_args(args)
+
+
 def _bench_plot(args) -> int:
     from fastgen.bench import plots
 
@@ -163,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=_bench)
     # Optional, so `fastgen bench [--quick ...]` still runs the suite; its defaults override run=_bench.
-    bench_commands = bench_parser.add_subparsers(dest="bench_command", metavar="{compare,plot,order}")
+    bench_commands = bench_parser.add_subparsers(dest="bench_command", metavar="{compare,plot,order,headline}")
     compare_parser = bench_commands.add_parser(
         "compare", help="compare two result files: regressions beyond noise, status changes, missing rows")
     from fastgen.bench import compare
@@ -181,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     order.add_arguments(order_parser)
     order_parser.set_defaults(run=_bench_order)
+    headline_parser = bench_commands.add_parser(
+        "headline", help="the README's headline table (per benchmark: speedups, fraction of ceiling) from result files")
+    from fastgen.bench import headline
+
+    headline.add_arguments(headline_parser)
+    headline_parser.set_defaults(run=_bench_headline)
 
     _add_profile_parser(commands)
     return parser
