@@ -103,9 +103,12 @@ step pytest_gpu "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
 step check "${FASTGEN[@]}" check
 step bench "${FASTGEN[@]}" bench "${bench_args[@]}" --out "$OUT/results"
 if compgen -G "$OUT/results/*.json" > /dev/null; then
-    step order "${FASTGEN[@]}" bench order "$(ls -t "$OUT"/results/*.json | head -n 1)"
+    latest="$(ls -t "$OUT"/results/*.json | head -n 1)"
+    step order "${FASTGEN[@]}" bench order "$latest"
+    step headline "${FASTGEN[@]}" bench headline "$latest"
 else
     skip_step order "no benchmark result file"
+    skip_step headline "no benchmark result file"
 fi
 for model in sana ldm_unet stylegan2; do
     step "profile_$model" "${FASTGEN[@]}" profile "$model" --out "$OUT/profiles/$model"
