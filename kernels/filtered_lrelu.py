@@ -26,8 +26,10 @@ Each program owns one channel plane's tile of outputs and does everything on chi
    rounding of dx before the sum).
 
 A non-separable (2-D) filter is split on the host into a sum of separable ones by its SVD
-(rank <= min(fh, fw), exact in float64), and each stage loops over those terms; a 1-D filter is
-rank 1, None the 1 x 1 identity.
+(rank <= min(fh, fw), exact in float64; terms below float32 resolution dropped), and each stage
+loops over those terms (a real loop: unrolled, 12 terms compile for minutes and spill); a 1-D
+filter is rank 1, None the 1 x 1 identity. The tables are built once per filter tensor
+(filter_tables).
 
 Tiles overlap by the filters' halo: a tile of BO outputs per axis computes BM mid samples from
 BI inputs, of which only VO outputs (VO <= BO, host-computed from the filter lengths so that
@@ -53,11 +55,17 @@ cancel each other, and rounding each term to float16 costs more than the result'
 bfloat16 has too few mantissa bits to round the intermediate to, and the Triton CPU
 interpreter cannot multiply bfloat16 matrices.
 
+Non-finite inputs: tl.dot also multiplies the zeros off the band, and 0 * inf is NaN, so an
+Inf or NaN input turns its whole tile's outputs to NaN, where the reference reaches only the
+filters' support (and may clamp an Inf to a finite value). A NaN never comes out finite: the
+clamp propagates it, as torch.clamp does.
+
 Every tensor is addressed through its strides (NCHW, channels_last, sliced views); plane
 offsets are int64. channels_last tensors are read with a stride of C between neighbours: correct,
 not coalesced.
 """
 import math
+import weakref
 
 import torch
 import triton
@@ -132,7 +140,7 @@ def _filtered_lrelu_kernel(
 
     # 2. Stage 1: mid sample m reads input q through tap k = q*UP + pad1 - m.
     z = tl.zeros((BM, BM), tl.float32)
-    for r in tl.static_range(RANK1):
+    for r in range(RANK1):  # a loop, not unrolled: 12 unrolled terms spill and compile for minutes
         up_y = _banded(w1y_ptr + r * K1Y, K1Y, (q0_y + s_row) * UP + pad1_y - (m0_y + t_col)).to(STAGE1_DTYPE)
         up_x_t = _banded(w1x_ptr + r * K1X, K1X, (q0_x + s_col) * UP + pad1_x - (m0_x + t_row)).to(STAGE1_DTYPE)
         rows_done = tl.dot(up_y, x, input_precision="ieee").to(STAGE1_DTYPE)
@@ -154,7 +162,10 @@ def _filtered_lrelu_kernel(
         code = positive.to(tl.int8)
         if HAS_CLAMP:
             code = tl.where(tl.abs(a) > clamp, 2, code).to(tl.int8)
-            a = tl.minimum(tl.maximum(a, -clamp), clamp)
+            # PropagateNan.ALL: the default min/max.f32 return the non-NaN operand, which would
+            # turn a NaN into -clamp on the GPU where torch.clamp keeps it NaN.
+            a = tl.minimum(tl.maximum(a, -clamp, propagate_nan=tl.PropagateNan.ALL), clamp,
+                           propagate_nan=tl.PropagateNan.ALL)
         if MODE == 1:
             # Each byte is written by the one tile that owns it (module docstring); m0_x is a
             # multiple of 4 here, so the tile's bytes start at a byte boundary.
@@ -170,7 +181,7 @@ def _filtered_lrelu_kernel(
 
     # 4. Stage 2: output o reads mid sample m through tap k = m + pad2 - o*DOWN = t - o_local*DOWN.
     y = tl.zeros((BO, BO), tl.float32)
-    for r in tl.static_range(RANK2):
+    for r in range(RANK2):
         down_y = _banded(w2y_ptr + r * K2Y, K2Y, t_row - o_col * DOWN).to(STAGE2_DTYPE)
         down_x_t = _banded(w2x_ptr + r * K2X, K2X, t_col - o_row * DOWN).to(STAGE2_DTYPE)
         rows_done = tl.dot(down_y, a, input_precision="ieee").to(STAGE2_DTYPE)
@@ -188,17 +199,58 @@ def _filtered_lrelu_kernel(
 
 def factor_tables(f, flip_filter: bool, gain: float, device) -> tuple:
     """(rows, cols), float32 (rank, taps) tables with correlation weights
-    w[i, j] = sum_r rows[r, i] * cols[r, j] (the filter flipped unless flip_filter) times gain."""
+    w[i, j] = sum_r rows[r, i] * cols[r, j] (the filter flipped unless flip_filter) times gain.
+    A 2-D filter keeps the SVD terms above float32 resolution of the largest: the rest change
+    no float32 product, and a separable 2-D filter becomes rank 1 (one pass, float16 stages)."""
     if f is None:
         one = torch.full((1, 1), float(gain), dtype=torch.float32, device=device)
         return one, torch.ones_like(one)
-    w = f.to(torch.float64)
+    w = f.detach().to(torch.float64)
     if not flip_filter:
         w = w.flip(list(range(w.dim())))
     if w.dim() == 1:
         return (w * gain)[None].float().contiguous(), w[None].float().contiguous()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    return (u * (s * gain)).mT.float().contiguous(), vh.float().contiguous()
+    rank = max(1, int((s > s[0] * torch.finfo(torch.float32).eps).sum()))
+    return (u[:, :rank] * (s[:rank] * gain)).mT.float().contiguous(), vh[:rank].float().contiguous()
+
+
+# id(filter) -> (weak reference to it, its version counter, {(flip_filter, gain): tables}), and
+# (device, gain) -> the identity's tables.
+_cached_tables: dict = {}
+_identity_tables: dict = {}
+
+
+def filter_tables(f, flip_filter: bool, gain: float, device) -> tuple:
+    """factor_tables, built once per filter tensor and reused while the tensor lives unmodified:
+    a layer's filters are constant buffers, and rebuilding costs several small launches per call
+    (and, for a 2-D filter, an SVD that synchronises with the GPU). An in-place change (copy_,
+    load_state_dict, EMA updates) moves the tensor's version counter and rebuilds; writes that
+    bypass the counter (through .data or a NumPy view) are not seen. Not cached: inference
+    tensors (no version counter) and calls inside CUDA graph capture (the tables would hold
+    values only once the graph replays)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return factor_tables(f, flip_filter, gain, device)
+    if f is None:
+        key = (device, gain)
+        if key not in _identity_tables:
+            _identity_tables[key] = factor_tables(None, flip_filter, gain, device)
+        return _identity_tables[key]
+    if f.is_inference():
+        return factor_tables(f, flip_filter, gain, device)
+    key = id(f)
+    entry = _cached_tables.get(key)
+    if entry is None or entry[0]() is not f or entry[1] != f._version:
+        def forget(ref, key=key):
+            if _cached_tables.get(key, (None,))[0] is ref:
+                del _cached_tables[key]
+
+        entry = (weakref.ref(f, forget), f._version, {})
+        _cached_tables[key] = entry
+    tables = entry[2].get((flip_filter, gain))
+    if tables is None:
+        tables = entry[2][flip_filter, gain] = factor_tables(f, flip_filter, gain, device)
+    return tables
 
 
 def _blocks(k1: int, k2: int, up: int, down: int) -> tuple:
@@ -226,8 +278,11 @@ def _blocks(k1: int, k2: int, up: int, down: int) -> tuple:
 
 def _valid_outputs(bi: int, up: int, down: int, k1: int, k2: int, bo) -> int:
     """VO: of the BM = up * BI mid samples a tile computes from BI inputs, the last k1 - 1 lack
-    taps, and VO outputs need (VO - 1) * down + k2 good ones; at most BO (when given)."""
-    vo = (bi * up - k1 + 1 - k2) // down + 1
+    taps, and VO outputs need (VO - 1) * down + k2 good ones; at most BO (when given). Also
+    VO * down <= the good ones, because the tile owns (and stores the codes of) VO * down mid
+    samples: when down > k2 the span past the last output's taps must be good too."""
+    good = bi * up - k1 + 1
+    vo = min((good - k2) // down + 1, good // down)
     return vo if bo is None else min(vo, bo)
 
 
@@ -275,7 +330,10 @@ def _launch(mode, src, bias, dst, codes, stage1, stage2, mid_shape, pads1, pads2
         STAGE1_DTYPE=tl.float16 if half and mode == _BACKWARD and w1y.shape[0] == 1 else tl.float32,
         STAGE2_DTYPE=tl.float16 if half and w2y.shape[0] == 1 else tl.float32,
         BI=bi, BM=bm, BO=bo,
-        num_warps=8 if bm * bm > 4096 else 4,
+        # ptxas for sm_90 on StyleGAN3's 12-tap layers (BM 64): 4 warps spill up to 27 KB per
+        # thread (float16 up1/down2, float32 stages); 8 warps spill nothing in float16 and at
+        # most about 1.4 KB where both stages are float32 (float32 / bfloat16 x).
+        num_warps=8 if bm >= 64 else 4,
     )
     if partials is not None:
         channel_sums.copy_(partials.view(batch, channels, -1).sum((0, 2)))
@@ -284,8 +342,8 @@ def _launch(mode, src, bias, dst, codes, stage1, stage2, mid_shape, pads1, pads2
 def filtered_lrelu_forward(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, out, codes) -> None:
     """out = filtered_lrelu(x, ...); codes (packed uint8 (B, C, zh, ceil(zw / 4))) filled too when given."""
     px0, _, py0, _ = padding
-    stage1 = factor_tables(fu, flip_filter, up * up, x.device)
-    stage2 = factor_tables(fd, flip_filter, 1.0, x.device)
+    stage1 = filter_tables(fu, flip_filter, up * up, x.device)
+    stage2 = filter_tables(fd, flip_filter, 1.0, x.device)
     zh = (out.shape[2] - 1) * down + stage2[0].shape[1]
     zw = (out.shape[3] - 1) * down + stage2[1].shape[1]
     mode = _FORWARD if codes is None else _FORWARD_WITH_CODES
@@ -297,10 +355,9 @@ def filtered_lrelu_backward(dy, codes, fu, fd, up, down, padding, gain, slope, f
     filter reversed (the adjoint of a correlation is the correlation with the reversed taps);
     db (empty: not wanted) = dx summed over (B, H, W)."""
     px0, _, py0, _ = padding
-    rows_u, cols_u = factor_tables(fu, flip_filter, up * up, dy.device)
-    rows_d, cols_d = factor_tables(fd, flip_filter, 1.0, dy.device)
-    stage1 = (rows_d.flip(1).contiguous(), cols_d.flip(1).contiguous())
-    stage2 = (rows_u.flip(1).contiguous(), cols_u.flip(1).contiguous())
+    # Reversed taps are the tables of the filter with flip_filter toggled.
+    stage1 = rows_d, cols_d = filter_tables(fd, not flip_filter, 1.0, dy.device)
+    stage2 = rows_u, cols_u = filter_tables(fu, not flip_filter, up * up, dy.device)
     pads1 = (rows_d.shape[1] - 1, cols_d.shape[1] - 1)
     pads2 = (rows_u.shape[1] - 1 - py0, cols_u.shape[1] - 1 - px0)
     mid_shape = ((dy.shape[2] - 1) * down + rows_d.shape[1], (dy.shape[3] - 1) * down + cols_d.shape[1])

@@ -1,6 +1,7 @@
 """filtered_lrelu: the fused Triton kernels against the float64 reference (values, codes, first
 and second gradients), the reference against the SPEC's composition of upfirdn2d and bias_act,
 torch.compile, errors."""
+import itertools
 import math
 
 import pytest
@@ -39,6 +40,8 @@ GEOMETRIES = {
     "2-D filters, crop, negative slope": ((1, 2, 9, 8), (3, 4), (4, 5), 2, 2, [2, -1, 3, 1], 2.0, -0.3, True),
     "identity filters": ((2, 2, 4, 5), None, None, 1, 1, [0, 0, 0, 0], 0.4, 0.2, False),
     "up4 down3": ((1, 1, 6, 7), (8,), (5, 3), 4, 3, [3, 4, 4, 3], None, 0.2, False),
+    # fd shorter than down: a tile owns the codes of mid samples past its last output's taps.
+    "up1 down4 1-tap fd 3x2 tiles": ((1, 1, 37, 41), (4,), None, 1, 4, [2, 1, 3, 0], 0.5, 0.2, False),
 }
 
 
@@ -110,6 +113,64 @@ def test_forward_and_codes_match_reference(device, dtype, name, generator):
     plain = FILTERED_LRELU.allocate_output(*args).fill_(float("nan"))
     FILTERED_LRELU.implementations["triton"].run(*args, out=plain)
     _assert_close(plain, expected, "y without codes")
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_nan_input_stays_nan_through_the_clamp(device, generator):
+    """torch.clamp keeps a NaN, so the kernel must too (Triton's default minimum / maximum return
+    the other operand, on the GPU as in the interpreter). A non-finite input reaches more outputs
+    than in the reference (kernels/filtered_lrelu.py), so only the reference's NaNs are required."""
+    args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", device, torch.float32, generator)
+    args[0][1, 2, 3, 2] = float("nan")
+    expected = filtered_lrelu_reference(*_float64(args)).isnan()
+    with fastgen.use_backend("triton"):
+        actual = filtered_lrelu(*args).isnan().cpu()
+    assert expected.any() and actual[expected].all(), f"{int((expected & ~actual).sum())} NaNs lost"
+
+
+def test_filter_tables_are_cached_until_the_filter_changes(monkeypatch, generator):
+    """Built once per (filter, flip, gain); an in-place change to a filter rebuilds them, and
+    the result follows the new taps."""
+    from fastgen.kernels import filtered_lrelu as kernels
+
+    built = []
+    factor_tables = kernels.factor_tables
+    monkeypatch.setattr(kernels, "factor_tables", lambda f, *rest: built.append(f) or factor_tables(f, *rest))
+    args = list(_args(GEOMETRIES["up2 down1 (critically sampled end)"], "contiguous", CPU, torch.float32, generator))
+    fu = args[1]
+    with fastgen.use_backend("triton"):
+        for _ in range(2):
+            filtered_lrelu(*args)
+        assert [f is fu for f in built].count(True) == 1
+        fu.copy_(torch.randn(fu.shape, generator=generator))
+        actual = filtered_lrelu(*args)
+    assert [f is fu for f in built].count(True) == 2
+    _assert_close(actual, filtered_lrelu_reference(*_float64(args)), "y after fu changed in place")
+
+
+def test_tiles_own_only_mid_samples_they_compute_fully():
+    """For every factor and filter length the kernel accepts: a tile's VO outputs need only its
+    good mid samples (the last k1 - 1 of its BM lack taps), and so do the VO * down mid samples
+    whose codes it stores; VO leaves room to round to whole code bytes. Ownership of the codes
+    itself (disjoint byte ranges) is checked by the poisoned-buffer forward tests."""
+    from fastgen.kernels.filtered_lrelu import _blocks, _valid_outputs
+
+    for up, down, k1, k2 in itertools.product((1, 2, 3, 4, 5), (1, 2, 3, 4, 5), range(1, 25), range(1, 25)):
+        bi, bm, bo = _blocks(k1, k2, up, down)
+        vo, good = _valid_outputs(bi, up, down, k1, k2, bo), bm - k1 + 1
+        assert vo >= 4 and (vo - 1) * down + k2 <= good and vo * down <= good, (up, down, k1, k2)
+
+
+def test_2d_filter_split_keeps_only_significant_terms(generator):
+    """A separable 2-D filter is one term (one pass, float16 stages); a random one keeps all."""
+    from fastgen.kernels.filtered_lrelu import factor_tables
+
+    column, row = torch.randn(5, generator=generator), torch.randn(7, generator=generator)
+    rows, cols = factor_tables(column[:, None] * row, False, 3.0, CPU)
+    assert rows.shape == (1, 5) and cols.shape == (1, 7)
+    torch.testing.assert_close(rows.mT @ cols, 3.0 * (column[:, None] * row).flip(0, 1))
+    rows, cols = factor_tables(torch.randn(5, 7, generator=generator), True, 1.0, CPU)
+    assert rows.shape == (5, 5) and cols.shape == (5, 7)
 
 
 def test_codes_pack_four_to_a_byte(generator):
