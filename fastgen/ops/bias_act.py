@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from fastgen.ops.registry import (
     CheckCase,
     Op,
+    check_float_tensor,
     check_same_dtype_and_device,
     define_custom_op,
     random_tensor,
@@ -61,7 +62,6 @@ from fastgen.ops.registry import (
     register_autograd,
 )
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NAME = "bias_act"
 SELU_SCALE = 1.0507009873554804934193349852946
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -124,10 +124,7 @@ def _check_number(name: str, value, allow_none: bool, minimum: Optional[float] =
 
 
 def _check_tensor(name: str, tensor, x: Optional[torch.Tensor] = None) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{_NAME}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{_NAME}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
+    check_float_tensor(_NAME, name, tensor)
     if x is not None:
         check_same_dtype_and_device(_NAME, name, tensor, x, "x")
 

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from fastgen.ops.registry import (
     CheckCase,
     Op,
+    check_float_tensor,
     check_same_dtype_and_device,
     define_custom_op,
     random_tensor,
@@ -72,7 +73,6 @@ from fastgen.ops.upfirdn2d import (
     upfirdn2d_reference,
 )
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NAME = "filtered_lrelu"
 CODE_NEGATIVE, CODE_POSITIVE, CODE_CLAMPED = 0, 1, 2
 _CODES_PER_BYTE = 4
@@ -104,10 +104,7 @@ def normalized_padding(padding) -> list:
 
 def check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp) -> None:
     """Validate every argument; errors name the argument and what was expected."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{_NAME}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{_NAME}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_float_tensor(_NAME, "x", x)
     if x.dim() != 4:
         raise ValueError(f"{_NAME}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
     check_filter(_NAME, "fu", fu, x)

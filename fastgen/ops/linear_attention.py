@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from fastgen.ops.registry import (
     CheckCase,
     Op,
+    check_float_tensor,
     check_same_dtype_and_device,
     define_custom_op,
     random_tensor,
@@ -44,17 +45,12 @@ from fastgen.ops.registry import (
 )
 
 MAX_HEAD_DIM = 128
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_tensor(op_name: str, name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{op_name}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
+    check_float_tensor(op_name, name, tensor)
     if tensor.dim() != 4:
         raise ValueError(f"{op_name}: {name} must be 4-D (B, N, H, D), got shape {tuple(tensor.shape)}")
-
 
 
 def _check_inputs(op_name: str, q, k, v, eps) -> None:

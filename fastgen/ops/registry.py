@@ -42,6 +42,8 @@ BACKENDS = ("auto", "reference", "triton", "cuda")
 MEASURED_ORDER_PATH = Path(__file__).with_name("backend_order.json")
 FAST_BACKENDS = ("triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the ops accept: the kernels' dtypes, and float64 for the reference (gradcheck).
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 # Per output dtype (rtol, atol) against a reference computed in float32 or wider.
 TOLERANCES = {
@@ -132,6 +134,14 @@ def random_tensor(shape: tuple, layout: str, device, dtype, generator: torch.Gen
     if layout != "contiguous":
         raise ValueError(f"unknown layout {layout!r}")
     return values
+
+
+def check_float_tensor(op_name: str, name: str, tensor) -> None:
+    """TypeError naming `name` unless `tensor` is a tensor of one of FLOAT_DTYPES."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op_name}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
 
 
 def check_same_dtype_and_device(op_name: str, name: str, tensor: torch.Tensor, primary: torch.Tensor,

@@ -34,6 +34,7 @@ import torch
 from fastgen.ops.registry import (
     CheckCase,
     Op,
+    check_float_tensor,
     check_same_dtype_and_device,
     define_custom_op,
     random_tensor,
@@ -41,25 +42,16 @@ from fastgen.ops.registry import (
     register_autograd,
 )
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _check_floating(op_name: str, name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{op_name}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
-
 
 def _check_like_x(op_name: str, name: str, tensor, x: torch.Tensor, shape: tuple, meaning: str) -> None:
-    _check_floating(op_name, name, tensor)
+    check_float_tensor(op_name, name, tensor)
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{op_name}: {name} must have shape {meaning} = {shape}, got {tuple(tensor.shape)}")
     check_same_dtype_and_device(op_name, name, tensor, x, "x")
 
 
 def _check_inputs(op_name: str, x, weight, bias, eps) -> None:
-    _check_floating(op_name, "x", x)
+    check_float_tensor(op_name, "x", x)
     if x.dim() != 4:
         raise ValueError(f"{op_name}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] == 0:

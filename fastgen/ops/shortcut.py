@@ -33,6 +33,7 @@ from fastgen import _cuda
 from fastgen.ops.registry import (
     CheckCase,
     Op,
+    check_float_tensor,
     check_same_dtype_and_device,
     define_custom_op,
     random_tensor,
@@ -40,14 +41,9 @@ from fastgen.ops.registry import (
     register_autograd,
 )
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 def _check_x_and_factor(op_name: str, x: torch.Tensor, factor: int, out_channels: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op_name}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{op_name}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_float_tensor(op_name, "x", x)
     if x.dim() != 4:
         raise ValueError(f"{op_name}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
     if factor < 1:

@@ -45,9 +45,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.registry import CheckCase, Op, define_custom_op, random_tensor, register, register_autograd
+from fastgen.ops.registry import (
+    CheckCase,
+    Op,
+    check_float_tensor,
+    define_custom_op,
+    random_tensor,
+    register,
+    register_autograd,
+)
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NAME = "upfirdn2d"
 
 
@@ -108,10 +115,7 @@ def check_filter(op_name: str, name: str, f, x: torch.Tensor) -> None:
 
 
 def _check_inputs(x, f, gain) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{_NAME}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{_NAME}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_float_tensor(_NAME, "x", x)
     if x.dim() != 4:
         raise ValueError(f"{_NAME}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
     check_filter(_NAME, "f", f, x)

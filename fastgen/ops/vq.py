@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from fastgen.ops.registry import (
     CheckCase,
     Op,
+    check_float_tensor,
     check_same_dtype_and_device,
     define_custom_op,
     random_tensor,
@@ -76,15 +77,11 @@ from fastgen.ops.registry import (
 MAX_DIM = 512
 METRICS = ("l2", "cosine")
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_inputs(op_name: str, z, codebook, metric: str, exact: bool, input_precision: str) -> None:
     for name, tensor, layout in (("z", z, "(N, D)"), ("codebook", codebook, "(K, D)")):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{op_name}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
+        check_float_tensor(op_name, name, tensor)
         if tensor.dim() != 2:
             raise ValueError(f"{op_name}: {name} must be 2-D {layout}, got shape {tuple(tensor.shape)}")
     check_same_dtype_and_device(op_name, "codebook", codebook, z, "z")
