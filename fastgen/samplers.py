@@ -18,7 +18,7 @@ two small ones.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import math
 
@@ -176,6 +176,16 @@ def _diffusion_timesteps(alphas_cumprod: torch.Tensor, num_steps: Optional[int],
     return steps
 
 
+def _chain(alphas_cumprod: torch.Tensor, steps: list, final_alpha_cumprod: float, noise: torch.Tensor) -> Iterator:
+    """Per step: the model's time input (a (B,) float tensor of t), abar_t, abar of the next
+    timestep (`final_alpha_cumprod` after the last) and whether it is the last step."""
+    abar = alphas_cumprod.to(torch.float64).tolist()
+    for i, t in enumerate(steps):
+        last = i + 1 == len(steps)
+        time = torch.full((noise.shape[0],), float(t), device=noise.device)
+        yield time, abar[t], final_alpha_cumprod if last else abar[steps[i + 1]], last
+
+
 def _gaussian(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
@@ -206,12 +216,8 @@ def ddim(
     `clip_denoised` (pixel-space models such as ADM), x0 is clamped to [-1, 1] and eps
     re-derived from it, so the step stays consistent with the clamped estimate."""
     steps = _diffusion_timesteps(alphas_cumprod, num_steps, timesteps, required=True)
-    abar = alphas_cumprod.to(torch.float64).tolist()
-    x, batch = noise, noise.shape[0]
-    for i, t in enumerate(steps):
-        abar_t = abar[t]
-        abar_prev = abar[steps[i + 1]] if i + 1 < len(steps) else final_alpha_cumprod
-        time = torch.full((batch,), float(t), device=noise.device)
+    x = noise
+    for time, abar_t, abar_prev, _ in _chain(alphas_cumprod, steps, final_alpha_cumprod, noise):
         eps = guided_prediction(model_fn, x, time, cond, uncond, guidance_scale).to(x.dtype)
         x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
         if clip_denoised:
@@ -277,20 +283,16 @@ def ddpm(
     interpolation exp(f log beta + (1 - f) log posterior) with f = (v + 1) / 2. No noise is added
     on the last step."""
     steps = _diffusion_timesteps(alphas_cumprod, None, timesteps, required=False)
-    abar = alphas_cumprod.to(torch.float64).tolist()
-    x, batch = noise, noise.shape[0]
-    for i, t in enumerate(steps):
-        abar_t = abar[t]
-        abar_prev = abar[steps[i + 1]] if i + 1 < len(steps) else 1.0
+    x = noise
+    for time, abar_t, abar_prev, last in _chain(alphas_cumprod, steps, 1.0, noise):
         beta = 1 - abar_t / abar_prev
-        time = torch.full((batch,), float(t), device=noise.device)
         eps, fraction = _eps_and_variance_fraction(model_fn, x, time, cond, uncond, guidance_scale, learned_variance)
         x0 = (x - math.sqrt(1 - abar_t) * eps.to(x.dtype)) / math.sqrt(abar_t)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean = (math.sqrt(abar_prev) * beta / (1 - abar_t)) * x0 + (
             math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t)) * x
-        if i + 1 == len(steps):
+        if last:
             return mean
         posterior_variance = beta * (1 - abar_prev) / (1 - abar_t)
         if fraction is None:
