@@ -240,3 +240,24 @@ def test_autoencoder_kl_mid_block_attention(generator):
         assert sorted(r.path for r in report.replaced) == ["decoder.mid_block.attentions.0",
                                                           "encoder.mid_block.attentions.0"]
         torch.testing.assert_close(vae(image).sample, before)
+
+
+def test_a_mask_is_checked_once_while_it_is_unchanged():
+    """The bias check syncs with the device, so it runs once per mask tensor, not per layer:
+    a write that bypasses the version counter goes unseen (the verdict is cached); an in-place
+    write through torch is seen; inference tensors are checked every time."""
+    from fastgen.accelerators.diffusers_attention import _BiasVerdict
+
+    verdict = _BiasVerdict()
+    bias = torch.tensor([[[0.0, 0.0, -10000.0]]])
+    assert verdict(bias)
+    bias.data[0, 0, 0] = 0.5
+    assert verdict(bias)  # cached
+    bias.add_(0.0)
+    assert not verdict(bias)  # version changed: checked again
+    assert verdict(torch.tensor([[[0.0, -10000.0]]]))  # another tensor
+    with torch.inference_mode():
+        frozen = torch.tensor([[[0.0, -10000.0]]])
+        assert verdict(frozen)
+        frozen[0, 0, 0] = 0.5
+        assert not verdict(frozen)

@@ -18,7 +18,8 @@ turn a 0/1 token mask into 0 (attend) / -10000 (ignore), broadcast over queries 
 Lkv)). Such a bias is a key padding mask and becomes the op's boolean `key_padding_mask`; a bool
 mask (True = attend) is taken as it is. Any other mask (per query, per head, other bias values,
 a length other than the keys') is computed by the original diffusers processor, call by call.
-Checking the bias values costs a host sync in eager mode; under torch.compile the values cannot
+Checking the bias values costs a host sync in eager mode, once per mask tensor (not per layer);
+under torch.compile the values cannot
 be inspected without a graph break, so there a bias of the right shape is taken to be a 0 / -10000
 mask. One difference remains: a query row whose keys are all masked gets zeros here, where the
 -10000 bias averages the masked tokens (a real caption always keeps a token).
@@ -30,6 +31,7 @@ heads, and head dims above the op's limit of 256.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -64,6 +66,31 @@ def _project_out(attn, heads_out):
     return attn.to_out[1](attn.to_out[0](heads_out.flatten(2)))
 
 
+class _BiasVerdict:
+    """Whether the last additive mask seen holds only 0 and masked values. A model passes the
+    same mask tensor to every attention layer, so checking it once per forward instead of once
+    per layer saves a host sync in each. The verdict is kept while the tensor is alive and
+    unmodified (its version counter); inference tensors have none and are checked every time."""
+
+    def __init__(self):
+        self.tensor, self.version, self.is_padding = None, None, None
+
+    def __call__(self, bias: torch.Tensor) -> bool:
+        if bias.is_inference():
+            return self._check(bias)
+        if self.tensor is None or self.tensor() is not bias or self.version != bias._version:
+            self.tensor, self.version = weakref.ref(bias), bias._version
+            self.is_padding = self._check(bias)
+        return self.is_padding
+
+    @staticmethod
+    def _check(bias: torch.Tensor) -> bool:
+        return bool(((bias == 0) | (bias <= _MASKED_BIAS)).all())
+
+
+_is_padding_bias = _BiasVerdict()
+
+
 def _key_padding_mask(attention_mask: torch.Tensor, batch: int, kv_len: int) -> Optional[torch.Tensor]:
     """The (B, Lkv) bool mask (True = attend) equivalent to a diffusers attention mask, or None
     when the mask is not a pure key padding mask (see the module docstring)."""
@@ -73,7 +100,7 @@ def _key_padding_mask(attention_mask: torch.Tensor, batch: int, kv_len: int) -> 
     if mask.dtype == torch.bool:
         return mask
     keep = mask == 0
-    if not torch.compiler.is_compiling() and not bool((keep | (mask <= _MASKED_BIAS)).all()):
+    if not torch.compiler.is_compiling() and not _is_padding_bias(attention_mask):
         return None
     return keep
 
