@@ -12,9 +12,11 @@ active backend:
   request never silently falls back.
 - "auto" (default): CPU tensors run the reference; CUDA tensors take the first usable
   implementation in the op's preference order for this GPU's compute capability, else the
-  op's default order, else the reference. The per-capability orders are measured, not
-  guessed: `fastgen bench order RESULTS.json --write` ranks each op's backends by their
-  benchmark speedups on that GPU and records the ranking in backend_order.json next to this
+  op's default order (triton, then cuda: Triton's kernels are autotuned on the GPU they run
+  on, while a CUDA kernel is only preferred where it was measured faster), else the
+  reference. The per-capability orders are measured, not guessed:
+  `fastgen bench order RESULTS.json --write` ranks each op's backends by their benchmark
+  speedups on that GPU and records the ranking in backend_order.json next to this
   file, with the GPU and the commit it was measured on.
 
 The backend is process-wide (not per thread) because autograd runs backward passes on its own
@@ -185,7 +187,7 @@ class Op:
     name: str
     reference: Callable[..., torch.Tensor]
     allocate_output: Callable[..., torch.Tensor]
-    default_order: Sequence[str] = ("cuda", "triton")
+    default_order: Sequence[str] = ("triton", "cuda")
     check_cases: Callable[[], list] = lambda: []
     differentiable: bool = True  # False: no autograd (index outputs); checks skip the backward
     implementations: dict = field(default_factory=dict)
