@@ -67,20 +67,30 @@ TensorView4d parse_tensor(py::handle obj, const std::string& name) {
   return view;
 }
 
-using Launcher = void (*)(const TensorView4d&, const TensorView4d&, const TensorView4d*, int64_t,
-                          float, cudaStream_t);
+// A tensor argument that may be None: launchers take a pointer, null for None.
+struct OptionalTensor {
+  TensorView4d view;
+  bool present = false;
 
-void call(Launcher launch, py::handle x, py::handle y, py::handle residual, int64_t factor,
-          double scale, uintptr_t stream) {
+  OptionalTensor(py::handle obj, const std::string& name) : present(!obj.is_none()) {
+    if (present) view = parse_tensor(obj, name);
+  }
+  const TensorView4d* get() const { return present ? &view : nullptr; }
+};
+
+cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+using ShortcutLauncher = void (*)(const TensorView4d&, const TensorView4d&, const TensorView4d*,
+                                  int64_t, float, cudaStream_t);
+
+void call(ShortcutLauncher launch, py::handle x, py::handle y, py::handle residual,
+          int64_t factor, double scale, uintptr_t stream) {
   const TensorView4d xv = parse_tensor(x, "x");
   const TensorView4d yv = parse_tensor(y, "y");
-  TensorView4d rv;
-  const bool has_residual = !residual.is_none();
-  if (has_residual) rv = parse_tensor(residual, "residual");
+  const OptionalTensor rv(residual, "residual");
   // Validation and the launch need no Python objects; let other threads run meanwhile.
   py::gil_scoped_release no_gil;
-  launch(xv, yv, has_residual ? &rv : nullptr, factor, static_cast<float>(scale),
-         reinterpret_cast<cudaStream_t>(stream));
+  launch(xv, yv, rv.get(), factor, static_cast<float>(scale), as_stream(stream));
 }
 
 int cuda_device_count() noexcept {
@@ -137,4 +147,35 @@ PYBIND11_MODULE(_C, m) {
       "y[b, o, h*f+i, w*f+j] = scale * x[b, (o*f*f + i*f + j) // r, h, w] (+ residual), "
       "r = O*f*f/C; x (B,C,H,W), y and residual (B,O,H*f,W*f). "
       "Enqueued on `stream` (a cudaStream_t as int).");
+  m.def(
+      "trms2d_forward",
+      [](py::handle x, py::handle weight, py::handle bias, py::handle y, double eps,
+         uintptr_t stream) {
+        const TensorView4d xv = parse_tensor(x, "x"), yv = parse_tensor(y, "y");
+        const OptionalTensor wv(weight, "weight"), bv(bias, "bias");
+        py::gil_scoped_release no_gil;
+        fastgen::trms2d_forward(xv, wv.get(), bv.get(), yv, static_cast<float>(eps),
+                                as_stream(stream));
+      },
+      py::arg("x"), py::arg("weight").none(true), py::arg("bias").none(true), py::arg("y"),
+      py::arg("eps"), py::arg("stream"),
+      "y = x / sqrt(mean_c x^2 + eps) * weight + bias per pixel; x and y (B,C,H,W), weight and "
+      "bias (1,C,1,1) views or None. Enqueued on `stream` (a cudaStream_t as int).");
+
+  m.def(
+      "trms2d_backward",
+      [](py::handle grad, py::handle x, py::handle weight, py::handle dx, py::handle partial,
+         double eps, uintptr_t stream) {
+        const TensorView4d gv = parse_tensor(grad, "grad"), xv = parse_tensor(x, "x");
+        const TensorView4d dxv = parse_tensor(dx, "dx"), pv = parse_tensor(partial, "partial");
+        const OptionalTensor wv(weight, "weight");
+        py::gil_scoped_release no_gil;
+        fastgen::trms2d_backward(gv, xv, wv.get(), dxv, pv, static_cast<float>(eps),
+                                 as_stream(stream));
+      },
+      py::arg("grad"), py::arg("x"), py::arg("weight").none(true), py::arg("dx"),
+      py::arg("partial"), py::arg("eps"), py::arg("stream"),
+      "dx of trms2d for the output gradient `grad`, and per-block partial sums "
+      "partial[b, 0, c] = sum dy*x*r, partial[b, 1, c] = sum dy in a (blocks, 2, C, 1) float32 "
+      "buffer, one block per row; dweight and dbias are partial.sum(0). Enqueued on `stream`.");
 }

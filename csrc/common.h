@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <stdexcept>
@@ -79,6 +80,8 @@ struct TensorView4d {
 
   int64_t numel() const { return size[0] * size[1] * size[2] * size[3]; }
 };
+
+inline std::string str(int64_t v) { return std::to_string(v); }
 
 inline std::string shape_str(const int64_t* s) {
   return "(" + std::to_string(s[0]) + ", " + std::to_string(s[1]) + ", " +
@@ -197,6 +200,12 @@ Strided4d<T> strided(const TensorView4d& t) {
   return {static_cast<T*>(t.data), t.stride[0], t.stride[1], t.stride[2], t.stride[3]};
 }
 
+// An absent optional tensor becomes a null data pointer, which kernels test for.
+template <typename T>
+Strided4d<const T> optional_strided(const TensorView4d* t) {
+  return t != nullptr ? strided<const T>(*t) : Strided4d<const T>{nullptr, 0, 0, 0, 0};
+}
+
 #endif  // __CUDACC__
 
 // ---------------------------------------------------------------------------------------
@@ -214,5 +223,17 @@ void pixel_unshuffle_channel_avg(const TensorView4d& x, const TensorView4d& y,
 void channel_dup_pixel_shuffle(const TensorView4d& x, const TensorView4d& y,
                                const TensorView4d* residual, int64_t factor, float scale,
                                cudaStream_t stream);
+
+// rms_norm_2d.cu: y = x / sqrt(mean_c x^2 + eps) * weight + bias per pixel (trms2d); weight
+// and bias are (1, C, 1, 1) views or null.
+void trms2d_forward(const TensorView4d& x, const TensorView4d* weight, const TensorView4d* bias,
+                    const TensorView4d& y, float eps, cudaStream_t stream);
+
+// rms_norm_2d.cu: dx of trms2d, and per block b partial[b, 0, c, 0] = sum dy * x * r and
+// partial[b, 1, c, 0] = sum dy over the block's pixels; one block per row of partial
+// (blocks, 2, C, 1), float32 contiguous. dweight and dbias are the sums over the rows.
+void trms2d_backward(const TensorView4d& grad, const TensorView4d& x, const TensorView4d* weight,
+                     const TensorView4d& dx, const TensorView4d& partial, float eps,
+                     cudaStream_t stream);
 
 }  // namespace fastgen

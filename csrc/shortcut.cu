@@ -101,8 +101,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     dup_shuffle_element<T>(idx, geo, x, y, residual, scale);
 }
 
-std::string str(int64_t v) { return std::to_string(v); }
-
 // The checks both ops share; shape relations are checked by each op.
 void check_common(const TensorView4d& x, const TensorView4d& y, const TensorView4d* residual,
                   int64_t factor) {
@@ -124,11 +122,6 @@ void check_common(const TensorView4d& x, const TensorView4d& y, const TensorView
   require_same_dtype(y, "y", x, "x");
   require_no_broadcast(y, "y");
   if (residual != nullptr) require_same_dtype(*residual, "residual", x, "x");
-}
-
-template <typename T>
-Strided4d<const T> optional_strided(const TensorView4d* t) {
-  return t != nullptr ? strided<const T>(*t) : Strided4d<const T>{nullptr, 0, 0, 0, 0};
 }
 
 }  // namespace

@@ -8,52 +8,24 @@ layouts, residuals and scales, on NaN-poisoned outputs.
 """
 
 import os
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import FAKE_PTR, fake_tensor_arg
 from fastgen import _cuda
-
-
-def _find_nvcc():
-    # The same places setup.py looks.
-    candidates = [shutil.which("nvcc")]
-    candidates += [os.path.join(os.environ[v], "bin", "nvcc")
-                   for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    candidates.append("/usr/local/cuda/bin/nvcc")
-    return next((p for p in candidates if p and os.path.isfile(p)), None)
-
-
-@pytest.fixture(scope="module")
-def C():
-    try:
-        return _cuda.load()
-    except RuntimeError as e:
-        reason = str(e)
-    if os.environ.get("FASTGEN_SKIP_CUDA", "") not in ("", "0"):
-        pytest.skip("fastgen._C not built: FASTGEN_SKIP_CUDA is set")
-    nvcc = _find_nvcc()
-    if nvcc is None:
-        pytest.skip("fastgen._C not built: no nvcc on this machine")
-    pytest.fail(f"nvcc is at {nvcc} but fastgen._C does not import, so the install failed to "
-                f"build it (reinstall with pip install -v --no-build-isolation -e .): {reason}")
-
 
 has_cuda = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA GPU")
 
-# Host addresses that are never dereferenced: every call below fails before any launch.
-FAKE_PTR = 1 << 20
+
+@pytest.fixture(scope="module")
+def C(cuda_extension):
+    return cuda_extension
 
 
-def arg(sizes, dtype="float32", ptr=FAKE_PTR):
-    strides, acc = [], 1
-    for s in reversed(sizes):
-        strides.insert(0, acc)
-        acc *= s
-    return (ptr, dtype, tuple(sizes), tuple(strides))
+arg = fake_tensor_arg
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """trms2d (channel RMSNorm): every implementation against the float64 reference, gradients, errors."""
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastgen
+from conftest import fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops.registry import random_tensor
 from fastgen.ops.rms_norm_2d import (
@@ -20,9 +23,11 @@ LAYOUTS = ("contiguous", "channels_last", "sliced")
 CPU = torch.device("cpu")
 
 
-def _devices():
-    return [pytest.param(CPU, id="cpu-triton-interpreter"),
-            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+def _targets():
+    """(device, backend): the Triton kernels under the interpreter here, both backends on a GPU."""
+    return [pytest.param(CPU, "triton", id="cpu-triton-interpreter"),
+            pytest.param(torch.device("cuda"), "triton", id="cuda-triton", marks=pytest.mark.gpu),
+            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu)]
 
 
 def _problem(device, dtype, shape, layout, affine, generator):
@@ -32,12 +37,12 @@ def _problem(device, dtype, shape, layout, affine, generator):
     return x, weight, bias
 
 
-def _assert_matches_reference(op, reference, args):
-    """The Triton implementation, writing into NaN-poisoned outputs, against float64."""
+def _assert_matches_reference(op, reference, args, backend):
+    """The backend's implementation, writing into NaN-poisoned outputs, against float64."""
     out = op.allocate_output(*args)
     for tensor in out if isinstance(out, tuple) else (out,):
         tensor.fill_(float("nan"))
-    op.implementations["triton"].run(*args, out=out)
+    op.implementations[backend].run(*args, out=out)
     upcast = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
     expected = reference(*upcast)
     pairs = zip(out, expected) if isinstance(out, tuple) else [(out, expected)]
@@ -54,18 +59,35 @@ def problems(draw):
     return shape, draw(st.sampled_from(LAYOUTS)), affine, draw(st.sampled_from(DTYPES))
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _targets())
 @pytest.mark.parametrize("op, reference", [(TRMS2D, trms2d_reference), (TRMS2D_BACKWARD, trms2d_backward_reference)],
                          ids=["forward", "backward"])
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=problems(), eps=st.sampled_from([1e-5, 1e-2]))
-def test_kernels_match_reference(device, op, reference, problem, eps, generator):
+def test_kernels_match_reference(device, backend, op, reference, problem, eps, generator):
     shape, layout, affine, dtype = problem
     x, weight, bias = _problem(device, dtype, shape, layout, affine, generator)
     args = (x, weight, bias, eps)
     if op is TRMS2D_BACKWARD:
         args = (random_tensor(shape, layout, device, dtype, generator), *args)
-    _assert_matches_reference(op, reference, args)
+    _assert_matches_reference(op, reference, args, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op, reference", [(TRMS2D, trms2d_reference), (TRMS2D_BACKWARD, trms2d_backward_reference)],
+                         ids=["forward", "backward"])
+@pytest.mark.parametrize("shape, layout", [((3, 512, 37, 29), "contiguous"), ((2, 1024, 9, 16), "channels_last"),
+                                           ((1, 5, 130, 3), "sliced"), ((2, 128, 1, 1), "contiguous")])
+def test_kernels_match_reference_at_dcae_sizes(backend, op, reference, shape, layout, generator):
+    """Channel counts and maps beyond what the interpreter can run: many tiles per block, many
+    channels per warp, pixel counts that leave every tile ragged."""
+    device = torch.device("cuda")
+    for dtype in DTYPES:
+        args = (*_problem(device, dtype, shape, layout, (True, True), generator), 1e-5)
+        if op is TRMS2D_BACKWARD:
+            args = (random_tensor(shape, layout, device, dtype, generator), *args)
+        _assert_matches_reference(op, reference, args, backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -96,12 +118,12 @@ def test_custom_op_gradients_gradcheck(generator):
         assert torch.autograd.gradcheck(lambda *a: trms2d(*a, eps=1e-3), (x, weight, bias))
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _targets())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout, affine", [("contiguous", (True, True)), ("channels_last", (True, False)),
                                             ("sliced", (False, True))])
-def test_autograd_matches_reference_autograd(device, dtype, layout, affine, generator):
-    """The Triton custom op's gradients against autograd through the eager reference in float64."""
+def test_autograd_matches_reference_autograd(device, backend, dtype, layout, affine, generator):
+    """The custom op's gradients against autograd through the eager reference in float64."""
     shape = (2, 33, 3, 7)
     inputs = [t for t in _problem(device, dtype, shape, layout, affine, generator) if t is not None]
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
@@ -110,7 +132,7 @@ def test_autograd_matches_reference_autograd(device, dtype, layout, affine, gene
     weight, bias = (inputs[1] if affine[0] else None), (inputs[-1] if affine[1] else None)
     weight64, bias64 = (inputs64[1] if affine[0] else None), (inputs64[-1] if affine[1] else None)
     grad = torch.randn(shape, generator=generator).to(device, dtype)
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         trms2d(inputs[0], weight, bias).backward(grad)
     trms2d_reference(inputs64[0], weight64, bias64).backward(grad.double())
     for actual, expected in zip(inputs, inputs64):
@@ -118,11 +140,12 @@ def test_autograd_matches_reference_autograd(device, dtype, layout, affine, gene
         assert not detail, detail
 
 
-def test_backward_accepts_broadcast_gradients(generator):
+@pytest.mark.parametrize("device, backend", _targets())
+def test_backward_accepts_broadcast_gradients(device, backend, generator):
     """y.sum().backward() hands the backward an expanded gradient with all strides 0."""
-    x = torch.randn(1, 6, 3, 4, generator=generator, requires_grad=True)
-    bias = torch.randn(6, generator=generator, requires_grad=True)
-    with fastgen.use_backend("triton"):
+    x = torch.randn(1, 6, 3, 4, generator=generator).to(device).requires_grad_()
+    bias = torch.randn(6, generator=generator).to(device).requires_grad_()
+    with fastgen.use_backend(backend):
         trms2d(x, None, bias).sum().backward()
     torch.testing.assert_close(bias.grad, torch.full_like(bias, 12.0))
 
@@ -148,11 +171,53 @@ def test_bad_input_gets_a_clear_error(call, error, message):
 
 
 @pytest.mark.gpu
-def test_weight_gradient_is_deterministic(generator):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_weight_gradient_is_deterministic(backend, generator):
     x = torch.randn(4, 256, 64, 64, generator=generator).cuda()
     grad = torch.randn(x.shape, generator=generator).cuda()
     weight = torch.randn(256, generator=generator).cuda()
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         runs = [torch.ops.fastgen.trms2d_backward(grad, x, weight) for _ in range(3)]
     for dx, dweight, dbias in runs[1:]:
         assert torch.equal(dweight, runs[0][1]) and torch.equal(dbias, runs[0][2]) and torch.equal(dx, runs[0][0])
+
+
+def _forward_args(x=(2, 8, 4, 4), weight=(1, 8, 1, 1), bias=(1, 8, 1, 1), y=(2, 8, 4, 4), eps=1e-5):
+    return (fake_tensor_arg(x), None if weight is None else fake_tensor_arg(weight),
+            None if bias is None else fake_tensor_arg(bias), fake_tensor_arg(y), eps, 0)
+
+
+def _backward_args(grad=(2, 8, 4, 4), x=(2, 8, 4, 4), dx=(2, 8, 4, 4), partial=(3, 2, 8, 1), eps=1e-5,
+                   partial_strides=None):
+    return (fake_tensor_arg(grad), fake_tensor_arg(x), fake_tensor_arg((1, 8, 1, 1)), fake_tensor_arg(dx),
+            fake_tensor_arg(partial, strides=partial_strides), eps, 0)
+
+
+@pytest.mark.parametrize("entry_point, args, name", [
+    ("trms2d_forward", _forward_args(x=(2, 0, 4, 4), y=(2, 0, 4, 4)), "x"),
+    ("trms2d_forward", _forward_args(weight=(1, 7, 1, 1)), "weight"),
+    ("trms2d_forward", _forward_args(bias=(8, 1, 1, 1)), "bias"),
+    ("trms2d_forward", _forward_args(y=(2, 8, 4, 5)), "y"),
+    ("trms2d_forward", _forward_args(eps=0.0), "eps"),
+    ("trms2d_forward", _forward_args(eps=math.inf), "eps"),
+    ("trms2d_forward", (*_forward_args()[:3], fake_tensor_arg((2, 8, 4, 4), "float16"), 1e-5, 0), "y"),
+    ("trms2d_forward", (*_forward_args()[:3], fake_tensor_arg((2, 8, 4, 4), strides=(128, 0, 4, 1)), 1e-5, 0), "y"),
+    ("trms2d_backward", _backward_args(grad=(2, 8, 4, 3)), "grad"),
+    ("trms2d_backward", _backward_args(dx=(1, 8, 4, 4)), "dx"),
+    ("trms2d_backward", _backward_args(partial=(3, 2, 9, 1)), "partial"),
+    ("trms2d_backward", _backward_args(partial=(0, 2, 8, 1)), "partial"),
+    ("trms2d_backward", _backward_args(partial=(3, 2, 8, 1), partial_strides=(16, 1, 2, 1)), "partial"),
+    ("trms2d_backward", _backward_args()[:4] + (fake_tensor_arg((3, 2, 8, 1), "bfloat16"), 1e-5, 0), "partial"),
+])
+def test_cuda_entry_points_reject_bad_arguments_naming_them(cuda_extension, entry_point, args, name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        getattr(cuda_extension, entry_point)(*args)
+
+
+@pytest.mark.parametrize("entry_point, args", [("trms2d_forward", _forward_args()),
+                                               ("trms2d_backward", _backward_args())])
+def test_cuda_entry_points_need_a_device(cuda_extension, entry_point, args):
+    if cuda_extension.cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        getattr(cuda_extension, entry_point)(*args)

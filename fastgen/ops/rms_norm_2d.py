@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from fastgen import _cuda
 from fastgen.ops.registry import (
     CheckCase,
     Op,
@@ -152,6 +153,42 @@ def _trms2d_backward_triton(grad, x, weight, bias, eps, *, out):
     from fastgen.kernels import rms_norm_2d as kernels
 
     kernels.trms2d_backward(grad, x, weight, eps, *out)
+
+
+def _channel_vector_arg(tensor: Optional[torch.Tensor], name: str):
+    return None if tensor is None else _cuda.tensor_arg(tensor.view(1, -1, 1, 1), name)
+
+
+@TRMS2D.implement("cuda")
+def _trms2d_cuda(x, weight, bias, eps, *, out):
+    with torch.cuda.device(x.device):
+        _cuda.load().trms2d_forward(
+            _cuda.tensor_arg(x, "x"), _channel_vector_arg(weight, "weight"), _channel_vector_arg(bias, "bias"),
+            _cuda.tensor_arg(out, "y"), eps, _cuda.stream_handle(x.device),
+        )
+
+
+# The CUDA backward's tiles hold this many pixels (kTilePixels in csrc/rms_norm_2d.cu).
+_CUDA_TILE_PIXELS = 128
+
+
+@TRMS2D_BACKWARD.implement("cuda")
+def _trms2d_backward_cuda(grad, x, weight, bias, eps, *, out):
+    dx, dweight, dbias = out
+    batch, channels, height, width = x.shape
+    tiles = batch * -(-height * width // _CUDA_TILE_PIXELS)
+    # One row of partial sums per block: two blocks per SM fill its registers (the kernel
+    # needs ~127 per thread) while the rows torch sums afterwards stay few.
+    blocks = max(1, min(tiles, 2 * torch.cuda.get_device_properties(x.device).multi_processor_count))
+    partial = torch.empty(blocks, 2, channels, 1, dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _cuda.load().trms2d_backward(
+            _cuda.tensor_arg(grad, "grad"), _cuda.tensor_arg(x, "x"), _channel_vector_arg(weight, "weight"),
+            _cuda.tensor_arg(dx, "dx"), _cuda.tensor_arg(partial, "partial"), eps, _cuda.stream_handle(x.device),
+        )
+    sums = partial.sum(0)
+    dweight.copy_(sums[0, :, 0])
+    dbias.copy_(sums[1, :, 0])
 
 
 @define_custom_op(TRMS2D)
