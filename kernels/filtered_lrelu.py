@@ -29,7 +29,7 @@ A non-separable (2-D) filter is split on the host into a sum of separable ones b
 (rank <= min(fh, fw), exact in float64; terms below float32 resolution dropped), and each stage
 loops over those terms (a real loop: unrolled, 12 terms compile for minutes and spill); a 1-D
 filter is rank 1, None the 1 x 1 identity. The tables are built once per filter tensor
-(filter_tables).
+(fastgen.ops.filtered_lrelu.filter_tables, shared with the CUDA kernel).
 
 Tiles overlap by the filters' halo: a tile of BO outputs per axis computes BM mid samples from
 BI inputs, of which only VO outputs (VO <= BO, host-computed from the filter lengths so that
@@ -65,11 +65,12 @@ offsets are int64. channels_last tensors are read with a stride of C between nei
 not coalesced.
 """
 import math
-import weakref
 
 import torch
 import triton
 import triton.language as tl
+
+from fastgen.ops.filtered_lrelu import FusedPass, backward_pass, forward_pass
 
 _FORWARD, _FORWARD_WITH_CODES, _BACKWARD = 0, 1, 2
 _MAX_MID_BLOCK = 128
@@ -197,62 +198,6 @@ def _filtered_lrelu_kernel(
         tl.store(partial_ptr + pid, tl.sum(tl.sum(tl.where(valid, y, 0.0), axis=1), axis=0))
 
 
-def factor_tables(f, flip_filter: bool, gain: float, device) -> tuple:
-    """(rows, cols), float32 (rank, taps) tables with correlation weights
-    w[i, j] = sum_r rows[r, i] * cols[r, j] (the filter flipped unless flip_filter) times gain.
-    A 2-D filter keeps the SVD terms above float32 resolution of the largest: the rest change
-    no float32 product, and a separable 2-D filter becomes rank 1 (one pass, float16 stages)."""
-    if f is None:
-        one = torch.full((1, 1), float(gain), dtype=torch.float32, device=device)
-        return one, torch.ones_like(one)
-    w = f.detach().to(torch.float64)
-    if not flip_filter:
-        w = w.flip(list(range(w.dim())))
-    if w.dim() == 1:
-        return (w * gain)[None].float().contiguous(), w[None].float().contiguous()
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    rank = max(1, int((s > s[0] * torch.finfo(torch.float32).eps).sum()))
-    return (u[:, :rank] * (s[:rank] * gain)).mT.float().contiguous(), vh[:rank].float().contiguous()
-
-
-# id(filter) -> (weak reference to it, its version counter, {(flip_filter, gain): tables}), and
-# (device, gain) -> the identity's tables.
-_cached_tables: dict = {}
-_identity_tables: dict = {}
-
-
-def filter_tables(f, flip_filter: bool, gain: float, device) -> tuple:
-    """factor_tables, built once per filter tensor and reused while the tensor lives unmodified:
-    a layer's filters are constant buffers, and rebuilding costs several small launches per call
-    (and, for a 2-D filter, an SVD that synchronises with the GPU). An in-place change (copy_,
-    load_state_dict, EMA updates) moves the tensor's version counter and rebuilds; writes that
-    bypass the counter (through .data or a NumPy view) are not seen. Not cached: inference
-    tensors (no version counter) and calls inside CUDA graph capture (the tables would hold
-    values only once the graph replays)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return factor_tables(f, flip_filter, gain, device)
-    if f is None:
-        key = (device, gain)
-        if key not in _identity_tables:
-            _identity_tables[key] = factor_tables(None, flip_filter, gain, device)
-        return _identity_tables[key]
-    if f.is_inference():
-        return factor_tables(f, flip_filter, gain, device)
-    key = id(f)
-    entry = _cached_tables.get(key)
-    if entry is None or entry[0]() is not f or entry[1] != f._version:
-        def forget(ref, key=key):
-            if _cached_tables.get(key, (None,))[0] is ref:
-                del _cached_tables[key]
-
-        entry = (weakref.ref(f, forget), f._version, {})
-        _cached_tables[key] = entry
-    tables = entry[2].get((flip_filter, gain))
-    if tables is None:
-        tables = entry[2][flip_filter, gain] = factor_tables(f, flip_filter, gain, device)
-    return tables
-
-
 def _blocks(k1: int, k2: int, up: int, down: int) -> tuple:
     """(BI, BM, BO): power-of-two input / mid / output tile sides (>= 16, tl.dot's minimum)
     with the fewest multiply-adds per stored output (_valid_outputs of them per axis)."""
@@ -290,10 +235,8 @@ def _lift(pad1: int, pad2: int, up: int) -> int:
     return max(0, -(-(pad1 + pad2) // up)) + 1
 
 
-def _launch(mode, src, bias, dst, codes, stage1, stage2, mid_shape, pads1, pads2, up, down, gain, slope, clamp,
-            channel_sums=None):
-    """One fused pass over every plane. stage1 / stage2: ((rows, cols) tables) per stage;
-    pads1 = (pad1_y, pad1_x), pads2 = (pad2_y, pad2_x) as in the kernel's index maps.
+def _launch(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp, channel_sums=None):
+    """One fused pass over every plane (fastgen.ops.filtered_lrelu.FusedPass).
     channel_sums (C,), when given, receives dst summed over (B, H, W) in float32."""
     batch, channels, in_h, in_w = src.shape
     out_h, out_w = dst.shape[2:]
@@ -301,7 +244,8 @@ def _launch(mode, src, bias, dst, codes, stage1, stage2, mid_shape, pads1, pads2
         if channel_sums is not None:
             channel_sums.zero_()
         return
-    (w1y, w1x), (w2y, w2x) = stage1, stage2
+    (w1y, w1x), (w2y, w2x) = fused.stage1, fused.stage2
+    up, down, pads1, pads2 = fused.up, fused.down, fused.pads1, fused.pads2
     k1y, k1x, k2y, k2x = w1y.shape[1], w1x.shape[1], w2y.shape[1], w2x.shape[1]
     bi, bm, bo = _blocks(max(k1y, k1x), max(k2y, k2x), up, down)
     vo_y = _valid_outputs(bi, up, down, k1y, k2y, bo)
@@ -319,7 +263,7 @@ def _launch(mode, src, bias, dst, codes, stage1, stage2, mid_shape, pads1, pads2
     _filtered_lrelu_kernel[grid](
         src, bias if bias is not None else src, dst, codes_arg, partials if partials is not None else dst,
         w1y, w1x, w2y, w2x,
-        channels, in_h, in_w, mid_shape[0], mid_shape[1], out_h, out_w,
+        channels, in_h, in_w, fused.mid_shape[0], fused.mid_shape[1], out_h, out_w,
         *src.stride(), *dst.stride(), *codes_strides,
         k1y, k1x, k2y, k2x,
         pads1[0], pads1[1], pads2[0], pads2[1], _lift(pads1[0], pads2[0], up), _lift(pads1[1], pads2[1], up),
@@ -341,25 +285,13 @@ def _launch(mode, src, bias, dst, codes, stage1, stage2, mid_shape, pads1, pads2
 
 def filtered_lrelu_forward(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, out, codes) -> None:
     """out = filtered_lrelu(x, ...); codes (packed uint8 (B, C, zh, ceil(zw / 4))) filled too when given."""
-    px0, _, py0, _ = padding
-    stage1 = filter_tables(fu, flip_filter, up * up, x.device)
-    stage2 = filter_tables(fd, flip_filter, 1.0, x.device)
-    zh = (out.shape[2] - 1) * down + stage2[0].shape[1]
-    zw = (out.shape[3] - 1) * down + stage2[1].shape[1]
+    fused = forward_pass(fu, fd, up, down, padding, flip_filter, out.shape, x.device)
     mode = _FORWARD if codes is None else _FORWARD_WITH_CODES
-    _launch(mode, x, b, out, codes, stage1, stage2, (zh, zw), (py0, px0), (0, 0), up, down, gain, slope, clamp)
+    _launch(mode, x, b, out, codes, fused, gain, slope, clamp)
 
 
 def filtered_lrelu_backward(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, dx, db) -> None:
-    """dx = U^T (d(codes) * D^T dy): the forward's kernel with the stages' roles swapped, each
-    filter reversed (the adjoint of a correlation is the correlation with the reversed taps);
-    db (empty: not wanted) = dx summed over (B, H, W)."""
-    px0, _, py0, _ = padding
-    # Reversed taps are the tables of the filter with flip_filter toggled.
-    stage1 = rows_d, cols_d = filter_tables(fd, not flip_filter, 1.0, dy.device)
-    stage2 = rows_u, cols_u = filter_tables(fu, not flip_filter, up * up, dy.device)
-    pads1 = (rows_d.shape[1] - 1, cols_d.shape[1] - 1)
-    pads2 = (rows_u.shape[1] - 1 - py0, cols_u.shape[1] - 1 - px0)
-    mid_shape = ((dy.shape[2] - 1) * down + rows_d.shape[1], (dy.shape[3] - 1) * down + cols_d.shape[1])
-    _launch(_BACKWARD, dy, None, dx, codes, stage1, stage2, mid_shape, pads1, pads2, down, up, gain, slope, None,
-            db if db.numel() else None)
+    """dx = U^T (d(codes) * D^T dy), db (empty: not wanted) = dx summed over (B, H, W): the
+    forward's kernel run as backward_pass describes."""
+    fused = backward_pass(fu, fd, up, down, padding, flip_filter, dy.shape, dy.device)
+    _launch(_BACKWARD, dy, None, dx, codes, fused, gain, slope, None, db if db.numel() else None)

@@ -131,11 +131,11 @@ def test_nan_input_stays_nan_through_the_clamp(device, generator):
 def test_filter_tables_are_cached_until_the_filter_changes(monkeypatch, generator):
     """Built once per (filter, flip, gain); an in-place change to a filter rebuilds them, and
     the result follows the new taps."""
-    from fastgen.kernels import filtered_lrelu as kernels
+    from fastgen.ops import filtered_lrelu as op_module
 
     built = []
-    factor_tables = kernels.factor_tables
-    monkeypatch.setattr(kernels, "factor_tables", lambda f, *rest: built.append(f) or factor_tables(f, *rest))
+    factor_tables = op_module.factor_tables
+    monkeypatch.setattr(op_module, "factor_tables", lambda f, *rest: built.append(f) or factor_tables(f, *rest))
     args = list(_args(GEOMETRIES["up2 down1 (critically sampled end)"], "contiguous", CPU, torch.float32, generator))
     fu = args[1]
     with fastgen.use_backend("triton"):
@@ -163,7 +163,7 @@ def test_tiles_own_only_mid_samples_they_compute_fully():
 
 def test_2d_filter_split_keeps_only_significant_terms(generator):
     """A separable 2-D filter is one term (one pass, float16 stages); a random one keeps all."""
-    from fastgen.kernels.filtered_lrelu import factor_tables
+    from fastgen.ops.filtered_lrelu import factor_tables
 
     column, row = torch.randn(5, generator=generator), torch.randn(7, generator=generator)
     rows, cols = factor_tables(column[:, None] * row, False, 3.0, CPU)

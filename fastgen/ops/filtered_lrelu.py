@@ -49,6 +49,8 @@ calls when a gradient is needed, so the backward does not recompute) and
 from __future__ import annotations
 
 import math
+import weakref
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -248,6 +250,104 @@ def filtered_lrelu_backward_reference(dy, codes, fu, fd, up, down, padding, gain
                              float(up * up))
     db = dx.sum((0, 2, 3)) if bias_grad else dx.new_empty(0)
     return dx.to(dy.dtype), db.to(dy.dtype)
+
+
+def factor_tables(f, flip_filter: bool, gain: float, device) -> tuple:
+    """(rows, cols), float32 (rank, taps) tables with correlation weights
+    w[i, j] = sum_r rows[r, i] * cols[r, j] (the filter flipped unless flip_filter) times gain.
+    A 2-D filter keeps the SVD terms above float32 resolution of the largest: the rest change
+    no float32 product, and a separable 2-D filter becomes rank 1 (one pass, float16 stages)."""
+    if f is None:
+        one = torch.full((1, 1), float(gain), dtype=torch.float32, device=device)
+        return one, torch.ones_like(one)
+    w = f.detach().to(torch.float64)
+    if not flip_filter:
+        w = w.flip(list(range(w.dim())))
+    if w.dim() == 1:
+        return (w * gain)[None].float().contiguous(), w[None].float().contiguous()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    rank = max(1, int((s > s[0] * torch.finfo(torch.float32).eps).sum()))
+    return (u[:, :rank] * (s[:rank] * gain)).mT.float().contiguous(), vh[:rank].float().contiguous()
+
+
+# id(filter) -> (weak reference to it, its version counter, {(flip_filter, gain): tables}), and
+# (device, gain) -> the identity's tables.
+_cached_tables: dict = {}
+_identity_tables: dict = {}
+
+
+def filter_tables(f, flip_filter: bool, gain: float, device) -> tuple:
+    """factor_tables, built once per filter tensor and reused while the tensor lives unmodified:
+    a layer's filters are constant buffers, and rebuilding costs several small launches per call
+    (and, for a 2-D filter, an SVD that synchronises with the GPU). An in-place change (copy_,
+    load_state_dict, EMA updates) moves the tensor's version counter and rebuilds; writes that
+    bypass the counter (through .data or a NumPy view) are not seen. Not cached: inference
+    tensors (no version counter) and calls inside CUDA graph capture (the tables would hold
+    values only once the graph replays)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return factor_tables(f, flip_filter, gain, device)
+    if f is None:
+        key = (device, gain)
+        if key not in _identity_tables:
+            _identity_tables[key] = factor_tables(None, flip_filter, gain, device)
+        return _identity_tables[key]
+    if f.is_inference():
+        return factor_tables(f, flip_filter, gain, device)
+    key = id(f)
+    entry = _cached_tables.get(key)
+    if entry is None or entry[0]() is not f or entry[1] != f._version:
+        def forget(ref, key=key):
+            if _cached_tables.get(key, (None,))[0] is ref:
+                del _cached_tables[key]
+
+        entry = (weakref.ref(f, forget), f._version, {})
+        _cached_tables[key] = entry
+    tables = entry[2].get((flip_filter, gain))
+    if tables is None:
+        tables = entry[2][flip_filter, gain] = factor_tables(f, flip_filter, gain, device)
+    return tables
+
+
+@dataclass(frozen=True)
+class FusedPass:
+    """What one fused kernel pass (Triton or CUDA) computes per channel plane:
+
+        src --[stage 1 FIR, up]--> mid --pointwise--> --[stage 2 FIR, down]--> dst
+
+    The forward is x -> z -> y; the backward is the same shape, dy -> da -> dx, with the
+    stages' roles swapped and each filter reversed (the adjoint of a correlation is the
+    correlation with the reversed taps). stage1 / stage2 are (rows, cols) tables
+    (filter_tables); mid sample m reads src sample q through stage-1 tap q*up + pads1 - m, and
+    dst sample o reads mid sample m through stage-2 tap m + pads2 - o*down, per axis
+    (pads are (y, x)); mid_shape is the extent of mid outside which it is zero."""
+
+    stage1: tuple
+    stage2: tuple
+    mid_shape: tuple
+    pads1: tuple
+    pads2: tuple
+    up: int
+    down: int
+
+
+def forward_pass(fu, fd, up, down, padding, flip_filter, out_shape, device) -> FusedPass:
+    px0, _, py0, _ = padding
+    stage1 = filter_tables(fu, flip_filter, up * up, device)
+    stage2 = filter_tables(fd, flip_filter, 1.0, device)
+    zh = (out_shape[2] - 1) * down + stage2[0].shape[1]
+    zw = (out_shape[3] - 1) * down + stage2[1].shape[1]
+    return FusedPass(stage1, stage2, (zh, zw), (py0, px0), (0, 0), up, down)
+
+
+def backward_pass(fu, fd, up, down, padding, flip_filter, dy_shape, device) -> FusedPass:
+    px0, _, py0, _ = padding
+    # Reversed taps are the tables of the filter with flip_filter toggled.
+    stage1 = rows_d, cols_d = filter_tables(fd, not flip_filter, 1.0, device)
+    stage2 = rows_u, cols_u = filter_tables(fu, not flip_filter, up * up, device)
+    pads1 = (rows_d.shape[1] - 1, cols_d.shape[1] - 1)
+    pads2 = (rows_u.shape[1] - 1 - py0, cols_u.shape[1] - 1 - px0)
+    mid_shape = ((dy_shape[2] - 1) * down + rows_d.shape[1], (dy_shape[3] - 1) * down + cols_d.shape[1])
+    return FusedPass(stage1, stage2, mid_shape, pads1, pads2, down, up)
 
 
 def _check_case(label, x_shape, fu_shape, fd_shape, up, down, padding, with_bias=True, gain=math.sqrt(2), slope=0.2,
