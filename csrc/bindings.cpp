@@ -4,8 +4,12 @@
 // the tuples from torch tensors.
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "common.h"
@@ -26,8 +30,9 @@ DType parse_dtype(py::handle h, const std::string& name) {
     if (s == "float32") return DType::Float32;
     if (s == "float16") return DType::Float16;
     if (s == "bfloat16") return DType::BFloat16;
+    if (s == "uint8") return DType::UInt8;
     throw std::invalid_argument(name + ": unsupported dtype '" + s +
-                                "' (expected 'float32', 'float16' or 'bfloat16')");
+                                "' (expected 'float32', 'float16', 'bfloat16' or 'uint8')");
   }
   throw std::invalid_argument(name + ": dtype must be a str, got " +
                               std::string(py::str(py::type::handle_of(h).attr("__name__"))));
@@ -101,6 +106,50 @@ int cuda_device_count() noexcept {
   }
   return count;
 }
+
+// filtered_lrelu's arguments, parsed; owns the views the pass points to.
+struct ParsedFilteredLreluPass {
+  TensorView4d src, dst, rows1, rows2;
+  OptionalTensor bias, codes, tile_sums, cols1, cols2;
+  fastgen::FilteredLreluPass pass;  // points into this object: never copied
+
+  ParsedFilteredLreluPass(const ParsedFilteredLreluPass&) = delete;
+  ParsedFilteredLreluPass& operator=(const ParsedFilteredLreluPass&) = delete;
+  ParsedFilteredLreluPass(int mode, py::handle src_, py::handle bias_, py::handle dst_,
+                          py::handle codes_, py::handle tile_sums_, py::handle rows1_,
+                          py::handle cols1_, py::handle rows2_, py::handle cols2_, int64_t up,
+                          int64_t down, const std::array<int64_t, 4>& pads,
+                          const std::array<int64_t, 2>& mid_shape, double gain, double slope,
+                          std::optional<double> clamp)
+      : src(parse_tensor(src_, "src")),
+        dst(parse_tensor(dst_, "dst")),
+        rows1(parse_tensor(rows1_, "rows1")),
+        rows2(parse_tensor(rows2_, "rows2")),
+        bias(bias_, "bias"),
+        codes(codes_, "codes"),
+        tile_sums(tile_sums_, "tile_sums"),
+        cols1(cols1_, "cols1"),
+        cols2(cols2_, "cols2") {
+    pass.mode = mode;
+    pass.src = &src;
+    pass.bias = bias.get();
+    pass.dst = &dst;
+    pass.codes = codes.get();
+    pass.tile_sums = tile_sums.get();
+    pass.rows1 = &rows1;
+    pass.cols1 = cols1.get();
+    pass.rows2 = &rows2;
+    pass.cols2 = cols2.get();
+    pass.up = up;
+    pass.down = down;
+    std::copy(pads.begin(), pads.end(), pass.pads);
+    std::copy(mid_shape.begin(), mid_shape.end(), pass.mid_shape);
+    pass.gain = static_cast<float>(gain);
+    pass.slope = static_cast<float>(slope);
+    pass.has_clamp = clamp.has_value();
+    pass.clamp = clamp.has_value() ? static_cast<float>(*clamp) : 0.0f;
+  }
+};
 
 }  // namespace
 
@@ -178,4 +227,49 @@ PYBIND11_MODULE(_C, m) {
       "dx of trms2d for the output gradient `grad`, and per-block partial sums "
       "partial[b, 0, c] = sum dy*x*r, partial[b, 1, c] = sum dy in a (blocks, 2, C, 1) float32 "
       "buffer, one block per row; dweight and dbias are partial.sum(0). Enqueued on `stream`.");
+
+  m.def(
+      "filtered_lrelu_pass",
+      [](int mode, py::handle src, py::handle bias, py::handle dst, py::handle codes,
+         py::handle tile_sums, py::handle rows1, py::handle cols1, py::handle rows2,
+         py::handle cols2, int64_t up, int64_t down, const std::array<int64_t, 4>& pads,
+         const std::array<int64_t, 2>& mid_shape, double gain, double slope,
+         std::optional<double> clamp, uintptr_t stream) {
+        const ParsedFilteredLreluPass parsed(mode, src, bias, dst, codes, tile_sums, rows1,
+                                             cols1, rows2, cols2, up, down, pads, mid_shape,
+                                             gain, slope, clamp);
+        py::gil_scoped_release no_gil;
+        fastgen::filtered_lrelu_pass(parsed.pass, as_stream(stream));
+      },
+      py::arg("mode"), py::arg("src"), py::arg("bias").none(true), py::arg("dst"),
+      py::arg("codes").none(true), py::arg("tile_sums").none(true), py::arg("rows1"),
+      py::arg("cols1").none(true), py::arg("rows2"), py::arg("cols2").none(true), py::arg("up"),
+      py::arg("down"), py::arg("pads"), py::arg("mid_shape"), py::arg("gain"), py::arg("slope"),
+      py::arg("clamp").none(true), py::arg("stream"),
+      "One fused filtered_lrelu pass per channel plane: src --[stage 1 FIR, up]--> mid "
+      "--pointwise--> --[stage 2 FIR, down]--> dst. mode 0: forward, 1: forward storing the "
+      "2-bit codes (uint8 (B, C, mid_h, ceil(mid_w/4))), 2: backward from the codes, with "
+      "optional per-tile float32 sums of dst in tile_sums (1, 1, 1, B*C*tiles). Taps: float32 "
+      "(1,1,1,n) rows/cols of a separable stage or (1,1,ny,nx) rows and cols None. pads = "
+      "(pad1_y, pad1_x, pad2_y, pad2_x). Enqueued on `stream`.");
+
+  m.def(
+      "filtered_lrelu_tiles",
+      [](int mode, py::handle src, py::handle bias, py::handle dst, py::handle codes,
+         py::handle rows1, py::handle cols1, py::handle rows2, py::handle cols2, int64_t up,
+         int64_t down, const std::array<int64_t, 4>& pads, const std::array<int64_t, 2>& mid_shape,
+         double gain, double slope, std::optional<double> clamp) {
+        const ParsedFilteredLreluPass parsed(mode, src, bias, dst, codes, py::none(), rows1,
+                                             cols1, rows2, cols2, up, down, pads, mid_shape,
+                                             gain, slope, clamp);
+        return fastgen::filtered_lrelu_tiles(parsed.pass);
+      },
+      py::arg("mode"), py::arg("src"), py::arg("bias").none(true), py::arg("dst"),
+      py::arg("codes").none(true), py::arg("rows1"), py::arg("cols1").none(true),
+      py::arg("rows2"), py::arg("cols2").none(true), py::arg("up"), py::arg("down"),
+      py::arg("pads"), py::arg("mid_shape"), py::arg("gain"), py::arg("slope"),
+      py::arg("clamp").none(true),
+      "(tiles along y, tiles along x) per plane that filtered_lrelu_pass uses for these "
+      "arguments: its tile_sums takes B * C * their product entries. Needs a device (the tile "
+      "depends on its shared memory).");
 }

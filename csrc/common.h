@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -60,13 +61,16 @@ inline void ensure_device() {
 // ---------------------------------------------------------------------------------------
 // Tensors
 
-enum class DType { Float32, Float16, BFloat16 };
+// UInt8 only describes byte tensors such as filtered_lrelu's packed codes; kernels dispatch
+// on the float types.
+enum class DType { Float32, Float16, BFloat16, UInt8 };
 
 inline const char* dtype_name(DType dtype) {
   switch (dtype) {
     case DType::Float32: return "float32";
     case DType::Float16: return "float16";
     case DType::BFloat16: return "bfloat16";
+    case DType::UInt8: return "uint8";
   }
   return "unknown";
 }
@@ -92,6 +96,11 @@ inline std::string shape_str(const int64_t* s) {
 // Messages start with the argument's name.
 inline void require(bool cond, const std::string& message) {
   if (!cond) throw std::invalid_argument(message);
+}
+
+inline void require_float_dtype(const TensorView4d& t, const char* name) {
+  require(t.dtype != DType::UInt8, std::string(name) + ": dtype " + dtype_name(t.dtype) +
+                                       " is not one of float32, float16, bfloat16");
 }
 
 inline void require_same_dtype(const TensorView4d& t, const char* name, const TensorView4d& ref,
@@ -160,8 +169,9 @@ void dispatch_dtype(DType dtype, F&& f) {
     case DType::Float32: f(TypeTag<float>{}); return;
     case DType::Float16: f(TypeTag<__half>{}); return;
     case DType::BFloat16: f(TypeTag<__nv_bfloat16>{}); return;
+    case DType::UInt8: break;
   }
-  throw std::invalid_argument("fastgen._C: unsupported dtype");
+  throw std::invalid_argument(std::string("fastgen._C: no kernel for dtype ") + dtype_name(dtype));
 }
 
 __host__ __device__ __forceinline__ float to_float(float v) { return v; }
@@ -235,5 +245,35 @@ void trms2d_forward(const TensorView4d& x, const TensorView4d* weight, const Ten
 void trms2d_backward(const TensorView4d& grad, const TensorView4d& x, const TensorView4d* weight,
                      const TensorView4d& dx, const TensorView4d& partial, float eps,
                      cudaStream_t stream);
+
+// filtered_lrelu.cu: one fused pass src --[stage 1 FIR, up]--> mid --pointwise-->
+// --[stage 2 FIR, down]--> dst per channel plane (fastgen.ops.filtered_lrelu.FusedPass):
+// mode 0 the forward (lrelu, clamp), 1 the forward storing 2-bit codes, 2 the backward
+// (multiplies by the codes' derivative; tile_sums, when given, receives each tile's float32
+// sum of dst for db). Taps are float32 (1, 1, 1, n) rows and cols of a separable stage, or
+// (1, 1, ny, nx) rows and null cols for a 2-D one. pads = (pad1_y, pad1_x, pad2_y, pad2_x).
+struct FilteredLreluPass {
+  int mode = 0;
+  const TensorView4d* src = nullptr;
+  const TensorView4d* bias = nullptr;  // (1, C, 1, 1) or null; forward modes only
+  const TensorView4d* dst = nullptr;
+  const TensorView4d* codes = nullptr;  // uint8 (B, C, mid_h, ceil(mid_w / 4)); modes 1, 2
+  const TensorView4d* tile_sums = nullptr;  // float32 (1, 1, 1, B * C * tiles); mode 2
+  const TensorView4d* rows1 = nullptr;
+  const TensorView4d* cols1 = nullptr;
+  const TensorView4d* rows2 = nullptr;
+  const TensorView4d* cols2 = nullptr;
+  int64_t up = 1, down = 1;
+  int64_t pads[4] = {0, 0, 0, 0};
+  int64_t mid_shape[2] = {0, 0};
+  float gain = 1.0f, slope = 0.2f, clamp = 0.0f;
+  bool has_clamp = false;
+};
+
+// filtered_lrelu.cu: (tiles along y, tiles along x) per plane that filtered_lrelu_pass will
+// use for these arguments (tile_sums ignored): tile_sums needs B * C * their product entries.
+std::pair<int64_t, int64_t> filtered_lrelu_tiles(FilteredLreluPass pass);
+
+void filtered_lrelu_pass(const FilteredLreluPass& pass, cudaStream_t stream);
 
 }  // namespace fastgen

@@ -216,6 +216,7 @@ PixelGeometry check_inputs(const TensorView4d& x, const TensorView4d* weight,
     require(x.size[d] >= 0, "x: negative size in shape " + shape_str(x.size));
   require(x.size[1] >= 1, "x: must have at least one channel, got shape " + shape_str(x.size));
   require(x.data != nullptr || x.numel() == 0, "x: null data pointer");
+  require_float_dtype(x, "x");
   check_channel_vector(weight, "weight", x);
   check_channel_vector(bias, "bias", x);
   require(eps > 0.0f && eps < INFINITY, "eps: must be a finite number > 0");

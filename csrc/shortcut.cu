@@ -119,6 +119,7 @@ void check_common(const TensorView4d& x, const TensorView4d& y, const TensorView
           "x: channels must be in [1, 2^31], got " + str(x.size[1]));
   require(y.size[1] >= 1 && y.size[1] <= kMaxChannels,
           "y: channels (out_channels) must be in [1, 2^31], got " + str(y.size[1]));
+  require_float_dtype(x, "x");
   require_same_dtype(y, "y", x, "x");
   require_no_broadcast(y, "y");
   if (residual != nullptr) require_same_dtype(*residual, "residual", x, "x");

@@ -19,7 +19,7 @@ _BUILD_HINT = (
 )
 
 _DTYPE_NAMES = {"torch.float32": "float32", "torch.float16": "float16",
-                "torch.bfloat16": "bfloat16"}
+                "torch.bfloat16": "bfloat16", "torch.uint8": "uint8"}
 
 _module = None
 _import_error: BaseException | None = None
@@ -69,7 +69,7 @@ def build_info() -> dict | None:
 
 
 def tensor_arg(t, name: str = "tensor") -> tuple:
-    """``(data_ptr, dtype, sizes, strides)`` of a 4-D float32/float16/bfloat16 CUDA tensor.
+    """``(data_ptr, dtype, sizes, strides)`` of a 4-D float32/float16/bfloat16 (or uint8) CUDA tensor.
 
     Strides are in elements, as torch gives them; any layout is accepted. ValueError, naming
     the argument, for anything else: the kernels would read a CPU pointer as device memory.
@@ -82,7 +82,7 @@ def tensor_arg(t, name: str = "tensor") -> tuple:
         raise ValueError(f"{name}: expected a 4-D tensor, got shape {tuple(t.shape)}")
     dtype = _DTYPE_NAMES.get(str(t.dtype))
     if dtype is None:
-        raise ValueError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
+        raise ValueError(f"{name}: dtype must be float32, float16, bfloat16 or uint8, got {t.dtype}")
     if t.device.type != "cuda":
         raise ValueError(f"{name}: expected a CUDA tensor, got one on {t.device}")
     return (t.data_ptr(), dtype, tuple(t.shape), tuple(t.stride()))

@@ -65,6 +65,7 @@ UNSHUFFLE_BAD = [
     # (x, y, residual, factor, the argument the message must name)
     (arg((2, 4, 8, 8), "float64"), arg((2, 8, 4, 4)), None, 2, "x"),
     (arg((2, 4, 8, 8)), arg((2, 8, 4, 4), "int8"), None, 2, "y"),
+    (arg((2, 4, 8, 8), "uint8"), arg((2, 8, 4, 4), "uint8"), None, 2, "x"),  # bytes, not floats
     (arg((2, 4, 8, 8)), arg((2, 8, 4, 4), "float16"), None, 2, "y"),
     (arg((2, 4, 8, 8)), arg((2, 8, 4, 4)), arg((2, 8, 4, 4), "bfloat16"), 2, "residual"),
     (arg((2, 4, 8, 8)), arg((2, 8, 4, 4)), arg((2, 8, 4, 5)), 2, "residual"),

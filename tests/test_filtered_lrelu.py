@@ -1,6 +1,6 @@
-"""filtered_lrelu: the fused Triton kernels against the float64 reference (values, codes, first
-and second gradients), the reference against the SPEC's composition of upfirdn2d and bias_act,
-torch.compile, errors."""
+"""filtered_lrelu: the fused Triton and CUDA kernels against the float64 reference (values, codes,
+first and second gradients), the reference against the SPEC's composition of upfirdn2d and
+bias_act, torch.compile, errors, and the CUDA entry points' argument checks."""
 import itertools
 import math
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastgen
+from conftest import fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops.bias_act import bias_act_reference
 from fastgen.ops.filtered_lrelu import (
@@ -55,9 +56,11 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-def _devices():
-    return [pytest.param(CPU, id="cpu-triton-interpreter"),
-            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+def _targets():
+    """(device, backend): the Triton kernels under the interpreter here, both backends on a GPU."""
+    return [pytest.param(CPU, "triton", id="cpu-triton-interpreter"),
+            pytest.param(torch.device("cuda"), "triton", id="cuda-triton", marks=pytest.mark.gpu),
+            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu)]
 
 
 def _args(geometry, layout, device, dtype, generator, gain=SQRT2, with_bias=True):
@@ -95,10 +98,10 @@ def _assert_codes_agree(codes, args):
                               f"first at {differ.nonzero()[0].tolist()}")
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _targets())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", GEOMETRIES)
-def test_forward_and_codes_match_reference(device, dtype, name, generator):
+def test_forward_and_codes_match_reference(device, backend, dtype, name, generator):
     """Both forward kernels (with and without codes) write every output and every code:
     they are poisoned first."""
     layout = ("contiguous", "channels_last", "sliced")[list(GEOMETRIES).index(name) % 3]
@@ -107,23 +110,23 @@ def test_forward_and_codes_match_reference(device, dtype, name, generator):
     y, codes = FILTERED_LRELU_WITH_CODES.allocate_output(*args)
     y.fill_(float("nan"))
     codes.fill_(0xFF)  # every code 3: no valid code
-    FILTERED_LRELU_WITH_CODES.implementations["triton"].run(*args, out=(y, codes))
+    FILTERED_LRELU_WITH_CODES.implementations[backend].run(*args, out=(y, codes))
     _assert_close(y, expected, "y")
     _assert_codes_agree(codes, args)
     plain = FILTERED_LRELU.allocate_output(*args).fill_(float("nan"))
-    FILTERED_LRELU.implementations["triton"].run(*args, out=plain)
+    FILTERED_LRELU.implementations[backend].run(*args, out=plain)
     _assert_close(plain, expected, "y without codes")
 
 
-@pytest.mark.parametrize("device", _devices())
-def test_nan_input_stays_nan_through_the_clamp(device, generator):
+@pytest.mark.parametrize("device, backend", _targets())
+def test_nan_input_stays_nan_through_the_clamp(device, backend, generator):
     """torch.clamp keeps a NaN, so the kernel must too (Triton's default minimum / maximum return
     the other operand, on the GPU as in the interpreter). A non-finite input reaches more outputs
     than in the reference (kernels/filtered_lrelu.py), so only the reference's NaNs are required."""
     args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", device, torch.float32, generator)
     args[0][1, 2, 3, 2] = float("nan")
     expected = filtered_lrelu_reference(*_float64(args)).isnan()
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         actual = filtered_lrelu(*args).isnan().cpu()
     assert expected.any() and actual[expected].all(), f"{int((expected & ~actual).sum())} NaNs lost"
 
@@ -213,15 +216,15 @@ def _gradients(backend, args, dy, direct_op=False):
     return y, x.grad, b.grad
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _targets())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["stylegan3 up2 down2 12-tap", "up2 down1 (critically sampled end)",
                                   "2-D filters, crop, negative slope", "up1 down2 1x2 tiles"])
-def test_backward_matches_reference(device, dtype, name, generator):
+def test_backward_matches_reference(device, backend, dtype, name, generator):
     layout = "channels_last" if dtype == torch.float16 else "sliced" if dtype == torch.bfloat16 else "contiguous"
     args = _args(GEOMETRIES[name], layout, device, dtype, generator)
     dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device, dtype)
-    actual = _gradients("triton", args, dy)
+    actual = _gradients(backend, args, dy)
     expected = _gradients("reference", _float64(args), dy.double().cpu())
     for what, a, e in zip(("y", "dx", "db"), actual, expected):
         _assert_close(a, e, what)
@@ -265,20 +268,23 @@ def test_empty_batch(generator):
     assert y.shape[0] == 0 and x.grad.shape == x.shape and torch.equal(b.grad, torch.zeros_like(b))
 
 
+@pytest.mark.parametrize("device, backend", _targets())
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_kernel_given_the_same_codes(dtype, generator):
+def test_backward_kernel_given_the_same_codes(device, backend, dtype, generator):
     """The backward kernel alone, fed the reference's codes: dx and db (summed in float32 before
     rounding) match even where a forward in another precision could decide a code differently."""
-    args = _args(GEOMETRIES["up2 down2 12-tap 2x2 tiles"], "contiguous", CPU, dtype, generator)
+    args = _args(GEOMETRIES["up2 down2 12-tap 2x2 tiles"], "contiguous", device, dtype, generator)
     x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = args
     _, codes = filtered_lrelu_with_codes_reference(*_float64(args))
-    dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(dtype)
+    codes = codes.to(device)
+    dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device, dtype)
     backward_args = (dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, x.shape[2], x.shape[3], True)
     out = FILTERED_LRELU_BACKWARD.allocate_output(*backward_args)
     for tensor in out:
         tensor.fill_(float("nan"))
-    FILTERED_LRELU_BACKWARD.implementations["triton"].run(*backward_args, out=out)
-    expected = filtered_lrelu_backward_reference(dy.double(), codes, fu.double(), fd.double(), *backward_args[4:])
+    FILTERED_LRELU_BACKWARD.implementations[backend].run(*backward_args, out=out)
+    dy64, fu64, fd64 = _float64((dy, fu, fd))
+    expected = filtered_lrelu_backward_reference(dy64, codes.cpu(), fu64, fd64, *backward_args[4:])
     for what, actual, e in zip(("dx", "db"), out, expected):
         _assert_close(actual, e, what)
 
@@ -314,11 +320,11 @@ def _r1_penalty_gradients(backend, args, weight):
     return x.grad, weight.grad
 
 
-@pytest.mark.parametrize("device", _devices())
-def test_second_order_through_triton_matches_reference(device, generator):
+@pytest.mark.parametrize("device, backend", _targets())
+def test_second_order_through_the_kernels_matches_reference(device, backend, generator):
     args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", device, torch.float32, generator)
     weight = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device)
-    actual = _r1_penalty_gradients("triton", args, weight)
+    actual = _r1_penalty_gradients(backend, args, weight)
     expected = _r1_penalty_gradients("reference", _float64(args), weight.double().cpu())
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
@@ -396,16 +402,17 @@ def test_bad_input_gets_a_clear_error(call, error, message):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_stylegan3_layer_shapes_on_cuda(layout, dtype, generator):
+def test_stylegan3_layer_shapes_on_cuda(backend, layout, dtype, generator):
     """Real StyleGAN3 sizes compile and match: the up2/down2 body, the up2/down1 and up1/down2 ends."""
     for up, down, side, padding in [(2, 2, 148, [11, 10, 11, 10]), (2, 1, 84, [11, 10, 11, 10]),
                                     (1, 2, 276, [5, 6, 5, 6])]:
         geometry = ((2, 64, side, side), (12,), (12,), up, down, padding, 256.0, 0.2, False)
         args = _args(geometry, layout, "cuda", dtype, generator)
         dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to("cuda", dtype)
-        actual = _gradients("triton", args, dy)
+        actual = _gradients(backend, args, dy)
         expected = _gradients("reference", _float64(args), dy.double().cpu())
         for what, a, e in zip(("y", "dx", "db"), actual, expected):
             _assert_close(a, e, what)
@@ -426,3 +433,53 @@ def test_benchmark_layers_keep_stylegan3_sizes_and_match_the_op(up, down, genera
     b = torch.randn(2, generator=generator)
     expected = filtered_lrelu_reference(x, fu, fd, b, up, down, layer.padding, clamp=_STYLEGAN3_CLAMP)
     torch.testing.assert_close(_filtered_lrelu_eager(x, b, layer), expected)
+
+
+def _pass_args(mode=0, src=(1, 2, 8, 8), bias=(1, 2, 1, 1), dst=(1, 2, 8, 8), codes=None, rows1=(1, 1, 1, 4),
+               cols1=(1, 1, 1, 4), rows2=(1, 1, 1, 4), cols2=(1, 1, 1, 4), up=2, down=2, pads=(3, 3, 0, 0),
+               mid_shape=(18, 18), gain=SQRT2, slope=0.2, clamp=None, dtype="float32", codes_dtype="uint8",
+               taps_dtype="float32"):
+    def tensor(shape, kind=dtype):
+        return None if shape is None else fake_tensor_arg(shape, kind)
+
+    return dict(mode=mode, src=tensor(src), bias=tensor(bias), dst=tensor(dst), codes=tensor(codes, codes_dtype),
+                rows1=tensor(rows1, taps_dtype), cols1=tensor(cols1, taps_dtype), rows2=tensor(rows2, taps_dtype),
+                cols2=tensor(cols2, taps_dtype), up=up, down=down, pads=pads, mid_shape=mid_shape, gain=gain,
+                slope=slope, clamp=clamp)
+
+
+@pytest.mark.parametrize("changes, name", [
+    (dict(mode=3), "mode"),
+    (dict(src=(1, 2, 8, 8), dtype="uint8"), "src"),
+    (dict(dst=(1, 3, 8, 8)), "dst"),
+    (dict(bias=(1, 3, 1, 1)), "bias"),
+    (dict(up=0), "up"),
+    (dict(down=65), "down"),
+    (dict(mid_shape=(0, 18)), "mid_shape"),
+    (dict(mid_shape=(10, 18)), "dst"),  # 8 outputs at down 2 with 4 taps need 18 mid rows
+    (dict(pads=(3, 3, 1, 0)), "pads"),  # the forward starts output o at mid o*down
+    (dict(gain=math.inf), "gain"),
+    (dict(clamp=-1.0), "clamp"),
+    (dict(rows1=(1, 1, 1, 4), taps_dtype="float16"), "rows1"),
+    (dict(rows2=(1, 1, 2, 4)), "rows2"),  # a separable stage's rows are one row
+    (dict(cols1=(1, 2, 1, 4)), "cols1"),
+    (dict(codes=(1, 2, 18, 5)), "codes"),  # mode 0 takes none
+    (dict(mode=1), "codes"),  # modes 1 and 2 need them
+    (dict(mode=1, codes=(1, 2, 18, 4)), "codes"),  # ceil(18 / 4) = 5 bytes per row
+    (dict(mode=2, codes=(1, 2, 18, 5), codes_dtype="float32"), "codes"),
+])
+def test_cuda_entry_points_reject_bad_arguments_naming_them(cuda_extension, changes, name):
+    args = _pass_args(**changes)
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        cuda_extension.filtered_lrelu_tiles(**args)
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        cuda_extension.filtered_lrelu_pass(**args, tile_sums=None, stream=0)
+
+
+def test_cuda_entry_points_need_a_device(cuda_extension):
+    if cuda_extension.cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        cuda_extension.filtered_lrelu_pass(**_pass_args(), tile_sums=None, stream=0)
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        cuda_extension.filtered_lrelu_tiles(**_pass_args(mode=2, codes=(1, 2, 18, 5)))

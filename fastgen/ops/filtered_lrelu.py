@@ -56,6 +56,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from fastgen import _cuda
 from fastgen.ops.registry import (
     CheckCase,
     Op,
@@ -416,6 +417,71 @@ def _backward_triton(dy, codes, fu, fd, up, down, padding, gain, slope, flip_fil
     from fastgen.kernels import filtered_lrelu as kernels
 
     kernels.filtered_lrelu_backward(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, *out)
+
+
+# csrc/filtered_lrelu.cu's pass modes.
+_CUDA_FORWARD, _CUDA_FORWARD_WITH_CODES, _CUDA_BACKWARD = 0, 1, 2
+
+
+def _cuda_taps(tables: tuple) -> tuple:
+    """A stage's (rows, cols) tables as the CUDA kernel takes them: the separable pair when the
+    split has one term, else the 2-D correlation table (the kernel loops over its taps
+    directly; rows^T cols sums the split's terms back up)."""
+    rows, cols = tables
+    if rows.shape[0] == 1:
+        return _cuda.tensor_arg(rows.view(1, 1, 1, -1), "rows"), _cuda.tensor_arg(cols.view(1, 1, 1, -1), "cols")
+    full = rows.mT @ cols
+    return _cuda.tensor_arg(full.view(1, 1, *full.shape), "rows"), None
+
+
+def _cuda_pass(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp, channel_sums=None) -> None:
+    """One fused pass of csrc/filtered_lrelu.cu; channel_sums (C,), when given, receives dst
+    summed over (B, H, W) in float32, from the kernel's per-tile sums."""
+    if dst.numel() == 0:
+        if channel_sums is not None:
+            channel_sums.zero_()
+        return
+    extension = _cuda.load()
+    with torch.cuda.device(src.device):
+        (rows1, cols1), (rows2, cols2) = _cuda_taps(fused.stage1), _cuda_taps(fused.stage2)
+        args = dict(
+            mode=mode, src=_cuda.tensor_arg(src, "src"),
+            bias=None if bias is None else _cuda.tensor_arg(bias.view(1, -1, 1, 1), "bias"),
+            dst=_cuda.tensor_arg(dst, "dst"), codes=None if codes is None else _cuda.tensor_arg(codes, "codes"),
+            rows1=rows1, cols1=cols1, rows2=rows2, cols2=cols2, up=fused.up, down=fused.down,
+            pads=(*fused.pads1, *fused.pads2), mid_shape=fused.mid_shape, gain=gain, slope=slope, clamp=clamp,
+        )
+        tile_sums = None
+        if channel_sums is not None:
+            tiles_y, tiles_x = extension.filtered_lrelu_tiles(**args)
+            tile_sums = torch.empty(dst.shape[0] * dst.shape[1] * tiles_y * tiles_x, dtype=torch.float32,
+                                    device=dst.device)
+        extension.filtered_lrelu_pass(
+            **args, tile_sums=None if tile_sums is None else _cuda.tensor_arg(tile_sums.view(1, 1, 1, -1), "tile_sums"),
+            stream=_cuda.stream_handle(src.device))
+    if channel_sums is not None:
+        channel_sums.copy_(tile_sums.view(dst.shape[0], dst.shape[1], -1).sum((0, 2)))
+
+
+@FILTERED_LRELU.implement("cuda")
+def _forward_cuda(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, *, out):
+    fused = forward_pass(fu, fd, up, down, padding, flip_filter, out.shape, x.device)
+    _cuda_pass(_CUDA_FORWARD, x, b, out, None, fused, gain, slope, clamp)
+
+
+@FILTERED_LRELU_WITH_CODES.implement("cuda")
+def _forward_with_codes_cuda(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, *, out):
+    y, codes = out
+    fused = forward_pass(fu, fd, up, down, padding, flip_filter, y.shape, x.device)
+    _cuda_pass(_CUDA_FORWARD_WITH_CODES, x, b, y, codes, fused, gain, slope, clamp)
+
+
+@FILTERED_LRELU_BACKWARD.implement("cuda")
+def _backward_cuda(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, x_height, x_width, bias_grad, *,
+                   out):
+    dx, db = out
+    fused = backward_pass(fu, fd, up, down, padding, flip_filter, dy.shape, dy.device)
+    _cuda_pass(_CUDA_BACKWARD, dy, None, dx, codes, fused, gain, slope, None, db if db.numel() else None)
 
 
 def _forward_signature(returns):
