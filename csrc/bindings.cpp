@@ -272,4 +272,21 @@ PYBIND11_MODULE(_C, m) {
       "(tiles along y, tiles along x) per plane that filtered_lrelu_pass uses for these "
       "arguments: its tile_sums takes B * C * their product entries. Needs a device (the tile "
       "depends on its shared memory).");
+  m.def(
+      "linear_attention_forward",
+      [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle partials,
+         int64_t kv_rows_per_chunk, int64_t q_rows_per_chunk, double eps, uintptr_t stream) {
+        const TensorView4d qv = parse_tensor(q, "q"), kv = parse_tensor(k, "k");
+        const TensorView4d vv = parse_tensor(v, "v"), ov = parse_tensor(out, "out");
+        const TensorView4d pv = parse_tensor(partials, "partials");
+        py::gil_scoped_release no_gil;
+        fastgen::linear_attention_forward(qv, kv, vv, ov, pv, kv_rows_per_chunk, q_rows_per_chunk,
+                                          static_cast<float>(eps), as_stream(stream));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("partials"),
+      py::arg("kv_rows_per_chunk"), py::arg("q_rows_per_chunk"), py::arg("eps"),
+      py::arg("stream"),
+      "ReLU linear attention forward: out = relu(q) S / (relu(q) . z + eps) per (batch, head), "
+      "S and z summed over relu(k), v; q/out (B,Nq,H,D), k/v (B,Nkv,H,D), D <= 128; partials a "
+      "float32 (1, 1, B*H*ceil(Nkv/kv_rows_per_chunk), D*D+D) workspace. Enqueued on `stream`.");
 }

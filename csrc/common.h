@@ -276,4 +276,13 @@ std::pair<int64_t, int64_t> filtered_lrelu_tiles(FilteredLreluPass pass);
 
 void filtered_lrelu_pass(const FilteredLreluPass& pass, cudaStream_t stream);
 
+// linear_attention.cu: out_n = phi(q_n) S / (phi(q_n) . z + eps), S = sum phi(k)^T v and
+// z = sum phi(k) per (batch, head), phi = ReLU; q, out (B, Nq, H, D), k, v (B, Nkv, H, D), any
+// strides, D <= 128. partials: float32 (1, 1, B*H*ceil(Nkv / kv_rows_per_chunk), D*D + D)
+// workspace; the rows per chunk are positive multiples of 32.
+void linear_attention_forward(const TensorView4d& q, const TensorView4d& k, const TensorView4d& v,
+                              const TensorView4d& out, const TensorView4d& partials,
+                              int64_t kv_rows_per_chunk, int64_t q_rows_per_chunk, float eps,
+                              cudaStream_t stream);
+
 }  // namespace fastgen

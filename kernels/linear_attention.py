@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.ops.linear_attention import rows_per_chunk
+
 
 @triton.jit
 def _load_rows(ptr, b, h, rows, N, s_b, s_n, s_h, s_d, d, D: tl.constexpr):
@@ -208,9 +210,7 @@ class _Plan:
 
     def rows_per_program(self, tokens: int) -> int:
         """Rows per chunk (a multiple of BLOCK_N): enough chunks that B*H*chunks fills the GPU."""
-        tiles = triton.cdiv(max(tokens, 1), self.block_n)
-        chunks = min(tiles, max(1, triton.cdiv(self.target_programs, self.batch_heads)))
-        return self.block_n * triton.cdiv(tiles, chunks)
+        return rows_per_chunk(tokens, self.block_n, self.batch_heads, self.target_programs)
 
     def grid(self, tokens: int) -> tuple:
         return (triton.cdiv(max(tokens, 1), self.rows_per_program(tokens)), self.batch_heads)

@@ -1,11 +1,12 @@
 """ReLU linear attention: every implementation against the float64 reference, gradients,
-determinism, all-zero feature rows, errors."""
+determinism, all-zero feature rows, errors, the CUDA entry point's argument checks."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastgen
+from conftest import fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops.linear_attention import (
     LINEAR_ATTENTION,
@@ -76,13 +77,21 @@ def _assert_gradients_close(actual_grads, grad, q, k, v, eps=1e-15):
 _HYPOTHESIS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.mark.parametrize("device", _devices())
+def _forward_targets():
+    """(device, backend) of every forward kernel: Triton under the interpreter here, Triton and
+    CUDA on a GPU (the backward has Triton kernels only)."""
+    return [pytest.param(CPU, "triton", id="cpu-triton-interpreter"),
+            pytest.param(torch.device("cuda"), "triton", id="cuda-triton", marks=pytest.mark.gpu),
+            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device, backend", _forward_targets())
 @_HYPOTHESIS
 @given(data=st.data())
-def test_forward_matches_reference(device, data, generator):
+def test_forward_matches_reference(device, backend, data, generator):
     q, k, v, eps = data.draw(attention_inputs(device, generator))
     out = LINEAR_ATTENTION.allocate_output(q, k, v, eps).fill_(float("nan"))
-    LINEAR_ATTENTION.implementations["triton"].run(q, k, v, eps, out=out)
+    LINEAR_ATTENTION.implementations[backend].run(q, k, v, eps, out=out)
     _assert_close_to(out, linear_attention_reference(*_upcast((q, k, v)), eps), "out")
 
 
@@ -234,12 +243,13 @@ def test_backward_op_checks_the_gradient():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("heads", [36, 70])
-def test_sana_shape_on_gpu(heads, generator):
+def test_sana_shape_on_gpu(backend, heads, generator):
     """The real SANA head layout at 64x64 latents (N = 4096): many chunks per head."""
     q, k, v = (t.detach().requires_grad_()
                for t in fused_qkv(2, 4096, heads, 32, torch.device("cuda"), torch.bfloat16, generator))
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         out = linear_attention(q, k, v)
     grad = torch.randn(out.shape, generator=generator).to(out)
     out.backward(grad)
@@ -248,12 +258,13 @@ def test_sana_shape_on_gpu(heads, generator):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replays_with_new_inputs(generator):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_replays_with_new_inputs(backend, generator):
     """Samplers capture the denoiser in a CUDA graph: the launches (and their workspaces) must
     be capturable and read the inputs' current contents on replay."""
     qkv = torch.randn(2, 1024, 3, 36, 32, generator=generator).to("cuda", torch.bfloat16)
     q, k, v = qkv.unbind(2)
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         linear_attention(q, k, v)  # compiles outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -262,3 +273,36 @@ def test_cuda_graph_replays_with_new_inputs(generator):
     graph.replay()
     torch.cuda.synchronize()
     _assert_close_to(out, linear_attention_reference(*_upcast((q, k, v))), "out")
+
+
+def _entry_point_args(q=(2, 40, 3, 32), k=(2, 70, 3, 32), v=None, out=None, partials=None, kv_rows=32, q_rows=64,
+                      eps=1e-15, dtype="float32", partials_dtype="float32"):
+    v = v or k
+    out = out or q
+    partials = partials or (1, 1, 2 * 3 * 3, 32 * 32 + 32)  # ceil(70 / 32) = 3 chunks per head
+    return (fake_tensor_arg(q, dtype), fake_tensor_arg(k, dtype), fake_tensor_arg(v, dtype), fake_tensor_arg(out, dtype),
+            fake_tensor_arg(partials, partials_dtype), kv_rows, q_rows, eps, 0)
+
+
+@pytest.mark.parametrize("changes, name", [
+    (dict(dtype="uint8"), "q"),
+    (dict(q=(2, 40, 3, 129), k=(2, 70, 3, 129), partials=(1, 1, 18, 129 * 130)), "q"),
+    (dict(k=(2, 70, 4, 32)), "k"),
+    (dict(v=(2, 71, 3, 32)), "v"),
+    (dict(out=(2, 40, 3, 16)), "out"),
+    (dict(eps=0.0), "eps"),
+    (dict(kv_rows=48), "kv_rows_per_chunk"),
+    (dict(q_rows=0), "q_rows_per_chunk"),
+    (dict(partials=(1, 1, 17, 32 * 32 + 32)), "partials"),
+    (dict(partials_dtype="float16"), "partials"),
+])
+def test_cuda_entry_point_rejects_bad_arguments_naming_them(cuda_extension, changes, name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        cuda_extension.linear_attention_forward(*_entry_point_args(**changes))
+
+
+def test_cuda_entry_point_needs_a_device(cuda_extension):
+    if cuda_extension.cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        cuda_extension.linear_attention_forward(*_entry_point_args())

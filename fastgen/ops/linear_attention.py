@@ -33,6 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastgen import _cuda
 from fastgen.ops.registry import (
     CheckCase,
     Op,
@@ -45,6 +46,14 @@ from fastgen.ops.registry import (
 )
 
 MAX_HEAD_DIM = 128
+
+
+def rows_per_chunk(tokens: int, block_rows: int, batch_heads: int, target_blocks: int) -> int:
+    """Rows per chunk of a sequence (a multiple of block_rows) for the kernels that split each
+    head's rows into chunks: enough chunks that batch_heads * chunks reaches target_blocks."""
+    tiles = -(-max(tokens, 1) // block_rows)
+    chunks = min(tiles, max(1, -(-target_blocks // batch_heads)))
+    return block_rows * -(-tiles // chunks)
 
 
 def _check_tensor(op_name: str, name: str, tensor) -> None:
@@ -192,6 +201,25 @@ def _backward_triton(grad, q, k, v, eps, *, out):
     from fastgen.kernels import linear_attention as kernels
 
     kernels.linear_attention_backward(grad, q, k, v, eps, *out)
+
+
+# csrc/linear_attention.cu walks rows in tiles of this many.
+_CUDA_TILE_ROWS = 32
+
+
+@LINEAR_ATTENTION.implement("cuda")
+def _forward_cuda(q, k, v, eps, *, out):
+    batch, kv_tokens, heads, head_dim = k.shape
+    target = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
+    kv_rows = rows_per_chunk(kv_tokens, _CUDA_TILE_ROWS, batch * heads, target)
+    q_rows = rows_per_chunk(q.shape[1], _CUDA_TILE_ROWS, batch * heads, target)
+    slots = batch * heads * -(-kv_tokens // kv_rows)
+    partials = torch.empty(1, 1, slots, head_dim * head_dim + head_dim, dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device):
+        _cuda.load().linear_attention_forward(
+            _cuda.tensor_arg(q, "q"), _cuda.tensor_arg(k, "k"), _cuda.tensor_arg(v, "v"), _cuda.tensor_arg(out, "out"),
+            _cuda.tensor_arg(partials, "partials"), kv_rows, q_rows, eps, _cuda.stream_handle(q.device),
+        )
 
 
 @define_custom_op(LINEAR_ATTENTION)
