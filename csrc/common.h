@@ -1,7 +1,8 @@
 // Shared pieces of the torch-free CUDA extension fastgen._C: error checks, a strided 4-D
 // tensor view, argument checks, dtype dispatch, grid sizing, and the declarations of the
 // launchers that bindings.cpp exposes. bindings.cpp is compiled by the host compiler, so
-// everything that needs nvcc sits behind __CUDACC__.
+// everything that needs nvcc sits behind __CUDACC__ (or the tests' CPU emulation of CUDA,
+// tests/cuda_emulation, which compiles the kernels as host C++).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,7 +15,7 @@
 #include <string>
 #include <utility>
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(FASTGEN_CUDA_EMULATION)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
@@ -144,7 +145,7 @@ inline unsigned int grid_size(int64_t n, int threads = kThreadsPerBlock) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, cap)));
 }
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(FASTGEN_CUDA_EMULATION)
 
 // int64 throughout: tensors may hold more than 2^31 elements.
 __device__ __forceinline__ int64_t grid_thread_index() {

@@ -1,8 +1,14 @@
 """Test setup: without a CUDA GPU the Triton kernels run under the interpreter on CPU tensors,
-and tests marked `gpu` are skipped with the reason. Also the fixtures every op family's CUDA
-tests share: the built extension, and fake tensor arguments for its argument checks."""
+and tests marked `gpu` are skipped with the reason. Tests marked `cuda_emulation` run the CUDA
+backend on CPU tensors: csrc/ compiled as host C++ against tests/cuda_emulation, which executes
+each block's threads concurrently (see its cuda_runtime.h). Also the fixtures every op family's
+CUDA tests share: the built extension, and fake tensor arguments for its argument checks."""
+import contextlib
 import os
 import shutil
+import tempfile
+import types
+from pathlib import Path
 
 import torch
 
@@ -20,6 +26,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend_on_cpu(request):
+    if request.node.get_closest_marker("cuda_emulation") is not None:
+        request.getfixturevalue("emulated_cuda")
 
 
 @pytest.fixture
@@ -70,3 +82,52 @@ def fake_tensor_arg(sizes, dtype="float32", ptr=FAKE_PTR, strides=None):
             strides.insert(0, acc)
             acc *= s
     return (ptr, dtype, tuple(sizes), tuple(strides))
+
+
+# The (device, backend) parameter of the CUDA kernels run under the emulation on CPU tensors.
+EMULATED_CUDA = pytest.param(torch.device("cpu"), "cuda", id="cpu-cuda-emulated", marks=pytest.mark.cuda_emulation)
+
+
+@pytest.fixture(scope="session")
+def emulated_extension():
+    from cuda_emulation import build
+
+    reason = build.missing_tools()
+    if reason is not None:
+        if _find_nvcc() is not None:
+            pytest.fail(f"nvcc is here but the CUDA emulation cannot be built: {reason}")
+        pytest.skip(f"CUDA emulation not built: {reason}")
+    return build.build(Path(tempfile.gettempdir()) / "fastgen-cuda-emulation")
+
+
+def _host_tensor_arg(t, name="tensor"):
+    """fastgen._cuda.tensor_arg for CPU tensors: the emulated kernels dereference host memory."""
+    from fastgen import _cuda
+
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor, got {t.dim()}-D")
+    return (t.data_ptr(), _cuda._DTYPE_NAMES[str(t.dtype)], tuple(t.shape), tuple(t.stride()))
+
+
+@pytest.fixture
+def emulated_cuda(emulated_extension, monkeypatch):
+    """The "cuda" backend, for this test, runs csrc/'s kernels under the emulation on CPU tensors."""
+    from fastgen import _cuda, check
+    from fastgen.ops import registry
+
+    monkeypatch.setattr(_cuda, "_module", emulated_extension)
+    monkeypatch.setattr(_cuda, "_checked_device", True)
+    monkeypatch.setattr(_cuda, "_no_device_reason", None)
+    monkeypatch.setattr(_cuda, "tensor_arg", _host_tensor_arg)
+    monkeypatch.setattr(_cuda, "stream_handle", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(multi_processor_count=2))
+    real_reason = registry.backend_unavailable_reason
+
+    def reason(backend, device):
+        return None if backend == "cuda" and device.type == "cpu" else real_reason(backend, device)
+
+    monkeypatch.setattr(registry, "backend_unavailable_reason", reason)
+    monkeypatch.setattr(check, "backend_unavailable_reason", reason)
+    return emulated_extension

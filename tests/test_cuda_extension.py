@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from conftest import FAKE_PTR, fake_tensor_arg
 from fastgen import _cuda
+from fastgen.check import check_op
+from fastgen.ops.registry import OPS
 
 has_cuda = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA GPU")
@@ -273,3 +275,18 @@ def test_tensor_arg_and_stream_handle_on_cuda():
     with torch.cuda.stream(s):
         assert _cuda.stream_handle() == s.cuda_stream
     assert _cuda.available() is None
+
+
+# ---------------------------------------------------------------------------------------
+# Under the CPU emulation of CUDA (tests/cuda_emulation): every op's CUDA kernels executed
+
+
+@pytest.mark.cuda_emulation
+@pytest.mark.parametrize("name", sorted(name for name, op in OPS.items() if "cuda" in op.implementations))
+def test_fastgen_check_passes_for_every_cuda_implementation(name, generator):
+    """`fastgen check`'s cases, forward and backward, with the cuda backend forced: the kernels
+    run on CPU tensors under the emulation, against the float64 reference."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    results = check_op(OPS[name], "cuda", torch.device("cpu"), seed)
+    failures = [f"{r.case} {r.dtype} {r.direction}: {r.detail}" for r in results if r.status != "ok"]
+    assert results and not failures, "\n".join(failures)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastgen
-from conftest import fake_tensor_arg
+from conftest import EMULATED_CUDA, fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops.bias_act import bias_act_reference
 from fastgen.ops.filtered_lrelu import (
@@ -60,7 +60,8 @@ def _targets():
     """(device, backend): the Triton kernels under the interpreter here, both backends on a GPU."""
     return [pytest.param(CPU, "triton", id="cpu-triton-interpreter"),
             pytest.param(torch.device("cuda"), "triton", id="cuda-triton", marks=pytest.mark.gpu),
-            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu)]
+            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
+            EMULATED_CUDA]
 
 
 def _args(geometry, layout, device, dtype, generator, gain=SQRT2, with_bias=True):

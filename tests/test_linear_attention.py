@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastgen
-from conftest import fake_tensor_arg
+from conftest import EMULATED_CUDA, fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops.linear_attention import (
     LINEAR_ATTENTION,
@@ -82,7 +82,8 @@ def _forward_targets():
     CUDA on a GPU (the backward has Triton kernels only)."""
     return [pytest.param(CPU, "triton", id="cpu-triton-interpreter"),
             pytest.param(torch.device("cuda"), "triton", id="cuda-triton", marks=pytest.mark.gpu),
-            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu)]
+            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
+            EMULATED_CUDA]
 
 
 @pytest.mark.parametrize("device, backend", _forward_targets())

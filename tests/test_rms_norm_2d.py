@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastgen
-from conftest import fake_tensor_arg
+from conftest import EMULATED_CUDA, fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops.registry import random_tensor
 from fastgen.ops.rms_norm_2d import (
@@ -27,7 +27,8 @@ def _targets():
     """(device, backend): the Triton kernels under the interpreter here, both backends on a GPU."""
     return [pytest.param(CPU, "triton", id="cpu-triton-interpreter"),
             pytest.param(torch.device("cuda"), "triton", id="cuda-triton", marks=pytest.mark.gpu),
-            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu)]
+            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
+            EMULATED_CUDA]
 
 
 def _problem(device, dtype, shape, layout, affine, generator):

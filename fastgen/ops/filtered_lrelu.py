@@ -424,14 +424,15 @@ _CUDA_FORWARD, _CUDA_FORWARD_WITH_CODES, _CUDA_BACKWARD = 0, 1, 2
 
 
 def _cuda_taps(tables: tuple) -> tuple:
-    """A stage's (rows, cols) tables as the CUDA kernel takes them: the separable pair when the
-    split has one term, else the 2-D correlation table (the kernel loops over its taps
-    directly; rows^T cols sums the split's terms back up)."""
+    """A stage's (rows, cols) tables as the CUDA kernel takes them, as 4-D tensors: the separable
+    pair when the split has one term, else (the 2-D correlation table, None): the kernel loops
+    over its taps directly, and rows^T cols sums the split's terms back up. The caller keeps
+    the tensors alive until the kernel is enqueued."""
     rows, cols = tables
     if rows.shape[0] == 1:
-        return _cuda.tensor_arg(rows.view(1, 1, 1, -1), "rows"), _cuda.tensor_arg(cols.view(1, 1, 1, -1), "cols")
+        return rows.view(1, 1, 1, -1), cols.view(1, 1, 1, -1)
     full = rows.mT @ cols
-    return _cuda.tensor_arg(full.view(1, 1, *full.shape), "rows"), None
+    return full.view(1, 1, *full.shape), None
 
 
 def _cuda_pass(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp, channel_sums=None) -> None:
@@ -443,12 +444,13 @@ def _cuda_pass(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp
         return
     extension = _cuda.load()
     with torch.cuda.device(src.device):
-        (rows1, cols1), (rows2, cols2) = _cuda_taps(fused.stage1), _cuda_taps(fused.stage2)
+        taps = dict(zip(("rows1", "cols1", "rows2", "cols2"), (*_cuda_taps(fused.stage1), *_cuda_taps(fused.stage2))))
         args = dict(
             mode=mode, src=_cuda.tensor_arg(src, "src"),
             bias=None if bias is None else _cuda.tensor_arg(bias.view(1, -1, 1, 1), "bias"),
             dst=_cuda.tensor_arg(dst, "dst"), codes=None if codes is None else _cuda.tensor_arg(codes, "codes"),
-            rows1=rows1, cols1=cols1, rows2=rows2, cols2=cols2, up=fused.up, down=fused.down,
+            **{name: None if t is None else _cuda.tensor_arg(t, name) for name, t in taps.items()},
+            up=fused.up, down=fused.down,
             pads=(*fused.pads1, *fused.pads2), mid_shape=fused.mid_shape, gain=gain, slope=slope, clamp=clamp,
         )
         tile_sums = None
