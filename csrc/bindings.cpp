@@ -107,6 +107,22 @@ int cuda_device_count() noexcept {
   return count;
 }
 
+// A float argument that may be None: launchers take a pointer, null for None.
+struct OptionalFloat {
+  float value = 0.0f;
+  bool present = false;
+
+  OptionalFloat(py::handle obj, const std::string& name) : present(!obj.is_none()) {
+    if (!present) return;
+    if (!(py::isinstance<py::float_>(obj) || py::isinstance<py::int_>(obj)) ||
+        py::isinstance<py::bool_>(obj))
+      throw std::invalid_argument(name + ": must be a float or None, got " +
+                                  std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+    value = static_cast<float>(obj.cast<double>());
+  }
+  const float* get() const { return present ? &value : nullptr; }
+};
+
 // filtered_lrelu's arguments, parsed; owns the views the pass points to.
 struct ParsedFilteredLreluPass {
   TensorView4d src, dst, rows1, rows2;
@@ -229,6 +245,55 @@ PYBIND11_MODULE(_C, m) {
       "buffer, one block per row; dweight and dbias are partial.sum(0). Enqueued on `stream`.");
 
   m.def(
+      "bias_act_forward",
+      [](py::handle x, py::handle b, py::handle y, int64_t dim, const std::string& act,
+         double alpha, double gain, py::handle clamp, uintptr_t stream) {
+        const TensorView4d xv = parse_tensor(x, "x"), yv = parse_tensor(y, "y");
+        const OptionalTensor bv(b, "b");
+        const OptionalFloat cv(clamp, "clamp");
+        py::gil_scoped_release no_gil;
+        fastgen::bias_act_forward(xv, bv.get(), yv, dim, act, static_cast<float>(alpha),
+                                  static_cast<float>(gain), cv.get(), as_stream(stream));
+      },
+      py::arg("x"), py::arg("b").none(true), py::arg("y"), py::arg("dim"), py::arg("act"),
+      py::arg("alpha"), py::arg("gain"), py::arg("clamp").none(true), py::arg("stream"),
+      "y = clamp(gain * act(x + b), -clamp, clamp); x and y 4-D of one shape, b None or a view "
+      "of x.shape[dim] entries along dim (1 elsewhere); act a name (linear, relu, lrelu, tanh, "
+      "sigmoid, elu, selu, softplus, swish), alpha lrelu's slope, clamp None for none. "
+      "Enqueued on `stream` (a cudaStream_t as int).");
+
+  m.def(
+      "bias_act_db_splits",
+      [](py::handle dx, int64_t dim) {
+        return fastgen::bias_act_db_splits(parse_tensor(dx, "dx"), dim);
+      },
+      py::arg("dx"), py::arg("dim"),
+      "S of the (1, 1, S, C) float32 partial buffer bias_act_backward needs with a bias; "
+      "depends on dx's shape and strides only.");
+
+  m.def(
+      "bias_act_backward",
+      [](py::handle dy, py::handle x, py::handle y, py::handle b, py::handle dx, py::handle db,
+         py::handle partial, int64_t dim, const std::string& act, double alpha, double gain,
+         py::handle clamp, uintptr_t stream) {
+        const TensorView4d dyv = parse_tensor(dy, "dy"), dxv = parse_tensor(dx, "dx");
+        const OptionalTensor xv(x, "x"), yv(y, "y"), bv(b, "b"), dbv(db, "db");
+        const OptionalTensor pv(partial, "partial");
+        const OptionalFloat cv(clamp, "clamp");
+        py::gil_scoped_release no_gil;
+        fastgen::bias_act_backward(dyv, xv.get(), yv.get(), bv.get(), dxv, dbv.get(), pv.get(),
+                                   dim, act, static_cast<float>(alpha),
+                                   static_cast<float>(gain), cv.get(), as_stream(stream));
+      },
+      py::arg("dy"), py::arg("x").none(true), py::arg("y").none(true), py::arg("b").none(true),
+      py::arg("dx"), py::arg("db").none(true), py::arg("partial").none(true), py::arg("dim"),
+      py::arg("act"), py::arg("alpha"), py::arg("gain"), py::arg("clamp").none(true),
+      py::arg("stream"),
+      "dx = dy * gain * act'(z) * clamp mask, read from x (+ b) or from y (the piecewise linear "
+      "acts), at most one of them; with b, db[c] = sum of dx over all axes but dim, through "
+      "partial, (1, 1, bias_act_db_splits(dx, dim), C) float32 contiguous. Enqueued on `stream`.");
+
+  m.def(
       "filtered_lrelu_pass",
       [](int mode, py::handle src, py::handle bias, py::handle dst, py::handle codes,
          py::handle tile_sums, py::handle rows1, py::handle cols1, py::handle rows2,
@@ -272,6 +337,28 @@ PYBIND11_MODULE(_C, m) {
       "(tiles along y, tiles along x) per plane that filtered_lrelu_pass uses for these "
       "arguments: its tile_sums takes B * C * their product entries. Needs a device (the tile "
       "depends on its shared memory).");
+
+  m.def(
+      "upfirdn2d",
+      [](py::handle x, py::handle f, bool separable, py::handle y, int64_t up_x, int64_t up_y,
+         int64_t down_x, int64_t down_y, int64_t pad_x0, int64_t pad_x1, int64_t pad_y0,
+         int64_t pad_y1, bool flip_filter, double gain, uintptr_t stream) {
+        const TensorView4d xv = parse_tensor(x, "x"), yv = parse_tensor(y, "y");
+        const OptionalTensor fv(f, "f");
+        const fastgen::Resampling r{up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1};
+        py::gil_scoped_release no_gil;
+        fastgen::upfirdn2d(xv, fv.get(), separable, yv, r, flip_filter, static_cast<float>(gain),
+                           as_stream(stream));
+      },
+      py::arg("x"), py::arg("f").none(true), py::arg("separable"), py::arg("y"), py::arg("up_x"),
+      py::arg("up_y"), py::arg("down_x"), py::arg("down_y"), py::arg("pad_x0"), py::arg("pad_x1"),
+      py::arg("pad_y0"), py::arg("pad_y1"), py::arg("flip_filter"), py::arg("gain"),
+      py::arg("stream"),
+      "y = gain * (x zero-upsampled by up, padded (negative: cropped), filtered by f, every "
+      "down-th pixel kept); x (B,C,H,W), y (B,C,out_h,out_w); f float32, a (1,1,fh,fw) filter, "
+      "(1,1,1,n) separable taps with separable=True, or None for the identity; convolution, or "
+      "correlation with flip_filter. Enqueued on `stream` (a cudaStream_t as int).");
+
   m.def(
       "linear_attention_forward",
       [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle partials,

@@ -99,6 +99,13 @@ inline void require(bool cond, const std::string& message) {
   if (!cond) throw std::invalid_argument(message);
 }
 
+// Sizes non-negative, and data present unless the tensor is empty.
+inline void require_valid_view(const TensorView4d& t, const char* name) {
+  for (int d = 0; d < 4; ++d)
+    require(t.size[d] >= 0, std::string(name) + ": negative size in shape " + shape_str(t.size));
+  require(t.data != nullptr || t.numel() == 0, std::string(name) + ": null data pointer");
+}
+
 inline void require_float_dtype(const TensorView4d& t, const char* name) {
   require(t.dtype != DType::UInt8, std::string(name) + ": dtype " + dtype_name(t.dtype) +
                                        " is not one of float32, float16, bfloat16");
@@ -247,6 +254,24 @@ void trms2d_backward(const TensorView4d& grad, const TensorView4d& x, const Tens
                      const TensorView4d& dx, const TensorView4d& partial, float eps,
                      cudaStream_t stream);
 
+// bias_act.cu: y = clamp(gain * act(x + b), -clamp, clamp) elementwise, x and y of one shape
+// (any strides), b null or x.size[dim] along dim and 1 elsewhere; act one of linear, relu,
+// lrelu (negative slope alpha), tanh, sigmoid, elu, selu, softplus, swish; clamp null: none.
+void bias_act_forward(const TensorView4d& x, const TensorView4d* b, const TensorView4d& y,
+                      int64_t dim, const std::string& act, float alpha, float gain,
+                      const float* clamp, cudaStream_t stream);
+
+// bias_act.cu: the split count S of bias_act_backward's partial buffer (1, 1, S, C) for dx.
+int64_t bias_act_db_splits(const TensorView4d& dx, int64_t dim);
+
+// bias_act.cu: dx = dy * gain * act'(x + b) * m (x given), or dy * gain * [y*gain > 0 ? 1 :
+// slope] * m (y given), or dy * gain (neither); m = [|gain*act(z)| <= clamp] or [|y| < clamp];
+// with b: db[c] = sum of dx over all axes but dim, via partial (float32, contiguous).
+void bias_act_backward(const TensorView4d& dy, const TensorView4d* x, const TensorView4d* y,
+                       const TensorView4d* b, const TensorView4d& dx, const TensorView4d* db,
+                       const TensorView4d* partial, int64_t dim, const std::string& act,
+                       float alpha, float gain, const float* clamp, cudaStream_t stream);
+
 // filtered_lrelu.cu: one fused pass src --[stage 1 FIR, up]--> mid --pointwise-->
 // --[stage 2 FIR, down]--> dst per channel plane (fastgen.ops.filtered_lrelu.FusedPass):
 // mode 0 the forward (lrelu, clamp), 1 the forward storing 2-bit codes, 2 the backward
@@ -276,6 +301,20 @@ struct FilteredLreluPass {
 std::pair<int64_t, int64_t> filtered_lrelu_tiles(FilteredLreluPass pass);
 
 void filtered_lrelu_pass(const FilteredLreluPass& pass, cudaStream_t stream);
+
+// upfirdn2d.cu: upsampling factors, downsampling factors and padding (negative: cropping)
+// along x (W) and y (H).
+struct Resampling {
+  int64_t up_x = 1, up_y = 1, down_x = 1, down_y = 1;
+  int64_t pad_x0 = 0, pad_x1 = 0, pad_y0 = 0, pad_y1 = 0;
+};
+
+// upfirdn2d.cu: y[b,c,oy,ox] = gain * sum_{i,j} w[i,j] * p[oy*down_y + i, ox*down_x + j], p = x
+// zero-upsampled and padded, w = f flipped (or f with flip_filter); f float32, a (1,1,fh,fw)
+// filter, (1,1,1,n) separable taps (separable: f[i]*f[j]) or null for the identity.
+void upfirdn2d(const TensorView4d& x, const TensorView4d* f, bool separable,
+               const TensorView4d& y, const Resampling& r, bool flip_filter, float gain,
+               cudaStream_t stream);
 
 // linear_attention.cu: out_n = phi(q_n) S / (phi(q_n) . z + eps), S = sum phi(k)^T v and
 // z = sum phi(k) per (batch, head), phi = ReLU; q, out (B, Nq, H, D), k, v (B, Nkv, H, D), any

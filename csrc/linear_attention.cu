@@ -144,10 +144,8 @@ __global__ void __launch_bounds__(kLaThreads)
 }
 
 void check_attention_tensor(const TensorView4d& t, const char* name, const TensorView4d& q) {
-  for (int d = 0; d < 4; ++d)
-    require(t.size[d] >= 0, std::string(name) + ": negative size in shape " + shape_str(t.size));
+  require_valid_view(t, name);
   require_same_dtype(t, name, q, "q");
-  require(t.data != nullptr || t.numel() == 0, std::string(name) + ": null data pointer");
 }
 
 template <int kEntries, typename T>

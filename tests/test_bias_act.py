@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastgen
+from conftest import EMULATED_CUDA, fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops.bias_act import (
     ACTIVATIONS,
@@ -17,8 +18,9 @@ from fastgen.ops.bias_act import (
     bias_act_backward,
     bias_act_reference,
     parse_params,
+    reduce_to_bias,
 )
-from fastgen.ops.registry import random_tensor
+from fastgen.ops.registry import TOLERANCES, random_tensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("contiguous", "channels_last", "sliced")
@@ -27,9 +29,11 @@ CPU = torch.device("cpu")
 SHAPES = [((2, 6, 5, 7), 1), ((3, 17), 1), ((2, 3, 9), -1), ((4, 5, 3, 2), 2), ((5,), 0)]
 
 
-def _devices():
-    return [pytest.param(CPU, id="cpu-triton-interpreter"),
-            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+def _devices_and_backends():
+    params = [pytest.param(CPU, "triton", id="cpu-triton-interpreter")]
+    for backend in ("triton", "cuda"):
+        params.append(pytest.param(torch.device("cuda"), backend, id=f"cuda-{backend}", marks=pytest.mark.gpu))
+    return params + [EMULATED_CUDA]
 
 
 def _inputs(shape, dim, layout, device, dtype, generator, with_bias=True):
@@ -46,11 +50,12 @@ def settings_of_act(draw):
     return act, alpha, draw(st.sampled_from([None, 1.0, -2.0])), draw(st.sampled_from([None, 0.8, 3.0]))
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape_dim=st.sampled_from(SHAPES), act_settings=settings_of_act(), dtype=st.sampled_from(DTYPES),
        layout=st.sampled_from(LAYOUTS), with_bias=st.booleans())
-def test_forward_and_backward_match_reference(device, shape_dim, act_settings, dtype, layout, with_bias, generator):
+def test_forward_and_backward_match_reference(device, backend, shape_dim, act_settings, dtype, layout, with_bias,
+                                              generator):
     """The forward kernel into a poisoned output, and dx, db through the custom op's autograd,
     against the float64 reference and its autograd."""
     shape, dim = shape_dim
@@ -59,14 +64,14 @@ def test_forward_and_backward_match_reference(device, shape_dim, act_settings, d
     args = (x, b, act, alpha, gain, clamp, dim)
     out = BIAS_ACT.allocate_output(*args)
     out.fill_(float("nan"))
-    BIAS_ACT.implementations["triton"].run(*args, out=out)
+    BIAS_ACT.implementations[backend].run(*args, out=out)
     x64, b64 = (None if t is None else t.double().requires_grad_() for t in (x, b))
     expected = bias_act_reference(x64, b64, act, alpha, gain, clamp, dim)
     _, detail = mismatch(out, expected)
     assert not detail, f"forward: {detail}"
 
     leaves = [t.requires_grad_() for t in (x, b) if t is not None]
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         y = bias_act(x, b, act, alpha, gain, clamp, dim)
     grad_out = torch.randn(shape, generator=generator).to(device, dtype)
     y.backward(grad_out)
@@ -99,12 +104,12 @@ def _r1_like(backend, x, b, act, clamp):
     return x.grad, b.grad
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @pytest.mark.parametrize("act, clamp", [("lrelu", 1.0), ("swish", None), ("tanh", 0.9), ("softplus", None)])
-def test_second_order_through_triton_matches_reference(device, act, clamp, generator):
+def test_second_order_through_kernels_matches_reference(device, backend, act, clamp, generator):
     x = torch.randn(2, 4, 3, 5, generator=generator)
     b = torch.randn(4, generator=generator)
-    actual = _r1_like("triton", x.to(device), b.to(device), act, clamp)
+    actual = _r1_like(backend, x.to(device), b.to(device), act, clamp)
     expected = _r1_like("reference", x.double(), b.double(), act, clamp)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-5)
@@ -120,9 +125,9 @@ def test_backward_reads_y_where_the_activation_allows(act, clamp, dtype, source)
     assert parse_params(torch.ones(1, dtype=dtype), None, act, None, None, clamp, 0).derivative_source(dtype) == source
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_backward_op_into_poisoned_outputs(device, layout, generator):
+def test_backward_op_into_poisoned_outputs(device, backend, layout, generator):
     """dx and db of the backward op (both reduction directions of db) against its reference."""
     x, b = _inputs((3, 6, 5, 7), 1, layout, device, torch.float32, generator)
     dy = random_tensor((3, 6, 5, 7), "sliced", device, torch.float32, generator)
@@ -132,7 +137,7 @@ def test_backward_op_into_poisoned_outputs(device, layout, generator):
         out = BIAS_ACT_BACKWARD.allocate_output(*args)
         for t in out:
             t.fill_(float("nan"))
-        BIAS_ACT_BACKWARD.implementations["triton"].run(*args, out=out)
+        BIAS_ACT_BACKWARD.implementations[backend].run(*args, out=out)
         for actual, expected in zip(out, BIAS_ACT_BACKWARD.reference(*args)):
             _, detail = mismatch(actual, expected)
             assert not detail, f"{act}: {detail}"
@@ -204,13 +209,14 @@ def test_bad_input_gets_a_clear_error(call, error, message):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_stylegan_layer_shapes_on_cuda(layout, dtype, generator):
+def test_stylegan_layer_shapes_on_cuda(backend, layout, dtype, generator):
     x, b = _inputs((4, 256, 64, 64), 1, layout, "cuda", dtype, generator)
     x.requires_grad_()
     b.requires_grad_()
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         y = bias_act(x, b, "lrelu", clamp=256.0)
     grad_out = torch.randn_like(y)
     y.backward(grad_out)
@@ -237,7 +243,8 @@ def test_backward_accepts_broadcast_gradients(act, generator):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_replays(generator):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_replays(backend, generator):
     """Forward and backward (with its db partials) capture and replay."""
     x = torch.randn(4, 64, 32, 32, generator=generator).cuda().requires_grad_()
     b = torch.randn(64, generator=generator).cuda().requires_grad_()
@@ -246,7 +253,7 @@ def test_cuda_graph_capture_replays(generator):
     def step():
         return torch.autograd.grad(bias_act(x, b, "lrelu", clamp=1.0), (x, b), grad_out)
 
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         step()  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -258,3 +265,176 @@ def test_cuda_graph_capture_replays(generator):
     expected = torch.autograd.grad(bias_act_reference(x, b, "lrelu", clamp=1.0), (x, b), grad_out)
     torch.testing.assert_close(dx, expected[0])
     torch.testing.assert_close(db, expected[1], rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA extension's entry points (csrc/bias_act.cu)
+
+_SHAPE = (2, 3, 4, 5)
+_B = (1, 3, 1, 1)
+
+
+def _forward_args(**changes):
+    args = dict(x=fake_tensor_arg(_SHAPE), b=fake_tensor_arg(_B), y=fake_tensor_arg(_SHAPE), dim=1, act="lrelu",
+                alpha=0.2, gain=1.4, clamp=None, stream=0)
+    args.update(changes)
+    return args
+
+
+def _backward_args(**changes):
+    args = dict(dy=fake_tensor_arg(_SHAPE), x=None, y=fake_tensor_arg(_SHAPE), b=fake_tensor_arg(_B),
+                dx=fake_tensor_arg(_SHAPE), db=fake_tensor_arg(_B), partial=None, dim=1, act="lrelu", alpha=0.2,
+                gain=1.4, clamp=1.0, stream=0)
+    args.update(changes)
+    if "partial" not in changes:
+        splits = fastgen._cuda.load().bias_act_db_splits(args["dx"], 1) if args["dx"][2] == _SHAPE else 1
+        args["partial"] = fake_tensor_arg((1, 1, splits, 3))
+    return args
+
+
+FORWARD_BAD = [
+    ("x", dict(x=fake_tensor_arg(_SHAPE, "float64"))),
+    ("x", dict(x=fake_tensor_arg((2, -3, 4, 5)))),
+    ("x", dict(x=fake_tensor_arg(_SHAPE, ptr=0))),
+    ("y", dict(y=fake_tensor_arg(_SHAPE, "float16"))),
+    ("y", dict(y=fake_tensor_arg((2, 3, 4, 6)))),
+    ("y", dict(y=fake_tensor_arg(_SHAPE, strides=(60, 0, 5, 1)))),
+    ("b", dict(b=fake_tensor_arg((1, 4, 1, 1)))),
+    ("b", dict(b=fake_tensor_arg((3, 1, 1, 1)))),
+    ("b", dict(b=fake_tensor_arg(_B, "bfloat16"))),
+    ("dim", dict(dim=4)),
+    ("dim", dict(dim=-1)),
+    ("act", dict(act="gelu")),
+    ("alpha", dict(alpha=float("inf"))),
+    ("gain", dict(gain=float("nan"))),
+    ("clamp", dict(clamp=-1.0)),
+    ("clamp", dict(clamp="1")),
+]
+
+BACKWARD_BAD = [
+    ("dy", dict(dy=fake_tensor_arg(_SHAPE, "float64"))),
+    ("dx", dict(dx=fake_tensor_arg((2, 3, 4, 4)))),
+    ("dx", dict(dx=fake_tensor_arg(_SHAPE, "float16"))),
+    ("dx", dict(dx=fake_tensor_arg(_SHAPE, strides=(0, 20, 5, 1)))),
+    ("x", dict(x=fake_tensor_arg(_SHAPE))),  # x and y both given
+    ("y", dict(y=fake_tensor_arg((2, 3, 1, 5)))),
+    ("x", dict(y=None, x=fake_tensor_arg(_SHAPE, "bfloat16"))),
+    ("b", dict(b=fake_tensor_arg((1, 1, 4, 1)))),
+    ("db", dict(db=None)),
+    ("db", dict(b=None)),
+    ("db", dict(db=fake_tensor_arg((1, 1, 3, 1)))),
+    ("partial", dict(partial=None)),
+    ("partial", dict(partial=fake_tensor_arg((1, 1, 1, 3), "float16"))),
+    ("partial", dict(partial=fake_tensor_arg((1, 1, 1000, 3)))),
+    ("partial", dict(partial=fake_tensor_arg((1, 1, 1, 3), strides=(6, 6, 6, 2)))),
+    ("dim", dict(dim=7)),
+    ("act", dict(act="")),
+    ("clamp", dict(clamp=float("nan"))),
+]
+
+
+@pytest.mark.parametrize("name, changes", FORWARD_BAD)
+def test_cuda_forward_bad_arguments_name_them(cuda_extension, name, changes):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        cuda_extension.bias_act_forward(**_forward_args(**changes))
+
+
+@pytest.mark.parametrize("name, changes", BACKWARD_BAD)
+def test_cuda_backward_bad_arguments_name_them(cuda_extension, name, changes):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        cuda_extension.bias_act_backward(**_backward_args(**changes))
+
+
+def test_cuda_db_splits_depend_on_the_layout_only(cuda_extension):
+    C = cuda_extension
+    nchw = fake_tensor_arg((4, 256, 64, 64))
+    nhwc = fake_tensor_arg((4, 256, 64, 64), strides=(256 * 64 * 64, 1, 64 * 256, 256))
+    # NCHW: a block per channel, 4 row splits fill 1024 blocks; channels_last: 4 blocks of 64
+    # channel lanes, 256 splits.
+    assert (C.bias_act_db_splits(nchw, 1), C.bias_act_db_splits(nhwc, 1)) == (4, 256)
+    assert C.bias_act_db_splits(fake_tensor_arg((0, 3, 4, 5)), 1) == 1
+    with pytest.raises(ValueError, match="^dim"):
+        C.bias_act_db_splits(nchw, 4)
+
+
+@pytest.mark.parametrize("entry, args", [("bias_act_forward", _forward_args), ("bias_act_backward", _backward_args)])
+def test_cuda_call_without_device_raises(cuda_extension, entry, args):
+    C = cuda_extension
+    if C.cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        getattr(C, entry)(**args())
+
+
+def _poisoned_view(shape, dtype, kind):
+    """A NaN tensor of `shape` laid out as `kind`, and the buffer it lives in: "sliced" is a
+    view with no unit stride inside a larger NaN buffer, to catch writes outside the view."""
+    if kind == "sliced":
+        big = torch.full((*shape[:-1], 2 * shape[-1] + 1), float("nan"), dtype=dtype, device="cuda")
+        return big[..., 1::2], big
+    t = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    if kind == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t, t
+
+
+def _assert_only_view_written(view, buffer):
+    outside = torch.ones_like(buffer, dtype=torch.bool)
+    outside.as_strided(view.shape, view.stride(), view.storage_offset() - buffer.storage_offset()).fill_(False)
+    assert buffer[outside].isnan().all(), "a write landed outside the output view"
+
+
+# (shape, dim): odd sizes; the bias on a row axis and on the column axis of either layout,
+# a channel count above gridDim.y's limit, more channels than one block's 64 lanes, >4 axes.
+CUDA_SHAPES = [((3, 7, 5, 9), 1), ((2, 67, 3, 5), 1), ((1, 3, 33, 65), 3), ((5, 130), 1), ((4, 5, 3, 2), 2),
+               ((70000, 3), 0), ((2, 3, 2, 4, 5), 2), ((7,), 0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, dim", CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("x_layout, out_layout", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                                  ("sliced", "contiguous"), ("contiguous", "sliced")])
+@pytest.mark.parametrize("act, clamp", [("lrelu", 0.9), ("swish", None), ("linear", None), ("tanh", 1.1)])
+def test_cuda_kernels_match_reference(shape, dim, dtype, x_layout, out_layout, act, clamp, generator):
+    """Both kernels into NaN-poisoned outputs (a strided one inside a NaN buffer), db through
+    either reduction, against the float64 reference."""
+    if "channels_last" in (x_layout, out_layout) and len(shape) != 4:
+        pytest.skip("channels_last needs 4 axes")
+    x, b = _inputs(shape, dim, x_layout, "cuda", dtype, generator)
+    args = (x, b, act, None, None, clamp, dim)
+    y, y_buffer = _poisoned_view(shape, dtype, out_layout)
+    BIAS_ACT.implementations["cuda"].run(*args, out=y)
+    expected = bias_act_reference(x.double(), b.double(), act, None, None, clamp, dim)
+    _, detail = mismatch(y, expected)
+    assert not detail, f"forward: {detail}"
+    _assert_only_view_written(y, y_buffer)
+
+    dy = random_tensor(shape, "sliced", "cuda", dtype, generator)
+    source = parse_params(x, b, act, None, None, clamp, dim).derivative_source(dtype)
+    backward_args = (dy, x if source == "x" else None, b, y if source == "y" else None, act, None, None, clamp, dim)
+    dx, dx_buffer = _poisoned_view(shape, dtype, out_layout)
+    db = torch.full((shape[dim],), float("nan"), dtype=dtype, device="cuda")
+    BIAS_ACT_BACKWARD.implementations["cuda"].run(*backward_args, out=(dx, db))
+    # The reference in the same dtype: which of x and y it reads depends on the dtype.
+    expected_dx, expected_db = BIAS_ACT_BACKWARD.reference(*backward_args)
+    _, detail = mismatch(dx, expected_dx)
+    assert not detail, f"dx: {detail}"
+    _assert_only_view_written(dx, dx_buffer)
+    # db sums up to 70000 float32 terms in another order: allow for that next to the rounding.
+    error = (db.double() - expected_db.double()).abs()
+    rtol, atol = TOLERANCES[dtype]
+    allowed = rtol * expected_db.double().abs() + 1e-4 * reduce_to_bias(expected_dx.double().abs(), dim) + atol
+    assert (error <= allowed).all(), f"db: max error {error.max().item():.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cuda_empty_input_zeroes_db(with_bias, generator):
+    x = torch.randn(0, 4, 3, device="cuda", requires_grad=True)
+    b = torch.randn(4, device="cuda", requires_grad=True) if with_bias else None
+    with fastgen.use_backend("cuda"):
+        bias_act(x, b, "lrelu", dim=1).sum().backward()
+    assert x.grad.shape == x.shape
+    if with_bias:
+        assert torch.equal(b.grad, torch.zeros_like(b))

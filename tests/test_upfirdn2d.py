@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastgen
+from conftest import EMULATED_CUDA, fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops.registry import random_tensor
 from fastgen.ops.upfirdn2d import UPFIRDN2D, output_size, upfirdn2d, upfirdn2d_reference
@@ -15,20 +16,22 @@ LAYOUTS = ("contiguous", "channels_last", "sliced")
 CPU = torch.device("cpu")
 
 
-def _devices():
-    return [pytest.param(CPU, id="cpu-triton-interpreter"),
-            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+def _devices_and_backends():
+    params = [pytest.param(CPU, "triton", id="cpu-triton-interpreter")]
+    for backend in ("triton", "cuda"):
+        params.append(pytest.param(torch.device("cuda"), backend, id=f"cuda-{backend}", marks=pytest.mark.gpu))
+    return params + [EMULATED_CUDA]
 
 
 def _filter(shape, generator, device=CPU, dtype=torch.float32):
     return None if shape is None else torch.randn(shape, generator=generator).to(device, dtype)
 
 
-def _assert_matches_reference(x, f, up, down, padding, flip_filter, gain):
+def _assert_matches_reference(x, f, up, down, padding, flip_filter, gain, backend="triton"):
     args = (x, f, up, down, padding, flip_filter, gain)
     out = UPFIRDN2D.allocate_output(*args)
     out.fill_(float("nan"))
-    UPFIRDN2D.implementations["triton"].run(*args, out=out)
+    UPFIRDN2D.implementations[backend].run(*args, out=out)
     expected = upfirdn2d_reference(x.double(), None if f is None else f.double(), up, down, padding, flip_filter, gain)
     _, detail = mismatch(out, expected)
     assert not detail, detail
@@ -51,14 +54,15 @@ def problems(draw):
     return shape, filter_shape, up, down, padding
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=problems(), dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
        flip_filter=st.booleans(), gain=st.sampled_from([1.0, 4.0, -0.5]))
-def test_forward_matches_reference(device, problem, dtype, layout, flip_filter, gain, generator):
+def test_forward_matches_reference(device, backend, problem, dtype, layout, flip_filter, gain, generator):
     shape, filter_shape, up, down, padding = problem
     x = random_tensor(shape, layout, device, dtype, generator)
-    _assert_matches_reference(x, _filter(filter_shape, generator, device), up, down, padding, flip_filter, gain)
+    _assert_matches_reference(x, _filter(filter_shape, generator, device), up, down, padding, flip_filter, gain,
+                              backend)
 
 
 def _by_definition(x, f, up, down, padding, flip_filter, gain):
@@ -150,19 +154,19 @@ def _gradients(backend, x, f, up, down, padding, grad_out):
     return y, x.grad, f.grad
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "filter_shape, up, down, padding",
     [((4,), 2, 1, [2, 1, 2, 1]), ((4,), 1, 2, [1, 1, 1, 1]), ((2, 3), [1, 2], [3, 1], [0, 2, -1, 1]),
      ((12,), 2, 1, [6, 5, 6, 5])],
 )
-def test_backward_matches_reference(device, dtype, filter_shape, up, down, padding, generator):
+def test_backward_matches_reference(device, backend, dtype, filter_shape, up, down, padding, generator):
     x = random_tensor((2, 3, 5, 6), "sliced", device, dtype, generator)
     f = _filter(filter_shape, generator, device)
     out_shape = UPFIRDN2D.allocate_output(x, f, up, down, padding).shape
     grad_out = torch.randn(out_shape, generator=generator).to(device, dtype)
-    actual = _gradients("triton", x, f, up, down, padding, grad_out)
+    actual = _gradients(backend, x, f, up, down, padding, grad_out)
     expected = _gradients("reference", x.double(), f.double(), up, down, padding, grad_out.double())
     for name, a, e in zip(("y", "dx"), actual, expected):
         _, detail = mismatch(a, e)
@@ -183,11 +187,11 @@ def _second_order(backend, x, f):
     return x.grad, f.grad
 
 
-@pytest.mark.parametrize("device", _devices())
-def test_second_order_through_triton_matches_reference(device, generator):
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+def test_second_order_through_kernels_matches_reference(device, backend, generator):
     x = torch.randn(2, 3, 5, 4, generator=generator).to(device)
     f = torch.randn(4, generator=generator).to(device)
-    actual = _second_order("triton", x, f)
+    actual = _second_order(backend, x, f)
     expected = _second_order("reference", x.double().cpu(), f.double().cpu())
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-4)
@@ -253,13 +257,15 @@ def test_bad_input_gets_a_clear_error(call, error, message):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_stylegan_layer_shapes_on_cuda(layout, dtype, generator):
+def test_stylegan_layer_shapes_on_cuda(backend, layout, dtype, generator):
     """Real sizes compile and match: StyleGAN2's up / down resampling and a 12-tap filter."""
     x = random_tensor((2, 64, 128, 128), layout, "cuda", dtype, generator)
     for taps, up, down, padding in [(4, 2, 1, [2, 1, 2, 1]), (4, 1, 2, [1, 1, 1, 1]), (12, 2, 2, [5, 6, 5, 6])]:
-        _assert_matches_reference(x, _filter((taps,), generator, "cuda"), up, down, padding, False, float(up * up))
+        _assert_matches_reference(x, _filter((taps,), generator, "cuda"), up, down, padding, False, float(up * up),
+                                  backend)
 
 
 def test_backward_accepts_broadcast_gradients(generator):
@@ -275,11 +281,12 @@ def test_backward_accepts_broadcast_gradients(generator):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_replays(generator):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_replays(backend, generator):
     """Both paths (fused, and two passes with their intermediate) capture and replay."""
     x = torch.randn(2, 32, 64, 64, generator=generator).cuda()
     filters = [torch.randn(taps, generator=generator).cuda() for taps in (4, 12)]
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         for f in filters:  # compile outside the capture
             upfirdn2d(x, f, up=2, padding=[2, 1, 2, 1])
         graph = torch.cuda.CUDAGraph()
@@ -290,3 +297,145 @@ def test_cuda_graph_capture_replays(generator):
     torch.cuda.synchronize()
     for f, y in zip(filters, outputs):
         torch.testing.assert_close(y, upfirdn2d_reference(x, f, 2, 1, [2, 1, 2, 1]), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA extension's entry point (csrc/upfirdn2d.cu)
+
+def _cuda_args(**changes):
+    """Valid arguments: x (1, 2, 5, 6), 4 separable taps, up 2, padding (2, 1, 2, 1)."""
+    args = dict(x=fake_tensor_arg((1, 2, 5, 6)), f=fake_tensor_arg((1, 1, 1, 4)), separable=True,
+                y=fake_tensor_arg((1, 2, 10, 12)), up_x=2, up_y=2, down_x=1, down_y=1,
+                pad_x0=2, pad_x1=1, pad_y0=2, pad_y1=1, flip_filter=False, gain=4.0, stream=0)
+    args.update(changes)
+    return args
+
+
+CUDA_BAD = [
+    ("x", dict(x=fake_tensor_arg((1, 2, 5, 6), "float64"))),
+    ("x", dict(x=fake_tensor_arg((1, 2, -5, 6)))),
+    ("x", dict(x=fake_tensor_arg((1, 2, 5, 6), ptr=0))),
+    ("y", dict(y=fake_tensor_arg((1, 2, 10, 12), "bfloat16"))),
+    ("y", dict(y=fake_tensor_arg((1, 2, 10, 11)))),
+    ("y", dict(y=fake_tensor_arg((1, 3, 10, 12)))),
+    ("y", dict(y=fake_tensor_arg((1, 2, 10, 12), strides=(240, 120, 0, 1)))),
+    ("up", dict(up_x=0)),
+    ("up", dict(up_y=-1)),
+    ("down", dict(down_y=0)),
+    ("down", dict(down_x=1 << 16)),
+    ("padding", dict(pad_x0=1 << 40)),
+    ("padding", dict(pad_x0=-10, pad_x1=-1)),  # crops everything: the output would be empty
+    ("gain", dict(gain=float("nan"))),
+    ("f", dict(f=fake_tensor_arg((1, 1, 1, 4), "float16"))),
+    ("f", dict(f=fake_tensor_arg((1, 1, 2, 4)))),
+    ("f", dict(f=fake_tensor_arg((2, 1, 1, 4)))),
+    ("f", dict(f=fake_tensor_arg((1, 1, 1, 0)))),
+    ("f", dict(f=fake_tensor_arg((1, 1, 1, 4), ptr=0))),
+    ("f", dict(f=None)),  # the identity is not separable
+]
+
+
+@pytest.mark.parametrize("name, changes", CUDA_BAD)
+def test_cuda_bad_arguments_name_them(cuda_extension, name, changes):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        cuda_extension.upfirdn2d(**_cuda_args(**changes))
+
+
+@pytest.mark.parametrize("changes", [{}, dict(f=None, separable=False, y=fake_tensor_arg((1, 2, 13, 15))),
+                                     dict(f=fake_tensor_arg((1, 1, 3, 2)), separable=False,
+                                          y=fake_tensor_arg((1, 2, 11, 14)))])
+def test_cuda_call_without_device_raises(cuda_extension, changes):
+    if cuda_extension.cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        cuda_extension.upfirdn2d(**_cuda_args(**changes))
+
+
+def _poisoned_output(shape, dtype, kind):
+    """A NaN tensor of `shape` laid out as `kind`, and the buffer it lives in: "sliced" is a view
+    with no unit stride inside a larger NaN buffer, to catch writes outside the view."""
+    if kind == "sliced":
+        big = torch.full((shape[0] + 1, shape[1], shape[2] + 2, 2 * shape[3] + 1), float("nan"), dtype=dtype,
+                         device="cuda")
+        return big[1:, :, 2:, 1::2], big
+    t = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    if kind == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t, t
+
+
+def _assert_cuda_matches_reference(x, f, up, down, padding, flip_filter, gain, out_layout):
+    args = (x, f, up, down, padding, flip_filter, gain)
+    shape = UPFIRDN2D.allocate_output(*args).shape
+    out, buffer = _poisoned_output(shape, x.dtype, out_layout)
+    UPFIRDN2D.implementations["cuda"].run(*args, out=out)
+    expected = upfirdn2d_reference(x.double(), None if f is None else f.double(), up, down, padding, flip_filter, gain)
+    _, detail = mismatch(out, expected)
+    assert not detail, detail
+    outside = torch.ones_like(buffer, dtype=torch.bool)
+    outside.as_strided(out.shape, out.stride(), out.storage_offset() - buffer.storage_offset()).fill_(False)
+    assert buffer[outside].isnan().all(), "a write landed outside the output view"
+
+
+FILTER_SHAPES = [None, (1,), (2,), (4,), (5,), (12,), (3, 3), (2, 5), (4, 1)]
+FACTORS = [([1, 1], [1, 1]), ([2, 2], [1, 1]), ([1, 1], [2, 2]), ([2, 2], [2, 2]), ([3, 1], [1, 2]), ([1, 3], [3, 2])]
+PADDINGS = [[0, 0, 0, 0], [2, 1, 1, 2], [-2, 7, 5, -1], [6, 5, 5, 6]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("filter_shape", FILTER_SHAPES, ids=str)
+@pytest.mark.parametrize("up, down", FACTORS, ids=str)
+@pytest.mark.parametrize("padding", PADDINGS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_every_filter_factor_and_padding(filter_shape, up, down, padding, dtype, generator):
+    """Odd plane sizes (no tile divides them) into NaN-poisoned outputs of every layout."""
+    x = random_tensor((2, 3, 37, 45), "contiguous", "cuda", dtype, generator)
+    f = _filter(filter_shape, generator, "cuda")
+    for x_layout, out_layout, flip_filter in [("contiguous", "contiguous", False), ("channels_last", "sliced", True),
+                                              ("sliced", "channels_last", False)]:
+        x_view = random_tensor(tuple(x.shape), x_layout, "cuda", dtype, generator)
+        _assert_cuda_matches_reference(x_view, f, up, down, padding, flip_filter, -1.5, out_layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, filter_shape, up, down, padding", [
+    ((1, 1, 300, 257), (4,), 2, 1, [2, 1, 2, 1]),  # many tiles, ragged ones at both edges
+    ((3, 30000, 3, 2), (2,), 1, 1, [1, 0, 1, 0]),  # more planes than a grid's y or z dimension
+    ((1, 2, 1, 1), (12,), 2, 2, [6, 5, 6, 5]),  # a 1 x 1 plane: the window is mostly padding
+    ((1, 2, 9, 130), (400, 3), 1, [1, 2], [1, 1, 200, 199]),  # a tall 2-D filter shrinks the tile
+])
+def test_cuda_sizes_and_tiles(shape, filter_shape, up, down, padding, generator):
+    x = random_tensor(shape, "contiguous", "cuda", torch.float32, generator)
+    _assert_cuda_matches_reference(x, _filter(filter_shape, generator, "cuda", torch.float64), up, down, padding,
+                                   False, 1.0, "contiguous")
+
+
+@pytest.mark.gpu
+def test_cuda_large_filter_opts_into_more_shared_memory_or_says_why(generator):
+    x = random_tensor((1, 2, 130, 130), "contiguous", "cuda", torch.float32, generator)
+    # 120 x 120 taps: 57.6 KB of filter alone, past the default 48 KiB but within an A100's / H100's opt-in.
+    _assert_cuda_matches_reference(x, _filter((120, 120), generator, "cuda"), 1, 1, 0, False, 1e-2, "contiguous")
+    with pytest.raises(ValueError, match=r"^f: a 250 x 250 filter .* bytes of shared memory"):
+        with fastgen.use_backend("cuda"):
+            upfirdn2d(random_tensor((1, 1, 260, 260), "contiguous", "cuda", torch.float32, generator),
+                      _filter((250, 250), generator, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("taps", [4, 12])
+def test_cuda_gradients_match_reference(taps, generator):
+    """dx is the op itself on the CUDA kernel (flipped filter, factors swapped), at first and
+    second order; the filter's gradient goes through eager ops."""
+    x = random_tensor((2, 3, 11, 9), "channels_last", "cuda", torch.float32, generator)
+    f = _filter((taps,), generator, "cuda")
+    for up, down, padding in [(2, 1, [taps // 2, taps // 2 - 1] * 2), (1, 2, [taps // 2 - 1] * 4)]:
+        out_shape = UPFIRDN2D.allocate_output(x, f, up, down, padding).shape
+        grad_out = torch.randn(out_shape, generator=generator).cuda()
+        actual = _gradients("cuda", x, f, up, down, padding, grad_out)
+        expected = _gradients("reference", x.double(), f.double(), up, down, padding, grad_out.double())
+        for a, e in zip(actual, expected):  # y, dx, and df, a sum over every output: scaled
+            torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max().item()))
+    actual = _second_order("cuda", x, f)
+    expected = _second_order("reference", x.double(), f.double())
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)

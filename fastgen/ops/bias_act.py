@@ -333,6 +333,90 @@ def _backward_triton(dy, x, b, y, act, alpha, gain, clamp, dim, *, out):
     kernels.bias_act_backward(dy, x, b, y, params, params.derivative_source(dy.dtype), *out)
 
 
+def _extension_view(t: torch.Tensor, dim: int):
+    """(t as the 4-D view the CUDA extension takes, dim's position in it), or (None, position)
+    when t's strides allow no such view: up to 4 axes get size-1 axes in front; more are merged
+    around dim into (1, outer, C, inner)."""
+    if t.dim() <= 4:
+        view = t.reshape(1) if t.dim() == 0 else t
+        pad = 4 - view.dim()
+        return view[(None,) * pad], dim + pad
+    try:
+        return t.view(1, math.prod(t.shape[:dim]), t.shape[dim], math.prod(t.shape[dim + 1:])), 2
+    except RuntimeError:
+        return None, 2
+
+
+def _cuda_views(out: torch.Tensor, dim: int, inputs: list):
+    """(out's 4-D view, the contiguous stand-in to copy back into out or None, dim's position,
+    the inputs' 4-D views): an input with more than 4 axes that no view can merge is copied;
+    such an output is computed into a contiguous stand-in."""
+    target, axis = _extension_view(out, dim)
+    stand_in = None
+    if target is None:
+        stand_in = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        target, axis = _extension_view(stand_in, dim)
+    views = []
+    for t in inputs:
+        view = None if t is None else _extension_view(t, dim)[0]
+        views.append(view if t is None or view is not None else _extension_view(t.contiguous(), dim)[0])
+    return target, stand_in, axis, views
+
+
+def _cuda_arg(t: Optional[torch.Tensor], name: str, channels_at: Optional[int] = None):
+    """The extension's tuple for t (None stays None); a per-channel vector (b, db) as a 4-D view
+    with its entries along axis `channels_at`."""
+    from fastgen import _cuda
+
+    if t is None:
+        return None
+    if channels_at is not None:
+        t = t.view([t.shape[0] if k == channels_at else 1 for k in range(4)])
+    return _cuda.tensor_arg(t, name)
+
+
+@BIAS_ACT.implement("cuda")
+def _forward_cuda(x, b, act, alpha, gain, clamp, dim, *, out):
+    """csrc/bias_act.cu's forward kernel."""
+    from fastgen import _cuda
+
+    p = parse_params(x, b, act, alpha, gain, clamp, dim)
+    y, stand_in, axis, (x4,) = _cuda_views(out, p.dim, [x])
+    with torch.cuda.device(x.device):
+        _cuda.load().bias_act_forward(
+            _cuda_arg(x4, "x"), _cuda_arg(b, "b", axis), _cuda_arg(y, "y"), axis, p.act, p.alpha, p.gain, p.clamp,
+            _cuda.stream_handle(x.device),
+        )
+    if stand_in is not None:
+        out.copy_(stand_in)
+
+
+@BIAS_ACT_BACKWARD.implement("cuda")
+def _backward_cuda(dy, x, b, y, act, alpha, gain, clamp, dim, *, out):
+    """csrc/bias_act.cu's backward kernel: dx, and db deterministically through per-block sums.
+    It also serves the second order's gradient with respect to dy, which is this op again."""
+    from fastgen import _cuda
+
+    p = parse_params(dy, b, act, alpha, gain, clamp, dim)
+    source = p.derivative_source(dy.dtype)
+    dx, db = out
+    refs = [x if source == "x" else None, y if source == "y" else None]
+    dx4, stand_in, axis, (dy4, x4, y4) = _cuda_views(dx, p.dim, [dy] + refs)
+    extension = _cuda.load()
+    with torch.cuda.device(dy.device):
+        partial = None
+        if b is not None:  # db's per-block sums, laid out as the extension decides
+            splits = extension.bias_act_db_splits(_cuda_arg(dx4, "dx"), axis)
+            partial = torch.empty((1, 1, splits, b.shape[0]), dtype=torch.float32, device=dy.device)
+        extension.bias_act_backward(
+            _cuda_arg(dy4, "dy"), _cuda_arg(x4, "x"), _cuda_arg(y4, "y"), _cuda_arg(b, "b", axis),
+            _cuda_arg(dx4, "dx"), _cuda_arg(db if b is not None else None, "db", axis), _cuda_arg(partial, "partial"),
+            axis, p.act, p.alpha, p.gain, p.clamp, _cuda.stream_handle(dy.device),
+        )
+    if stand_in is not None:
+        dx.copy_(stand_in)
+
+
 @define_custom_op(BIAS_ACT)
 def bias_act(
     x: torch.Tensor,

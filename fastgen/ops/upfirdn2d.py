@@ -234,6 +234,26 @@ def _upfirdn2d_triton(x, f, up, down, padding, flip_filter, gain, *, out):
                       flip_filter, float(gain), out)
 
 
+@UPFIRDN2D.implement("cuda")
+def _upfirdn2d_cuda(x, f, up, down, padding, flip_filter, gain, *, out):
+    """csrc/upfirdn2d.cu. The gradient with respect to x is this op again (see _backward), so it
+    runs on this kernel as well, at every order."""
+    from fastgen import _cuda
+
+    (upx, upy), (downx, downy) = parse_scaling("up", up), parse_scaling("down", down)
+    px0, px1, py0, py1 = parse_padding(padding)
+    taps = None
+    if f is not None:
+        # The kernel reads float32 taps, as the Triton kernel converts each tap it loads; the
+        # extension takes 4-D views: (1, 1, 1, n) separable taps or a (1, 1, fh, fw) filter.
+        taps = _cuda.tensor_arg(f.to(torch.float32).view(1, 1, *([1] if f.dim() == 1 else []), *f.shape), "f")
+    with torch.cuda.device(x.device):
+        _cuda.load().upfirdn2d(
+            _cuda.tensor_arg(x, "x"), taps, f is not None and f.dim() == 1, _cuda.tensor_arg(out, "y"),
+            upx, upy, downx, downy, px0, px1, py0, py1, bool(flip_filter), float(gain), _cuda.stream_handle(x.device),
+        )
+
+
 @define_custom_op(UPFIRDN2D)
 def _upfirdn2d_op(
     x: torch.Tensor,
