@@ -294,6 +294,42 @@ PYBIND11_MODULE(_C, m) {
       "partial, (1, 1, bias_act_db_splits(dx, dim), C) float32 contiguous. Enqueued on `stream`.");
 
   m.def(
+      "ada_group_norm",
+      [](py::handle x, py::handle y, py::handle scale, py::handle shift, py::handle weight,
+         py::handle bias, py::handle workspace, int64_t num_groups, int64_t num_chunks,
+         double eps, bool silu, uintptr_t stream) {
+        const TensorView4d xv = parse_tensor(x, "x"), yv = parse_tensor(y, "y");
+        const TensorView4d sv = parse_tensor(scale, "scale"), tv = parse_tensor(shift, "shift");
+        const OptionalTensor wv(weight, "weight"), bv(bias, "bias");
+        const OptionalTensor ws(workspace, "workspace");
+        py::gil_scoped_release no_gil;
+        fastgen::ada_group_norm(xv, yv, sv, tv, wv.get(), bv.get(), ws.get(), num_groups,
+                                num_chunks, static_cast<float>(eps), silu, as_stream(stream));
+      },
+      py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("shift"), py::arg("weight").none(true),
+      py::arg("bias").none(true), py::arg("workspace").none(true), py::arg("num_groups"),
+      py::arg("num_chunks"), py::arg("eps"), py::arg("silu"), py::arg("stream"),
+      "y = act((GroupNorm(x) * weight + bias) * (1 + scale) + shift), statistics per (b, group) "
+      "over C/G channels and S positions; x, y (B, C, S, 1), scale, shift (B, C, 1, 1), weight, "
+      "bias (1, C, 1, 1) or None, act silu or identity. num_chunks > 1 splits each group's "
+      "reduction over that many blocks through workspace, a float32 (1, 1, 1, n) view with "
+      "n >= 3 * B * num_groups * num_chunks. Enqueued on `stream`.");
+
+  m.def(
+      "ada_layer_norm",
+      [](py::handle x, py::handle y, py::handle scale, py::handle shift, double eps,
+         uintptr_t stream) {
+        const TensorView4d xv = parse_tensor(x, "x"), yv = parse_tensor(y, "y");
+        const TensorView4d sv = parse_tensor(scale, "scale"), tv = parse_tensor(shift, "shift");
+        py::gil_scoped_release no_gil;
+        fastgen::ada_layer_norm(xv, yv, sv, tv, static_cast<float>(eps), as_stream(stream));
+      },
+      py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("shift"), py::arg("eps"),
+      py::arg("stream"),
+      "y[b, n, c] = LayerNorm(x[b, n, :])[c] * (1 + scale[b, c]) + shift[b, c], no affine; "
+      "x, y (B, N, C, 1), scale, shift (B, C, 1, 1). Enqueued on `stream`.");
+
+  m.def(
       "filtered_lrelu_pass",
       [](int mode, py::handle src, py::handle bias, py::handle dst, py::handle codes,
          py::handle tile_sums, py::handle rows1, py::handle cols1, py::handle rows2,
@@ -359,6 +395,60 @@ PYBIND11_MODULE(_C, m) {
       "(1,1,1,n) separable taps with separable=True, or None for the identity; convolution, or "
       "correlation with flip_filter. Enqueued on `stream` (a cudaStream_t as int).");
 
+  m.def(
+      "ada_group_norm_backward",
+      [](py::handle dy, py::handle x, py::handle scale, py::handle shift, py::handle weight,
+         py::handle bias, py::handle dx, py::handle dscale, py::handle dshift,
+         py::handle dweight, py::handle dbias, py::handle workspace, int64_t num_groups,
+         int64_t num_chunks, int64_t position_splits, double eps, bool silu,
+         uintptr_t stream) {
+        const TensorView4d dyv = parse_tensor(dy, "dy"), xv = parse_tensor(x, "x");
+        const TensorView4d sv = parse_tensor(scale, "scale"), tv = parse_tensor(shift, "shift");
+        const OptionalTensor wv(weight, "weight"), bv(bias, "bias");
+        const TensorView4d dxv = parse_tensor(dx, "dx");
+        const TensorView4d dsv = parse_tensor(dscale, "dscale");
+        const TensorView4d dtv = parse_tensor(dshift, "dshift");
+        const TensorView4d dwv = parse_tensor(dweight, "dweight");
+        const TensorView4d dbv = parse_tensor(dbias, "dbias");
+        const OptionalTensor ws(workspace, "workspace");
+        py::gil_scoped_release no_gil;
+        fastgen::ada_group_norm_backward(dyv, xv, sv, tv, wv.get(), bv.get(), dxv, dsv, dtv, dwv,
+                                         dbv, ws.get(), num_groups, num_chunks, position_splits,
+                                         static_cast<float>(eps), silu, as_stream(stream));
+      },
+      py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"),
+      py::arg("weight").none(true), py::arg("bias").none(true), py::arg("dx"), py::arg("dscale"),
+      py::arg("dshift"), py::arg("dweight"), py::arg("dbias"), py::arg("workspace").none(true),
+      py::arg("num_groups"), py::arg("num_chunks"), py::arg("position_splits"), py::arg("eps"),
+      py::arg("silu"), py::arg("stream"),
+      "Gradients of ada_group_norm for dy: dx, dscale, dshift and dweight, dbias (what weight "
+      "and bias would get, as 1 and 0 when None); shapes as ada_group_norm's; the per-channel "
+      "sums over positions in position_splits ranges; workspace a float32 (1, 1, 1, n) view, "
+      "n >= 3 * B * G + 2 * position_splits * B * C (+ 5 * B * G * num_chunks when "
+      "num_chunks > 1). Enqueued on `stream`.");
+
+  m.def(
+      "ada_layer_norm_backward",
+      [](py::handle dy, py::handle x, py::handle scale, py::handle shift, py::handle dx,
+         py::handle dscale, py::handle dshift, py::handle workspace, int64_t position_splits,
+         double eps, uintptr_t stream) {
+        const TensorView4d dyv = parse_tensor(dy, "dy"), xv = parse_tensor(x, "x");
+        const TensorView4d sv = parse_tensor(scale, "scale"), tv = parse_tensor(shift, "shift");
+        const TensorView4d dxv = parse_tensor(dx, "dx");
+        const TensorView4d dsv = parse_tensor(dscale, "dscale");
+        const TensorView4d dtv = parse_tensor(dshift, "dshift");
+        const OptionalTensor ws(workspace, "workspace");
+        py::gil_scoped_release no_gil;
+        fastgen::ada_layer_norm_backward(dyv, xv, sv, tv, dxv, dsv, dtv, ws.get(),
+                                         position_splits, static_cast<float>(eps),
+                                         as_stream(stream));
+      },
+      py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("dx"),
+      py::arg("dscale"), py::arg("dshift"), py::arg("workspace").none(true),
+      py::arg("position_splits"), py::arg("eps"), py::arg("stream"),
+      "Gradients dx, dscale, dshift of ada_layer_norm for dy; shapes as ada_layer_norm's; the "
+      "sums over tokens in position_splits ranges; workspace a float32 (1, 1, 1, n) view, "
+      "n >= 3 * B * N + 2 * position_splits * B * C. Enqueued on `stream`.");
   m.def(
       "linear_attention_forward",
       [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle partials,

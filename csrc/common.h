@@ -254,6 +254,44 @@ void trms2d_backward(const TensorView4d& grad, const TensorView4d& x, const Tens
                      const TensorView4d& dx, const TensorView4d& partial, float eps,
                      cudaStream_t stream);
 
+// ada_norm.cu: x, y (B, C, S, 1), G groups of C/G channels; per (b, g) over its C/G * S values
+// y = act((x - mu) * rsqrt(var + eps) * w[c] * (1 + scale[b,c]) + b[c] * (1 + scale[b,c])
+// + shift[b,c]), act identity or silu; scale, shift (B, C, 1, 1), weight, bias (1, C, 1, 1) or
+// null. num_chunks > 1 splits each group's reduction over that many blocks, with workspace a
+// float32 (1, 1, 1, n >= 3 * B * G * num_chunks) view.
+void ada_group_norm(const TensorView4d& x, const TensorView4d& y, const TensorView4d& scale,
+                    const TensorView4d& shift, const TensorView4d* weight,
+                    const TensorView4d* bias, const TensorView4d* workspace, int64_t num_groups,
+                    int64_t num_chunks, float eps, bool silu, cudaStream_t stream);
+
+// ada_norm.cu: the gradients of ada_group_norm for dy (like x): dx (like x), dscale, dshift
+// (B, C, 1, 1), dweight, dbias (1, C, 1, 1) (what weight and bias get, as 1 and 0 when null);
+// the per-channel sums over positions are split into position_splits ranges; workspace
+// float32 (1, 1, 1, n), n >= 3 * B * G + 2 * position_splits * B * C
+// (+ 5 * B * G * num_chunks when num_chunks > 1).
+void ada_group_norm_backward(const TensorView4d& dy, const TensorView4d& x,
+                             const TensorView4d& scale, const TensorView4d& shift,
+                             const TensorView4d* weight, const TensorView4d* bias,
+                             const TensorView4d& dx, const TensorView4d& dscale,
+                             const TensorView4d& dshift, const TensorView4d& dweight,
+                             const TensorView4d& dbias, const TensorView4d* workspace,
+                             int64_t num_groups, int64_t num_chunks, int64_t position_splits,
+                             float eps, bool silu, cudaStream_t stream);
+
+// ada_norm.cu: x, y (B, N, C, 1); per token y = (x - mu) * rsqrt(var + eps) * (1 + scale[b,c])
+// + shift[b,c], mu and var over the token's C channels; scale, shift (B, C, 1, 1).
+void ada_layer_norm(const TensorView4d& x, const TensorView4d& y, const TensorView4d& scale,
+                    const TensorView4d& shift, float eps, cudaStream_t stream);
+
+// ada_norm.cu: dx (like x), dscale, dshift (B, C, 1, 1) of ada_layer_norm for dy (like x),
+// the sums over tokens split into position_splits ranges; workspace float32 (1, 1, 1, n),
+// n >= 3 * B * N + 2 * position_splits * B * C.
+void ada_layer_norm_backward(const TensorView4d& dy, const TensorView4d& x,
+                             const TensorView4d& scale, const TensorView4d& shift,
+                             const TensorView4d& dx, const TensorView4d& dscale,
+                             const TensorView4d& dshift, const TensorView4d* workspace,
+                             int64_t position_splits, float eps, cudaStream_t stream);
+
 // bias_act.cu: y = clamp(gain * act(x + b), -clamp, clamp) elementwise, x and y of one shape
 // (any strides), b null or x.size[dim] along dim and 1 elsewhere; act one of linear, relu,
 // lrelu (negative slope alpha), tanh, sigmoid, elu, selu, softplus, swish; clamp null: none.

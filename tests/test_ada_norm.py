@@ -1,6 +1,8 @@
 """Adaptive group / layer norm: every implementation against the float64 reference (fused and
-split statistics paths), large-mean inputs, gradients, determinism, errors."""
+split statistics paths), large-mean inputs, gradients, determinism, errors; the CUDA
+extension's argument checks (without a GPU too)."""
 import math
+import os
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastgen
+from conftest import EMULATED_CUDA
 from fastgen.check import mismatch
 from fastgen.ops.ada_norm import (
     ADA_GROUP_NORM,
@@ -19,6 +22,9 @@ from fastgen.ops.ada_norm import (
     ada_group_norm_reference,
     ada_layer_norm,
     ada_layer_norm_reference,
+    ada_group_norm_backward_cuda,
+    ada_group_norm_cuda,
+    cuda_group_chunks,
 )
 from fastgen.ops.registry import random_tensor
 
@@ -30,6 +36,13 @@ _HYPOTHESIS = settings(max_examples=20, deadline=None, suppress_health_check=[He
 def _devices():
     return [pytest.param(CPU, id="cpu-triton-interpreter"),
             pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+
+
+def _devices_and_backends():
+    params = [pytest.param(CPU, "triton", id="cpu-triton-interpreter")]
+    for backend in ("triton", "cuda"):
+        params.append(pytest.param(torch.device("cuda"), backend, id=f"cuda-{backend}", marks=pytest.mark.gpu))
+    return params + [EMULATED_CUDA]
 
 
 def _kernels():
@@ -83,8 +96,9 @@ def layer_norm_inputs(draw, device, generator):
     return x, scale, shift, draw(st.sampled_from([1e-6, 1e-3]))
 
 
-# None lets the launcher choose (fused on these sizes); k forces the split-statistics path
-# with chunks of about S / k positions (sizes round up to powers of two: 1 to k chunks).
+# None lets the launcher choose (fused on these sizes); k forces the split-statistics path:
+# for Triton chunks of about S / k positions (sizes round up to powers of two: 1 to k
+# chunks), for CUDA k chunks of the group's flattened elements (fewer when it has fewer units).
 _SPLITS = st.sampled_from([None, None, 2, 3, 7])
 
 
@@ -98,21 +112,25 @@ def test_chunk_size_forces_the_split_path():
     assert _kernels()._GroupPlan(torch.empty(2, 12, 90), num_groups=3).fused
 
 
-def _run_group_norm(args, chunk_size=None):
+def _run_group_norm(args, splits=None, backend="triton"):
     out = _poisoned(ADA_GROUP_NORM.allocate_output(*args))
-    if chunk_size is None:
+    if backend == "cuda":
+        ada_group_norm_cuda(*args, out, num_chunks=splits)
+    elif splits is None:
         ADA_GROUP_NORM.implementations["triton"].run(*args, out=out)
     else:
-        _kernels().ada_group_norm_forward(*args, out, chunk_size=chunk_size)
+        _kernels().ada_group_norm_forward(*args, out, chunk_size=_chunk_size(args[0], splits))
     return out
 
 
-def _run_group_norm_backward(grad, args, chunk_size):
+def _run_group_norm_backward(grad, args, splits=None, backend="triton"):
     grads = _poisoned(ADA_GROUP_NORM_BACKWARD.allocate_output(grad, *args))
-    if chunk_size is None:
+    if backend == "cuda":
+        ada_group_norm_backward_cuda(grad, *args, *grads, num_chunks=splits)
+    elif splits is None:
         ADA_GROUP_NORM_BACKWARD.implementations["triton"].run(grad, *args, out=grads)
     else:
-        _kernels().ada_group_norm_backward(grad, *args, *grads, chunk_size=chunk_size)
+        _kernels().ada_group_norm_backward(grad, *args, *grads, chunk_size=_chunk_size(args[0], splits))
     return grads
 
 
@@ -132,53 +150,54 @@ def _reference_gradients(reference, grad, args, tensor_positions):
 _GROUP_GRAD_NAMES = ("dx", "dscale", "dshift", "dweight", "dbias")
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @_HYPOTHESIS
 @given(data=st.data())
-def test_group_norm_forward_matches_reference(device, data, generator):
+def test_group_norm_forward_matches_reference(device, backend, data, generator):
     args = data.draw(group_norm_inputs(device, generator))
-    out = _run_group_norm(args, _chunk_size(args[0], data.draw(_SPLITS)))
+    out = _run_group_norm(args, data.draw(_SPLITS), backend)
     _assert_close_to(out, ada_group_norm_reference(*_upcast(args)), "y")
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @_HYPOTHESIS
 @given(data=st.data())
-def test_group_norm_backward_kernel_matches_reference(device, data, generator):
+def test_group_norm_backward_kernel_matches_reference(device, backend, data, generator):
     args = data.draw(group_norm_inputs(device, generator))
-    grad = random_tensor(tuple(args[0].shape), "contiguous", device, args[0].dtype, generator)
-    grads = _run_group_norm_backward(grad, args, _chunk_size(args[0], data.draw(_SPLITS)))
+    grad = random_tensor(tuple(args[0].shape), data.draw(st.sampled_from(["contiguous", "sliced"])), device,
+                         args[0].dtype, generator)
+    grads = _run_group_norm_backward(grad, args, data.draw(_SPLITS), backend)
     expected = _reference_gradients(ada_group_norm_reference, grad, args, (0, 1, 2, 4, 5))
     for name, actual, reference in zip(_GROUP_GRAD_NAMES, grads, expected):
         _assert_close_to(actual, reference, name)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @_HYPOTHESIS
 @given(data=st.data())
-def test_layer_norm_forward_and_backward_kernels_match_reference(device, data, generator):
+def test_layer_norm_forward_and_backward_kernels_match_reference(device, backend, data, generator):
     args = data.draw(layer_norm_inputs(device, generator))
     out = _poisoned(ADA_LAYER_NORM.allocate_output(*args))
-    ADA_LAYER_NORM.implementations["triton"].run(*args, out=out)
+    ADA_LAYER_NORM.implementations[backend].run(*args, out=out)
     _assert_close_to(out, ada_layer_norm_reference(*_upcast(args)), "y")
     grad = random_tensor(tuple(args[0].shape), "sliced", device, args[0].dtype, generator)
     grads = _poisoned(ADA_LAYER_NORM_BACKWARD.allocate_output(grad, *args))
-    ADA_LAYER_NORM_BACKWARD.implementations["triton"].run(grad, *args, out=grads)
+    ADA_LAYER_NORM_BACKWARD.implementations[backend].run(grad, *args, out=grads)
     expected = _reference_gradients(ada_layer_norm_reference, grad, args, (0, 1, 2))
     for name, actual, reference in zip(("dx", "dscale", "dshift"), grads, expected):
         _assert_close_to(actual, reference, name)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 16, 64])
-def test_group_norm_statistics_survive_a_large_mean(chunk_size, generator):
+@pytest.mark.parametrize("splits", [None, 3, 9])
+def test_group_norm_statistics_survive_a_large_mean(splits, generator):
     """mean 1e3, std 1e-2 in float32: the group's values agree in their first 5 digits, so
     E[x^2] - E[x]^2 (or even a float32 mean) would lose most of the normalized value."""
     x = 1e3 + 1e-2 * torch.randn(2, 8, 12, 11, generator=generator)
     scale, shift, weight, bias = (torch.randn(*s, generator=generator) for s in ((2, 8), (2, 8), (8,), (8,)))
     args = (x, scale, shift, 2, weight, bias, 1e-5, "silu")
-    _assert_close_to(_run_group_norm(args, chunk_size), ada_group_norm_reference(*_upcast(args)), "y")
+    _assert_close_to(_run_group_norm(args, splits), ada_group_norm_reference(*_upcast(args)), "y")
     grad = torch.randn(x.shape, generator=generator)
-    grads = _run_group_norm_backward(grad, args, chunk_size)
+    grads = _run_group_norm_backward(grad, args, splits)
     expected = _reference_gradients(ada_group_norm_reference, grad, args, (0, 1, 2, 4, 5))
     # dx scales with rstd = 100: compare relative to its size.
     _assert_close_to(grads[0] / 100, expected[0] / 100, "dx / 100")
@@ -214,13 +233,19 @@ def test_large_groups_take_the_split_path():
     assert small.fused
 
 
+def _split_path_args(device, layout, generator):
+    args = (random_tensor((2, 12, 10, 9), layout, device, torch.float32, generator),
+            *(random_tensor(s, "contiguous", device, torch.float32, generator) for s in ((2, 12), (2, 12), (12,), (12,))))
+    return (*args[:3], 3, *args[3:], 1e-5, "silu")
+
+
 @pytest.mark.parametrize("device", _devices())
 def test_split_path_is_deterministic_and_agrees_with_fused(device, generator):
-    args = (random_tensor((2, 12, 10, 9), "channels_last", device, torch.float32, generator),
-            *(random_tensor(s, "contiguous", device, torch.float32, generator) for s in ((2, 12), (2, 12), (12,), (12,))))
-    args = (*args[:3], 3, *args[3:], 1e-5, "silu")
+    args = _split_path_args(device, "channels_last", generator)
     grad = random_tensor((2, 12, 10, 9), "contiguous", device, torch.float32, generator)
-    runs = [(_run_group_norm(args, chunk), *_run_group_norm_backward(grad, args, chunk)) for chunk in (7, 7, None)]
+    # 13 splits of the 90 positions: chunks of 7.
+    runs = [(_run_group_norm(args, splits), *_run_group_norm_backward(grad, args, splits))
+            for splits in (13, 13, None)]
     for first, second, fused in zip(*runs):
         assert torch.equal(first, second)
         torch.testing.assert_close(first, fused, rtol=1e-5, atol=1e-5)
@@ -254,10 +279,10 @@ def test_custom_op_gradcheck(generator):
         assert torch.autograd.gradcheck(ada_layer_norm, (leaf(2, 3, 5), leaf(2, 5), leaf(2, 5)))
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_autograd_runs_the_triton_backward(device, dtype, generator):
-    """Gradients through the custom ops with the Triton backend (backward called after the
+def test_autograd_runs_the_fast_backward(device, backend, dtype, generator):
+    """Gradients through the custom ops with a fast backend (backward called after the
     use_backend block) against the float64 reference; absent weight gets no gradient."""
     shapes = ((2, 8, 5, 3), (2, 8), (2, 8), (8,), (2, 11, 24), (2, 24), (2, 24))
     leaves = [random_tensor(shape, "channels_last" if len(shape) == 4 else "contiguous", device, dtype, generator)
@@ -267,7 +292,7 @@ def test_autograd_runs_the_triton_backward(device, dtype, generator):
         return (group_norm(x, scale, shift, 4, None, bias, 1e-5, "silu"),
                 layer_norm(tokens, token_scale, token_shift))
 
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         outputs = both_ops(*leaves, ada_group_norm, ada_layer_norm)
     grads = [random_tensor(tuple(out.shape), "contiguous", device, dtype, generator) for out in outputs]
     torch.autograd.backward(outputs, grads)
@@ -279,11 +304,15 @@ def test_autograd_runs_the_triton_backward(device, dtype, generator):
         _assert_close_to(leaf.grad, reference, f"grad of {name}")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_output_keeps_channels_last_and_broadcast_gradients_work(backend, generator):
+@pytest.mark.parametrize("device, backend", [
+    (CPU, "reference"), (CPU, "triton"),
+    pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu), EMULATED_CUDA,
+])
+def test_output_keeps_channels_last_and_broadcast_gradients_work(device, backend, generator):
     """y.sum().backward() hands the backward an expanded gradient with all strides 0."""
-    x = torch.randn(1, 8, 4, 6, generator=generator).contiguous(memory_format=torch.channels_last).requires_grad_()
-    scale, shift = torch.randn(1, 8, generator=generator), torch.randn(1, 8, generator=generator)
+    x = (torch.randn(1, 8, 4, 6, generator=generator).to(device).contiguous(memory_format=torch.channels_last)
+         .requires_grad_())
+    scale, shift = (torch.randn(1, 8, generator=generator).to(device) for _ in "ab")
     with fastgen.use_backend(backend):
         y = ada_group_norm(x, scale, shift, 2, act="silu")
         y.sum().backward()
@@ -391,7 +420,8 @@ def test_layer_norm_kernel_says_which_widths_it_supports():
     ((1, 32, 512, 512), 32, False),  # StyleGAN AdaIN at 512 px: split path
 ])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_model_shapes_on_gpu(shape, groups, affine, layout, generator):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_model_shapes_on_gpu(shape, groups, affine, layout, backend, generator):
     device = torch.device("cuda")
     x = random_tensor(shape, layout, device, torch.bfloat16, generator).requires_grad_()
     scale, shift = (random_tensor(shape[:2], "contiguous", device, torch.bfloat16, generator).requires_grad_()
@@ -399,7 +429,7 @@ def test_model_shapes_on_gpu(shape, groups, affine, layout, generator):
     weight, bias = ((random_tensor(shape[1:2], "contiguous", device, torch.bfloat16, generator).requires_grad_()
                      for _ in "ab") if affine else (None, None))
     args = (x, scale, shift, groups, weight, bias, 1e-5, "silu" if affine else None)
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         y = ada_group_norm(*args)
     _assert_close_to(y, ada_group_norm_reference(*_upcast(args)), "y")
     grad = torch.randn(shape, generator=generator).to(device, torch.bfloat16)
@@ -411,15 +441,290 @@ def test_model_shapes_on_gpu(shape, groups, affine, layout, generator):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replays_with_new_inputs(generator):
-    x = torch.randn(4, 256, 32, 32, generator=generator).cuda()
-    scale, shift = torch.randn(4, 256, generator=generator).cuda(), torch.randn(4, 256, generator=generator).cuda()
-    with fastgen.use_backend("triton"):
-        ada_group_norm(x, scale, shift, 32, act="silu")  # compiles outside the capture
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(4, 256, 32, 32), (1, 4, 256, 256)])  # fused; split (a workspace)
+def test_cuda_graph_replays_with_new_inputs(backend, shape, generator):
+    x = torch.randn(shape, generator=generator).cuda()
+    scale, shift = (torch.randn(shape[:2], generator=generator).cuda() for _ in "ab")
+    groups = min(32, shape[1] // 2)
+    with fastgen.use_backend(backend):
+        ada_group_norm(x, scale, shift, groups, act="silu")  # compiles outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            y = ada_group_norm(x, scale, shift, 32, act="silu")
+            y = ada_group_norm(x, scale, shift, groups, act="silu")
     x.copy_(torch.randn(x.shape, generator=generator))
     graph.replay()
     torch.cuda.synchronize()
-    _assert_close_to(y, ada_group_norm_reference(*_upcast((x, scale, shift)), 32, act="silu"), "y")
+    _assert_close_to(y, ada_group_norm_reference(*_upcast((x, scale, shift)), groups, act="silu"), "y")
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA backend (csrc/ada_norm.cu)
+
+
+def test_cuda_chunking_splits_large_groups_and_few_groups():
+    """A 256 x 256 x 32-element group is reduced by many blocks; ADM's 64 px ResBlock groups
+    fit one block each; 8 groups on 132 SMs are split to fill the GPU, small ones are not."""
+    assert cuda_group_chunks(batch=2, group_elements=256 * 256 * 32, num_groups=2, sms=132) >= 32
+    assert cuda_group_chunks(batch=8, group_elements=8 * 64 * 64, num_groups=32, sms=132) == 1
+    assert cuda_group_chunks(batch=1, group_elements=64 * 64 * 64, num_groups=8, sms=132) == 17
+    assert cuda_group_chunks(batch=1, group_elements=8 * 8 * 8, num_groups=8, sms=132) == 1
+
+
+def _misaligned(t):
+    """t's values and layout at an address one element past a 16-byte boundary: the CUDA
+    kernels must fall back from vector to scalar accesses."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    storage = torch.full((span + 1,), float("nan"), dtype=t.dtype, device=t.device)
+    view = storage[1:].as_strided(t.shape, t.stride())
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("splits", [None, 5])
+def test_cuda_group_norm_vector_and_scalar_paths(dtype, layout, aligned, splits, generator):
+    """64 channels in 8 groups at 8 x 8: vector units along positions (NCHW) or along a
+    group's 8 channels (channels_last) when aligned; scalar otherwise."""
+    device = torch.device("cuda")
+    x = random_tensor((3, 64, 8, 8), layout, device, dtype, generator)
+    x = x if aligned else _misaligned(x)
+    scale, shift = (random_tensor((3, 64), "sliced", device, dtype, generator) for _ in "ab")
+    weight, bias = (random_tensor((64,), "contiguous", device, dtype, generator) for _ in "ab")
+    args = (x, scale, shift, 8, weight, bias, 1e-5, "silu")
+    _assert_close_to(_run_group_norm(args, splits, "cuda"), ada_group_norm_reference(*_upcast(args)), "y")
+    grad = random_tensor((3, 64, 8, 8), layout, device, dtype, generator)
+    grads = _run_group_norm_backward(grad, args, splits, "cuda")
+    expected = _reference_gradients(ada_group_norm_reference, grad, args, (0, 1, 2, 4, 5))
+    for name, actual, reference in zip(_GROUP_GRAD_NAMES, grads, expected):
+        _assert_close_to(actual, reference, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_cuda_layer_norm_wide_rows(dtype, aligned, generator):
+    """DiT-XL's 1152 channels and a row wider than one block's tile pass (8192)."""
+    device = torch.device("cuda")
+    for channels in (1152, 8192):
+        x = random_tensor((2, 33, channels), "contiguous", device, dtype, generator)
+        x = x if aligned else _misaligned(x)
+        scale, shift = (random_tensor((2, channels), "contiguous", device, dtype, generator) for _ in "ab")
+        args = (x, scale, shift, 1e-6)
+        out = _poisoned(ADA_LAYER_NORM.allocate_output(*args))
+        ADA_LAYER_NORM.implementations["cuda"].run(*args, out=out)
+        _assert_close_to(out, ada_layer_norm_reference(*_upcast(args)), "y")
+        grad = random_tensor(tuple(x.shape), "contiguous", device, dtype, generator)
+        grads = _poisoned(ADA_LAYER_NORM_BACKWARD.allocate_output(grad, *args))
+        ADA_LAYER_NORM_BACKWARD.implementations["cuda"].run(grad, *args, out=grads)
+        expected = _reference_gradients(ada_layer_norm_reference, grad, args, (0, 1, 2))
+        for name, actual, reference in zip(("dx", "dscale", "dshift"), grads, expected):
+            _assert_close_to(actual, reference, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 3, 9])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_statistics_survive_a_large_mean(splits, layout, generator):
+    device = torch.device("cuda")
+    x = (1e3 + 1e-2 * torch.randn(2, 8, 12, 11, generator=generator)).to(device)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    scale, shift, weight, bias = (torch.randn(*s, generator=generator).to(device)
+                                  for s in ((2, 8), (2, 8), (8,), (8,)))
+    args = (x, scale, shift, 2, weight, bias, 1e-5, "silu")
+    _assert_close_to(_run_group_norm(args, splits, "cuda"), ada_group_norm_reference(*_upcast(args)), "y")
+    grad = torch.randn(x.shape, generator=generator).to(device)
+    grads = _run_group_norm_backward(grad, args, splits, "cuda")
+    expected = _reference_gradients(ada_group_norm_reference, grad, args, (0, 1, 2, 4, 5))
+    _assert_close_to(grads[0] / 100, expected[0] / 100, "dx / 100")  # dx scales with rstd = 100
+    for name, actual, reference in zip(_GROUP_GRAD_NAMES[1:], grads[1:], expected[1:]):
+        _assert_close_to(actual, reference, name)
+    tokens = (1e3 + 1e-2 * torch.randn(2, 9, 96, generator=generator)).to(device)
+    token_scale, token_shift = (torch.randn(2, 96, generator=generator).to(device) for _ in "ab")
+    with fastgen.use_backend("cuda"):
+        out = ada_layer_norm(tokens, token_scale, token_shift)
+    _assert_close_to(out, ada_layer_norm_reference(*_upcast((tokens, token_scale, token_shift))), "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_cuda_split_path_is_deterministic_and_agrees_with_fused(layout, generator):
+    device = torch.device("cuda")
+    args = _split_path_args(device, layout, generator)
+    grad = random_tensor((2, 12, 10, 9), "contiguous", device, torch.float32, generator)
+    runs = [(_run_group_norm(args, splits, "cuda"), *_run_group_norm_backward(grad, args, splits, "cuda"))
+            for splits in (13, 13, 1)]
+    for first, second, fused in zip(*runs):
+        assert torch.equal(first, second)
+        torch.testing.assert_close(first, fused, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_large_group_takes_the_split_path(dtype, layout, generator):
+    """Two groups of 2 x 256 x 256 values: more than one block may walk alone."""
+    device = torch.device("cuda")
+    shape = (1, 4, 256, 256)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    assert cuda_group_chunks(1, 2 * 256 * 256, 2, sms) > 1
+    x = random_tensor(shape, layout, device, dtype, generator)
+    scale, shift = (random_tensor(shape[:2], "contiguous", device, dtype, generator) for _ in "ab")
+    args = (x, scale, shift, 2, None, None, 1e-5, None)
+    _assert_close_to(_run_group_norm(args, None, "cuda"), ada_group_norm_reference(*_upcast(args)), "y")
+    grad = random_tensor(shape, layout, device, dtype, generator)
+    grads = _run_group_norm_backward(grad, args, None, "cuda")
+    expected = _reference_gradients(ada_group_norm_reference, grad, args, (0, 1, 2, 4, 5))
+    for name, actual, reference in zip(_GROUP_GRAD_NAMES, grads, expected):
+        _assert_close_to(actual, reference, name)
+
+
+# Argument checks of the extension's entry points run before it looks for a device: fake
+# pointers, never dereferenced.
+FAKE_PTR = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def extension():
+    from fastgen import _cuda
+
+    try:
+        return _cuda.load()
+    except RuntimeError as e:
+        if os.environ.get("FASTGEN_SKIP_CUDA", "") not in ("", "0"):
+            pytest.skip(f"fastgen._C not built: {e}")
+        raise
+
+
+def _arg(sizes, dtype="float32", strides=None, ptr=FAKE_PTR):
+    strides = strides or torch.empty(sizes, device="meta").stride()
+    return (ptr, dtype, tuple(sizes), tuple(strides))
+
+
+def _gn_call(**changes):
+    """ada_group_norm's extension arguments for x (2, 8, 12, 1) in 4 groups, with changes."""
+    call = dict(x=_arg((2, 8, 12, 1)), y=_arg((2, 8, 12, 1)), scale=_arg((2, 8, 1, 1)), shift=_arg((2, 8, 1, 1)),
+                weight=_arg((1, 8, 1, 1)), bias=None, workspace=None, num_groups=4, num_chunks=1, eps=1e-5,
+                silu=True, stream=0)
+    call.update(changes)
+    return call
+
+
+def _ln_call(**changes):
+    call = dict(x=_arg((2, 5, 8, 1)), y=_arg((2, 5, 8, 1)), scale=_arg((2, 8, 1, 1)), shift=_arg((2, 8, 1, 1)),
+                eps=1e-6, stream=0)
+    call.update(changes)
+    return call
+
+
+@pytest.mark.parametrize("call, name", [
+    (_gn_call(x=_arg((2, 8, 12, 1), "float64")), "x"),
+    (_gn_call(x=_arg((2, 8, 6, 2)), y=_arg((2, 8, 6, 2))), "x"),  # spatial dims not flattened
+    (_gn_call(x=(0, "float32", (2, 8, 12, 1), (96, 12, 1, 1))), "x"),  # null pointer
+    (_gn_call(y=_arg((2, 8, 12, 1), "float16")), "y"),
+    (_gn_call(y=_arg((2, 8, 11, 1))), "y"),
+    (_gn_call(y=_arg((2, 8, 12, 1), strides=(96, 12, 0, 1))), "y"),  # overlapping output
+    (_gn_call(scale=_arg((2, 4, 1, 1))), "scale"),
+    (_gn_call(shift=_arg((2, 8, 1, 1), "bfloat16")), "shift"),
+    (_gn_call(weight=_arg((2, 8, 1, 1))), "weight"),
+    (_gn_call(bias=_arg((1, 8, 1, 1), "float16")), "bias"),
+    (_gn_call(num_groups=3), "num_groups"),
+    (_gn_call(num_groups=0), "num_groups"),
+    (_gn_call(num_chunks=0), "num_chunks"),
+    (_gn_call(num_chunks=2), "workspace"),  # a split needs one
+    (_gn_call(num_chunks=2, workspace=_arg((1, 1, 1, 47))), "workspace"),  # 3 * 8 groups * 2 chunks
+    (_gn_call(num_chunks=2, workspace=_arg((1, 1, 1, 48), "float16")), "workspace"),
+    (_gn_call(eps=0.0), "eps"),
+    (_gn_call(eps=1e-60), "eps"),  # 0 as float32
+    (_gn_call(eps=float("inf")), "eps"),
+])
+def test_cuda_group_norm_bad_arguments_name_them(extension, call, name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        extension.ada_group_norm(**call)
+
+
+@pytest.mark.parametrize("call, name", [
+    (_ln_call(x=_arg((2, 5, 8, 2)), y=_arg((2, 5, 8, 2))), "x"),
+    (_ln_call(y=_arg((2, 5, 7, 1))), "y"),
+    (_ln_call(y=_arg((2, 5, 8, 1), "bfloat16")), "y"),
+    (_ln_call(scale=_arg((2, 5, 1, 1))), "scale"),  # (B, C), not (B, N)
+    (_ln_call(shift=_arg((1, 8, 1, 1))), "shift"),
+    (_ln_call(eps=-1.0), "eps"),
+])
+def test_cuda_layer_norm_bad_arguments_name_them(extension, call, name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        extension.ada_layer_norm(**call)
+
+
+def _gn_backward_call(**changes):
+    """ada_group_norm_backward's extension arguments for x (2, 8, 12, 1) in 4 groups: the
+    workspace holds 3 * 8 group statistics and 2 * 2 * 2 * 8 channel sums (two position ranges)."""
+    call = dict(dy=_arg((2, 8, 12, 1)), x=_arg((2, 8, 12, 1)), scale=_arg((2, 8, 1, 1)), shift=_arg((2, 8, 1, 1)),
+                weight=None, bias=_arg((1, 8, 1, 1)), dx=_arg((2, 8, 12, 1)), dscale=_arg((2, 8, 1, 1)),
+                dshift=_arg((2, 8, 1, 1)), dweight=_arg((1, 8, 1, 1)), dbias=_arg((1, 8, 1, 1)),
+                workspace=_arg((1, 1, 1, 88)), num_groups=4, num_chunks=1, position_splits=2, eps=1e-5,
+                silu=False, stream=0)
+    call.update(changes)
+    return call
+
+
+def _ln_backward_call(**changes):
+    call = dict(dy=_arg((2, 5, 8, 1)), x=_arg((2, 5, 8, 1)), scale=_arg((2, 8, 1, 1)), shift=_arg((2, 8, 1, 1)),
+                dx=_arg((2, 5, 8, 1)), dscale=_arg((2, 8, 1, 1)), dshift=_arg((2, 8, 1, 1)),
+                workspace=_arg((1, 1, 1, 94)), position_splits=2, eps=1e-6, stream=0)
+    call.update(changes)
+    return call
+
+
+@pytest.mark.parametrize("call, name", [
+    (_gn_backward_call(dy=_arg((2, 8, 11, 1))), "dy"),
+    (_gn_backward_call(dy=_arg((2, 8, 12, 1), "float16")), "dy"),
+    (_gn_backward_call(x=_arg((2, 8, 12, 2))), "x"),
+    (_gn_backward_call(dx=_arg((2, 8, 12, 1), strides=(0, 12, 1, 1))), "dx"),
+    (_gn_backward_call(dscale=_arg((2, 4, 1, 1))), "dscale"),
+    (_gn_backward_call(dshift=_arg((2, 8, 1, 1), "bfloat16")), "dshift"),
+    (_gn_backward_call(dweight=_arg((8, 1, 1, 1))), "dweight"),
+    (_gn_backward_call(dbias=_arg((1, 8, 1, 1), strides=(8, 0, 1, 1))), "dbias"),
+    (_gn_backward_call(weight=_arg((1, 7, 1, 1))), "weight"),
+    (_gn_backward_call(num_groups=5), "num_groups"),
+    (_gn_backward_call(workspace=None), "workspace"),
+    (_gn_backward_call(workspace=_arg((1, 1, 1, 87))), "workspace"),
+    (_gn_backward_call(position_splits=0), "position_splits"),
+    (_gn_backward_call(num_chunks=2), "workspace"),  # + 5 * 8 groups * 2 chunks
+    (_gn_backward_call(eps=-1e-5), "eps"),
+])
+def test_cuda_group_norm_backward_bad_arguments_name_them(extension, call, name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        extension.ada_group_norm_backward(**call)
+
+
+@pytest.mark.parametrize("call, name", [
+    (_ln_backward_call(dy=_arg((2, 5, 9, 1))), "dy"),
+    (_ln_backward_call(dx=_arg((2, 5, 8, 1), "float16")), "dx"),
+    (_ln_backward_call(dscale=_arg((2, 5, 1, 1))), "dscale"),
+    (_ln_backward_call(dshift=_arg((2, 8, 1, 1), strides=(0, 1, 1, 1))), "dshift"),
+    (_ln_backward_call(workspace=_arg((1, 1, 1, 93))), "workspace"),  # 3 * 2 * 5 + 2 * 2 * 2 * 8
+    (_ln_backward_call(workspace=_arg((1, 1, 1, 94), "bfloat16")), "workspace"),
+    (_ln_backward_call(position_splits=-1), "position_splits"),
+])
+def test_cuda_layer_norm_backward_bad_arguments_name_them(extension, call, name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        extension.ada_layer_norm_backward(**call)
+
+
+@pytest.mark.parametrize("entry_point, call", [
+    ("ada_group_norm", _gn_call()),
+    ("ada_group_norm", _gn_call(num_chunks=2, workspace=_arg((1, 1, 1, 48)))),
+    ("ada_layer_norm", _ln_call()),
+    ("ada_group_norm_backward", _gn_backward_call()),
+    ("ada_group_norm_backward", _gn_backward_call(num_chunks=2, workspace=_arg((1, 1, 1, 168)))),
+    ("ada_layer_norm_backward", _ln_backward_call()),
+])
+def test_cuda_entry_points_without_a_device_say_so(extension, entry_point, call):
+    if extension.cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        getattr(extension, entry_point)(**call)

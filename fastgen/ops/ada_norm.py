@@ -51,6 +51,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastgen import _cuda
 from fastgen.ops.registry import (
     CheckCase,
     Op,
@@ -327,6 +328,148 @@ def _layer_norm_backward_triton(grad, x, scale, shift, eps, *, out):
     from fastgen.kernels import ada_norm as kernels
 
     kernels.ada_layer_norm_backward(grad, x, scale, shift, eps, *out)
+
+
+# The CUDA kernels (csrc/ada_norm.cu) take x as (B, C, S) like the Triton ones. Not tuned on a
+# GPU yet: a group is split over several blocks when one block would walk more than
+# _CUDA_MAX_FUSED_ELEMENTS values alone, or when there are fewer groups than SMs to fill, in
+# chunks of at least _CUDA_MIN_CHUNK_ELEMENTS values (a split reads x twice).
+_CUDA_MAX_FUSED_ELEMENTS = 1 << 16
+_CUDA_MIN_CHUNK_ELEMENTS = 1 << 13
+_CUDA_MAX_CHUNKS = 256
+# The backward's per-channel sums over positions (tokens for adaLN) are split into ranges of
+# about this many positions, so that one sample's few channels still make many blocks.
+_CUDA_SPLIT_POSITIONS = 2048
+
+
+def cuda_group_chunks(batch: int, group_elements: int, num_groups: int, sms: int) -> int:
+    """How many blocks the CUDA kernels spread each group's reduction over (1: the fused path)."""
+    blocks = batch * num_groups
+    wanted = max(-(-sms // blocks), -(-group_elements // _CUDA_MAX_FUSED_ELEMENTS))
+    return max(1, min(wanted, _CUDA_MAX_CHUNKS, group_elements // _CUDA_MIN_CHUNK_ELEMENTS))
+
+
+def cuda_position_splits(positions: int) -> int:
+    """How many ranges the CUDA backward splits each channel's positions (or tokens) into."""
+    return max(1, min(-(-positions // _CUDA_SPLIT_POSITIONS), _CUDA_MAX_CHUNKS))
+
+
+def _per_channel_arg(t, name: str):
+    """A (B, C) or (C,) tensor as the 4-D view the extension takes: (B, C, 1, 1) or (1, C, 1, 1)."""
+    if t is None:
+        return None
+    return _cuda.tensor_arg(t[:, :, None, None] if t.dim() == 2 else t[None, :, None, None], name)
+
+
+def _flat(t: torch.Tensor, output: bool = False) -> torch.Tensor:
+    """(B, C, *spatial) as the (B, C, S, 1) tensor the extension takes: the view the Triton
+    kernels read too, or for an input whose spatial dims do not flatten by strides a copy
+    (which the caller must keep referenced until the launch is enqueued)."""
+    flat = t.view(t.shape[0], t.shape[1], -1) if output else t.reshape(t.shape[0], t.shape[1], -1)
+    return flat[..., None]
+
+
+def _workspace(floats: int, device) -> torch.Tensor:
+    return torch.empty(1, 1, 1, floats, device=device, dtype=torch.float32)
+
+
+def _group_chunks(x, num_groups, num_chunks) -> int:
+    if num_chunks is not None:
+        return num_chunks
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return cuda_group_chunks(x.shape[0], x.numel() // (x.shape[0] * num_groups), num_groups, sms)
+
+
+def ada_group_norm_cuda(x, scale, shift, num_groups, weight, bias, eps, act, out, num_chunks=None) -> None:
+    """out = ada_group_norm(x, ...) by the CUDA kernels. num_chunks (tests force the split path
+    with it) defaults to cuda_group_chunks."""
+    if out.numel() == 0:
+        return
+    num_chunks = _group_chunks(x, num_groups, num_chunks)
+    # (count, mean, M2) of every chunk of every group.
+    workspace = _workspace(3 * x.shape[0] * num_groups * num_chunks, x.device) if num_chunks > 1 else None
+    x4 = _flat(x)
+    extension = _cuda.load()
+    # The extension launches on the current device: make it x's.
+    with torch.cuda.device(x.device):
+        extension.ada_group_norm(
+            _cuda.tensor_arg(x4, "x"), _cuda.tensor_arg(_flat(out, output=True), "out"),
+            _per_channel_arg(scale, "scale"), _per_channel_arg(shift, "shift"),
+            _per_channel_arg(weight, "weight"), _per_channel_arg(bias, "bias"),
+            None if workspace is None else _cuda.tensor_arg(workspace, "workspace"),
+            num_groups, num_chunks, eps, act == "silu", _cuda.stream_handle(x.device),
+        )
+
+
+def ada_group_norm_backward_cuda(grad, x, scale, shift, num_groups, weight, bias, eps, act,
+                                 dx, dscale, dshift, dweight, dbias, num_chunks=None) -> None:
+    """The gradients of ada_group_norm by the CUDA kernels, written in place (dweight and dbias
+    as the Triton backward: what weight 1 and bias 0 would get when absent)."""
+    if x.numel() == 0:
+        for t in (dx, dscale, dshift, dweight, dbias):
+            t.zero_()
+        return
+    batch, channels = x.shape[:2]
+    num_chunks = _group_chunks(x, num_groups, num_chunks)
+    position_splits = cuda_position_splits(x.numel() // (batch * channels))
+    groups = batch * num_groups
+    # Group statistics, per-(range, b, c) gradient sums, and the split path's chunk records.
+    workspace = _workspace(3 * groups + 2 * position_splits * batch * channels
+                           + (5 * groups * num_chunks if num_chunks > 1 else 0), x.device)
+    grad4, x4 = _flat(grad), _flat(x)
+    extension = _cuda.load()
+    with torch.cuda.device(x.device):
+        extension.ada_group_norm_backward(
+            _cuda.tensor_arg(grad4, "grad"), _cuda.tensor_arg(x4, "x"), _per_channel_arg(scale, "scale"),
+            _per_channel_arg(shift, "shift"), _per_channel_arg(weight, "weight"), _per_channel_arg(bias, "bias"),
+            _cuda.tensor_arg(_flat(dx, output=True), "dx"), _per_channel_arg(dscale, "dscale"),
+            _per_channel_arg(dshift, "dshift"), _per_channel_arg(dweight, "dweight"),
+            _per_channel_arg(dbias, "dbias"), _cuda.tensor_arg(workspace, "workspace"),
+            num_groups, num_chunks, position_splits, eps, act == "silu", _cuda.stream_handle(x.device),
+        )
+
+
+@ADA_GROUP_NORM.implement("cuda")
+def _group_norm_cuda(x, scale, shift, num_groups, weight, bias, eps, act, *, out):
+    ada_group_norm_cuda(x, scale, shift, num_groups, weight, bias, eps, act, out)
+
+
+@ADA_GROUP_NORM_BACKWARD.implement("cuda")
+def _group_norm_backward_cuda(grad, x, scale, shift, num_groups, weight, bias, eps, act, *, out):
+    ada_group_norm_backward_cuda(grad, x, scale, shift, num_groups, weight, bias, eps, act, *out)
+
+
+@ADA_LAYER_NORM.implement("cuda")
+def _layer_norm_cuda(x, scale, shift, eps, *, out):
+    extension = _cuda.load()
+    with torch.cuda.device(x.device):
+        extension.ada_layer_norm(
+            _cuda.tensor_arg(x[..., None], "x"), _cuda.tensor_arg(out[..., None], "out"),
+            _per_channel_arg(scale, "scale"), _per_channel_arg(shift, "shift"), eps,
+            _cuda.stream_handle(x.device),
+        )
+
+
+@ADA_LAYER_NORM_BACKWARD.implement("cuda")
+def _layer_norm_backward_cuda(grad, x, scale, shift, eps, *, out):
+    dx, dscale, dshift = out
+    if x.numel() == 0:
+        for t in out:
+            t.zero_()
+        return
+    batch, tokens, channels = x.shape
+    position_splits = cuda_position_splits(tokens)
+    # (pivot, mean, rstd) per token, per-(range, b, c) gradient sums.
+    workspace = _workspace(3 * batch * tokens + 2 * position_splits * batch * channels, x.device)
+    extension = _cuda.load()
+    with torch.cuda.device(x.device):
+        extension.ada_layer_norm_backward(
+            _cuda.tensor_arg(grad[..., None], "grad"), _cuda.tensor_arg(x[..., None], "x"),
+            _per_channel_arg(scale, "scale"), _per_channel_arg(shift, "shift"),
+            _cuda.tensor_arg(dx[..., None], "dx"), _per_channel_arg(dscale, "dscale"),
+            _per_channel_arg(dshift, "dshift"), _cuda.tensor_arg(workspace, "workspace"),
+            position_splits, eps, _cuda.stream_handle(x.device),
+        )
 
 
 @define_custom_op(ADA_GROUP_NORM)

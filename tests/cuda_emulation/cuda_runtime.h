@@ -3,7 +3,7 @@
 // csrc/ as host C++ against this header instead of the CUDA runtime's).
 //
 // Execution model: a launch runs its blocks one after another; the threads of a block are
-// real OS threads running concurrently, so __syncthreads, warp shuffles and shared memory
+// real OS threads (from a pool kept for the process) running concurrently, so __syncthreads, warp shuffles and shared memory
 // behave as on a GPU for a correct kernel, and a missing barrier shows up as a race (results
 // that vary, or differ from the reference) instead of being hidden by lockstep execution.
 // __shared__ variables are function-local statics (one block at a time uses them); dynamic
@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <tuple>
@@ -146,6 +147,53 @@ T* dynamic_shared() {
 inline int lane() { return int(thread_index.x % 32); }
 inline Warp& warp() { return current_block->warps[thread_index.x / 32]; }
 
+// Worker threads kept for the whole process (starting 256 threads per block would dominate
+// the run time): run(n, fn) calls fn(0) ... fn(n-1) on n of them concurrently and returns
+// when all have finished. Leaked on purpose, so that no joinable thread is destroyed at exit.
+class ThreadPool {
+ public:
+  static ThreadPool& instance() {
+    static ThreadPool* pool = new ThreadPool;
+    return *pool;
+  }
+
+  void run(unsigned threads, const std::function<void(unsigned)>& fn) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (workers_ < threads) {
+      std::thread(&ThreadPool::work, this, workers_++).detach();
+    }
+    job_ = &fn;
+    active_ = threads;
+    remaining_ = threads;
+    ++generation_;
+    start_.notify_all();
+    done_.wait(lock, [&] { return remaining_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void work(unsigned id) {
+    long seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      start_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (id >= active_) continue;
+      const std::function<void(unsigned)>* job = job_;
+      lock.unlock();
+      (*job)(id);
+      lock.lock();
+      if (--remaining_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable start_, done_;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  unsigned workers_ = 0, active_ = 0, remaining_ = 0;
+  long generation_ = 0;
+};
+
 // Runs kernel(args...) for every block of the grid, the threads of one block concurrently.
 template <typename... Params>
 struct Launch {
@@ -162,16 +210,12 @@ struct Launch {
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
           Block state(grid, block);
-          std::vector<std::thread> pool;
-          pool.reserve(threads);
-          for (unsigned t = 0; t < threads; ++t)
-            pool.emplace_back([&, t] {
-              thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-              block_index = dim3(bx, by, bz);
-              current_block = &state;
-              std::apply(kernel, params);
-            });
-          for (auto& thread : pool) thread.join();
+          ThreadPool::instance().run(threads, [&](unsigned t) {
+            thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            block_index = dim3(bx, by, bz);
+            current_block = &state;
+            std::apply(kernel, params);
+          });
         }
   }
 };
