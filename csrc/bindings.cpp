@@ -123,6 +123,22 @@ struct OptionalFloat {
   const float* get() const { return present ? &value : nullptr; }
 };
 
+// An int64 vector (indices, counts, a workspace) arrives as (data_ptr, size, stride), stride in
+// elements: tensor tuples only carry float dtypes.
+fastgen::Int64Vector parse_int64_vector(py::handle obj, const std::string& name) {
+  if (!py::isinstance<py::tuple>(obj) || py::len(obj) != 3)
+    throw std::invalid_argument(name + ": expected a tuple (data_ptr, size, stride) of an "
+                                       "int64 vector");
+  auto t = py::reinterpret_borrow<py::tuple>(obj);
+  const int64_t ptr = parse_int(t[0], name + ": data_ptr");
+  if (ptr < 0) throw std::invalid_argument(name + ": data_ptr must be non-negative");
+  fastgen::Int64Vector v;
+  v.data = reinterpret_cast<int64_t*>(static_cast<uintptr_t>(ptr));
+  v.size = parse_int(t[1], name + ": size");
+  v.stride = parse_int(t[2], name + ": stride");
+  return v;
+}
+
 // filtered_lrelu's arguments, parsed; owns the views the pass points to.
 struct ParsedFilteredLreluPass {
   TensorView4d src, dst, rows1, rows2;
@@ -329,6 +345,47 @@ PYBIND11_MODULE(_C, m) {
       "y[b, n, c] = LayerNorm(x[b, n, :])[c] * (1 + scale[b, c]) + shift[b, c], no affine; "
       "x, y (B, N, C, 1), scale, shift (B, C, 1, 1). Enqueued on `stream`.");
 
+  m.def(
+      "vq_nearest",
+      [](py::handle z, py::handle codebook, py::handle code_norms, py::handle packed,
+         py::handle idx, py::handle distance, bool cosine, bool exact, uintptr_t stream) {
+        const TensorView4d zv = parse_tensor(z, "z"), cv = parse_tensor(codebook, "codebook");
+        const TensorView4d nv = parse_tensor(code_norms, "code_norms");
+        const TensorView4d dv = parse_tensor(distance, "distance");
+        const fastgen::Int64Vector pv = parse_int64_vector(packed, "packed");
+        const fastgen::Int64Vector iv = parse_int64_vector(idx, "idx");
+        py::gil_scoped_release no_gil;
+        fastgen::vq_nearest(zv, cv, nv, pv, iv, dv, cosine, exact, as_stream(stream));
+      },
+      py::arg("z"), py::arg("codebook"), py::arg("code_norms"), py::arg("packed"), py::arg("idx"),
+      py::arg("distance"), py::arg("cosine"), py::arg("exact"), py::arg("stream"),
+      "idx[n] = nearest code of z[n] (l2, or cosine when `cosine`), ties to the lowest index, "
+      "and distance[n] its l2 distance or cosine similarity; `exact` rechecks near-ties in "
+      "float64. z (N, D, 1, 1), codebook (K, D, 1, 1), distance (N, 1, 1, 1) float32; "
+      "workspaces code_norms float32 (K + 1, 1, 1, 1) and packed (N int64); idx and packed "
+      "are int64 vectors (data_ptr, size, stride). Enqueued on `stream`.");
+
+  m.def(
+      "vq_quantize",
+      [](py::handle z, py::handle codebook, py::handle code_norms, py::handle packed,
+         py::handle z_q, py::handle idx, py::handle row_errors, py::handle counts, bool exact,
+         uintptr_t stream) {
+        const TensorView4d zv = parse_tensor(z, "z"), cv = parse_tensor(codebook, "codebook");
+        const TensorView4d nv = parse_tensor(code_norms, "code_norms");
+        const TensorView4d qv = parse_tensor(z_q, "z_q");
+        const TensorView4d ev = parse_tensor(row_errors, "row_errors");
+        const fastgen::Int64Vector pv = parse_int64_vector(packed, "packed");
+        const fastgen::Int64Vector iv = parse_int64_vector(idx, "idx");
+        const fastgen::Int64Vector kv = parse_int64_vector(counts, "counts");
+        py::gil_scoped_release no_gil;
+        fastgen::vq_quantize(zv, cv, nv, pv, qv, iv, ev, kv, exact, as_stream(stream));
+      },
+      py::arg("z"), py::arg("codebook"), py::arg("code_norms"), py::arg("packed"), py::arg("z_q"),
+      py::arg("idx"), py::arg("row_errors"), py::arg("counts"), py::arg("exact"),
+      py::arg("stream"),
+      "The l2 search of vq_nearest, then z_q[n] = codebook[idx[n]], row_errors[n] = "
+      "sum_d (z[n, d] - z_q[n, d])^2 (float32, (N, 1, 1, 1)) and counts[idx[n]] += 1 (counts: "
+      "an int64 vector of K, zeroed by the caller). Enqueued on `stream`.");
   m.def(
       "filtered_lrelu_pass",
       [](int mode, py::handle src, py::handle bias, py::handle dst, py::handle codes,

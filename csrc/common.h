@@ -162,6 +162,14 @@ __device__ __forceinline__ int64_t grid_thread_count() {
   return int64_t(gridDim.x) * blockDim.x;
 }
 
+// The sum over a warp's 32 lanes, in every lane; all 32 must call it (full-mask shuffles).
+// The butterfly order is fixed, so the result is the same run to run.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
 // ---------------------------------------------------------------------------------------
 // Element types: loads widen to fp32, stores round once to the tensor's dtype.
 
@@ -291,6 +299,32 @@ void ada_layer_norm_backward(const TensorView4d& dy, const TensorView4d& x,
                              const TensorView4d& dx, const TensorView4d& dscale,
                              const TensorView4d& dshift, const TensorView4d* workspace,
                              int64_t position_splits, float eps, cudaStream_t stream);
+
+// vq.cu: the int64 vectors (indices, counts, a workspace), which TensorView4d's float dtypes
+// cannot describe: size elements stride apart.
+struct Int64Vector {
+  int64_t* data = nullptr;
+  int64_t size = 0;
+  int64_t stride = 1;
+};
+
+// vq.cu: z (N, D, 1, 1), codebook (K, D, 1, 1), any strides, same dtype, 1 <= D <= 512:
+// idx[n] = argmin_k ||e_k||^2 - 2 z_n.e_k (l2) or argmin_k -(z_n.e_k) / max(||e_k||, 1e-12)
+// (cosine), ties to the lowest k; distance (N, 1, 1, 1) float32 = ||z_n||^2 + that score (l2)
+// or the cosine similarity. exact: the float64 direct-form recheck of near-ties (fastgen/ops/
+// vq.py). Workspaces: code_norms float32 (K + 1) contiguous, packed (N) contiguous.
+void vq_nearest(const TensorView4d& z, const TensorView4d& codebook,
+                const TensorView4d& code_norms, const Int64Vector& packed,
+                const Int64Vector& idx, const TensorView4d& distance, bool cosine, bool exact,
+                cudaStream_t stream);
+
+// vq.cu: the l2 search above, then z_q[n] = codebook[idx[n]], row_errors[n] = sum_d (z[n,d] -
+// z_q[n,d])^2 in float32 and counts[idx[n]] += 1 (counts zeroed by the caller).
+void vq_quantize(const TensorView4d& z, const TensorView4d& codebook,
+                 const TensorView4d& code_norms, const Int64Vector& packed,
+                 const TensorView4d& z_q, const Int64Vector& idx,
+                 const TensorView4d& row_errors, const Int64Vector& counts, bool exact,
+                 cudaStream_t stream);
 
 // bias_act.cu: y = clamp(gain * act(x + b), -clamp, clamp) elementwise, x and y of one shape
 // (any strides), b null or x.size[dim] along dim and 1 elsewhere; act one of linear, relu,

@@ -93,12 +93,6 @@ __device__ __forceinline__ float upsampling_fir(const float* src, int stride, co
   return acc;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // Shared memory, in floats: the taps, then region A (src tile, then the row-filtered src for a
 // separable stage 1; later the row-filtered mid tile for a separable stage 2), then the mid
 // tile. Host and device both lay it out with this.

@@ -93,12 +93,6 @@ __global__ void __launch_bounds__(kLaThreads)
   if (threadIdx.x < D) slot[D * D + threadIdx.x] = normalizer;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kLaThreads)
     linear_attention_output_kernel(HeadGeometry g, float eps, Strided4d<const T> q,

@@ -82,12 +82,6 @@ __device__ __forceinline__ void combine_over_warps(float (&values)[kPixelsPerLan
   __syncthreads();
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kRmsThreads)
     trms2d_forward_kernel(PixelGeometry geo, int64_t num_tiles, float eps, Strided4d<const T> x,

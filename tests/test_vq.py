@@ -1,5 +1,7 @@
 """vq_nearest and vq_quantize: indices equal to the float64 reference, exact ties and near-ties,
-gradients, memory (no N x K tensor), errors."""
+gradients, memory (no N x K tensor), errors; for every implementation (Triton, under the
+interpreter on a CPU, and on a GPU the Triton and CUDA kernels), and the CUDA extension's own
+argument checks, which run without a GPU."""
 import sys
 from contextlib import contextmanager
 from unittest import mock
@@ -9,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import EMULATED_CUDA, FAKE_PTR, fake_tensor_arg
 import fastgen
 from fastgen.check import mismatch
 from fastgen.kernels import vq as vq_kernels
@@ -21,9 +24,14 @@ LAYOUTS = ("contiguous", "transposed", "sliced")
 CPU = torch.device("cpu")
 
 
-def _devices():
-    return [pytest.param(CPU, id="cpu-triton-interpreter"),
-            pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+def _devices_and_backends():
+    params = [pytest.param(CPU, "triton", id="cpu-triton-interpreter")]
+    for backend in ("triton", "cuda"):
+        params.append(pytest.param(torch.device("cuda"), backend, id=f"cuda-{backend}", marks=pytest.mark.gpu))
+    return params + [EMULATED_CUDA]
+
+
+GPU_BACKENDS = pytest.mark.parametrize("backend", ["triton", "cuda"])
 
 
 def _matrix(rows, dim, layout, device, dtype, generator, scale=1.0):
@@ -35,7 +43,8 @@ def _matrix(rows, dim, layout, device, dtype, generator, scale=1.0):
 
 @contextmanager
 def _splits(mode):
-    """Run the search with the codebook split as the launcher decides ("auto") or unsplit ("one")."""
+    """Run the Triton search with the codebook split as the launcher decides ("auto") or unsplit
+    ("one"); the CUDA launcher always decides."""
     if mode == "auto":
         yield
         return
@@ -43,12 +52,12 @@ def _splits(mode):
         yield
 
 
-def _run_nearest(z, codebook, metric, exact, input_precision="ieee"):
-    """The Triton implementation into outputs poisoned beforehand."""
+def _run_nearest(z, codebook, metric, exact, input_precision="ieee", backend="triton"):
+    """The backend's implementation into outputs poisoned beforehand."""
     idx, distance = vq.VQ_NEAREST.allocate_output(z, codebook, metric, exact, input_precision)
     idx.fill_(-1)
     distance.fill_(float("nan"))
-    vq.VQ_NEAREST.implementations["triton"].run(z, codebook, metric, exact, input_precision, out=(idx, distance))
+    vq.VQ_NEAREST.implementations[backend].run(z, codebook, metric, exact, input_precision, out=(idx, distance))
     return idx, distance
 
 
@@ -64,10 +73,10 @@ def _assert_distances_close(distance, z, codebook, idx, metric):
     assert bool((error <= 2e-5 * scale + 1e-6).all()), f"max error {error.max().item():.3g}"
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_nearest_matches_float64_reference(device, data, generator):
+def test_nearest_matches_float64_reference(device, backend, data, generator):
     n, k = data.draw(st.integers(1, 90)), data.draw(st.integers(1, 300))
     dim = data.draw(st.sampled_from(DIMS))
     dtype, metric = data.draw(st.sampled_from(DTYPES)), data.draw(st.sampled_from(vq.METRICS))
@@ -75,17 +84,17 @@ def test_nearest_matches_float64_reference(device, data, generator):
     z = _matrix(n, dim, data.draw(st.sampled_from(LAYOUTS)), device, dtype, generator)
     codebook = _matrix(k, dim, data.draw(st.sampled_from(LAYOUTS)), device, dtype, generator)
     with _splits(data.draw(st.sampled_from(["auto", "one"]))):
-        idx, distance = _run_nearest(z, codebook, metric, exact)
+        idx, distance = _run_nearest(z, codebook, metric, exact, backend=backend)
     expected_idx, _ = vq.vq_nearest_reference(z.double(), codebook.double(), metric)
     assert torch.equal(idx, expected_idx), f"{int((idx != expected_idx).sum())} of {n} rows differ"
     _assert_distances_close(distance, z, codebook, idx, metric)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", vq.METRICS)
 @pytest.mark.parametrize("exact, splits", [(False, "auto"), (False, "one"), (True, "auto")])
-def test_duplicate_codes_go_to_the_lowest_index(device, dtype, metric, exact, splits, generator):
+def test_duplicate_codes_go_to_the_lowest_index(device, backend, dtype, metric, exact, splits, generator):
     """Every row's nearest code is repeated 128 and 256 rows further on (other codebook tiles,
     in other splits or, unsplit, later in the same program's stream): the lowest index wins, as
     with torch.argmin. The copies sit at the same
@@ -99,19 +108,23 @@ def test_duplicate_codes_go_to_the_lowest_index(device, dtype, metric, exact, sp
     z = codebook[targets].repeat(2, 1) + 0.01 * torch.randn(40, 8, generator=generator)
     z, codebook = z.to(device, dtype), codebook.to(device, dtype)
     with _splits(splits):
-        idx, _ = _run_nearest(z, codebook, metric, exact)
+        idx, _ = _run_nearest(z, codebook, metric, exact, backend=backend)
     expected, _ = vq.vq_nearest_reference(z.double(), codebook.double(), metric)
     assert torch.equal(expected.cpu(), targets.repeat(2)), "the test's own premise: the reference picks the lowest"
     assert torch.equal(idx.cpu(), targets.repeat(2))
 
 
+# Not under the CUDA emulation, which runs one block at a time: the ~8200 blocks of the
+# code-norm pass alone take minutes there.
+@pytest.mark.parametrize("device, backend", [p for p in _devices_and_backends() if p is not EMULATED_CUDA])
 @pytest.mark.parametrize("exact", [False, True])
-def test_large_codebook(exact, generator):
+def test_large_codebook(device, backend, exact, generator):
     """K = 65536 + 37: indices past 2^16, a ragged last tile, many tiles per split."""
     z = _matrix(5, 4, "transposed", CPU, torch.float32, generator)
     codebook = _matrix(65536 + 37, 4, "contiguous", CPU, torch.float32, generator)
     codebook[-1] = z[0].double().mul(1.001).float()  # the last code is row 0's nearest
-    idx, _ = _run_nearest(z, codebook, "l2", exact)
+    z, codebook = z.to(device), codebook.to(device)
+    idx, _ = _run_nearest(z, codebook, "l2", exact, backend=backend)
     expected, _ = vq.vq_nearest_reference(z.double(), codebook.double())
     assert expected[0] == len(codebook) - 1
     assert torch.equal(idx, expected)
@@ -131,34 +144,35 @@ def _near_tie_problem(generator, dtype, device):
 
 def _direct_float64_argmin(z, codebook, metric):
     z64, e64 = z.double().cpu(), codebook.double().cpu()
-    if metric == "l2":
-        return (z64[:, None, :] - e64[None]).square().sum(-1).argmin(1)
+    if metric == "l2":  # in row chunks, so that the (rows, K, D) differences stay small
+        return torch.cat([(rows[:, None, :] - e64[None]).square().sum(-1).argmin(1) for rows in z64.split(16)])
     return ((z64 @ e64.T) / e64.norm(dim=1).clamp_min(vq_kernels.COSINE_EPS)).argmax(1)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", vq.METRICS)
-def test_exact_resolves_near_ties(device, dtype, metric, generator):
+def test_exact_resolves_near_ties(device, backend, dtype, metric, generator):
     z, codebook = _near_tie_problem(generator, dtype, device)
     expected = _direct_float64_argmin(z, codebook, metric)
     assert torch.equal(vq.vq_nearest_reference(z.double(), codebook.double(), metric)[0].cpu(), expected)
-    idx, distance = _run_nearest(z, codebook, metric, exact=True)
+    idx, distance = _run_nearest(z, codebook, metric, exact=True, backend=backend)
     assert torch.equal(idx.cpu(), expected), f"{int((idx.cpu() != expected).sum())} of {len(idx)} rows differ"
     if dtype == torch.float32:
-        fast, _ = _run_nearest(z, codebook, metric, exact=False)
+        fast, _ = _run_nearest(z, codebook, metric, exact=False, backend=backend)
         assert not torch.equal(fast.cpu(), expected), "the problem is meant to defeat float32's expanded form"
 
 
 @pytest.mark.gpu
+@GPU_BACKENDS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("input_precision", vq.INPUT_PRECISIONS)
-def test_exact_with_every_input_precision_on_gpu(dtype, input_precision, generator):
+def test_exact_with_every_input_precision_on_gpu(backend, dtype, input_precision, generator):
     """On a GPU tf32 really rounds the operands; exact=True must still give the float64 answer."""
     z = _matrix(4096, 32, "contiguous", "cuda", dtype, generator)
     codebook = _matrix(4096, 32, "contiguous", "cuda", dtype, generator)
     expected, _ = vq.vq_nearest_reference(z.double(), codebook.double())
-    idx, _ = _run_nearest(z, codebook, "l2", True, input_precision)
+    idx, _ = _run_nearest(z, codebook, "l2", True, input_precision, backend)
     assert torch.equal(idx, expected)
 
 
@@ -203,13 +217,14 @@ def test_launcher_allocates_no_n_by_k_tensor(exact, quantize, generator):
 
 
 @pytest.mark.gpu
+@GPU_BACKENDS
 @pytest.mark.parametrize("quantize", [False, True])
-def test_peak_gpu_memory_is_linear(quantize, generator):
+def test_peak_gpu_memory_is_linear(backend, quantize, generator):
     """N = K = 16384: a distance matrix would be 1 GiB; the ops must stay far below."""
     n = k = 16384
     z = _matrix(n, 32, "contiguous", "cuda", torch.float32, generator)
     codebook = _matrix(k, 32, "contiguous", "cuda", torch.float32, generator)
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         call = (lambda: vq.vq_quantize(z, codebook)) if quantize else (lambda: vq.vq_nearest(z, codebook, exact=True))
         call()  # compile outside the measurement
         torch.cuda.synchronize()
@@ -226,10 +241,10 @@ def _quantize_problem(device, dtype, generator, n=70, k=129, dim=32, layout="con
     return z, codebook
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_quantize_matches_float64_reference(device, data, generator):
+def test_quantize_matches_float64_reference(device, backend, data, generator):
     n, k, dim = data.draw(st.integers(1, 90)), data.draw(st.integers(1, 200)), data.draw(st.sampled_from(DIMS))
     dtype, exact = data.draw(st.sampled_from(DTYPES)), data.draw(st.booleans())
     z, codebook = _quantize_problem(device, dtype, generator, n, k, dim, data.draw(st.sampled_from(LAYOUTS)))
@@ -238,7 +253,7 @@ def test_quantize_matches_float64_reference(device, data, generator):
     for tensor in out:
         tensor.fill_(-1 if not tensor.is_floating_point() else float("nan"))
     with _splits(data.draw(st.sampled_from(["auto", "one"]))):
-        vq.VQ_QUANTIZE.implementations["triton"].run(z, codebook, beta, exact, "ieee", out=out)
+        vq.VQ_QUANTIZE.implementations[backend].run(z, codebook, beta, exact, "ieee", out=out)
     z_q, idx, loss, counts = out
     expected_zq, expected_idx, expected_loss, expected_counts = vq.vq_quantize_reference(
         z.double(), codebook.double(), beta)
@@ -269,13 +284,13 @@ def test_quantize_gradients_in_float64():
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_quantize_backward_matches_reference(device, dtype, generator):
+def test_quantize_backward_matches_reference(device, backend, dtype, generator):
     z, codebook = _quantize_problem(device, dtype, generator, layout="transposed")
     z.requires_grad_()
     codebook.requires_grad_()
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         z_q, _, loss, _ = vq.vq_quantize(z, codebook, 0.4)
     grad_zq = torch.randn(z_q.shape, generator=generator).to(device, dtype)
     torch.autograd.backward((z_q, loss), (grad_zq, torch.tensor(1.7, device=device)))
@@ -308,14 +323,15 @@ def test_opcheck(backend, generator):
                               (z.requires_grad_(), codebook.requires_grad_(), 0.25, False, "ieee"))
 
 
-def test_empty_z(generator):
-    codebook = torch.randn(5, 4, generator=generator)
-    z = torch.empty(0, 4)
-    with fastgen.use_backend("triton"):
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+def test_empty_z(device, backend, generator):
+    codebook = torch.randn(5, 4, generator=generator).to(device)
+    z = torch.empty(0, 4, device=device)
+    with fastgen.use_backend(backend):
         idx, distance = vq.vq_nearest(z, codebook, return_distance=True)
         _, quantized_idx, loss, counts = vq.vq_quantize(z, codebook)
     assert idx.shape == distance.shape == quantized_idx.shape == (0,)
-    assert torch.isnan(loss) and torch.equal(counts, torch.zeros(5, dtype=torch.int64))
+    assert torch.isnan(loss) and torch.equal(counts.cpu(), torch.zeros(5, dtype=torch.int64))
 
 
 def test_public_function_returns_what_was_asked(generator):
@@ -353,10 +369,11 @@ def test_bad_input_gets_a_clear_error(call, error, message):
 
 
 @pytest.mark.gpu
-def test_quantize_is_reproducible_on_gpu(generator):
+@GPU_BACKENDS
+def test_quantize_is_reproducible_on_gpu(backend, generator):
     """Loss (fixed-order sum) and counts (integer atomics) are bitwise equal run to run."""
     z, codebook = _quantize_problem("cuda", torch.bfloat16, generator, n=43520, k=4096, dim=32)
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         first, second = vq.vq_quantize(z, codebook), vq.vq_quantize(z, codebook)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
@@ -374,3 +391,159 @@ def test_benchmark_declarations_check_out_on_cpu(tmp_path, monkeypatch):
     bad = [(r["name"], r["shape"], r["impl"], r["status"]) for r in rows
            if r["status"] != "ok" and not (r["impl"] == "faiss" and r["status"].startswith("skipped"))]
     assert not bad, bad
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA kernels at the edges of their tiles (64 rows, 64 codes, 32 features), on a GPU
+
+# (N, K, D): one row / one code / one feature, sizes one past and one short of the tiles, the
+# largest D, and enough rows and codes for several row blocks and codebook splits.
+EDGE_SHAPES = [(1, 1, 3), (1, 1, 1), (1, 65, 512), (65, 1, 33), (63, 129, 31), (64, 64, 32),
+               (130, 1000, 1), (3, 4097, 8), (257, 300, 512), (700, 4096, 32)]
+
+
+@pytest.mark.gpu
+@GPU_BACKENDS
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric", vq.METRICS)
+@pytest.mark.parametrize("exact", [False, True])
+def test_nearest_at_tile_edges_on_gpu(backend, shape, dtype, metric, exact, generator):
+    n, k, dim = shape
+    for z_layout, e_layout in (("contiguous", "contiguous"), ("sliced", "transposed"), ("transposed", "sliced")):
+        z = _matrix(n, dim, z_layout, "cuda", dtype, generator)
+        codebook = _matrix(k, dim, e_layout, "cuda", dtype, generator)
+        idx, distance = _run_nearest(z, codebook, metric, exact, backend=backend)
+        expected = _direct_float64_argmin(z, codebook, metric) if exact else (
+            vq.vq_nearest_reference(z.double(), codebook.double(), metric)[0].cpu())
+        if not exact:  # the fast search may differ from the reference only on a near-tie
+            expected = torch.where(_is_near_tie(z, codebook, idx, expected, metric), idx.cpu(), expected)
+        assert torch.equal(idx.cpu(), expected), f"{z_layout}/{e_layout}: {int((idx.cpu() != expected).sum())} rows"
+        _assert_distances_close(distance, z, codebook, idx, metric)
+
+
+def _is_near_tie(z, codebook, idx, expected, metric):
+    """Rows whose pick and the reference's pick score closer than twice the fast scores' error
+    bound (module docstring of fastgen.ops.vq: D 2^-24 (||e||^2 + 2 ||z|| ||e||) for l2)."""
+    z64, e64 = z.double().cpu(), codebook.double().cpu()
+    max_norm = e64.norm(dim=1).max()
+    if metric == "l2":
+        def score(k):
+            return (z64 - e64[k]).square().sum(1)
+        scale = max_norm**2 + 2 * z64.norm(dim=1) * max_norm
+    else:
+        def score(k):
+            return -(z64 * e64[k]).sum(1) / e64[k].norm(dim=1).clamp_min(vq_kernels.COSINE_EPS)
+        scale = z64.norm(dim=1)
+    bound = (1.5 * z.shape[1] + 3) * 2.0**-24 * scale
+    return (score(idx.cpu()) - score(expected)).abs() <= 2 * bound
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_writes_strided_outputs_in_place(exact, dtype, generator):
+    """The CUDA implementations honour the outputs' strides and write nothing beside them."""
+    z = _matrix(70, 40, "sliced", "cuda", dtype, generator)
+    codebook = _matrix(129, 40, "transposed", "cuda", dtype, generator)
+    idx_buffer = torch.full((140,), -1, dtype=torch.int64, device="cuda")
+    distance_buffer = torch.full((210,), float("nan"), device="cuda")
+    idx, distance = idx_buffer[::2], distance_buffer[::3]
+    vq.VQ_NEAREST.implementations["cuda"].run(z, codebook, "l2", exact, "ieee", out=(idx, distance))
+    expected, _ = _run_nearest(z, codebook, "l2", exact, backend="cuda")
+    assert torch.equal(idx, expected)
+    assert bool((idx_buffer[1::2] == -1).all()) and bool(distance_buffer.view(70, 3)[:, 1:].isnan().all())
+
+    zq_buffer = torch.full((70, 81), float("nan"), dtype=dtype, device="cuda")
+    counts_buffer = torch.full((258,), -1, dtype=torch.int64, device="cuda")
+    z_q, counts = zq_buffer[:, 1::2], counts_buffer[::2]
+    loss = torch.empty((), device="cuda")
+    quantized_idx = torch.empty(70, dtype=torch.int64, device="cuda")
+    vq.VQ_QUANTIZE.implementations["cuda"].run(z, codebook, 0.25, exact, "ieee", out=(z_q, quantized_idx, loss, counts))
+    assert torch.equal(quantized_idx, expected) and torch.equal(z_q, codebook[expected])
+    assert torch.equal(counts, torch.bincount(expected, minlength=129))
+    assert bool(zq_buffer[:, ::2].isnan().all()) and bool((counts_buffer[1::2] == -1).all())
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA extension's entry points: argument checks run before any device is touched, so
+# they are tested everywhere with fake pointers.
+
+def _int64_vector(size, stride=1, ptr=FAKE_PTR):
+    return (ptr, size, stride)
+
+
+def _nearest_args(n=3, k=5, dim=4, **changes):
+    args = dict(z=fake_tensor_arg((n, dim, 1, 1)), codebook=fake_tensor_arg((k, dim, 1, 1)),
+                code_norms=fake_tensor_arg((k + 1, 1, 1, 1)), packed=_int64_vector(n), idx=_int64_vector(n),
+                distance=fake_tensor_arg((n, 1, 1, 1)), cosine=False, exact=False, stream=0)
+    args.update(changes)
+    return args
+
+
+def _quantize_args(n=3, k=5, dim=4, **changes):
+    args = _nearest_args(n, k, dim)
+    del args["distance"], args["cosine"]
+    args.update(z_q=fake_tensor_arg((n, dim, 1, 1)), row_errors=fake_tensor_arg((n, 1, 1, 1)),
+                counts=_int64_vector(k))
+    args.update(changes)
+    return args
+
+
+SEARCH_BAD = [
+    # (changed arguments, the argument the message must name)
+    (dict(z=fake_tensor_arg((3, 4, 1, 1), "float64")), "z"),
+    (dict(z=fake_tensor_arg((3, 4, 1, 1), "uint8"), codebook=fake_tensor_arg((5, 4, 1, 1), "uint8")), "z"),
+    (dict(z=fake_tensor_arg((3, 4, 2, 1))), "z"),
+    (dict(z=fake_tensor_arg((3, 4, 1, 1), ptr=0)), "z"),
+    (dict(z=(FAKE_PTR, "float32", (3, 4, 1), (4, 1, 1))), "z"),
+    (dict(codebook=fake_tensor_arg((5, 4, 1, 1), "float16")), "codebook"),
+    (dict(codebook=fake_tensor_arg((5, 3, 1, 1))), "codebook"),
+    (dict(codebook=fake_tensor_arg((5, -4, 1, 1))), "codebook"),
+    (dict(code_norms=fake_tensor_arg((5, 1, 1, 1))), "code_norms"),
+    (dict(code_norms=fake_tensor_arg((6, 1, 1, 1), "bfloat16")), "code_norms"),
+    (dict(code_norms=fake_tensor_arg((6, 1, 1, 1), strides=(2, 1, 1, 1))), "code_norms"),
+    (dict(packed=_int64_vector(2)), "packed"),
+    (dict(packed=_int64_vector(3, stride=2)), "packed"),
+    (dict(packed=[FAKE_PTR, 3, 1]), "packed"),
+    (dict(idx=_int64_vector(4)), "idx"),
+    (dict(idx=_int64_vector(3, stride=0)), "idx"),
+    (dict(idx=_int64_vector(3, ptr=0)), "idx"),
+    (dict(idx=_int64_vector(3, ptr=-8)), "idx"),
+    (dict(idx=(FAKE_PTR, 3.0, 1)), "idx"),
+]
+
+
+@pytest.mark.parametrize("changes, name", SEARCH_BAD + [
+    (dict(z=fake_tensor_arg((3, 0, 1, 1)), codebook=fake_tensor_arg((5, 0, 1, 1))), "z"),
+    (dict(z=fake_tensor_arg((3, 513, 1, 1)), codebook=fake_tensor_arg((5, 513, 1, 1))), "z"),
+    (dict(codebook=fake_tensor_arg((0, 4, 1, 1)), code_norms=fake_tensor_arg((1, 1, 1, 1))), "codebook"),
+    (dict(distance=fake_tensor_arg((3, 1, 1, 1), "float16")), "distance"),
+    (dict(distance=fake_tensor_arg((4, 1, 1, 1))), "distance"),
+    (dict(distance=fake_tensor_arg((3, 1, 1, 1), strides=(0, 1, 1, 1))), "distance"),
+])
+def test_vq_nearest_entry_point_names_the_bad_argument(cuda_extension, changes, name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        cuda_extension.vq_nearest(**_nearest_args(**changes))
+
+
+@pytest.mark.parametrize("changes, name", SEARCH_BAD + [
+    (dict(z_q=fake_tensor_arg((3, 4, 1, 1), "bfloat16")), "z_q"),
+    (dict(z_q=fake_tensor_arg((3, 5, 1, 1))), "z_q"),
+    (dict(z_q=fake_tensor_arg((3, 4, 1, 1), strides=(1, 0, 1, 1))), "z_q"),
+    (dict(row_errors=fake_tensor_arg((2, 1, 1, 1))), "row_errors"),
+    (dict(counts=_int64_vector(4)), "counts"),
+    (dict(counts=_int64_vector(5, stride=0)), "counts"),
+])
+def test_vq_quantize_entry_point_names_the_bad_argument(cuda_extension, changes, name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        cuda_extension.vq_quantize(**_quantize_args(**changes))
+
+
+@pytest.mark.parametrize("entry_point, args", [("vq_nearest", _nearest_args()), ("vq_quantize", _quantize_args()),
+                                               ("vq_nearest", _nearest_args(n=0, cosine=True, exact=True))])
+def test_vq_entry_points_without_device_raise(cuda_extension, entry_point, args):
+    if cuda_extension.cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        getattr(cuda_extension, entry_point)(**args)

@@ -35,7 +35,9 @@ products, float32 accumulation), fp32 operands with `input_precision` "ieee" (pl
 "tf32x3" (three tf32 products, about fp32 accuracy); the option only matters for fp32.
 Without `exact`, the result can differ from the reference only between codes whose
 distances differ by less than the fast scores' error (for fp16/bf16/ieee about D * 2^-24 *
-(||e||^2 + 2 ||z|| ||e||), for tf32 about 2^-9 ||z|| ||e||).
+(||e||^2 + 2 ||z|| ||e||), for tf32 about 2^-9 ||z|| ||e||). The CUDA kernels (csrc/vq.cu)
+stream the codebook the same way with fp32 FMAs (SIMT, not tensor cores) on operands widened
+to fp32: every input_precision runs as "ieee" there, which is at least as accurate as asked.
 
 `exact=True` guarantees: the returned index minimizes the distance evaluated in float64 from
 the input values in the direct form, sum_d (z_d - e_kd)^2 for l2 and
@@ -63,6 +65,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastgen import _cuda
 from fastgen.ops.registry import (
     CheckCase,
     Op,
@@ -195,6 +198,52 @@ def _quantize_triton(z, codebook, beta, exact, input_precision, *, out):
     from fastgen.kernels import vq as kernels
 
     kernels.quantize(z, codebook, beta, exact, input_precision, *out)
+
+
+# input_precision does not reach the CUDA kernels: they always compute plain fp32 (module docstring).
+def _cuda_search_args(z, codebook) -> tuple:
+    """The arguments the extension's searches start with: z and codebook as (rows, D, 1, 1) views
+    and the workspaces, the codebook norms (K, then the max squared norm) and one packed (score,
+    index) per row; then those workspace tensors, which the caller must hold until the launch
+    is enqueued (the caching allocator orders any later reuse after it on the stream)."""
+    code_norms = torch.empty(codebook.shape[0] + 1, dtype=torch.float32, device=z.device)
+    packed = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    args = (_cuda.tensor_arg(z[:, :, None, None], "z"), _cuda.tensor_arg(codebook[:, :, None, None], "codebook"),
+            _cuda.tensor_arg(code_norms[:, None, None, None], "code_norms"), _int64_vector_arg(packed))
+    return args, (code_norms, packed)
+
+
+def _int64_vector_arg(t) -> tuple:
+    """(data_ptr, size, stride): how the extension takes an int64 vector."""
+    return (t.data_ptr(), t.shape[0], t.stride(0))
+
+
+@VQ_NEAREST.implement("cuda")
+def _nearest_cuda(z, codebook, metric, exact, input_precision, *, out):
+    idx, distance = out
+    search_args, _workspaces = _cuda_search_args(z, codebook)
+    with torch.cuda.device(z.device):
+        _cuda.load().vq_nearest(
+            *search_args, _int64_vector_arg(idx), _cuda.tensor_arg(distance[:, None, None, None], "distance"),
+            metric == "cosine", exact, _cuda.stream_handle(z.device),
+        )
+
+
+@VQ_QUANTIZE.implement("cuda")
+def _quantize_cuda(z, codebook, beta, exact, input_precision, *, out):
+    z_q, idx, loss, counts = out
+    counts.zero_()
+    row_errors = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    search_args, _workspaces = _cuda_search_args(z, codebook)
+    with torch.cuda.device(z.device):
+        _cuda.load().vq_quantize(
+            *search_args, _cuda.tensor_arg(z_q[:, :, None, None], "z_q"), _int64_vector_arg(idx),
+            _cuda.tensor_arg(row_errors[:, None, None, None], "row_errors"), _int64_vector_arg(counts), exact,
+            _cuda.stream_handle(z.device),
+        )
+    # (1 + beta) mean((z - e)^2) from the rows' sums (torch's sum: a fixed order); an empty z
+    # gives 0/0 = NaN, as torch's mean does.
+    torch.div(row_errors.sum() * (1.0 + beta), z.numel(), out=loss)
 
 
 @define_custom_op(VQ_NEAREST)
