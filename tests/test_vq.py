@@ -153,9 +153,11 @@ def _direct_float64_argmin(z, codebook, metric):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", vq.METRICS)
 def test_exact_resolves_near_ties(device, backend, dtype, metric, generator):
+    # exact=True promises the direct form's float64 argmin. The reference (the expanded form in
+    # float64) is not compared: rounded to bfloat16, two different codes can score within
+    # float64 rounding of each other, and the two forms may then break the tie differently.
     z, codebook = _near_tie_problem(generator, dtype, device)
     expected = _direct_float64_argmin(z, codebook, metric)
-    assert torch.equal(vq.vq_nearest_reference(z.double(), codebook.double(), metric)[0].cpu(), expected)
     idx, distance = _run_nearest(z, codebook, metric, exact=True, backend=backend)
     assert torch.equal(idx.cpu(), expected), f"{int((idx.cpu() != expected).sum())} of {len(idx)} rows differ"
     if dtype == torch.float32:
