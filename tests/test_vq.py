@@ -381,9 +381,10 @@ def test_quantize_is_reproducible_on_gpu(backend, generator):
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda_emulation
 def test_benchmark_declarations_check_out_on_cpu(tmp_path, monkeypatch):
     """Every declared impl agrees with eager on small stand-ins for the tokenizers' shapes
-    (timing stubbed out: the interpreter's times mean nothing)."""
+    (timing stubbed out: the interpreter's and the emulation's times mean nothing)."""
     from fastgen.bench import harness, ops_vq
 
     monkeypatch.setattr(ops_vq, "_TOKENIZERS", (("VAR", 2, 100, 32, "l2"), ("l2-normalized", 1, 150, 8, "cosine")))
