@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastgen
+from conftest import EMULATED_CUDA
 from fastgen.models import dcae
 
 TINY = dcae.CONFIGS["tiny"]
@@ -80,8 +81,9 @@ def test_training_step_reaches_every_parameter(generator, tiny_model):
         assert grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("backend", [name for name in fastgen.BACKENDS if name != "reference"])
+@pytest.mark.parametrize("device, backend", [("cpu", "triton"), EMULATED_CUDA,
+                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
+                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
 def test_every_backend_matches_the_reference(generator, tiny_model, backend, device):
     images = _images(generator, batch=1).to(device)
     model = tiny_model.to(device)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastgen
+from conftest import EMULATED_CUDA
 from fastgen.models import sana
 
 TINY = sana.CONFIGS["tiny"]
@@ -109,8 +110,9 @@ def _loss_and_grads(model, latents, caption, timestep, mask):
     return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("backend", [name for name in fastgen.BACKENDS if name != "reference"])
+@pytest.mark.parametrize("device, backend", [("cpu", "triton"), EMULATED_CUDA,
+                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
+                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
 def test_every_backend_matches_the_reference(generator, tiny_model, backend, device):
     inputs = [tensor.to(device) for tensor in _inputs(generator)]
     model = tiny_model.to(device)

@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastgen
+from conftest import EMULATED_CUDA
 from fastgen.check import mismatch
 from fastgen.ops.registry import random_tensor
 from fastgen.ops.shortcut import (
@@ -26,7 +27,7 @@ def _devices_and_backends():
     params = [pytest.param(CPU, "triton", id="cpu-triton-interpreter")]
     for backend in ("triton", "cuda"):
         params.append(pytest.param(torch.device("cuda"), backend, id=f"cuda-{backend}", marks=pytest.mark.gpu))
-    return params
+    return params + [EMULATED_CUDA]
 
 
 @st.composite

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
+from conftest import EMULATED_CUDA
 from fastgen.models import stylegan3
 from fastgen.ops.filtered_lrelu import filtered_lrelu
 
@@ -381,19 +382,21 @@ def _images_and_grads(model, z):
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-r"])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_triton_backend_matches_the_reference(generator, name, device):
-    """Every fastgen op the generator calls (filtered_lrelu, bias_act in the mapping) on its
-    Triton kernels against their references, forward and parameter gradients."""
+@pytest.mark.parametrize("device, backend", [("cpu", "triton"), EMULATED_CUDA,
+                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
+                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+def test_fast_backends_match_the_reference(generator, name, device, backend):
+    """Every fastgen op the generator calls (filtered_lrelu, bias_act in the mapping) on the
+    backend's kernels against their references, forward and parameter gradients."""
     model = _tiny(generator, name).eval().to(device)
     z = torch.randn(1, model.config.z_dim, generator=generator).to(device)
     with fastgen.use_backend("reference"):
         expected, expected_grads = _images_and_grads(model, z)
     try:
-        with fastgen.use_backend("triton"):
+        with fastgen.use_backend(backend):
             images, grads = _images_and_grads(model, z)
     except fastgen.BackendUnavailable as reason:
-        pytest.skip(f"the triton backend cannot run here: {reason}")
+        pytest.skip(f"the {backend} backend cannot run here: {reason}")
     torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-5)
     for parameter_name, grad in grads.items():
         # Sums over thousands of float32 terms, in another order: elements near zero of a large

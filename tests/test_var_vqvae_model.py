@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
+from conftest import EMULATED_CUDA
 from fastgen.models import var_vqvae
 
 TINY = var_vqvae.CONFIGS["tiny"]
@@ -100,13 +101,15 @@ def _tokens_and_training_pass(model, images):
     return indices, reconstruction.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_triton_backend_matches_the_reference(generator, tiny_model, device):
+@pytest.mark.parametrize("device, backend", [("cpu", "triton"), EMULATED_CUDA,
+                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
+                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+def test_fast_backends_match_the_reference(generator, tiny_model, device, backend):
     images = _images(generator).to(device)
     tiny_model.to(device)
     with fastgen.use_backend("reference"):
         indices, reconstruction, loss, grads = _tokens_and_training_pass(tiny_model, images)
-    with fastgen.use_backend("triton"):
+    with fastgen.use_backend(backend):
         got_indices, got_reconstruction, got_loss, got_grads = _tokens_and_training_pass(tiny_model, images)
     for scale, (idx, expected) in enumerate(zip(got_indices, indices)):
         assert torch.equal(idx, expected), f"scale {scale}"
