@@ -1,6 +1,7 @@
 """The StyleGAN (v1) generator (fastgen.models.stylegan): the AdaIN layer and both upsampling
 paths against direct float64 formulas, which w each layer gets, style mixing and truncation,
 the tiny generator across backends, checkpoint loading, the published parameter count, errors."""
+import copy
 
 import pytest
 import torch
@@ -141,20 +142,28 @@ def test_every_backend_matches_the_reference(generator, tiny, backend, device):
     model = tiny.to(device).eval()
     z = torch.randn(2, TINY.z_dim, generator=generator).to(device)
 
-    def run():
+    def run(model, z):
         model.zero_grad()
         out = model(z, noise_mode="const")
         out.square().mean().backward()
         return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
     with fastgen.use_backend("reference"):
-        expected, expected_grads = run()
+        expected, expected_grads = run(model, z)
+        _, exact_grads = run(copy.deepcopy(model).double(), z.double())
     with fastgen.use_backend(backend):
-        out, grads = run()
+        out, grads = run(model, z)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    # Gradients: no less accurate than the float32 reference, both against float64. Some are
+    # ill-conditioned in float32 (AdaIN over a nearly constant channel): at seed
+    # 572994247363547659 the float32 reference is 3% off on one channel's bias gradient while
+    # the kernels agree with float64 to 1e-6, so comparing the two float32 results fails.
     for name, grad in grads.items():
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+        exact = exact_grads[name]
+        error = (grad.double() - exact).abs().max().item()
+        eager_error = (expected_grads[name].double() - exact).abs().max().item()
+        assert error <= 2 * eager_error + 1e-5 + 1e-4 * exact.abs().max().item(), (name, error, eager_error)
 
 
 def test_safetensors_round_trip(generator, tiny, tmp_path):
