@@ -196,6 +196,18 @@ def test_check_reports_an_unwritten_element_and_wrong_math(monkeypatch):
         assert "elements off" in failed[0].detail
 
 
+def test_mismatch_widens_to_twice_the_same_dtype_reference_error_and_no_further():
+    expected = torch.tensor([2.0, 100.0, -3.0], dtype=torch.float64)
+    reference = (expected + torch.tensor([0.0, 5e-4, 0.0], dtype=torch.float64)).float()  # its worst error 5e-4
+    within = (expected + torch.tensor([9e-4, 0.0, 0.0], dtype=torch.float64)).float()
+    beyond = (expected + torch.tensor([0.0, 0.0, 1.1e-3], dtype=torch.float64)).float()
+    assert check.mismatch(within, expected)[1], "9e-4 on 2.0 is outside float32's own tolerance"
+    assert check.mismatch(within, expected, reference)[1] == ""
+    assert "at (2,)" in check.mismatch(beyond, expected, reference)[1]
+    overflowed = torch.tensor([2.0, float("inf"), -3.0])
+    assert check.mismatch(within, expected, overflowed)[1], "an overflowing reference must not widen anything"
+
+
 def test_check_skips_cuda_here_with_the_reason():
     results = check.run_checks(torch.device("cpu"), backends=("cuda",))
     assert results and all(r.status == "skipped" for r in results)
