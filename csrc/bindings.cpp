@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <optional>
 #include <string>
 
 #include "common.h"
@@ -152,7 +151,7 @@ struct ParsedFilteredLreluPass {
                           py::handle cols1_, py::handle rows2_, py::handle cols2_, int64_t up,
                           int64_t down, const std::array<int64_t, 4>& pads,
                           const std::array<int64_t, 2>& mid_shape, double gain, double slope,
-                          std::optional<double> clamp)
+                          const OptionalFloat& clamp)
       : src(parse_tensor(src_, "src")),
         dst(parse_tensor(dst_, "dst")),
         rows1(parse_tensor(rows1_, "rows1")),
@@ -178,8 +177,8 @@ struct ParsedFilteredLreluPass {
     std::copy(mid_shape.begin(), mid_shape.end(), pass.mid_shape);
     pass.gain = static_cast<float>(gain);
     pass.slope = static_cast<float>(slope);
-    pass.has_clamp = clamp.has_value();
-    pass.clamp = clamp.has_value() ? static_cast<float>(*clamp) : 0.0f;
+    pass.has_clamp = clamp.present;
+    pass.clamp = clamp.value;
   }
 };
 
@@ -391,11 +390,11 @@ PYBIND11_MODULE(_C, m) {
       [](int mode, py::handle src, py::handle bias, py::handle dst, py::handle codes,
          py::handle tile_sums, py::handle rows1, py::handle cols1, py::handle rows2,
          py::handle cols2, int64_t up, int64_t down, const std::array<int64_t, 4>& pads,
-         const std::array<int64_t, 2>& mid_shape, double gain, double slope,
-         std::optional<double> clamp, uintptr_t stream) {
+         const std::array<int64_t, 2>& mid_shape, double gain, double slope, py::handle clamp,
+         uintptr_t stream) {
         const ParsedFilteredLreluPass parsed(mode, src, bias, dst, codes, tile_sums, rows1,
                                              cols1, rows2, cols2, up, down, pads, mid_shape,
-                                             gain, slope, clamp);
+                                             gain, slope, OptionalFloat(clamp, "clamp"));
         py::gil_scoped_release no_gil;
         fastgen::filtered_lrelu_pass(parsed.pass, as_stream(stream));
       },
@@ -416,10 +415,10 @@ PYBIND11_MODULE(_C, m) {
       [](int mode, py::handle src, py::handle bias, py::handle dst, py::handle codes,
          py::handle rows1, py::handle cols1, py::handle rows2, py::handle cols2, int64_t up,
          int64_t down, const std::array<int64_t, 4>& pads, const std::array<int64_t, 2>& mid_shape,
-         double gain, double slope, std::optional<double> clamp) {
+         double gain, double slope, py::handle clamp) {
         const ParsedFilteredLreluPass parsed(mode, src, bias, dst, codes, py::none(), rows1,
                                              cols1, rows2, cols2, up, down, pads, mid_shape,
-                                             gain, slope, clamp);
+                                             gain, slope, OptionalFloat(clamp, "clamp"));
         return fastgen::filtered_lrelu_tiles(parsed.pass);
       },
       py::arg("mode"), py::arg("src"), py::arg("bias").none(true), py::arg("dst"),
