@@ -27,8 +27,13 @@ with atomic adds: that costs two of the backward's seven tile products again but
 gradient a fixed-order sum.
 
 Precision: tl.dot takes the input dtype (tensor cores for float16/bfloat16, P and dS rounded
-to it as FlashAttention does) and accumulates in float32; float32 inputs use
-input_precision="ieee" because TF32 would miss the float32 tolerance. Softmax statistics and
+to it as FlashAttention does) and accumulates in float32. Float32 inputs use
+input_precision="tf32x3": each operand is split into two TF32 parts and three tensor-core
+products are summed, which leaves a relative error of about 2^-21 per product, as accurate as
+eager float32 attention in an emulation of it (2e-6..4e-6 against float64 at D = 40..256, where
+plain TF32 is 2e-3 off and misses the float32 tolerance). "ieee" (exact float32 FMA) would be as
+accurate but cannot run on tensor cores: ptxas for sm_90 spills 17..77 KB per thread in every
+float32 configuration at D >= 72 with it. Softmax statistics and
 all elementwise arithmetic are float32. The Triton CPU interpreter computes bfloat16 dots
 wrongly (conversions are exact), so under the interpreter bfloat16 operands are converted to
 float32 before each dot (UPCAST_DOTS): the values multiplied are the same bfloat16 values.
@@ -231,15 +236,25 @@ _FORWARD_BLOCKS = ((128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128,
                    (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2))
 _BACKWARD_BLOCKS = ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2),
                     (128, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2))
-# Elements of float32 accumulator tiles per program that still fit the registers.
-_MAX_ACCUMULATOR = 128 * 128
+# Float32 accumulator elements per thread that leave room for the operand tiles. From ptxas
+# for sm_90 on every config of the check cases: at 128 per thread every kernel spills (0.6..1.1
+# KB per thread at D_PAD 128 in 16 bits); at 64 the 16-bit kernels spill at most a few hundred
+# bytes, float32 (TF32x3: each operand held twice, as two TF32 parts) up to 2.5 KB; at 32
+# neither does more than about 200 bytes.
+_ACCUMULATOR_PER_THREAD = {"tf32": 64, "tf32x3": 32}
 
 
 def _prune(accumulator_rows):
-    """Configs whose accumulators (accumulator_rows(block sizes) x D_PAD float32) fit."""
+    """Configs whose accumulators (accumulator_rows(block sizes) x D_PAD float32 elements)
+    fit the per-thread budget of the dot precision; the smallest per thread when none does."""
+    def per_thread(config, d_pad):
+        return accumulator_rows(config.kwargs) * d_pad / (32 * config.num_warps)
+
     def prune(configs, named_args, **kwargs):
-        d_pad = {**named_args, **kwargs}["D_PAD"]
-        return [c for c in configs if accumulator_rows(c.kwargs) * d_pad <= _MAX_ACCUMULATOR]
+        args = {**named_args, **kwargs}
+        budget = _ACCUMULATOR_PER_THREAD[args["PRECISION"]]
+        fitting = [c for c in configs if per_thread(c, args["D_PAD"]) <= budget]
+        return fitting or [min(configs, key=lambda c: per_thread(c, args["D_PAD"]))]
 
     return prune
 
@@ -300,7 +315,7 @@ def _meta(q, mask) -> dict:
     head_dim = q.shape[-1]
     return dict(
         D=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), HAS_MASK=mask is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOTS=q.dtype == torch.bfloat16 and triton_interpreter_enabled(),
     )
 

@@ -23,9 +23,11 @@ of its head (from L2); the number of chunks is therefore only as large as needed
 GPU when B*H alone does not.
 
 Precision: every value is converted to float32 after loading and every tl.dot runs on
-float32 operands. For float32 inputs the dots use input_precision="ieee": TF32 would round
-the operands to 10 mantissa bits and miss the float32 tolerance. For float16/bfloat16
-inputs they use "tf32": the 16-bit input values are exactly representable in TF32, so the
+float32 operands. For float32 inputs the dots use input_precision="tf32x3" (three
+tensor-core products of the operands' TF32 parts, about 2^-21 relative per product: float32
+accuracy, where plain TF32 would round the operands to 10 mantissa bits and miss the float32
+tolerance; exact FMA "ieee" dots spill about 20 KB per thread at D = 72..128 on sm_90). For
+float16/bfloat16 inputs they use "tf32": the 16-bit input values are exactly representable in TF32, so the
 products that build S from k and v are the same as a native 16-bit tensor-core dot; only the
 float32 intermediates (S, dS, dout/den) are rounded to TF32, about 5e-4 relative, well inside
 the 16-bit output tolerances. Native 16-bit operands would double the tensor-core rate on the
@@ -205,7 +207,7 @@ class _Plan:
         # row tiles at D = 128 keep that in registers.
         self.block_n = 64 if self.d_pad <= 64 else 32
         self.num_warps = 4 if self.d_pad <= 64 else 8
-        self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.dot_precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
         self.target_programs = _target_programs(q.device)
 
     def rows_per_program(self, tokens: int) -> int:

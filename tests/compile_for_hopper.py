@@ -4,10 +4,11 @@ H100 (sm_90), on a machine without a GPU.
 The interpreter accepts code that the GPU compiler rejects (block shapes, dot operand sizes,
 non-constant globals, register-hungry tiles), so CI compiles the real kernels too: a stand-in
 driver reports an sm_90 target and every launch becomes compile-only (Triton's warm-up path);
-autotuned kernels compile every config. Outputs stay zero: only compilation is checked here,
-values are checked under the interpreter and on a GPU.
+autotuned kernels compile every config their pruning keeps for the arguments. Outputs stay
+zero: only compilation is checked here, values are checked under the interpreter and on a GPU.
 
-Run as a script (the test does, in a subprocess: triton.jit must see TRITON_INTERPRET unset).
+Run as a script (the test does, in subprocesses: triton.jit must see TRITON_INTERPRET unset),
+optionally with --shard I/N.
 Exit 0 when everything compiled, 1 when a kernel failed to compile, 3 when this Triton's
 internals no longer fit the stand-in driver (the test then skips rather than fail for a
 reason that is not ours).
@@ -82,8 +83,11 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 
 
 def _every_config(self, *args, **kwargs):
-    for config in self.configs:
+    """Every configuration the autotuner would time for these arguments (after its pruning)."""
+    self.nargs = dict(zip(self.arg_names, args))
+    for config in self.prune_configs(kwargs):
         self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+    self.nargs = None
 
 
 def _zeroed(allocate_output):
@@ -102,7 +106,8 @@ def _floating_leaves(args):
                  for a in args)
 
 
-def main() -> int:
+def main(shard: int = 0, shards: int = 1) -> int:
+    """Compiles the (op, check case, dtype) items numbered shard, shard + shards, ..."""
     try:
         active_driver.set_active(CompileOnlyHopper())
         jit.JITFunction.run = _compile_only
@@ -111,15 +116,23 @@ def main() -> int:
         print(f"Triton internals changed: {error}")
         return 3
     # The Triton backend takes CPU tensors (they only supply shapes, strides and dtypes here).
-    registry.triton_interpreter_enabled = lambda: True
+    # Only the backend check is told so: the launchers must still see the interpreter off, or
+    # they pick the configurations and operand types they use under it instead of the GPU's.
+    unavailable = registry.backend_unavailable_reason
+    registry.backend_unavailable_reason = lambda backend, device: (
+        None if backend == "triton" else unavailable(backend, device))
     generator = torch.Generator().manual_seed(0)
     failures = []
+    item = -1
     for name, op in sorted(registry.OPS.items()):
         op.allocate_output = _zeroed(op.allocate_output)
         implementation = op.implementations["triton"]
         for case in op.check_cases():
             for dtype in implementation.dtypes:
                 args = case.make_args(torch.device("cpu"), dtype, generator)
+                item += 1
+                if item % shards != shard:
+                    continue
                 try:
                     with registry.use_backend("triton"):
                         outputs = getattr(torch.ops.fastgen, name)(*_floating_leaves(args))
@@ -136,4 +149,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # Optional "--shard I/N": this process takes every N-th item from the I-th (a test runs N
+    # processes side by side: compiling is CPU-bound and the items are independent).
+    if len(sys.argv) == 3 and sys.argv[1] == "--shard":
+        index, count = (int(v) for v in sys.argv[2].split("/"))
+        sys.exit(main(index, count))
     sys.exit(main())

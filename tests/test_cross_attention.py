@@ -354,22 +354,32 @@ def test_public_op_is_the_registered_contract():
     assert cross_attention(q, k, v).shape == q.shape
 
 
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
 @pytest.mark.parametrize("head_dim", [16, 40, 64, 80, 128, 160, 256])
-def test_autotuning_keeps_configs_that_fit_every_head_dim(head_dim):
-    """The GPU autotuner prunes its configs by D_PAD (they cannot run here): some must stay for
-    every head dim, all of them for small ones."""
+def test_autotuning_keeps_configs_that_fit_every_head_dim(head_dim, precision):
+    """The GPU autotuner prunes its configs by the float32 accumulator elements per thread
+    (they cannot run here): some must stay for every head dim, all of them for small ones, and
+    none over the precision's budget unless nothing fits."""
     from fastgen.kernels import cross_attention as kernels
 
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
-    for kernel in (kernels._forward, kernels._query_grad, kernels._key_value_grad):
-        kept = kernel.tuned.early_config_prune(kernel.tuned.configs, {}, D_PAD=d_pad)
+    budget = kernels._ACCUMULATOR_PER_THREAD[precision]
+    for kernel, rows in ((kernels._forward, kernels._forward_accumulator_rows),
+                         (kernels._query_grad, kernels._query_grad_accumulator_rows),
+                         (kernels._key_value_grad, kernels._key_value_grad_accumulator_rows)):
+        configs = kernel.tuned.configs
+        kept = kernel.tuned.early_config_prune(configs, {}, D_PAD=d_pad, PRECISION=precision)
         assert kept, f"no config left for D = {head_dim}"
-        if d_pad <= 64:
-            assert kept == kernel.tuned.configs
-    forward_rows = {c.kwargs["BLOCK_M"] for c in kernels._forward.tuned.early_config_prune(
-        kernels._forward.tuned.configs, {}, D_PAD=d_pad)}
-    # A (BLOCK_M, D_PAD) float32 accumulator of 128 x 256 would spill.
-    assert forward_rows == ({64} if d_pad == 256 else {64, 128})
+        per_thread = {id(c): rows(c.kwargs) * d_pad / (32 * c.num_warps) for c in configs}
+        if d_pad * 2 * 128 <= budget * 32 * 4:  # even the largest tiles fit with 4 warps
+            assert kept == configs
+        fitting = [c for c in configs if per_thread[id(c)] <= budget]
+        assert kept == (fitting or [min(configs, key=lambda c: per_thread[id(c)])])
+    forward = kernels._forward.tuned
+    forward_kept = forward.early_config_prune(forward.configs, {}, D_PAD=d_pad, PRECISION=precision)
+    # ptxas for sm_90: a 128 x 128 float32 accumulator on 4 warps spills 0.6..1.1 KB per thread.
+    if d_pad == 128 and precision == "tf32":
+        assert {(c.kwargs["BLOCK_M"], c.num_warps) for c in forward_kept} == {(128, 8), (64, 4), (64, 8)}
 
 
 _SD15_CROSS = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (image tokens, head dim) per UNet level
