@@ -8,13 +8,19 @@ autotuned kernels compile every config their pruning keeps for the arguments. Ou
 zero: only compilation is checked here, values are checked under the interpreter and on a GPU.
 
 Run as a script (the test does, in subprocesses: triton.jit must see TRITON_INTERPRET unset),
-optionally with --shard I/N.
+optionally with --shard I/N, or with --ptxas-report to list every compiled variant's registers
+and spill bytes per thread (ptxas -v), most spilled first.
 Exit 0 when everything compiled, 1 when a kernel failed to compile, 3 when this Triton's
 internals no longer fit the stand-in driver (the test then skips rather than fail for a
 reason that is not ours).
 """
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -74,12 +80,41 @@ class CompileOnlyHopper(DriverBase):
 
 
 compiled = set()
+# (kernel, its launch options and floating argument dtypes) -> PTX, kept for --ptxas-report.
+ptx_by_variant: Optional[dict] = None
 _launch = jit.JITFunction.run
 
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
-    _launch(self, *args, grid=grid, warmup=True, **kwargs)
+    kernel = _launch(self, *args, grid=grid, warmup=True, **kwargs)
     compiled.add(self.fn.__name__)
+    if ptx_by_variant is not None:
+        dtypes = sorted({str(a.dtype).replace("torch.", "") for a in args
+                         if isinstance(a, torch.Tensor) and a.is_floating_point()})
+        options = " ".join(f"{k}={v}" for k, v in sorted(kwargs.items()) if not isinstance(v, torch.Tensor))
+        ptx_by_variant[(self.fn.__name__, f"{options} dtypes={'/'.join(dtypes)}")] = kernel.asm["ptx"]
+
+
+def ptxas_report(variants: dict) -> str:
+    """Registers and spill bytes per thread of each compiled variant (ptxas -v for sm_90a),
+    most spilled first: what a kernel costs in registers can be read here without a GPU."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(HOPPER.arch).path
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "kernel.ptx"
+        for (name, options), ptx in variants.items():
+            source.write_text(ptx)
+            target = re.search(r"^\.target (\w+)", ptx, re.MULTILINE).group(1)
+            log = subprocess.run([ptxas, "-v", f"--gpu-name={target}", str(source), "-o", os.devnull],
+                                 capture_output=True, text=True, check=True).stderr
+            registers = int(re.search(r"Used (\d+) registers", log).group(1))
+            spilled = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+            rows.append((spilled, registers, name, options))
+    rows.sort(key=lambda row: (-row[0], -row[1], row[2]))
+    return "\n".join(["spill B  regs  kernel  options"] +
+                     [f"{spilled:7d}  {registers:4d}  {name}  {options}" for spilled, registers, name, options in rows])
 
 
 def _every_config(self, *args, **kwargs):
@@ -149,9 +184,17 @@ def main(shard: int = 0, shards: int = 1) -> int:
 
 
 if __name__ == "__main__":
-    # Optional "--shard I/N": this process takes every N-th item from the I-th (a test runs N
-    # processes side by side: compiling is CPU-bound and the items are independent).
+    # "--shard I/N": this process takes every N-th item from the I-th (a test runs N processes
+    # side by side: compiling is CPU-bound and the items are independent). "--ptxas-report":
+    # everything, then the register and spill table.
     if len(sys.argv) == 3 and sys.argv[1] == "--shard":
         index, count = (int(v) for v in sys.argv[2].split("/"))
         sys.exit(main(index, count))
+    if sys.argv[1:] == ["--ptxas-report"]:
+        ptx_by_variant = {}
+        status = main()
+        print(ptxas_report(ptx_by_variant))
+        sys.exit(status)
+    if sys.argv[1:]:
+        sys.exit(f"usage: {sys.argv[0]} [--shard I/N | --ptxas-report]")
     sys.exit(main())
