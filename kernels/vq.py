@@ -42,9 +42,13 @@ the tensor cores' fp32 accumulation). Row offsets are int64; codebook offsets ar
 
 Block shapes (`_blocks`): BLOCK_D = next power of two >= max(D, 16) (D < 16 is padded with
 masked zeros, tl.dot needs 16), BLOCK_N = 64 rows (32 at D = 512), BLOCK_K = 128 codes for
-D <= 64 else 64. They compile for sm_90 (every kernel and variant was compiled for that
-target on a machine without a GPU) but were chosen by reasoning, not measured: tune them
-on a GPU.
+D <= 64 else 64, 8 warps from BLOCK_D 64 on (4 warps spill there). Float32 "ieee" dots run
+on FMA units, and Triton's FMA dot holds whole operand rows along D in each thread: the dot
+is split over D in slices of 32 (`D_CHUNK`), re-reading the z slices from L1/L2, which keeps
+every search kernel free of spills (ptxas for sm_90 measured the whole-D dots at 2.1 KB per
+thread at D = 40, 3.3 KB at 128, 10.7 KB at 256). These shapes compile for sm_90 (checked on
+a machine without a GPU) but were chosen by reasoning and ptxas, not timed: tune them on a
+GPU.
 """
 import functools
 
@@ -79,13 +83,25 @@ def _code_norms_kernel(e_ptr, out_ptr, K, D, e_sk, e_sd, COSINE: tl.constexpr, E
 
 
 @triton.jit
-def _tile_scores(z, e_ptr, norms_ptr, k, K, D, d, e_sk, e_sd, COSINE: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """Fast scores (BLOCK_N, BLOCK_K) of the z tile against codes k; +inf past the codebook."""
-    e = _load_rows(e_ptr, k, K, D, d, e_sk, e_sd)
-    if DOT_IN_FP32:
-        e = e.to(tl.float32)
-    dots = tl.dot(z, tl.trans(e), input_precision=INPUT_PRECISION)
+def _tile_scores(z, z_ptr, rows, N, z_sn, z_sd, e_ptr, norms_ptr, k, K, D, d, e_sk, e_sd,
+                 COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                 D_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fast scores (BLOCK_N, BLOCK_K) of the z rows against codes k; +inf past the codebook.
+    With D_CHUNK < BLOCK_D the dot runs over D in slices of D_CHUNK read from memory (z is
+    then not used): a float32 FMA dot ("ieee") keeps whole operand rows in each thread's
+    registers, which at BLOCK_D >= 64 spills (module docstring)."""
+    if D_CHUNK == BLOCK_D:
+        e = _load_rows(e_ptr, k, K, D, d, e_sk, e_sd)
+        if DOT_IN_FP32:
+            e = e.to(tl.float32)
+        dots = tl.dot(z, tl.trans(e), input_precision=INPUT_PRECISION)
+    else:
+        dots = tl.zeros((rows.shape[0], k.shape[0]), tl.float32)
+        for d0 in range(0, BLOCK_D, D_CHUNK):
+            part = d0 + tl.arange(0, D_CHUNK)
+            z_part = _load_rows(z_ptr, rows, N, D, part, z_sn, z_sd)
+            e_part = _load_rows(e_ptr, k, K, D, part, e_sk, e_sd)
+            dots += tl.dot(z_part, tl.trans(e_part), input_precision=INPUT_PRECISION)
     in_codebook = k < K
     norms = tl.load(norms_ptr + k, mask=in_codebook, other=0.0)
     if COSINE:
@@ -146,28 +162,31 @@ def _nearest_kernel(
     z_ptr, e_ptr, norms_ptr, partial_ptr, idx_ptr, value_ptr, zq_ptr, counts_ptr,
     N, K, D, z_sn, z_sd, e_sk, e_sd, tiles_per_split,
     SPLITS: tl.constexpr, FINISH: tl.constexpr, QUANTIZE: tl.constexpr, COSINE: tl.constexpr,
-    EPS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    EPS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, D_CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
-    z = _load_rows(z_ptr, rows, N, D, d, z_sn, z_sd)
-    if DOT_IN_FP32:
-        z = z.to(tl.float32)
+    z = 0.0  # the chunked dot reads z from memory, slice by slice
+    if D_CHUNK == BLOCK_D:
+        z = _load_rows(z_ptr, rows, N, D, d, z_sn, z_sd)
+        if DOT_IN_FP32:
+            z = z.to(tl.float32)
     best = tl.full((BLOCK_N,), float("inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_N,), tl.int32)
     k_begin = split * tiles_per_split * BLOCK_K
     k_end = tl.minimum(K, k_begin + tiles_per_split * BLOCK_K)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        scores = _tile_scores(z, e_ptr, norms_ptr, k, K, D, d, e_sk, e_sd, COSINE, INPUT_PRECISION, DOT_IN_FP32)
+        scores = _tile_scores(z, z_ptr, rows, N, z_sn, z_sd, e_ptr, norms_ptr, k, K, D, d, e_sk, e_sd,
+                              COSINE, INPUT_PRECISION, DOT_IN_FP32, D_CHUNK, BLOCK_D)
         tile_best, tile_arg = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best < best
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, k0 + tile_arg, best_idx)
     if FINISH:
-        distance = _fast_distance(z, best, COSINE, EPS)
+        distance = _fast_distance(_load_rows(z_ptr, rows, N, D, d, z_sn, z_sd), best, COSINE, EPS)
         _epilogue(rows, N, K, D, d, best_idx, distance, z_ptr, e_ptr, z_sn, z_sd, e_sk, e_sd,
                   idx_ptr, value_ptr, zq_ptr, counts_ptr, QUANTIZE)
     else:
@@ -230,7 +249,7 @@ def _refine_kernel(
     partial_ptr, z_ptr, e_ptr, norms_ptr, max_sq_norm_ptr, idx_ptr, value_ptr, zq_ptr, counts_ptr,
     N, K, D, z_sn, z_sd, e_sk, e_sd,
     SPLITS: tl.constexpr, QUANTIZE: tl.constexpr, COSINE: tl.constexpr, EPS: tl.constexpr,
-    DOT_ERROR: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    DOT_ERROR: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, D_CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -248,7 +267,8 @@ def _refine_kernel(
     columns = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + columns
-        scores = _tile_scores(z, e_ptr, norms_ptr, k, K, D, d, e_sk, e_sd, COSINE, INPUT_PRECISION, DOT_IN_FP32)
+        scores = _tile_scores(z, z_ptr, rows, N, z_sn, z_sd, e_ptr, norms_ptr, k, K, D, d, e_sk, e_sd,
+                              COSINE, INPUT_PRECISION, DOT_IN_FP32, D_CHUNK, BLOCK_D)
         candidate = (scores <= threshold[:, None]) & (k[None, :] != fast_idx[:, None]) & in_rows[:, None]
         if tl.max(candidate.to(tl.int32)) > 0:  # a near-tie in this tile: rare
             for j in range(0, BLOCK_K):
@@ -285,6 +305,9 @@ def _sum_kernel(values_ptr, out_ptr, N, scale, BLOCK: tl.constexpr):
 # Relative error of one product of the dot, on top of float32 accumulation: tf32 rounds both
 # operands to 10 explicit mantissa bits; tf32x3 drops only the low x low product.
 _OPERAND_ERROR = {"ieee": 0.0, "tf32": 2.0**-10, "tf32x3": 2.0**-20}
+# D per dot for float32 "ieee" (FMA) dots: ptxas for sm_90 spills 2.1 KB per thread at
+# BLOCK_D 64 (4 warps), 3.3 KB at 128 and 10.7 KB at 256 (VQGAN's codebook) with whole-D dots.
+_FMA_D_CHUNK = 32
 # Search programs to aim for per streaming multiprocessor before splitting the codebook.
 _PROGRAMS_PER_SM = 2
 _INTERPRETER_PROGRAMS = 8
@@ -307,7 +330,7 @@ def _blocks(D: int) -> dict:
     block_n = 32 if block_d >= 512 else 64
     block_k = 128 if block_d <= 64 else 64
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d,
-            "num_warps": 8 if block_d >= 256 else 4, "num_stages": 2 if block_d >= 512 else 3}
+            "num_warps": 8 if block_d >= 64 else 4, "num_stages": 2 if block_d >= 512 else 3}
 
 
 def _dot_options(dtype: torch.dtype, input_precision: str) -> dict:
@@ -340,6 +363,8 @@ def _search(z, codebook, cosine: bool, exact: bool, input_precision: str, idx, v
         return
     meta = _blocks(D)
     dot = _dot_options(z.dtype, input_precision)
+    fma_dot = z.dtype == torch.float32 and input_precision == "ieee"
+    d_chunk = min(meta["BLOCK_D"], _FMA_D_CHUNK) if fma_dot else meta["BLOCK_D"]
     norms = code_norms(codebook, cosine)
     row_blocks = triton.cdiv(N, meta["BLOCK_N"])
     num_tiles = triton.cdiv(K, meta["BLOCK_K"])
@@ -356,7 +381,7 @@ def _search(z, codebook, cosine: bool, exact: bool, input_precision: str, idx, v
         z, codebook, norms, partial, idx, value, zq_arg, counts_arg,
         N, K, D, *z.stride(), *codebook.stride(), tiles_per_split,
         SPLITS=splits, FINISH=finish_in_search, INPUT_PRECISION=dot["INPUT_PRECISION"],
-        DOT_IN_FP32=dot["DOT_IN_FP32"], **common, **meta,
+        DOT_IN_FP32=dot["DOT_IN_FP32"], D_CHUNK=d_chunk, **common, **meta,
     )
     if finish_in_search:
         return
@@ -367,7 +392,7 @@ def _search(z, codebook, cosine: bool, exact: bool, input_precision: str, idx, v
             partial, z, codebook, norms, max_sq_norm, idx, value, zq_arg, counts_arg,
             N, K, D, *z.stride(), *codebook.stride(),
             SPLITS=splits, DOT_ERROR=dot["operand_error"] + D * 2.0**-24, INPUT_PRECISION=dot["INPUT_PRECISION"],
-            DOT_IN_FP32=dot["DOT_IN_FP32"], BLOCK_S=block_s, **common, **meta,
+            DOT_IN_FP32=dot["DOT_IN_FP32"], D_CHUNK=d_chunk, BLOCK_S=block_s, **common, **meta,
         )
         return
     block_n = max(16, 4096 // max(block_s, meta["BLOCK_D"]))
