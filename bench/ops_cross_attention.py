@@ -76,7 +76,7 @@ def _cases(quick: bool) -> list:
         shapes = sd15 + sdxl + sana + self_attention
     cases = [_case(label, b, lq, lkv, h, d, dtype, direction, lengths)
              for (label, b, lq, lkv, h, d, lengths), dtype, direction in itertools.product(shapes, dtypes, directions)]
-    if not quick:  # float32 at the largest SD 1.5 level, for the ieee-precision path
+    if not quick:  # float32 at the largest SD 1.5 level, for the TF32x3 path
         cases += [_case("SD1.5", 4, 4096, 77, 8, 40, torch.float32, d) for d in directions]
     return cases
 

@@ -114,6 +114,20 @@ def test_duplicate_codes_go_to_the_lowest_index(device, backend, dtype, metric, 
     assert torch.equal(idx.cpu(), targets.repeat(2))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exact", [False, True])
+def test_wide_codes_on_the_triton_kernels(dtype, exact, generator):
+    """D = 256 (VQGAN): float32 'ieee' dots run over D in slices of 32 (several slices, a
+    partial last codebook tile) and the exact recheck takes 32 rows a program (70 rows: a
+    partial last block); every row's index must be the float64 argmin."""
+    z = _matrix(70, 256, "sliced", CPU, dtype, generator)
+    codebook = _matrix(150, 256, "contiguous", CPU, dtype, generator)
+    idx, distance = _run_nearest(z, codebook, "l2", exact)
+    expected_idx, _ = vq.vq_nearest_reference(z.double(), codebook.double(), "l2")
+    assert torch.equal(idx, expected_idx), f"{int((idx != expected_idx).sum())} of 70 rows differ"
+    _assert_distances_close(distance, z, codebook, idx, "l2")
+
+
 # Not under the CUDA emulation, which runs one block at a time: the ~8200 blocks of the
 # code-norm pass alone take minutes there.
 @pytest.mark.parametrize("device, backend", [p for p in _devices_and_backends() if p is not EMULATED_CUDA])
