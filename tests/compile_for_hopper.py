@@ -7,13 +7,14 @@ driver reports an sm_90 target and every launch becomes compile-only (Triton's w
 autotuned kernels compile every config their pruning keeps for the arguments. Outputs stay
 zero: only compilation is checked here, values are checked under the interpreter and on a GPU.
 
-Run as a script (the test does, in subprocesses: triton.jit must see TRITON_INTERPRET unset),
-optionally with --shard I/N, or with --ptxas-report to list every compiled variant's registers
-and spill bytes per thread (ptxas -v), most spilled first.
-Exit 0 when everything compiled, 1 when a kernel failed to compile, 3 when this Triton's
-internals no longer fit the stand-in driver (the test then skips rather than fail for a
-reason that is not ours).
+Run as a script (the test does, in subprocesses: triton.jit must see TRITON_INTERPRET unset);
+--help lists the options (--shard, --op, and --ptxas-report: every compiled variant's
+registers and spill bytes per thread from ptxas -v, most spilled first).
+Exit 0 when everything compiled, 1 when a kernel failed to compile, 2 for bad arguments (an
+unknown op), 3 when this Triton's internals no longer fit the stand-in driver (the test then
+skips rather than fail for a reason that is not ours).
 """
+import argparse
 import os
 import re
 import subprocess
@@ -141,8 +142,9 @@ def _floating_leaves(args):
                  for a in args)
 
 
-def main(shard: int = 0, shards: int = 1) -> int:
-    """Compiles the (op, check case, dtype) items numbered shard, shard + shards, ..."""
+def main(shard: int = 0, shards: int = 1, op_names: Optional[list] = None) -> int:
+    """Compiles the (op, check case, dtype) items numbered shard, shard + shards, ... (of the
+    ops named, or all)."""
     try:
         active_driver.set_active(CompileOnlyHopper())
         jit.JITFunction.run = _compile_only
@@ -159,7 +161,13 @@ def main(shard: int = 0, shards: int = 1) -> int:
     generator = torch.Generator().manual_seed(0)
     failures = []
     item = -1
+    unknown = set(op_names or ()) - set(registry.OPS)
+    if unknown:
+        print(f"unknown op(s) {sorted(unknown)}; known: {sorted(registry.OPS)}")
+        return 2
     for name, op in sorted(registry.OPS.items()):
+        if op_names and name not in op_names:
+            continue
         op.allocate_output = _zeroed(op.allocate_output)
         implementation = op.implementations["triton"]
         for case in op.check_cases():
@@ -184,17 +192,18 @@ def main(shard: int = 0, shards: int = 1) -> int:
 
 
 if __name__ == "__main__":
-    # "--shard I/N": this process takes every N-th item from the I-th (a test runs N processes
-    # side by side: compiling is CPU-bound and the items are independent). "--ptxas-report":
-    # everything, then the register and spill table.
-    if len(sys.argv) == 3 and sys.argv[1] == "--shard":
-        index, count = (int(v) for v in sys.argv[2].split("/"))
-        sys.exit(main(index, count))
-    if sys.argv[1:] == ["--ptxas-report"]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="take every N-th (op, case, dtype) item from the I-th (a test runs N of these "
+                             "processes side by side: compiling is CPU-bound and the items are independent)")
+    parser.add_argument("--op", action="append", help="only this op (repeatable)")
+    parser.add_argument("--ptxas-report", action="store_true",
+                        help="then list every compiled variant's registers and spill bytes, most spilled first")
+    options = parser.parse_args()
+    if options.ptxas_report:
         ptx_by_variant = {}
-        status = main()
+    index, count = (int(v) for v in options.shard.split("/"))
+    status = main(index, count, options.op)
+    if options.ptxas_report and status != 3:
         print(ptxas_report(ptx_by_variant))
-        sys.exit(status)
-    if sys.argv[1:]:
-        sys.exit(f"usage: {sys.argv[0]} [--shard I/N | --ptxas-report]")
-    sys.exit(main())
+    sys.exit(status)

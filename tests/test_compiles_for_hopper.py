@@ -27,3 +27,31 @@ def test_every_triton_kernel_compiles_for_hopper(tmp_path):
         assert code == 0, output[-20000:]
     compiled = {kernel for output in outputs for kernel in output.split("kernels: ")[1].split("\n")[0].split(", ")}
     assert len(compiled) >= len(fastgen.OPS), compiled
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the real kernels")
+def test_ptxas_report_lists_registers_and_spills_of_each_variant():
+    script = Path(__file__).with_name("compile_for_hopper.py")
+    result = subprocess.run([sys.executable, str(script), "--op", "pixel_unshuffle_channel_avg", "--ptxas-report"],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode == 3:
+        pytest.skip(f"this Triton's internals do not fit the compile-only driver: {result.stdout[-2000:]}")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    table = result.stdout.split("spill B  regs  kernel  options\n")[1].splitlines()
+    rows = [line.split(None, 3) for line in table]
+    # The forward's kernel and the backward's (the adjoint shuffle).
+    kernels = {"_pixel_unshuffle_channel_sum_kernel", "_channel_dup_pixel_shuffle_kernel"}
+    assert rows and {name for _, _, name, _ in rows} == kernels, table
+    assert all(0 < int(registers) <= 255 and int(spilled) >= 0 for spilled, registers, _, _ in rows), table
+    assert any("dtypes=bfloat16" in options for *_, options in rows), table
+    spills = [int(spilled) for spilled, *_ in rows]
+    assert spills == sorted(spills, reverse=True)
+
+
+def test_compile_check_rejects_an_unknown_op():
+    script = Path(__file__).with_name("compile_for_hopper.py")
+    result = subprocess.run([sys.executable, str(script), "--op", "no_such_op"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode in (2, 3), result.stdout + result.stderr
+    if result.returncode == 2:
+        assert "unknown op(s) ['no_such_op']" in result.stdout
