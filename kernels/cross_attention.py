@@ -32,9 +32,9 @@ input_precision="tf32x3": each operand is split into two TF32 parts and three te
 products are summed, which leaves a relative error of about 2^-21 per product, as accurate as
 eager float32 attention in an emulation of it (2e-6..4e-6 against float64 at D = 40..256, where
 plain TF32 is 2e-3 off and misses the float32 tolerance). "ieee" (exact float32 FMA) would be as
-accurate but cannot run on tensor cores: ptxas for sm_90 spills 17..77 KB per thread in every
-float32 configuration at D >= 72 with it. Softmax statistics and
-all elementwise arithmetic are float32. The Triton CPU interpreter computes bfloat16 dots
+accurate but cannot run on tensor cores: with it ptxas for sm_90 spills 2.7..77 KB per thread
+(most above 17 KB) in every float32 configuration at D_PAD 128. Softmax statistics and all
+elementwise arithmetic are float32. The Triton CPU interpreter computes bfloat16 dots
 wrongly (conversions are exact), so under the interpreter bfloat16 operands are converted to
 float32 before each dot (UPCAST_DOTS): the values multiplied are the same bfloat16 values.
 

@@ -26,11 +26,11 @@ Precision: every value is converted to float32 after loading and every tl.dot ru
 float32 operands. For float32 inputs the dots use input_precision="tf32x3" (three
 tensor-core products of the operands' TF32 parts, about 2^-21 relative per product: float32
 accuracy, where plain TF32 would round the operands to 10 mantissa bits and miss the float32
-tolerance; exact FMA "ieee" dots spill about 20 KB per thread at D = 72..128 on sm_90). For
-float16/bfloat16 inputs they use "tf32": the 16-bit input values are exactly representable in TF32, so the
-products that build S from k and v are the same as a native 16-bit tensor-core dot; only the
-float32 intermediates (S, dS, dout/den) are rounded to TF32, about 5e-4 relative, well inside
-the 16-bit output tolerances. Native 16-bit operands would double the tensor-core rate on the
+tolerance; exact FMA "ieee" dots spill about 20 KB per thread at D = 72..128 on sm_90).
+For float16/bfloat16 inputs they use "tf32": the 16-bit input values are exactly
+representable in TF32, so the products that build S from k and v are the same as a native
+16-bit tensor-core dot; only the float32 intermediates (S, dS, dout/den) are rounded to TF32,
+about 5e-4 relative, well inside the 16-bit output tolerances. Native 16-bit operands would double the tensor-core rate on the
 GPU, but at D = 32 these kernels are bound by memory, not by the dots, and the Triton CPU
 interpreter computes bfloat16 dots (and bfloat16 arithmetic) wrongly, so the float32 path is
 the one that can be verified on every machine.

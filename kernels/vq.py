@@ -186,7 +186,9 @@ def _nearest_kernel(
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, k0 + tile_arg, best_idx)
     if FINISH:
-        distance = _fast_distance(_load_rows(z_ptr, rows, N, D, d, z_sn, z_sd), best, COSINE, EPS)
+        if D_CHUNK != BLOCK_D:  # only the whole-D path kept the z tile in registers
+            z = _load_rows(z_ptr, rows, N, D, d, z_sn, z_sd)
+        distance = _fast_distance(z, best, COSINE, EPS)
         _epilogue(rows, N, K, D, d, best_idx, distance, z_ptr, e_ptr, z_sn, z_sd, e_sk, e_sd,
                   idx_ptr, value_ptr, zq_ptr, counts_ptr, QUANTIZE)
     else:
