@@ -9,8 +9,11 @@
 // scale = 1/g gives the spec's mean; the backward of each op is the other with scale = 1
 // (or 1/g). Sums are fp32 whatever the dtype, and y is rounded once.
 //
-// First version: one thread per output element in a grid-stride loop. The per-element
-// functions are __host__ __device__ so the index arithmetic can be checked on a CPU.
+// One thread per output element in a grid-stride loop, the elements taken in y's memory order
+// (NCHW or channels_last, whichever y is) so consecutive lanes write consecutive addresses;
+// in the NCHW order a channels_last y would be written C elements apart per lane. The
+// per-element functions are __host__ __device__ so the index arithmetic can be checked on a
+// CPU.
 
 #include "common.h"
 
@@ -25,18 +28,33 @@ struct Geometry {
   int64_t channels, height, width;  // of y; the batch is whatever remains of the index
   int64_t factor;
   int64_t group;  // g for the unshuffle, r for the duplication
+  bool channels_last;  // of y: element order (b, h, w, o) instead of (b, o, h, w)
 };
 
-// (b, o, h, w) of element idx in y's logical row-major order; the memory order of y does
-// not matter for correctness, only for speed.
+// (b, o, h, w) of element idx in y's memory order; the order does not matter for
+// correctness, only for coalescing.
 __host__ __device__ __forceinline__ void unravel(int64_t idx, const Geometry& geo, int64_t& b,
                                                  int64_t& o, int64_t& h, int64_t& w) {
-  w = idx % geo.width;
-  idx /= geo.width;
-  h = idx % geo.height;
-  idx /= geo.height;
-  o = idx % geo.channels;
-  b = idx / geo.channels;
+  if (geo.channels_last) {
+    o = idx % geo.channels;
+    idx /= geo.channels;
+    w = idx % geo.width;
+    idx /= geo.width;
+    h = idx % geo.height;
+    b = idx / geo.height;
+  } else {
+    w = idx % geo.width;
+    idx /= geo.width;
+    h = idx % geo.height;
+    idx /= geo.height;
+    o = idx % geo.channels;
+    b = idx / geo.channels;
+  }
+}
+
+// y is walked channel-innermost when its channel stride is the smallest (channels_last).
+bool walks_channels_last(const TensorView4d& y) {
+  return y.size[1] > 1 && y.stride[1] == 1 && y.stride[3] != 1;
 }
 
 template <typename T>
@@ -143,7 +161,7 @@ void pixel_unshuffle_channel_avg(const TensorView4d& x, const TensorView4d& y,
   ensure_device();
   const int64_t n = y.numel();
   if (n == 0) return;
-  const Geometry geo{O, H / f, W / f, f, C * f * f / O};
+  const Geometry geo{O, H / f, W / f, f, C * f * f / O, walks_channels_last(y)};
   dispatch_dtype(y.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     unshuffle_avg_kernel<T><<<grid_size(n), kThreadsPerBlock, 0, stream>>>(
@@ -166,7 +184,7 @@ void channel_dup_pixel_shuffle(const TensorView4d& x, const TensorView4d& y,
   ensure_device();
   const int64_t n = y.numel();
   if (n == 0) return;
-  const Geometry geo{O, H * f, W * f, f, O * f * f / C};
+  const Geometry geo{O, H * f, W * f, f, O * f * f / C, walks_channels_last(y)};
   dispatch_dtype(y.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dup_shuffle_kernel<T><<<grid_size(n), kThreadsPerBlock, 0, stream>>>(
