@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import LAUNCH_OPTIONS
+
 _TILE_ELEMENTS = 4096  # per (BLOCK_C, BLOCK_S) tile: 16 float32 registers a thread at 8 warps
 _NUM_WARPS = 8
 # One program should not walk more than this many elements alone: past it the split path
@@ -668,12 +670,12 @@ def ada_group_norm_forward(x, scale, shift, num_groups: int, weight, bias, eps: 
                 **_strides("x", x3), **_strides("y", y3), **_modulation_args(scale, shift, weight, bias),
                 ACT_SILU=act == "silu", **plan.meta())
     if plan.fused:
-        _group_norm_fused_kernel[plan.grid()](x3, y3, **args)
+        _group_norm_fused_kernel[plan.grid()](x3, y3, **args, **LAUNCH_OPTIONS)
         return
     mean, m2 = plan.stats_workspace(batch, x.device)
     _chunk_stats_kernel[plan.grid()](x3, mean, m2, num_groups, plan.channels_per_group, positions, plan.chunk,
-                                     *x3.stride(), **plan.meta())
-    _group_norm_apply_kernel[plan.grid()](x3, y3, mean, m2, CHUNK=plan.chunk, **args)
+                                     *x3.stride(), **plan.meta(), **LAUNCH_OPTIONS)
+    _group_norm_apply_kernel[plan.grid()](x3, y3, mean, m2, CHUNK=plan.chunk, **args, **LAUNCH_OPTIONS)
 
 
 def _finish_modulation_grads(sums, num_chunks, scale, weight, bias, dscale, dshift, dweight=None, dbias=None):
@@ -689,6 +691,7 @@ def _finish_modulation_grads(sums, num_chunks, scale, weight, bias, dscale, dshi
         dbias if affine else dscale, dbias.stride(0) if affine else 0,
         batch, channels, num_chunks,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, AFFINE_GRADS=affine, BLOCK=_FINISH_BLOCK,
+        **LAUNCH_OPTIONS,
     )
 
 
@@ -710,16 +713,16 @@ def ada_group_norm_backward(grad, x, scale, shift, num_groups: int, weight, bias
                   ACT_SILU=act == "silu", **plan.meta())
     if plan.fused:
         _group_norm_backward_fused_kernel[plan.grid()](g3, x3, dx3, sums, C=channels, **_strides("dx", dx3),
-                                                       **common)
+                                                       **common, **LAUNCH_OPTIONS)
     else:
         mean, m2 = plan.stats_workspace(batch, x.device)
         group_sums = torch.empty(2, batch * num_groups, plan.num_chunks, device=x.device, dtype=torch.float32)
         _chunk_stats_kernel[plan.grid()](x3, mean, m2, num_groups, plan.channels_per_group, positions, plan.chunk,
-                                         *x3.stride(), **plan.meta())
+                                         *x3.stride(), **plan.meta(), **LAUNCH_OPTIONS)
         _channel_grad_sums_kernel[plan.grid()](g3, x3, sums, group_sums, mean, m2, C=channels, CHUNK=plan.chunk,
-                                               **common)
+                                               **common, **LAUNCH_OPTIONS)
         _input_grad_kernel[plan.grid()](g3, x3, dx3, group_sums, mean, m2, CHUNK=plan.chunk, **_strides("dx", dx3),
-                                        **common)
+                                        **common, **LAUNCH_OPTIONS)
     _finish_modulation_grads(sums, plan.num_chunks, scale, weight, bias, dscale, dshift, dweight, dbias)
 
 
@@ -754,7 +757,7 @@ def ada_layer_norm_forward(x, scale, shift, eps: float, out) -> None:
     batch, tokens, channels = x.shape
     _layer_norm_kernel[plan.grid(batch)](
         x, out, scale, shift, tokens, channels, plan.rows, eps,
-        *x.stride(), *out.stride(), *scale.stride(), *shift.stride(), **plan.meta(),
+        *x.stride(), *out.stride(), *scale.stride(), *shift.stride(), **plan.meta(), **LAUNCH_OPTIONS,
     )
 
 
@@ -769,6 +772,6 @@ def ada_layer_norm_backward(grad, x, scale, shift, eps: float, dx, dscale, dshif
     sums = torch.empty(2, plan.num_chunks, batch, channels, device=x.device, dtype=torch.float32)
     _layer_norm_backward_kernel[plan.grid(batch)](
         grad, x, dx, sums, scale, shift, batch, tokens, channels, plan.rows, eps,
-        *grad.stride(), *x.stride(), *dx.stride(), *scale.stride(), *shift.stride(), **plan.meta(),
+        *grad.stride(), *x.stride(), *dx.stride(), *scale.stride(), *shift.stride(), **plan.meta(), **LAUNCH_OPTIONS,
     )
     _finish_modulation_grads(sums, plan.num_chunks, scale, None, None, dscale, dshift)

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import LAUNCH_OPTIONS
 from fastgen.ops.bias_act import ACTIVATIONS, SELU_ALPHA, SELU_SCALE
 
 _SELU_SCALE = tl.constexpr(SELU_SCALE)
@@ -254,7 +255,7 @@ def bias_act_forward(x, b, params, out) -> None:
         *x_strides, *(bias_strides[0] if b is not None else [0, 0, 0, 0]), *out_strides,
         params.alpha, params.gain, 0.0 if params.clamp is None else params.clamp,
         ACT=ACTIVATIONS[params.act].index, HAS_BIAS=b is not None, HAS_CLAMP=params.clamp is not None,
-        BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4,
+        BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4, **LAUNCH_OPTIONS,
     )
 
 
@@ -296,7 +297,7 @@ def bias_act_backward(dy, x, b, y, params, source, dx, db) -> None:
         ACT=ACTIVATIONS[params.act].index,
         SOURCE={None: _NO_SOURCE, "y": _SOURCE_Y, "x": _SOURCE_X}[source],
         HAS_BIAS=b is not None, HAS_CLAMP=params.clamp is not None, REDUCE=reduce,
-        BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4,
+        BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4, **LAUNCH_OPTIONS,
     )
     if b is not None:
         db.copy_(_reduce_partials(partial, reduce, sizes, bias_axis))

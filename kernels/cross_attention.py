@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import LAUNCH_OPTIONS
 from fastgen.ops.registry import triton_interpreter_enabled
 
 # Module constants a kernel may read must be tl.constexpr.
@@ -294,9 +295,10 @@ class _Kernel:
             return
         if triton_interpreter_enabled():
             grid = (triton.cdiv(length, _INTERPRETER_META[self.blocks_along]), batch_heads)
-            self.kernel[grid](*args, **meta, **_INTERPRETER_META)
+            self.kernel[grid](*args, **meta, **_INTERPRETER_META, **LAUNCH_OPTIONS)
         else:
-            self.tuned[lambda config: (triton.cdiv(length, config[self.blocks_along]), batch_heads)](*args, **meta)
+            self.tuned[lambda config: (triton.cdiv(length, config[self.blocks_along]), batch_heads)](
+                *args, **meta, **LAUNCH_OPTIONS)
 
 
 _forward = _Kernel(_forward_kernel, _FORWARD_BLOCKS, _forward_accumulator_rows, "BLOCK_M")

@@ -70,6 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import LAUNCH_OPTIONS
 from fastgen.ops.filtered_lrelu import FusedPass, backward_pass, forward_pass
 
 _FORWARD, _FORWARD_WITH_CODES, _BACKWARD = 0, 1, 2
@@ -277,7 +278,7 @@ def _launch(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp, c
         # ptxas for sm_90 on StyleGAN3's 12-tap layers (BM 64): 4 warps spill up to 27 KB per
         # thread (float16 up1/down2, float32 stages); 8 warps spill nothing in float16 and at
         # most about 1.4 KB where both stages are float32 (float32 / bfloat16 x).
-        num_warps=8 if bm >= 64 else 4,
+        num_warps=8 if bm >= 64 else 4, **LAUNCH_OPTIONS,
     )
     if partials is not None:
         channel_sums.copy_(partials.view(batch, channels, -1).sum((0, 2)))

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import LAUNCH_OPTIONS
 from fastgen.ops.linear_attention import rows_per_chunk
 
 
@@ -245,7 +246,7 @@ def _state_partials(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> tuple:
         k, v, state, normalizer,
         tokens, plan.heads, plan.rows_per_program(tokens),
         *k.stride(), *v.stride(),
-        **plan.meta(),
+        **plan.meta(), **LAUNCH_OPTIONS,
     )
     return state, normalizer, grid[0]
 
@@ -261,7 +262,7 @@ def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         q, out, state, normalizer,
         tokens, plan.heads, plan.rows_per_program(tokens), num_partials, eps,
         *q.stride(), *out.stride(),
-        **plan.meta(),
+        **plan.meta(), **LAUNCH_OPTIONS,
     )
 
 
@@ -279,11 +280,11 @@ def linear_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
         q, grad, dq, state, normalizer, dstate, dnormalizer,
         q_tokens, plan.heads, plan.rows_per_program(q_tokens), num_state_partials, eps,
         *q.stride(), *grad.stride(), *dq.stride(),
-        **plan.meta(),
+        **plan.meta(), **LAUNCH_OPTIONS,
     )
     _key_value_grad_kernel[plan.grid(kv_tokens)](
         k, v, dk, dv, dstate, dnormalizer,
         kv_tokens, plan.heads, plan.rows_per_program(kv_tokens), q_grid[0],
         *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
-        **plan.meta(),
+        **plan.meta(), **LAUNCH_OPTIONS,
     )

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import LAUNCH_OPTIONS
+
 
 @triton.jit
 def _tile(tile_index, C, HW, W, TILES_PER_IMAGE, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -129,7 +131,7 @@ def trms2d_forward(x, weight, bias, eps: float, y) -> None:
         x, x if weight is None else weight, x if bias is None else bias, y,
         *_geometry(x), plan.tiles_per_image, eps,
         *x.stride(), *y.stride(),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **plan.meta(),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **plan.meta(), **LAUNCH_OPTIONS,
     )
 
 
@@ -155,7 +157,7 @@ def trms2d_backward(grad, x, weight, eps: float, dx, dweight, dbias) -> None:
         grad, x, x if weight is None else weight, dx, partial,
         *_geometry(x), plan.tiles_per_image, num_tiles, eps,
         *grad.stride(), *x.stride(), *dx.stride(),
-        HAS_WEIGHT=weight is not None, **plan.meta(),
+        HAS_WEIGHT=weight is not None, **plan.meta(), **LAUNCH_OPTIONS,
     )
     sums = partial.sum(0)
     dweight.copy_(sums[0])

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import LAUNCH_OPTIONS
+
 
 @triton.jit
 def _output_coordinates(n, C, H, W, CHANNELS_LAST: tl.constexpr):
@@ -115,7 +117,7 @@ def _launch(kernel, x, y, residual, factor, scale, channel_ratio, block=_ELEMENT
         *x.stride(), *residual_strides, *y.stride(),
         scale,
         FACTOR=factor, HAS_RESIDUAL=residual is not None, CHANNELS_LAST=channels_last,
-        BLOCK=block, **meta,
+        BLOCK=block, **meta, **LAUNCH_OPTIONS,
     )
 
 

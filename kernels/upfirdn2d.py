@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import LAUNCH_OPTIONS
+
 _MAX_FUSED_TAPS = 16
 _OUTPUTS_PER_PROGRAM = 1024
 
@@ -184,7 +186,7 @@ def _launch(x, f, y, up, down, pad0, flip_filter, gain, filter_2d, filter_x, fil
         FILTER_2D=filter_2d, FILTER_X=filter_x, FILTER_Y=filter_y, FLIP=flip_filter,
         CHANNELS_LAST=channels_last,
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
-        num_warps=4,
+        num_warps=4, **LAUNCH_OPTIONS,
     )
 
 

@@ -56,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.kernels import LAUNCH_OPTIONS
 from fastgen.ops.registry import triton_interpreter_enabled
 
 # F.normalize's eps: a code of norm below it is divided by eps instead.
@@ -352,7 +353,8 @@ def code_norms(codebook: torch.Tensor, cosine: bool) -> torch.Tensor:
     block_d = max(16, triton.next_power_of_2(D))
     block_k = max(1, 4096 // block_d)
     _code_norms_kernel[(triton.cdiv(K, block_k),)](
-        codebook, norms, K, D, *codebook.stride(), COSINE=cosine, EPS=COSINE_EPS, BLOCK_K=block_k, BLOCK_D=block_d)
+        codebook, norms, K, D, *codebook.stride(), COSINE=cosine, EPS=COSINE_EPS, BLOCK_K=block_k, BLOCK_D=block_d,
+        **LAUNCH_OPTIONS)
     return norms
 
 
@@ -383,7 +385,7 @@ def _search(z, codebook, cosine: bool, exact: bool, input_precision: str, idx, v
         z, codebook, norms, partial, idx, value, zq_arg, counts_arg,
         N, K, D, *z.stride(), *codebook.stride(), tiles_per_split,
         SPLITS=splits, FINISH=finish_in_search, INPUT_PRECISION=dot["INPUT_PRECISION"],
-        DOT_IN_FP32=dot["DOT_IN_FP32"], D_CHUNK=d_chunk, **common, **meta,
+        DOT_IN_FP32=dot["DOT_IN_FP32"], D_CHUNK=d_chunk, **common, **meta, **LAUNCH_OPTIONS,
     )
     if finish_in_search:
         return
@@ -397,14 +399,14 @@ def _search(z, codebook, cosine: bool, exact: bool, input_precision: str, idx, v
             partial, z, codebook, norms, max_sq_norm, idx, value, zq_arg, counts_arg,
             N, K, D, *z.stride(), *codebook.stride(),
             SPLITS=splits, DOT_ERROR=dot["operand_error"] + D * 2.0**-24, INPUT_PRECISION=dot["INPUT_PRECISION"],
-            DOT_IN_FP32=dot["DOT_IN_FP32"], D_CHUNK=d_chunk, BLOCK_S=block_s, **common, **refine_meta,
+            DOT_IN_FP32=dot["DOT_IN_FP32"], D_CHUNK=d_chunk, BLOCK_S=block_s, **common, **refine_meta, **LAUNCH_OPTIONS,
         )
         return
     block_n = max(16, 4096 // max(block_s, meta["BLOCK_D"]))
     _finish_kernel[(triton.cdiv(N, block_n),)](
         partial, z, codebook, idx, value, zq_arg, counts_arg,
         N, K, D, *z.stride(), *codebook.stride(),
-        SPLITS=splits, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_D=meta["BLOCK_D"], **common,
+        SPLITS=splits, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_D=meta["BLOCK_D"], **common, **LAUNCH_OPTIONS,
     )
 
 
@@ -421,4 +423,4 @@ def quantize(z, codebook, beta: float, exact: bool, input_precision: str, zq, id
     _search(z, codebook, False, exact, input_precision, idx, row_errors, zq, counts)
     # mean over N*D elements: an empty z gives 0/0 = NaN, as torch's mean does.
     scale = (1.0 + beta) / (N * D) if N else float("nan")
-    _sum_kernel[(1,)](row_errors, loss, N, scale, BLOCK=1024)
+    _sum_kernel[(1,)](row_errors, loss, N, scale, BLOCK=1024, **LAUNCH_OPTIONS)

@@ -37,6 +37,7 @@ except ImportError as error:
     print(f"Triton internals changed: {error}")
     sys.exit(3)
 
+from fastgen.kernels import LAUNCH_OPTIONS  # noqa: E402
 from fastgen.ops import registry  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -92,7 +93,8 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
     if ptx_by_variant is not None:
         dtypes = sorted({str(a.dtype).replace("torch.", "") for a in args
                          if isinstance(a, torch.Tensor) and a.is_floating_point()})
-        options = " ".join(f"{k}={v}" for k, v in sorted(kwargs.items()) if not isinstance(v, torch.Tensor))
+        options = " ".join(f"{k}={v}" for k, v in sorted(kwargs.items())
+                           if not isinstance(v, torch.Tensor) and k not in LAUNCH_OPTIONS)
         ptx_by_variant[(self.fn.__name__, f"{options} dtypes={'/'.join(dtypes)}")] = kernel.asm["ptx"]
 
 
