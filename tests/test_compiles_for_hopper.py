@@ -25,6 +25,8 @@ def test_every_triton_kernel_compiles_for_hopper(tmp_path):
         pytest.skip(f"this Triton's internals do not fit the compile-only driver: {outputs[codes.index(3)][-2000:]}")
     for code, output in zip(codes, outputs):
         assert code == 0, output[-20000:]
+        # Triton >= 3.9 warns when a launch leaves FMA contraction to its changing default.
+        assert "TRITON_DEFAULT_FP_FUSION" not in output, "a launch lacks LAUNCH_OPTIONS"
     compiled = {kernel for output in outputs for kernel in output.split("kernels: ")[1].split("\n")[0].split(", ")}
     assert len(compiled) >= len(fastgen.OPS), compiled
 
