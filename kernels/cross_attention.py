@@ -38,10 +38,10 @@ elementwise arithmetic are float32. The Triton CPU interpreter computes bfloat16
 wrongly (conversions are exact), so under the interpreter bfloat16 operands are converted to
 float32 before each dot (UPCAST_DOTS): the values multiplied are the same bfloat16 values.
 
-Tiles: a few autotuned configs, valid on Ampere and Hopper, pruned by D_PAD so the float32
-accumulators fit in registers; BLOCK_N = 32 wastes least on the 77 text tokens of Stable
-Diffusion (96 columns computed instead of 128). Under the interpreter one fixed small config
-runs (autotuning there would only multiply the test time).
+Tiles: a few autotuned configs, valid on Ampere and Hopper, pruned by D_PAD so the tiles a
+program keeps and streams fit in registers (budgets from ptxas, below); BLOCK_N = 32 wastes
+least on the 77 text tokens of Stable Diffusion (96 columns computed instead of 128). Under the
+interpreter one fixed small config runs (autotuning there would only multiply the test time).
 """
 import torch
 import triton
@@ -230,48 +230,52 @@ def _configs(blocks: tuple) -> list:
             for m, n, warps, stages in blocks]
 
 
-# (BLOCK_M, BLOCK_N, warps, stages). The forward keeps a (BLOCK_M, D_PAD) accumulator; the
-# key/value gradient kernel two (BLOCK_N, D_PAD) ones; the query gradient kernel one
-# (BLOCK_M, D_PAD) plus the q and dout tiles.
+# (BLOCK_M, BLOCK_N, warps, stages). The forward keeps a (BLOCK_M, D_PAD) accumulator and
+# streams (BLOCK_N, D_PAD) key and value tiles; the query gradient kernel keeps dq plus the q
+# and dout tiles and streams keys and values; the key/value gradient kernel keeps dk and dv
+# (two (BLOCK_N, D_PAD) accumulators) and streams (BLOCK_M, D_PAD) q and dout tiles.
 _FORWARD_BLOCKS = ((128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
                    (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2))
 _BACKWARD_BLOCKS = ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2),
                     (128, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2))
-# Float32 accumulator elements per thread that leave room for the operand tiles. From ptxas
-# for sm_90 on every config of the check cases: at 128 per thread every kernel spills (0.6..1.1
-# KB per thread at D_PAD 128 in 16 bits); at 64 the 16-bit kernels spill at most a few hundred
-# bytes, float32 (TF32x3: each operand held twice, as two TF32 parts) up to 2.5 KB; at 32
-# neither does more than about 200 bytes.
-_ACCUMULATOR_PER_THREAD = {"tf32": 64, "tf32x3": 32}
+# Tile elements (kept plus streamed rows, times D_PAD) per thread that a config may hold. From
+# ptxas for sm_90 on all 8 configs of every kernel at D_PAD 16, 64, 128 and 256 (Triton 3.9):
+# within these budgets the candidates always include the least-spilling config of the whole
+# list, for 16-bit inputs one spilling at most 32 bytes per thread. Float32 (TF32x3: each
+# operand held twice, as two TF32 parts) gets half the budget and still spills at D_PAD >= 128,
+# least in the candidates kept (0.2..4.9 KB per thread, against up to 41 KB in others). Counting
+# only the accumulators, as before, kept a key/value gradient config spilling 16.6 KB at
+# D_PAD 128 in float32 as the only candidate.
+_TILE_ELEMENTS_PER_THREAD = {"tf32": 128, "tf32x3": 64}
 
 
-def _prune(accumulator_rows):
-    """Configs whose accumulators (accumulator_rows(block sizes) x D_PAD float32 elements)
-    fit the per-thread budget of the dot precision; the smallest per thread when none does."""
+def _prune(tile_rows):
+    """Configs whose tiles (tile_rows(block sizes) x D_PAD elements) fit the per-thread budget
+    of the dot precision; when none does, those holding the fewest per thread."""
     def per_thread(config, d_pad):
-        return accumulator_rows(config.kwargs) * d_pad / (32 * config.num_warps)
+        return tile_rows(config.kwargs) * d_pad / (32 * config.num_warps)
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        budget = _ACCUMULATOR_PER_THREAD[args["PRECISION"]]
-        fitting = [c for c in configs if per_thread(c, args["D_PAD"]) <= budget]
-        return fitting or [min(configs, key=lambda c: per_thread(c, args["D_PAD"]))]
+        footprint = {id(c): per_thread(c, args["D_PAD"]) for c in configs}
+        fitting = [c for c in configs if footprint[id(c)] <= _TILE_ELEMENTS_PER_THREAD[args["PRECISION"]]]
+        smallest = min(footprint.values())
+        return fitting or [c for c in configs if footprint[id(c)] == smallest]
 
     return prune
 
 
-def _forward_accumulator_rows(blocks):
-    return blocks["BLOCK_M"]
+def _forward_tile_rows(blocks):
+    return blocks["BLOCK_M"] + blocks["BLOCK_N"]
 
 
-def _query_grad_accumulator_rows(blocks):
+def _query_grad_tile_rows(blocks):
     # dq, plus the q and dout tiles held across the loop (16-bit: together one float32 tile).
-    return 2 * blocks["BLOCK_M"]
+    return 2 * blocks["BLOCK_M"] + blocks["BLOCK_N"]
 
 
-def _key_value_grad_accumulator_rows(blocks):
-    # dk and dv (the k and v tiles held across the loop come on top, in 16 bits).
-    return 2 * blocks["BLOCK_N"]
+def _key_value_grad_tile_rows(blocks):
+    return 2 * blocks["BLOCK_N"] + blocks["BLOCK_M"]
 
 
 # Under the interpreter: one small config whose tiles still split odd test lengths into
@@ -284,10 +288,10 @@ _TUNING_KEY = ["LQ", "LKV", "D_PAD", "HAS_MASK"]
 class _Kernel:
     """A kernel with its autotuned twin: the fixed interpreter config, or autotuning."""
 
-    def __init__(self, kernel, blocks, accumulator_rows, blocks_along):
+    def __init__(self, kernel, blocks, tile_rows, blocks_along):
         self.kernel = kernel
         self.tuned = triton.autotune(_configs(blocks), key=_TUNING_KEY,
-                                     prune_configs_by={"early_config_prune": _prune(accumulator_rows)})(kernel)
+                                     prune_configs_by={"early_config_prune": _prune(tile_rows)})(kernel)
         self.blocks_along = blocks_along  # "BLOCK_M" or "BLOCK_N": the block axis 0 of the grid runs over
 
     def __call__(self, length: int, batch_heads: int, *args, **meta) -> None:
@@ -301,9 +305,9 @@ class _Kernel:
                 *args, **meta, **LAUNCH_OPTIONS)
 
 
-_forward = _Kernel(_forward_kernel, _FORWARD_BLOCKS, _forward_accumulator_rows, "BLOCK_M")
-_query_grad = _Kernel(_query_grad_kernel, _BACKWARD_BLOCKS, _query_grad_accumulator_rows, "BLOCK_M")
-_key_value_grad = _Kernel(_key_value_grad_kernel, _BACKWARD_BLOCKS, _key_value_grad_accumulator_rows, "BLOCK_N")
+_forward = _Kernel(_forward_kernel, _FORWARD_BLOCKS, _forward_tile_rows, "BLOCK_M")
+_query_grad = _Kernel(_query_grad_kernel, _BACKWARD_BLOCKS, _query_grad_tile_rows, "BLOCK_M")
+_key_value_grad = _Kernel(_key_value_grad_kernel, _BACKWARD_BLOCKS, _key_value_grad_tile_rows, "BLOCK_N")
 
 
 def _mask_args(mask, q):

@@ -194,27 +194,27 @@ def padding_mask(lengths, max_length: int, device) -> torch.Tensor:
     return torch.arange(max_length, device=device)[None, :] < torch.as_tensor(lengths, device=device)[:, None]
 
 
-def _check_case(label, batch, q_len, kv_len, heads, head_dim, layout, scale=None):
+def _check_case(label, batch, q_len, kv_len, heads, head_dim, layout, scale=None, key_lengths=None):
     def make_args(device, dtype, generator):
         if layout == "fused qkv":
             q, k, v = random_tensor((batch, q_len, 3, heads, head_dim), "contiguous", device, dtype, generator).unbind(2)
         else:
             q = random_tensor((batch, q_len, heads, head_dim), layout, device, dtype, generator)
             k, v = (random_tensor((batch, kv_len, heads, head_dim), layout, device, dtype, generator) for _ in "kv")
-        return (q, k, v, None, scale)
+        mask = None if key_lengths is None else padding_mask(key_lengths, kv_len, device)
+        return (q, k, v, mask, scale)
 
     return CheckCase(label, make_args)
 
 
 def _check_cases():
-    # No key padding masks here: fastgen check upcasts every tensor argument to float64 and
-    # the contract's opcheck makes every tensor require grad, neither of which a bool mask
-    # survives. tests/test_cross_attention.py covers the masks.
     return [
         _check_case("SD-like D40 Lq37 Lkv21", 2, 37, 21, 2, 40, "contiguous"),
         _check_case("self-attention fused qkv D16 L33", 1, 33, 33, 2, 16, "fused qkv"),
         _check_case("D80 sliced Lq9 Lkv19 scale 0.3", 2, 9, 19, 1, 80, "sliced", scale=0.3),
         _check_case("SANA-like D72 Lq20 Lkv30", 1, 20, 30, 2, 72, "contiguous"),
+        _check_case("SD 1.5 deepest D160 Lq12 Lkv77, captions of 9 and 0 tokens", 2, 12, 77, 1, 160,
+                    "contiguous", key_lengths=[9, 0]),
     ]
 
 
