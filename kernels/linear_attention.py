@@ -13,8 +13,12 @@ Forward, two launches:
      phi(q) S, denominator phi(q).z + eps and the division are fused; out is written once.
 Backward, three launches (S and z are recomputed from k and v rather than saved, so the op's
 only output stays `out`): the state kernel again; `_query_grad_kernel` (reads q and dout,
-writes dq and the chunk partials of dS and dz); `_key_value_grad_kernel` (adds those partials,
-reads k and v, writes dk and dv).
+writes dq and the chunk partials of dS and dz; it multiplies by S^T only, as out itself is
+not needed); `_key_value_grad_kernel` (adds those partials, reads k and v, writes dk and dv).
+Resident D_PAD x D_PAD dot operands live in shared memory, two copies each under TF32x3, so
+float32 at D_PAD 128 may hold one of S, S^T, dS, dS^T at a time: sm_90 has 227 KiB a block
+and each such operand takes 128 KiB there (the compile check measures every kernel against
+that limit).
 
 Determinism: no atomics. Every partial is produced by one program in a fixed row order and
 every consumer adds the partials in chunk order, so two runs give bitwise equal results.
@@ -30,10 +34,10 @@ tolerance; exact FMA "ieee" dots spill about 20 KB per thread at D = 72..128 on 
 For float16/bfloat16 inputs they use "tf32": the 16-bit input values are exactly
 representable in TF32, so the products that build S from k and v are the same as a native
 16-bit tensor-core dot; only the float32 intermediates (S, dS, dout/den) are rounded to TF32,
-about 5e-4 relative, well inside the 16-bit output tolerances. Native 16-bit operands would double the tensor-core rate on the
-GPU, but at D = 32 these kernels are bound by memory, not by the dots, and the Triton CPU
-interpreter computes bfloat16 dots (and bfloat16 arithmetic) wrongly, so the float32 path is
-the one that can be verified on every machine.
+about 5e-4 relative, well inside the 16-bit output tolerances. Native 16-bit operands would
+double the tensor-core rate on the GPU, but at D = 32 these kernels are bound by memory, not by
+the dots, and the Triton CPU interpreter computes bfloat16 dots (and bfloat16 arithmetic)
+wrongly, so the float32 path is the one that can be verified on every machine.
 
 Block shapes: D is padded to D_PAD = max(16, next power of two) inside the kernels with
 masked loads (tl.dot needs every dimension >= 16); BLOCK_N rows per tile. Row offsets are
@@ -159,18 +163,39 @@ def _query_grad_kernel(
         q = _load_rows(q_ptr, b, h, rows, N, q_sb, q_sn, q_sh, q_sd, d, D)
         grad = _load_rows(grad_ptr, b, h, rows, N, g_sb, g_sn, g_sh, g_sd, d, D)
         phi_q = tl.maximum(q, 0.0)
-        # The forward is recomputed rather than read back: out is not saved.
         denominator = tl.sum(phi_q * normalizer[None, :], axis=1) + eps
-        out = tl.dot(phi_q, state, input_precision=DOT_PRECISION) / denominator[:, None]
         dnumerator = grad / denominator[:, None]
-        ddenominator = -tl.sum(grad * out, axis=1) / denominator
-        dphi_q = tl.dot(dnumerator, state_t, input_precision=DOT_PRECISION) + ddenominator[:, None] * normalizer[None, :]
+        # out = phi_q S / den is not needed: grad . out = phi_q . (grad S^T) / den, and
+        # dnumerator S^T is needed for dq anyway. One state product per tile instead of two,
+        # and S stays resident in one orientation only: with both, float32 at D_PAD 128 (TF32x3
+        # holds each operand as two parts) needed 320 KiB of shared memory, past sm_90's 227.
+        dnumerator_state_t = tl.dot(dnumerator, state_t, input_precision=DOT_PRECISION)
+        ddenominator = -tl.sum(phi_q * dnumerator_state_t, axis=1) / denominator
+        dphi_q = dnumerator_state_t + ddenominator[:, None] * normalizer[None, :]
         # where, not a product with the mask: on rows whose phi(q) is all zero dnumerator is
         # grad / eps, which overflows to inf for large gradients, and inf * 0 would be NaN.
         _store_rows(dq_ptr, tl.where(q > 0, dphi_q, 0.0), b, h, rows, N, dq_sb, dq_sn, dq_sh, dq_sd, d, D)
         dstate += tl.dot(tl.trans(phi_q), dnumerator, input_precision=DOT_PRECISION)
         dnormalizer += tl.sum(ddenominator[:, None] * phi_q, axis=0)
     _store_partial(dstate_ptr, dnormalizer_ptr, dstate, dnormalizer, D_PAD)
+
+
+@triton.jit
+def _key_grad_rows(k_ptr, v_ptr, dk_ptr, dstate_t, dnormalizer, b, h, rows, N,
+                   k_sb, k_sn, k_sh, k_sd, v_sb, v_sn, v_sh, v_sd, dk_sb, dk_sn, dk_sh, dk_sd,
+                   d, D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    k = _load_rows(k_ptr, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, d, D)
+    v = _load_rows(v_ptr, b, h, rows, N, v_sb, v_sn, v_sh, v_sd, d, D)
+    dphi_k = tl.dot(v, dstate_t, input_precision=DOT_PRECISION) + dnormalizer[None, :]
+    _store_rows(dk_ptr, tl.where(k > 0, dphi_k, 0.0), b, h, rows, N, dk_sb, dk_sn, dk_sh, dk_sd, d, D)
+
+
+@triton.jit
+def _value_grad_rows(k_ptr, dv_ptr, dstate, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, dv_sb, dv_sn, dv_sh, dv_sd,
+                     d, D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    phi_k = tl.maximum(_load_rows(k_ptr, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, d, D), 0.0)
+    dv = tl.dot(phi_k, dstate, input_precision=DOT_PRECISION)
+    _store_rows(dv_ptr, dv, b, h, rows, N, dv_sb, dv_sn, dv_sh, dv_sd, d, D)
 
 
 @triton.jit
@@ -182,19 +207,32 @@ def _key_value_grad_kernel(
     dk_sb, dk_sn, dk_sh, dk_sd,
     dv_sb, dv_sn, dv_sh, dv_sd,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TWO_PASSES: tl.constexpr,
 ):
     b, h, d = _program_head(H, D_PAD)
     dstate, dnormalizer = _sum_partials(dstate_ptr, dnormalizer_ptr, num_partials, D_PAD)
-    dstate_t = tl.trans(dstate)
     start, end = _chunk_rows(N, rows_per_program)
-    for row0 in range(start, end, BLOCK_N):
-        rows = row0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptr, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, d, D)
-        v = _load_rows(v_ptr, b, h, rows, N, v_sb, v_sn, v_sh, v_sd, d, D)
-        dphi_k = tl.dot(v, dstate_t, input_precision=DOT_PRECISION) + dnormalizer[None, :]
-        _store_rows(dk_ptr, tl.where(k > 0, dphi_k, 0.0), b, h, rows, N, dk_sb, dk_sn, dk_sh, dk_sd, d, D)
-        dv = tl.dot(tl.maximum(k, 0.0), dstate, input_precision=DOT_PRECISION)
-        _store_rows(dv_ptr, dv, b, h, rows, N, dv_sb, dv_sn, dv_sh, dv_sd, d, D)
+    if TWO_PASSES:
+        # dv needs dS and dk needs dS^T as resident dot operands; in one loop both are held in
+        # shared memory at once. A pass each lets the second reuse the first's shared memory,
+        # for one more read of k.
+        for row0 in range(start, end, BLOCK_N):
+            _value_grad_rows(k_ptr, dv_ptr, dstate, b, h, row0 + tl.arange(0, BLOCK_N), N,
+                             k_sb, k_sn, k_sh, k_sd, dv_sb, dv_sn, dv_sh, dv_sd, d, D, DOT_PRECISION)
+        dstate_t = tl.trans(dstate)
+        for row0 in range(start, end, BLOCK_N):
+            _key_grad_rows(k_ptr, v_ptr, dk_ptr, dstate_t, dnormalizer, b, h, row0 + tl.arange(0, BLOCK_N), N,
+                           k_sb, k_sn, k_sh, k_sd, v_sb, v_sn, v_sh, v_sd, dk_sb, dk_sn, dk_sh, dk_sd,
+                           d, D, DOT_PRECISION)
+    else:
+        dstate_t = tl.trans(dstate)
+        for row0 in range(start, end, BLOCK_N):
+            rows = row0 + tl.arange(0, BLOCK_N)
+            _key_grad_rows(k_ptr, v_ptr, dk_ptr, dstate_t, dnormalizer, b, h, rows, N,
+                           k_sb, k_sn, k_sh, k_sd, v_sb, v_sn, v_sh, v_sd, dk_sb, dk_sn, dk_sh, dk_sd,
+                           d, D, DOT_PRECISION)
+            _value_grad_rows(k_ptr, dv_ptr, dstate, b, h, rows, N, k_sb, k_sn, k_sh, k_sd,
+                             dv_sb, dv_sn, dv_sh, dv_sd, d, D, DOT_PRECISION)
 
 
 class _Plan:
@@ -286,5 +324,5 @@ def linear_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
         k, v, dk, dv, dstate, dnormalizer,
         kv_tokens, plan.heads, plan.rows_per_program(kv_tokens), q_grid[0],
         *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
-        **plan.meta(), **LAUNCH_OPTIONS,
+        TWO_PASSES=plan.dot_precision == "tf32x3" and plan.d_pad >= 128, **plan.meta(), **LAUNCH_OPTIONS,
     )
