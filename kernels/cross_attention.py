@@ -235,47 +235,59 @@ def _configs(blocks: tuple) -> list:
 # and dout tiles and streams keys and values; the key/value gradient kernel keeps dk and dv
 # (two (BLOCK_N, D_PAD) accumulators) and streams (BLOCK_M, D_PAD) q and dout tiles.
 _FORWARD_BLOCKS = ((128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                   (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2))
+                   (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2))
 _BACKWARD_BLOCKS = ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2),
-                    (128, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2))
+                    (128, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (32, 16, 4, 2))
 # Tile elements (kept plus streamed rows, times D_PAD) per thread that a config may hold. From
-# ptxas for sm_90 on all 8 configs of every kernel at D_PAD 16, 64, 128 and 256 (Triton 3.9):
-# within these budgets the candidates always include the least-spilling config of the whole
-# list, for 16-bit inputs one spilling at most 32 bytes per thread. Float32 (TF32x3: each
-# operand held twice, as two TF32 parts) gets half the budget and still spills at D_PAD >= 128,
-# least in the candidates kept (0.2..4.9 KB per thread, against up to 41 KB in others). Counting
-# only the accumulators, as before, kept a key/value gradient config spilling 16.6 KB at
-# D_PAD 128 in float32 as the only candidate.
+# ptxas for sm_90 on the first 8 configs of every kernel at D_PAD 16, 64, 128 and 256 (Triton
+# 3.9): within these budgets the candidates always include the least-spilling config of those,
+# for 16-bit inputs one spilling at most 32 bytes per thread. Float32 (TF32x3: each operand
+# held twice, as two TF32 parts) gets half the budget and still spills at D_PAD >= 128, least
+# in the candidates kept (0.2..4.9 KB per thread, against up to 41 KB in others). Counting only
+# the accumulators, as before, kept a key/value gradient config spilling 16.6 KB at D_PAD 128
+# in float32 as the only candidate.
 _TILE_ELEMENTS_PER_THREAD = {"tf32": 128, "tf32x3": 64}
 
 
-def _prune(tile_rows):
-    """Configs whose tiles (tile_rows(block sizes) x D_PAD elements) fit the per-thread budget
-    of the dot precision; when none does, those holding the fewest per thread."""
+def _prune(kept_and_streamed_rows):
+    """Of all configs but the last, those whose tiles (kept plus streamed rows x D_PAD
+    elements) fit the per-thread budget of the dot precision (when none does, those holding
+    the fewest per thread); and always the last, the one with the fewest rows in shared memory
+    (kept plus every stage's streamed rows). The GPU autotuner skips configs past the shared
+    memory limit: in float32 at D_PAD 256 (SD 1.5's D = 160) no other forward config fits in
+    sm_90's 227 KiB (the last takes 136 KiB), and in the backward the last (128..160 KiB) also
+    spills least (1.4..2.1 KB per thread; the others kept there 2.4..34.6 KB, or 512 KiB of
+    shared memory)."""
     def per_thread(config, d_pad):
-        return tile_rows(config.kwargs) * d_pad / (32 * config.num_warps)
+        return sum(kept_and_streamed_rows(config.kwargs)) * d_pad / (32 * config.num_warps)
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        footprint = {id(c): per_thread(c, args["D_PAD"]) for c in configs}
-        fitting = [c for c in configs if footprint[id(c)] <= _TILE_ELEMENTS_PER_THREAD[args["PRECISION"]]]
-        smallest = min(footprint.values())
-        return fitting or [c for c in configs if footprint[id(c)] == smallest]
+        *tiled, lean = configs
+        footprint = [per_thread(c, args["D_PAD"]) for c in tiled]
+        budget = _TILE_ELEMENTS_PER_THREAD[args["PRECISION"]]
+        limit = budget if min(footprint) <= budget else min(footprint)
+        return [c for c, f in zip(tiled, footprint) if f <= limit] + [lean]
 
     return prune
 
 
-def _forward_tile_rows(blocks):
-    return blocks["BLOCK_M"] + blocks["BLOCK_N"]
+def _in_shared_memory(kept_and_streamed_rows, block):
+    kept, streamed = kept_and_streamed_rows({"BLOCK_M": block[0], "BLOCK_N": block[1]})
+    return kept + block[3] * streamed
 
 
-def _query_grad_tile_rows(blocks):
+def _forward_rows(blocks):
+    return blocks["BLOCK_M"], blocks["BLOCK_N"]
+
+
+def _query_grad_rows(blocks):
     # dq, plus the q and dout tiles held across the loop (16-bit: together one float32 tile).
-    return 2 * blocks["BLOCK_M"] + blocks["BLOCK_N"]
+    return 2 * blocks["BLOCK_M"], blocks["BLOCK_N"]
 
 
-def _key_value_grad_tile_rows(blocks):
-    return 2 * blocks["BLOCK_N"] + blocks["BLOCK_M"]
+def _key_value_grad_rows(blocks):
+    return 2 * blocks["BLOCK_N"], blocks["BLOCK_M"]
 
 
 # Under the interpreter: one small config whose tiles still split odd test lengths into
@@ -288,10 +300,12 @@ _TUNING_KEY = ["LQ", "LKV", "D_PAD", "HAS_MASK"]
 class _Kernel:
     """A kernel with its autotuned twin: the fixed interpreter config, or autotuning."""
 
-    def __init__(self, kernel, blocks, tile_rows, blocks_along):
+    def __init__(self, kernel, blocks, kept_and_streamed_rows, blocks_along):
+        lean = min(blocks, key=lambda block: _in_shared_memory(kept_and_streamed_rows, block))
+        assert blocks[-1] == lean, f"the prune keeps the last config for its shared memory: {lean} must be last"
         self.kernel = kernel
         self.tuned = triton.autotune(_configs(blocks), key=_TUNING_KEY,
-                                     prune_configs_by={"early_config_prune": _prune(tile_rows)})(kernel)
+                                     prune_configs_by={"early_config_prune": _prune(kept_and_streamed_rows)})(kernel)
         self.blocks_along = blocks_along  # "BLOCK_M" or "BLOCK_N": the block axis 0 of the grid runs over
 
     def __call__(self, length: int, batch_heads: int, *args, **meta) -> None:
@@ -305,9 +319,9 @@ class _Kernel:
                 *args, **meta, **LAUNCH_OPTIONS)
 
 
-_forward = _Kernel(_forward_kernel, _FORWARD_BLOCKS, _forward_tile_rows, "BLOCK_M")
-_query_grad = _Kernel(_query_grad_kernel, _BACKWARD_BLOCKS, _query_grad_tile_rows, "BLOCK_M")
-_key_value_grad = _Kernel(_key_value_grad_kernel, _BACKWARD_BLOCKS, _key_value_grad_tile_rows, "BLOCK_N")
+_forward = _Kernel(_forward_kernel, _FORWARD_BLOCKS, _forward_rows, "BLOCK_M")
+_query_grad = _Kernel(_query_grad_kernel, _BACKWARD_BLOCKS, _query_grad_rows, "BLOCK_M")
+_key_value_grad = _Kernel(_key_value_grad_kernel, _BACKWARD_BLOCKS, _key_value_grad_rows, "BLOCK_N")
 
 
 def _mask_args(mask, q):

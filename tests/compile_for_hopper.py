@@ -9,10 +9,11 @@ zero: only compilation is checked here, values are checked under the interpreter
 
 Run as a script (the test does, in subprocesses: triton.jit must see TRITON_INTERPRET unset);
 --help lists the options (--shard, --op, and --ptxas-report: every compiled variant's
-registers and spill bytes per thread from ptxas -v, most spilled first).
-Exit 0 when everything compiled, 1 when a kernel failed to compile, 2 for bad arguments (an
-unknown op), 3 when this Triton's internals no longer fit the stand-in driver (the test then
-skips rather than fail for a reason that is not ours).
+registers and spill bytes per thread from ptxas -v and its shared memory, most spilled
+first). Exit 0 when everything compiled, 1 when a kernel failed to compile or would not launch
+for lack of shared memory, 2 for bad arguments (an unknown op), 3 when this Triton's internals
+no longer fit the stand-in driver (the test then skips rather than fail for a reason that is
+not ours).
 """
 import argparse
 import os
@@ -33,6 +34,7 @@ try:
     from triton.backends.nvidia.driver import ty_to_cpp
     from triton.runtime import autotuner, jit
     from triton.runtime import driver as active_driver
+    from triton.runtime.errors import OutOfResources
 except ImportError as error:
     print(f"Triton internals changed: {error}")
     sys.exit(3)
@@ -41,6 +43,10 @@ from fastgen.kernels import LAUNCH_OPTIONS  # noqa: E402
 from fastgen.ops import registry  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
+# The shared memory a block may opt in to on sm_90 (227 KiB; --shared-memory sets another, as
+# A100's 163 or an RTX card's 99). A launch past it raises OutOfResources on the GPU; the
+# autotuner skips such configs, so only a launch left with none that fits fails there, and here.
+shared_memory_limit = 232448
 
 
 class CompileOnlyHopper(DriverBase):
@@ -83,49 +89,62 @@ class CompileOnlyHopper(DriverBase):
 
 compiled = set()
 # (kernel, its launch options and floating argument dtypes) -> PTX, kept for --ptxas-report.
-ptx_by_variant: Optional[dict] = None
+ptx_by_variant: Optional[dict] = None  # (kernel, options) -> (PTX, shared memory bytes)
+REPORT_HEADER = "spill B  regs  smem KB  kernel  options"
 _launch = jit.JITFunction.run
 
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _launch(self, *args, grid=grid, warmup=True, **kwargs)
     compiled.add(self.fn.__name__)
+    shared = kernel.metadata.shared
     if ptx_by_variant is not None:
         dtypes = sorted({str(a.dtype).replace("torch.", "") for a in args
                          if isinstance(a, torch.Tensor) and a.is_floating_point()})
         options = " ".join(f"{k}={v}" for k, v in sorted(kwargs.items())
                            if not isinstance(v, torch.Tensor) and k not in LAUNCH_OPTIONS)
-        ptx_by_variant[(self.fn.__name__, f"{options} dtypes={'/'.join(dtypes)}")] = kernel.asm["ptx"]
+        ptx_by_variant[(self.fn.__name__, f"{options} dtypes={'/'.join(dtypes)}")] = (kernel.asm["ptx"], shared)
+    if shared > shared_memory_limit:
+        raise OutOfResources(shared, shared_memory_limit, "shared memory")
 
 
 def ptxas_report(variants: dict) -> str:
-    """Registers and spill bytes per thread of each compiled variant (ptxas -v for sm_90a),
-    most spilled first: what a kernel costs in registers can be read here without a GPU."""
+    """Registers and spill bytes per thread (ptxas -v for sm_90a) and shared memory per block
+    of each compiled variant, most spilled first: what a kernel costs can be read here
+    without a GPU."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptxas = get_ptxas(HOPPER.arch).path
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         source = Path(scratch) / "kernel.ptx"
-        for (name, options), ptx in variants.items():
+        for (name, options), (ptx, shared) in variants.items():
             source.write_text(ptx)
             target = re.search(r"^\.target (\w+)", ptx, re.MULTILINE).group(1)
             log = subprocess.run([ptxas, "-v", f"--gpu-name={target}", str(source), "-o", os.devnull],
                                  capture_output=True, text=True, check=True).stderr
             registers = int(re.search(r"Used (\d+) registers", log).group(1))
             spilled = int(re.search(r"(\d+) bytes spill stores", log).group(1))
-            rows.append((spilled, registers, name, options))
-    rows.sort(key=lambda row: (-row[0], -row[1], row[2]))
-    return "\n".join(["spill B  regs  kernel  options"] +
-                     [f"{spilled:7d}  {registers:4d}  {name}  {options}" for spilled, registers, name, options in rows])
+            rows.append((spilled, registers, shared, name, options))
+    rows.sort(key=lambda row: (-row[0], -row[1], row[3]))
+    return "\n".join([REPORT_HEADER] + [f"{spilled:7d}  {registers:4d}  {shared / 1024:7.1f}  {name}  {options}"
+                                         for spilled, registers, shared, name, options in rows])
 
 
 def _every_config(self, *args, **kwargs):
-    """Every configuration the autotuner would time for these arguments (after its pruning)."""
+    """Every configuration the autotuner would time for these arguments (after its pruning);
+    fails, as the autotuner would on the GPU, when none fits in shared memory."""
     self.nargs = dict(zip(self.arg_names, args))
-    for config in self.prune_configs(kwargs):
-        self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+    configs = self.prune_configs(kwargs)
+    too_large = []
+    for config in configs:
+        try:
+            self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+        except OutOfResources as error:
+            too_large.append(f"{config}: {error}")
     self.nargs = None
+    if len(too_large) == len(configs):
+        raise RuntimeError(f"no config fits in {shared_memory_limit} bytes of shared memory: {'; '.join(too_large)}")
 
 
 def _zeroed(allocate_output):
@@ -199,9 +218,12 @@ if __name__ == "__main__":
                         help="take every N-th (op, case, dtype) item from the I-th (a test runs N of these "
                              "processes side by side: compiling is CPU-bound and the items are independent)")
     parser.add_argument("--op", action="append", help="only this op (repeatable)")
+    parser.add_argument("--shared-memory", type=int, default=shared_memory_limit // 1024, metavar="KIB",
+                        help="the shared memory a block may use (default: sm_90's 227 KiB)")
     parser.add_argument("--ptxas-report", action="store_true",
                         help="then list every compiled variant's registers and spill bytes, most spilled first")
     options = parser.parse_args()
+    shared_memory_limit = options.shared_memory * 1024
     if options.ptxas_report:
         ptx_by_variant = {}
     index, count = (int(v) for v in options.shard.split("/"))

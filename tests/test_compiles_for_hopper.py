@@ -39,12 +39,13 @@ def test_ptxas_report_lists_registers_and_spills_of_each_variant():
     if result.returncode == 3:
         pytest.skip(f"this Triton's internals do not fit the compile-only driver: {result.stdout[-2000:]}")
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    table = result.stdout.split("spill B  regs  kernel  options\n")[1].splitlines()
-    rows = [line.split(None, 3) for line in table]
+    table = result.stdout.split("spill B  regs  smem KB  kernel  options\n")[1].splitlines()
+    rows = [line.split(None, 4) for line in table]
     # The forward's kernel and the backward's (the adjoint shuffle).
     kernels = {"_pixel_unshuffle_channel_sum_kernel", "_channel_dup_pixel_shuffle_kernel"}
-    assert rows and {name for _, _, name, _ in rows} == kernels, table
-    assert all(0 < int(registers) <= 255 and int(spilled) >= 0 for spilled, registers, _, _ in rows), table
+    assert rows and {name for *_, name, _ in rows} == kernels, table
+    assert all(0 < int(registers) <= 255 and int(spilled) >= 0 and 0 <= float(shared) <= 227
+               for spilled, registers, shared, *_ in rows), table
     assert any("dtypes=bfloat16" in options for *_, options in rows), table
     spills = [int(spilled) for spilled, *_ in rows]
     assert spills == sorted(spills, reverse=True)
@@ -57,3 +58,16 @@ def test_compile_check_rejects_an_unknown_op():
     assert result.returncode in (2, 3), result.stdout + result.stderr
     if result.returncode == 2:
         assert "unknown op(s) ['no_such_op']" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the real kernels")
+def test_compile_check_fails_a_kernel_past_the_shared_memory_limit():
+    """The shortcut kernels take 0.5..1 KiB of shared memory on sm_90: under a 0 KiB limit the
+    check must fail them, as the GPU would refuse the launch."""
+    script = Path(__file__).with_name("compile_for_hopper.py")
+    result = subprocess.run([sys.executable, str(script), "--op", "pixel_unshuffle_channel_avg", "--shared-memory", "0"],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode == 3:
+        pytest.skip(f"this Triton's internals do not fit the compile-only driver: {result.stdout[-2000:]}")
+    assert result.returncode == 1, result.stdout[-5000:] + result.stderr[-5000:]
+    assert "OutOfResources: out of resource: shared memory" in result.stdout, result.stdout[-5000:]
