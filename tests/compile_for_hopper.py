@@ -1,19 +1,19 @@
 """Compile every Triton kernel that the ops' check cases launch, forward and backward, for an
-H100 (sm_90), on a machine without a GPU.
+H100 (sm_90; --arch 80 for an A100), on a machine without a GPU.
 
 The interpreter accepts code that the GPU compiler rejects (block shapes, dot operand sizes,
 non-constant globals, register-hungry tiles), so CI compiles the real kernels too: a stand-in
-driver reports an sm_90 target and every launch becomes compile-only (Triton's warm-up path);
+driver reports the target GPU and every launch becomes compile-only (Triton's warm-up path);
 autotuned kernels compile every config their pruning keeps for the arguments. Outputs stay
 zero: only compilation is checked here, values are checked under the interpreter and on a GPU.
 
 Run as a script (the test does, in subprocesses: triton.jit must see TRITON_INTERPRET unset);
---help lists the options (--shard, --op, and --ptxas-report: every compiled variant's
-registers and spill bytes per thread from ptxas -v and its shared memory, most spilled
-first). Exit 0 when everything compiled, 1 when a kernel failed to compile or would not launch
-for lack of shared memory, 2 for bad arguments (an unknown op), 3 when this Triton's internals
-no longer fit the stand-in driver (the test then skips rather than fail for a reason that is
-not ours).
+--help lists the options (--shard, --op, --arch, --shared-memory, and --ptxas-report: every
+compiled variant's registers and spill bytes per thread from ptxas -v and its shared memory,
+most spilled first). Exit 0 when everything compiled, 1 when a kernel failed to compile or
+would not launch for lack of shared memory, 2 for bad arguments (an unknown op), 3 when this
+Triton's internals no longer fit the stand-in driver (the test then skips rather than fail for
+a reason that is not ours).
 """
 import argparse
 import os
@@ -42,14 +42,15 @@ except ImportError as error:
 from fastgen.kernels import LAUNCH_OPTIONS  # noqa: E402
 from fastgen.ops import registry  # noqa: E402
 
-HOPPER = GPUTarget("cuda", 90, 32)
-# The shared memory a block may opt in to on sm_90 (227 KiB; --shared-memory sets another, as
-# A100's 163 or an RTX card's 99). A launch past it raises OutOfResources on the GPU; the
+# The shared memory a block may opt in to per compute capability (--arch picks one,
+# --shared-memory overrides it). A launch past it raises OutOfResources on the GPU; the
 # autotuner skips such configs, so only a launch left with none that fits fails there, and here.
-shared_memory_limit = 232448
+SHARED_MEMORY_BY_ARCH = {90: 232448, 80: 166912, 86: 101376, 89: 101376}  # H100, A100, RTX 30, L4 / RTX 40
+target = GPUTarget("cuda", 90, 32)
+shared_memory_limit = SHARED_MEMORY_BY_ARCH[90]
 
 
-class CompileOnlyHopper(DriverBase):
+class CompileOnlyDriver(DriverBase):
     """Just enough of a driver for JITFunction.run(warmup=True): target, device and stream."""
 
     def __init__(self):  # the real driver loads libcuda; nothing to load here
@@ -60,7 +61,7 @@ class CompileOnlyHopper(DriverBase):
         return True
 
     def get_current_target(self):
-        return HOPPER
+        return target
 
     def get_current_device(self):
         return 0
@@ -109,19 +110,19 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 
 
 def ptxas_report(variants: dict) -> str:
-    """Registers and spill bytes per thread (ptxas -v for sm_90a) and shared memory per block
-    of each compiled variant, most spilled first: what a kernel costs can be read here
+    """Registers and spill bytes per thread (ptxas -v for the target) and shared memory per
+    block of each compiled variant, most spilled first: what a kernel costs can be read here
     without a GPU."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(HOPPER.arch).path
+    ptxas = get_ptxas(target.arch).path
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         source = Path(scratch) / "kernel.ptx"
         for (name, options), (ptx, shared) in variants.items():
             source.write_text(ptx)
-            target = re.search(r"^\.target (\w+)", ptx, re.MULTILINE).group(1)
-            log = subprocess.run([ptxas, "-v", f"--gpu-name={target}", str(source), "-o", os.devnull],
+            gpu_name = re.search(r"^\.target (\w+)", ptx, re.MULTILINE).group(1)
+            log = subprocess.run([ptxas, "-v", f"--gpu-name={gpu_name}", str(source), "-o", os.devnull],
                                  capture_output=True, text=True, check=True).stderr
             registers = int(re.search(r"Used (\d+) registers", log).group(1))
             spilled = int(re.search(r"(\d+) bytes spill stores", log).group(1))
@@ -167,7 +168,7 @@ def main(shard: int = 0, shards: int = 1, op_names: Optional[list] = None) -> in
     """Compiles the (op, check case, dtype) items numbered shard, shard + shards, ... (of the
     ops named, or all)."""
     try:
-        active_driver.set_active(CompileOnlyHopper())
+        active_driver.set_active(CompileOnlyDriver())
         jit.JITFunction.run = _compile_only
         autotuner.Autotuner.run = _every_config
     except AttributeError as error:
@@ -206,7 +207,7 @@ def main(shard: int = 0, shards: int = 1, op_names: Optional[list] = None) -> in
                             torch.autograd.backward(floating, [torch.ones_like(o) for o in floating])
                 except Exception as error:  # report every failing case, not just the first
                     failures.append(f"{name} [{case.label}, {dtype}]: {type(error).__name__}: {str(error)[:2000]}")
-    print(f"compiled for sm_90: {len(compiled)} kernels: {', '.join(sorted(compiled))}")
+    print(f"compiled for sm_{target.arch}: {len(compiled)} kernels: {', '.join(sorted(compiled))}")
     for failure in failures:
         print(f"FAILED {failure}")
     return 1 if failures else 0
@@ -218,12 +219,16 @@ if __name__ == "__main__":
                         help="take every N-th (op, case, dtype) item from the I-th (a test runs N of these "
                              "processes side by side: compiling is CPU-bound and the items are independent)")
     parser.add_argument("--op", action="append", help="only this op (repeatable)")
-    parser.add_argument("--shared-memory", type=int, default=shared_memory_limit // 1024, metavar="KIB",
-                        help="the shared memory a block may use (default: sm_90's 227 KiB)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_BY_ARCH),
+                        help="compute capability to compile for (default 90, the H100's; 80 is the A100's)")
+    parser.add_argument("--shared-memory", type=int, metavar="KIB",
+                        help="the shared memory a block may use (default: the arch's, 227 KiB on sm_90)")
     parser.add_argument("--ptxas-report", action="store_true",
                         help="then list every compiled variant's registers and spill bytes, most spilled first")
     options = parser.parse_args()
-    shared_memory_limit = options.shared_memory * 1024
+    target = GPUTarget("cuda", options.arch, 32)
+    shared_memory_limit = (SHARED_MEMORY_BY_ARCH[options.arch] if options.shared_memory is None
+                           else options.shared_memory * 1024)
     if options.ptxas_report:
         ptx_by_variant = {}
     index, count = (int(v) for v in options.shard.split("/"))
