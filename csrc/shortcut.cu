@@ -52,7 +52,7 @@ __host__ __device__ __forceinline__ void unravel(int64_t idx, const Geometry& ge
   }
 }
 
-// y is walked channel-innermost when its channel stride is the smallest (channels_last).
+// y is walked channel-innermost when its channel stride is 1 (channels_last).
 bool walks_channels_last(const TensorView4d& y) {
   return y.size[1] > 1 && y.stride[1] == 1 && y.stride[3] != 1;
 }

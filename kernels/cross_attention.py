@@ -39,9 +39,11 @@ wrongly (conversions are exact), so under the interpreter bfloat16 operands are 
 float32 before each dot (UPCAST_DOTS): the values multiplied are the same bfloat16 values.
 
 Tiles: a few autotuned configs, valid on Ampere and Hopper, pruned by D_PAD so the tiles a
-program keeps and streams fit in registers (budgets from ptxas, below); BLOCK_N = 32 wastes
-least on the 77 text tokens of Stable Diffusion (96 columns computed instead of 128). Under the
-interpreter one fixed small config runs (autotuning there would only multiply the test time).
+program keeps and streams fit in registers (budgets from ptxas, below), plus a lean last
+config always kept so that one fits in shared memory at every D (see _prune); BLOCK_N = 32
+wastes least on the 77 text tokens of Stable Diffusion (96 columns computed instead of 128).
+Under the interpreter one fixed small config runs (autotuning there would only multiply the
+test time).
 """
 import torch
 import triton
@@ -301,8 +303,8 @@ class _Kernel:
     """A kernel with its autotuned twin: the fixed interpreter config, or autotuning."""
 
     def __init__(self, kernel, blocks, kept_and_streamed_rows, blocks_along):
-        lean = min(blocks, key=lambda block: _in_shared_memory(kept_and_streamed_rows, block))
-        assert blocks[-1] == lean, f"the prune keeps the last config for its shared memory: {lean} must be last"
+        rows = [_in_shared_memory(kept_and_streamed_rows, block) for block in blocks]
+        assert rows[-1] == min(rows), "the prune keeps the last config for its shared memory: it must be the leanest"
         self.kernel = kernel
         self.tuned = triton.autotune(_configs(blocks), key=_TUNING_KEY,
                                      prune_configs_by={"early_config_prune": _prune(kept_and_streamed_rows)})(kernel)

@@ -170,7 +170,9 @@ def _query_grad_kernel(
         # and S stays resident in one orientation only: with both, float32 at D_PAD 128 (TF32x3
         # holds each operand as two parts) needed 320 KiB of shared memory, past sm_90's 227.
         dnumerator_state_t = tl.dot(dnumerator, state_t, input_precision=DOT_PRECISION)
-        ddenominator = -tl.sum(phi_q * dnumerator_state_t, axis=1) / denominator
+        # where, not the product alone: on a row with no positive feature phi_q is 0 while
+        # dnumerator S^T may overflow (grad / eps), and 0 * inf would be NaN in dz, so in dk.
+        ddenominator = -tl.sum(tl.where(q > 0, phi_q * dnumerator_state_t, 0.0), axis=1) / denominator
         dphi_q = dnumerator_state_t + ddenominator[:, None] * normalizer[None, :]
         # where, not a product with the mask: on rows whose phi(q) is all zero dnumerator is
         # grad / eps, which overflows to inf for large gradients, and inf * 0 would be NaN.
@@ -212,27 +214,25 @@ def _key_value_grad_kernel(
     b, h, d = _program_head(H, D_PAD)
     dstate, dnormalizer = _sum_partials(dstate_ptr, dnormalizer_ptr, num_partials, D_PAD)
     start, end = _chunk_rows(N, rows_per_program)
+    # dv needs dS and dk needs dS^T as resident dot operands. TWO_PASSES: dk in a second loop,
+    # which reuses the first's shared memory instead of holding both at once, for one more
+    # read of k.
+    if not TWO_PASSES:
+        dstate_t = tl.trans(dstate)
+    for row0 in range(start, end, BLOCK_N):
+        rows = row0 + tl.arange(0, BLOCK_N)
+        _value_grad_rows(k_ptr, dv_ptr, dstate, b, h, rows, N, k_sb, k_sn, k_sh, k_sd,
+                         dv_sb, dv_sn, dv_sh, dv_sd, d, D, DOT_PRECISION)
+        if not TWO_PASSES:
+            _key_grad_rows(k_ptr, v_ptr, dk_ptr, dstate_t, dnormalizer, b, h, rows, N,
+                           k_sb, k_sn, k_sh, k_sd, v_sb, v_sn, v_sh, v_sd, dk_sb, dk_sn, dk_sh, dk_sd,
+                           d, D, DOT_PRECISION)
     if TWO_PASSES:
-        # dv needs dS and dk needs dS^T as resident dot operands; in one loop both are held in
-        # shared memory at once. A pass each lets the second reuse the first's shared memory,
-        # for one more read of k.
-        for row0 in range(start, end, BLOCK_N):
-            _value_grad_rows(k_ptr, dv_ptr, dstate, b, h, row0 + tl.arange(0, BLOCK_N), N,
-                             k_sb, k_sn, k_sh, k_sd, dv_sb, dv_sn, dv_sh, dv_sd, d, D, DOT_PRECISION)
         dstate_t = tl.trans(dstate)
         for row0 in range(start, end, BLOCK_N):
             _key_grad_rows(k_ptr, v_ptr, dk_ptr, dstate_t, dnormalizer, b, h, row0 + tl.arange(0, BLOCK_N), N,
                            k_sb, k_sn, k_sh, k_sd, v_sb, v_sn, v_sh, v_sd, dk_sb, dk_sn, dk_sh, dk_sd,
                            d, D, DOT_PRECISION)
-    else:
-        dstate_t = tl.trans(dstate)
-        for row0 in range(start, end, BLOCK_N):
-            rows = row0 + tl.arange(0, BLOCK_N)
-            _key_grad_rows(k_ptr, v_ptr, dk_ptr, dstate_t, dnormalizer, b, h, rows, N,
-                           k_sb, k_sn, k_sh, k_sd, v_sb, v_sn, v_sh, v_sd, dk_sb, dk_sn, dk_sh, dk_sd,
-                           d, D, DOT_PRECISION)
-            _value_grad_rows(k_ptr, dv_ptr, dstate, b, h, rows, N, k_sb, k_sn, k_sh, k_sd,
-                             dv_sb, dv_sn, dv_sh, dv_sd, d, D, DOT_PRECISION)
 
 
 class _Plan:
@@ -242,8 +242,9 @@ class _Plan:
         batch, _, self.heads, self.head_dim = q.shape
         self.batch_heads = batch * self.heads
         self.d_pad = max(16, triton.next_power_of_2(self.head_dim))
-        # Two (BLOCK_N, D_PAD) float32 tiles plus a (D_PAD, D_PAD) state per program: smaller
-        # row tiles at D = 128 keep that in registers.
+        # Two (BLOCK_N, D_PAD) float32 row tiles beside a (D_PAD, D_PAD) state per program; at
+        # D_PAD 128 the state alone is 64 registers per thread of 8 warps where it is an
+        # accumulator, so the row tiles shrink to 32 rows.
         self.block_n = 64 if self.d_pad <= 64 else 32
         self.num_warps = 4 if self.d_pad <= 64 else 8
         self.dot_precision = "tf32x3" if q.dtype == torch.float32 else "tf32"

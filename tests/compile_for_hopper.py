@@ -136,14 +136,16 @@ def _every_config(self, *args, **kwargs):
     """Every configuration the autotuner would time for these arguments (after its pruning);
     fails, as the autotuner would on the GPU, when none fits in shared memory."""
     self.nargs = dict(zip(self.arg_names, args))
-    configs = self.prune_configs(kwargs)
-    too_large = []
-    for config in configs:
-        try:
-            self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
-        except OutOfResources as error:
-            too_large.append(f"{config}: {error}")
-    self.nargs = None
+    try:
+        configs = self.prune_configs(kwargs)
+        too_large = []
+        for config in configs:
+            try:
+                self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+            except OutOfResources as error:
+                too_large.append(f"{config}: {error}")
+    finally:
+        self.nargs = None
     if len(too_large) == len(configs):
         raise RuntimeError(f"no config fits in {shared_memory_limit} bytes of shared memory: {'; '.join(too_large)}")
 

@@ -374,7 +374,7 @@ def test_autotuning_keeps_configs_for_every_head_dim(head_dim, precision):
             assert kept == kernel.tuned.configs
 
 
-# From ptxas -v for sm_90 (Triton 3.9) on all 8 configs of each kernel (bytes spilled per
+# From ptxas -v for sm_90 (Triton 3.9) on the first 8 configs of each kernel (bytes spilled per
 # thread): the least-spilling config and the worst one, as (BLOCK_M, BLOCK_N, warps).
 _MEASURED_SPILLS = [
     ("_forward", "tf32", 128, (64, 32, 4), 0, (128, 64, 4), 1140),

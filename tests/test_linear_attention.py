@@ -181,6 +181,26 @@ def test_rows_with_no_positive_feature(backend, generator):
     torch.testing.assert_close(out, linear_attention_reference(q, k, v))
 
 
+@pytest.mark.parametrize("eps, large_grad", [(1e-15, 1e20), (1e-30, 1e8)])
+def test_large_gradient_on_a_row_with_no_positive_feature(eps, large_grad, generator):
+    """There dnumerator = grad / eps is huge and dnumerator S^T overflows to inf while phi(q)
+    is 0: the row must add nothing to dz (0 * inf would be NaN in every dk of the head)."""
+    q, k, v = (t.clone() for t in fused_qkv(1, 20, 1, 16, CPU, torch.float32, generator))
+    q[0, 3] = -q[0, 3].abs()
+    k, v = k.abs() * 30, v.abs() * 30
+    grad = torch.randn(q.shape, generator=generator)
+    grad[0, 3] = large_grad
+    expected = linear_attention_backward_reference(grad, q, k, v, eps)
+    assert all(torch.isfinite(t).all() for t in expected)
+    grads = LINEAR_ATTENTION_BACKWARD.allocate_output(grad, q, k, v, eps)
+    for t in grads:
+        t.fill_(float("nan"))
+    LINEAR_ATTENTION_BACKWARD.implementations["triton"].run(grad, q, k, v, eps, out=grads)
+    for name, actual, reference in zip(("dq", "dk", "dv"), grads, expected):
+        assert torch.isfinite(actual).all(), f"{name}: {int((~torch.isfinite(actual)).sum())} non-finite"
+        torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
 def test_backward_accepts_broadcast_gradients(generator):
     """out.sum().backward() hands the backward an expanded gradient with all strides 0."""
     q, k, v = (t.detach().requires_grad_() for t in fused_qkv(1, 9, 2, 16, CPU, torch.float32, generator))
