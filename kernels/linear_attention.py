@@ -15,10 +15,11 @@ Backward, three launches (S and z are recomputed from k and v rather than saved,
 only output stays `out`): the state kernel again; `_query_grad_kernel` (reads q and dout,
 writes dq and the chunk partials of dS and dz; it multiplies by S^T only, as out itself is
 not needed); `_key_value_grad_kernel` (adds those partials, reads k and v, writes dk and dv).
-Resident D_PAD x D_PAD dot operands live in shared memory, two copies each under TF32x3, so
-float32 at D_PAD 128 may hold one of S, S^T, dS, dS^T at a time: sm_90 has 227 KiB a block
-and each such operand takes 128 KiB there (the compile check measures every kernel against
-that limit).
+Resident D_PAD x D_PAD dot operands live in shared memory (64 KiB at D_PAD 128, two copies
+under TF32x3), so at D_PAD 128 a kernel holds one of S, S^T, dS, dS^T at a time: the
+key/value-gradient kernel then computes dv and dk in two passes over its rows. Every kernel
+fits sm_90's 227 KiB and sm_80's 163 KiB a block (the compile check measures them, with
+--arch 80 for the latter).
 
 Determinism: no atomics. Every partial is produced by one program in a fixed row order and
 every consumer adds the partials in chunk order, so two runs give bitwise equal results.
@@ -242,12 +243,18 @@ class _Plan:
         batch, _, self.heads, self.head_dim = q.shape
         self.batch_heads = batch * self.heads
         self.d_pad = max(16, triton.next_power_of_2(self.head_dim))
+        self.dot_precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
         # Two (BLOCK_N, D_PAD) float32 row tiles beside a (D_PAD, D_PAD) state per program; at
         # D_PAD 128 the state alone is 64 registers per thread of 8 warps where it is an
-        # accumulator, so the row tiles shrink to 32 rows.
-        self.block_n = 64 if self.d_pad <= 64 else 32
+        # accumulator, or 64 KiB of shared memory as a dot operand (twice that under TF32x3),
+        # so the row tiles shrink: to 32 rows, and to 16 under TF32x3, where ptxas for sm_90
+        # measured 32 rows spilling up to 1.6 KB per thread (16 rows: at most 0.5 KB) and
+        # sm_80's 163 KiB of shared memory does not hold them (168..176 KiB; 16 rows: 152..160).
+        self.block_n = 64 if self.d_pad <= 64 else 16 if self.dot_precision == "tf32x3" else 32
         self.num_warps = 4 if self.d_pad <= 64 else 8
-        self.dot_precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
+        # dS and dS^T resident together take 164..168 KiB at D_PAD 128 in 16 bits (past sm_80's
+        # 163) and 304 KiB under TF32x3 (past sm_90's 227); one at a time, 84..88 and 152 KiB.
+        self.key_value_grad_in_two_passes = self.d_pad >= 128
         self.target_programs = _target_programs(q.device)
 
     def rows_per_program(self, tokens: int) -> int:
@@ -325,5 +332,5 @@ def linear_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
         k, v, dk, dv, dstate, dnormalizer,
         kv_tokens, plan.heads, plan.rows_per_program(kv_tokens), q_grid[0],
         *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
-        TWO_PASSES=plan.dot_precision == "tf32x3" and plan.d_pad >= 128, **plan.meta(), **LAUNCH_OPTIONS,
+        TWO_PASSES=plan.key_value_grad_in_two_passes, **plan.meta(), **LAUNCH_OPTIONS,
     )
