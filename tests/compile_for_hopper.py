@@ -106,7 +106,7 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
                            if not isinstance(v, torch.Tensor) and k not in LAUNCH_OPTIONS)
         ptx_by_variant[(self.fn.__name__, f"{options} dtypes={'/'.join(dtypes)}")] = (kernel.asm["ptx"], shared)
     if shared > shared_memory_limit:
-        raise OutOfResources(shared, shared_memory_limit, "shared memory")
+        raise OutOfResources(shared, shared_memory_limit, f"shared memory ({self.fn.__name__})")
 
 
 def ptxas_report(variants: dict) -> str:

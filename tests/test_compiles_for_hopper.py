@@ -1,5 +1,5 @@
-"""Every Triton kernel compiles for sm_90 (H100), checked without a GPU (see
-tests/compile_for_hopper.py for how)."""
+"""Every Triton kernel compiles for sm_90 (H100) and sm_80 (A100) and fits in its shared
+memory, checked without a GPU (see tests/compile_for_hopper.py for how)."""
 import os
 import subprocess
 import sys
@@ -12,11 +12,12 @@ import fastgen
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the real kernels")
-def test_every_triton_kernel_compiles_for_hopper(tmp_path):
+@pytest.mark.parametrize("arch", [90, 80], ids=["H100", "A100"])
+def test_every_triton_kernel_compiles_and_fits_in_shared_memory(arch, tmp_path):
     script = Path(__file__).with_name("compile_for_hopper.py")
     shards = max(1, min(4, os.cpu_count() or 1))
     logs = [tmp_path / f"shard{i}.log" for i in range(shards)]
-    processes = [subprocess.Popen([sys.executable, str(script), "--shard", f"{i}/{shards}"],
+    processes = [subprocess.Popen([sys.executable, str(script), "--shard", f"{i}/{shards}", "--arch", str(arch)],
                                   stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
                  for i, log in enumerate(logs)]
     codes = [p.wait(timeout=1500) for p in processes]
