@@ -31,25 +31,23 @@ struct Geometry {
   bool channels_last;  // of y: element order (b, h, w, o) instead of (b, o, h, w)
 };
 
+// The index along a dimension of `extent` that idx's innermost remaining digit gives; idx
+// keeps the outer digits.
+__host__ __device__ __forceinline__ int64_t take_digit(int64_t& idx, int64_t extent) {
+  const int64_t digit = idx % extent;
+  idx /= extent;
+  return digit;
+}
+
 // (b, o, h, w) of element idx in y's memory order; the order does not matter for
 // correctness, only for coalescing.
 __host__ __device__ __forceinline__ void unravel(int64_t idx, const Geometry& geo, int64_t& b,
                                                  int64_t& o, int64_t& h, int64_t& w) {
-  if (geo.channels_last) {
-    o = idx % geo.channels;
-    idx /= geo.channels;
-    w = idx % geo.width;
-    idx /= geo.width;
-    h = idx % geo.height;
-    b = idx / geo.height;
-  } else {
-    w = idx % geo.width;
-    idx /= geo.width;
-    h = idx % geo.height;
-    idx /= geo.height;
-    o = idx % geo.channels;
-    b = idx / geo.channels;
-  }
+  if (geo.channels_last) o = take_digit(idx, geo.channels);
+  w = take_digit(idx, geo.width);
+  h = take_digit(idx, geo.height);
+  if (!geo.channels_last) o = take_digit(idx, geo.channels);
+  b = idx;
 }
 
 // y is walked channel-innermost when its channel stride is 1 (channels_last).

@@ -274,9 +274,9 @@ def _prune(kept_and_streamed_rows):
     return prune
 
 
-def _in_shared_memory(kept_and_streamed_rows, block):
-    kept, streamed = kept_and_streamed_rows({"BLOCK_M": block[0], "BLOCK_N": block[1]})
-    return kept + block[3] * streamed
+def _rows_in_shared_memory(kept_and_streamed_rows, config):
+    kept, streamed = kept_and_streamed_rows(config.kwargs)
+    return kept + config.num_stages * streamed
 
 
 def _forward_rows(blocks):
@@ -303,10 +303,11 @@ class _Kernel:
     """A kernel with its autotuned twin: the fixed interpreter config, or autotuning."""
 
     def __init__(self, kernel, blocks, kept_and_streamed_rows, blocks_along):
-        rows = [_in_shared_memory(kept_and_streamed_rows, block) for block in blocks]
+        configs = _configs(blocks)
+        rows = [_rows_in_shared_memory(kept_and_streamed_rows, config) for config in configs]
         assert rows[-1] == min(rows), "the prune keeps the last config for its shared memory: it must be the leanest"
         self.kernel = kernel
-        self.tuned = triton.autotune(_configs(blocks), key=_TUNING_KEY,
+        self.tuned = triton.autotune(configs, key=_TUNING_KEY,
                                      prune_configs_by={"early_config_prune": _prune(kept_and_streamed_rows)})(kernel)
         self.blocks_along = blocks_along  # "BLOCK_M" or "BLOCK_N": the block axis 0 of the grid runs over
 

@@ -171,12 +171,11 @@ def _query_grad_kernel(
         # and S stays resident in one orientation only: with both, float32 at D_PAD 128 (TF32x3
         # holds each operand as two parts) needed 320 KiB of shared memory, past sm_90's 227.
         dnumerator_state_t = tl.dot(dnumerator, state_t, input_precision=DOT_PRECISION)
-        # where, not the product alone: on a row with no positive feature phi_q is 0 while
-        # dnumerator S^T may overflow (grad / eps), and 0 * inf would be NaN in dz, so in dk.
+        # where, not products with phi_q or the mask: on a row with no positive feature,
+        # dnumerator = grad / eps and dnumerator S^T may overflow, and 0 * inf would be NaN in
+        # dq and in dz (so in every dk of the head).
         ddenominator = -tl.sum(tl.where(q > 0, phi_q * dnumerator_state_t, 0.0), axis=1) / denominator
         dphi_q = dnumerator_state_t + ddenominator[:, None] * normalizer[None, :]
-        # where, not a product with the mask: on rows whose phi(q) is all zero dnumerator is
-        # grad / eps, which overflows to inf for large gradients, and inf * 0 would be NaN.
         _store_rows(dq_ptr, tl.where(q > 0, dphi_q, 0.0), b, h, rows, N, dq_sb, dq_sn, dq_sh, dq_sd, d, D)
         dstate += tl.dot(tl.trans(phi_q), dnumerator, input_precision=DOT_PRECISION)
         dnormalizer += tl.sum(ddenominator[:, None] * phi_q, axis=0)

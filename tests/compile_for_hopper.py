@@ -89,8 +89,9 @@ class CompileOnlyDriver(DriverBase):
 
 
 compiled = set()
-# (kernel, its launch options and floating argument dtypes) -> PTX, kept for --ptxas-report.
-ptx_by_variant: Optional[dict] = None  # (kernel, options) -> (PTX, shared memory bytes)
+# (kernel, its launch options and floating argument dtypes) -> (PTX, shared memory bytes),
+# kept for --ptxas-report.
+ptx_by_variant: Optional[dict] = None
 REPORT_HEADER = "spill B  regs  smem KB  kernel  options"
 _launch = jit.JITFunction.run
 
