@@ -281,7 +281,11 @@ def _filter_gradient(x, f, dy, up, down, padding, flip_filter, gain):
     downx, downy = parse_scaling("down", down)
     fh, fw = filter_size(f)
     batch, channels = x.shape[:2]
-    compute = torch.promote_types(dy.dtype, torch.float32)
+    # Each tap sums B*C*H*W products of either sign, so float32 sums are off by many times the
+    # float32 rounding of the (smaller) result: float32 inputs accumulate in float64 (the
+    # filter is a constant in the models, so this runs only when a user trains it), 16-bit
+    # ones in float32.
+    compute = torch.float64 if dy.dtype in (torch.float32, torch.float64) else torch.float32
     dy = dy.to(compute)
     p = _upsample_and_pad(x.to(compute), up, padding)
     z_h, z_w = p.shape[2] - fh + 1, p.shape[3] - fw + 1
