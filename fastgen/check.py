@@ -40,11 +40,17 @@ def _upcast(args: tuple) -> tuple:
     return tuple(a.detach().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
-def mismatch(actual: torch.Tensor, expected: torch.Tensor, same_dtype_reference: Optional[torch.Tensor] = None
-             ) -> tuple:
+def mismatch(actual: torch.Tensor, expected: torch.Tensor, same_dtype_reference: Optional[torch.Tensor] = None,
+             magnitude: Optional[torch.Tensor] = None) -> tuple:
     """(max abs error, description of the worst violation or "") under the dtype's tolerance,
     widened to twice the worst error of `same_dtype_reference` (the reference evaluated in
-    `actual`'s dtype) when one is given."""
+    `actual`'s dtype) when one is given.
+
+    `magnitude`, when given, is the elementwise size of the terms that sum to `expected`; rtol
+    then applies to it where it exceeds |expected|. Where those terms cancel, rounding each of
+    them to `actual`'s dtype is already more than rtol of their small sum, in any correct
+    algorithm; an error of the size of the terms themselves (a term dropped or doubled) still
+    fails."""
     rtol, atol = TOLERANCES[actual.dtype]
     actual64 = actual.detach().double().cpu()
     expected64 = expected.detach().double().cpu()
@@ -52,7 +58,8 @@ def mismatch(actual: torch.Tensor, expected: torch.Tensor, same_dtype_reference:
         return float("inf"), f"shape {tuple(actual64.shape)} != expected {tuple(expected64.shape)}"
     error = (actual64 - expected64).abs()
     max_error = error.max().item() if error.numel() else 0.0
-    allowed = atol + rtol * expected64.abs()
+    scale = expected64.abs() if magnitude is None else torch.maximum(expected64.abs(), magnitude.double().cpu())
+    allowed = atol + rtol * scale
     reference_error = 0.0
     if same_dtype_reference is not None and error.numel():
         reference_error = (same_dtype_reference.detach().double().cpu() - expected64).abs().max().item()

@@ -208,6 +208,17 @@ def test_mismatch_widens_to_twice_the_same_dtype_reference_error_and_no_further(
     assert check.mismatch(within, expected, overflowed)[1], "an overflowing reference must not widen anything"
 
 
+def test_mismatch_applies_rtol_to_the_magnitude_of_cancelling_terms():
+    expected = torch.tensor([1e-3, 5.0], dtype=torch.float64)  # 1e-3 = 100.001 - 100.0
+    magnitude = torch.tensor([200.0, 1.0], dtype=torch.float64)
+    rounded = (expected + torch.tensor([1.5e-4, 0.0], dtype=torch.float64)).float()  # 7.5e-7 of 200
+    assert check.mismatch(rounded, expected)[1], "1.5e-4 on 1e-3 is outside float32's own tolerance"
+    assert check.mismatch(rounded, expected, magnitude=magnitude)[1] == ""
+    dropped_term = (expected + torch.tensor([0.0, 1.0], dtype=torch.float64)).float()
+    assert "at (1,)" in check.mismatch(dropped_term, expected, magnitude=magnitude)[1], \
+        "a magnitude below |expected| must not widen anything"
+
+
 def test_check_skips_cuda_here_with_the_reason():
     results = check.run_checks(torch.device("cpu"), backends=("cuda",))
     assert results and all(r.status == "skipped" for r in results)
