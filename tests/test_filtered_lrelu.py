@@ -217,6 +217,20 @@ def _gradients(backend, args, dy, direct_op=False):
     return y, x.grad, b.grad
 
 
+def _expected_gradients(backend, args, dy):
+    """y, dx, db in float64, the gradients taken with the backend's own codes once they agree
+    with the reference's: a sample within rounding of a boundary may take either slope, and
+    the other slope moves dx and db far more than rounding, so the float64 codes would fail a
+    correct kernel there (about one CI run in 500)."""
+    y, codes = FILTERED_LRELU_WITH_CODES.allocate_output(*args)
+    FILTERED_LRELU_WITH_CODES.implementations[backend].run(*args, out=(y, codes))
+    _assert_codes_agree(codes, args)
+    x, fu, fd, _, up, down, padding, gain, slope, _, flip_filter = _float64(args)
+    dx, db = filtered_lrelu_backward_reference(dy.double().cpu(), codes.cpu(), fu, fd, up, down, padding, gain, slope,
+                                               flip_filter, x.shape[2], x.shape[3], True)
+    return filtered_lrelu_reference(*_float64(args)), dx, db
+
+
 @pytest.mark.parametrize("device, backend", _targets())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["stylegan3 up2 down2 12-tap", "up2 down1 (critically sampled end)",
@@ -226,8 +240,7 @@ def test_backward_matches_reference(device, backend, dtype, name, generator):
     args = _args(GEOMETRIES[name], layout, device, dtype, generator)
     dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device, dtype)
     actual = _gradients(backend, args, dy)
-    expected = _gradients("reference", _float64(args), dy.double().cpu())
-    for what, a, e in zip(("y", "dx", "db"), actual, expected):
+    for what, a, e in zip(("y", "dx", "db"), actual, _expected_gradients(backend, args, dy)):
         _assert_close(a, e, what)
 
 
@@ -235,8 +248,7 @@ def test_direct_op_recomputes_the_codes(generator):
     args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", CPU, torch.float32, generator)
     dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator)
     actual = _gradients("triton", args, dy, direct_op=True)
-    expected = _gradients("reference", _float64(args), dy.double())
-    for what, a, e in zip(("y", "dx", "db"), actual, expected):
+    for what, a, e in zip(("y", "dx", "db"), actual, _expected_gradients("triton", args, dy)):
         _assert_close(a, e, what)
 
 
@@ -414,8 +426,7 @@ def test_stylegan3_layer_shapes_on_cuda(backend, layout, dtype, generator):
         args = _args(geometry, layout, "cuda", dtype, generator)
         dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to("cuda", dtype)
         actual = _gradients(backend, args, dy)
-        expected = _gradients("reference", _float64(args), dy.double().cpu())
-        for what, a, e in zip(("y", "dx", "db"), actual, expected):
+        for what, a, e in zip(("y", "dx", "db"), actual, _expected_gradients(backend, args, dy)):
             _assert_close(a, e, what)
 
 

@@ -144,12 +144,12 @@ def test_duplicate_codes_go_to_the_lowest_index(device, backend, dtype, metric, 
 def test_wide_codes_on_the_triton_kernels(dtype, exact, generator):
     """D = 256 (VQGAN): float32 'ieee' dots run over D in slices of 32 (several slices, a
     partial last codebook tile) and the exact recheck takes 32 rows a program (70 rows: a
-    partial last block); every row's index must be the float64 argmin."""
+    partial last block); every row's index must be the float64 argmin, up to near-ties
+    without exact."""
     z = _matrix(70, 256, "sliced", CPU, dtype, generator)
     codebook = _matrix(150, 256, "contiguous", CPU, dtype, generator)
     idx, distance = _run_nearest(z, codebook, "l2", exact)
-    expected_idx, _ = vq.vq_nearest_reference(z.double(), codebook.double(), "l2")
-    assert torch.equal(idx, expected_idx), f"{int((idx != expected_idx).sum())} of 70 rows differ"
+    _assert_nearest(idx, z, codebook, "l2", exact)
     _assert_distances_close(distance, z, codebook, idx, "l2")
 
 
@@ -330,15 +330,17 @@ def test_quantize_gradients_in_float64():
 @pytest.mark.parametrize("device, backend", _devices_and_backends())
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_backward_matches_reference(device, backend, dtype, generator):
+    """exact=True, so that both sides take the same codes: without it a near-tie row may take
+    another code (the nearest tests cover which), which moves whole rows of the gradients."""
     z, codebook = _quantize_problem(device, dtype, generator, layout="transposed")
     z.requires_grad_()
     codebook.requires_grad_()
     with fastgen.use_backend(backend):
-        z_q, _, loss, _ = vq.vq_quantize(z, codebook, 0.4)
+        z_q, _, loss, _ = vq.vq_quantize(z, codebook, 0.4, exact=True)
     grad_zq = torch.randn(z_q.shape, generator=generator).to(device, dtype)
     torch.autograd.backward((z_q, loss), (grad_zq, torch.tensor(1.7, device=device)))
     z64, codebook64 = (t.detach().double().requires_grad_() for t in (z, codebook))
-    z_q64, _, loss64, _ = vq.vq_quantize_reference(z64, codebook64, 0.4)
+    z_q64, _, loss64, _ = vq.vq_quantize_reference(z64, codebook64, 0.4, exact=True)
     torch.autograd.backward((z_q64, loss64), (grad_zq.double(), torch.tensor(1.7, device=device, dtype=torch.float64)))
     for actual, expected in ((z.grad, z64.grad), (codebook.grad, codebook64.grad)):
         _, detail = mismatch(actual, expected)
