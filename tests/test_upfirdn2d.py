@@ -193,8 +193,11 @@ def test_second_order_through_kernels_matches_reference(device, backend, generat
     f = torch.randn(4, generator=generator).to(device)
     actual = _second_order(backend, x, f)
     expected = _second_order("reference", x.double().cpu(), f.double().cpu())
+    # Unnormalised taps make these fourth-degree values reach 1e4..5e6: elements near zero
+    # carry the larger ones' float32 rounding (the float32 reference failed a fixed 1e-4 in 9
+    # of 2000 seeds).
     for a, e in zip(actual, expected):
-        torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max().item()))
 
 
 def test_torch_compile_fullgraph(generator):
