@@ -42,13 +42,19 @@ class LeftAlone:
 
 @dataclass
 class AccelerationReport:
+    backend: str = "auto"
     replaced: list = field(default_factory=list)
     left: list = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"fastgen.accelerate: replaced {len(self.replaced)}, left {len(self.left)}"]
-        lines += [f"  replaced {r.path}: {r.original} -> {r.replacement} (op {r.op})" for r in self.replaced]
-        lines += [f"  left     {r.path}: {r.module}: {r.reason}" for r in self.left]
+        backend = ("'auto' (each call follows fastgen.use_backend / FASTGEN_BACKEND)" if self.backend == "auto"
+                   else repr(self.backend))
+        lines = [f"fastgen.accelerate, backend {backend}: replaced {len(self.replaced)}, left {len(self.left)}"]
+        lines += [f"  replaced {r.path or '(the model)'}: {r.original} -> {r.replacement} [{r.op}]"
+                  for r in self.replaced]
+        lines += [f"  left     {r.path or '(the model)'}: {r.module}: {r.reason}" for r in self.left]
+        if not self.replaced and not self.left:
+            lines.append("  no submodule is of a kind fastgen accelerates (the kinds: fastgen.accelerators)")
         return "\n".join(lines)
 
 
@@ -160,7 +166,7 @@ def accelerate(model, backend: str = "auto", ops: Optional[Iterable[str]] = None
         raise ValueError("accelerate: this model is already accelerated; call fastgen.restore(model) first")
     import fastgen.accelerators  # noqa: F401  (registers every accelerator)
 
-    report, undo = AccelerationReport(), []
+    report, undo = AccelerationReport(backend), []
     if _is_reference_model(model):
         outcome = _pin_reference_model(model, backend, selected)
         if isinstance(outcome, Swap):

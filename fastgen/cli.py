@@ -1,8 +1,9 @@
-"""The `fastgen` command: info, check, bench (compare, plot), profile."""
+"""The `fastgen` command: info, check, bench (compare, plot, order, headline), profile."""
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -56,7 +57,13 @@ def _info(args) -> int:
 
 def _run_check(op_names, backends, seed) -> int:
     from fastgen.check import default_device, run_checks, summarize
+    from fastgen.ops.registry import OPS
 
+    unknown = [name for name in op_names or () if name not in OPS]
+    if unknown:
+        print(f"fastgen check: unknown op(s) {', '.join(unknown)}; known: {', '.join(sorted(OPS))}",
+              file=sys.stderr)
+        return 2
     device = default_device()
     where = "GPU kernels" if device.type == "cuda" else "CPU tensors, Triton under the interpreter"
     print(f"fastgen check on {device} ({where}): every implementation against the float64 reference")
@@ -75,15 +82,45 @@ def _check(args) -> int:
 
 def _bench(args) -> int:
     if not torch.cuda.is_available():
-        print("fastgen bench: no CUDA GPU here, so no timings were taken. "
-              "Verifying every kernel under the Triton interpreter instead.\n")
-        code = _run_check(None, ("triton", "cuda"), seed=0)
-        print("\nNo timings were taken (CPU only). Run `fastgen bench` on a machine with a CUDA GPU for the "
-              "benchmark suite.")
-        return code
+        return _bench_without_gpu(args)
     from fastgen import bench
 
     return bench.run_from_args(args)
+
+
+def _bench_without_gpu(args) -> int:
+    """Verify the kernels the arguments select: --filter picks ops by name, --impl the backends."""
+    from fastgen.ops.registry import FAST_BACKENDS, OPS
+
+    op_names = None
+    if args.filter:
+        try:
+            op_names = [name for name in sorted(OPS) if re.search(args.filter, name)]
+        except re.error as exc:
+            print(f"fastgen bench: --filter {args.filter!r} is not a regular expression: {exc}", file=sys.stderr)
+            return 2
+        if not op_names:
+            print(f"fastgen bench: no CUDA GPU here, so --filter selects the ops to verify by name, and "
+                  f"{args.filter!r} matches none of: {', '.join(sorted(OPS))}", file=sys.stderr)
+            return 2
+    backends = tuple(b for b in FAST_BACKENDS if not args.impl or b in args.impl)
+    if not backends:
+        print(f"fastgen bench: no CUDA GPU here, so --impl selects the kernel backends to verify "
+              f"({', '.join(FAST_BACKENDS)}), and {', '.join(args.impl)} names none of them", file=sys.stderr)
+        return 2
+    what = "every kernel" if op_names is None and len(backends) == len(FAST_BACKENDS) else (
+        f"the {'/'.join(backends)} kernels of {', '.join(op_names or ['every op'])}")
+    print(f"fastgen bench: no CUDA GPU here, so no timings were taken. Verifying {what} under the Triton "
+          f"interpreter instead.")
+    ignored = [flag for flag, given in (("--quick", args.quick), ("--out", args.out),
+                                        ("--no-compile", args.no_compile)) if given]
+    if ignored:
+        print(f"({' and '.join(ignored)} only shape{'s' if len(ignored) == 1 else ''} timed runs: ignored here.)")
+    print()
+    code = _run_check(op_names, backends, seed=0)
+    print("\nNo timings were taken (CPU only). Run `fastgen bench` on a machine with a CUDA GPU for the "
+          "benchmark suite.")
+    return code
 
 
 def _bench_compare(args) -> int:

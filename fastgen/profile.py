@@ -362,9 +362,10 @@ def _check_arguments(backend: str, dtype: str, **counts: int) -> None:
     if dtype not in DTYPES:
         raise ProfileError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     for name, value in counts.items():
-        least = 0 if name == "warmup" else 1
-        if not isinstance(value, int) or value < least:
-            raise ProfileError(f"{name} must be an int >= {least}; got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            # warmup 0 would leave kernel compilation and autotuning to the wall-clock loop alone.
+            why = " (the first step pays one-time costs: kernel compilation, autotuning)" if name == "warmup" else ""
+            raise ProfileError(f"{name} must be an int >= 1{why}; got {value!r}")
 
 
 def profile(model: str, config: Optional[str] = None, backend: str = "auto", batch: int = 1,
@@ -380,7 +381,10 @@ def profile(model: str, config: Optional[str] = None, backend: str = "auto", bat
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     _check_arguments(backend, dtype, steps=steps, warmup=warmup, batch=batch)
     out_dir = Path(out_dir) if out_dir is not None else Path("profiles") / f"{model}-{config}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ProfileError(f"cannot use {out_dir} as the output directory: {exc.strerror or exc}") from exc
 
     torch.manual_seed(0)
     network = module.build(config).to(device=device, dtype=DTYPES[dtype]).eval()
@@ -391,7 +395,7 @@ def profile(model: str, config: Optional[str] = None, backend: str = "auto", bat
         raise ProfileError(f"{model} {config}: {exc}") from exc
     on_gpu = device.type == "cuda"
     title = (f"fastgen profile {model} {config}: {dtype}, batch {batch}, resolution {resolution or 'default'}, "
-             f"{steps} profiled steps after {warmup} warm-up, on {device}")
+             f"{steps} profiled step{'s' if steps > 1 else ''} after {warmup} warm-up, on {device}")
     print(title)
     if not on_gpu:
         print("No CUDA GPU here: kernel timings need a GPU. Profiling the eager reference on CPU instead "

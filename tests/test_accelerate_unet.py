@@ -81,7 +81,7 @@ def test_unet_equal_outputs_report_and_restore(unet, generator, backend, masked,
     assert sorted(attention_rows) == sorted(
         (path, "AttnProcessor2_0", "SoftmaxAttentionProcessor", "cross_attention") for path in ATTENTION_PATHS)
     assert [r for r in report.left if r.module == "Attention"] == []
-    assert (f"replaced {ATTENTION_PATHS[0]}: AttnProcessor2_0 -> SoftmaxAttentionProcessor (op cross_attention)"
+    assert (f"replaced {ATTENTION_PATHS[0]}: AttnProcessor2_0 -> SoftmaxAttentionProcessor [cross_attention]"
             in str(report))
 
     torch.testing.assert_close(_run_unet(unet, inputs), before)

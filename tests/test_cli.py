@@ -34,9 +34,10 @@ def test_check_runs_every_triton_kernel_under_the_interpreter(capsys):
         assert f"{name}" in out
 
 
-def test_check_unknown_op_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown op"):
-        cli.main(["check", "--op", "flash_everything"])
+def test_check_unknown_op_is_a_clear_error(capsys):
+    assert cli.main(["check", "--op", "vq_nearest", "--op", "flash_everything"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastgen check: unknown op(s) flash_everything; known: ") and "vq_nearest" in err
 
 
 def test_bench_without_gpu_checks_and_says_no_timings(capsys):
@@ -44,7 +45,26 @@ def test_bench_without_gpu_checks_and_says_no_timings(capsys):
     out = capsys.readouterr().out
     assert "no timings were taken" in out
     assert "Verifying every kernel under the Triton interpreter" in out
+    assert "(--quick only shapes timed runs: ignored here.)" in out
     assert " 0 failed" in out
+
+
+def test_bench_without_gpu_verifies_what_filter_and_impl_select(capsys):
+    assert cli.main(["bench", "--filter", "^vq_", "--impl", "triton", "--impl", "compile"]) == 0
+    out = capsys.readouterr().out
+    assert "Verifying the triton kernels of vq_nearest, vq_quantize under the Triton interpreter" in out
+    checked = {tuple(line.split()[:2]) for line in out.splitlines() if line.startswith("  ")}
+    assert checked == {("vq_nearest", "triton"), ("vq_quantize", "triton")}, out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--filter", "sana step"], "--filter selects the ops to verify by name, and 'sana step' matches none of: "),
+    (["--filter", "("], "--filter '(' is not a regular expression"),
+    (["--impl", "eager"], "--impl selects the kernel backends to verify (triton, cuda), and eager names none"),
+])
+def test_bench_without_gpu_says_what_selects_nothing(argv, message, capsys):
+    assert cli.main(["bench"] + argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

@@ -300,8 +300,9 @@ def _tensors(q_shape=(1, 4, 2, 8), kv_shape=(1, 6, 2, 8), dtype=torch.float32):
 )
 def test_bad_input_gets_a_clear_error(make_args, error, message):
     for function in (cross_attention, cross_attention_forward, cross_attention_reference):
-        with pytest.raises(error, match=message):
+        with pytest.raises(error, match=message) as raised:
             function(*make_args())
+        assert str(raised.value).startswith("cross_attention: "), "named after the op the user called"
 
 
 def test_reference_rejects_non_tensors():

@@ -70,7 +70,7 @@ def test_cpu_profile_of_every_model_writes_table_summary_and_trace(model, tmp_pa
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_sana_step_shows_its_op_families(tmp_path):
-    summary = profile.profile("sana", steps=1, warmup=0, resolution=256, out_dir=tmp_path)
+    summary = profile.profile("sana", steps=1, warmup=1, resolution=256, out_dir=tmp_path)
     families = summary["runs"]["eager"]["families"]
     for family in SANA_FAMILIES:
         assert families.get(family, 0) > 0, f"{family}: {families}"
@@ -183,7 +183,7 @@ def test_table_with_both_runs_shows_speedups_and_shares(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_cli_profile_on_cpu(tmp_path, capsys):
-    code = cli.main(["profile", "sana", "--steps", "1", "--warmup", "0", "--resolution", "256", "--out",
+    code = cli.main(["profile", "sana", "--steps", "1", "--warmup", "1", "--resolution", "256", "--out",
                      str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
@@ -197,9 +197,13 @@ def test_cli_profile_on_cpu(tmp_path, capsys):
                                                      r"available: sana-600m, sana-1600m, tiny"),
     (["profile", "sana", "--resolution", "100"], r"resolution must be a positive multiple of 64"),
     (["profile", "sana", "--steps", "0"], r"steps must be an int >= 1; got 0"),
+    (["profile", "sana", "--out", "{a_file}"], r"cannot use .*a_file as the output directory: File exists"),
 ])
 def test_cli_profile_errors_name_the_problem(argv, message, tmp_path, capsys):
-    assert cli.main(argv + ["--out", str(tmp_path)]) == 2
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = [arg.format(a_file=a_file) for arg in argv]
+    assert cli.main(argv + ([] if "--out" in argv else ["--out", str(tmp_path)])) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastgen profile: ")
     assert re.search(message, err), err
@@ -208,7 +212,9 @@ def test_cli_profile_errors_name_the_problem(argv, message, tmp_path, capsys):
 @pytest.mark.parametrize("bad, message", [
     ({"backend": "reference"}, "backend must be one of auto, triton, cuda"),
     ({"dtype": "int8"}, "dtype must be one of float32, float16, bfloat16; got 'int8'"),
-    ({"warmup": -1}, "warmup must be an int >= 0; got -1"),
+    ({"warmup": 0}, "warmup must be an int >= 1 (the first step pays one-time costs: kernel compilation, "
+                    "autotuning); got 0"),
+    ({"steps": True}, "steps must be an int >= 1; got True"),
     ({"batch": 0}, "batch must be an int >= 1; got 0"),
 ])
 def test_profile_argument_errors(bad, message, tmp_path):

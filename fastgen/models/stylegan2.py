@@ -591,7 +591,8 @@ def check_example_arguments(model_resolution: int, batch, resolution) -> None:
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if resolution is not None and resolution != model_resolution:
-        raise ValueError(f"resolution must be None or the generator's {model_resolution}, got {resolution!r}")
+        raise ValueError(f"resolution must be {model_resolution}, the one size this generator makes; "
+                         f"got {resolution!r}")
 
 
 def generator_example_step(model: nn.Module, generator_type: type, batch, resolution, generator,

@@ -108,7 +108,7 @@ def _allocate_output(q, k, v, key_padding_mask=None, scale=None):
 
 
 def _allocate_output_and_lse(q, k, v, key_padding_mask=None, scale=None):
-    _check_inputs("cross_attention_forward", q, k, v, key_padding_mask, scale)
+    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device))
 
@@ -166,7 +166,7 @@ def cross_attention_reference(q, k, v, key_padding_mask=None, scale=None):
 
 def cross_attention_forward_reference(q, k, v, key_padding_mask=None, scale=None):
     """(out, lse) in eager PyTorch; lse is +inf on rows without a key."""
-    _check_inputs("cross_attention_forward", q, k, v, key_padding_mask, scale)
+    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale)
     out, scores, has_key = _attend(q, k, v, key_padding_mask, scale)
     lse = torch.where(has_key[..., 0], torch.logsumexp(scores, dim=-1), float("inf"))
     return out.to(q.dtype), lse.float()
