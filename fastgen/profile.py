@@ -1,10 +1,11 @@
 """`fastgen profile <model>`: where one step of a reference model spends its time, op family by
 op family, with every op on its eager reference and then on a fastgen backend.
 
-Models. Every module of `fastgen.models` that defines `CONFIGS`, `build` and `example_step` is a
-model (the module name is the model name), so a new model module is profiled without any change
-here. The model is built with random weights from seed 0 and `example_step` makes one
-representative step (a denoising call on the guidance batch, a generator forward, a decode...).
+Models. Every module of `fastgen.models` that defines `CONFIGS`, `build`, `example_resolution`
+and `example_step` is a model (the module name is the model name), so a new model module is
+profiled without any change here. The model is built with random weights from seed 0 and
+`example_step` makes one representative step (a denoising call on the guidance batch, a generator
+forward, a decode...) at the image side `example_resolution` gives (the model's default for None).
 
 Measurement. After `warmup` untimed steps, `steps` steps run under `torch.profiler`, once under
 `use_backend("reference")` (the eager baseline) and once under the requested fastgen backend,
@@ -80,7 +81,7 @@ class ProfileError(ValueError):
 
 
 def _is_model(module: ModuleType) -> bool:
-    return all(hasattr(module, attribute) for attribute in ("CONFIGS", "build", "example_step"))
+    return all(hasattr(module, attribute) for attribute in ("CONFIGS", "build", "example_resolution", "example_step"))
 
 
 def discover_models() -> dict:
@@ -389,12 +390,13 @@ def profile(model: str, config: Optional[str] = None, backend: str = "auto", bat
     torch.manual_seed(0)
     network = module.build(config).to(device=device, dtype=DTYPES[dtype]).eval()
     try:
+        resolution = module.example_resolution(network, resolution)
         step = module.example_step(network, batch=batch, resolution=resolution,
                                    generator=torch.Generator().manual_seed(0))
     except ValueError as exc:  # example_step only makes the inputs: its errors are about batch / resolution
         raise ProfileError(f"{model} {config}: {exc}") from exc
     on_gpu = device.type == "cuda"
-    title = (f"fastgen profile {model} {config}: {dtype}, batch {batch}, resolution {resolution or 'default'}, "
+    title = (f"fastgen profile {model} {config}: {dtype}, batch {batch}, {resolution} px, "
              f"{steps} profiled step{'s' if steps > 1 else ''} after {warmup} warm-up, on {device}")
     print(title)
     if not on_gpu:

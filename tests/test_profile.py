@@ -42,12 +42,30 @@ def test_sana_example_step_is_one_guidance_batch_denoising_call(generator):
             sana.example_step(model, **bad)
 
 
+# Each tiny config's default image side, from its config (sana: sample_size 8 x 32; ldm_unet:
+# 8 x the VAE's 8; dcae: latents of 8 x 32; vqgan: EXAMPLE_RESOLUTION; the others: the config's).
+TINY_RESOLUTIONS = {"adm_unet": 16, "dcae": 256, "ldm_unet": 64, "sana": 256, "stylegan": 16, "stylegan2": 16,
+                    "stylegan3": 32, "var_vqvae": 12, "vqgan": 256}
+
+
+def test_every_model_names_its_default_resolution_and_checks_others():
+    assert set(TINY_RESOLUTIONS) == set(MODELS)
+    for name, module in profile.discover_models().items():
+        model = module.build("tiny")
+        default = TINY_RESOLUTIONS[name]
+        assert module.example_resolution(model) == default == module.example_resolution(model, default), name
+        for bad in (default + 1, -default, float(default), True):
+            with pytest.raises(ValueError, match="resolution must be"):
+                module.example_resolution(model, bad)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 @pytest.mark.parametrize("model", MODELS)
 def test_cpu_profile_of_every_model_writes_table_summary_and_trace(model, tmp_path, capsys):
     summary = profile.profile(model, steps=1, warmup=1, out_dir=tmp_path)
     out = capsys.readouterr().out
     assert "kernel timings need a GPU" in out
+    assert summary["resolution"] == TINY_RESOLUTIONS[model] and f"{TINY_RESOLUTIONS[model]} px" in out
     assert summary["config"] == "tiny" and summary["device"] == "cpu" and summary["gpu"] is None
     assert list(summary["runs"]) == ["eager"], "on CPU only the reference is profiled"
     eager = summary["runs"]["eager"]

@@ -1,6 +1,7 @@
 """Reference models: complete, runnable PyTorch implementations of the models the kernels
 serve, each built from named configs with random weights (`build`) or from a local checkpoint
-(`from_safetensors`), with `example_step` making one representative step:
+(`from_safetensors`), with `example_step` making one representative step at the image side
+`example_resolution` gives:
 
 - `sana`: SANA Linear DiT (diffusers layout), flow-matching sampling with guidance
 - `ldm_unet`: the LDM / Stable Diffusion 1.5 UNet (diffusers layout), DDIM with guidance

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.common import load_safetensors, resolve_config, sinusoidal_embedding
+from fastgen.models.common import example_resolution_multiple_of, load_safetensors, resolve_config, sinusoidal_embedding
 from fastgen.ops.ada_norm import ada_group_norm
 from fastgen.ops.cross_attention import cross_attention
 
@@ -347,18 +347,20 @@ def sample(
     return samplers.ddim(eps, noise, abar, num_steps=num_steps, eta=eta, clip_denoised=True, **guidance)
 
 
+def example_resolution(model: ADMUNet, resolution: Optional[int] = None) -> int:
+    """The image side example_step uses: `resolution`, by default the config's image size."""
+    return example_resolution_multiple_of(resolution, model.config.image_size, model.config.downsampling,
+                                          "the UNet's downsampling")
+
+
 def example_step(model: ADMUNet, batch: int = 1, resolution: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> Callable[[], torch.Tensor]:
     """One denoising call on the guidance batch 2 x `batch` of resolution x resolution images
     (default: the config's image size), random inputs drawn once on the model's device."""
     config = model.config
-    resolution = config.image_size if resolution is None else resolution
-    factor = config.downsampling
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1; got {batch!r}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1 or resolution % factor:
-        raise ValueError(f"resolution must be a positive multiple of {factor} (the UNet's downsampling); "
-                         f"got {resolution!r}")
+    resolution = example_resolution(model, resolution)
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
     size = 2 * batch

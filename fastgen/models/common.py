@@ -36,6 +36,15 @@ def load_safetensors(path, build_model: Callable[[], nn.Module], device: Union[s
     return model
 
 
+def example_resolution_multiple_of(resolution, default: int, factor: int, why: str) -> int:
+    """An example_step's image side: `resolution`, or `default` for None; a positive multiple of
+    `factor` pixels (`why` says what sets the factor)."""
+    resolution = default if resolution is None else resolution
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < factor or resolution % factor:
+        raise ValueError(f"resolution must be a positive multiple of {factor} pixels ({why}); got {resolution!r}")
+    return resolution
+
+
 def sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: float = 10000.0) -> torch.Tensor:
     """[cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (channels / 2)), float32, (B, channels)
     (diffusers' Timesteps with flip_sin_to_cos and no frequency shift; guided-diffusion's

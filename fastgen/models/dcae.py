@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models.common import load_safetensors, resolve_config
+from fastgen.models.common import example_resolution_multiple_of, load_safetensors, resolve_config
 from fastgen.ops.linear_attention import linear_attention
 from fastgen.ops.rms_norm_2d import trms2d
 from fastgen.ops.shortcut import channel_dup_pixel_shuffle, pixel_unshuffle_channel_avg
@@ -484,6 +484,13 @@ def from_safetensors(
     return load_safetensors(path, lambda: build(config), device).eval()
 
 
+def example_resolution(model: DCAE, resolution: Optional[int] = None) -> int:
+    """The image side example_step decodes to: `resolution`, by default that of latents of
+    EXAMPLE_LATENT_SIDE."""
+    factor = model.config.spatial_compression
+    return example_resolution_multiple_of(resolution, EXAMPLE_LATENT_SIDE * factor, factor, "the spatial compression")
+
+
 def example_step(
     model: DCAE,
     batch: int = 1,
@@ -498,10 +505,7 @@ def example_step(
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int; got {batch!r}")
     factor = model.config.spatial_compression
-    resolution = EXAMPLE_LATENT_SIDE * factor if resolution is None else resolution
-    if not isinstance(resolution, int) or resolution < factor or resolution % factor:
-        raise ValueError(f"resolution must be a positive multiple of {factor} pixels (the spatial compression); "
-                         f"got {resolution!r}")
+    resolution = example_resolution(model, resolution)
     parameter = next(model.parameters())
     side = resolution // factor
     latents = torch.randn(batch, model.config.latent_channels, side, side, generator=generator)

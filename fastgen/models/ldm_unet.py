@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.common import load_safetensors, resolve_config, sinusoidal_embedding
+from fastgen.models.common import example_resolution_multiple_of, load_safetensors, resolve_config, sinusoidal_embedding
 from fastgen.ops.ada_norm import ada_group_norm
 from fastgen.ops.cross_attention import cross_attention
 
@@ -465,6 +465,13 @@ def sample(
     )
 
 
+def example_resolution(model: LDMUNet, resolution: Optional[int] = None) -> int:
+    """The image side example_step uses: `resolution`, by default the model's sample_size times
+    the VAE's factor."""
+    return example_resolution_multiple_of(resolution, VAE_SCALE * model.config.sample_size, VAE_SCALE,
+                                          "the VAE's factor")
+
+
 def example_step(model: LDMUNet, batch: int = 1, resolution: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> Callable[[], torch.Tensor]:
     """One denoising call as the sampler makes it: the classifier-free-guidance batch (2 x batch
@@ -474,10 +481,7 @@ def example_step(model: LDMUNet, batch: int = 1, resolution: Optional[int] = Non
     generator: the same values whatever the device). Returns the zero-argument call."""
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int; got {batch!r}")
-    resolution = VAE_SCALE * model.config.sample_size if resolution is None else resolution
-    if not isinstance(resolution, int) or resolution < VAE_SCALE or resolution % VAE_SCALE:
-        raise ValueError(f"resolution must be a positive multiple of {VAE_SCALE} pixels (the VAE's factor); "
-                         f"got {resolution!r}")
+    resolution = example_resolution(model, resolution)
     parameter = next(model.parameters())
     device, dtype, config = parameter.device, parameter.dtype, model.config
     side = resolution // VAE_SCALE

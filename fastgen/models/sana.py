@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.common import load_safetensors, resolve_config, sinusoidal_embedding
+from fastgen.models.common import example_resolution_multiple_of, load_safetensors, resolve_config, sinusoidal_embedding
 from fastgen.ops.ada_norm import ada_layer_norm
 from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.linear_attention import linear_attention
@@ -362,6 +362,13 @@ def build(name_or_config: Union[str, SanaConfig]) -> SanaTransformer:
     return SanaTransformer(resolve_config(name_or_config, CONFIGS, SanaConfig, "SANA"))
 
 
+def example_resolution(model: SanaTransformer, resolution: Optional[int] = None) -> int:
+    """The image side example_step uses: `resolution`, by default the config's sample_size x 32."""
+    return example_resolution_multiple_of(
+        resolution, AUTOENCODER_FACTOR * model.config.sample_size, AUTOENCODER_FACTOR * model.config.patch_size,
+        f"the autoencoder factor {AUTOENCODER_FACTOR} times the patch size")
+
+
 def example_step(
     model: SanaTransformer,
     batch: int = 1,
@@ -377,11 +384,7 @@ def example_step(
     whatever the device). Returns the zero-argument call."""
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int; got {batch!r}")
-    resolution = AUTOENCODER_FACTOR * model.config.sample_size if resolution is None else resolution
-    latent_multiple = AUTOENCODER_FACTOR * model.config.patch_size
-    if not isinstance(resolution, int) or resolution < latent_multiple or resolution % latent_multiple:
-        raise ValueError(f"resolution must be a positive multiple of {latent_multiple} pixels (the autoencoder "
-                         f"factor {AUTOENCODER_FACTOR} times the patch size); got {resolution!r}")
+    resolution = example_resolution(model, resolution)
     parameter = next(model.parameters())
     device, dtype, config = parameter.device, parameter.dtype, model.config
     side = resolution // AUTOENCODER_FACTOR

@@ -65,6 +65,7 @@ from fastgen.models.stylegan2 import (
     load_state_file,
     register_fir,
 )
+from fastgen.models.stylegan2 import example_resolution  # noqa: F401  (the model contract, fastgen.profile)
 from fastgen.ops.ada_norm import ada_group_norm
 from fastgen.ops.bias_act import bias_act
 from fastgen.ops.upfirdn2d import upfirdn2d

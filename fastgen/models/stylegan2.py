@@ -586,13 +586,12 @@ def r1_step(G: Generator, D: Discriminator, real: torch.Tensor, *, gamma: Option
             "r1_penalty": penalty.mean().detach(), "loss": loss.detach()}
 
 
-def check_example_arguments(model_resolution: int, batch, resolution) -> None:
-    """A GAN generator makes images at its one resolution."""
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
-    if resolution is not None and resolution != model_resolution:
-        raise ValueError(f"resolution must be {model_resolution}, the one size this generator makes; "
+def example_resolution(model: nn.Module, resolution: Optional[int] = None) -> int:
+    """A GAN generator makes images at its one resolution (StyleGAN 1, 2 and 3 alike)."""
+    if resolution is not None and (type(resolution) is not int or resolution != model.config.resolution):
+        raise ValueError(f"resolution must be {model.config.resolution}, the one size this generator makes; "
                          f"got {resolution!r}")
+    return model.config.resolution
 
 
 def generator_example_step(model: nn.Module, generator_type: type, batch, resolution, generator,
@@ -603,7 +602,9 @@ def generator_example_step(model: nn.Module, generator_type: type, batch, resolu
     if not isinstance(model, generator_type):
         raise TypeError(f"model must be a {generator_type.__module__}.{generator_type.__name__}, "
                         f"got {type(model).__name__}")
-    check_example_arguments(model.config.resolution, batch, resolution)
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    example_resolution(model, resolution)
     parameter = model.mapping.fc0.weight
     z = torch.randn(batch, model.config.z_dim, generator=generator).to(parameter.device, parameter.dtype)
 

@@ -87,6 +87,7 @@ from fastgen.models.stylegan2 import (
     load_state_file,
     resolve_config,
 )
+from fastgen.models.stylegan2 import example_resolution  # noqa: F401  (the model contract, fastgen.profile)
 from fastgen.ops.filtered_lrelu import filtered_lrelu
 
 

@@ -398,6 +398,15 @@ def from_safetensors(
     return load_safetensors(path, lambda: build(config), device, without_training_statistics)
 
 
+def example_resolution(model: VarVQVAE, resolution: Optional[int] = None) -> int:
+    """The config's resolution, the only one the multi-scale quantizer takes."""
+    config = model.config
+    if resolution is not None and (type(resolution) is not int or resolution != config.resolution):
+        raise ValueError(f"resolution must be {config.resolution} (patch_nums end at {config.patch_nums[-1]}); "
+                         f"got {resolution!r}")
+    return config.resolution
+
+
 def example_step(
     model: VarVQVAE,
     batch: int = EXAMPLE_BATCH,
@@ -410,10 +419,7 @@ def example_step(
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int; got {batch!r}")
     config = model.config
-    resolution = config.resolution if resolution is None else resolution
-    if resolution != config.resolution:
-        raise ValueError(f"resolution must be {config.resolution} (patch_nums end at {config.patch_nums[-1]}); "
-                         f"got {resolution!r}")
+    resolution = example_resolution(model, resolution)
     parameter = next(model.parameters())
     images = torch.rand(batch, config.in_channels, resolution, resolution, generator=generator) * 2 - 1
     images = images.to(device=parameter.device, dtype=parameter.dtype)

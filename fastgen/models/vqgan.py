@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models.common import resolve_config
+from fastgen.models.common import example_resolution_multiple_of, resolve_config
 from fastgen.ops.vq import vq_quantize
 
 
@@ -125,6 +125,13 @@ def from_safetensors(
     return model
 
 
+def example_resolution(model: VectorQuantizer, resolution: Optional[int] = None) -> int:
+    """The image side whose latent example_step quantizes: `resolution`, by default
+    EXAMPLE_RESOLUTION."""
+    return example_resolution_multiple_of(resolution, EXAMPLE_RESOLUTION, model.config.downsample,
+                                          "the tokenizer's downsampling")
+
+
 def example_step(
     model: VectorQuantizer,
     batch: int = 1,
@@ -137,9 +144,7 @@ def example_step(
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int; got {batch!r}")
     config = model.config
-    resolution = EXAMPLE_RESOLUTION if resolution is None else resolution
-    if not isinstance(resolution, int) or resolution < config.downsample or resolution % config.downsample:
-        raise ValueError(f"resolution must be a positive multiple of {config.downsample}; got {resolution!r}")
+    resolution = example_resolution(model, resolution)
     side = resolution // config.downsample
     weight = model.embedding.weight
     z = torch.randn(batch, config.embed_dim, side, side, generator=generator).to(device=weight.device,
