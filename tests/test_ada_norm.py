@@ -180,7 +180,7 @@ def _group_gradient_magnitudes(grad, x, scale, shift, num_groups, weight, bias, 
     spatial = tuple(range(2, x.dim()))
     batch_and_spatial = (0,) + spatial
     dz_abs, modulated_dz = dz.abs(), (modulation * dz).abs()
-    return ((rstd.expand_as(terms) * terms).reshape(x.shape),
+    return ((rstd * terms).reshape(x.shape),
             (dz_abs * (xhat * w + b).abs()).sum(spatial),
             dz_abs.sum(spatial),
             (modulated_dz * xhat.abs()).sum(batch_and_spatial),

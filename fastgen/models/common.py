@@ -45,6 +45,14 @@ def example_resolution_multiple_of(resolution, default: int, factor: int, why: s
     return resolution
 
 
+def example_resolution_fixed(resolution, only: int, why: str) -> int:
+    """An example_step's image side for a model that takes one size: `only`, which `resolution`
+    may repeat (`why` says what fixes it)."""
+    if resolution is not None and (type(resolution) is not int or resolution != only):
+        raise ValueError(f"resolution must be {only} ({why}); got {resolution!r}")
+    return only
+
+
 def sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: float = 10000.0) -> torch.Tensor:
     """[cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (channels / 2)), float32, (B, channels)
     (diffusers' Timesteps with flip_sin_to_cos and no frequency shift; guided-diffusion's

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models.common import load_safetensors, resolve_config
+from fastgen.models.common import example_resolution_fixed, load_safetensors, resolve_config
 from fastgen.ops.bias_act import bias_act
 from fastgen.ops.upfirdn2d import upfirdn2d
 
@@ -588,10 +588,7 @@ def r1_step(G: Generator, D: Discriminator, real: torch.Tensor, *, gamma: Option
 
 def example_resolution(model: nn.Module, resolution: Optional[int] = None) -> int:
     """A GAN generator makes images at its one resolution (StyleGAN 1, 2 and 3 alike)."""
-    if resolution is not None and (type(resolution) is not int or resolution != model.config.resolution):
-        raise ValueError(f"resolution must be {model.config.resolution}, the one size this generator makes; "
-                         f"got {resolution!r}")
-    return model.config.resolution
+    return example_resolution_fixed(resolution, model.config.resolution, "the one size this generator makes")
 
 
 def generator_example_step(model: nn.Module, generator_type: type, batch, resolution, generator,

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models.common import load_safetensors, resolve_config
+from fastgen.models.common import example_resolution_fixed, load_safetensors, resolve_config
 from fastgen.ops.vq import vq_nearest
 
 
@@ -401,10 +401,7 @@ def from_safetensors(
 def example_resolution(model: VarVQVAE, resolution: Optional[int] = None) -> int:
     """The config's resolution, the only one the multi-scale quantizer takes."""
     config = model.config
-    if resolution is not None and (type(resolution) is not int or resolution != config.resolution):
-        raise ValueError(f"resolution must be {config.resolution} (patch_nums end at {config.patch_nums[-1]}); "
-                         f"got {resolution!r}")
-    return config.resolution
+    return example_resolution_fixed(resolution, config.resolution, f"patch_nums end at {config.patch_nums[-1]}")
 
 
 def example_step(
