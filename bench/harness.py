@@ -7,7 +7,8 @@ returning the keyword arguments of one call (fresh random tensors, never zeros),
 the fewest bytes the call must move (each input read once, each output written once) for a
 memory-bound benchmark, or its FLOPs for a compute-bound one. An `Impl` builds, once per case
 and outside the timing, the callable to measure; `standard_impls` gives the usual set: the
-eager reference, `torch.compile` of it, and the fastgen op under each fast backend.
+eager reference, `torch.compile` of it, and the fastgen op under each fast backend it registers
+(`op_benchmark` declares an op's benchmark with them, named after the op).
 
 Checking. Each case's inputs (seed 0) go through the eager reference first; every impl's
 output (and, for fwd+bwd, every input gradient) is checked once. In float32 (and for integer
@@ -54,7 +55,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from fastgen import BackendUnavailable, sysinfo, use_backend
-from fastgen.ops.registry import FAST_BACKENDS, TOLERANCES
+from fastgen.ops.registry import FAST_BACKENDS, OPS, TOLERANCES
 
 DIRECTIONS = ("fwd", "fwd+bwd")
 # The fields of every row, in file order; exactly one of "gbps" / "tflops" sits after ms_p80.
@@ -101,6 +102,9 @@ class Benchmark:
     bound: str = "memory"  # "memory": GB/s against the copy ceiling; "compute": TFLOP/s against matmul
     # (rtol, atol) replacing the per-dtype elementwise tolerance of float32 cases (TF32 layers).
     tolerance: Optional[tuple] = None
+    # The registered ops whose implementations the fast-backend impls time (op_benchmark fills
+    # it); empty for a model benchmark, whose model calls many ops under each backend.
+    ops: tuple = ()
 
     def __post_init__(self):
         if "eager" not in self.impls:
@@ -117,12 +121,37 @@ def compile_reference(reference: Callable) -> Callable:
     return torch.compile(reference)
 
 
-def standard_impls(op: Callable, reference: Callable) -> dict:
+def op_backends(op_name: str) -> tuple:
+    """The fast backends the registered op `op_name` implements, in FAST_BACKENDS order."""
+    if op_name not in OPS:
+        raise ValueError(f"{op_name!r} is not a registered op; registered: {', '.join(sorted(OPS))}")
+    return tuple(backend for backend in FAST_BACKENDS if backend in OPS[op_name].implementations)
+
+
+def backend_impls(call: Callable, backends: Sequence[str] = FAST_BACKENDS) -> dict:
+    """One Impl per backend, timing `call` under it. A model benchmark takes every fast backend:
+    its model calls many ops, and one that lacks the backend runs as under "auto"."""
+    return {backend: Impl(lambda case: call, backend=backend) for backend in backends}
+
+
+def standard_impls(op_name: str, call: Callable, reference: Callable) -> dict:
     """eager reference, torch.compile of it (compiled per case, warmed up by the first call),
-    and the fastgen op under each fast backend."""
+    and `call` (the registered op `op_name`, called as the benchmark calls it) under each fast
+    backend the op registers, in FAST_BACKENDS order: registering a backend adds its row. A
+    fwd+bwd row runs the backward under the same backend; where the op's backward lacks it (a
+    CUDA forward with a Triton backward), the backward runs as under "auto"."""
     impls = {"eager": Impl(lambda case: reference), "compile": Impl(lambda case: compile_reference(reference))}
-    impls.update({backend: Impl(lambda case: op, backend=backend) for backend in FAST_BACKENDS})
+    impls.update(backend_impls(call, op_backends(op_name)))
     return impls
+
+
+def op_benchmark(op_name: str, cases: Sequence[Case], call: Callable, reference: Callable,
+                 extra_impls: Optional[Mapping[str, Impl]] = None, **options) -> Benchmark:
+    """The benchmark of the registered op `op_name`, named after it (`fastgen bench order` ranks
+    an op's backends by the rows of that name): standard_impls, then `extra_impls` (peers from
+    other libraries, variants of the call). `options` are Benchmark's (bound, tolerance)."""
+    impls = {**standard_impls(op_name, call, reference), **(extra_impls or {})}
+    return Benchmark(op_name, cases, impls, ops=(op_name,), **options)
 
 
 def cuda_event_timer(prepare, reps: int, warmup: int) -> list:
@@ -504,26 +533,38 @@ def markdown_table(rows: list) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def select(benchmarks: Sequence[Benchmark], filter: Optional[str] = None, impls: Optional[Sequence[str]] = None,
-           no_compile: bool = False) -> list:
-    """[(benchmark, case, impl names)] to run. `filter` is searched in "name shape dtype
-    direction"; eager always runs (it is the reference), whatever `impls` says."""
+def _regex(option: str, text: str) -> re.Pattern:
     try:
-        pattern = re.compile(filter or "")
+        return re.compile(text)
     except re.error as exc:
-        raise ValueError(f"filter {filter!r} is not a regular expression: {exc}") from None
+        raise ValueError(f"{option} {text!r} is not a regular expression: {exc}") from None
+
+
+def select(benchmarks: Sequence[Benchmark], filter: Optional[str] = None, impls: Optional[Sequence[str]] = None,
+           no_compile: bool = False, compile_filter: Optional[str] = None) -> list:
+    """[(benchmark, case, impl names)] to run. `filter` is searched in "name shape dtype
+    direction"; eager always runs (it is the reference), whatever `impls` says. The "compile"
+    impl runs in no case with `no_compile`, and with `compile_filter` only in the cases whose
+    "name shape dtype direction" it matches (compiling is the slow part of a run)."""
+    if no_compile and compile_filter is not None:
+        raise ValueError("--no-compile and --compile-filter exclude each other: one drops every compile row, "
+                         "the other keeps those of the cases it matches")
+    pattern = _regex("filter", filter or "")
+    compile_pattern = _regex("compile_filter", compile_filter or "")
     known = {name for bench in benchmarks for name in bench.impls}
     unknown = set(impls or ()) - known
     if unknown:
         raise ValueError(f"unknown impl(s) {sorted(unknown)}; known: {sorted(known)}")
     selected = []
     for bench in benchmarks:
-        names = ["eager"] + [name for name in bench.impls if name != "eager" and (impls is None or name in impls)
-                             and not (no_compile and name == "compile")]
         for case in bench.cases:
-            dtype = str(case.dtype).removeprefix("torch.")
-            if pattern.search(f"{bench.name} {case.shape} {dtype} {case.direction}"):
-                selected.append((bench, case, names))
+            label = f"{bench.name} {case.shape} {str(case.dtype).removeprefix('torch.')} {case.direction}"
+            if not pattern.search(label):
+                continue
+            compiles = not no_compile and compile_pattern.search(label) is not None
+            names = ["eager"] + [name for name in bench.impls if name != "eager" and (impls is None or name in impls)
+                                 and (compiles or name != "compile")]
+            selected.append((bench, case, names))
     if not selected:
         raise ValueError(f"no benchmark case matches filter {filter!r}")
     return selected
@@ -531,14 +572,14 @@ def select(benchmarks: Sequence[Benchmark], filter: Optional[str] = None, impls:
 
 def run(benchmarks: Sequence[Benchmark], filter: Optional[str] = None, quick: bool = False,
         out_dir: Optional[Path] = None, impls: Optional[Sequence[str]] = None, no_compile: bool = False,
-        timer: Optional[Timer] = None, device: str = "cuda") -> tuple:
+        timer: Optional[Timer] = None, device: str = "cuda", compile_filter: Optional[str] = None) -> tuple:
     """Measure, write the JSON and CSV, print progress and the table. Returns (rows, meta,
     {"json": path, "csv": path}). `timer` defaults to CUDA events on a CUDA device and the
-    wall clock otherwise."""
+    wall clock otherwise; `select` says what the other arguments pick."""
     device = torch.device(device)
     timer = timer or (cuda_event_timer if device.type == "cuda" else wall_clock_timer)
     budget = _QUICK if quick else _FULL
-    selected = select(benchmarks, filter, impls, no_compile)
+    selected = select(benchmarks, filter, impls, no_compile, compile_filter)
     meta = collect_meta(device)
     meta["quick"] = quick
     meta["ceilings"] = measure_ceilings(device, timer, budget)
@@ -559,6 +600,6 @@ def run(benchmarks: Sequence[Benchmark], filter: Optional[str] = None, quick: bo
     return rows, meta, paths
 
 
-__all__ = ["Benchmark", "Case", "Impl", "ROW_FIELDS", "Timer", "collect_meta", "compile_reference", "cuda_event_timer",
-           "markdown_table", "measure_ceilings", "run", "select", "standard_impls", "wall_clock_timer",
-           "write_results"]
+__all__ = ["Benchmark", "Case", "Impl", "ROW_FIELDS", "Timer", "backend_impls", "collect_meta", "compile_reference",
+           "cuda_event_timer", "markdown_table", "measure_ceilings", "op_backends", "op_benchmark", "run", "select",
+           "standard_impls", "wall_clock_timer", "write_results"]

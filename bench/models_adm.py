@@ -4,9 +4,9 @@ One step is one UNet call on the classifier-free-guidance batch (2 x B) of pixel
 256 x 256 x 3 for the ImageNet 256 model (554M parameters) and 64 x 64 x 3 for the ImageNet
 64 model (296M), at random timesteps and class labels. The eager baseline is the model with
 every fastgen op on its reference (GroupNorm, multiply, add, SiLU for AdaGN; math attention),
-torch.compile compiles that, and the triton rows run the same model with the fused AdaGN and
-flash attention kernels. Weights are random (seeded, shared by every impl); inputs are fresh
-per rotation copy.
+torch.compile compiles that, and one row per fast backend runs the same model with that
+backend's fused AdaGN and flash attention kernels. Weights are random (seeded, shared by every
+impl); inputs are fresh per rotation copy.
 
 Work is the FLOP count of the convolutions and matmuls (torch's FlopCounterMode on a
 meta-device run) plus attention's 4 B T^2 C per attention block (the fastgen op is opaque to
@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastgen.models import adm_unet
 
-from .harness import Benchmark, Case, Impl, compile_reference
+from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
 
 # bfloat16 through ~30 residual blocks rounds differently in each implementation; a wrong kernel
 # is off by O(1).
@@ -70,7 +70,7 @@ def _step_benchmark(config_name: str, side: int, batch: int) -> Benchmark:
     impls = {
         "eager": Impl(lambda case: step, backend="reference"),
         "compile": Impl(lambda case: compile_reference(step), backend="reference"),
-        "triton": Impl(lambda case: step, backend="triton"),
+        **backend_impls(step),
     }
     case = Case(f"{config_name} {side}x{side} px, CFG batch {batch}", torch.bfloat16, "fwd",
                 lambda device, dtype, seed: _inputs(config, batch, side, device, dtype, seed),

@@ -5,11 +5,11 @@ after SANA's 20 denoising steps at 2048 px it is a large share of generation tim
 SANA's default size; the full run adds the encoder at both sizes. The eager baseline is the
 model with every fastgen op on its reference (`use_backend("reference")`: pixel_unshuffle +
 mean + add, repeat_interleave + pixel_shuffle + add, diffusers' RMSNorm and linear-attention
-formulations); torch.compile compiles that; the triton rows run the same model with the
-Triton kernels. The model as users run it is timed beside them: diffusers' AutoencoderDC with
-the same weights ("diffusers") and the same after `fastgen.accelerate` under the Triton backend
-("diffusers-accelerated"); those rows skip when diffusers is not installed. Weights are random
-(seeded, shared by every impl), bfloat16.
+formulations); torch.compile compiles that; one row per fast backend runs the same model with
+that backend's kernels. The model as users run it is timed beside them: diffusers'
+AutoencoderDC with the same weights ("diffusers") and the same after `fastgen.accelerate` under
+the Triton backend ("diffusers-accelerated"); those rows skip when diffusers is not installed.
+Weights are random (seeded, shared by every impl), bfloat16.
 
 Work is the FLOP count of the convolutions and matmuls (torch's FlopCounterMode on a
 meta-device run) plus linear attention's 4 N D^2 per head (state and readout), so
@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastgen.models import dcae
 
-from .harness import Benchmark, Case, Impl, compile_reference
+from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
 
 # bfloat16 rounding through some forty blocks, each implementation in its own order; a wrong
 # kernel is off by O(1).
@@ -126,7 +126,7 @@ def benchmarks(quick: bool = False, config_name: str = "f32c32", resolutions: tu
         impls = {
             "eager": Impl(lambda case, call=call: call, backend="reference"),
             "compile": Impl(lambda case, call=call: compile_reference(call), backend="reference"),
-            "triton": Impl(lambda case, call=call: call, backend="triton"),
+            **backend_impls(call),
             "diffusers": Impl(lambda case, d=direction: _diffusers_call(config_name, d, False)),
             "diffusers-accelerated": Impl(lambda case, d=direction: _diffusers_call(config_name, d, True),
                                           backend="triton"),

@@ -3,7 +3,7 @@
 One step is one UNet call on the classifier-free-guidance batch (2 x 1 image) of 512 px latents
 (64 x 64 x 4 through SD's f8 VAE) against 77 CLIP tokens, in float16 as SD is deployed. The
 eager baseline is fastgen's model with every op on its reference (`use_backend("reference")`),
-torch.compile compiles that, and the triton row runs the same model with the fast backend.
+torch.compile compiles that, and one row per fast backend runs the same model under it.
 Because fastgen's eager GroupNorms carry the (zero) modulation of the ada_group_norm reference,
 the model as users run it is timed beside them: diffusers' UNet2DConditionModel with the same
 weights and its default SDPA attention ("diffusers"), and the same after
@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastgen.models import ldm_unet
 
-from .harness import Benchmark, Case, Impl, compile_reference
+from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
 
 _TIMESTEP = 500.0
 
@@ -102,7 +102,7 @@ def benchmarks(quick: bool = False, config_name: str = "sd15", resolution: int =
     impls = {
         "eager": Impl(lambda case: step, backend="reference"),
         "compile": Impl(lambda case: compile_reference(step), backend="reference"),
-        "triton": Impl(lambda case: step, backend="triton"),
+        **backend_impls(step),
         "diffusers": Impl(lambda case: diffusers_step(False)),
         "diffusers-accelerated": Impl(lambda case: diffusers_step(True), backend="triton"),
     }

@@ -3,8 +3,8 @@
 One step is one transformer call on the classifier-free-guidance batch (2 x B) of 1024 px
 latents (32 x 32 x 32 with the f32 DC-AE) against 300 caption tokens; the sample is SANA's
 20-step flow-matching Euler loop with guidance. The eager baseline is the model with every op
-on its reference (`use_backend("reference")`), torch.compile compiles that, and the fastgen
-rows run the same model with the fast backend. Weights are random (seeded, shared by every
+on its reference (`use_backend("reference")`), torch.compile compiles that, and one row per
+fast backend runs the same model under it. Weights are random (seeded, shared by every
 impl); inputs are fresh per rotation copy.
 
 Work is the FLOP count of the matmuls and convolutions (torch's FlopCounterMode on a meta-device
@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastgen.models import sana
 
-from .harness import Benchmark, Case, Impl, compile_reference
+from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
 
 _CAPTION_TOKENS = 300
 _LATENT_SIDE = 32  # 1024 px through the f32 DC-AE
@@ -60,7 +60,7 @@ def _impls(call) -> dict:
     return {
         "eager": Impl(lambda case: call, backend="reference"),
         "compile": Impl(lambda case: compile_reference(call), backend="reference"),
-        "triton": Impl(lambda case: call, backend="triton"),
+        **backend_impls(call),
     }
 
 

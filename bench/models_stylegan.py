@@ -13,9 +13,9 @@
   AOTAutograd's compiled backward cannot be differentiated again.
 
 The eager baseline is the model with every fastgen op on its reference
-(`use_backend("reference")`), torch.compile compiles that, and the triton rows run the same
-model on the Triton kernels. Weights are random (seeded, shared by every impl), bfloat16
-(float16 would need StyleGAN2-ADA's overflow guards in the demodulation, which are not
+(`use_backend("reference")`), torch.compile compiles that, and one row per fast backend runs
+the same model on that backend's kernels. Weights are random (seeded, shared by every impl),
+bfloat16 (float16 would need StyleGAN2-ADA's overflow guards in the demodulation, which are not
 implemented). Work is the FLOP count of the convolutions and matmuls (torch's FlopCounterMode
 formulas on a meta-device run; the ops' FIR filtering and normalization are opaque to them and
 left out), so fraction_of_ceiling is against the matmul rate and understates the work done.
@@ -30,7 +30,7 @@ from torch.utils.flop_counter import flop_registry
 
 from fastgen.models import stylegan, stylegan2
 
-from .harness import Benchmark, Case, Impl, compile_reference
+from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
 
 FAMILIES = {"stylegan": stylegan, "stylegan2": stylegan2}
 # float32 cases only (CPU tests of the declarations): about twenty layers accumulate in a different
@@ -96,7 +96,7 @@ def _generator_benchmark(family: str, config_name: str, batch: int, dtype: torch
     impls = {
         "eager": Impl(lambda case: forward, backend="reference"),
         "compile": Impl(lambda case: compile_reference(forward), backend="reference"),
-        "triton": Impl(lambda case: forward, backend="triton"),
+        **backend_impls(forward),
     }
     case = Case(f"B{batch} {config.resolution}px", dtype, "fwd",
                 lambda device, dtype, seed: _latents(config, batch, device, dtype, seed), _meta_flops(meta_forward))
@@ -119,7 +119,7 @@ def _r1_benchmark(config_name: str, batch: int, dtype: torch.dtype) -> Benchmark
         real = torch.empty(batch, config.img_channels, config.resolution, config.resolution)
         stylegan2.r1_step(G, D, real, z=torch.empty(batch, config.z_dim), noise_mode="const")
 
-    impls = {"eager": Impl(lambda case: step, backend="reference"), "triton": Impl(lambda case: step, backend="triton")}
+    impls = {"eager": Impl(lambda case: step, backend="reference"), **backend_impls(step)}
     case = Case(f"B{batch} {config.resolution}px", dtype, "fwd",
                 lambda device, dtype, seed: _r1_inputs(config, batch, device, dtype, seed), _meta_flops(meta_step))
     return Benchmark(f"model.stylegan2-{config_name}.r1_step", [case], impls, bound="compute",

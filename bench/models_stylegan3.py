@@ -5,10 +5,10 @@ One call is one generator forward (mapping and synthesis) from a batch of latent
 images, the model's `example_step`. The eager baseline is the model with every fastgen op on its
 reference (`use_backend("reference")`: filtered_lrelu as zero insertion + pad + conv2d FIR, the
 activation, and a second FIR, with the 2x-upsampled intermediate written to memory at every
-layer); torch.compile compiles that; the triton rows run the same model on the fused Triton
-filtered_lrelu (and bias_act) kernels. Weights are random (seeded, shared by every impl),
-float16: NVlabs runs the expensive high-resolution layers in float16, with the activations
-clamped to +-256.
+layer); torch.compile compiles that; one row per fast backend runs the same model on that
+backend's fused filtered_lrelu (and bias_act) kernels. Weights are random (seeded, shared by
+every impl), float16: NVlabs runs the expensive high-resolution layers in float16, with the
+activations clamped to +-256.
 
 Work is the FLOP count of the modulated convolutions and matmuls (torch's FlopCounterMode on a
 meta-device run; the FIR filtering inside filtered_lrelu is opaque to it and left out), so
@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastgen.models import stylegan3
 
-from .harness import Benchmark, Case, Impl, compile_reference
+from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
 
 CONFIG_NAMES = ("stylegan3-t-1024", "stylegan3-r-1024")
 # float32 cases only (CPU tests of the declarations): fifteen layers accumulate in a different
@@ -66,7 +66,7 @@ def benchmarks(quick: bool = False, config_names=CONFIG_NAMES, batch: int = 4,
         impls = {
             "eager": Impl(lambda case, forward=forward: forward, backend="reference"),
             "compile": Impl(lambda case, forward=forward: compile_reference(forward), backend="reference"),
-            "triton": Impl(lambda case, forward=forward: forward, backend="triton"),
+            **backend_impls(forward),
         }
         case = Case(f"B{batch} {config.resolution}px", dtype, "fwd",
                     lambda device, dtype, seed, config=config: _latents(config, batch, device, dtype, seed),

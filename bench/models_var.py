@@ -9,8 +9,9 @@ differently everywhere):
 
 Impls: `eager` runs the model with the codebook search on its reference (VAR's addmm_ +
 argmin); `compile` is torch.compile of that call with the search inlined as plain torch (so
-inductor sees VAR's code, not an opaque op); `triton` runs the fastgen search. Weights are
-random (seeded, nn.Embedding's N(0, 1) codes), the images uniform in [-1, 1].
+inductor sees VAR's code, not an opaque op); one row per fast backend (`triton`, `cuda`) runs
+the fastgen search under it. Weights are random (seeded, nn.Embedding's N(0, 1) codes), the
+images uniform in [-1, 1].
 
 What is checked: each call returns, per image, the mean squared residual ||f - f_hat||^2 left
 after the last scale. Every scale's codes shape it, so a wrong search shows up at once, while
@@ -31,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastgen.models import var_vqvae
 from fastgen.ops import vq
 
-from .harness import Benchmark, Case, Impl, compile_reference
+from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
 
 _BATCHES = (1, 16, 64)
 _QUICK_BATCH = 16
@@ -76,7 +77,7 @@ def _impls(call) -> dict:
     return {
         "eager": Impl(lambda case: call, backend="reference"),
         "compile": Impl(lambda case: _compiled(call), backend="reference"),
-        "triton": Impl(lambda case: call, backend="triton"),
+        **backend_impls(call),
     }
 
 

@@ -22,7 +22,7 @@ import torch
 
 from fastgen.ops import ada_norm
 
-from .harness import Benchmark, Case, standard_impls
+from .harness import Case, op_benchmark
 
 _ADM_LEVELS = ((512, 64), (512, 32), (1024, 16), (1024, 8))  # (channels, side) of imagenet256's ResBlocks
 _STYLEGAN_SIDES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -113,17 +113,10 @@ def _layer_norm_cases(quick: bool) -> list:
     return [_layer_norm_case(*shape, torch.bfloat16, d) for shape, d in itertools.product(shapes, _DIRECTIONS)]
 
 
-def _impls(op, reference) -> dict:
-    impls = standard_impls(op, reference)
-    # No CUDA C++ implementation yet: a "cuda" row would silently time the Triton kernels again.
-    del impls["cuda"]
-    return impls
-
-
 def benchmarks(quick: bool = False) -> list:
     return [
-        Benchmark("ada_group_norm", _group_norm_cases(quick),
-                  _impls(ada_norm.ada_group_norm, ada_norm.ada_group_norm_reference)),
-        Benchmark("ada_layer_norm", _layer_norm_cases(quick),
-                  _impls(ada_norm.ada_layer_norm, ada_norm.ada_layer_norm_reference)),
+        op_benchmark("ada_group_norm", _group_norm_cases(quick), ada_norm.ada_group_norm,
+                     ada_norm.ada_group_norm_reference),
+        op_benchmark("ada_layer_norm", _layer_norm_cases(quick), ada_norm.ada_layer_norm,
+                     ada_norm.ada_layer_norm_reference),
     ]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from fastgen import BackendUnavailable
 from fastgen.ops import cross_attention
 
-from .harness import Benchmark, Case, Impl, standard_impls
+from .harness import Case, Impl, op_benchmark
 
 _SD15_LEVELS = ((4096, 40), (1024, 80), (256, 160), (64, 160))  # (image tokens, head dim)
 _FWD_BWD_FACTOR = 1 + 2.5
@@ -131,10 +131,10 @@ def _library_peer(module: str, function: str, dtypes: tuple = ()) -> Impl:
 
 
 def benchmarks(quick: bool = False) -> list:
-    impls = standard_impls(cross_attention.cross_attention, cross_attention.cross_attention_reference)
-    # No CUDA C++ implementation: a "cuda" row would silently time the Triton kernels again.
-    del impls["cuda"]
-    impls.update(_sdpa_impls())
-    impls["xformers"] = _library_peer("xformers.ops", "memory_efficient_attention")
-    impls["flash-attn"] = _library_peer("flash_attn", "flash_attn_func", (torch.float16, torch.bfloat16))
-    return [Benchmark("cross_attention", _cases(quick), impls, bound="compute")]
+    peers = {
+        **_sdpa_impls(),
+        "xformers": _library_peer("xformers.ops", "memory_efficient_attention"),
+        "flash-attn": _library_peer("flash_attn", "flash_attn_func", (torch.float16, torch.bfloat16)),
+    }
+    return [op_benchmark("cross_attention", _cases(quick), cross_attention.cross_attention,
+                         cross_attention.cross_attention_reference, peers, bound="compute")]

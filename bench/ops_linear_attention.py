@@ -17,7 +17,7 @@ import torch
 
 from fastgen.ops import linear_attention
 
-from .harness import Benchmark, Case, standard_impls
+from .harness import Case, op_benchmark
 
 _HEAD_DIM = 32
 _TENSORS_MOVED = {"fwd": 4, "fwd+bwd": 4 + 7}
@@ -49,7 +49,5 @@ def _cases(quick: bool) -> list:
 
 
 def benchmarks(quick: bool = False) -> list:
-    impls = standard_impls(linear_attention.linear_attention, linear_attention.linear_attention_reference)
-    # No CUDA C++ implementation yet: a "cuda" row would silently time the Triton kernels again.
-    del impls["cuda"]
-    return [Benchmark("linear_attention", _cases(quick), impls)]
+    return [op_benchmark("linear_attention", _cases(quick), linear_attention.linear_attention,
+                         linear_attention.linear_attention_reference)]

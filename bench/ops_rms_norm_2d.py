@@ -16,7 +16,7 @@ import torch
 
 from fastgen.ops import rms_norm_2d
 
-from .harness import Benchmark, Case, standard_impls
+from .harness import Case, op_benchmark
 
 _WIDTHS = (128, 256, 512, 512, 1024, 1024)
 _IMAGE_SIDE = 1024
@@ -51,7 +51,4 @@ def _cases(quick: bool) -> list:
 
 
 def benchmarks(quick: bool = False) -> list:
-    impls = standard_impls(rms_norm_2d.trms2d, rms_norm_2d.trms2d_reference)
-    # No CUDA C++ implementation: a "cuda" row would silently time the Triton kernel again.
-    del impls["cuda"]
-    return [Benchmark("trms2d", _cases(quick), impls)]
+    return [op_benchmark("trms2d", _cases(quick), rms_norm_2d.trms2d, rms_norm_2d.trms2d_reference)]

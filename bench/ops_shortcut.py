@@ -21,7 +21,7 @@ import torch
 
 from fastgen.ops import shortcut
 
-from .harness import Benchmark, Case, standard_impls
+from .harness import Case, op_benchmark
 
 _WIDTHS = (128, 256, 512, 512, 1024, 1024)
 _LATENT_CHANNELS = 32
@@ -109,5 +109,5 @@ def benchmarks(quick: bool = False) -> list:
         _DUPLICATE: (shortcut.channel_dup_pixel_shuffle, shortcut.channel_dup_pixel_shuffle_reference),
     }
     cases = _cases(quick)
-    return [Benchmark(name, [_case(*c) for c in cases if c[0].op == name], standard_impls(op, reference))
+    return [op_benchmark(name, [_case(*c) for c in cases if c[0].op == name], op, reference)
             for name, (op, reference) in ops.items()]

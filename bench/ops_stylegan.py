@@ -38,7 +38,7 @@ from fastgen.ops import bias_act as bias_act_ops
 from fastgen.ops import filtered_lrelu as filtered_lrelu_ops
 from fastgen.ops import upfirdn2d as upfirdn2d_ops
 
-from .harness import Benchmark, Case, standard_impls
+from .harness import Case, op_benchmark
 
 _BATCH = 4
 # (channels, side in px) of StyleGAN2-1024's stages, from 4 px up.
@@ -225,13 +225,8 @@ def _filtered_lrelu_cases(quick: bool) -> list:
 
 
 def benchmarks(quick: bool = False) -> list:
-    resampling_impls = standard_impls(_upfirdn2d_fused, _upfirdn2d_eager)
-    bias_act_impls = standard_impls(bias_act_ops.bias_act, bias_act_ops.bias_act_reference)
-    filtered_lrelu_impls = standard_impls(_filtered_lrelu_fused, _filtered_lrelu_eager)
-    for impls in (resampling_impls, bias_act_impls, filtered_lrelu_impls):
-        del impls["cuda"]  # Triton only for now: no CUDA C++ kernel for these ops yet
     return [
-        Benchmark("upfirdn2d", _resampling_cases(quick), resampling_impls),
-        Benchmark("bias_act", _bias_act_cases(quick), bias_act_impls),
-        Benchmark("filtered_lrelu", _filtered_lrelu_cases(quick), filtered_lrelu_impls),
+        op_benchmark("upfirdn2d", _resampling_cases(quick), _upfirdn2d_fused, _upfirdn2d_eager),
+        op_benchmark("bias_act", _bias_act_cases(quick), bias_act_ops.bias_act, bias_act_ops.bias_act_reference),
+        op_benchmark("filtered_lrelu", _filtered_lrelu_cases(quick), _filtered_lrelu_fused, _filtered_lrelu_eager),
     ]

@@ -10,9 +10,10 @@ B runs over 1, 4, 16, 64; fp32 (VAR's quantizer runs in fp32) and bf16.
 Impls: `eager` is the op's reference, VAR's way (distance matrix by addmm_, then argmin; the
 normalized matmul and argmax for cosine), `compile` its torch.compile; peers `cdist`
 (torch.cdist + argmin; for cosine, cdist of the normalized vectors) and `faiss` (exact GPU
-k-NN, only if faiss is importable); `triton` the default fast path and `triton-exact`
-exact=True with input_precision="tf32" (what an fp32 user would run for speed without
-giving up the exact answer; the precision option does not apply to bf16).
+k-NN, only if faiss is importable); then each backend the op registers, as the default fast
+path (`triton`, `cuda`) and with exact=True (`triton-exact`, `cuda-exact`). Triton's exact
+rows ask for input_precision="tf32" (what an fp32 user would run for speed without giving up
+the exact answer; the precision option does not apply to bf16).
 
 What is checked and timed: vq_nearest's benchmarked call returns the distance of the chosen
 code (the harness compares floating outputs under a tolerance; a legitimate near-tie pick
@@ -22,6 +23,7 @@ Work is the FLOP count 2 N K D of the cross term, the part that scales.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from fastgen.ops import vq
 
-from .harness import Benchmark, Case, Impl, compile_reference
+from .harness import Case, Impl, op_backends, op_benchmark
 
 _VAR_TOKENS = sum(side * side for side in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))  # 680
 # (label, tokens per image, K, D, metric)
@@ -85,16 +87,18 @@ def _eager_quantize(z, codebook, beta):
     return z_q + loss
 
 
-def _fast_impls(op_call) -> dict:
-    """Each backend fast and with exact=True (the Triton one on tf32 tensor cores: its fp32
-    scores cost a third of the rate; the CUDA kernel's are fp32 FMAs either way)."""
-    return {
-        "triton": Impl(lambda case: op_call, backend="triton"),
-        "triton-exact": Impl(lambda case: lambda **kw: op_call(**kw, exact=True, input_precision="tf32"),
-                             backend="triton"),
-        "cuda": Impl(lambda case: op_call, backend="cuda"),
-        "cuda-exact": Impl(lambda case: lambda **kw: op_call(**kw, exact=True), backend="cuda"),
-    }
+# Triton's exact rows score fp32 inputs on tf32 tensor cores, as a user after speed would (plain
+# fp32 scores run at a third of the rate); the CUDA kernel's scores are fp32 FMAs either way.
+_EXACT_OPTIONS = {"triton": {"input_precision": "tf32"}}
+
+
+def _exact_impls(op_name: str, op_call) -> dict:
+    """`op_call` with exact=True under each backend the op registers."""
+    impls = {}
+    for backend in op_backends(op_name):
+        exact_call = functools.partial(op_call, exact=True, **_EXACT_OPTIONS.get(backend, {}))
+        impls[f"{backend}-exact"] = Impl(lambda case, call=exact_call: call, backend=backend)
+    return impls
 
 
 def _case(tokenizer, batch: int, dtype: torch.dtype, direction: str, quantize: bool) -> Case:
@@ -123,27 +127,25 @@ def _grid(quick: bool):
 
 def benchmarks(quick: bool = False) -> list:
     grid = _grid(quick)
-    nearest = Benchmark(
+    nearest = op_benchmark(
         "vq_nearest",
         [_case(t, b, dtype, "fwd", quantize=False) for t, b, dtype in grid],
+        _nearest_distance,
+        _eager_nearest,
         {
-            "eager": Impl(lambda case: _eager_nearest),
-            "compile": Impl(lambda case: compile_reference(_eager_nearest)),
             "cdist": Impl(lambda case: _cdist_nearest),
             "faiss": Impl(lambda case: _faiss_nearest()),
-            **_fast_impls(_nearest_distance),
+            **_exact_impls("vq_nearest", _nearest_distance),
         },
         bound="compute",
     )
-    quantize = Benchmark(
+    quantize = op_benchmark(
         "vq_quantize",
         [_case(t, b, dtype, direction, quantize=True)
          for (t, b, dtype), direction in itertools.product(grid, ("fwd", "fwd+bwd")) if t[4] == "l2"],
-        {
-            "eager": Impl(lambda case: _eager_quantize),
-            "compile": Impl(lambda case: compile_reference(_eager_quantize)),
-            **_fast_impls(_quantize_output),
-        },
+        _quantize_output,
+        _eager_quantize,
+        _exact_impls("vq_quantize", _quantize_output),
         bound="compute",
     )
     return [nearest, quantize]

@@ -382,7 +382,8 @@ def test_filter_and_impl_selection():
 
 
 def test_no_compile_drops_the_compile_baseline():
-    impls = harness.standard_impls(shortcut.pixel_unshuffle_channel_avg, shortcut.pixel_unshuffle_channel_avg_reference)
+    impls = harness.standard_impls("pixel_unshuffle_channel_avg", shortcut.pixel_unshuffle_channel_avg,
+                                   shortcut.pixel_unshuffle_channel_avg_reference)
     assert list(impls) == ["eager", "compile", "triton", "cuda"]
     assert [impls[name].backend for name in impls] == [None, None, "triton", "cuda"]
     toy = _toy(impls=impls, cases=[_toy_case("fwd")])
@@ -390,16 +391,53 @@ def test_no_compile_drops_the_compile_baseline():
     assert names == ["eager", "triton", "cuda"]
 
 
+def test_compile_filter_keeps_the_compile_baseline_only_in_matching_cases():
+    impls = {"eager": TOY_IMPLS["eager"], "compile": TOY_IMPLS["same"], "triton": TOY_IMPLS["same"]}
+    benches = [_toy("alpha", impls=impls), _toy("beta", impls=impls, cases=[_toy_case("fwd", side=4)])]
+
+    def compiled(**kwargs):
+        return [(b.name, c.shape, c.direction) for b, c, names in harness.select(benches, **kwargs)
+                if "compile" in names]
+
+    assert len(compiled()) == 3
+    assert compiled(compile_filter=r"^alpha .* fwd\+bwd$") == [("alpha", "8x8", "fwd+bwd")]
+    assert compiled(compile_filter="4x4") == [("beta", "4x4", "fwd")]
+    assert compiled(filter="alpha", compile_filter="beta") == [], "the case filter applies first"
+    assert len(harness.select(benches, compile_filter="nothing matches")) == 3, "every case still runs"
+    with pytest.raises(ValueError, match="compile_filter .* is not a regular expression"):
+        harness.select(benches, compile_filter="(")
+    with pytest.raises(ValueError, match="--no-compile and --compile-filter exclude each other"):
+        harness.select(benches, no_compile=True, compile_filter="alpha")
+
+
+def test_standard_impls_time_the_backends_the_op_registers(monkeypatch):
+    monkeypatch.delitem(fastgen.OPS["trms2d"].implementations, "cuda")
+    impls = harness.standard_impls("trms2d", lambda **kw: None, lambda **kw: None)
+    assert list(impls) == ["eager", "compile", "triton"]
+    with pytest.raises(ValueError, match="'trms3d' is not a registered op"):
+        harness.standard_impls("trms3d", lambda **kw: None, lambda **kw: None)
+
+
 def test_command_line_arguments():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--filter", "1024px", "--quick", "--out", "somewhere", "--impl", "triton",
-                              "--impl", "cuda", "--no-compile"])
-    assert (args.filter, args.quick, str(args.out), args.impl, args.no_compile) == (
-        "1024px", True, "somewhere", ["triton", "cuda"], True)
+                              "--impl", "cuda", "--no-compile", "--compile-filter", "bf16"])
+    assert (args.filter, args.quick, str(args.out), args.impl, args.no_compile, args.compile_filter) == (
+        "1024px", True, "somewhere", ["triton", "cuda"], True, "bf16")
     defaults = parser.parse_args([])
-    assert (defaults.filter, defaults.quick, defaults.out, defaults.impl, defaults.no_compile) == (
-        None, False, None, None, False)
+    assert (defaults.filter, defaults.quick, defaults.out, defaults.impl, defaults.no_compile,
+            defaults.compile_filter) == (None, False, None, None, False, None)
+
+
+def test_no_compile_with_a_compile_filter_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the options are refused before any timing
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run_from_args(parser.parse_args(["--no-compile", "--compile-filter", "bfloat16"])) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("fastgen bench: --no-compile and --compile-filter exclude each other")
+    assert error.count("\n") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
