@@ -5,6 +5,8 @@ CUDA_HOME, CUDA_PATH, /usr/local/cuda/bin); without it the pure-Python package i
 the Triton and reference implementations still work. Environment:
   FASTGEN_SKIP_CUDA=1      install without the extension even where nvcc exists
   FASTGEN_CUDA_ARCHS=90a   SASS targets, ';' or ',' separated (default 80;86;89;90a + PTX)
+  FASTGEN_PYTHON=python3.12  build the extension for that interpreter's headers and ABI instead
+                           of this one's (fastgen precompile extension uses it)
   MAX_JOBS=N               parallel compile jobs (default: all available cores)
 A failed CUDA build fails the install: a broken kernel must not be hidden.
 """
@@ -103,6 +105,11 @@ class CMakeBuild(build_ext):
 
         # setuptools copies the result into the source tree for an editable install.
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        python = os.environ.get("FASTGEN_PYTHON") or sys.executable
+        if python != sys.executable:
+            suffix = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+                                    capture_output=True, text=True, check=True).stdout.strip()
+            ext_path = ext_path.with_name("_C" + suffix)
         ext_path.parent.mkdir(parents=True, exist_ok=True)
         build_dir = Path(self.build_temp).resolve() / "cmake"
         self._drop_stale_cache(build_dir)
@@ -115,7 +122,7 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DPython_EXECUTABLE={python}",
             f"-DFASTGEN_OUTPUT_DIR={ext_path.parent}",
             f"-DFASTGEN_EXT_SUFFIX={ext_path.name[len('_C'):]}",
             # Files compile in parallel under Ninja; the arch targets of a file share the rest.

@@ -1,4 +1,4 @@
-"""The `fastgen` command: info, check, bench (compare, plot, order, headline), profile."""
+"""The `fastgen` command: info, check, bench (compare, plot, order, headline), profile, precompile."""
 from __future__ import annotations
 
 import argparse
@@ -112,7 +112,8 @@ def _bench_without_gpu(args) -> int:
     print(f"fastgen bench: no CUDA GPU here, so no timings were taken. Verifying {what} under the Triton "
           f"interpreter instead.")
     ignored = [flag for flag, given in (("--quick", args.quick), ("--out", args.out),
-                                        ("--no-compile", args.no_compile)) if given]
+                                        ("--no-compile", args.no_compile),
+                                        ("--compile-filter", args.compile_filter)) if given]
     if ignored:
         print(f"({' and '.join(ignored)} only shape{'s' if len(ignored) == 1 else ''} timed runs: ignored here.)")
     print()
@@ -231,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     headline_parser.set_defaults(run=_bench_headline)
 
     _add_profile_parser(commands)
+    from fastgen import precompile
+
+    precompile.add_arguments(commands.add_parser(
+        "precompile", help="compile the Triton kernels of a workload for a GPU ahead of time, without one",
+        description=precompile.__doc__.split("\n\n")[0]))
     return parser
 
 

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels import LAUNCH_OPTIONS
+from fastgen.kernels import LAUNCH_OPTIONS, sm_count
 
 _TILE_ELEMENTS = 4096  # per (BLOCK_C, BLOCK_S) tile: 16 float32 registers a thread at 8 warps
 _NUM_WARPS = 8
@@ -580,12 +580,11 @@ def _layer_norm_backward_kernel(
 
 
 def _target_programs(device: torch.device, per_sm: int) -> int:
-    """Programs that fill the GPU; on the interpreter (sequential) one is enough. Not tuned on
-    a GPU yet: group norm asks for one program per SM before it splits (a split costs a second
-    read of x), layer norm rows are independent and ask for several."""
-    if device.type == "cuda":
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    """Programs that fill the GPU; on the interpreter (sequential) one is enough. Group norm
+    asks for one program per SM before it splits (a split costs a second read of x), layer
+    norm rows are independent and ask for several."""
+    sms = sm_count(device)
+    return 1 if sms is None else per_sm * sms
 
 
 class _GroupPlan:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels import LAUNCH_OPTIONS
+from fastgen.kernels import LAUNCH_OPTIONS, sm_count
 
 
 @triton.jit
@@ -136,9 +136,10 @@ def trms2d_forward(x, weight, bias, eps: float, y) -> None:
 
 
 def _backward_programs(device: torch.device, num_tiles: int) -> int:
-    """Enough programs to fill the GPU (4 per SM; not tuned on a GPU yet), fewer when there are
-    fewer tiles; on the interpreter, which runs programs one after another, a few suffice."""
-    per_device = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    """Enough programs to fill the GPU (4 per SM), fewer when there are fewer tiles; on the
+    interpreter, which runs programs one after another, a few suffice."""
+    sms = sm_count(device)
+    per_device = 4 if sms is None else 4 * sms
     return max(1, min(num_tiles, per_device))
 
 

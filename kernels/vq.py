@@ -50,13 +50,12 @@ thread at D = 40, 3.3 KB at 128, 10.7 KB at 256). These shapes compile for sm_90
 a machine without a GPU) but were chosen by reasoning and ptxas, not timed: tune them on a
 GPU.
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from fastgen.kernels import LAUNCH_OPTIONS
+from fastgen.kernels import LAUNCH_OPTIONS, sm_count
 from fastgen.ops.registry import triton_interpreter_enabled
 
 # F.normalize's eps: a code of norm below it is divided by eps instead.
@@ -316,14 +315,10 @@ _PROGRAMS_PER_SM = 2
 _INTERPRETER_PROGRAMS = 8
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_splits(row_blocks: int, num_tiles: int, device: torch.device) -> int:
     """Codebook splits so that about two programs per SM run when there are few row blocks."""
-    target = _INTERPRETER_PROGRAMS if device.type != "cuda" else _PROGRAMS_PER_SM * _sm_count(device.index or 0)
+    sms = sm_count(device)
+    target = _INTERPRETER_PROGRAMS if sms is None else _PROGRAMS_PER_SM * sms
     return max(1, min(num_tiles, target // row_blocks))
 
 
