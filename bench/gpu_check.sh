@@ -1,137 +1,203 @@
 #!/usr/bin/env bash
-# Everything to run on a lent GPU machine, in one call and offline: build and import the CUDA
-# extension for this GPU, the GPU tests, `fastgen check`, the quick benchmark (FULL=1: the
-# whole suite) with the measured backend order, `fastgen profile` of SANA, the SD 1.5 UNet and
-# StyleGAN2 and, where compute-sanitizer exists, memcheck and racecheck over the CUDA tests.
+# What to run on a lent GPU machine, offline, in tiers: each tier is one command that fits in
+# 8 minutes on an H100, so that the machine's start, one re-run and the hand-back fit in a
+# 15-minute session. Run verify first, then measure; the deep tiers the next time a GPU is lent.
 #
-# Writes under $OUT (default $TMPDIR/fastgen-gpu-check): gpu_check.log (every step's full
-# output under a header; one file, since the device tool returns at most 8), summary.txt (step,
-# exit code, seconds, appended as each step ends so a killed run keeps it), results/ (the
-# benchmark JSON, CSV and plots) and profiles/<model>/ (traces and summary.json). Then, on the
-# development machine: `fastgen bench order RESULTS.json --write` records the "auto" order.
-# A failing step does not stop the others; the exit code is 1 if any failed.
+#   bash bench/gpu_check.sh verify|measure|deep-tests|deep-sanitize|deep-profile
+#
+# Prepared on the development machine first (bench/prepare_gpu_artifacts.sh, a few minutes):
+# .gpu/ holds the CUDA extension built for the GPU machine's Python (cp312) and sm_90a, and a
+# Triton cache precompiled for its Triton (3.6.0) and sm_90 (`fastgen precompile`). Carry .gpu.
+# Without it every tier still runs, building the extension and compiling every kernel there.
+#
+# Budgets, in seconds, from the compiles counted by `fastgen precompile` (one compile for sm_90
+# costs about 0.65 CPU-s; the GPU machine has 16 cores) and the per-step limits below:
+#   every tier starts with setup: gpu 15 + install 90 + triton_cache 30 + info 30 = 165 at most
+#     (about 40 when the carried artifacts import: no compiling).
+#   verify   165 + check 120 + smoke 150 + cache_report 15 = 450
+#     check: every implementation of every op (602 Triton variants, all precompiled);
+#     smoke: `pytest -m gpu --gpu-smoke -n 16`: 160 tests, every test once per dtype, backend
+#     and op, torch.compile(fullgraph) and CUDA-graph capture of every op; its variants are
+#     compiled there, about 500 at most: 500 x 0.65 s / 16 cores = 20 s.
+#   measure  165 + bench 270 + order 15 + headline 15 = 465
+#     bench: `fastgen bench --quick`, every fastgen implementation, eager and the SDPA peers;
+#     torch.compile only for the cases COMPILE_CASES selects (a cold compile costs seconds to
+#     a minute each); its op kernels (precompiled) and the model kernels (compiled there).
+#   deep-tests     165 + pytest_gpu 300 = 465 (all 2,238 gpu tests, -n 16)
+#   deep-sanitize  165 + memcheck 150 + racecheck 150 = 465 (over `fastgen check --backend cuda`)
+#   deep-profile   165 + 3 profiles x 95 = 450 (SANA, the SD 1.5 UNet, StyleGAN2)
+# A step past its limit is killed and recorded as exit 124; the tier goes on.
+#
+# Writes under $OUT (default $TMPDIR/fastgen-gpu-check), at most 8 files since the device tool
+# returns no more: summary.txt (step, exit code, seconds; appended as each step ends, so a
+# command cut off still returns what finished), gpu_check.log (every step's output), and per
+# tier its results (check.txt; results.json / results.csv / plots.tar / order.txt / headline.md;
+# profiles.tar.xz). Then, on the development machine, commit them under bench/results/<gpu>/,
+# record the measured "auto" order with `fastgen bench order results.json --write` and the
+# README's headline with `fastgen bench headline results.json --readme README.md`.
 #
 # Environment:
-#   PYTHON              interpreter with torch and triton (default python3)
-#   FULL=1              the whole benchmark suite instead of --quick
-#   SANITIZE=0          skip the compute-sanitizer steps (the slowest)
-#   STEPS="a b"         run only these steps (names as in summary.txt), e.g. to split the work
-#                       over several calls of a 10-minute limit
-#   STEP_TIMEOUT        seconds before a step is killed (default 900)
-#   FASTGEN_CUDA_ARCHS  SASS target (default: this GPU's, 90a on Hopper)
-#   FASTGEN_COMMIT      the commit being measured, for a copy of the tree without .git
+#   PYTHON          interpreter with torch and triton (default python3)
+#   ARTIFACTS       the prepared folder (default .gpu)
+#   TRITON_CACHE_DIR  where the precompiled cache is installed (default $TMPDIR/fastgen-triton-cache)
+#   COMPILE_CASES   regex of the benchmark cases that get a torch.compile baseline
+#   FASTGEN_COMMIT  the commit being measured, for a copy of the tree without .git
+#   DRY_RUN=1       on a machine without a GPU (CI): every GPU command is echoed instead of run,
+#                   the rest (argument handling, artifact install, summary, packing) runs for
+#                   real; DRY_RUN_RESULTS=FILE stands in for the benchmark's result file
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
+TIER="${1:-}"
+case "$TIER" in
+    verify | measure | deep-tests | deep-sanitize | deep-profile) ;;
+    *)
+        echo "usage: bash bench/gpu_check.sh verify|measure|deep-tests|deep-sanitize|deep-profile" >&2
+        exit 2
+        ;;
+esac
+
 OUT="${OUT:-${TMPDIR:-/tmp}/fastgen-gpu-check}"
 PYTHON="${PYTHON:-python3}"
-FULL="${FULL:-0}"
-SANITIZE="${SANITIZE:-1}"
-STEPS="${STEPS:-}"
-STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
+ARTIFACTS="${ARTIFACTS:-.gpu}"
+DRY_RUN="${DRY_RUN:-0}"
+COMPILE_CASES="${COMPILE_CASES:-^(linear_attention|cross_attention|ada_group_norm|trms2d|filtered_lrelu|vq_nearest) .* fwd$}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/fastgen-triton-cache}"
 LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.txt"
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$TRITON_CACHE_DIR"
 : > "$LOG"
-printf '%-12s %5s %8s\n' step exit seconds > "$SUMMARY"
+printf '%-14s %5s %8s %6s\n' step exit seconds limit > "$SUMMARY"
 # Nothing can be downloaded there: make pip fail fast instead of retrying an index.
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
+[[ "$DRY_RUN" == 1 ]] && echo "gpu_check: DRY RUN: GPU commands are echoed, not run"
 
 failed=0
+FASTGEN=("$PYTHON" -m fastgen.cli)
+export PYTHON ARTIFACTS
 
-selected() {
-    [[ -z "$STEPS" || " $STEPS " == *" $1 "* ]]
-}
-
-# step NAME COMMAND...: run COMMAND with its output appended to $LOG, record its exit code and
-# duration in $SUMMARY, and on failure print the end of its output.
-step() {
-    local name="$1"
-    shift
-    selected "$name" || return 0
-    local offset started rc
+# run LIMIT NAME [--gpu] COMMAND...: COMMAND with its output appended to $LOG, its exit code
+# and duration recorded in $SUMMARY, killed after LIMIT seconds. --gpu: echoed in a dry run.
+run() {
+    local limit="$1" name="$2" offset started rc
+    shift 2
+    if [[ "$1" == --gpu ]]; then
+        shift
+        [[ "$DRY_RUN" == 1 ]] && set -- echo "[dry run] $*"
+    fi
     offset=$(wc -c < "$LOG")
     started=$SECONDS
     printf '\n===== %s (%s): %s\n' "$name" "$(date -u +%H:%M:%S)" "$*" >> "$LOG"
     echo "== $name: $*"
-    timeout --kill-after=30 "$STEP_TIMEOUT" "$@" >> "$LOG" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
     rc=$?
-    printf '%-12s %5s %8s\n' "$name" "$rc" "$((SECONDS - started))" >> "$SUMMARY"
+    printf '%-14s %5s %8s %6s\n' "$name" "$rc" "$((SECONDS - started))" "$limit" >> "$SUMMARY"
     if [[ "$rc" -ne 0 ]]; then
         failed=1
         echo "!! $name exited $rc$([[ "$rc" -eq 124 ]] && echo " (timed out)"); the end of its output:"
-        tail -c +"$((offset + 1))" "$LOG" | tail -n 40
+        tail -c +"$((offset + 1))" "$LOG" | tail -n 30
     fi
 }
 
-skip_step() {
-    if selected "$1"; then
-        printf '%-12s %5s %8s  %s\n' "$1" "-" "-" "skipped: $2" >> "$SUMMARY"
-    fi
+skip() {
+    printf '%-14s %5s %8s %6s  skipped: %s\n' "$1" "-" "-" "-" "$2" >> "$SUMMARY"
 }
 
-# Hopper needs the "a" target for wgmma/setmaxnreg; other chips take their plain SASS.
-capability=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
-case "$capability" in
-    90 | "") default_archs=90a ;;
-    *) default_archs="$capability" ;;
+# The extension from $ARTIFACTS when it imports here, else built here for this GPU.
+install_fastgen() {
+    FASTGEN_SKIP_CUDA=1 "$PYTHON" -m pip install -q --no-build-isolation --no-deps --no-index -e . || return
+    local built
+    built=$(ls "$ARTIFACTS"/_C.cpython-*.so 2> /dev/null | head -n 1)
+    if [[ -n "$built" ]]; then
+        cp "$built" fastgen/
+        if "$PYTHON" -c 'import fastgen._C'; then
+            echo "fastgen._C: the carried $(basename "$built")"
+            return 0
+        fi
+        echo "fastgen._C: the carried $(basename "$built") does not import here; building it"
+        rm -f "fastgen/$(basename "$built")"
+    fi
+    capability=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')
+    # Hopper needs the "a" target for wgmma/setmaxnreg; other chips take their plain SASS.
+    [[ "$capability" == 90 ]] && capability=90a
+    FASTGEN_CUDA_ARCHS="$capability" "$PYTHON" -m pip install -q --no-build-isolation --no-deps --no-index -e .
+}
+
+install_triton_cache() {
+    local archive
+    archive=$(ls "$ARTIFACTS"/triton-cache-*.tar.xz 2> /dev/null | head -n 1)
+    if [[ -z "$archive" ]]; then
+        echo "no precompiled Triton cache in $ARTIFACTS: every kernel compiles here"
+        return 0
+    fi
+    "$PYTHON" -m fastgen.cli precompile install "$archive" --cache-dir "$TRITON_CACHE_DIR"
+}
+
+cache_entries() {
+    find "$TRITON_CACHE_DIR" -name '__grp__*.json' 2> /dev/null | wc -l
+}
+
+# Steps run under `timeout`, which starts programs: the functions go through bash.
+export -f install_fastgen install_triton_cache cache_entries
+
+# ---- setup, in every tier ----------------------------------------------------------------
+run 15 gpu --gpu nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
+run 90 install --gpu bash -c install_fastgen
+run 30 triton_cache bash -c install_triton_cache
+run 30 info "${FASTGEN[@]}" info
+export entries_before=$(cache_entries)
+
+# ---- the tier ----------------------------------------------------------------------------
+case "$TIER" in
+    verify)
+        run 120 check --gpu sh -c "\"\$@\" > '$OUT/check.txt'" - "${FASTGEN[@]}" check
+        run 150 smoke --gpu "$PYTHON" -m pytest -m gpu --gpu-smoke -n 16 -q -p no:cacheprovider
+        # Kernels the carried cache lacked: compiled here, each a finding for the precompile.
+        run 15 cache_report bash -c 'echo "$(($(cache_entries) - entries_before)) kernel variants compiled here (not in the carried cache)"'
+        ;;
+    measure)
+        run 270 bench --gpu "${FASTGEN[@]}" bench --quick --compile-filter "$COMPILE_CASES" --out "$OUT/bench"
+        results="$(ls -t "$OUT"/bench/*.json 2> /dev/null | head -n 1)"
+        [[ "$DRY_RUN" == 1 && -n "${DRY_RUN_RESULTS:-}" ]] && mkdir -p "$OUT/bench" && cp "$DRY_RUN_RESULTS" "$OUT/bench/" \
+            && results="$OUT/bench/$(basename "$DRY_RUN_RESULTS")"
+        if [[ -n "$results" ]]; then
+            cp "$results" "$OUT/results.json"
+            cp "${results%.json}.csv" "$OUT/results.csv" 2> /dev/null
+            run 15 order sh -c "\"\$@\" > '$OUT/order.txt'" - "${FASTGEN[@]}" bench order "$OUT/results.json"
+            run 15 headline sh -c "\"\$@\" > '$OUT/headline.md'" - "${FASTGEN[@]}" bench headline "$OUT/results.json"
+            if compgen -G "$OUT/bench/*.png" > /dev/null; then
+                tar cf "$OUT/plots.tar" -C "$OUT/bench" $(cd "$OUT/bench" && ls ./*.png)
+            fi
+        else
+            skip order "no benchmark result file"
+            skip headline "no benchmark result file"
+        fi
+        rm -rf "$OUT/bench"
+        ;;
+    deep-tests)
+        run 300 pytest_gpu --gpu "$PYTHON" -m pytest -m gpu -n 16 -q -p no:cacheprovider
+        ;;
+    deep-sanitize)
+        sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+        # Without the caching allocator every tensor is its own allocation, so memcheck sees an
+        # access past a tensor's end instead of landing in a neighbour inside a cached block.
+        for tool in memcheck racecheck; do
+            run 150 "$tool" --gpu env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" \
+                --error-exitcode 1 "${FASTGEN[@]}" check --backend cuda
+        done
+        ;;
+    deep-profile)
+        for model in sana ldm_unet stylegan2; do
+            run 95 "profile_$model" --gpu "${FASTGEN[@]}" profile "$model" --out "$OUT/profiles/$model"
+        done
+        [[ -d "$OUT/profiles" ]] && tar cJf "$OUT/profiles.tar.xz" -C "$OUT" profiles && rm -rf "$OUT/profiles"
+        ;;
 esac
-ARCHS="${FASTGEN_CUDA_ARCHS:-$default_archs}"
 
-if command -v fastgen > /dev/null; then
-    FASTGEN=(fastgen)
-else
-    FASTGEN=("$PYTHON" -m fastgen.cli)
-fi
-
-sanitizer=$(command -v compute-sanitizer || true)
-if [[ -z "$sanitizer" && -x /usr/local/cuda/bin/compute-sanitizer ]]; then
-    sanitizer=/usr/local/cuda/bin/compute-sanitizer
-fi
-
-bench_args=(--quick)
-[[ "$FULL" == 1 ]] && bench_args=()
-
-step gpu nvidia-smi
-step versions "$PYTHON" -c 'import platform, torch, triton
-print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
-print("triton", triton.__version__, "|", torch.cuda.get_device_name(0))'
-step install env FASTGEN_CUDA_ARCHS="$ARCHS" "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
-step import_C "$PYTHON" -c 'import fastgen._C as C; print("fastgen._C from", C.__file__)'
-step info "${FASTGEN[@]}" info
-step pytest_gpu "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
-step check "${FASTGEN[@]}" check
-step bench "${FASTGEN[@]}" bench "${bench_args[@]}" --out "$OUT/results"
-if compgen -G "$OUT/results/*.json" > /dev/null; then
-    latest="$(ls -t "$OUT"/results/*.json | head -n 1)"
-    step order "${FASTGEN[@]}" bench order "$latest"
-    step headline "${FASTGEN[@]}" bench headline "$latest"
-else
-    skip_step order "no benchmark result file"
-    skip_step headline "no benchmark result file"
-fi
-for model in sana ldm_unet stylegan2; do
-    step "profile_$model" "${FASTGEN[@]}" profile "$model" --out "$OUT/profiles/$model"
-done
-if [[ "$SANITIZE" != 1 ]]; then
-    skip_step memcheck "SANITIZE=$SANITIZE"
-    skip_step racecheck "SANITIZE=$SANITIZE"
-elif [[ -z "$sanitizer" ]]; then
-    skip_step memcheck "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
-    skip_step racecheck "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
-else
-    # Without the caching allocator every tensor is its own allocation, so memcheck sees an
-    # access past a tensor's end instead of landing in a neighbour inside a cached block.
-    for tool in memcheck racecheck; do
-        step "$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 1 \
-            "$PYTHON" -m pytest -m gpu -k cuda -q -x -p no:cacheprovider
-    done
-fi
-
+{
+    echo "commit ${FASTGEN_COMMIT:-$(git rev-parse HEAD 2> /dev/null || echo unknown)}  tier $TIER  dry_run $DRY_RUN"
+} >> "$SUMMARY"
 echo
-echo "===== summary (full output in $LOG)"
+echo "===== $TIER summary (full output in $LOG)"
 cat "$SUMMARY"
-if compgen -G "$OUT/results/*" > /dev/null; then
-    echo "results: $(ls "$OUT/results")"
-fi
 exit "$failed"

@@ -19,7 +19,38 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--gpu-smoke", action="store_true",
+                     help="of each test, only the first case of every (dtype, backend, op) it is "
+                          "parametrized over: every kernel runs at least once in every dtype, in a "
+                          "fraction of the time")
+
+
+def _smoke_key(item) -> tuple:
+    """The test, and the dtypes, backends and op names among its parameters."""
+    from fastgen.ops.registry import BACKENDS, OPS
+
+    callspec = getattr(item, "callspec", None)
+    values = list(callspec.params.values()) if callspec is not None else []
+    dtypes = sorted(str(v) for v in values if isinstance(v, torch.dtype))
+    names = sorted(v for v in values if isinstance(v, str) and (v in BACKENDS or v in OPS))
+    return item.nodeid.split("[")[0], tuple(dtypes), tuple(names)
+
+
+def _smoke_selection(config, items) -> None:
+    seen, kept, dropped = set(), [], []
+    for item in items:
+        key = _smoke_key(item)
+        (dropped if key in seen else kept).append(item)
+        seen.add(key)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu-smoke"):
+        _smoke_selection(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
@@ -145,3 +176,20 @@ def emulated_cuda(emulated_extension, monkeypatch):
     monkeypatch.setattr(registry, "backend_unavailable_reason", reason)
     monkeypatch.setattr(check, "backend_unavailable_reason", reason)
     return emulated_extension
+
+
+def archive_with_manifest(source: Path, target: Path, **changes) -> Path:
+    """A copy of a `fastgen precompile build --out` archive with manifest fields changed."""
+    import io
+    import json
+    import tarfile
+
+    with tarfile.open(source) as original, tarfile.open(target, "w:xz") as copy:
+        for member in original.getmembers():
+            data = original.extractfile(member) if member.isfile() else None
+            if member.name == "manifest.json":
+                encoded = json.dumps({**json.load(data), **changes}).encode()
+                member.size = len(encoded)
+                data = io.BytesIO(encoded)
+            copy.addfile(member, data)
+    return target
