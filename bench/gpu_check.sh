@@ -14,15 +14,19 @@
 # costs about 0.65 CPU-s; the GPU machine has 16 cores) and the per-step limits below:
 #   every tier starts with setup: gpu 15 + install 90 + triton_cache 30 + info 30 = 165 at most
 #     (about 40 when the carried artifacts import: no compiling).
+#   the carried cache: 787 variants (check and bench-quick's op cases; 461 s on 2 cores to
+#     build), so neither compiles there when the key matches (verify's cache_report says).
 #   verify   165 + check 120 + smoke 150 + cache_report 15 = 450
-#     check: every implementation of every op (602 Triton variants, all precompiled);
-#     smoke: `pytest -m gpu --gpu-smoke -n 16`: 160 tests, every test once per dtype, backend
-#     and op, torch.compile(fullgraph) and CUDA-graph capture of every op; its variants are
-#     compiled there, about 500 at most: 500 x 0.65 s / 16 cores = 20 s.
+#     check: every implementation of every op, its Triton variants all precompiled;
+#     smoke: `pytest -m gpu --gpu-smoke -n 16`: 205 of the 2,284 gpu tests, each test once per
+#     dtype, backend and op, with torch.compile(fullgraph) and CUDA-graph capture of every op;
+#     its variants compile there, a few per test at most: 205 x 3 x 0.65 s / 16 cores = 25 s.
 #   measure  165 + bench 270 + order 15 + headline 15 = 465
 #     bench: `fastgen bench --quick`, every fastgen implementation, eager and the SDPA peers;
-#     torch.compile only for the cases COMPILE_CASES selects (a cold compile costs seconds to
-#     a minute each); its op kernels (precompiled) and the model kernels (compiled there).
+#     torch.compile only for the cases COMPILE_CASES selects (one fwd case of 6 ops instead
+#     of 89 cold compiles of seconds to a minute each); the op kernels are precompiled, the
+#     model benchmarks' kernels compile there (their eager layers are too slow to precompile
+#     on a CPU at full size).
 #   deep-tests     165 + pytest_gpu 300 = 465 (all 2,238 gpu tests, -n 16)
 #   deep-sanitize  165 + memcheck 150 + racecheck 150 = 465 (over `fastgen check --backend cuda`)
 #   deep-profile   165 + 3 profiles x 95 = 450 (SANA, the SD 1.5 UNet, StyleGAN2)
@@ -61,7 +65,8 @@ OUT="${OUT:-${TMPDIR:-/tmp}/fastgen-gpu-check}"
 PYTHON="${PYTHON:-python3}"
 ARTIFACTS="${ARTIFACTS:-.gpu}"
 DRY_RUN="${DRY_RUN:-0}"
-COMPILE_CASES="${COMPILE_CASES:-^(linear_attention|cross_attention|ada_group_norm|trms2d|filtered_lrelu|vq_nearest) .* fwd$}"
+# One headline case of six op families: each cold torch.compile costs seconds to a minute.
+COMPILE_CASES="${COMPILE_CASES:-^(linear_attention B1 N4096|cross_attention SD1\.5 B4 Lq4096 Lkv77|ada_group_norm ADM B32 C512|trms2d B1 C128 1024px|filtered_lrelu B4 C128 512px|vq_nearest VAR B64) .*fwd$}"
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/fastgen-triton-cache}"
 LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.txt"

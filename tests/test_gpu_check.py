@@ -112,3 +112,20 @@ def test_an_unknown_tier_is_refused():
     result = subprocess.run(["bash", str(SCRIPT), "everything"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "usage: bash bench/gpu_check.sh verify|measure" in result.stderr
+
+
+def test_the_default_compile_cases_are_few_and_all_exist():
+    """Each cold torch.compile baseline costs seconds to a minute of the measure tier's budget:
+    the default selects one case of each of a few ops, and every one of them exists."""
+    from fastgen import bench
+    from fastgen.bench import harness
+
+    line = next(line for line in SCRIPT.read_text().splitlines() if line.startswith("COMPILE_CASES="))
+    regex = subprocess.run(["bash", "-c", f'{line}; printf %s "$COMPILE_CASES"'], capture_output=True, text=True,
+                           check=True).stdout
+    selected = harness.select(bench.benchmarks(quick=True), compile_filter=regex)
+    compiled = [(b.name, case.shape) for b, case, names in selected if "compile" in names]
+    assert 1 <= len(compiled) <= 8, compiled
+    assert len({name for name, _ in compiled}) == len(compiled), compiled
+    named = re.findall(r"[(|]([a-z_0-9]+) ", regex)
+    assert sorted(named) == sorted(name for name, _ in compiled), (named, compiled)
