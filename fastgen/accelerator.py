@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from fastgen.ops.registry import BACKENDS, OPS, current_backend, use_backend
+from fastgen.ops.registry import BACKENDS, OPS, use_backend
 
 _UNDO_ATTRIBUTE = "_fastgen_undo"
 
@@ -70,7 +70,7 @@ class Swap:
 
 class BackendScope:
     """Runs a replacement's op under the backend given to accelerate(); "auto" leaves the
-    process-wide choice (use_backend / FASTGEN_BACKEND) in charge.
+    calling thread's choice (use_backend / FASTGEN_BACKEND) in charge.
 
     A pinned backend cannot be honoured inside torch.compile: the ops read the backend when the
     compiled graph runs, and a use_backend block traced into the graph leaves no trace there.
@@ -80,7 +80,7 @@ class BackendScope:
         self.backend = backend
 
     def run(self, fn, *args):
-        if self.backend == "auto" or self.backend == current_backend():
+        if self.backend == "auto":
             return fn(*args)
         if torch.compiler.is_compiling():
             raise RuntimeError(
@@ -125,7 +125,7 @@ def _pin_reference_model(model: nn.Module, backend: str, ops: frozenset) -> Unio
     """fastgen's own reference models call the ops in their layers already; what accelerate can
     add is pinning them to one backend, by running the model's forward under it."""
     if backend == "auto":
-        return ("a fastgen reference model: its layers call fastgen ops already, under the process-wide "
+        return ("a fastgen reference model: its layers call fastgen ops already, under the calling thread's "
                 "backend (fastgen.use_backend / FASTGEN_BACKEND); pass backend= to pin one")
     if ops != frozenset(OPS):
         return "a fastgen reference model calls its ops directly: ops= cannot exclude some of them"

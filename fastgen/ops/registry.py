@@ -19,9 +19,13 @@ active backend:
   speedups on that GPU and records the ranking in backend_order.json next to this
   file, with the GPU and the commit it was measured on.
 
-The backend is process-wide (not per thread) because autograd runs backward passes on its own
-worker threads, which must see the same choice. Set it with `use_backend(...)` or the
-`FASTGEN_BACKEND` environment variable.
+The backend is chosen per thread (a `contextvars.ContextVar`; an asyncio task works on a copy
+of its creator's choice): `use_backend(...)` sets it for the block in the thread that enters
+it, so concurrent threads neither see nor undo each other's choice. Where no block is open,
+and in every new thread, the backend is the `FASTGEN_BACKEND` environment variable, else
+"auto". A backward runs under the backend its forward ran with, carried in the autograd
+context (`register_autograd`), because autograd runs backward passes on its own worker
+threads for CUDA tensors, which never entered the forward's block.
 
 Implementations write into an output tensor they are given (`out=`), so tests can poison it
 beforehand and catch elements a kernel never writes.
@@ -29,6 +33,7 @@ beforehand and catch elements a kernel never writes.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import inspect
@@ -66,23 +71,24 @@ def _validated_backend(name: str, source: str) -> str:
     return name
 
 
-_active_backend = _validated_backend(os.environ.get("FASTGEN_BACKEND", "auto"), "FASTGEN_BACKEND")
+_backend = contextvars.ContextVar(
+    "fastgen_backend", default=_validated_backend(os.environ.get("FASTGEN_BACKEND", "auto"), "FASTGEN_BACKEND"))
 
 
 def current_backend() -> str:
-    return _active_backend
+    """The backend of the calling thread (see the module docstring)."""
+    return _backend.get()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
-    """Run the fastgen ops inside the block with backend `name` (see the module docstring)."""
-    global _active_backend
-    previous = _active_backend
-    _active_backend = _validated_backend(name, "backend")
+    """Run the fastgen ops that this thread calls inside the block with backend `name` (see the
+    module docstring)."""
+    token = _backend.set(_validated_backend(name, "backend"))
     try:
         yield name
     finally:
-        _active_backend = previous
+        _backend.reset(token)
 
 
 def triton_interpreter_enabled() -> bool:
@@ -288,8 +294,10 @@ def define_custom_op(op: Op, mutates_args: tuple = ()):
 
 def register_autograd(custom_op, backward: Callable, setup_context: Callable) -> None:
     """custom_op.register_autograd, with the backward run under the backend the forward ran
-    with, even when `.backward()` is called after the `use_backend` block has closed. (Under
-    torch.compile the compiled backward reads the backend when it runs, like every op.)"""
+    with, even when `.backward()` is called after the `use_backend` block has closed or runs on
+    another thread (autograd's worker thread, for CUDA tensors). (Under torch.compile the compiled
+    backward reads the backend when it runs, like every op: torch runs it in a copy of the
+    context of the thread that calls `.backward()`, on whichever thread autograd picks.)"""
 
     def remember_backend(ctx, inputs, output):
         ctx.fastgen_backend = current_backend()
