@@ -103,7 +103,9 @@ def _worst(triples, what: str) -> tuple:
     return worst, ""
 
 
-def _check_forward(op: Op, backend: str, args: tuple) -> tuple:
+def check_forward(op: Op, backend: str, args: tuple) -> tuple:
+    """(max abs error, first failure or "") of the backend's forward on args, written into
+    NaN-poisoned outputs, against the float64 reference."""
     out = op.allocate_output(*args)
     for tensor in _as_tuple(out):
         _poison(tensor)
@@ -114,7 +116,7 @@ def _check_forward(op: Op, backend: str, args: tuple) -> tuple:
     return _worst(zip(_as_tuple(out), expected, same_dtype), "output")
 
 
-def _check_backward(op: Op, backend: str, args: tuple, generator: torch.Generator) -> tuple:
+def check_backward(op: Op, backend: str, args: tuple, generator: torch.Generator) -> tuple:
     """Gradients of every floating input through every floating output, against float64
     autograd of the reference."""
     custom_op = getattr(torch.ops.fastgen, op.name)
@@ -154,9 +156,9 @@ def check_op(op: Op, backend: str, device: torch.device, seed: int = 0) -> list:
                 args = case.make_args(device, dtype, generator)
                 try:
                     if direction == "fwd":
-                        error, detail = _check_forward(op, backend, args)
+                        error, detail = check_forward(op, backend, args)
                     else:
-                        error, detail = _check_backward(op, backend, args, generator)
+                        error, detail = check_backward(op, backend, args, generator)
                 except Exception as exc:  # a crashing kernel is a failed check, reported with the rest
                     error, detail = None, f"{type(exc).__name__}: {exc}"
                 status = "FAIL" if detail else "ok"

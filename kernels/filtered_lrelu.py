@@ -60,9 +60,9 @@ Inf or NaN input turns its whole tile's outputs to NaN, where the reference reac
 filters' support (and may clamp an Inf to a finite value). A NaN never comes out finite: the
 clamp propagates it, as torch.clamp does.
 
-Every tensor is addressed through its strides (NCHW, channels_last, sliced views); plane
-offsets are int64. channels_last tensors are read with a stride of C between neighbours: correct,
-not coalesced.
+Every tensor, the bias included, is addressed through its strides (NCHW, channels_last, sliced
+views); plane offsets are int64. channels_last tensors are read with a stride of C between
+neighbours: correct, not coalesced.
 """
 import math
 
@@ -102,6 +102,7 @@ def _filtered_lrelu_kernel(
     src_sb, src_sc, src_sh, src_sw,
     dst_sb, dst_sc, dst_sh, dst_sw,
     codes_sb, codes_sc, codes_sh, codes_sw,
+    bias_s,
     K1Y, K1X, K2Y, K2X,
     pad1_y, pad1_x, pad2_y, pad2_x, lift_y, lift_x,
     VO_Y, VO_X, tiles_y, tiles_x,
@@ -137,7 +138,7 @@ def _filtered_lrelu_kernel(
     src_plane = src_ptr + b * src_sb + c.to(tl.int64) * src_sc
     x = tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x * src_sw, mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        x = tl.where(inside, x + tl.load(bias_ptr + c).to(tl.float32), 0.0)
+        x = tl.where(inside, x + tl.load(bias_ptr + c.to(tl.int64) * bias_s).to(tl.float32), 0.0)
     x = x.to(STAGE1_DTYPE)
 
     # 2. Stage 1: mid sample m reads input q through tap k = q*UP + pad1 - m.
@@ -265,7 +266,7 @@ def _launch(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp, c
         src, bias if bias is not None else src, dst, codes_arg, partials if partials is not None else dst,
         w1y, w1x, w2y, w2x,
         channels, in_h, in_w, fused.mid_shape[0], fused.mid_shape[1], out_h, out_w,
-        *src.stride(), *dst.stride(), *codes_strides,
+        *src.stride(), *dst.stride(), *codes_strides, bias.stride(0) if bias is not None else 0,
         k1y, k1x, k2y, k2x,
         pads1[0], pads1[1], pads2[0], pads2[1], _lift(pads1[0], pads2[0], up), _lift(pads1[1], pads2[1], up),
         vo_y, vo_x, tiles_y, tiles_x,

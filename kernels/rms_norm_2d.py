@@ -12,8 +12,9 @@ only as many pixels as keep the tile at ~4096 elements.
 The backward is one pass too: each of a fixed number of programs walks tiles pid, pid + G, ...,
 writes dx and keeps per-channel sums of dy * x * r and dy in registers, stored as one row of
 a (G, C) float32 partial buffer; torch sums its rows, so dweight and dbias do not depend on
-scheduling. Offsets are int64 (DC-AE decoder maps at 2048 px exceed 2^31 elements); arithmetic
-is float32 only, loads converted first (the CPU interpreter gets bfloat16 arithmetic wrong).
+scheduling. Every tensor, weight and bias included, is addressed through its strides. Offsets
+are int64 (DC-AE decoder maps at 2048 px exceed 2^31 elements); arithmetic is float32 only,
+loads converted first (the CPU interpreter gets bfloat16 arithmetic wrong).
 """
 import torch
 import triton
@@ -47,6 +48,7 @@ def _trms2d_forward_kernel(
     C, HW, W, TILES_PER_IMAGE, eps,
     x_sb, x_sc, x_sh, x_sw,
     y_sb, y_sc, y_sh, y_sw,
+    w_s, bias_s,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FLAT_PIXELS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -55,9 +57,9 @@ def _trms2d_forward_kernel(
     x = x.to(tl.float32)
     y = x * tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)[None, :]
     if HAS_WEIGHT:
-        y *= tl.load(w_ptr + c, mask=c < C).to(tl.float32)[:, None]
+        y *= tl.load(w_ptr + c * w_s, mask=c < C).to(tl.float32)[:, None]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + c, mask=c < C).to(tl.float32)[:, None]
+        y += tl.load(bias_ptr + c * bias_s, mask=c < C).to(tl.float32)[:, None]
     y_offsets = _offsets(b, c, s, W, y_sb, y_sc, y_sh, y_sw, FLAT_PIXELS)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -69,6 +71,7 @@ def _trms2d_backward_kernel(
     dy_sb, dy_sc, dy_sh, dy_sw,
     x_sb, x_sc, x_sh, x_sw,
     dx_sb, dx_sc, dx_sh, dx_sw,
+    w_s,
     HAS_WEIGHT: tl.constexpr, FLAT_PIXELS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -76,7 +79,7 @@ def _trms2d_backward_kernel(
     channels = tl.arange(0, BLOCK_C)
     weight = tl.full((BLOCK_C,), 1.0, tl.float32)
     if HAS_WEIGHT:
-        weight = tl.load(w_ptr + channels, mask=channels < C, other=0.0).to(tl.float32)
+        weight = tl.load(w_ptr + channels.to(tl.int64) * w_s, mask=channels < C, other=0.0).to(tl.float32)
     sum_dy_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for tile_index in range(pid, NUM_TILES, tl.num_programs(0)):
@@ -121,16 +124,22 @@ def _geometry(x: torch.Tensor) -> tuple:
     return channels, height * width, width
 
 
+def _channel_vector(vector, x) -> tuple:
+    """(pointer, stride) of a (C,) weight or bias, any view; an absent one is never read and x
+    stands in for its pointer."""
+    return (x, 0) if vector is None else (vector, vector.stride(0))
+
+
 def trms2d_forward(x, weight, bias, eps: float, y) -> None:
     if y.numel() == 0:
         return
     batch, channels, height, width = x.shape
     plan = _Plan((x, y), channels, height, width)
-    # An absent weight or bias is never read; x stands in for its pointer.
+    (weight_arg, weight_stride), (bias_arg, bias_stride) = _channel_vector(weight, x), _channel_vector(bias, x)
     _trms2d_forward_kernel[(batch * plan.tiles_per_image,)](
-        x, x if weight is None else weight, x if bias is None else bias, y,
+        x, weight_arg, bias_arg, y,
         *_geometry(x), plan.tiles_per_image, eps,
-        *x.stride(), *y.stride(),
+        *x.stride(), *y.stride(), weight_stride, bias_stride,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **plan.meta(), **LAUNCH_OPTIONS,
     )
 
@@ -154,10 +163,11 @@ def trms2d_backward(grad, x, weight, eps: float, dx, dweight, dbias) -> None:
     num_tiles = batch * plan.tiles_per_image
     programs = _backward_programs(x.device, num_tiles)
     partial = torch.empty(programs, 2, channels, dtype=torch.float32, device=x.device)
+    weight_arg, weight_stride = _channel_vector(weight, x)
     _trms2d_backward_kernel[(programs,)](
-        grad, x, x if weight is None else weight, dx, partial,
+        grad, x, weight_arg, dx, partial,
         *_geometry(x), plan.tiles_per_image, num_tiles, eps,
-        *grad.stride(), *x.stride(), *dx.stride(),
+        *grad.stride(), *x.stride(), *dx.stride(), weight_stride,
         HAS_WEIGHT=weight is not None, **plan.meta(), **LAUNCH_OPTIONS,
     )
     sums = partial.sum(0)
