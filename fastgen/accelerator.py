@@ -5,7 +5,10 @@ diffusers models that means installing fastgen attention processors on their `At
 modules (diffusers' own extension point) and fused forwards on the blocks fastgen has kernels
 for, so the state dict, hooks and `torch.compile` see the same module tree. fastgen's own
 reference models (fastgen.models) call the ops already: for them accelerate pins a backend. Each replacement computes the same function as the code it replaces, up to
-floating-point rounding; `fastgen.restore(model)` puts every original back.
+floating-point rounding; `fastgen.restore(model)` puts every original back. `accelerate` makes all
+its swaps or none: when an accelerator raises, the swaps made before are undone and the error
+raised. A forward that something else set on a module's instance (offloading hooks, another
+patch) is never replaced: that module is left alone, with the reason.
 
 Which submodules can be accelerated is declared in the modules of `fastgen.accelerators`, one
 `@accelerator` function per kind of submodule; each returns, for a submodule, nothing (not its
@@ -92,13 +95,32 @@ class BackendScope:
             return fn(*args)
 
 
+def replace_forward(module: nn.Module, forward: Callable, original: str, replacement: str,
+                    op: str) -> Union[Swap, str]:
+    """Set `forward` on `module`'s instance, where it shadows the class's forward, with an undo
+    that deletes it again; every accelerator that replaces a forward goes through here. A
+    forward already on the instance was installed by something else (offloading hooks, another
+    patch): replacing it would bypass that wrapper and restore() would delete it, so the module
+    is left as it is and the reason returned instead."""
+    if "forward" in vars(module):
+        return (f"{type(module).__name__}.forward is already wrapped on the instance (e.g. by offloading hooks): "
+                f"replacing it would bypass the wrapper")
+    module.forward = forward
+
+    def undo() -> None:
+        del module.forward
+
+    return Swap(original, replacement, op, undo)
+
+
 # Filled by the modules of fastgen.accelerators through @accelerator, one per kind of submodule.
 _ACCELERATORS: list = []
 
 
 def accelerator(fn: Callable[[nn.Module, str, frozenset], Union[None, "Swap", str]]):
     """Declare `fn(module, backend, ops)` as an accelerator: it returns None when `module` is not
-    its kind, a Swap when it replaced it, or the reason it left it alone."""
+    its kind, a Swap when it replaced it, or the reason it left it alone. It replaces forwards
+    through replace_forward."""
     _ACCELERATORS.append(fn)
     return fn
 
@@ -134,12 +156,8 @@ def _pin_reference_model(model: nn.Module, backend: str, ops: frozenset) -> Unio
     def forward(*args, **kwargs):
         return scope.run(lambda: type(model).forward(model, *args, **kwargs))
 
-    model.forward = forward
-
-    def undo() -> None:
-        del model.forward
-
-    return Swap(type(model).__name__, f"forward under backend {backend!r}", "every op it calls", undo)
+    return replace_forward(model, forward, type(model).__name__, f"forward under backend {backend!r}",
+                           "every op it calls")
 
 
 def _selected_ops(ops: Optional[Iterable[str]]) -> frozenset:
@@ -167,32 +185,44 @@ def accelerate(model, backend: str = "auto", ops: Optional[Iterable[str]] = None
     import fastgen.accelerators  # noqa: F401  (registers every accelerator)
 
     report, undo = AccelerationReport(backend), []
-    if _is_reference_model(model):
-        outcome = _pin_reference_model(model, backend, selected)
-        if isinstance(outcome, Swap):
-            report.replaced.append(Replacement("", outcome.original, outcome.replacement, outcome.op))
-            undo.append(outcome.undo)
-        else:
-            report.left.append(LeftAlone("", type(model).__name__, outcome))
-        setattr(model, _UNDO_ATTRIBUTE, undo)
-        return report
-    for path, module in _named_modules(model):
-        for accelerator in _ACCELERATORS:
-            outcome = accelerator(module, backend, selected)
+    try:
+        for path, module, outcome in _outcomes(model, backend, selected):
             if isinstance(outcome, Swap):
                 report.replaced.append(Replacement(path, outcome.original, outcome.replacement, outcome.op))
                 undo.append(outcome.undo)
-            elif isinstance(outcome, str):
+            else:
                 report.left.append(LeftAlone(path, type(module).__name__, outcome))
-    setattr(model, _UNDO_ATTRIBUTE, undo)
+        setattr(model, _UNDO_ATTRIBUTE, undo)
+    except BaseException:
+        # All or nothing: a model left half swapped, with nothing recorded for restore() to undo,
+        # would be neither the original model nor the accelerated one.
+        _undo(undo)
+        raise
     return report
+
+
+def _outcomes(model, backend: str, ops: frozenset) -> Iterator[tuple]:
+    """(path, module, Swap or reason) for every submodule some accelerator knows, as each
+    accelerator makes its swap; for fastgen's reference models, the pinning of the backend."""
+    if _is_reference_model(model):
+        yield "", model, _pin_reference_model(model, backend, ops)
+        return
+    for path, module in _named_modules(model):
+        for accelerator in _ACCELERATORS:
+            outcome = accelerator(module, backend, ops)
+            if outcome is not None:
+                yield path, module, outcome
+
+
+def _undo(steps: list) -> None:
+    for step in reversed(steps):
+        step()
 
 
 def restore(model) -> int:
     """Undo accelerate(model); returns how many replacements were reverted."""
     undo = getattr(model, _UNDO_ATTRIBUTE, None) or []
-    for step in reversed(undo):
-        step()
+    _undo(undo)
     if hasattr(model, _UNDO_ATTRIBUTE):
         delattr(model, _UNDO_ATTRIBUTE)
     return len(undo)

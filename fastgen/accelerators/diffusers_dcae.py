@@ -30,7 +30,7 @@ from typing import Callable, Optional, Union
 
 from torch import nn
 
-from fastgen.accelerator import BackendScope, Swap, accelerator
+from fastgen.accelerator import BackendScope, Swap, accelerator, replace_forward
 from fastgen.models import dcae
 
 _AUTOENCODER_DC = "diffusers.models.autoencoders.autoencoder_dc"
@@ -40,22 +40,6 @@ _UNSHUFFLE, _SHUFFLE, _NORM, _ATTENTION = (
 
 def _is_diffusers(module: nn.Module, class_name: str, module_name: str = "diffusers.") -> bool:
     return type(module).__name__ == class_name and type(module).__module__.startswith(module_name)
-
-
-def _shadow(owner: nn.Module, name: str, value) -> Callable[[], None]:
-    """Set `owner.name` on the instance; the returned undo puts back what the instance held
-    before (for `forward`, usually nothing: the class's method shows through again)."""
-    missing = object()
-    previous = owner.__dict__.get(name, missing)
-    setattr(owner, name, value)
-
-    def undo() -> None:
-        if previous is missing:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, previous)
-
-    return undo
 
 
 def _run_on(scope: BackendScope, forward: Callable, module: nn.Module) -> Callable:
@@ -83,8 +67,8 @@ def diffusers_dcae_shortcut(module: nn.Module, backend: str, ops: frozenset) -> 
         return f"{flag}=False: no shortcut to fuse"
     if op not in ops:
         return f"op {op} was not selected (ops=...)"
-    undo = _shadow(module, "forward", _run_on(BackendScope(backend), forward, module))
-    return Swap(f"{name} shortcut", f"{forward.__qualname__} (fastgen.models.dcae)", op, undo)
+    return replace_forward(module, _run_on(BackendScope(backend), forward, module), f"{name} shortcut",
+                           f"{forward.__qualname__} (fastgen.models.dcae)", op)
 
 
 def _channel_norm(module: nn.Module) -> Optional[tuple]:
@@ -113,8 +97,8 @@ def diffusers_dcae_rms_norm(module: nn.Module, backend: str, ops: frozenset) -> 
         return f"{attribute} has no weight or no bias (DC-AE's RMSNorms have both)"
     if _NORM not in ops:
         return f"op {_NORM} was not selected (ops=...)"
-    undo = _shadow(norm, "forward", _run_on(BackendScope(backend), dcae.RMSNorm.forward, norm))
-    return Swap(f"{attribute}: RMSNorm over channel-last", "trms2d over channels", _NORM, undo)
+    return replace_forward(norm, _run_on(BackendScope(backend), dcae.RMSNorm.forward, norm),
+                           f"{attribute}: RMSNorm over channel-last", "trms2d over channels", _NORM)
 
 
 class MultiscaleLinearAttentionProcessor(BackendScope):
@@ -134,5 +118,7 @@ def diffusers_dcae_attention(module: nn.Module, backend: str, ops: frozenset) ->
         return f"processor {original} has no fastgen replacement"
     if _ATTENTION not in ops:
         return f"op {_ATTENTION} was not selected (ops=...)"
-    undo = _shadow(module, "processor", MultiscaleLinearAttentionProcessor(backend))
-    return Swap(original, MultiscaleLinearAttentionProcessor.__name__, _ATTENTION, undo)
+    processor = module.processor
+    module.processor = MultiscaleLinearAttentionProcessor(backend)
+    return Swap(original, MultiscaleLinearAttentionProcessor.__name__, _ATTENTION,
+                lambda: setattr(module, "processor", processor))

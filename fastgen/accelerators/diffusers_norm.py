@@ -25,28 +25,13 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from fastgen.accelerator import BackendScope, Swap, accelerator
+from fastgen.accelerator import BackendScope, Swap, accelerator, replace_forward
 
 _OP = "ada_group_norm"
 
 
 def _is_diffusers(module: nn.Module, class_name: str) -> bool:
     return type(module).__name__ == class_name and type(module).__module__.startswith("diffusers.")
-
-
-def _install_forward(module: nn.Module, forward: Callable, original: str, replacement: str) -> Swap:
-    """Bind `forward` as the module's own forward, shadowing the class's; undo deletes it."""
-    module.forward = types.MethodType(forward, module)
-
-    def undo() -> None:
-        del module.forward
-
-    return Swap(original, replacement, _OP, undo)
-
-
-# A forward already set on the instance belongs to someone else (accelerate's offloading hooks,
-# another patch): replacing it would bypass that wrapper, so such modules are left alone.
-_ALREADY_WRAPPED = "its forward is already wrapped on the instance (e.g. by offloading hooks)"
 
 
 def _fused_scale_shift_resnet_forward(scope: BackendScope, original_forward: Callable):
@@ -106,21 +91,18 @@ def diffusers_scale_shift_resnet(module: nn.Module, backend: str, ops: frozenset
         return f"nonlinearity {type(module.nonlinearity).__name__}: the fused op applies SiLU only"
     if not module.norm2.affine:
         return "norm2 without affine parameters (diffusers builds it affine)"
-    if "forward" in module.__dict__:
-        return _ALREADY_WRAPPED
     if _OP not in ops:
         return f"op {_OP} was not selected (ops=...)"
     forward = _fused_scale_shift_resnet_forward(BackendScope(backend), module.forward)
-    return _install_forward(module, forward, "ResnetBlock2D.norm2+scale_shift+silu", "fastgen fused forward")
+    return replace_forward(module, types.MethodType(forward, module), "ResnetBlock2D.norm2+scale_shift+silu",
+                           "fastgen fused forward", _OP)
 
 
 @accelerator
 def diffusers_ada_group_norm(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
     if not _is_diffusers(module, "AdaGroupNorm"):
         return None
-    if "forward" in module.__dict__:
-        return _ALREADY_WRAPPED
     if _OP not in ops:
         return f"op {_OP} was not selected (ops=...)"
     forward = _fused_ada_group_norm_forward(BackendScope(backend))
-    return _install_forward(module, forward, "AdaGroupNorm", "fastgen fused forward")
+    return replace_forward(module, types.MethodType(forward, module), "AdaGroupNorm", "fastgen fused forward", _OP)

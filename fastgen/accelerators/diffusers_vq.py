@@ -18,7 +18,7 @@ from typing import Union
 
 from torch import nn
 
-from fastgen.accelerator import BackendScope, Swap, accelerator
+from fastgen.accelerator import BackendScope, Swap, accelerator, replace_forward
 from fastgen.models.vqgan import straight_through_quantize
 
 
@@ -43,6 +43,5 @@ def diffusers_vector_quantizer(module: nn.Module, backend: str, ops: frozenset) 
         return "legacy loss with beta = 0 has no vq_quantize form"
     if "vq_quantize" not in ops:
         return "op vq_quantize was not selected (ops=...)"
-    # An instance attribute shadows the class's forward; deleting it brings the original back.
-    module.forward = functools.partial(_quantizer_forward, BackendScope(backend), module)
-    return Swap("VectorQuantizer.forward", "vq_quantize forward", "vq_quantize", lambda: delattr(module, "forward"))
+    return replace_forward(module, functools.partial(_quantizer_forward, BackendScope(backend), module),
+                           "VectorQuantizer.forward", "vq_quantize forward", "vq_quantize")
