@@ -190,7 +190,9 @@ def ada_group_norm_backward_reference(grad, x, scale, shift, num_groups, weight=
     compute = _compute_dtype(x.dtype)
     batch, channels = x.shape[:2]
     spatial = tuple(range(2, x.dim()))
-    grouped = x.to(compute).reshape(batch, num_groups, -1)
+    per_group = channels // num_groups
+    group_size = per_group * math.prod(x.shape[2:])
+    grouped = x.to(compute).reshape(batch, num_groups, group_size)  # not -1: ambiguous for an empty batch
     mean = grouped.mean(-1, keepdim=True)
     rstd_per_group = (grouped.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
     xhat = ((grouped - mean) * rstd_per_group).reshape(x.shape)
@@ -206,8 +208,6 @@ def ada_group_norm_backward_reference(grad, x, scale, shift, num_groups, weight=
         dz = dz * sigmoid * (1 + z * (1 - sigmoid))
     sum_dz = dz.sum(spatial) if spatial else dz
     sum_dz_xhat = (dz * xhat).sum(spatial) if spatial else dz * xhat
-    per_group = channels // num_groups
-    group_size = per_group * math.prod(x.shape[2:])
 
     def group_mean(per_channel):  # (B, C) -> each channel gets its group's sum / group size
         sums = per_channel.reshape(batch, num_groups, per_group).sum(-1) / group_size

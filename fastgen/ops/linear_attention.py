@@ -52,7 +52,7 @@ def rows_per_chunk(tokens: int, block_rows: int, batch_heads: int, target_blocks
     """Rows per chunk of a sequence (a multiple of block_rows) for the kernels that split each
     head's rows into chunks: enough chunks that batch_heads * chunks reaches target_blocks."""
     tiles = -(-max(tokens, 1) // block_rows)
-    chunks = min(tiles, max(1, -(-target_blocks // batch_heads)))
+    chunks = min(tiles, max(1, -(-target_blocks // max(batch_heads, 1))))  # B*H = 0: an empty batch
     return block_rows * -(-tiles // chunks)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from fastgen import _cuda
 from fastgen.ops.registry import (
@@ -112,11 +111,28 @@ def _shuffle_scale(scale) -> float:
     return 1.0 if scale is None else float(scale)
 
 
+# torch.nn.functional.pixel_unshuffle and pixel_shuffle as reshape and permute: for a tensor without
+# elements torch's pixel_unshuffle returns its input unchanged, in the wrong shape, and
+# pixel_shuffle's backward calls it, so neither the reference nor its autograd would handle
+# an empty batch or image.
+def _pixel_unshuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    blocks = x.reshape(batch, channels, height // factor, factor, width // factor, factor)
+    return blocks.permute(0, 1, 3, 5, 2, 4).reshape(batch, channels * factor * factor, height // factor,
+                                                   width // factor)
+
+
+def _pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    blocks = x.reshape(batch, channels // (factor * factor), factor, factor, height, width)
+    return blocks.permute(0, 1, 4, 2, 5, 3).reshape(batch, channels // (factor * factor), height * factor,
+                                                   width * factor)
+
+
 def pixel_unshuffle_channel_avg_reference(x, factor, out_channels, residual=None, scale=None):
     """Eager formulation as DC-AE writes it: pixel_unshuffle, view into groups, mean, add."""
     group = _unshuffle_group(x, factor, out_channels)
-    unshuffled = F.pixel_unshuffle(x, factor) if factor > 1 else x
-    groups = unshuffled.unflatten(1, (out_channels, group))
+    groups = _pixel_unshuffle(x, factor).unflatten(1, (out_channels, group))
     y = groups.mean(2) if scale is None else groups.sum(2) * scale
     return y if residual is None else y + residual
 
@@ -125,7 +141,7 @@ def channel_dup_pixel_shuffle_reference(x, factor, out_channels, residual=None, 
     """Eager formulation as DC-AE writes it: repeat_interleave, pixel_shuffle, add."""
     repeats = _duplication_repeats(x, factor, out_channels)
     y = x.repeat_interleave(repeats, dim=1) if repeats > 1 else x
-    y = F.pixel_shuffle(y, factor) if factor > 1 else y
+    y = _pixel_shuffle(y, factor)
     y = y if scale is None else y * scale
     return y if residual is None else y + residual
 

@@ -292,8 +292,11 @@ def _filter_gradient(x, f, dy, up, down, padding, flip_filter, gain):
     dz = dy.new_zeros(batch, channels, dy.shape[2] * downy, dy.shape[3] * downx)
     dz[:, :, ::downy, ::downx] = dy
     dz = dz[:, :, :z_h, :z_w]
-    # One "image" of B*C channels correlated with a B*C-channel "weight": sums over b, c, pixels.
-    dw = F.conv2d(p.reshape(1, batch * channels, *p.shape[2:]), dz.reshape(1, batch * channels, z_h, z_w))[0, 0] * gain
+    if batch * channels == 0:  # every tap's sum is empty (conv2d would return no channel at all)
+        dw = p.new_zeros(fh, fw)
+    else:  # one "image" of B*C channels correlated with a B*C-channel "weight": sums over b, c, pixels
+        dw = F.conv2d(p.reshape(1, batch * channels, *p.shape[2:]),
+                      dz.reshape(1, batch * channels, z_h, z_w))[0, 0] * gain
     if f.dim() == 1:
         taps = (f if flip_filter else f.flip(0)).to(compute)
         # w[i, j] = taps[i] * taps[j]: both factors get the product rule's share.
