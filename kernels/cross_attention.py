@@ -7,7 +7,11 @@ D_PAD = max(16, next power of two) inside the kernels by masked loads (tl.dot ne
 dimension >= 16 and power-of-two block shapes); the padded columns load as zeros, add nothing
 to q.k and are never stored. Offsets are int64.
 
-Forward, one launch, grid (query blocks, B*H): each program keeps BLOCK_M query rows and
+Grids are 1-D over B*H heads x blocks of rows, the blocks fastest, so that the programs of
+one head run together and share its keys and values in L2; B*H alone passes the 65,535
+programs of grid axes 1 and 2 (DiT-XL/2's 16 heads at batch 4096), axis 0 takes 2^31 - 1.
+
+Forward, one launch over query blocks: each program keeps BLOCK_M query rows and
 streams the keys and values in tiles of BLOCK_N with the online softmax: a running row max m
 and row sum l in float32, the accumulator rescaled by exp(m_old - m_new) when the max grows.
 Scores are computed in base 2 (scale * log2(e) is folded into one multiply, exp2 is the
@@ -17,10 +21,10 @@ appears. It writes out = acc / l (0 for a row with no key) and the row's log-sum
 natural-log units, +inf for a row with no key, so that the backward's exp(s - lse) is 0 there.
 
 Backward (FlashAttention-2), two launches, no atomics (deterministic):
-  1. `_query_grad_kernel`, grid (query blocks, B*H): computes delta = rowsum(dout * out) for its
+  1. `_query_grad_kernel`, over query blocks: computes delta = rowsum(dout * out) for its
      rows and stores it for the next launch, then streams the key/value tiles recomputing
      P = exp(s - lse), dP = dout v^T, dS = P (dP - delta), and accumulates dq = scale dS k.
-  2. `_key_value_grad_kernel`, grid (key blocks, B*H): keeps BLOCK_N keys and streams the
+  2. `_key_value_grad_kernel`, over key blocks: keeps BLOCK_N keys and streams the
      query tiles, recomputing P^T and dP^T, and accumulates dv = P^T dout, dk = scale dS^T q.
 P and dS are recomputed twice (once per launch) instead of sharing dq between key blocks
 with atomic adds: that costs two of the backward's seven tile products again but makes every
@@ -60,7 +64,7 @@ _LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _tile_offsets(b, h, rows, d, s_b, s_l, s_h, s_d):
     """(len(rows), D_PAD) offsets of rows `rows` of head (b, h), columns d."""
-    return b.to(tl.int64) * s_b + rows.to(tl.int64)[:, None] * s_l + h.to(tl.int64) * s_h + d[None, :] * s_d
+    return b.to(tl.int64) * s_b + rows.to(tl.int64)[:, None] * s_l + h.to(tl.int64) * s_h + d.to(tl.int64)[None, :] * s_d
 
 
 @triton.jit
@@ -74,6 +78,13 @@ def _load_tile(ptr, b, h, rows, L, d, D: tl.constexpr, s_b, s_l, s_h, s_d):
 def _store_tile(ptr, values, b, h, rows, L, d, D: tl.constexpr, s_b, s_l, s_h, s_d):
     mask = (rows < L)[:, None] & (d < D)[None, :]
     tl.store(ptr + _tile_offsets(b, h, rows, d, s_b, s_l, s_h, s_d), values.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _program_block(L, BLOCK: tl.constexpr):
+    """(block of BLOCK rows along a sequence of L, b * H + h) of this program (module docstring)."""
+    blocks = tl.cdiv(L, BLOCK)
+    return tl.program_id(0) % blocks, tl.program_id(0) // blocks
 
 
 @triton.jit
@@ -112,9 +123,9 @@ def _forward_kernel(
     PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(1)
+    block, bh = _program_block(LQ, BLOCK_M)
     b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D_PAD)
     q = _load_tile(q_ptr, b, h, rows, LQ, d, D, q_sb, q_sl, q_sh, q_sd)
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -158,9 +169,9 @@ def _query_grad_kernel(
     PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(1)
+    block, bh = _program_block(LQ, BLOCK_M)
     b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D_PAD)
     q = _load_tile(q_ptr, b, h, rows, LQ, d, D, q_sb, q_sl, q_sh, q_sd)
     grad = _load_tile(grad_ptr, b, h, rows, LQ, d, D, g_sb, g_sl, g_sh, g_sd)
@@ -199,9 +210,9 @@ def _key_value_grad_kernel(
     PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(1)
+    block, bh = _program_block(LKV, BLOCK_N)
     b, h = bh // H, bh % H
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D_PAD)
     k = _load_tile(k_ptr, b, h, cols, LKV, d, D, k_sb, k_sl, k_sh, k_sd)
     v = _load_tile(v_ptr, b, h, cols, LKV, d, D, v_sb, v_sl, v_sh, v_sd)
@@ -309,17 +320,20 @@ class _Kernel:
         self.kernel = kernel
         self.tuned = triton.autotune(configs, key=_TUNING_KEY,
                                      prune_configs_by={"early_config_prune": _prune(kept_and_streamed_rows)})(kernel)
-        self.blocks_along = blocks_along  # "BLOCK_M" or "BLOCK_N": the block axis 0 of the grid runs over
+        self.blocks_along = blocks_along  # "BLOCK_M" or "BLOCK_N": the size of the blocks the grid runs over
+
+    def grid(self, length: int, batch_heads: int, blocks: dict) -> tuple:
+        """Blocks of `length` rows of every head, with the block sizes `blocks` (module docstring)."""
+        return (triton.cdiv(length, blocks[self.blocks_along]) * batch_heads,)
 
     def __call__(self, length: int, batch_heads: int, *args, **meta) -> None:
         if length == 0 or batch_heads == 0:
             return
         if triton_interpreter_enabled():
-            grid = (triton.cdiv(length, _INTERPRETER_META[self.blocks_along]), batch_heads)
+            grid = self.grid(length, batch_heads, _INTERPRETER_META)
             self.kernel[grid](*args, **meta, **_INTERPRETER_META, **LAUNCH_OPTIONS)
         else:
-            self.tuned[lambda config: (triton.cdiv(length, config[self.blocks_along]), batch_heads)](
-                *args, **meta, **LAUNCH_OPTIONS)
+            self.tuned[lambda config: self.grid(length, batch_heads, config)](*args, **meta, **LAUNCH_OPTIONS)
 
 
 _forward = _Kernel(_forward_kernel, _FORWARD_BLOCKS, _forward_rows, "BLOCK_M")

@@ -13,7 +13,8 @@ block's last axis is the one with unit stride: (C, H, W) for NCHW, (H, W, C) for
 channels_last, so neighbouring lanes read and write neighbouring addresses in both layouts.
 The grid is 1-D over (batch, channel tiles, row tiles, column tiles), columns fastest, so
 programs that run together share input rows in L2. Every tensor is addressed through its
-strides (views are read in place); batch and channel offsets are int64.
+strides (views are read in place); every offset is int64, so any view of storage under 2^63
+bytes is addressed without overflow.
 
 Filters. A 2-D filter is gathered per (tap, output) from the small filter tensor (L1
 resident). A separable (1-D) filter applies its row taps inside the column-tap loop, so one
@@ -53,7 +54,7 @@ def _polyphase(o, DOWN: tl.constexpr, UP: tl.constexpr, shift, lift):
 def _tap_weight(f_ptr, i, FH, stride, valid, FLIP: tl.constexpr):
     """Weight of tap i of a 1-D filter of FH taps: convolution reads it back to front."""
     tap = i if FLIP else FH - 1 - i
-    return tl.load(f_ptr + tap * stride, mask=valid, other=0.0).to(tl.float32)
+    return tl.load(f_ptr + tap.to(tl.int64) * stride, mask=valid, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -107,11 +108,12 @@ def _upfirdn2d_kernel(
             rx = r0_x + kx
             tap_x = j < FW
             valid = row_valid & tap_x & (rx >= 0) & (rx < W) & c_valid
-            values = tl.load(x_row + rx * x_sw, mask=valid, other=0.0).to(tl.float32)
+            values = tl.load(x_row + rx.to(tl.int64) * x_sw, mask=valid, other=0.0).to(tl.float32)
             if FILTER_2D:
                 row_i = i if FLIP else FH - 1 - i
                 col_j = j if FLIP else FW - 1 - j
-                weight = tl.load(f_ptr + row_i * f_sy + col_j * f_sx, mask=tap_y & tap_x, other=0.0).to(tl.float32)
+                weight = tl.load(f_ptr + row_i.to(tl.int64) * f_sy + col_j.to(tl.int64) * f_sx, mask=tap_y & tap_x,
+                                 other=0.0).to(tl.float32)
                 row_acc += weight * values
             elif FILTER_X:
                 row_acc += _tap_weight(f_ptr, j, FW, f_sx, tap_x, FLIP) * values
@@ -123,7 +125,7 @@ def _upfirdn2d_kernel(
             acc += row_acc
 
     out_valid = (oy < OUT_H) & (ox < OUT_W) & c_valid
-    y_offsets = b * y_sb + c.to(tl.int64) * y_sc + oy.to(tl.int64) * y_sh + ox * y_sw
+    y_offsets = b * y_sb + c.to(tl.int64) * y_sc + oy.to(tl.int64) * y_sh + ox.to(tl.int64) * y_sw
     tl.store(y_ptr + y_offsets, (acc * gain).to(y_ptr.dtype.element_ty), mask=out_valid)
 
 
