@@ -1,5 +1,5 @@
-// Codebook nearest-neighbour search and the VQ-VAE bottleneck's per-row work (SPEC.md
-// section 6; the ops' math, modes and guarantees are in fastgen/ops/vq.py).
+// Codebook nearest-neighbour search and the VQ-VAE bottleneck's per-row work (the ops' math,
+// modes and guarantees are in fastgen/ops/vq.py).
 //
 // For rows z_n of z (N, D) and codes e_k of the codebook (K, D) the search minimizes the
 // fast score
@@ -27,6 +27,11 @@
 //                      error sum_d (z - e_idx)^2 in fp32, and +1 on the code's usage count
 //                      (integer atomics: exact and order-free).
 // Nothing N x K is ever stored: the extra memory is the K + 1 norms and one uint64 per row.
+//
+// Non-finite scores: torch.argmin / argmax take a NaN before any number, so fast_score() ranks
+// a NaN as -inf, which the strict <, the lane tie rule and pack() then keep first. A fast score
+// is -inf only where the reference's distance is NaN (kernels/vq.py says why), so a row whose
+// best is -inf gets a NaN distance and, in exact mode, keeps that code without rescoring.
 //
 // Search decomposition, and why. A block computes a 64 x 64 tile of dot products as a small
 // SIMT GEMM: z rows and codes are staged through shared memory as fp32 in 32-feature chunks,
@@ -92,9 +97,19 @@ __device__ __forceinline__ int unpack_index(unsigned long long packed) {
   return static_cast<int>(packed & 0xffffffffu);
 }
 
+// NaN ranked as -inf (see the top of the file).
 template <bool kCosine>
 __device__ __forceinline__ float fast_score(float dot, float code_norm) {
-  return kCosine ? -dot * code_norm : code_norm - 2.0f * dot;
+  const float score = kCosine ? -dot * code_norm : code_norm - 2.0f * dot;
+  return isnan(score) ? -INFINITY : score;
+}
+
+// The distance a row reports from its best fast score and z's squared norm: NaN where the
+// best is a NaN score (ranked -inf).
+template <bool kCosine>
+__device__ __forceinline__ float fast_distance(float best, float z_sq_norm) {
+  if (best == -INFINITY) return NAN;
+  return kCosine ? -best / fmaxf(sqrtf(z_sq_norm), kCosineEps) : z_sq_norm + best;
 }
 
 // Lexicographic min of (score, k) over the lanes that share a row, ties to the lowest k.
@@ -303,9 +318,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     const float sq = want_distance ? warp_squared_norm(z, row, D, lane) : 0.0f;
     if (lane == 0) {
       idx.at(row, 0, 0, 0) = unpack_index(best);
-      const float score = unpack_score(best);
-      if (want_distance)
-        distance.at(row, 0, 0, 0) = kCosine ? -score / fmaxf(sqrtf(sq), kCosineEps) : sq + score;
+      if (want_distance) distance.at(row, 0, 0, 0) = fast_distance<kCosine>(unpack_score(best), sq);
     }
   }
 }
@@ -318,20 +331,24 @@ __global__ void __launch_bounds__(kSearchThreads)
   __shared__ StagedChunks smem;
   __shared__ float threshold_s[kTileRows];
   __shared__ int fast_k_s[kTileRows];
+  __shared__ bool decided_by_nan_s[kTileRows];
   __shared__ double fast_exact_s[kTileRows];
   __shared__ double z_norm64_s[kTileRows];
   const int ty = threadIdx.x / kLanesPerRow, tx = threadIdx.x % kLanesPerRow;
   const int64_t row0 = int64_t(blockIdx.x) * kTileRows;
 
-  // Per row, one thread: the fast winner, the candidate threshold, the winner's exact score.
+  // Per row, one thread: the fast winner, the candidate threshold, the winner's exact score,
+  // and whether a NaN score (ranked -inf) decided the row as in torch.argmin.
   if (threadIdx.x < kTileRows) {
     const int64_t row = row0 + threadIdx.x;
     float threshold = 0.0f;
     int fast_k = 0;
+    bool decided_by_nan = false;
     double fast_exact = INFINITY, z_sq64 = 0.0;
     if (row < N) {
       const unsigned long long best = packed[row];
       fast_k = unpack_index(best);
+      decided_by_nan = unpack_score(best) == -INFINITY;
       float z_sq = 0.0f;
       for (int d = 0; d < D; ++d) {
         const float v = to_float(z.at(row, d, 0, 0));
@@ -344,6 +361,7 @@ __global__ void __launch_bounds__(kSearchThreads)
     }
     threshold_s[threadIdx.x] = threshold;
     fast_k_s[threadIdx.x] = fast_k;
+    decided_by_nan_s[threadIdx.x] = decided_by_nan;
     fast_exact_s[threadIdx.x] = fast_exact;
     z_norm64_s[threadIdx.x] = sqrt(z_sq64);
   }
@@ -352,12 +370,12 @@ __global__ void __launch_bounds__(kSearchThreads)
 
   float threshold[kMicro];
   int fast_k[kMicro];
-  bool in_rows[kMicro];
+  bool refined[kMicro];
   double other_best[kMicro];
   int other_k[kMicro];
 #pragma unroll
   for (int i = 0; i < kMicro; ++i) {
-    in_rows[i] = row0 + ty * kMicro + i < N;
+    refined[i] = row0 + ty * kMicro + i < N && !decided_by_nan_s[ty * kMicro + i];
     threshold[i] = threshold_s[ty * kMicro + i];
     fast_k[i] = fast_k_s[ty * kMicro + i];
     other_best[i] = INFINITY;
@@ -374,7 +392,7 @@ __global__ void __launch_bounds__(kSearchThreads)
       const int64_t k = k0 + tx * kMicro + j;
 #pragma unroll
       for (int i = 0; i < kMicro; ++i)
-        if (in_rows[i] && k < K && score[i][j] <= threshold[i] && k != fast_k[i])
+        if (refined[i] && k < K && score[i][j] <= threshold[i] && k != fast_k[i])
           candidates |= 1u << (i * kMicro + j);
     }
     // Near-ties are rare, so this divergent loop is too; one rescoring call site per row
@@ -405,7 +423,7 @@ __global__ void __launch_bounds__(kSearchThreads)
       idx.at(row, 0, 0, 0) = take_other ? other_k[i] : fast_k[i];
       if (distance.data != nullptr) {
         const double value = kCosine ? -best / fmax(z_norm64_s[r], double(kCosineEps)) : best;
-        distance.at(row, 0, 0, 0) = static_cast<float>(value);
+        distance.at(row, 0, 0, 0) = decided_by_nan_s[r] ? NAN : static_cast<float>(value);
       }
     }
   }

@@ -33,12 +33,21 @@ column at a time, the score is recomputed in float64 from the input values in th
 form sum_d (z_d - e_d)^2 (l2) or -(z . e) / max(||e||, eps) (cosine), and the float64 scores
 decide, ties to the lowest index.
 
+Non-finite scores. torch.argmin / argmax take a NaN before any number, so the kernels rank a
+NaN score as -inf: the strict `<`, tl.min's left tie-break and the packed integer order then
+all keep the first NaN, as the reference does. Otherwise a fast score is -inf only where z.e
+= +inf, which with ||e||^2 finite needs an inf in z (the reference normalizes it to NaN for
+cosine) or an infinite float32 ||z||^2 (l2: the reference's ||z||^2 + ||e||^2 - 2 z.e is inf -
+inf), so a row whose best is -inf reports a NaN distance and, in exact mode, keeps that code
+without rescoring. Padding columns past K score +inf and are never candidates, even where an infinite
+squared norm (a code near 1e19) makes the candidate threshold infinite.
+
 Arithmetic is float32 (float64 in the exact recheck) on values converted after loading: the
 Triton CPU interpreter computes bfloat16 arithmetic wrongly and runs `tl.dot` on bfloat16
 operands as integers, so under the interpreter the dot operands are converted to float32
 (`DOT_IN_FP32`; products of 16-bit floats are exact in float32, so this is the same math as
-the tensor cores' fp32 accumulation). Row offsets are int64; codebook offsets are int32
-(K * D < 2^31 elements).
+the tensor cores' fp32 accumulation). Offsets are int64 (a codebook's row index times its row
+stride can pass 2^31); code indices are int32 (the op checks K < 2^31).
 
 Block shapes (`_blocks`): BLOCK_D = next power of two >= max(D, 16) (D < 16 is padded with
 masked zeros, tl.dot needs 16), BLOCK_N = 64 rows (32 at D = 512), BLOCK_K = 128 codes for
@@ -67,7 +76,8 @@ _INT64_MAX = tl.constexpr(2**63 - 1)
 def _load_rows(ptr, rows, n_rows, D, d, stride_row, stride_d):
     """(len(rows), BLOCK_D) tile of a (n_rows, D) matrix, zero outside it, in its own dtype."""
     mask = (rows < n_rows)[:, None] & (d < D)[None, :]
-    return tl.load(ptr + rows[:, None] * stride_row + d[None, :] * stride_d, mask=mask, other=0.0)
+    offsets = rows.to(tl.int64)[:, None] * stride_row + d.to(tl.int64)[None, :] * stride_d
+    return tl.load(ptr + offsets, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -86,7 +96,8 @@ def _code_norms_kernel(e_ptr, out_ptr, K, D, e_sk, e_sd, COSINE: tl.constexpr, E
 def _tile_scores(z, z_ptr, rows, N, z_sn, z_sd, e_ptr, norms_ptr, k, K, D, d, e_sk, e_sd,
                  COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                  D_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Fast scores (BLOCK_N, BLOCK_K) of the z rows against codes k; +inf past the codebook.
+    """Fast scores (BLOCK_N, BLOCK_K) of the z rows against codes k, NaN ranked as -inf (module
+    docstring); +inf past the codebook.
     With D_CHUNK < BLOCK_D the dot runs over D in slices of D_CHUNK read from memory (z is
     then not used): a float32 FMA dot ("ieee") keeps whole operand rows in each thread's
     registers, which at BLOCK_D >= 64 spills (module docstring)."""
@@ -108,7 +119,8 @@ def _tile_scores(z, z_ptr, rows, N, z_sn, z_sd, e_ptr, norms_ptr, k, K, D, d, e_
         scores = -dots * norms[None, :]
     else:
         scores = norms[None, :] - 2.0 * dots
-    return tl.where(in_codebook[None, :], scores, float("inf"))
+    ranked = tl.where(scores != scores, float("-inf"), scores)
+    return tl.where(in_codebook[None, :], ranked, float("inf"))
 
 
 @triton.jit
@@ -129,12 +141,14 @@ def _unpack(packed):
 @triton.jit
 def _fast_distance(z, best, COSINE: tl.constexpr, EPS: tl.constexpr):
     """What the caller gets as the distance from the fast best score: l2 ||z||^2 + score,
-    cosine the similarity -score / max(||z||, eps)."""
+    cosine the similarity -score / max(||z||, eps); NaN for a best of -inf (a NaN score)."""
     z = z.to(tl.float32)
     squared_norm = tl.sum(z * z, axis=1)
     if COSINE:
-        return -best / tl.maximum(tl.sqrt_rn(squared_norm), EPS)
-    return squared_norm + best
+        distance = -best / tl.maximum(tl.sqrt_rn(squared_norm), EPS)
+    else:
+        distance = squared_norm + best
+    return tl.where(best == float("-inf"), float("nan"), distance)
 
 
 @triton.jit
@@ -264,6 +278,9 @@ def _refine_kernel(
     if DOT_IN_FP32:
         z = z32
     threshold = fast_best + 2.0 * _score_error_bound(z32, max_sq_norm_ptr, D, DOT_ERROR, COSINE)
+    # A NaN score (ranked -inf) decides its row, as in torch.argmin: nothing to rescore.
+    decided_by_nan = fast_best == float("-inf")
+    refined = in_rows & ~decided_by_nan
     other_best = tl.full((BLOCK_N,), float("inf"), tl.float64)
     other_idx = fast_idx
     columns = tl.arange(0, BLOCK_K)
@@ -271,7 +288,9 @@ def _refine_kernel(
         k = k0 + columns
         scores = _tile_scores(z, z_ptr, rows, N, z_sn, z_sd, e_ptr, norms_ptr, k, K, D, d, e_sk, e_sd,
                               COSINE, INPUT_PRECISION, DOT_IN_FP32, D_CHUNK, BLOCK_D)
-        candidate = (scores <= threshold[:, None]) & (k[None, :] != fast_idx[:, None]) & in_rows[:, None]
+        # k < K: with an infinite threshold the padding columns' +inf would qualify.
+        candidate = ((scores <= threshold[:, None]) & (k[None, :] < K) & (k[None, :] != fast_idx[:, None])
+                     & refined[:, None])
         if tl.max(candidate.to(tl.int32)) > 0:  # a near-tie in this tile: rare
             for j in range(0, BLOCK_K):
                 row_wants = tl.sum(tl.where(columns[None, :] == j, candidate.to(tl.int32), 0), axis=1) > 0
@@ -290,6 +309,7 @@ def _refine_kernel(
     best = tl.where(take_other, other_best, fast_exact)
     if COSINE:
         best = -best / tl.maximum(tl.sqrt(tl.sum(z64 * z64, axis=1)), EPS)
+    best = tl.where(decided_by_nan, float("nan"), best)
     _epilogue(rows, N, K, D, d, best_idx, best.to(tl.float32), z_ptr, e_ptr, z_sn, z_sd, e_sk, e_sd,
               idx_ptr, value_ptr, zq_ptr, counts_ptr, QUANTIZE)
 

@@ -169,6 +169,93 @@ def test_large_codebook(device, backend, exact, generator):
     assert torch.equal(idx, expected)
 
 
+def _codebook_with_non_finite_codes(generator, dtype, device):
+    """40 rows of z, one holding NaN (every distance NaN: the reference takes code 0), and 300
+    codes (three Triton tiles, several splits) among which +inf and -inf entries make the
+    expanded l2 distance inf - inf = NaN for about half the rows (the reference's argmin takes
+    the first NaN) and inf for the others, and codes near 1e19, whose float32 squared norm
+    overflows (distance inf: never the nearest). For cosine, normalizing a code that holds inf
+    gives NaN, so every row takes the first of those."""
+    z = _matrix(40, 32, "contiguous", CPU, torch.float32, generator)
+    z[11, 4] = float("nan")
+    codebook = _matrix(300, 32, "contiguous", CPU, torch.float32, generator)
+    codebook[5] = 1e19 * (1 + 0.1 * torch.randn(32, generator=generator))
+    codebook[150, 7] = float("inf")
+    codebook[260, 3] = float("-inf")
+    codebook[290] = -1e19
+    return z.to(device, dtype), codebook.to(device, dtype)
+
+
+def _assert_within_the_codebook(idx, codebook):
+    inside = (idx >= 0) & (idx < codebook.shape[0])
+    assert bool(inside.all()), f"indices outside [0, {codebook.shape[0]}): {idx[~inside].tolist()}"
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("metric", vq.METRICS)
+@pytest.mark.parametrize("exact, splits", [(False, "auto"), (False, "one"), (True, "auto")])
+def test_non_finite_and_overflowing_codes_follow_the_reference(device, backend, dtype, metric, exact, splits,
+                                                               generator):
+    """Indices equal to the reference's, so never a padding column past K (an infinite squared
+    norm once made exact mode's candidate threshold infinite, padding included); distances NaN
+    exactly where the reference's are."""
+    z, codebook = _codebook_with_non_finite_codes(generator, dtype, device)
+    with _splits(splits):
+        idx, distance = _run_nearest(z, codebook, metric, exact, backend=backend)
+    expected_idx, expected_distance = vq.vq_nearest_reference(z, codebook, metric)
+    _assert_within_the_codebook(idx, codebook)
+    assert torch.equal(idx.cpu(), expected_idx.cpu()), (
+        f"{int((idx.cpu() != expected_idx.cpu()).sum())} of {len(idx)} rows differ: {idx.tolist()} "
+        f"instead of {expected_idx.tolist()}")
+    is_nan = expected_distance.isnan().cpu()
+    assert torch.equal(distance.isnan().cpu(), is_nan), "NaN distances where the reference's are not, or not where"
+    if metric == "l2":
+        assert 0 < int(is_nan.sum()) < len(idx) - 1, "the test's premise: some rows take an inf code, some do not"
+    finite = ~is_nan
+    _assert_distances_close(distance.cpu()[finite], z.cpu()[finite], codebook, idx.cpu()[finite], metric)
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("exact", [False, True])
+def test_quantize_with_non_finite_codes_writes_only_its_counts(device, backend, exact, generator):
+    """The chosen codes and their usage counts are the reference's, and nothing lands past the
+    end of counts (a padding index K once did)."""
+    z, codebook = _codebook_with_non_finite_codes(generator, torch.float32, device)
+    k = codebook.shape[0]
+    z_q, idx, loss, _ = vq.VQ_QUANTIZE.allocate_output(z, codebook, 0.25, exact)
+    counts_buffer = torch.full((k + 1,), -1, dtype=torch.int64, device=device)
+    counts = counts_buffer[:k]
+    vq.VQ_QUANTIZE.implementations[backend].run(z, codebook, 0.25, exact, "ieee", out=(z_q, idx, loss, counts))
+    assert counts_buffer[k] == -1, "a usage count was written past the end of counts"
+    expected_zq, expected_idx, expected_loss, expected_counts = vq.vq_quantize_reference(z, codebook, 0.25)
+    _assert_within_the_codebook(idx, codebook)
+    assert torch.equal(idx, expected_idx)
+    assert torch.equal(counts, expected_counts)
+    assert torch.equal(z_q, codebook[expected_idx])
+    torch.testing.assert_close(loss, expected_loss, equal_nan=True)
+
+
+@pytest.mark.parametrize("device, backend", [p for p in _devices_and_backends() if p.values[0] == CPU])
+@pytest.mark.parametrize("exact", [False, True])
+def test_codebook_row_offsets_past_int32(device, backend, exact, generator):
+    """A (3, 8) float16 codebook view with a row stride just below 2^31 elements (so Triton
+    passes it as an int32) into an 8.6 GB buffer that torch.empty maps lazily: only the pages
+    written take memory. Row 2 starts at element 2^32 - 2^21 of the view; as an int32 product
+    that offset wraps to 2^21 elements before row 0, which holds zeros."""
+    dim, stride, wrapped_below = 8, 2**31 - 2**20, 2**21
+    try:
+        buffer = torch.empty(wrapped_below + 2 * stride + dim, dtype=torch.float16)
+    except RuntimeError as error:
+        pytest.skip(f"this machine does not lend 8.6 GB of address space: {error}")
+    buffer[:dim] = 0.0
+    codebook = buffer[wrapped_below:].as_strided((3, dim), (stride, 1))
+    codebook.copy_(torch.randn(3, dim, generator=generator))
+    z = (codebook.float()[[2, 0, 2, 1]] + 0.01 * torch.randn(4, dim, generator=generator)).half()
+    idx, _ = _run_nearest(z, codebook, "l2", exact, backend=backend)
+    assert torch.equal(idx, torch.tensor([2, 0, 2, 1]))
+
+
 def _near_tie_problem(generator, dtype, device):
     """Groups of codes a hair apart around centres of large norm: distances (and cosines) of a
     row to its group's codes differ far below float32's resolution of the expanded form."""
@@ -401,6 +488,8 @@ _Z, _E = torch.ones(3, 4), torch.ones(5, 4)
         (lambda: vq.vq_nearest(_Z, _E.to("meta")), ValueError, "codebook is on meta but z is on cpu"),
         (lambda: vq.vq_nearest(_Z, torch.ones(5, 8)), ValueError, "codebook dim D=8 must match z's D=4"),
         (lambda: vq.vq_nearest(_Z, torch.ones(0, 4)), ValueError, r"codebook is empty \(K=0\)"),
+        (lambda: vq.vq_nearest(_Z, torch.ones(1, 4).expand(2**31, 4)), ValueError,
+         "codebook has K=2147483648 codes, at most 2147483647"),
         (lambda: vq.vq_nearest(torch.ones(3, 600), torch.ones(5, 600)), ValueError, "D must be between 1 and 512"),
         (lambda: vq.vq_nearest(_Z, _E, metric="dot"), ValueError, "metric must be 'l2' or 'cosine', got 'dot'"),
         (lambda: vq.vq_nearest(_Z, _E, exact=1), TypeError, "exact must be a bool"),

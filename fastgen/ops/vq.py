@@ -52,11 +52,22 @@ returned in exact mode are the float64 direct-form values rounded to float32. Th
 costs in proportion to the number of near-tie candidates: negligible on real codebooks, up to
 a float64 brute-force search for a codebook of identical codes.
 
+NaN and Inf propagate as in the eager reference, whose argmin (argmax for cosine) takes the
+first NaN before any number. So a code whose distance is NaN is chosen first, with a NaN
+distance, in exact mode too: a code holding NaN; a code holding inf, for the rows where the
+expanded l2 form gives inf - inf (under cosine for every row: the normalized code is NaN);
+any code for a z row holding NaN. A distance that overflows to inf (a code near 1e19, whose
+float32 squared norm overflows) never beats a finite one, and ties of inf go to the lowest
+index; exact mode instead rescores such codes in float64, and for l2 their infinite squared
+norm makes its error bound infinite, so it then rescores the whole codebook. For a z row
+holding inf, or so large that its float32 squared norm overflows, the index is a code in
+[0, K) that may differ from the reference's.
+
 Inputs: z and codebook of the same floating dtype and device, any strides (read in place),
-K >= 1, 1 <= D <= 512. The usage counts are exact; the loss is summed in a fixed order
-(bitwise reproducible); the codebook gradient's sums over rows sharing a code use
-`index_add_`, which on CUDA is order-dependent in the last bits unless
-`torch.use_deterministic_algorithms(True)` is set.
+1 <= K < 2^31 (the kernels carry code indices as int32), 1 <= D <= 512. The usage counts are
+exact; the loss is summed in a fixed order (bitwise reproducible); the codebook gradient's
+sums over rows sharing a code use `index_add_`, which on CUDA is order-dependent in the last
+bits unless `torch.use_deterministic_algorithms(True)` is set.
 """
 from __future__ import annotations
 
@@ -78,6 +89,7 @@ from fastgen.ops.registry import (
 )
 
 MAX_DIM = 512
+MAX_CODES = 2**31 - 1
 METRICS = ("l2", "cosine")
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
@@ -92,6 +104,9 @@ def _check_inputs(op_name: str, z, codebook, metric: str, exact: bool, input_pre
         raise ValueError(f"{op_name}: codebook dim D={codebook.shape[1]} must match z's D={z.shape[1]}")
     if codebook.shape[0] == 0:
         raise ValueError(f"{op_name}: codebook is empty (K=0); it needs at least one code")
+    if codebook.shape[0] > MAX_CODES:
+        raise ValueError(f"{op_name}: codebook has K={codebook.shape[0]} codes, at most {MAX_CODES} "
+                         f"(2^31 - 1) are supported")
     if not 1 <= z.shape[1] <= MAX_DIM:
         raise ValueError(f"{op_name}: D must be between 1 and {MAX_DIM}, got {z.shape[1]}")
     if metric not in METRICS:
