@@ -1,4 +1,4 @@
-// ReLU linear attention forward (SPEC.md section 1; math in fastgen/ops/linear_attention.py):
+// ReLU linear attention forward (math in fastgen/ops/linear_attention.py):
 //
 //   per (batch b, head h):  S = sum_n phi(k_n)^T v_n  (D x D),  z = sum_n phi(k_n)  (D)
 //                           out_n = phi(q_n) S / (phi(q_n) . z + eps),  phi = ReLU
@@ -26,6 +26,9 @@ constexpr int kLaThreads = 256;
 constexpr int kLaWarps = kLaThreads / 32;
 constexpr int kTileRows = 32;
 constexpr int kMaxHeadDim = 128;
+
+// ReLU that keeps a NaN, as F.relu does (fmaxf would return 0 for it).
+__device__ __forceinline__ float phi(float x) { return x < 0.0f ? 0.0f : x; }
 
 struct HeadGeometry {
   int64_t heads;
@@ -62,7 +65,7 @@ __global__ void __launch_bounds__(kLaThreads)
       const int64_t n = row0 + r;
       float kv = 0.0f, vv = 0.0f;
       if (n < last) {
-        kv = fmaxf(to_float(k.at(b, n, h, d)), 0.0f);
+        kv = phi(to_float(k.at(b, n, h, d)));
         vv = to_float(v.at(b, n, h, d));
       }
       k_tile[e] = kv;
@@ -121,7 +124,7 @@ __global__ void __launch_bounds__(kLaThreads)
   for (int64_t n = first + warp; n < last; n += kLaWarps) {
     float den = 0.0f;
     for (int d = lane; d < D; d += 32) {
-      const float p = fmaxf(to_float(q.at(b, n, h, d)), 0.0f);
+      const float p = phi(to_float(q.at(b, n, h, d)));
       phi_q[d] = p;
       den = fmaf(p, normalizer[d], den);
     }

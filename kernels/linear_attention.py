@@ -68,6 +68,12 @@ def _store_rows(ptr, values, b, h, rows, N, s_b, s_n, s_h, s_d, d, D: tl.constex
 
 
 @triton.jit
+def _phi(x):
+    """ReLU that keeps a NaN, as F.relu does (the default tl.maximum returns 0 for it)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _program_head(H, D_PAD: tl.constexpr):
     """(batch, head) of this program (grid axis 1 runs over B*H) and the padded column range."""
     return tl.program_id(1) // H, tl.program_id(1) % H, tl.arange(0, D_PAD)
@@ -117,7 +123,7 @@ def _state_partials_kernel(
     start, end = _chunk_rows(N, rows_per_program)
     for row0 in range(start, end, BLOCK_N):
         rows = row0 + tl.arange(0, BLOCK_N)
-        phi_k = tl.maximum(_load_rows(k_ptr, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, d, D), 0.0)
+        phi_k = _phi(_load_rows(k_ptr, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, d, D))
         v = _load_rows(v_ptr, b, h, rows, N, v_sb, v_sn, v_sh, v_sd, d, D)
         state += tl.dot(tl.trans(phi_k), v, input_precision=DOT_PRECISION)
         normalizer += tl.sum(phi_k, axis=0)
@@ -137,7 +143,7 @@ def _output_kernel(
     start, end = _chunk_rows(N, rows_per_program)
     for row0 in range(start, end, BLOCK_N):
         rows = row0 + tl.arange(0, BLOCK_N)
-        phi_q = tl.maximum(_load_rows(q_ptr, b, h, rows, N, q_sb, q_sn, q_sh, q_sd, d, D), 0.0)
+        phi_q = _phi(_load_rows(q_ptr, b, h, rows, N, q_sb, q_sn, q_sh, q_sd, d, D))
         numerator = tl.dot(phi_q, state, input_precision=DOT_PRECISION)
         denominator = tl.sum(phi_q * normalizer[None, :], axis=1) + eps
         out = numerator / denominator[:, None]
@@ -163,7 +169,7 @@ def _query_grad_kernel(
         rows = row0 + tl.arange(0, BLOCK_N)
         q = _load_rows(q_ptr, b, h, rows, N, q_sb, q_sn, q_sh, q_sd, d, D)
         grad = _load_rows(grad_ptr, b, h, rows, N, g_sb, g_sn, g_sh, g_sd, d, D)
-        phi_q = tl.maximum(q, 0.0)
+        phi_q = _phi(q)
         denominator = tl.sum(phi_q * normalizer[None, :], axis=1) + eps
         dnumerator = grad / denominator[:, None]
         # out = phi_q S / den is not needed: grad . out = phi_q . (grad S^T) / den, and
@@ -195,7 +201,7 @@ def _key_grad_rows(k_ptr, v_ptr, dk_ptr, dstate_t, dnormalizer, b, h, rows, N,
 @triton.jit
 def _value_grad_rows(k_ptr, dv_ptr, dstate, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, dv_sb, dv_sn, dv_sh, dv_sd,
                      d, D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    phi_k = tl.maximum(_load_rows(k_ptr, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, d, D), 0.0)
+    phi_k = _phi(_load_rows(k_ptr, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, d, D))
     dv = tl.dot(phi_k, dstate, input_precision=DOT_PRECISION)
     _store_rows(dv_ptr, dv, b, h, rows, N, dv_sb, dv_sn, dv_sh, dv_sd, d, D)
 

@@ -13,6 +13,10 @@ Instead of normalising an Nq x Nkv score matrix, every query reads the same smal
 gets 0 / eps = 0, as in the SANA formulation. S, z and all arithmetic are float32 (float64
 for float64 inputs); out has q's dtype and shape, contiguous.
 
+NaN and Inf propagate as in the eager reference: phi keeps a NaN, as F.relu does, so a NaN in
+q_n makes out_n NaN, one in k every output of its head (through z), one in v the column of out
+it feeds; the backward's masks [q_n > 0] and [k_n > 0] are 0 at a NaN, as the reference's.
+
 Backward, for an output gradient g, with den_n = phi(q_n) . z + eps:
 
     dnum_n = g_n / den_n                 dden_n = -(g_n . out_n) / den_n
