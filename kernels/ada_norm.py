@@ -10,20 +10,23 @@ Several groups per program matter for channels_last, where one group's channels 
 contiguous run (AdaIN: a single element) and a tile of several groups reads whole sectors.
 
 Two paths, chosen per call by how much work one group block is:
-  fused  one launch, grid (1, B * group blocks): each program computes its groups'
-         statistics, then re-reads its tiles (from L2, at most _MAX_FUSED_ELEMENTS per
+  fused  one launch, one program per group block (B * group blocks): each program computes its
+         groups' statistics, then re-reads its tiles (from L2, at most _MAX_FUSED_ELEMENTS per
          program) to normalize, modulate, activate and write y: one DRAM read of x and one
          write of y.
   split  for large spatial sizes (StyleGAN's 1024 px AdaIN, or too few group blocks to fill
-         the GPU): S is cut into chunks of CHUNK positions, grid (chunks, B * group blocks).
+         the GPU): S is cut into chunks of CHUNK positions, one program per chunk of each group
+         block, chunks fastest.
          `_chunk_stats_kernel` writes each chunk's (mean, M2) to a float32 workspace; the
          apply kernel first merges its group's chunk statistics in chunk order, then writes
          its chunk of y. The reduction is spread over chunks * blocks programs, and the merge
          order is fixed, so results do not change from run to run. x is read twice.
+Both grids are 1-D: B * group blocks alone passes the 65,535 programs that grid axes 1 and 2
+allow (StyleGAN's AdaIN on the 32 x 32 layer at batch 128 has 65,536), axis 0 takes 2^31 - 1.
 Backward, the same two paths. Fused: one launch per group block computes the statistics
 (recomputed: the forward saves none), then walks the tiles twice: per channel A = sum dz and
 Bc = sum dz * xhat (written to a workspace, their u-weighted group sums kept in registers),
-then dx. Split: three launches over (chunks, B * group blocks): `_chunk_stats_kernel`;
+then dx. Split: three launches over the chunks of every group block: `_chunk_stats_kernel`;
 `_channel_grad_sums_kernel`, which writes each chunk's A, Bc and its share of the group sums;
 `_input_grad_kernel`, which adds those shares in chunk order and writes its chunk of dx. A last
 small kernel, shared with adaLN, adds the chunk sums into dscale, dshift, dweight and dbias in
@@ -105,15 +108,22 @@ def _chan_merge(count, mean, m2, part_count, part_mean, part_m2):
 
 
 @triton.jit
-def _program_groups(G, GPP: tl.constexpr):
-    """(sample, first group) of this program: grid axis 1 runs over B * group blocks."""
-    blocks = tl.cdiv(G, GPP)
-    return tl.program_id(1) // blocks, (tl.program_id(1) % blocks) * GPP
+def _program_chunk(NUM_CHUNKS):
+    """(chunk, group block) of a split-path program: the grid runs over group blocks x chunks,
+    chunks fastest (module docstring)."""
+    return tl.program_id(0) % NUM_CHUNKS, tl.program_id(0) // NUM_CHUNKS
 
 
 @triton.jit
-def _chunk_range(S, CHUNK):
-    start = tl.program_id(0) * CHUNK
+def _program_groups(group_block, G, GPP: tl.constexpr):
+    """(sample, first group) of a group block, one of B * cdiv(G, GPP)."""
+    blocks = tl.cdiv(G, GPP)
+    return group_block // blocks, (group_block % blocks) * GPP
+
+
+@triton.jit
+def _chunk_range(chunk, S, CHUNK):
+    start = chunk * CHUNK
     return start, tl.minimum(start + CHUNK, S)
 
 
@@ -177,21 +187,23 @@ def _rstd(count, m2, eps):
 @triton.jit
 def _fused_program_stats(x_ptr, G, CPG, S, eps, x_sb, x_sc, x_ss,
                          GPP: tl.constexpr, CPG_TILE: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(sample, first group, pivot, mean, rstd, count) of this program's groups, from all of x."""
-    b, g0 = _program_groups(G, GPP)
+    """(sample, first group, pivot, mean, rstd, count) of this program's groups, from all of x;
+    the fused grid has one program per group block."""
+    b, g0 = _program_groups(tl.program_id(0), G, GPP)
     pivot = _pivots(x_ptr, b, g0, G, CPG, x_sb, x_sc, GPP)
     count, mean, m2 = _range_stats(x_ptr, b, g0, pivot, 0, S, G, CPG, x_sb, x_sc, x_ss, GPP, CPG_TILE, BLOCK_S)
     return b, g0, pivot, mean, _rstd(count, m2, eps), count
 
 
 @triton.jit
-def _split_program_stats(x_ptr, mean_ptr, m2_ptr, G, CPG, S, CHUNK, eps, x_sb, x_sc, GPP: tl.constexpr):
-    """(sample, first group, pivot, mean, rstd, count) of this program's groups, from the chunk
+def _split_program_stats(x_ptr, mean_ptr, m2_ptr, chunk, group_block, G, CPG, S, CHUNK, NUM_CHUNKS, eps, x_sb, x_sc,
+                         GPP: tl.constexpr):
+    """(sample, first group, pivot, mean, rstd, count) of the program's groups, from the chunk
     statistics, and [begin, end) of its chunk."""
-    b, g0 = _program_groups(G, GPP)
+    b, g0 = _program_groups(group_block, G, GPP)
     pivot = _pivots(x_ptr, b, g0, G, CPG, x_sb, x_sc, GPP)
-    count, mean, m2 = _merged_chunk_stats(mean_ptr, m2_ptr, b, g0, G, CPG, S, CHUNK, tl.num_programs(0), GPP)
-    s_begin, s_end = _chunk_range(S, CHUNK)
+    count, mean, m2 = _merged_chunk_stats(mean_ptr, m2_ptr, b, g0, G, CPG, S, CHUNK, NUM_CHUNKS, GPP)
+    s_begin, s_end = _chunk_range(chunk, S, CHUNK)
     return b, g0, pivot, mean, _rstd(count, m2, eps), count, s_begin, s_end
 
 
@@ -298,28 +310,30 @@ def _group_norm_fused_kernel(
 
 @triton.jit
 def _chunk_stats_kernel(
-    x_ptr, mean_ptr, m2_ptr, G, CPG, S, CHUNK, x_sb, x_sc, x_ss,
+    x_ptr, mean_ptr, m2_ptr, G, CPG, S, CHUNK, NUM_CHUNKS, x_sb, x_sc, x_ss,
     GPP: tl.constexpr, CPG_TILE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    b, g0 = _program_groups(G, GPP)
+    chunk, group_block = _program_chunk(NUM_CHUNKS)
+    b, g0 = _program_groups(group_block, G, GPP)
     pivot = _pivots(x_ptr, b, g0, G, CPG, x_sb, x_sc, GPP)
-    s_begin, s_end = _chunk_range(S, CHUNK)
+    s_begin, s_end = _chunk_range(chunk, S, CHUNK)
     _, mean, m2 = _range_stats(x_ptr, b, g0, pivot, s_begin, s_end, G, CPG, x_sb, x_sc, x_ss, GPP, CPG_TILE, BLOCK_S)
-    slot, valid = _group_slots(b, g0, G, tl.num_programs(0), GPP)
-    tl.store(mean_ptr + slot + tl.program_id(0), mean, mask=valid)
-    tl.store(m2_ptr + slot + tl.program_id(0), m2, mask=valid)
+    slot, valid = _group_slots(b, g0, G, NUM_CHUNKS, GPP)
+    tl.store(mean_ptr + slot + chunk, mean, mask=valid)
+    tl.store(m2_ptr + slot + chunk, m2, mask=valid)
 
 
 @triton.jit
 def _group_norm_apply_kernel(
-    x_ptr, y_ptr, mean_ptr, m2_ptr, G, CPG, S, CHUNK, eps,
+    x_ptr, y_ptr, mean_ptr, m2_ptr, G, CPG, S, CHUNK, NUM_CHUNKS, eps,
     x_sb, x_sc, x_ss, y_sb, y_sc, y_ss,
     scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_SILU: tl.constexpr,
     GPP: tl.constexpr, CPG_TILE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    chunk, group_block = _program_chunk(NUM_CHUNKS)
     b, g0, pivot, mean, rstd, _, s_begin, s_end = _split_program_stats(
-        x_ptr, mean_ptr, m2_ptr, G, CPG, S, CHUNK, eps, x_sb, x_sc, GPP)
+        x_ptr, mean_ptr, m2_ptr, chunk, group_block, G, CPG, S, CHUNK, NUM_CHUNKS, eps, x_sb, x_sc, GPP)
     _apply_range(x_ptr, y_ptr, b, g0, pivot, mean, rstd, s_begin, s_end, G, CPG,
                  x_sb, x_sc, x_ss, y_sb, y_sc, y_ss,
                  scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
@@ -414,25 +428,25 @@ def _group_norm_backward_fused_kernel(
 
 @triton.jit
 def _channel_grad_sums_kernel(
-    dy_ptr, x_ptr, sums_ptr, group_sums_ptr, mean_ptr, m2_ptr, B, C, G, CPG, S, CHUNK, eps,
+    dy_ptr, x_ptr, sums_ptr, group_sums_ptr, mean_ptr, m2_ptr, B, C, G, CPG, S, CHUNK, NUM_CHUNKS, eps,
     x_sb, x_sc, x_ss, g_sb, g_sc, g_ss,
     scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_SILU: tl.constexpr,
     GPP: tl.constexpr, CPG_TILE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    chunk, group_block = _program_chunk(NUM_CHUNKS)
     b, g0, pivot, mean, rstd, _, s_begin, s_end = _split_program_stats(
-        x_ptr, mean_ptr, m2_ptr, G, CPG, S, CHUNK, eps, x_sb, x_sc, GPP)
-    k, num_chunks = tl.program_id(0), tl.num_programs(0)
+        x_ptr, mean_ptr, m2_ptr, chunk, group_block, G, CPG, S, CHUNK, NUM_CHUNKS, eps, x_sb, x_sc, GPP)
     group_a, group_b = _channel_grad_sums(
-        x_ptr, dy_ptr, sums_ptr, k, num_chunks, B, C, b, g0, pivot, mean, rstd,
+        x_ptr, dy_ptr, sums_ptr, chunk, NUM_CHUNKS, B, C, b, g0, pivot, mean, rstd,
         s_begin, s_end, G, CPG,
         x_sb, x_sc, x_ss, g_sb, g_sc, g_ss,
         scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
         HAS_WEIGHT, HAS_BIAS, ACT_SILU, GPP, CPG_TILE, BLOCK_S)
     # (2, B * G, chunks): this chunk's share of the group sums dx needs.
-    slot, valid = _group_slots(b, g0, G, num_chunks, GPP)
-    tl.store(group_sums_ptr + slot + k, group_a, mask=valid)
-    tl.store(group_sums_ptr + B * G * num_chunks + slot + k, group_b, mask=valid)
+    slot, valid = _group_slots(b, g0, G, NUM_CHUNKS, GPP)
+    tl.store(group_sums_ptr + slot + chunk, group_a, mask=valid)
+    tl.store(group_sums_ptr + B * G * NUM_CHUNKS + slot + chunk, group_b, mask=valid)
 
 
 @triton.jit
@@ -449,15 +463,16 @@ def _summed_group_terms(group_sums_ptr, B, b, g0, G, num_chunks, GPP: tl.constex
 
 @triton.jit
 def _input_grad_kernel(
-    dy_ptr, x_ptr, dx_ptr, group_sums_ptr, mean_ptr, m2_ptr, B, G, CPG, S, CHUNK, eps,
+    dy_ptr, x_ptr, dx_ptr, group_sums_ptr, mean_ptr, m2_ptr, B, G, CPG, S, CHUNK, NUM_CHUNKS, eps,
     x_sb, x_sc, x_ss, g_sb, g_sc, g_ss, dx_sb, dx_sc, dx_ss,
     scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_SILU: tl.constexpr,
     GPP: tl.constexpr, CPG_TILE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    chunk, group_block = _program_chunk(NUM_CHUNKS)
     b, g0, pivot, mean, rstd, count, s_begin, s_end = _split_program_stats(
-        x_ptr, mean_ptr, m2_ptr, G, CPG, S, CHUNK, eps, x_sb, x_sc, GPP)
-    group_a, group_b = _summed_group_terms(group_sums_ptr, B, b, g0, G, tl.num_programs(0), GPP)
+        x_ptr, mean_ptr, m2_ptr, chunk, group_block, G, CPG, S, CHUNK, NUM_CHUNKS, eps, x_sb, x_sc, GPP)
+    group_a, group_b = _summed_group_terms(group_sums_ptr, B, b, g0, G, NUM_CHUNKS, GPP)
     count = tl.maximum(count, 1.0)
     _input_grad_range(
         x_ptr, dy_ptr, dx_ptr, b, g0, pivot, mean, rstd, group_a / count, group_b / count,
@@ -539,7 +554,7 @@ def _layer_norm_kernel(
 ):
     b = tl.program_id(1)
     one_plus_scale, shift = _sample_modulation(b, C, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, BLOCK_C)
-    start, end = _chunk_range(N, ROWS)
+    start, end = _chunk_range(tl.program_id(0), N, ROWS)
     for r0 in range(start, end, BLOCK_N):
         rows, cols, mask = _row_tile(r0, end, C, BLOCK_N, BLOCK_C)
         x = tl.load(x_ptr + _row_offsets(b, rows, cols, x_sb, x_sn, x_sc), mask=mask, other=0.0).to(tl.float32)
@@ -556,7 +571,7 @@ def _layer_norm_backward_kernel(
 ):
     b = tl.program_id(1)
     one_plus_scale, _ = _sample_modulation(b, C, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, BLOCK_C)
-    start, end = _chunk_range(N, ROWS)
+    start, end = _chunk_range(tl.program_id(0), N, ROWS)
     sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dy_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_N):
@@ -627,14 +642,23 @@ class _GroupPlan:
         return self.num_chunks == 1
 
     def grid(self) -> tuple:
-        return (self.num_chunks, self.group_blocks)
+        return (self.num_chunks * self.group_blocks,)
 
     def meta(self) -> dict:
         return dict(GPP=self.gpp, CPG_TILE=self.cpg_tile, BLOCK_S=self.block_s, num_warps=_NUM_WARPS)
 
-    def stats_workspace(self, batch: int, device) -> tuple:
-        return tuple(torch.empty(batch * self.groups * self.num_chunks, device=device, dtype=torch.float32)
-                     for _ in "mv")
+    def chunking(self) -> dict:
+        """The split path's kernels' chunk arguments."""
+        return dict(CHUNK=self.chunk, NUM_CHUNKS=self.num_chunks)
+
+    def chunk_stats(self, x3: torch.Tensor) -> tuple:
+        """The split path's first launch: float32 (mean, M2) of every chunk of every group."""
+        batch, _, positions = x3.shape
+        mean, m2 = (torch.empty(batch * self.groups * self.num_chunks, device=x3.device, dtype=torch.float32)
+                    for _ in "mv")
+        _chunk_stats_kernel[self.grid()](x3, mean, m2, self.groups, self.channels_per_group, positions,
+                                         **self.chunking(), **_strides("x", x3), **self.meta(), **LAUNCH_OPTIONS)
+        return mean, m2
 
 
 def _flat_spatial(t: torch.Tensor) -> torch.Tensor:
@@ -664,17 +688,14 @@ def ada_group_norm_forward(x, scale, shift, num_groups: int, weight, bias, eps: 
         return
     x3, y3 = _flat_spatial(x), out.view(out.shape[0], out.shape[1], -1)
     plan = _GroupPlan(x3, num_groups, chunk_size)
-    batch, channels, positions = x3.shape
-    args = dict(G=num_groups, CPG=plan.channels_per_group, S=positions, eps=eps,
+    args = dict(G=num_groups, CPG=plan.channels_per_group, S=x3.shape[2], eps=eps,
                 **_strides("x", x3), **_strides("y", y3), **_modulation_args(scale, shift, weight, bias),
                 ACT_SILU=act == "silu", **plan.meta())
     if plan.fused:
         _group_norm_fused_kernel[plan.grid()](x3, y3, **args, **LAUNCH_OPTIONS)
         return
-    mean, m2 = plan.stats_workspace(batch, x.device)
-    _chunk_stats_kernel[plan.grid()](x3, mean, m2, num_groups, plan.channels_per_group, positions, plan.chunk,
-                                     *x3.stride(), **plan.meta(), **LAUNCH_OPTIONS)
-    _group_norm_apply_kernel[plan.grid()](x3, y3, mean, m2, CHUNK=plan.chunk, **args, **LAUNCH_OPTIONS)
+    mean, m2 = plan.chunk_stats(x3)
+    _group_norm_apply_kernel[plan.grid()](x3, y3, mean, m2, **plan.chunking(), **args, **LAUNCH_OPTIONS)
 
 
 def _finish_modulation_grads(sums, num_chunks, scale, weight, bias, dscale, dshift, dweight=None, dbias=None):
@@ -714,13 +735,11 @@ def ada_group_norm_backward(grad, x, scale, shift, num_groups: int, weight, bias
         _group_norm_backward_fused_kernel[plan.grid()](g3, x3, dx3, sums, C=channels, **_strides("dx", dx3),
                                                        **common, **LAUNCH_OPTIONS)
     else:
-        mean, m2 = plan.stats_workspace(batch, x.device)
+        mean, m2 = plan.chunk_stats(x3)
         group_sums = torch.empty(2, batch * num_groups, plan.num_chunks, device=x.device, dtype=torch.float32)
-        _chunk_stats_kernel[plan.grid()](x3, mean, m2, num_groups, plan.channels_per_group, positions, plan.chunk,
-                                         *x3.stride(), **plan.meta(), **LAUNCH_OPTIONS)
-        _channel_grad_sums_kernel[plan.grid()](g3, x3, sums, group_sums, mean, m2, C=channels, CHUNK=plan.chunk,
+        _channel_grad_sums_kernel[plan.grid()](g3, x3, sums, group_sums, mean, m2, C=channels, **plan.chunking(),
                                                **common, **LAUNCH_OPTIONS)
-        _input_grad_kernel[plan.grid()](g3, x3, dx3, group_sums, mean, m2, CHUNK=plan.chunk, **_strides("dx", dx3),
+        _input_grad_kernel[plan.grid()](g3, x3, dx3, group_sums, mean, m2, **plan.chunking(), **_strides("dx", dx3),
                                         **common, **LAUNCH_OPTIONS)
     _finish_modulation_grads(sums, plan.num_chunks, scale, weight, bias, dscale, dshift, dweight, dbias)
 
