@@ -1,4 +1,4 @@
-// bias_act (SPEC.md section 5; math in fastgen/ops/bias_act.py), on strided 4-D tensors.
+// bias_act (math in fastgen/ops/bias_act.py), on strided 4-D tensors.
 //
 //   forward:   y = clamp(gain * act(x + b), -clamp, clamp)
 //   backward:  dx = dy * gain * act'(z) * m,  db[c] = sum of dx over every axis but `dim`
@@ -68,17 +68,20 @@ struct ActParams {
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
+// max(z, 0) that keeps a NaN, as F.relu does (fmaxf would return 0 for it).
+__device__ __forceinline__ float relu(float z) { return z < 0.0f ? 0.0f : z; }
+
 __device__ __forceinline__ float activate(float z, const ActParams& p) {
   switch (p.act) {
     case Act::Linear: return z;
-    case Act::Relu: return z > 0.0f ? z : 0.0f;
+    case Act::Relu: return relu(z);
     case Act::Lrelu: return z > 0.0f ? z : z * p.alpha;
     case Act::Tanh: return tanhf(z);
     case Act::Sigmoid: return sigmoid(z);
     case Act::Elu: return z >= 0.0f ? z : expm1f(z);
     case Act::Selu: return z >= 0.0f ? kSeluScale * z : kSeluScaleAlpha * expm1f(z);
     // log(1 + e^z) without overflow for large z.
-    case Act::Softplus: return fmaxf(z, 0.0f) + log1pf(expf(-fabsf(z)));
+    case Act::Softplus: return relu(z) + log1pf(expf(-fabsf(z)));
     case Act::Swish: return z * sigmoid(z);
   }
   return z;
@@ -178,18 +181,21 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     r1 += pin1;
     r2 += pin2;
     for (int64_t col = col0; col < col_end; col += col_step) {
-      float g = to_float(dy.at(r0, r1, r2, col)) * p.gain;
+      // dx = dy * (gain * act'(z) * m), the mask multiplied in as the reference does: a NaN or
+      // inf in dy or a NaN act'(z) stays NaN where m is 0.
+      float factor = p.gain;
       if (source == Source::Y) {
         // y's sign (times gain's) is z's, and |y| < clamp is the mask.
         const float y = to_float(ref.at(r0, r1, r2, col));
-        g *= y * p.gain > 0.0f ? 1.0f : p.negative_slope;
-        if (p.has_clamp && !(fabsf(y) < p.clamp)) g = 0.0f;
+        factor *= y * p.gain > 0.0f ? 1.0f : p.negative_slope;
+        if (p.has_clamp) factor *= fabsf(y) < p.clamp ? 1.0f : 0.0f;
       } else if (source == Source::X) {
         float z = to_float(ref.at(r0, r1, r2, col));
         if (b.data != nullptr) z += to_float(b.at(r0, r1, r2, col));
-        g *= slope(z, p);
-        if (p.has_clamp && !(fabsf(activate(z, p) * p.gain) <= p.clamp)) g = 0.0f;
+        factor *= slope(z, p);
+        if (p.has_clamp) factor *= fabsf(activate(z, p) * p.gain) <= p.clamp ? 1.0f : 0.0f;
       }
+      const float g = to_float(dy.at(r0, r1, r2, col)) * factor;
       dx.at(r0, r1, r2, col) = from_float<T>(g);
       sum += g;
     }

@@ -46,6 +46,12 @@ _NO_REDUCE, _REDUCE_ROWS, _REDUCE_COLUMNS = 0, 1, 2
 
 
 @triton.jit
+def _relu(z):
+    """max(z, 0) that keeps a NaN, as F.relu does (the default tl.maximum returns 0 for it)."""
+    return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
 
@@ -63,7 +69,7 @@ def _activate(z, alpha, ACT: tl.constexpr):
     if ACT == 0:
         a = z
     elif ACT == 1:
-        a = tl.maximum(z, 0.0)
+        a = _relu(z)
     elif ACT == 2:
         a = tl.where(z > 0, z, z * alpha)
     elif ACT == 3:
@@ -75,7 +81,7 @@ def _activate(z, alpha, ACT: tl.constexpr):
     elif ACT == 6:
         a = tl.where(z >= 0, _SELU_SCALE * z, _SELU_SCALE_ALPHA * (tl.exp(z) - 1.0))
     elif ACT == 7:
-        a = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+        a = _relu(z) + tl.log(1.0 + tl.exp(-tl.abs(z)))
     else:
         a = z * _sigmoid(z)
     return a
@@ -137,8 +143,8 @@ def _bias_act_forward_kernel(
     if HAS_BIAS:
         z += tl.load(b_ptr + _offsets(i0, i1, i2, cols, b_s0, b_s1, b_s2, b_s3), mask=mask, other=0.0).to(tl.float32)
     y = _activate(z, alpha, ACT) * gain
-    if HAS_CLAMP:
-        y = tl.minimum(tl.maximum(y, -clamp), clamp)
+    if HAS_CLAMP:  # keeping a NaN, as torch.clamp does
+        y = tl.clamp(y, -clamp, clamp, propagate_nan=tl.PropagateNan.ALL)
     tl.store(y_ptr + _offsets(i0, i1, i2, cols, y_s0, y_s1, y_s2, y_s3), y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -163,23 +169,27 @@ def _bias_act_backward_kernel(
         rows = (row_program * row_steps + step).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask = (rows < R)[:, None] & (cols < D3)[None, :]
         i0, i1, i2 = _row_coordinates(rows, D1, D2)
-        scale = tl.load(dy_ptr + _offsets(i0, i1, i2, cols, dy_s0, dy_s1, dy_s2, dy_s3), mask=mask,
-                        other=0.0).to(tl.float32) * gain
+        dy = tl.load(dy_ptr + _offsets(i0, i1, i2, cols, dy_s0, dy_s1, dy_s2, dy_s3), mask=mask,
+                     other=0.0).to(tl.float32)
         ref_offsets = _offsets(i0, i1, i2, cols, ref_s0, ref_s1, ref_s2, ref_s3)
+        # dx = dy * (gain * act'(z) * m), the mask multiplied in as the reference does: a NaN or
+        # inf in dy or a NaN act'(z) stays NaN where m is 0.
         if SOURCE == 1:  # y: its sign (times gain's) is z's, and |y| < clamp is the mask
             y = tl.load(ref_ptr + ref_offsets, mask=mask, other=0.0).to(tl.float32)
-            scale *= tl.where(y * gain > 0, 1.0, negative_slope)
+            factor = gain * tl.where(y * gain > 0, 1.0, negative_slope)
             if HAS_CLAMP:
-                scale = tl.where(tl.abs(y) < clamp, scale, 0.0)
+                factor *= (tl.abs(y) < clamp).to(tl.float32)
         elif SOURCE == 2:  # x (+ b): act' at z; the clamp passes |gain * act(z)| <= clamp, as torch's
             z = tl.load(ref_ptr + ref_offsets, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 z += tl.load(b_ptr + _offsets(i0, i1, i2, cols, b_s0, b_s1, b_s2, b_s3), mask=mask,
                              other=0.0).to(tl.float32)
-            scale *= _slope(z, negative_slope, ACT)
+            factor = gain * _slope(z, negative_slope, ACT)
             if HAS_CLAMP:
-                scale = tl.where(tl.abs(_activate(z, alpha, ACT) * gain) <= clamp, scale, 0.0)
-        dx = tl.where(mask, scale, 0.0)
+                factor *= (tl.abs(_activate(z, alpha, ACT) * gain) <= clamp).to(tl.float32)
+        else:
+            factor = gain
+        dx = tl.where(mask, dy * factor, 0.0)
         tl.store(dx_ptr + _offsets(i0, i1, i2, cols, dx_s0, dx_s1, dx_s2, dx_s3),
                  dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if REDUCE == 1:

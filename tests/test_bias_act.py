@@ -143,6 +143,74 @@ def test_backward_op_into_poisoned_outputs(device, backend, layout, generator):
             assert not detail, f"{act}: {detail}"
 
 
+# Where _non_finite_problem puts NaN, inf and -inf (in this order) into x or dy, and the
+# channels of b it sets to them; the bias runs along dim 1 of (2, 6, 5, 7).
+_LARGE_Z_AT = ((0, 1, 2, 3), (1, 2, 0, 4), (0, 4, 4, 6))
+_SMALL_Z_AT = ((1, 1, 3, 3), (0, 2, 1, 4), (1, 4, 0, 6))
+_NON_FINITE_CHANNELS = (1, 2, 4)
+NON_FINITE_VALUES = (float("nan"), float("inf"), float("-inf"))
+
+
+def _non_finite_problem(name, dtype, device, generator):
+    """x, b and dy of shape (2, 6, 5, 7) with NaN, inf and -inf in the input `name`: in x or dy
+    at an element whose z = x + b is 5 (clamped to 0.8 under every activation) and at one
+    whose z is 0.1 (not clamped), or in three channels of b."""
+    x, b = _inputs((2, 6, 5, 7), 1, "contiguous", CPU, torch.float32, generator)
+    dy = torch.randn(x.shape, generator=generator)
+    for large, small in zip(_LARGE_Z_AT, _SMALL_Z_AT):
+        x[large] = 5.0 - b[large[1]]
+        x[small] = 0.1 - b[small[1]]
+    for large, small, channel, value in zip(_LARGE_Z_AT, _SMALL_Z_AT, _NON_FINITE_CHANNELS, NON_FINITE_VALUES):
+        if name == "b":
+            b[channel] = value
+        else:
+            target = x if name == "x" else dy
+            target[large] = target[small] = value
+    return x.to(device, dtype), b.to(device, dtype), dy.to(device, dtype)
+
+
+def _assert_same_non_finite_and_close(actual, expected, what):
+    """NaN and the same inf wherever the reference has them, the rest within the dtype's tolerance."""
+    rtol, atol = TOLERANCES[actual.dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                               msg=lambda detail: f"{what}: {detail}")
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("clamp", [None, 0.8])
+@pytest.mark.parametrize("name", ["x", "b"])
+def test_forward_propagates_nan_and_inf_as_the_reference(device, backend, dtype, act, clamp, name, generator):
+    """relu and the clamp keep a NaN, as F.relu and torch.clamp do; inf follows each activation."""
+    x, b, _ = _non_finite_problem(name, dtype, device, generator)
+    args = (x, b, act, None, None, clamp, 1)
+    out = BIAS_ACT.allocate_output(*args).fill_(0.5)
+    BIAS_ACT.implementations[backend].run(*args, out=out)
+    _assert_same_non_finite_and_close(out, bias_act_reference(x.double(), b.double(), act, None, None, clamp, 1), "y")
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("clamp", [None, 0.8])
+@pytest.mark.parametrize("name", ["x", "b", "dy"])
+def test_backward_propagates_nan_and_inf_as_the_reference(device, backend, dtype, act, clamp, name, generator):
+    """dx = dy * (gain * act'(z) * m), db its sums: a NaN or inf in dy, or a NaN act'(z), stays
+    NaN where the clamp mask m is 0 (NaN * 0, inf * 0), as in the reference; y (the backward
+    of piecewise linear activations reads it) comes from the reference forward."""
+    x, b, dy = _non_finite_problem(name, dtype, device, generator)
+    y = bias_act_reference(x, b, act, None, None, clamp, 1)
+    source = parse_params(x, b, act, None, None, clamp, 1).derivative_source(dtype)
+    args = (dy, x if source == "x" else None, b, y if source == "y" else None, act, None, None, clamp, 1)
+    out = BIAS_ACT_BACKWARD.allocate_output(*args)
+    for t in out:
+        t.fill_(0.5)
+    BIAS_ACT_BACKWARD.implementations[backend].run(*args, out=out)
+    for what, actual, expected in zip(("dx", "db"), out, BIAS_ACT_BACKWARD.reference(*args)):
+        _assert_same_non_finite_and_close(actual, expected, what)
+
+
 def test_many_rows_use_the_row_loop_for_db(generator, monkeypatch):
     """db with several row steps per program (the channels_last / FC reduction path)."""
     from fastgen.kernels import bias_act as kernels

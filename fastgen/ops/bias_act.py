@@ -41,6 +41,10 @@ broadcast back along `dim` first. That covers R1 / path-length regularisation; g
 third order are not tested.
 
 Arithmetic is float32 (float64 for float64 inputs); y and dx take x's dtype, db takes b's.
+
+NaN and Inf propagate as in the eager reference: relu and the clamp keep a NaN, as F.relu and
+torch.clamp do, and the backward multiplies by m, so a NaN or inf in dy, or a NaN act'(z),
+gives NaN (NaN * 0, inf * 0) even where the clamp cuts the gradient.
 """
 from __future__ import annotations
 
