@@ -47,7 +47,8 @@ program keeps and streams fit in registers (budgets from ptxas, below), plus a l
 config always kept so that one fits in shared memory at every D (see _prune); BLOCK_N = 32
 wastes least on the 77 text tokens of Stable Diffusion (96 columns computed instead of 128).
 Under the interpreter one fixed small config runs (autotuning there would only multiply the
-test time).
+test time); under torch.use_deterministic_algorithms(True) the lean config runs without
+autotuning, so the choice cannot differ between processes.
 """
 import torch
 import triton
@@ -318,6 +319,7 @@ class _Kernel:
         rows = [_rows_in_shared_memory(kept_and_streamed_rows, config) for config in configs]
         assert rows[-1] == min(rows), "the prune keeps the last config for its shared memory: it must be the leanest"
         self.kernel = kernel
+        self.lean = configs[-1]
         self.tuned = triton.autotune(configs, key=_TUNING_KEY,
                                      prune_configs_by={"early_config_prune": _prune(kept_and_streamed_rows)})(kernel)
         self.blocks_along = blocks_along  # "BLOCK_M" or "BLOCK_N": the size of the blocks the grid runs over
@@ -332,6 +334,11 @@ class _Kernel:
         if triton_interpreter_enabled():
             grid = self.grid(length, batch_heads, _INTERPRETER_META)
             self.kernel[grid](*args, **meta, **_INTERPRETER_META, **LAUNCH_OPTIONS)
+        elif torch.are_deterministic_algorithms_enabled():
+            # The autotuner's pick rests on this process's timings; a fixed config does not.
+            lean = self.lean
+            self.kernel[self.grid(length, batch_heads, lean.kwargs)](
+                *args, **meta, **lean.kwargs, num_warps=lean.num_warps, num_stages=lean.num_stages, **LAUNCH_OPTIONS)
         else:
             self.tuned[lambda config: self.grid(length, batch_heads, config)](*args, **meta, **LAUNCH_OPTIONS)
 

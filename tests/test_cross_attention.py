@@ -453,3 +453,46 @@ def test_cuda_graph_replays_with_new_inputs(generator):
     graph.replay()
     torch.cuda.synchronize()
     _assert_close_to(out, cross_attention_reference(*_upcast((q, k, v))), "out")
+
+
+_CONFIGS_LAUNCHED = """
+import json, sys, torch
+from fastgen import precompile
+import fastgen
+torch.use_deterministic_algorithms(sys.argv[1] == "deterministic")
+session = precompile.CompileSession(keep_ptx=True)
+with session:
+    for lq in (77, 1000):
+        q = torch.randn(1, lq, 2, 40, requires_grad=True)
+        k, v = (torch.randn(1, 300, 2, 40, requires_grad=True) for _ in range(2))
+        with fastgen.use_backend("triton"):
+            fastgen.cross_attention(q, k, v).sum().backward()
+print(json.dumps(sorted(f"{name} {options}" for name, options in session.variants)))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for a GPU without one")
+def test_deterministic_mode_launches_one_fixed_config_in_every_process():
+    """On a GPU the autotuner picks tiles by timing, per process. Under
+    torch.use_deterministic_algorithms(True) each kernel launches only its lean config, at every
+    length, and two processes launch the same ones; otherwise every pruned config is a
+    candidate (the compile-only session compiles each, as the autotuner would time each)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def launched(mode):
+        result = subprocess.run([sys.executable, "-c", _CONFIGS_LAUNCHED, mode], capture_output=True, text=True,
+                                env=environment, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.splitlines()[-1])
+
+    first, second = launched("deterministic"), launched("deterministic")
+    assert first == second
+    kernels = {entry.split()[0] for entry in first}
+    assert kernels == {"_forward_kernel", "_query_grad_kernel", "_key_value_grad_kernel"}
+    assert len(first) == len(kernels), first  # one config each
+    assert len(launched("autotuned")) > len(first)

@@ -31,6 +31,15 @@ the forward's first output, so autograd and torch.compile see the forward op (wh
 saves lse) and the user sees one tensor. The registered `Op` named cross_attention (driven by
 `fastgen check` and the contract tests) has the single-output signature; its Triton
 implementation is the forward kernel with lse written to a scratch buffer.
+
+Determinism. The kernels use no atomics: for the same inputs and the same tile configuration
+every output and gradient bit is the same in every run. On a GPU the Triton autotuner picks
+the configuration for each (Lq, Lkv, padded D, mask, dtypes) by timing the candidates in the
+process, so two processes (or two GPUs of one kind) can pick different tiles, and their
+results then differ by float32 rounding. Under `torch.use_deterministic_algorithms(True)` the
+kernels skip the autotuner and run one fixed configuration (the lean one that fits at every
+D; slower than the tuned choice), so results are bitwise the same across processes on the
+same GPU model, Triton version and inputs.
 """
 from __future__ import annotations
 
