@@ -61,7 +61,7 @@ filters' support (and may clamp an Inf to a finite value). A NaN never comes out
 clamp propagates it, as torch.clamp does.
 
 Every tensor, the bias included, is addressed through its strides (NCHW, channels_last, sliced
-views); plane offsets are int64. channels_last tensors are read with a stride of C between
+views); every offset is int64. channels_last tensors are read with a stride of C between
 neighbours: correct, not coalesced.
 """
 import math
@@ -136,7 +136,7 @@ def _filtered_lrelu_kernel(
     q_x = q0_x + s_row
     inside = (q_y >= 0) & (q_y < IN_H) & (q_x >= 0) & (q_x < IN_W)
     src_plane = src_ptr + b * src_sb + c.to(tl.int64) * src_sc
-    x = tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x * src_sw, mask=inside, other=0.0).to(tl.float32)
+    x = tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x.to(tl.int64) * src_sw, mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x = tl.where(inside, x + tl.load(bias_ptr + c.to(tl.int64) * bias_s).to(tl.float32), 0.0)
     x = x.to(STAGE1_DTYPE)
@@ -155,7 +155,7 @@ def _filtered_lrelu_kernel(
     codes_rows = codes_ptr + b * codes_sb + c.to(tl.int64) * codes_sc + m_y.to(tl.int64) * codes_sh
     in_mid = (m_y >= 0) & (m_y < MID_H) & (m_x >= 0) & (m_x < MID_W)
     if MODE == 2:
-        packed = tl.load(codes_rows + (m_x >> 2) * codes_sw, mask=in_mid, other=0).to(tl.int32)
+        packed = tl.load(codes_rows + (m_x >> 2).to(tl.int64) * codes_sw, mask=in_mid, other=0).to(tl.int32)
         code = (packed >> ((m_x & 3) * 2)) & 3
         a = tl.where(in_mid, z * tl.where(code == 1, gain, tl.where(code == 0, gain * slope, 0.0)), 0.0)
     else:
@@ -179,7 +179,7 @@ def _filtered_lrelu_kernel(
             owned_y = t_col < VO_Y * DOWN + (tile_y == tiles_y - 1).to(tl.int32) * BM
             owned_x = 4 * byte < VO_X * DOWN + (tile_x == tiles_x - 1).to(tl.int32) * BM
             inside = (m_y < MID_H) & (first_x < MID_W) & owned_y & owned_x
-            tl.store(codes_rows + (first_x >> 2) * codes_sw, packed.to(tl.uint8), mask=inside)
+            tl.store(codes_rows + (first_x >> 2).to(tl.int64) * codes_sw, packed.to(tl.uint8), mask=inside)
     a = a.to(STAGE2_DTYPE)
 
     # 4. Stage 2: output o reads mid sample m through tap k = m + pad2 - o*DOWN = t - o_local*DOWN.
@@ -193,7 +193,7 @@ def _filtered_lrelu_kernel(
     out_y = o0_y + o_col
     out_x = o0_x + o_row
     valid = (o_col < VO_Y) & (o_row < VO_X) & (out_y < OUT_H) & (out_x < OUT_W)
-    dst_offsets = b * dst_sb + c.to(tl.int64) * dst_sc + out_y.to(tl.int64) * dst_sh + out_x * dst_sw
+    dst_offsets = b * dst_sb + c.to(tl.int64) * dst_sc + out_y.to(tl.int64) * dst_sh + out_x.to(tl.int64) * dst_sw
     tl.store(dst_ptr + dst_offsets, y.to(dst_ptr.dtype.element_ty), mask=valid)
     if PARTIAL_SUMS:
         # The bias gradient's share of this tile, summed before rounding to the output dtype.

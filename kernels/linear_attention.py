@@ -41,8 +41,9 @@ the dots, and the Triton CPU interpreter computes bfloat16 dots (and bfloat16 ar
 wrongly, so the float32 path is the one that can be verified on every machine.
 
 Block shapes: D is padded to D_PAD = max(16, next power of two) inside the kernels with
-masked loads (tl.dot needs every dimension >= 16); BLOCK_N rows per tile. Row offsets are
-int64: B*N*3*H*D of a fused qkv tensor can pass 2^31 elements.
+masked loads (tl.dot needs every dimension >= 16); BLOCK_N rows per tile. Every offset is
+int64: B*N*3*H*D of a fused qkv tensor can pass 2^31 elements, and so can one stride times
+its index in a view.
 """
 import torch
 import triton
@@ -55,14 +56,16 @@ from fastgen.ops.linear_attention import rows_per_chunk
 @triton.jit
 def _load_rows(ptr, b, h, rows, N, s_b, s_n, s_h, s_d, d, D: tl.constexpr):
     """A (BLOCK_N, D_PAD) float32 tile of rows `rows` of head (b, h); zeros outside N x D."""
-    offsets = b.to(tl.int64) * s_b + rows.to(tl.int64)[:, None] * s_n + h * s_h + d[None, :] * s_d
+    offsets = (b.to(tl.int64) * s_b + rows.to(tl.int64)[:, None] * s_n + h.to(tl.int64) * s_h
+               + d.to(tl.int64)[None, :] * s_d)
     mask = (rows < N)[:, None] & (d < D)[None, :]
     return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _store_rows(ptr, values, b, h, rows, N, s_b, s_n, s_h, s_d, d, D: tl.constexpr):
-    offsets = b.to(tl.int64) * s_b + rows.to(tl.int64)[:, None] * s_n + h * s_h + d[None, :] * s_d
+    offsets = (b.to(tl.int64) * s_b + rows.to(tl.int64)[:, None] * s_n + h.to(tl.int64) * s_h
+               + d.to(tl.int64)[None, :] * s_d)
     mask = (rows < N)[:, None] & (d < D)[None, :]
     tl.store(ptr + offsets, values.to(ptr.dtype.element_ty), mask=mask)
 
@@ -74,34 +77,47 @@ def _phi(x):
 
 
 @triton.jit
-def _program_head(H, D_PAD: tl.constexpr):
-    """(batch, head) of this program (grid axis 1 runs over B*H) and the padded column range."""
-    return tl.program_id(1) // H, tl.program_id(1) % H, tl.arange(0, D_PAD)
+def _head_and_chunk(N, rows_per_program):
+    """(batch * H + head, chunk) of this program. The grid is 1-D over every head's chunks,
+    chunks fastest: B * H on a second grid axis would be capped at 65,535 (SANA-1.6B's 70
+    heads reach it at batch 937)."""
+    chunks = tl.maximum(tl.cdiv(N, rows_per_program), 1)
+    return tl.program_id(0) // chunks, tl.program_id(0) % chunks
+
+
+@triton.jit
+def _program_head(N, H, rows_per_program, D_PAD: tl.constexpr):
+    """(batch, head) of this program and the padded column range."""
+    head, _ = _head_and_chunk(N, rows_per_program)
+    return head // H, head % H, tl.arange(0, D_PAD)
 
 
 @triton.jit
 def _chunk_rows(N, rows_per_program):
-    """[start, end) of the rows this program owns along axis 0 of the grid."""
-    start = tl.program_id(0) * rows_per_program
+    """[start, end) of the rows this program owns."""
+    _, chunk = _head_and_chunk(N, rows_per_program)
+    start = chunk * rows_per_program
     return start, tl.minimum(start + rows_per_program, N)
 
 
 @triton.jit
 def _store_partial(matrix_ptr, vector_ptr, matrix, vector, D_PAD: tl.constexpr):
-    """Write this program's (D_PAD, D_PAD) matrix and D_PAD vector into its workspace slot."""
-    slot = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    """Write this program's (D_PAD, D_PAD) matrix and D_PAD vector into its workspace slot:
+    programs run over each head's chunks in order, so program k fills slot k."""
+    slot = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D_PAD)
     tl.store(matrix_ptr + slot * D_PAD * D_PAD + d[:, None] * D_PAD + d[None, :], matrix)
     tl.store(vector_ptr + slot * D_PAD + d, vector)
 
 
 @triton.jit
-def _sum_partials(matrix_ptr, vector_ptr, num_partials, D_PAD: tl.constexpr):
+def _sum_partials(matrix_ptr, vector_ptr, num_partials, N, rows_per_program, D_PAD: tl.constexpr):
     """The partials of this program's (batch, head), added in chunk order (deterministic)."""
     d = tl.arange(0, D_PAD)
     matrix = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     vector = tl.zeros((D_PAD,), dtype=tl.float32)
-    first = tl.program_id(1).to(tl.int64) * num_partials
+    head, _ = _head_and_chunk(N, rows_per_program)
+    first = head.to(tl.int64) * num_partials
     for p in range(num_partials):
         slot = first + p
         matrix += tl.load(matrix_ptr + slot * D_PAD * D_PAD + d[:, None] * D_PAD + d[None, :])
@@ -117,7 +133,7 @@ def _state_partials_kernel(
     v_sb, v_sn, v_sh, v_sd,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    b, h, d = _program_head(H, D_PAD)
+    b, h, d = _program_head(N, H, rows_per_program, D_PAD)
     state = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     normalizer = tl.zeros((D_PAD,), dtype=tl.float32)
     start, end = _chunk_rows(N, rows_per_program)
@@ -138,8 +154,8 @@ def _output_kernel(
     o_sb, o_sn, o_sh, o_sd,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    b, h, d = _program_head(H, D_PAD)
-    state, normalizer = _sum_partials(state_ptr, normalizer_ptr, num_partials, D_PAD)
+    b, h, d = _program_head(N, H, rows_per_program, D_PAD)
+    state, normalizer = _sum_partials(state_ptr, normalizer_ptr, num_partials, N, rows_per_program, D_PAD)
     start, end = _chunk_rows(N, rows_per_program)
     for row0 in range(start, end, BLOCK_N):
         rows = row0 + tl.arange(0, BLOCK_N)
@@ -159,8 +175,8 @@ def _query_grad_kernel(
     dq_sb, dq_sn, dq_sh, dq_sd,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    b, h, d = _program_head(H, D_PAD)
-    state, normalizer = _sum_partials(state_ptr, normalizer_ptr, num_partials, D_PAD)
+    b, h, d = _program_head(N, H, rows_per_program, D_PAD)
+    state, normalizer = _sum_partials(state_ptr, normalizer_ptr, num_partials, N, rows_per_program, D_PAD)
     state_t = tl.trans(state)
     dstate = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     dnormalizer = tl.zeros((D_PAD,), dtype=tl.float32)
@@ -217,8 +233,8 @@ def _key_value_grad_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TWO_PASSES: tl.constexpr,
 ):
-    b, h, d = _program_head(H, D_PAD)
-    dstate, dnormalizer = _sum_partials(dstate_ptr, dnormalizer_ptr, num_partials, D_PAD)
+    b, h, d = _program_head(N, H, rows_per_program, D_PAD)
+    dstate, dnormalizer = _sum_partials(dstate_ptr, dnormalizer_ptr, num_partials, N, rows_per_program, D_PAD)
     start, end = _chunk_rows(N, rows_per_program)
     # dv needs dS and dk needs dS^T as resident dot operands. TWO_PASSES: dk in a second loop,
     # which reuses the first's shared memory instead of holding both at once, for one more
@@ -266,12 +282,16 @@ class _Plan:
         """Rows per chunk (a multiple of BLOCK_N): enough chunks that B*H*chunks fills the GPU."""
         return rows_per_chunk(tokens, self.block_n, self.batch_heads, self.target_programs)
 
+    def chunks(self, tokens: int) -> int:
+        """Chunks of each head (one, of no rows, for an empty sequence)."""
+        return triton.cdiv(max(tokens, 1), self.rows_per_program(tokens))
+
     def grid(self, tokens: int) -> tuple:
-        return (triton.cdiv(max(tokens, 1), self.rows_per_program(tokens)), self.batch_heads)
+        return (self.chunks(tokens) * self.batch_heads,)
 
     def workspace(self, tokens: int, device: torch.device) -> tuple:
         """Uninitialised (matrix, vector) partials, one slot per program of grid(tokens)."""
-        slots = self.grid(tokens)[0] * self.batch_heads
+        slots = self.grid(tokens)[0]
         return (torch.empty(slots, self.d_pad, self.d_pad, device=device, dtype=torch.float32),
                 torch.empty(slots, self.d_pad, device=device, dtype=torch.float32))
 
@@ -298,7 +318,7 @@ def _state_partials(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> tuple:
         *k.stride(), *v.stride(),
         **plan.meta(), **LAUNCH_OPTIONS,
     )
-    return state, normalizer, grid[0]
+    return state, normalizer, plan.chunks(tokens)
 
 
 def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, out: torch.Tensor) -> None:
@@ -325,8 +345,7 @@ def linear_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
     state, normalizer, num_state_partials = _state_partials(plan, k, v)
     q_tokens, kv_tokens = q.shape[1], k.shape[1]
     dstate, dnormalizer = plan.workspace(q_tokens, q.device)
-    q_grid = plan.grid(q_tokens)
-    _query_grad_kernel[q_grid](
+    _query_grad_kernel[plan.grid(q_tokens)](
         q, grad, dq, state, normalizer, dstate, dnormalizer,
         q_tokens, plan.heads, plan.rows_per_program(q_tokens), num_state_partials, eps,
         *q.stride(), *grad.stride(), *dq.stride(),
@@ -334,7 +353,7 @@ def linear_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
     )
     _key_value_grad_kernel[plan.grid(kv_tokens)](
         k, v, dk, dv, dstate, dnormalizer,
-        kv_tokens, plan.heads, plan.rows_per_program(kv_tokens), q_grid[0],
+        kv_tokens, plan.heads, plan.rows_per_program(kv_tokens), plan.chunks(q_tokens),
         *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
         TWO_PASSES=plan.key_value_grad_in_two_passes, **plan.meta(), **LAUNCH_OPTIONS,
     )
