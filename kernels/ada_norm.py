@@ -44,7 +44,8 @@ passes over registers. Its backward writes per-chunk column sums of dy and dy * 
 by the same final kernel as the group norm's.
 
 Arithmetic is float32 only (loads are converted first): the contract, and the Triton CPU
-interpreter computes bfloat16 arithmetic wrongly. Offsets are int64.
+interpreter computes bfloat16 arithmetic wrongly. Offsets are int64, and so are the channel,
+position and workspace-slot indices they are built from: an axis can hold 2^31 elements.
 """
 import torch
 import triton
@@ -64,11 +65,11 @@ _FINISH_BLOCK = 128  # channels per program of the final modulation-gradient ker
 
 @triton.jit
 def _group_rows(g0, c0, G, CPG, GPP: tl.constexpr, CPG_TILE: tl.constexpr):
-    """Channel index and validity of each row of a tile starting at channel c0 of each group."""
+    """Channel index (int64) and validity of each row of a tile starting at channel c0 of each group."""
     r = tl.arange(0, GPP * CPG_TILE)
     group = g0 + r // CPG_TILE
     within = c0 + r % CPG_TILE
-    return group * CPG + within, (group < G) & (within < CPG)
+    return group.to(tl.int64) * CPG + within, (group < G) & (within < CPG)
 
 
 @triton.jit
@@ -123,7 +124,9 @@ def _program_groups(group_block, G, GPP: tl.constexpr):
 
 @triton.jit
 def _chunk_range(chunk, S, CHUNK):
-    start = chunk * CHUNK
+    """[begin, end) of a chunk of CHUNK positions (rows for layer norm), int64. tl.cast, not
+    .to: the chunk is a plain int in an interpreted loop."""
+    start = tl.cast(chunk, tl.int64) * CHUNK
     return start, tl.minimum(start + CHUNK, S)
 
 
@@ -131,7 +134,7 @@ def _chunk_range(chunk, S, CHUNK):
 def _pivots(x_ptr, b, g0, G, CPG, x_sb, x_sc, GPP: tl.constexpr):
     """The first element of each group: every program of a group shifts by the same value."""
     g = g0 + tl.arange(0, GPP)
-    offsets = b.to(tl.int64) * x_sb + (g * CPG).to(tl.int64) * x_sc
+    offsets = b.to(tl.int64) * x_sb + g.to(tl.int64) * CPG * x_sc
     return tl.load(x_ptr + offsets, mask=g < G, other=0.0).to(tl.float32)
 
 
@@ -161,7 +164,7 @@ def _group_slots(b, g0, G, num_chunks, GPP: tl.constexpr):
     """Where chunk 0 of each of this program's groups sits in a (B * G, chunks) workspace, and
     which groups exist."""
     g = g0 + tl.arange(0, GPP)
-    return (b * G + g).to(tl.int64) * num_chunks, g < G
+    return (b.to(tl.int64) * G + g) * num_chunks, g < G
 
 
 @triton.jit
@@ -172,7 +175,8 @@ def _merged_chunk_stats(mean_ptr, m2_ptr, b, g0, G, CPG, S, CHUNK, num_chunks, G
     mean = tl.zeros((GPP,), dtype=tl.float32)
     m2 = tl.zeros((GPP,), dtype=tl.float32)
     for k in range(num_chunks):
-        part_count = tl.zeros((GPP,), dtype=tl.float32) + (tl.minimum(S - k * CHUNK, CHUNK) * CPG).to(tl.float32)
+        begin, end = _chunk_range(k, S, CHUNK)
+        part_count = tl.zeros((GPP,), dtype=tl.float32) + ((end - begin) * CPG).to(tl.float32)
         part_mean = tl.load(mean_ptr + slot + k, mask=valid, other=0.0)
         part_m2 = tl.load(m2_ptr + slot + k, mask=valid, other=0.0)
         count, mean, m2 = _chan_merge(count, mean, m2, part_count, part_mean, part_m2)
@@ -243,7 +247,8 @@ def _channel_tile(b, g0, c0, G, CPG, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_s
 
 @triton.jit
 def _position_tile(s0, s_end, row_valid, BLOCK_S: tl.constexpr):
-    s = s0 + tl.arange(0, BLOCK_S)
+    """Positions (int64: a tile can end past 2^31) and mask of the tile at s0."""
+    s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
     return s, row_valid[:, None] & (s < s_end)[None, :]
 
 
@@ -428,7 +433,7 @@ def _group_norm_backward_fused_kernel(
 
 @triton.jit
 def _channel_grad_sums_kernel(
-    dy_ptr, x_ptr, sums_ptr, group_sums_ptr, mean_ptr, m2_ptr, B, C, G, CPG, S, CHUNK, NUM_CHUNKS, eps,
+    dy_ptr, x_ptr, sums_ptr, group_a_ptr, group_b_ptr, mean_ptr, m2_ptr, B, C, G, CPG, S, CHUNK, NUM_CHUNKS, eps,
     x_sb, x_sc, x_ss, g_sb, g_sc, g_ss,
     scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_SILU: tl.constexpr,
@@ -443,27 +448,27 @@ def _channel_grad_sums_kernel(
         x_sb, x_sc, x_ss, g_sb, g_sc, g_ss,
         scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
         HAS_WEIGHT, HAS_BIAS, ACT_SILU, GPP, CPG_TILE, BLOCK_S)
-    # (2, B * G, chunks): this chunk's share of the group sums dx needs.
+    # Two (B * G, chunks) workspaces: this chunk's share of the group sums dx needs.
     slot, valid = _group_slots(b, g0, G, NUM_CHUNKS, GPP)
-    tl.store(group_sums_ptr + slot + chunk, group_a, mask=valid)
-    tl.store(group_sums_ptr + B * G * NUM_CHUNKS + slot + chunk, group_b, mask=valid)
+    tl.store(group_a_ptr + slot + chunk, group_a, mask=valid)
+    tl.store(group_b_ptr + slot + chunk, group_b, mask=valid)
 
 
 @triton.jit
-def _summed_group_terms(group_sums_ptr, B, b, g0, G, num_chunks, GPP: tl.constexpr):
+def _summed_group_terms(group_a_ptr, group_b_ptr, b, g0, G, num_chunks, GPP: tl.constexpr):
     """The group sums of u * A and u * Bc: the chunks' shares added in chunk order."""
     slot, valid = _group_slots(b, g0, G, num_chunks, GPP)
     group_a = tl.zeros((GPP,), dtype=tl.float32)
     group_b = tl.zeros((GPP,), dtype=tl.float32)
     for k in range(num_chunks):
-        group_a += tl.load(group_sums_ptr + slot + k, mask=valid, other=0.0)
-        group_b += tl.load(group_sums_ptr + B * G * num_chunks + slot + k, mask=valid, other=0.0)
+        group_a += tl.load(group_a_ptr + slot + k, mask=valid, other=0.0)
+        group_b += tl.load(group_b_ptr + slot + k, mask=valid, other=0.0)
     return group_a, group_b
 
 
 @triton.jit
 def _input_grad_kernel(
-    dy_ptr, x_ptr, dx_ptr, group_sums_ptr, mean_ptr, m2_ptr, B, G, CPG, S, CHUNK, NUM_CHUNKS, eps,
+    dy_ptr, x_ptr, dx_ptr, group_a_ptr, group_b_ptr, mean_ptr, m2_ptr, G, CPG, S, CHUNK, NUM_CHUNKS, eps,
     x_sb, x_sc, x_ss, g_sb, g_sc, g_ss, dx_sb, dx_sc, dx_ss,
     scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_SILU: tl.constexpr,
@@ -472,7 +477,7 @@ def _input_grad_kernel(
     chunk, group_block = _program_chunk(NUM_CHUNKS)
     b, g0, pivot, mean, rstd, count, s_begin, s_end = _split_program_stats(
         x_ptr, mean_ptr, m2_ptr, chunk, group_block, G, CPG, S, CHUNK, NUM_CHUNKS, eps, x_sb, x_sc, GPP)
-    group_a, group_b = _summed_group_terms(group_sums_ptr, B, b, g0, G, NUM_CHUNKS, GPP)
+    group_a, group_b = _summed_group_terms(group_a_ptr, group_b_ptr, b, g0, G, NUM_CHUNKS, GPP)
     count = tl.maximum(count, 1.0)
     _input_grad_range(
         x_ptr, dy_ptr, dx_ptr, b, g0, pivot, mean, rstd, group_a / count, group_b / count,
@@ -491,7 +496,7 @@ def _modulation_grad_kernel(
 ):
     """From the per-chunk channel sums A and Bc: dshift = A, dscale = weight Bc + bias A and,
     with AFFINE_GRADS, dweight = sum_b (1 + scale) Bc, dbias = sum_b (1 + scale) A."""
-    channel = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    channel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = channel < C
     weight, bias = _affine_params(channel, valid, weight_ptr, w_s, bias_ptr, bi_s, HAS_WEIGHT, HAS_BIAS)
     dweight = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -728,19 +733,20 @@ def ada_group_norm_backward(grad, x, scale, shift, num_groups: int, weight, bias
     plan = _GroupPlan(x3, num_groups, chunk_size)
     batch, channels, positions = x3.shape
     sums = torch.empty(2, plan.num_chunks, batch, channels, device=x.device, dtype=torch.float32)
-    common = dict(B=batch, G=num_groups, CPG=plan.channels_per_group, S=positions, eps=eps,
+    common = dict(G=num_groups, CPG=plan.channels_per_group, S=positions, eps=eps,
                   **_strides("x", x3), **_strides("g", g3), **_modulation_args(scale, shift, weight, bias),
                   ACT_SILU=act == "silu", **plan.meta())
     if plan.fused:
-        _group_norm_backward_fused_kernel[plan.grid()](g3, x3, dx3, sums, C=channels, **_strides("dx", dx3),
+        _group_norm_backward_fused_kernel[plan.grid()](g3, x3, dx3, sums, B=batch, C=channels, **_strides("dx", dx3),
                                                        **common, **LAUNCH_OPTIONS)
     else:
         mean, m2 = plan.chunk_stats(x3)
-        group_sums = torch.empty(2, batch * num_groups, plan.num_chunks, device=x.device, dtype=torch.float32)
-        _channel_grad_sums_kernel[plan.grid()](g3, x3, sums, group_sums, mean, m2, C=channels, **plan.chunking(),
-                                               **common, **LAUNCH_OPTIONS)
-        _input_grad_kernel[plan.grid()](g3, x3, dx3, group_sums, mean, m2, **plan.chunking(), **_strides("dx", dx3),
-                                        **common, **LAUNCH_OPTIONS)
+        group_a_sums, group_b_sums = torch.empty(2, batch * num_groups, plan.num_chunks, device=x.device,
+                                                 dtype=torch.float32)
+        _channel_grad_sums_kernel[plan.grid()](g3, x3, sums, group_a_sums, group_b_sums, mean, m2, B=batch,
+                                               C=channels, **plan.chunking(), **common, **LAUNCH_OPTIONS)
+        _input_grad_kernel[plan.grid()](g3, x3, dx3, group_a_sums, group_b_sums, mean, m2, **plan.chunking(),
+                                        **_strides("dx", dx3), **common, **LAUNCH_OPTIONS)
     _finish_modulation_grads(sums, plan.num_chunks, scale, weight, bias, dscale, dshift, dweight, dbias)
 
 

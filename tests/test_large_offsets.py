@@ -1,10 +1,18 @@
 """Addresses past 2^31 elements: views whose index x stride products overflow 32 bits. Each
 view lies in a large buffer that is allocated lazily (only the pages its elements touch take
-memory), so these run on a CPU with the kernels under the interpreter."""
+memory), so these run on a CPU with the kernels under the interpreter.
+
+An index itself passes 2^31 only on an axis of 2^31 elements or more (channels, positions,
+pixels, columns). An op on such a tensor launches 2^19 programs or more, over an hour under
+the interpreter, so those tests launch one program that calls the kernels' own index and load
+helpers at such an index, with the buffer behind them allocated lazily as well."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastgen
+from fastgen.kernels import ada_norm as ada_norm_kernels
 
 # A stride that puts element 40 of an axis past 2^31 elements, and storage sized for it.
 HUGE_STRIDE = 2**26
@@ -66,3 +74,50 @@ def test_filtered_lrelu_reads_columns_past_two_to_the_31(backend, generator):
     with fastgen.use_backend("reference"):
         expected = fastgen.filtered_lrelu(x.contiguous(), f, f, up=2, down=2, padding=2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _values_past_two_to_the_31(count: int, generator) -> torch.Tensor:
+    """A lazily allocated float16 buffer of 2^31 + count elements, random from 2^31 on (4 GiB
+    of address space, one page of memory)."""
+    buffer = torch.empty(2**31 + count, dtype=torch.float16)
+    buffer[2**31:] = torch.randn(count, generator=generator)
+    return buffer
+
+
+@triton.jit
+def _group_channels_kernel(x_ptr, channel_ptr, pivot_ptr, g0, G, CPG, CPG_TILE: tl.constexpr):
+    channel, _ = ada_norm_kernels._group_rows(g0, 0, G, CPG, 1, CPG_TILE)
+    tl.store(channel_ptr + tl.arange(0, CPG_TILE), channel)
+    pivot = ada_norm_kernels._pivots(x_ptr, tl.program_id(0), g0, G, CPG, x_sb=0, x_sc=1, GPP=1)
+    tl.store(pivot_ptr + tl.arange(0, 1), pivot)
+
+
+def test_ada_group_norm_reads_channels_past_two_to_the_31(generator):
+    """Group 2 of 4 groups of 2^30 channels starts at channel 2^31: the rows of its tiles and
+    its pivot, the element its statistics are shifted by, are read there."""
+    x = _values_past_two_to_the_31(1, generator)
+    channel = torch.empty(4, dtype=torch.int64)
+    pivot = torch.empty(1, dtype=torch.float32)
+    _group_channels_kernel[(1,)](x, channel, pivot, 2, 4, 2**30, CPG_TILE=4)
+    assert channel.tolist() == [2**31 + i for i in range(4)]
+    assert pivot.item() == x[2**31].item()
+
+
+@triton.jit
+def _chunk_mean_kernel(x_ptr, out_ptr, chunk, S, CHUNK, BLOCK_S: tl.constexpr):
+    begin, end = ada_norm_kernels._chunk_range(chunk, S, CHUNK)
+    count, mean, _ = ada_norm_kernels._range_stats(
+        x_ptr, tl.program_id(0), 0, tl.zeros((1,), tl.float32), begin, end, G=1, CPG=1,
+        x_sb=0, x_sc=0, x_ss=1, GPP=1, CPG_TILE=1, BLOCK_S=BLOCK_S)
+    tl.store(out_ptr + tl.arange(0, 1), count)
+    tl.store(out_ptr + 1 + tl.arange(0, 1), mean)
+
+
+def test_ada_group_norm_reads_positions_past_two_to_the_31(generator):
+    """The split path's chunk 2 of 2^30 positions starts at position 2^31 (layer norm's row
+    ranges come from the same helper): its statistics are those of the positions there."""
+    x = _values_past_two_to_the_31(5, generator)
+    out = torch.empty(2, dtype=torch.float32)
+    _chunk_mean_kernel[(1,)](x, out, 2, 2**31 + 5, 2**30, BLOCK_S=8)
+    assert out[0].item() == 5
+    torch.testing.assert_close(out[1], x[2**31:].float().mean(), rtol=1e-5, atol=1e-6)
