@@ -13,8 +13,9 @@ The backward is one pass too: each of a fixed number of programs walks tiles pid
 writes dx and keeps per-channel sums of dy * x * r and dy in registers, stored as one row of
 a (G, C) float32 partial buffer; torch sums its rows, so dweight and dbias do not depend on
 scheduling. Every tensor, weight and bias included, is addressed through its strides. Offsets
-are int64 (DC-AE decoder maps at 2048 px exceed 2^31 elements); arithmetic is float32 only,
-loads converted first (the CPU interpreter gets bfloat16 arithmetic wrong).
+are int64 (DC-AE decoder maps at 2048 px exceed 2^31 elements), and so are the image, channel
+and pixel indices they are built from (an image can hold 2^31 pixels); arithmetic is float32
+only, loads converted first (the CPU interpreter gets bfloat16 arithmetic wrong).
 """
 import torch
 import triton
@@ -27,7 +28,7 @@ from fastgen.kernels import LAUNCH_OPTIONS, sm_count
 def _tile(tile_index, C, HW, W, TILES_PER_IMAGE, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Image, channel and pixel indices of one tile, and its in-bounds mask."""
     b = (tile_index // TILES_PER_IMAGE).to(tl.int64)
-    s = ((tile_index % TILES_PER_IMAGE) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    s = (tile_index % TILES_PER_IMAGE).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.arange(0, BLOCK_C).to(tl.int64)
     mask = (c[:, None] < C) & (s[None, :] < HW)
     return b, c, s, mask

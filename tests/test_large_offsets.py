@@ -13,6 +13,7 @@ import triton.language as tl
 
 import fastgen
 from fastgen.kernels import ada_norm as ada_norm_kernels
+from fastgen.kernels import rms_norm_2d as rms_norm_2d_kernels
 
 # A stride that puts element 40 of an axis past 2^31 elements, and storage sized for it.
 HUGE_STRIDE = 2**26
@@ -121,3 +122,19 @@ def test_ada_group_norm_reads_positions_past_two_to_the_31(generator):
     _chunk_mean_kernel[(1,)](x, out, 2, 2**31 + 5, 2**30, BLOCK_S=8)
     assert out[0].item() == 5
     torch.testing.assert_close(out[1], x[2**31:].float().mean(), rtol=1e-5, atol=1e-6)
+
+
+@triton.jit
+def _pixel_tile_kernel(x_ptr, out_ptr, tile_index, HW, TILES_PER_IMAGE, BLOCK_P: tl.constexpr):
+    b, c, s, mask = rms_norm_2d_kernels._tile(tile_index, 1, HW, HW, TILES_PER_IMAGE, 1, BLOCK_P)
+    offsets = rms_norm_2d_kernels._offsets(b, c, s, HW, sb=0, sc=0, sh=0, sw=1, FLAT_PIXELS=True)
+    tl.store(out_ptr + tl.arange(0, BLOCK_P)[None, :], tl.load(x_ptr + offsets, mask=mask))
+
+
+def test_trms2d_reads_pixels_past_two_to_the_31(generator):
+    """A single-channel image of 2^31 + 16 pixels in tiles of 16: tile 2^27 starts at pixel
+    2^31 and reads the pixels there."""
+    x = _values_past_two_to_the_31(16, generator)
+    out = torch.empty(16, dtype=torch.float16)
+    _pixel_tile_kernel[(1,)](x, out, 2**27, 2**31 + 16, 2**27 + 1, BLOCK_P=16)
+    assert torch.equal(out, x[2**31:])
