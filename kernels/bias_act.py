@@ -11,7 +11,7 @@ axes remain for the tensors the models produce; an input whose strides leave mor
 
 Each program covers a (BLOCK_R rows x BLOCK_I columns) tile of that view, columns = the last
 axis; a row's coordinates on the three outer axes come from two divisions per row, not per
-element. Offsets are int64.
+element. Offsets are int64, and so are the row and column indices they are built from.
 
 Forward: one load of x (and the bias), activation, gain and clamp in float32, one store.
 Backward: one pass reads dy and either y or x and b (see the op's docstring), writes dx and,
@@ -112,6 +112,13 @@ def _slope(z, negative_slope, ACT: tl.constexpr):
 
 
 @triton.jit
+def _block_indices(block, BLOCK: tl.constexpr):
+    """The BLOCK row or column indices of block number `block`, int64: the rows, or the columns
+    when every axis merges into the last (no bias), can number 2^31 or more."""
+    return block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _row_coordinates(rows, D1, D2):
     i2 = rows % D2
     rest = rows // D2
@@ -120,7 +127,7 @@ def _row_coordinates(rows, D1, D2):
 
 @triton.jit
 def _offsets(i0, i1, i2, cols, s0, s1, s2, s3):
-    return (i0 * s0 + i1 * s1 + i2 * s2)[:, None] + (cols.to(tl.int64) * s3)[None, :]
+    return (i0 * s0 + i1 * s1 + i2 * s2)[:, None] + (cols * s3)[None, :]
 
 
 @triton.jit
@@ -135,8 +142,8 @@ def _bias_act_forward_kernel(
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = (pid // column_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % column_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rows = _block_indices(pid // column_blocks, BLOCK_R)
+    cols = _block_indices(pid % column_blocks, BLOCK_I)
     mask = (rows < R)[:, None] & (cols < D3)[None, :]
     i0, i1, i2 = _row_coordinates(rows, D1, D2)
     z = tl.load(x_ptr + _offsets(i0, i1, i2, cols, x_s0, x_s1, x_s2, x_s3), mask=mask, other=0.0).to(tl.float32)
@@ -163,10 +170,10 @@ def _bias_act_backward_kernel(
     pid = tl.program_id(0)
     row_program = pid // column_blocks
     column_block = pid % column_blocks
-    cols = column_block * BLOCK_I + tl.arange(0, BLOCK_I)
+    cols = _block_indices(column_block, BLOCK_I)
     column_sums = tl.zeros((BLOCK_I,), tl.float32)
     for step in range(row_steps):
-        rows = (row_program * row_steps + step).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = _block_indices(row_program.to(tl.int64) * row_steps + step, BLOCK_R)
         mask = (rows < R)[:, None] & (cols < D3)[None, :]
         i0, i1, i2 = _row_coordinates(rows, D1, D2)
         dy = tl.load(dy_ptr + _offsets(i0, i1, i2, cols, dy_s0, dy_s1, dy_s2, dy_s3), mask=mask,

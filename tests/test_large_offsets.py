@@ -13,6 +13,7 @@ import triton.language as tl
 
 import fastgen
 from fastgen.kernels import ada_norm as ada_norm_kernels
+from fastgen.kernels import bias_act as bias_act_kernels
 from fastgen.kernels import rms_norm_2d as rms_norm_2d_kernels
 
 # A stride that puts element 40 of an axis past 2^31 elements, and storage sized for it.
@@ -137,4 +138,21 @@ def test_trms2d_reads_pixels_past_two_to_the_31(generator):
     x = _values_past_two_to_the_31(16, generator)
     out = torch.empty(16, dtype=torch.float16)
     _pixel_tile_kernel[(1,)](x, out, 2**27, 2**31 + 16, 2**27 + 1, BLOCK_P=16)
+    assert torch.equal(out, x[2**31:])
+
+
+@triton.jit
+def _column_block_kernel(x_ptr, out_ptr, column_block, D3, BLOCK_I: tl.constexpr):
+    cols = bias_act_kernels._block_indices(column_block, BLOCK_I)
+    row = tl.zeros((1,), tl.int64)
+    offsets = bias_act_kernels._offsets(row, row, row, cols, s0=0, s1=0, s2=0, s3=1)
+    tl.store(out_ptr + tl.arange(0, BLOCK_I)[None, :], tl.load(x_ptr + offsets, mask=(cols < D3)[None, :]))
+
+
+def test_bias_act_reads_columns_past_two_to_the_31(generator):
+    """Without a bias every axis of a dense tensor merges into the column axis: with 2^31 + 16
+    elements, column block 2^27 of 16 starts at column 2^31 and reads the elements there."""
+    x = _values_past_two_to_the_31(16, generator)
+    out = torch.empty(16, dtype=torch.float16)
+    _column_block_kernel[(1,)](x, out, 2**27, 2**31 + 16, BLOCK_I=16)
     assert torch.equal(out, x[2**31:])
