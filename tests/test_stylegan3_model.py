@@ -513,7 +513,7 @@ def test_benchmarks_declare_the_1024_generators_and_run_tiny(tmp_path):
 
     full = models_stylegan3.benchmarks(quick=False)
     assert [bench.name for bench in full] == ["model.stylegan3-t-1024.forward", "model.stylegan3-r-1024.forward"]
-    assert all(set(bench.impls) == {"eager", "compile", "triton"} for bench in full)
+    assert all(set(bench.impls) == {"eager", "compile", "triton", "cuda"} for bench in full)
     # The modulated convolutions alone: 2 x (multiply-adds) per image, about 0.57 TFLOP for T.
     assert 0.5e12 < full[0].cases[0].work / 4 < 0.65e12
 
