@@ -18,16 +18,16 @@
 #     build), so neither compiles there when the key matches (verify's cache_report says).
 #   verify   165 + check 120 + smoke 150 + cache_report 15 = 450
 #     check: every implementation of every op, its Triton variants all precompiled;
-#     smoke: `pytest -m gpu --gpu-smoke -n 16`: 205 of the 2,284 gpu tests, each test once per
+#     smoke: `pytest -m gpu --gpu-smoke -n 16`: 217 of the 2,753 gpu tests, each test once per
 #     dtype, backend and op, with torch.compile(fullgraph) and CUDA-graph capture of every op;
-#     its variants compile there, a few per test at most: 205 x 3 x 0.65 s / 16 cores = 25 s.
+#     its variants compile there, a few per test at most: 217 x 3 x 0.65 s / 16 cores = 26 s.
 #   measure  165 + bench 270 + order 15 + headline 15 = 465
 #     bench: `fastgen bench --quick`, every fastgen implementation, eager and the SDPA peers;
 #     torch.compile only for the cases COMPILE_CASES selects (one fwd case of 6 ops instead
 #     of 89 cold compiles of seconds to a minute each); the op kernels are precompiled, the
 #     model benchmarks' kernels compile there (their eager layers are too slow to precompile
 #     on a CPU at full size).
-#   deep-tests     165 + pytest_gpu 300 = 465 (all 2,238 gpu tests, -n 16)
+#   deep-tests     165 + pytest_gpu 300 = 465 (all 2,753 gpu tests, -n 16)
 #   deep-sanitize  165 + memcheck 150 + racecheck 150 = 465 (over `fastgen check --backend cuda`)
 #   deep-profile   165 + 3 profiles x 95 = 450 (SANA, the SD 1.5 UNet, StyleGAN2)
 # A step past its limit is killed and recorded as exit 124; the tier goes on.
