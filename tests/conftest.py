@@ -17,6 +17,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# The fuzz test's (tests/test_fuzz.py) hypothesis profiles, picked by FASTGEN_FUZZ: "ci", the
+# default, draws 3 cases per (op, backend, dtype, direction), about two minutes in all on two CPU
+# cores; "deep" draws 10,000 each. Neither is derandomized: every run draws fresh cases,
+# and a failure prints its minimal example and the blob that replays it. An example can take
+# seconds under the Triton interpreter, and the emulated CUDA backend is a per-test fixture.
+_FUZZ_SETTINGS = dict(deadline=None, print_blob=True,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                             HealthCheck.filter_too_much, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=3, **_FUZZ_SETTINGS)
+settings.register_profile("deep", max_examples=10_000, **_FUZZ_SETTINGS)
 
 
 def pytest_addoption(parser):
