@@ -24,11 +24,14 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # cores; "deep" draws 10,000 each. Neither is derandomized: every run draws fresh cases,
 # and a failure prints its minimal example and the blob that replays it. An example can take
 # seconds under the Triton interpreter, and the emulated CUDA backend is a per-test fixture.
+# FASTGEN_FUZZ_EXAMPLES=N sets the cases per test of either profile (a quick look at one op's
+# excluded classes: FASTGEN_FUZZ=deep FASTGEN_FUZZ_EXAMPLES=50 pytest -m fuzz -k "[bias_act-").
+_FUZZ_EXAMPLES = os.environ.get("FASTGEN_FUZZ_EXAMPLES")
 _FUZZ_SETTINGS = dict(deadline=None, print_blob=True,
                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                              HealthCheck.filter_too_much, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=3, **_FUZZ_SETTINGS)
-settings.register_profile("deep", max_examples=10_000, **_FUZZ_SETTINGS)
+settings.register_profile("ci", max_examples=int(_FUZZ_EXAMPLES or 3), **_FUZZ_SETTINGS)
+settings.register_profile("deep", max_examples=int(_FUZZ_EXAMPLES or 10_000), **_FUZZ_SETTINGS)
 
 
 def pytest_addoption(parser):
