@@ -381,7 +381,10 @@ std::pair<int, int> check_taps(const TensorView4d& rows, const TensorView4d* col
                 t->size[2] <= 1024 && t->size[3] <= 1024,
             std::string(names[i]) + ": expected (1, 1, taps_y, taps_x) with 1..1024 taps, got " +
                 shape_str(t->size));
-    require(t->stride[3] == 1 && (t->size[2] == 1 || t->stride[2] == t->size[3]),
+    // The kernel steps along a dimension only where it has more than one tap: a size-1
+    // dimension may have any stride (torch keeps a one-tap view's stride when it copies it).
+    require((t->size[3] == 1 || t->stride[3] == 1) &&
+                (t->size[2] == 1 || t->stride[2] == t->size[3]),
             std::string(names[i]) + ": taps must be contiguous");
     require(t->data != nullptr, std::string(names[i]) + ": null data pointer");
   }

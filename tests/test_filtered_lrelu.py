@@ -244,6 +244,23 @@ def test_backward_matches_reference(device, backend, dtype, name, generator):
         _assert_close(a, e, what)
 
 
+@pytest.mark.parametrize("device, backend", _targets())
+def test_strided_one_tap_filters_are_accepted(device, backend, generator):
+    """A one-tap filter viewed with a stride (every other element of a longer buffer) keeps
+    that stride through the tap tables, on a dimension of size 1 that the kernels never step
+    along: the CUDA launcher rejected it as non-contiguous."""
+    fu, fd = (torch.randn(3, generator=generator).to(device)[1::2][:1] for _ in range(2))
+    fd_2d = torch.randn(1, 3, generator=generator).to(device)[:, ::2][:, :1]
+    assert fu.stride() == (2,) and fd_2d.stride() == (3, 2)
+    x = random_tensor((2, 3, 5, 6), "contiguous", device, torch.float32, generator)
+    b = random_tensor((3,), "contiguous", device, torch.float32, generator)
+    for filters in ((fu, fd), (fu, fd_2d)):
+        args = (x, *filters, b, 2, 1, [1, 0, 0, 1], SQRT2, 0.2, 0.8, False)
+        dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device)
+        for what, a, e in zip(("y", "dx", "db"), _gradients(backend, args, dy), _expected_gradients(backend, args, dy)):
+            _assert_close(a, e, what)
+
+
 def test_direct_op_recomputes_the_codes(generator):
     args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", CPU, torch.float32, generator)
     dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator)
