@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 # The fuzz test's (tests/test_fuzz.py) hypothesis profiles, picked by FASTGEN_FUZZ: "ci", the
 # default, draws 3 cases per (op, backend, dtype, direction), about two minutes in all on two CPU
-# cores; "deep" draws 10,000 each. Neither is derandomized: every run draws fresh cases,
+# cores; "deep" draws 10,000 per op and backend, which test_fuzz divides among its dtypes and
+# directions. Neither is derandomized: every run draws fresh cases,
 # and a failure prints its minimal example and the blob that replays it. An example can take
 # seconds under the Triton interpreter, and the emulated CUDA backend is a per-test fixture.
 # FASTGEN_FUZZ_EXAMPLES=N sets the cases per test of either profile (a quick look at one op's

@@ -10,9 +10,11 @@ tolerance. Integer outputs (code indices, usage counts) equal the reference's, e
 op promises less (CODE_INDEX_OUTPUT).
 
 Run with `pytest -m fuzz`; FASTGEN_FUZZ picks the hypothesis profile (tests/conftest.py): "ci"
-(the default, a few cases per test) or "deep" (10,000 per test). Cases are fresh every run:
+(the default, a few cases per test) or "deep" (10,000 per op and backend, divided among its
+dtype and direction tests). Cases are fresh every run:
 hypothesis prints the minimal failing `Recipe` and the blob that replays it.
 """
+import math
 import os
 from dataclasses import dataclass
 from unittest import mock
@@ -187,25 +189,42 @@ def test_exclusions_name_registered_ops_backends_and_input_classes():
         assert set(known.dtypes) <= set(KERNEL_DTYPES), known
 
 
+def _cases_per_test(name: str, backend: str) -> int:
+    """The profile's cases for one (op, backend, dtype, direction) test: "deep" counts its cases
+    per op and backend, so they are divided among that backend's dtype and direction tests;
+    FASTGEN_FUZZ_EXAMPLES, when set, is the count per test."""
+    cases = settings.get_profile(PROFILE).max_examples
+    if PROFILE != "deep" or "FASTGEN_FUZZ_EXAMPLES" in os.environ:
+        return cases
+    op = OPS[name]
+    return math.ceil(cases / (len(op.implementations[backend].dtypes) * (2 if op.differentiable else 1)))
+
+
 @pytest.mark.fuzz
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize("name, device, backend, dtype, direction", _params())
-@settings(settings.get_profile(PROFILE))
-@given(data=st.data())
-def test_matches_the_float64_reference(name, device, backend, dtype, direction, data):
+def test_matches_the_float64_reference(name, device, backend, dtype, direction):
     reason = registry.backend_unavailable_reason(backend, device)
     if reason is not None:
         pytest.skip(reason)
     op = OPS[name]
-    recipe = data.draw(fuzz_inputs(op, device, dtype, _excluded(name, backend, dtype, direction)))
-    if _codes_unspecified(name, recipe.args):
-        _assert_code_indices_in_range(op, backend, recipe.args)
-        return
-    # oneDNN compiles a float16 depthwise convolution (the filters' references on a CPU) per
-    # shape, and takes minutes for some (a 1 x 17 filter over 131 columns); torch's own does not.
-    with torch.backends.mkldnn.flags(enabled=False), mock.patch.object(check, "mismatch", non_finite_aware_mismatch):
-        if direction == "fwd":
-            _, detail = check.check_forward(op, backend, recipe.args)
-        else:
-            _, detail = check.check_backward(op, backend, recipe.args, torch.Generator().manual_seed(recipe.seed))
-    assert not detail, detail
+    excluded = _excluded(name, backend, dtype, direction)
+
+    @settings(settings.get_profile(PROFILE), max_examples=_cases_per_test(name, backend))
+    @given(data=st.data())
+    def matches(data):
+        recipe = data.draw(fuzz_inputs(op, device, dtype, excluded))
+        if _codes_unspecified(name, recipe.args):
+            _assert_code_indices_in_range(op, backend, recipe.args)
+            return
+        # oneDNN compiles a float16 depthwise convolution (the filters' references on a CPU) per
+        # shape, and takes minutes for some (a 1 x 17 filter over 131 columns); torch's own does not.
+        with torch.backends.mkldnn.flags(enabled=False), \
+                mock.patch.object(check, "mismatch", non_finite_aware_mismatch):
+            if direction == "fwd":
+                _, detail = check.check_forward(op, backend, recipe.args)
+            else:
+                _, detail = check.check_backward(op, backend, recipe.args, torch.Generator().manual_seed(recipe.seed))
+        assert not detail, detail
+
+    matches()
