@@ -79,6 +79,17 @@ _CODE_ALIGNMENT = 4  # codes per byte
 
 
 @triton.jit
+def _to_float32(x):
+    """x exactly in float32. A bfloat16 is the high half of the float32 of the same value, so
+    its bits are shifted into place: what a GPU's conversion does, spelled out because the
+    Triton CPU interpreter's conversion garbles bfloat16 subnormals (2.9e-39 becomes 0, and the
+    forward then coded that positive sample as negative)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _banded(w_ptr, K, k):
     """Filter taps w[k] where 0 <= k < K, zero elsewhere (off the band, between phases)."""
     return tl.load(w_ptr + k, mask=(k >= 0) & (k < K), other=0.0)
@@ -136,9 +147,10 @@ def _filtered_lrelu_kernel(
     q_x = q0_x + s_row
     inside = (q_y >= 0) & (q_y < IN_H) & (q_x >= 0) & (q_x < IN_W)
     src_plane = src_ptr + b * src_sb + c.to(tl.int64) * src_sc
-    x = tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x.to(tl.int64) * src_sw, mask=inside, other=0.0).to(tl.float32)
+    x = _to_float32(tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x.to(tl.int64) * src_sw, mask=inside,
+                            other=0.0))
     if HAS_BIAS:
-        x = tl.where(inside, x + tl.load(bias_ptr + c.to(tl.int64) * bias_s).to(tl.float32), 0.0)
+        x = tl.where(inside, x + _to_float32(tl.load(bias_ptr + c.to(tl.int64) * bias_s)), 0.0)
     x = x.to(STAGE1_DTYPE)
 
     # 2. Stage 1: mid sample m reads input q through tap k = q*UP + pad1 - m.

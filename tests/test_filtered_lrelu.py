@@ -261,6 +261,26 @@ def test_strided_one_tap_filters_are_accepted(device, backend, generator):
             _assert_close(a, e, what)
 
 
+@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_inputs_get_their_own_slope(device, backend, dtype, generator):
+    """x of subnormal values only: every code, so every slope of the gradient, is the sign of
+    the sample's z, however small (the Triton interpreter's bfloat16 conversion turned a
+    positive subnormal into 0 and the forward coded it negative: dx 0.084 for 0.42)."""
+    args = list(_args(GEOMETRIES["up2 down1 (critically sampled end)"], "contiguous", device, dtype, generator,
+                      with_bias=False))
+    args[0] = (torch.randn(args[0].shape, generator=generator, dtype=torch.float64)
+               * (torch.finfo(dtype).tiny / 4)).to(device, dtype)
+    args[9] = None  # clamp: every sample takes one of the two slopes
+    x = args[0].detach().requires_grad_()
+    dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device, dtype)
+    with fastgen.use_backend(backend):
+        filtered_lrelu(x, *args[1:]).backward(dy)
+    x64 = args[0].double().cpu().requires_grad_()
+    filtered_lrelu_reference(x64, *_float64(args[1:])).backward(dy.double().cpu())
+    _assert_close(x.grad, x64.grad, "dx")
+
+
 def test_direct_op_recomputes_the_codes(generator):
     args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", CPU, torch.float32, generator)
     dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator)
