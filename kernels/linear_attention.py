@@ -77,6 +77,13 @@ def _phi(x):
 
 
 @triton.jit
+def _relu_backward(x, grad):
+    """The gradient through phi at x: 0 where x <= 0, passed through elsewhere, at a NaN x
+    too, as F.relu's backward does (a mask x > 0 would zero it there)."""
+    return tl.where(x <= 0, 0.0, grad)
+
+
+@triton.jit
 def _head_and_chunk(N, rows_per_program):
     """(batch * H + head, chunk) of this program. The grid is 1-D over every head's chunks,
     chunks fastest: B * H on a second grid axis would be capped at 65,535 (SANA-1.6B's 70
@@ -195,10 +202,11 @@ def _query_grad_kernel(
         dnumerator_state_t = tl.dot(dnumerator, state_t, input_precision=DOT_PRECISION)
         # where, not products with phi_q or the mask: on a row with no positive feature,
         # dnumerator = grad / eps and dnumerator S^T may overflow, and 0 * inf would be NaN in
-        # dq and in dz (so in every dk of the head).
-        ddenominator = -tl.sum(tl.where(q > 0, phi_q * dnumerator_state_t, 0.0), axis=1) / denominator
+        # dq and in dz (so in every dk of the head). A NaN in q is kept: it makes out_n, so
+        # grad . out_n, NaN in the reference.
+        ddenominator = -tl.sum(tl.where(q <= 0, 0.0, phi_q * dnumerator_state_t), axis=1) / denominator
         dphi_q = dnumerator_state_t + ddenominator[:, None] * normalizer[None, :]
-        _store_rows(dq_ptr, tl.where(q > 0, dphi_q, 0.0), b, h, rows, N, dq_sb, dq_sn, dq_sh, dq_sd, d, D)
+        _store_rows(dq_ptr, _relu_backward(q, dphi_q), b, h, rows, N, dq_sb, dq_sn, dq_sh, dq_sd, d, D)
         dstate += tl.dot(tl.trans(phi_q), dnumerator, input_precision=DOT_PRECISION)
         dnormalizer += tl.sum(ddenominator[:, None] * phi_q, axis=0)
     _store_partial(dstate_ptr, dnormalizer_ptr, dstate, dnormalizer, D_PAD)
@@ -211,7 +219,7 @@ def _key_grad_rows(k_ptr, v_ptr, dk_ptr, dstate_t, dnormalizer, b, h, rows, N,
     k = _load_rows(k_ptr, b, h, rows, N, k_sb, k_sn, k_sh, k_sd, d, D)
     v = _load_rows(v_ptr, b, h, rows, N, v_sb, v_sn, v_sh, v_sd, d, D)
     dphi_k = tl.dot(v, dstate_t, input_precision=DOT_PRECISION) + dnormalizer[None, :]
-    _store_rows(dk_ptr, tl.where(k > 0, dphi_k, 0.0), b, h, rows, N, dk_sb, dk_sn, dk_sh, dk_sd, d, D)
+    _store_rows(dk_ptr, _relu_backward(k, dphi_k), b, h, rows, N, dk_sb, dk_sn, dk_sh, dk_sd, d, D)
 
 
 @triton.jit

@@ -151,6 +151,35 @@ def test_backward_propagates_nan_and_inf_as_the_reference(device, dtype, name, v
     _assert_gradients_close(grads, grad, q, k, v)
 
 
+def _autograd_of_the_reference(grad, q, k, v, eps=1e-15):
+    """(dq, dk, dv): float64 autograd through the forward reference, F.relu's backward included."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*leaves, eps).backward(grad.double())
+    return tuple(t.grad for t in leaves)
+
+
+@pytest.mark.parametrize("device, backend", _forward_targets())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["q", "k"])
+def test_backward_passes_the_gradient_at_a_nan_as_relu_does(device, backend, dtype, name, generator):
+    """F.relu's backward zeroes the gradient where its input is <= 0 and passes it at a NaN: a
+    NaN in q_n makes dq_n NaN wherever q_n is not <= 0, the NaN entry itself included; in k,
+    dk NaN at the NaN entry. The backward of every backend (on CPU tensors the "cuda" backend
+    runs the backward's reference) against float64 autograd of the forward's reference."""
+    q, k, v = (t.detach().requires_grad_()
+               for t in _with_non_finite_entry(fused_qkv(2, 40, 2, 16, device, dtype, generator), name, float("nan")))
+    with fastgen.use_backend(backend):
+        out = linear_attention(q, k, v)
+    grad = torch.randn(out.shape, generator=generator).to(device, dtype)
+    out.backward(grad)
+    expected = _autograd_of_the_reference(grad, q, k, v)
+    for gradient_name, actual, reference in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), expected):
+        nan_differs = actual.isnan().cpu() != reference.isnan()
+        assert not nan_differs.any(), (f"{gradient_name}: NaN differs from the reference's at "
+                                       f"{nan_differs.nonzero().tolist()}")
+    _assert_gradients_close((q.grad, k.grad, v.grad), grad, q, k, v)
+
+
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_autograd_runs_the_triton_backward(device, dtype, generator):

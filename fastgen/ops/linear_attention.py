@@ -15,14 +15,15 @@ for float64 inputs); out has q's dtype and shape, contiguous.
 
 NaN and Inf propagate as in the eager reference: phi keeps a NaN, as F.relu does, so a NaN in
 q_n makes out_n NaN, one in k every output of its head (through z), one in v the column of out
-it feeds; the backward's masks [q_n > 0] and [k_n > 0] are 0 at a NaN, as the reference's.
+it feeds. The backward zeroes the gradient of phi only where its input is <= 0 and passes it at
+a NaN, as F.relu's backward does: a NaN in q_n makes dq_n NaN wherever q_n is not <= 0.
 
 Backward, for an output gradient g, with den_n = phi(q_n) . z + eps:
 
     dnum_n = g_n / den_n                 dden_n = -(g_n . out_n) / den_n
     dS = sum_n phi(q_n)^T dnum_n         dz = sum_n dden_n phi(q_n)
-    dq_n = (dnum_n S^T + dden_n z) * [q_n > 0]
-    dk_n = (v_n dS^T + dz) * [k_n > 0]
+    dq_n = dnum_n S^T + dden_n z         then 0 where q_n <= 0
+    dk_n = v_n dS^T + dz                 then 0 where k_n <= 0
     dv_n = phi(k_n) dS
 
 The backward is an op of its own, `linear_attention_backward(grad, q, k, v, eps) -> (dq, dk,
@@ -134,10 +135,10 @@ def linear_attention_backward_reference(grad, q, k, v, eps=1e-15):
     out = (phi_q @ state) / denominator
     dnumerator = grad_ / denominator
     ddenominator = -(grad_ * out).sum(-1, keepdim=True) / denominator
-    dq = torch.where(q_ > 0, dnumerator @ state.mT + ddenominator * normalizer, 0.0)
+    dq = torch.where(q_ <= 0, 0.0, dnumerator @ state.mT + ddenominator * normalizer)
     dstate = phi_q.mT @ dnumerator
     dnormalizer = (ddenominator * phi_q).sum(-2, keepdim=True)
-    dk = torch.where(k_ > 0, v_ @ dstate.mT + dnormalizer, 0.0)
+    dk = torch.where(k_ <= 0, 0.0, v_ @ dstate.mT + dnormalizer)
     dv = phi_k @ dstate
     return tuple(t.transpose(1, 2).to(q.dtype) for t in (dq, dk, dv))
 
