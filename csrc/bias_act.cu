@@ -61,6 +61,7 @@ struct ActParams {
   Act act;
   float alpha;           // lrelu's negative slope
   float negative_slope;  // act'(z) for z <= 0 of a piecewise linear act
+  float nan_slope;       // and for a NaN z: torch's relu passes the gradient, lrelu scales it
   float gain;
   float clamp;  // used only when has_clamp
   bool has_clamp;
@@ -87,7 +88,13 @@ __device__ __forceinline__ float activate(float z, const ActParams& p) {
   return z;
 }
 
-// act'(z), with torch's one-sided choices at z = 0 (16-bit inputs hit it exactly).
+// act'(z) of a piecewise linear act from v, a value with z's sign (z, or y * gain).
+__device__ __forceinline__ float piecewise_slope(float v, const ActParams& p) {
+  return v > 0.0f ? 1.0f : (v <= 0.0f ? p.negative_slope : p.nan_slope);
+}
+
+// act'(z), with torch's one-sided choices at z = 0 (16-bit inputs hit it exactly) and at a
+// NaN z (fastgen/ops/bias_act.py's docstring).
 __device__ __forceinline__ float slope(float z, const ActParams& p) {
   switch (p.act) {
     case Act::Tanh: {
@@ -105,7 +112,7 @@ __device__ __forceinline__ float slope(float z, const ActParams& p) {
       const float s = sigmoid(z);
       return s * (1.0f + z * (1.0f - s));
     }
-    default: return z > 0.0f ? 1.0f : p.negative_slope;
+    default: return piecewise_slope(z, p);
   }
 }
 
@@ -181,13 +188,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     r1 += pin1;
     r2 += pin2;
     for (int64_t col = col0; col < col_end; col += col_step) {
-      // dx = dy * (gain * act'(z) * m), the mask multiplied in as the reference does: a NaN or
-      // inf in dy or a NaN act'(z) stays NaN where m is 0.
+      // dx = dy * (gain * act'(z) * m): the mask multiplied in keeps a NaN act'(z) NaN where
+      // m is 0, as the eager autograd does (and a non-finite dy: the op's docstring).
       float factor = p.gain;
       if (source == Source::Y) {
         // y's sign (times gain's) is z's, and |y| < clamp is the mask.
         const float y = to_float(ref.at(r0, r1, r2, col));
-        factor *= y * p.gain > 0.0f ? 1.0f : p.negative_slope;
+        factor *= piecewise_slope(y * p.gain, p);
         if (p.has_clamp) factor *= fabsf(y) < p.clamp ? 1.0f : 0.0f;
       } else if (source == Source::X) {
         float z = to_float(ref.at(r0, r1, r2, col));
@@ -264,7 +271,9 @@ ActParams make_params(const std::string& act, float alpha, float gain, const flo
     require(std::isfinite(*clamp) && *clamp >= 0.0f,
             "clamp: must be finite and >= 0, got " + std::to_string(*clamp));
   const float negative_slope = a == Act::Linear ? 1.0f : a == Act::Relu ? 0.0f : alpha;
-  return {a, alpha, negative_slope, gain, clamp != nullptr ? *clamp : 0.0f, clamp != nullptr};
+  const float nan_slope = a == Act::Lrelu ? alpha : 1.0f;
+  return {a, alpha, negative_slope, nan_slope, gain, clamp != nullptr ? *clamp : 0.0f,
+          clamp != nullptr};
 }
 
 // The output's axes, outermost first: size-1 axes (whose strides mean nothing) before the

@@ -5,7 +5,9 @@ TensorIterator builds one: the axes are sorted by the output's strides (so the l
 the output's unit-stride one: W for NCHW, C for channels_last, C for an (N, C) FC layer),
 size-1 axes are dropped and neighbours that every operand walks contiguously are merged.
 The bias is one more strided operand, with stride 0 on every axis but `dim`, so broadcasting
-needs no special case and keeps the bias axis from merging with its neighbours. At most four
+needs no special case. The bias axis never merges with its neighbours, since the backward's db
+sums run along it: its stride usually keeps it apart, but an expanded b (stride 0 along `dim`
+too) would merge by strides alone. At most four
 axes remain for the tensors the models produce; an input whose strides leave more (a sliced
 5-D view, say) is first copied into the output's layout (the only copy these kernels make).
 
@@ -88,9 +90,16 @@ def _activate(z, alpha, ACT: tl.constexpr):
 
 
 @triton.jit
-def _slope(z, negative_slope, ACT: tl.constexpr):
-    """act'(z), with torch's one-sided choices at z = 0 (16-bit inputs hit it exactly); the
-    piecewise linear ones take their slope for z <= 0 as an argument."""
+def _piecewise_slope(v, negative_slope, nan_slope):
+    """act'(z) of a piecewise linear activation from v, a value with z's sign (z, or y * gain):
+    its slope for z <= 0 and for a NaN z (Params.nan_slope) are arguments."""
+    return tl.where(v > 0, 1.0, tl.where(v <= 0, negative_slope, nan_slope))
+
+
+@triton.jit
+def _slope(z, negative_slope, nan_slope, ACT: tl.constexpr):
+    """act'(z), with torch's one-sided choices at z = 0 (16-bit inputs hit it exactly) and at a
+    NaN z (the op's docstring)."""
     if ACT == 3:
         t = _tanh(z)
         d = 1.0 - t * t
@@ -107,7 +116,7 @@ def _slope(z, negative_slope, ACT: tl.constexpr):
         s = _sigmoid(z)
         d = s * (1.0 + z * (1.0 - s))
     else:
-        d = tl.where(z > 0, 1.0, negative_slope)
+        d = _piecewise_slope(z, negative_slope, nan_slope)
     return d
 
 
@@ -163,7 +172,7 @@ def _bias_act_backward_kernel(
     ref_s0, ref_s1, ref_s2, ref_s3,
     b_s0, b_s1, b_s2, b_s3,
     dx_s0, dx_s1, dx_s2, dx_s3,
-    alpha, negative_slope, gain, clamp,
+    alpha, negative_slope, nan_slope, gain, clamp,
     ACT: tl.constexpr, SOURCE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLAMP: tl.constexpr,
     REDUCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
@@ -179,11 +188,11 @@ def _bias_act_backward_kernel(
         dy = tl.load(dy_ptr + _offsets(i0, i1, i2, cols, dy_s0, dy_s1, dy_s2, dy_s3), mask=mask,
                      other=0.0).to(tl.float32)
         ref_offsets = _offsets(i0, i1, i2, cols, ref_s0, ref_s1, ref_s2, ref_s3)
-        # dx = dy * (gain * act'(z) * m), the mask multiplied in as the reference does: a NaN or
-        # inf in dy or a NaN act'(z) stays NaN where m is 0.
+        # dx = dy * (gain * act'(z) * m): the mask multiplied in keeps a NaN act'(z) NaN where
+        # m is 0, as the eager autograd does (and a non-finite dy: the op's docstring).
         if SOURCE == 1:  # y: its sign (times gain's) is z's, and |y| < clamp is the mask
             y = tl.load(ref_ptr + ref_offsets, mask=mask, other=0.0).to(tl.float32)
-            factor = gain * tl.where(y * gain > 0, 1.0, negative_slope)
+            factor = gain * _piecewise_slope(y * gain, negative_slope, nan_slope)
             if HAS_CLAMP:
                 factor *= (tl.abs(y) < clamp).to(tl.float32)
         elif SOURCE == 2:  # x (+ b): act' at z; the clamp passes |gain * act(z)| <= clamp, as torch's
@@ -191,7 +200,7 @@ def _bias_act_backward_kernel(
             if HAS_BIAS:
                 z += tl.load(b_ptr + _offsets(i0, i1, i2, cols, b_s0, b_s1, b_s2, b_s3), mask=mask,
                              other=0.0).to(tl.float32)
-            factor = gain * _slope(z, negative_slope, ACT)
+            factor = gain * _slope(z, negative_slope, nan_slope, ACT)
             if HAS_CLAMP:
                 factor *= (tl.abs(_activate(z, alpha, ACT) * gain) <= clamp).to(tl.float32)
         else:
@@ -210,11 +219,12 @@ def _bias_act_backward_kernel(
 def _canonical_view(shape, output_strides, operand_strides, bias_dim):
     """(shape, [strides per operand], bias axis or -1) of the canonical view (module
     docstring), padded to 4 axes at the front; None if more than 4 axes remain. The output's
-    strides are operand_strides[0]."""
+    strides are operand_strides[0]; bias_dim is None without a bias."""
     axes = sorted((d for d in range(len(shape)) if shape[d] != 1), key=lambda d: -output_strides[d])
     groups = []  # runs of original axes merged into one canonical axis, outermost first
     for d in axes:
-        if groups and all(s[groups[-1][-1]] == s[d] * shape[d] for s in operand_strides):
+        if (groups and bias_dim not in (d, groups[-1][-1])
+                and all(s[groups[-1][-1]] == s[d] * shape[d] for s in operand_strides)):
             groups[-1].append(d)
         else:
             groups.append([d])
@@ -242,7 +252,7 @@ def _prepare(out, inputs, b, dim):
 
     def view_of(tensors):
         strides = [list(out.stride())] + [list(t.stride()) for t in tensors if t is not None] + bias_strides
-        return _canonical_view(shape, strides[0], strides, dim)
+        return _canonical_view(shape, strides[0], strides, dim if b is not None else None)
 
     view = view_of(inputs)
     if view is None:
@@ -310,7 +320,8 @@ def bias_act_backward(dy, x, b, y, params, source, dx, db) -> None:
         dy, dx if ref is None else ref, dx if b is None else b, dx, partial,
         *sizes[1:], rows, column_blocks, row_steps,
         *dy_strides, *ref_strides, *bias_strides, *dx_strides,
-        params.alpha, params.negative_slope, params.gain, 0.0 if params.clamp is None else params.clamp,
+        params.alpha, params.negative_slope, params.nan_slope, params.gain,
+        0.0 if params.clamp is None else params.clamp,
         ACT=ACTIVATIONS[params.act].index,
         SOURCE={None: _NO_SOURCE, "y": _SOURCE_Y, "x": _SOURCE_X}[source],
         HAS_BIAS=b is not None, HAS_CLAMP=params.clamp is not None, REDUCE=reduce,

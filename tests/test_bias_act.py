@@ -211,6 +211,71 @@ def test_backward_propagates_nan_and_inf_as_the_reference(device, backend, dtype
         _assert_same_non_finite_and_close(actual, expected, what)
 
 
+def _grads_against_eager_autograd(backend, x, b, args, generator):
+    """(dx, db) through the custom op's autograd on `backend`, and the float64 eager reference's
+    autograd (the fuzz test's ground truth) for the same random dy."""
+    x, b = x.detach().requires_grad_(), b.detach().requires_grad_()
+    x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    with fastgen.use_backend(backend):
+        y = bias_act(x, b, *args)
+    dy = torch.randn(y.shape, generator=generator).to(y.device, y.dtype)
+    y.backward(dy)
+    bias_act_reference(x64, b64, *args).backward(dy.double())
+    return (x.grad, b.grad), (x64.grad, b64.grad)
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("clamp", [None, 0.8])
+@pytest.mark.parametrize("gain", [None, -2.0])
+def test_backward_at_non_finite_z_follows_the_eager_autograd(device, backend, dtype, act, clamp, gain, generator):
+    """At a NaN z relu passes the gradient (torch's backward tests its output <= 0), lrelu
+    scales it by alpha, the clamp stops it; +-inf follow each activation's limits. 512
+    elements: torch's CPU elu backward gives NaN at a NaN z in its vectorized loop but not in
+    its scalar tail, and a multiple of every vector width leaves no tail."""
+    x, b = _inputs((2, 8, 4, 8), 1, "contiguous", CPU, torch.float32, generator)
+    flat = x.view(-1)
+    where = torch.randperm(flat.numel(), generator=generator)[:12]
+    flat[where] = torch.tensor(NON_FINITE_VALUES).repeat(4)
+    b[torch.randperm(8, generator=generator)[:3]] = torch.tensor(NON_FINITE_VALUES)
+    actual, expected = _grads_against_eager_autograd(
+        backend, x.to(device, dtype), b.to(device, dtype), (act, None, gain, clamp, 1), generator)
+    for what, a, e in zip(("dx", "db"), actual, expected):
+        _assert_same_non_finite_and_close(a, e, what)
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("shape, dim, layout", [((2, 6, 5, 7), 1, "contiguous"), ((2, 6, 5, 7), 1, "channels_last"),
+                                                ((3, 17), 1, "contiguous"), ((2, 3, 9), 2, "contiguous")])
+def test_backward_with_an_expanded_bias_matches_the_reference(device, backend, shape, dim, layout, generator):
+    """A stride-0 b (one value expanded along dim): its axis still gets a db entry per channel,
+    though its strides alone would merge it with its neighbours in the Triton canonical view."""
+    x = random_tensor(shape, layout, device, torch.float32, generator)
+    b = torch.randn(1, generator=generator).to(device).expand(shape[dim])
+    actual, expected = _grads_against_eager_autograd(backend, x, b, ("lrelu", None, None, 1.5, dim), generator)
+    for what, a, e in zip(("dx", "db"), actual, expected):
+        _, detail = mismatch(a, e)
+        assert not detail, f"{what}: {detail}"
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("empty", ["channels_last", "expanded"])
+def test_empty_input_with_zero_strides_gets_dense_outputs(device, backend, empty, generator):
+    """An empty x whose strides include 0 (empty_like would copy them) gives dense y and dx
+    that the CUDA launchers accept, and a zero db."""
+    if empty == "channels_last":
+        x = torch.randn(2, 6, 5, 0, device=device).contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(2, 6, 5, 1, device=device).expand(2, 6, 5, 0)
+    b = torch.randn(6, generator=generator).to(device)
+    (dx, db), _ = _grads_against_eager_autograd(backend, x, b, ("lrelu", None, None, 1.5, 1), generator)
+    assert dx.shape == x.shape
+    assert torch.equal(db, torch.zeros_like(b))
+    out = BIAS_ACT.allocate_output(x, b, "lrelu", None, None, 1.5, 1)
+    assert out.shape == x.shape and 0 not in out.stride()
+
+
 def test_many_rows_use_the_row_loop_for_db(generator, monkeypatch):
     """db with several row steps per program (the channels_last / FC reduction path)."""
     from fastgen.kernels import bias_act as kernels

@@ -42,9 +42,19 @@ third order are not tested.
 
 Arithmetic is float32 (float64 for float64 inputs); y and dx take x's dtype, db takes b's.
 
-NaN and Inf propagate as in the eager reference: relu and the clamp keep a NaN, as F.relu and
-torch.clamp do, and the backward multiplies by m, so a NaN or inf in dy, or a NaN act'(z),
-gives NaN (NaN * 0, inf * 0) even where the clamp cuts the gradient.
+NaN and Inf in x and b propagate as in the eager reference and its autograd: relu and the
+clamp keep a NaN, as F.relu and torch.clamp do. At a NaN z the backward takes act'(z) from
+the branch torch's backward takes: relu's tests its output <= 0, so the gradient passes;
+lrelu's tests z > 0, so it is scaled by alpha; the clamp's m is 0 (torch.clamp's backward
+tests -clamp <= v <= clamp); the other activations' act'(z) is NaN. (For elu and selu that
+is what torch's CPU backward gives in its vectorized loop; its scalar tail and its CUDA
+kernel test z <= 0 and pass the gradient, so the eager reference itself varies there.)
+A NaN act'(z) gives NaN even where the clamp cuts the gradient, as in the eager autograd,
+whose activation backward multiplies the clamp's 0 by it.
+A NaN or inf in dy is the exception: dx = dy * (gain * act'(z) * m) is NaN wherever that
+factor is 0, but the eager autograd gives 0 where torch's backward selects rather than
+multiplies (where the clamp cuts, and relu's z <= 0), and for swish it adds two products
+(NaN at an inf dy where z <= 0, where this gives +-inf).
 """
 from __future__ import annotations
 
@@ -107,6 +117,13 @@ class Params:
         """act'(z) for z <= 0 of a piecewise linear activation."""
         return {"linear": 1.0, "relu": 0.0}.get(self.act, self.alpha)
 
+    @property
+    def nan_slope(self) -> float:
+        """act'(z) at a NaN z of a piecewise linear activation, as torch's backward takes it:
+        F.relu's passes the gradient unless its output is <= 0 (1 at NaN), F.leaky_relu's
+        scales it by alpha unless z > 0 (alpha at NaN)."""
+        return self.alpha if self.act == "lrelu" else 1.0
+
     def derivative_source(self, dtype: torch.dtype) -> Optional[str]:
         """What the backward reads to evaluate act'(z) and the clamp mask: "y", "x" or None."""
         if ACTIVATIONS[self.act].piecewise_linear and self.negative_slope >= 0:
@@ -163,9 +180,19 @@ def parse_params(x, b, act, alpha, gain, clamp, dim) -> Params:
     )
 
 
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor of t's shape and dtype that no two indices share: in t's memory order
+    (channels_last stays channels_last), except that an empty t gets a contiguous one, because
+    empty_like copies an empty tensor's strides, zeros included (an expanded or channels_last
+    view with a zero-size axis), and the CUDA launchers reject an output with a zero stride."""
+    if t.numel() == 0:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return torch.empty_like(t)
+
+
 def _allocate_output(x, b=None, act="linear", alpha=None, gain=None, clamp=None, dim=1):
     parse_params(x, b, act, alpha, gain, clamp, dim)
-    return torch.empty_like(x)
+    return _dense_like(x)
 
 
 def broadcast_bias(b: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
@@ -208,6 +235,11 @@ def _pre_activation(x, b, params: Params) -> torch.Tensor:
     return z if b is None else z + broadcast_bias(b, x.dim(), params.dim).to(z.dtype)
 
 
+def _piecewise_slope(v: torch.Tensor, params: Params) -> torch.Tensor:
+    """act'(z) of a piecewise linear activation from v, a value with z's sign (z, or y * gain)."""
+    return torch.where(v > 0, 1.0, torch.where(v <= 0, params.negative_slope, params.nan_slope))
+
+
 def _first_derivative(z: torch.Tensor, params: Params) -> torch.Tensor:
     s = torch.sigmoid(z)
     return {
@@ -217,7 +249,7 @@ def _first_derivative(z: torch.Tensor, params: Params) -> torch.Tensor:
         "selu": lambda: torch.where(z > 0, SELU_SCALE, SELU_SCALE * SELU_ALPHA * torch.exp(z)),
         "softplus": lambda: s,
         "swish": lambda: s * (1 + z * (1 - s)),
-    }.get(params.act, lambda: torch.where(z > 0, 1.0, params.negative_slope))()
+    }.get(params.act, lambda: _piecewise_slope(z, params))()
 
 
 def _second_derivative(z: torch.Tensor, params: Params) -> torch.Tensor:
@@ -262,7 +294,7 @@ def _allocate_gradients(dy, x, b, y, act, alpha, gain, clamp, dim):
     _check_backward_inputs(dy, x, b, y, params)
     like = x if x is not None else y if y is not None else dy
     db = torch.empty(0 if b is None else b.shape[0], dtype=dy.dtype, device=dy.device)
-    return torch.empty_like(like), db
+    return _dense_like(like), db
 
 
 def bias_act_backward_reference(dy, x, b, y, act, alpha, gain, clamp, dim):
@@ -274,7 +306,7 @@ def bias_act_backward_reference(dy, x, b, y, act, alpha, gain, clamp, dim):
     slope, mask = 1.0, 1.0
     if source == "y":
         y_ = y.to(compute)
-        slope = torch.where(y_ * params.gain > 0, 1.0, params.negative_slope)
+        slope = _piecewise_slope(y_ * params.gain, params)
         mask = _clamp_mask(y_, params, from_y=True)
     elif source == "x":
         z = _pre_activation(x, b, params)
