@@ -12,18 +12,19 @@ patch) is never replaced: that module is left alone, with the reason.
 
 Which submodules can be accelerated is declared in the modules of `fastgen.accelerators`, one
 `@accelerator` function per kind of submodule; each returns, for a submodule, nothing (not its
-kind), a replacement (with how to undo it) or the reason it is left as it is. The report lists
-both.
+kind), a replacement (with how to undo it) or the reason it is left as it is, and replaces
+through `fastgen.accelerators.patch`, the one patch mechanism. The report lists both.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
-import torch
 from torch import nn
 
-from fastgen.ops.registry import BACKENDS, OPS, use_backend
+from fastgen.accelerators import load_all, patch
+from fastgen.accelerators.patch import BackendScope, Swap, replace_forward
+from fastgen.ops.registry import BACKENDS, OPS
 
 _UNDO_ATTRIBUTE = "_fastgen_undo"
 
@@ -59,70 +60,6 @@ class AccelerationReport:
         if not self.replaced and not self.left:
             lines.append("  no submodule is of a kind fastgen accelerates (the kinds: fastgen.accelerators)")
         return "\n".join(lines)
-
-
-@dataclass
-class Swap:
-    """What an accelerator did to one submodule, with the way back."""
-
-    original: str
-    replacement: str
-    op: str
-    undo: Callable[[], None]
-
-
-class BackendScope:
-    """Runs a replacement's op under the backend given to accelerate(); "auto" leaves the
-    calling thread's choice (use_backend / FASTGEN_BACKEND) in charge.
-
-    A pinned backend cannot be honoured inside torch.compile: the ops read the backend when the
-    compiled graph runs, and a use_backend block traced into the graph leaves no trace there.
-    Rather than silently running another backend, tracing then stops with the way out."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-
-    def run(self, fn, *args):
-        if self.backend == "auto":
-            return fn(*args)
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                f"fastgen.accelerate(backend={self.backend!r}) pins the backend in eager mode only. Under "
-                f"torch.compile, accelerate with backend='auto' and run the compiled model inside "
-                f"fastgen.use_backend({self.backend!r}): the ops read the backend when the graph runs."
-            )
-        with use_backend(self.backend):
-            return fn(*args)
-
-
-def replace_forward(module: nn.Module, forward: Callable, original: str, replacement: str,
-                    op: str) -> Union[Swap, str]:
-    """Set `forward` on `module`'s instance, where it shadows the class's forward, with an undo
-    that deletes it again; every accelerator that replaces a forward goes through here. A
-    forward already on the instance was installed by something else (offloading hooks, another
-    patch): replacing it would bypass that wrapper and restore() would delete it, so the module
-    is left as it is and the reason returned instead."""
-    if "forward" in vars(module):
-        return (f"{type(module).__name__}.forward is already wrapped on the instance (e.g. by offloading hooks): "
-                f"replacing it would bypass the wrapper")
-    module.forward = forward
-
-    def undo() -> None:
-        del module.forward
-
-    return Swap(original, replacement, op, undo)
-
-
-# Filled by the modules of fastgen.accelerators through @accelerator, one per kind of submodule.
-_ACCELERATORS: list = []
-
-
-def accelerator(fn: Callable[[nn.Module, str, frozenset], Union[None, "Swap", str]]):
-    """Declare `fn(module, backend, ops)` as an accelerator: it returns None when `module` is not
-    its kind, a Swap when it replaced it, or the reason it left it alone. It replaces forwards
-    through replace_forward."""
-    _ACCELERATORS.append(fn)
-    return fn
 
 
 def _named_modules(model) -> Iterator[tuple]:
@@ -182,7 +119,7 @@ def accelerate(model, backend: str = "auto", ops: Optional[Iterable[str]] = None
     selected = _selected_ops(ops)
     if getattr(model, _UNDO_ATTRIBUTE, None):
         raise ValueError("accelerate: this model is already accelerated; call fastgen.restore(model) first")
-    import fastgen.accelerators  # noqa: F401  (registers every accelerator)
+    load_all()
 
     report, undo = AccelerationReport(backend), []
     try:
@@ -208,7 +145,7 @@ def _outcomes(model, backend: str, ops: frozenset) -> Iterator[tuple]:
         yield "", model, _pin_reference_model(model, backend, ops)
         return
     for path, module in _named_modules(model):
-        for accelerator in _ACCELERATORS:
+        for accelerator in patch.ACCELERATORS:
             outcome = accelerator(module, backend, ops)
             if outcome is not None:
                 yield path, module, outcome

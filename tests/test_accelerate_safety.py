@@ -3,9 +3,8 @@ something else installed on an instance (offloading hooks, another patch)."""
 import pytest
 import torch
 
-import fastgen.accelerator
 from fastgen.accelerator import accelerate, restore
-from fastgen.accelerators import diffusers_attention, diffusers_dcae
+from fastgen.accelerators import diffusers_attention, diffusers_dcae, patch
 from fastgen.models import dcae
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
@@ -94,8 +93,8 @@ def test_an_accelerator_raising_part_way_leaves_the_model_as_it_was(make_model, 
         before_outputs = run(model, torch.Generator().manual_seed(seed))
     before = _instance_state(model)
     accelerators = [_raising_on_its_nth_module(a, class_name, n) if a is failing else a
-                    for a in fastgen.accelerator._ACCELERATORS]
-    monkeypatch.setattr(fastgen.accelerator, "_ACCELERATORS", accelerators)
+                    for a in patch.ACCELERATORS]
+    monkeypatch.setattr(patch, "ACCELERATORS", accelerators)
 
     with pytest.raises(RuntimeError, match=f"fails on its module {n}"):
         accelerate(model, backend="reference")

@@ -1,5 +1,11 @@
-"""The accelerators of `fastgen.accelerate`, one module per kind of submodule they replace;
-importing this package registers them all."""
-from fastgen.accelerators import diffusers_attention, diffusers_dcae, diffusers_norm, diffusers_vq
+"""The accelerators of `fastgen.accelerate`, one module per kind of submodule they replace, each
+registering its functions through `patch.accelerator`. accelerate imports every module of this
+package (`load_all`): adding an accelerator is adding a module here."""
+import importlib
+import pkgutil
 
-__all__ = ["diffusers_attention", "diffusers_dcae", "diffusers_norm", "diffusers_vq"]
+
+def load_all() -> None:
+    """Import every accelerator module of this package, which registers its accelerators."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")

@@ -37,7 +37,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fastgen.accelerator import BackendScope, Swap, accelerator
+from fastgen.accelerators.patch import (BackendScope, Swap, accelerator, is_diffusers, op_not_selected,
+                                        replace_attribute)
 
 # A bias at or below this keeps exp(s + bias) at 0 in float32 next to any realistic score s:
 # diffusers writes -10000 for masked tokens.
@@ -201,15 +202,16 @@ _DIFFUSERS_PROCESSORS = {
 
 @accelerator
 def diffusers_attention(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
-    if type(module).__name__ != "Attention" or not type(module).__module__.startswith("diffusers."):
+    if not is_diffusers(module, "Attention"):
         return None
     original = module.processor
     name = type(original).__name__
     if name not in _DIFFUSERS_PROCESSORS:
         return f"attention processor {name} has no fastgen replacement yet"
     make, op = _DIFFUSERS_PROCESSORS[name]
-    if op not in ops:
-        return f"op {op} was not selected (ops=...)"
+    unselected = op_not_selected(op, ops)
+    if unselected:
+        return unselected
     if op == "cross_attention":
         from fastgen.ops.cross_attention import MAX_HEAD_DIM
 
@@ -220,5 +222,4 @@ def diffusers_attention(module: nn.Module, backend: str, ops: frozenset) -> Unio
         if head_dim > MAX_HEAD_DIM:
             return f"head dim {head_dim} is above fastgen::cross_attention's limit of {MAX_HEAD_DIM}"
     replacement = make(backend, original)
-    module.set_processor(replacement)
-    return Swap(name, type(replacement).__name__, op, lambda: module.set_processor(original))
+    return replace_attribute(module, "processor", replacement, type(replacement).__name__, op)

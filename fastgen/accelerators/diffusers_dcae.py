@@ -30,16 +30,13 @@ from typing import Callable, Optional, Union
 
 from torch import nn
 
-from fastgen.accelerator import BackendScope, Swap, accelerator, replace_forward
+from fastgen.accelerators.patch import (BackendScope, Swap, accelerator, is_diffusers, op_not_selected,
+                                        replace_attribute, replace_forward)
 from fastgen.models import dcae
 
 _AUTOENCODER_DC = "diffusers.models.autoencoders.autoencoder_dc"
 _UNSHUFFLE, _SHUFFLE, _NORM, _ATTENTION = (
     "pixel_unshuffle_channel_avg", "channel_dup_pixel_shuffle", "trms2d", "linear_attention")
-
-
-def _is_diffusers(module: nn.Module, class_name: str, module_name: str = "diffusers.") -> bool:
-    return type(module).__name__ == class_name and type(module).__module__.startswith(module_name)
 
 
 def _run_on(scope: BackendScope, forward: Callable, module: nn.Module) -> Callable:
@@ -60,26 +57,24 @@ _SHORTCUT_BLOCKS = {
 @accelerator
 def diffusers_dcae_shortcut(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
     name = type(module).__name__
-    if name not in _SHORTCUT_BLOCKS or not _is_diffusers(module, name, _AUTOENCODER_DC):
+    if name not in _SHORTCUT_BLOCKS or not is_diffusers(module, name, _AUTOENCODER_DC):
         return None
     flag, op, forward = _SHORTCUT_BLOCKS[name]
     if not getattr(module, flag):
         return f"{flag}=False: no shortcut to fuse"
-    if op not in ops:
-        return f"op {op} was not selected (ops=...)"
-    return replace_forward(module, _run_on(BackendScope(backend), forward, module), f"{name} shortcut",
+    return op_not_selected(op, ops) or replace_forward(module, _run_on(BackendScope(backend), forward, module), f"{name} shortcut",
                            f"{forward.__qualname__} (fastgen.models.dcae)", op)
 
 
 def _channel_norm(module: nn.Module) -> Optional[tuple]:
     """(the attribute holding a DC-AE block's channel norm, its norm_type), or None when
     `module` is not a DC-AE block with a norm."""
-    if _is_diffusers(module, "Decoder", _AUTOENCODER_DC):
+    if is_diffusers(module, "Decoder", _AUTOENCODER_DC):
         return "norm_out", "rms_norm"
-    if _is_diffusers(module, "SanaMultiscaleLinearAttention"):
+    if is_diffusers(module, "SanaMultiscaleLinearAttention"):
         return "norm_out", module.norm_type
-    if _is_diffusers(module, "ResBlock", _AUTOENCODER_DC) or (
-            _is_diffusers(module, "GLUMBConv") and module.norm_type is not None):
+    if is_diffusers(module, "ResBlock", _AUTOENCODER_DC) or (
+            is_diffusers(module, "GLUMBConv") and module.norm_type is not None):
         return "norm", module.norm_type
     return None
 
@@ -95,9 +90,7 @@ def diffusers_dcae_rms_norm(module: nn.Module, backend: str, ops: frozenset) -> 
     norm = getattr(module, attribute)
     if norm.weight is None or norm.bias is None:
         return f"{attribute} has no weight or no bias (DC-AE's RMSNorms have both)"
-    if _NORM not in ops:
-        return f"op {_NORM} was not selected (ops=...)"
-    return replace_forward(norm, _run_on(BackendScope(backend), dcae.RMSNorm.forward, norm),
+    return op_not_selected(_NORM, ops) or replace_forward(norm, _run_on(BackendScope(backend), dcae.RMSNorm.forward, norm),
                            f"{attribute}: RMSNorm over channel-last", "trms2d over channels", _NORM)
 
 
@@ -111,14 +104,11 @@ class MultiscaleLinearAttentionProcessor(BackendScope):
 
 @accelerator
 def diffusers_dcae_attention(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
-    if not _is_diffusers(module, "SanaMultiscaleLinearAttention"):
+    if not is_diffusers(module, "SanaMultiscaleLinearAttention"):
         return None
     original = type(module.processor).__name__
     if original != "SanaMultiscaleAttnProcessor2_0":
         return f"processor {original} has no fastgen replacement"
-    if _ATTENTION not in ops:
-        return f"op {_ATTENTION} was not selected (ops=...)"
-    processor = module.processor
-    module.processor = MultiscaleLinearAttentionProcessor(backend)
-    return Swap(original, MultiscaleLinearAttentionProcessor.__name__, _ATTENTION,
-                lambda: setattr(module, "processor", processor))
+    return op_not_selected(_ATTENTION, ops) or replace_attribute(
+        module, "processor", MultiscaleLinearAttentionProcessor(backend), MultiscaleLinearAttentionProcessor.__name__,
+        _ATTENTION)

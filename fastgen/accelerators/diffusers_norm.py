@@ -25,13 +25,9 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from fastgen.accelerator import BackendScope, Swap, accelerator, replace_forward
+from fastgen.accelerators.patch import BackendScope, Swap, accelerator, is_diffusers, op_not_selected, replace_forward
 
 _OP = "ada_group_norm"
-
-
-def _is_diffusers(module: nn.Module, class_name: str) -> bool:
-    return type(module).__name__ == class_name and type(module).__module__.startswith("diffusers.")
 
 
 def _fused_scale_shift_resnet_forward(scope: BackendScope, original_forward: Callable):
@@ -80,7 +76,7 @@ def _fused_ada_group_norm_forward(scope: BackendScope):
 
 @accelerator
 def diffusers_scale_shift_resnet(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
-    if not _is_diffusers(module, "ResnetBlock2D"):
+    if not is_diffusers(module, "ResnetBlock2D"):
         return None
     if module.time_embedding_norm != "scale_shift":
         return (f"time_embedding_norm={module.time_embedding_norm!r}: only 'scale_shift' fuses "
@@ -91,18 +87,14 @@ def diffusers_scale_shift_resnet(module: nn.Module, backend: str, ops: frozenset
         return f"nonlinearity {type(module.nonlinearity).__name__}: the fused op applies SiLU only"
     if not module.norm2.affine:
         return "norm2 without affine parameters (diffusers builds it affine)"
-    if _OP not in ops:
-        return f"op {_OP} was not selected (ops=...)"
     forward = _fused_scale_shift_resnet_forward(BackendScope(backend), module.forward)
-    return replace_forward(module, types.MethodType(forward, module), "ResnetBlock2D.norm2+scale_shift+silu",
+    return op_not_selected(_OP, ops) or replace_forward(module, types.MethodType(forward, module), "ResnetBlock2D.norm2+scale_shift+silu",
                            "fastgen fused forward", _OP)
 
 
 @accelerator
 def diffusers_ada_group_norm(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
-    if not _is_diffusers(module, "AdaGroupNorm"):
+    if not is_diffusers(module, "AdaGroupNorm"):
         return None
-    if _OP not in ops:
-        return f"op {_OP} was not selected (ops=...)"
     forward = _fused_ada_group_norm_forward(BackendScope(backend))
-    return replace_forward(module, types.MethodType(forward, module), "AdaGroupNorm", "fastgen fused forward", _OP)
+    return op_not_selected(_OP, ops) or replace_forward(module, types.MethodType(forward, module), "AdaGroupNorm", "fastgen fused forward", _OP)

@@ -18,7 +18,7 @@ from typing import Union
 
 from torch import nn
 
-from fastgen.accelerator import BackendScope, Swap, accelerator, replace_forward
+from fastgen.accelerators.patch import BackendScope, Swap, accelerator, is_diffusers, op_not_selected, replace_forward
 from fastgen.models.vqgan import straight_through_quantize
 
 
@@ -35,13 +35,11 @@ def _quantizer_forward(scope: BackendScope, quantizer: nn.Module, z):
 
 @accelerator
 def diffusers_vector_quantizer(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
-    if type(module).__name__ != "VectorQuantizer" or not type(module).__module__.startswith("diffusers."):
+    if not is_diffusers(module, "VectorQuantizer"):
         return None
     if module.remap is not None:
         return "remap (index remapping to a used-code subset) is not supported"
     if module.legacy and module.beta == 0:
         return "legacy loss with beta = 0 has no vq_quantize form"
-    if "vq_quantize" not in ops:
-        return "op vq_quantize was not selected (ops=...)"
-    return replace_forward(module, functools.partial(_quantizer_forward, BackendScope(backend), module),
+    return op_not_selected("vq_quantize", ops) or replace_forward(module, functools.partial(_quantizer_forward, BackendScope(backend), module),
                            "VectorQuantizer.forward", "vq_quantize forward", "vq_quantize")
