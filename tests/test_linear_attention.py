@@ -181,6 +181,30 @@ def test_backward_passes_the_gradient_at_a_nan_as_relu_does(device, backend, dty
 
 
 @pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("name", ["q", "k"])
+def test_bfloat16_subnormal_q_or_k_get_their_gradients(device, name, generator):
+    """Every entry of q or k a bfloat16 subnormal: phi(q) . z is far below eps, so dq (or dk)
+    is about grad S^T / eps, 1e16, at every positive entry, however small. The kernels must
+    read each subnormal exactly (the interpreter's own bfloat16 conversion turns 2^-128 into
+    0, so a mask q > 0 dropped those gradients)."""
+    qkv = dict(zip("qkv", fused_qkv(1, 40, 2, 16, device, torch.bfloat16, generator)))
+    tiny = torch.finfo(torch.bfloat16).tiny
+    uniform = torch.rand(qkv[name].shape, generator=generator, dtype=torch.float64) * 2 - 1
+    qkv[name] = (uniform * (0.99 * tiny)).to(device, torch.bfloat16)
+    q, k, v = (qkv[n].detach().requires_grad_() for n in "qkv")
+    assert 0 < qkv[name].abs().max() < tiny
+    with fastgen.use_backend("triton"):
+        out = linear_attention(q, k, v)
+    grad = torch.randn(out.shape, generator=generator).to(device, torch.bfloat16)
+    out.backward(grad)
+    expected = _autograd_of_the_reference(grad, q, k, v)
+    rtol, _ = TOLERANCES[torch.bfloat16]
+    for gradient_name, actual, reference in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), expected):
+        torch.testing.assert_close(actual.double().cpu(), reference, rtol=rtol, atol=rtol * reference.abs().max().item(),
+                                   msg=lambda detail, n=gradient_name: f"{n}: {detail}")
+
+
+@pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_autograd_runs_the_triton_backward(device, dtype, generator):
     """The custom op's registered backward runs the Triton kernels with the forward's backend."""
