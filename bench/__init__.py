@@ -1,52 +1,28 @@
 """fastgen's benchmark suite (installed as `fastgen.bench`): `fastgen bench` on a CUDA GPU.
 
-Each module below declares its benchmarks with `benchmarks(quick) -> list[harness.Benchmark]`;
-a new op or model family adds its module to MODULES. harness.py says how cases are checked,
-timed and written.
+Each module named ops_<family>.py or models_<model>.py declares its benchmarks with
+`benchmarks(quick) -> list[harness.Benchmark]`; adding such a module adds its benchmarks to the
+suite. harness.py says how cases are checked, timed and written.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from . import (
-    harness,
-    models_adm,
-    models_dcae,
-    models_ldm_unet,
-    models_sana,
-    models_stylegan,
-    models_stylegan3,
-    models_var,
-    ops_ada_norm,
-    ops_cross_attention,
-    ops_linear_attention,
-    ops_rms_norm_2d,
-    ops_shortcut,
-    ops_stylegan,
-    ops_vq,
-)
+from . import harness
 
-MODULES = (
-    ops_shortcut,
-    ops_linear_attention,
-    ops_cross_attention,
-    ops_vq,
-    ops_stylegan,
-    ops_ada_norm,
-    ops_rms_norm_2d,
-    models_sana,
-    models_ldm_unet,
-    models_adm,
-    models_dcae,
-    models_stylegan,
-    models_stylegan3,
-    models_var,
-)
+# The benchmark modules, found by name: ops_<family>.py (one op family's kernels) first, then
+# models_<model>.py (whole reference models), each in name order.
+MODULES = tuple(importlib.import_module(f"{__name__}.{name}")
+                for prefix in ("ops_", "models_")
+                for name in sorted(module.name for module in pkgutil.iter_modules(__path__))
+                if name.startswith(prefix))
 
 
 def benchmarks(quick: bool = False) -> list:

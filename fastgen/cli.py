@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -88,38 +87,45 @@ def _bench(args) -> int:
 
 
 def _bench_without_gpu(args) -> int:
-    """Verify the kernels the arguments select: --filter picks ops by name, --impl the backends."""
-    from fastgen.ops.registry import FAST_BACKENDS, OPS
+    """Without a GPU, verify the kernels that the same arguments would time on one: --filter,
+    --quick and --impl select the suite's cases exactly as they do there, and the selected
+    backends' kernels of the ops those cases time are checked against the float64 reference
+    (fastgen check, on the ops' own check cases; Triton under the interpreter). The options that
+    only shape timed runs and the files they write are refused: nothing here is timed or written."""
+    from fastgen import bench
+    from fastgen.bench import harness
+    from fastgen.ops.registry import FAST_BACKENDS
 
-    op_names = None
-    if args.filter:
-        try:
-            op_names = [name for name in sorted(OPS) if re.search(args.filter, name)]
-        except re.error as exc:
-            print(f"fastgen bench: --filter {args.filter!r} is not a regular expression: {exc}", file=sys.stderr)
-            return 2
-        if not op_names:
-            print(f"fastgen bench: no CUDA GPU here, so --filter selects the ops to verify by name, and "
-                  f"{args.filter!r} matches none of: {', '.join(sorted(OPS))}", file=sys.stderr)
-            return 2
-    backends = tuple(b for b in FAST_BACKENDS if not args.impl or b in args.impl)
-    if not backends:
-        print(f"fastgen bench: no CUDA GPU here, so --impl selects the kernel backends to verify "
-              f"({', '.join(FAST_BACKENDS)}), and {', '.join(args.impl)} names none of them", file=sys.stderr)
-        return 2
-    what = "every kernel" if op_names is None and len(backends) == len(FAST_BACKENDS) else (
-        f"the {'/'.join(backends)} kernels of {', '.join(op_names or ['every op'])}")
-    print(f"fastgen bench: no CUDA GPU here, so no timings were taken. Verifying {what} under the Triton "
-          f"interpreter instead.")
-    ignored = [flag for flag, given in (("--quick", args.quick), ("--out", args.out),
-                                        ("--no-compile", args.no_compile),
+    print("fastgen bench: no CUDA GPU here, so no timings will be taken: the kernels the suite would time are "
+          "verified under the Triton interpreter instead.")
+    refused = [flag for flag, given in (("--out", args.out), ("--no-compile", args.no_compile),
                                         ("--compile-filter", args.compile_filter)) if given]
-    if ignored:
-        print(f"({' and '.join(ignored)} only shape{'s' if len(ignored) == 1 else ''} timed runs: ignored here.)")
-    print()
+    if refused:
+        print(f"fastgen bench: {', '.join(refused)} only shape{'s' if len(refused) == 1 else ''} timed runs and the "
+              f"results they write; without a GPU nothing is timed or written. Leave "
+              f"{'it' if len(refused) == 1 else 'them'} out, or run on a machine with a CUDA GPU.", file=sys.stderr)
+        return 2
+    try:
+        selected = harness.select(bench.benchmarks(args.quick), args.filter, args.impl)
+    except ValueError as exc:
+        print(f"fastgen bench: {exc}", file=sys.stderr)
+        return 2
+    op_names = sorted({op for benchmark, _, _ in selected for op in benchmark.ops})
+    backends = tuple(b for b in FAST_BACKENDS if any(b in names for _, _, names in selected))
+    models = sorted({benchmark.name for benchmark, _, _ in selected if not benchmark.ops})
+    options = [option for option, given in ((f"--filter {args.filter!r}", args.filter), ("--quick", args.quick),
+                                            (f"--impl {' --impl '.join(args.impl or ())}", args.impl)) if given]
+    print(f"{len(selected)} benchmark case(s) selected{' by ' + ' '.join(options) if options else ''}.")
+    if models:
+        print(f"Model benchmarks ({', '.join(models)}) time whole models: only a GPU run measures them; their ops' "
+              f"kernels are verified through the op benchmarks.")
+    if not op_names or not backends:
+        what = "no op benchmark" if not op_names else f"no fastgen backend ({', '.join(FAST_BACKENDS)}) among --impl"
+        print(f"fastgen bench: the selection holds {what}, so there is no kernel to verify here.", file=sys.stderr)
+        return 2
+    print(f"Verifying the {'/'.join(backends)} kernels of {', '.join(op_names)} on each op's check cases.\n")
     code = _run_check(op_names, backends, seed=0)
-    print("\nNo timings were taken (CPU only). Run `fastgen bench` on a machine with a CUDA GPU for the "
-          "benchmark suite.")
+    print("\nNo timings were taken (no CUDA GPU). Run `fastgen bench` on a machine with one for the benchmark suite.")
     return code
 
 

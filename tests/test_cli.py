@@ -43,26 +43,37 @@ def test_check_unknown_op_is_a_clear_error(capsys):
 def test_bench_without_gpu_checks_and_says_no_timings(capsys):
     assert cli.main(["bench", "--quick"]) == 0
     out = capsys.readouterr().out
-    assert "no timings were taken" in out
-    assert "Verifying every kernel under the Triton interpreter" in out
-    assert "(--quick only shapes timed runs: ignored here.)" in out
+    assert out.startswith("fastgen bench: no CUDA GPU here, so no timings will be taken")
+    assert "selected by --quick." in out and "No timings were taken" in out
     assert " 0 failed" in out
 
 
-def test_bench_without_gpu_verifies_what_filter_and_impl_select(capsys):
-    assert cli.main(["bench", "--filter", "^vq_", "--impl", "triton", "--impl", "compile"]) == 0
+def test_bench_without_gpu_selects_cases_as_on_a_gpu(capsys):
+    """--filter is matched against the same 'name shape dtype direction' labels as on a GPU: a
+    pattern naming a dtype selects op cases, not op names."""
+    from fastgen import bench
+    from fastgen.bench import harness
+
+    assert cli.main(["bench", "--filter", "^vq_nearest .* bfloat16", "--impl", "triton", "--impl", "compile"]) == 0
     out = capsys.readouterr().out
-    assert "Verifying the triton kernels of vq_nearest, vq_quantize under the Triton interpreter" in out
+    cases = harness.select(bench.benchmarks(), "^vq_nearest .* bfloat16")
+    assert f"{len(cases)} benchmark case(s) selected by --filter" in out
+    assert "Verifying the triton kernels of vq_nearest on each op's check cases" in out
     checked = {tuple(line.split()[:2]) for line in out.splitlines() if line.startswith("  ")}
-    assert checked == {("vq_nearest", "triton"), ("vq_quantize", "triton")}, out
+    assert checked == {("vq_nearest", "triton")}, out
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--filter", "sana step"], "--filter selects the ops to verify by name, and 'sana step' matches none of: "),
-    (["--filter", "("], "--filter '(' is not a regular expression"),
-    (["--impl", "eager"], "--impl selects the kernel backends to verify (triton, cuda), and eager names none"),
+    (["--filter", "no such benchmark"], "no benchmark case matches filter 'no such benchmark'"),
+    (["--filter", "("], "filter '(' is not a regular expression"),
+    (["--impl", "eager"], "the selection holds no fastgen backend (triton, cuda) among --impl"),
+    (["--impl", "warp"], "unknown impl(s) ['warp']"),
+    (["--filter", "^model\\."], "the selection holds no op benchmark"),
+    (["--out", "results"], "--out only shapes timed runs"),
+    (["--no-compile", "--quick"], "--no-compile only shapes timed runs"),
+    (["--compile-filter", "vq"], "--compile-filter only shapes timed runs"),
 ])
-def test_bench_without_gpu_says_what_selects_nothing(argv, message, capsys):
+def test_bench_without_gpu_refuses_what_selects_nothing_or_cannot_apply(argv, message, capsys):
     assert cli.main(["bench"] + argv) == 2
     assert message in capsys.readouterr().err
 
