@@ -1,29 +1,33 @@
-"""fastgen ops: each module is one op family (math, reference, custom op, autograd, dispatch).
+"""fastgen ops: each module besides `registry` is one op family (math, reference, custom op,
+autograd, dispatch) and registers its ops with `registry.register`.
 
-Importing this package registers every op as `torch.ops.fastgen.<name>`.
+Importing this package imports every family module found here, which registers each op as
+`torch.ops.fastgen.<name>`; adding a family is adding its module. FUNCTIONS maps each op name
+to the family module's Python function of that name, which `fastgen` exports.
 """
-from fastgen.ops import (
-    ada_norm,
-    bias_act,
-    cross_attention,
-    filtered_lrelu,
-    linear_attention,
-    rms_norm_2d,
-    shortcut,
-    upfirdn2d,
-    vq,
-)
+import importlib
+import pkgutil
+
 from fastgen.ops.registry import OPS
 
-__all__ = [
-    "OPS",
-    "ada_norm",
-    "bias_act",
-    "cross_attention",
-    "filtered_lrelu",
-    "linear_attention",
-    "rms_norm_2d",
-    "shortcut",
-    "upfirdn2d",
-    "vq",
-]
+FAMILIES = tuple(importlib.import_module(f"{__name__}.{module.name}")
+                 for module in sorted(pkgutil.iter_modules(__path__), key=lambda module: module.name)
+                 if module.name != "registry")
+
+
+def _functions() -> dict:
+    functions = {}
+    for family in FAMILIES:
+        for name in OPS:
+            if callable(getattr(family, name, None)):
+                functions.setdefault(name, getattr(family, name))
+    missing = set(OPS) - set(functions)
+    if missing:
+        raise ImportError(f"fastgen.ops: no family module defines a function for the op(s) {sorted(missing)}: "
+                          f"each op's family module defines the function of the op's name")
+    return functions
+
+
+FUNCTIONS = _functions()
+
+__all__ = ["FAMILIES", "FUNCTIONS", "OPS"]
