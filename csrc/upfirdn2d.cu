@@ -13,11 +13,12 @@
 // i = i0 + k*up_y with i0 = (py0 - oy*down_y) mod up_y. The rows a whole tile touches lie in
 // a window of in_h = ((tile_h-1)*down_y + fh-1) / up_y + 2 rows starting at
 // floor((oy0*down_y - py0) / up_y), and likewise for columns. The block stages that window
-// (zeros where it falls outside x: that is the padding) and the oriented 2-D filter in shared
+// (zeros where it falls outside x, in the padding) and the oriented 2-D filter in shared
 // memory once, after which every tap is an on-chip read: each input element is read from
 // global memory about once per tile instead of once per tap. Each thread then accumulates
-// its outputs in fp32 over the ceil(fh/up_y) x ceil(fw/up_x) taps that land on real pixels
-// and rounds once at the store. A separable (1-D) filter takes two 1-D passes inside shared
+// its outputs in fp32 over the at most ceil(fh/up_y) x ceil(fw/up_x) taps that land on pixels
+// of x (taps stop at x's edges, never multiplying the padding's zeros) and rounds once at the
+// store. A separable (1-D) filter takes two 1-D passes inside shared
 // memory instead: every window row filtered along x at the tile's output columns, then those
 // filtered along y: ceil(fw/up_x) * in_h/tile_h + ceil(fh/up_y) taps per output instead of
 // their product (a 12-tap filter at down 2: 12 * 75/32 + 12, about 40, instead of 144), and
@@ -92,18 +93,25 @@ __host__ __device__ __forceinline__ int64_t shared_floats(const Geometry& g, boo
   return int64_t(g.fh) * g.fw + window;
 }
 
-// For output coordinate o along one axis: the first tap on a real (not inserted) pixel, and
-// that pixel's index in the window, which starts at input index `first`. v is where tap 0
-// lands in the upsampled, unpadded image; ceil(v / up) is the first input pixel at or after.
+// For output coordinate o along one axis of x's `size` pixels: the first tap on a pixel of x
+// (neither an inserted zero nor padding), that pixel's index in the window, which starts at
+// input index `first`, and the window index where x ends. v is where tap 0 lands in the
+// upsampled, unpadded image; ceil(v / up) is the first input pixel at or after, and pixel 0
+// the first inside x. Taps stop at `end` as well as at the filter's last tap, so no tap is
+// multiplied by padding: a NaN or infinite tap reaches exactly the outputs that weight a pixel
+// of x by it (the op's contract for non-finite taps).
 struct Phase {
   int tap, index;
+  int64_t end;
 };
 
 __device__ __forceinline__ Phase phase(int64_t o, int down, int64_t pad0, int up,
-                                       int64_t first) {
+                                       int64_t first, int64_t size) {
   const int64_t v = o * down - pad0;
   const int64_t pixel = floor_div(v + up - 1, up);
-  return {int(pixel * up - v), int(pixel - first)};
+  const int64_t real_pixel = pixel > 0 ? pixel : 0;
+  const int64_t tap = real_pixel * up - v;  // past every filter when far into the padding
+  return {int(tap < kMaxTaps ? tap : kMaxTaps), int(real_pixel - first), size - first};
 }
 
 template <typename T>
@@ -154,10 +162,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     const float* w_x = w + g.fh;
     for (int k = threadIdx.x; k < g.in_h * g.tile_w; k += blockDim.x) {
       const int tile_col = k % g.tile_w;
-      const Phase px = phase(ox0 + tile_col, g.down_x, g.pad_x0, g.up_x, rx0);
+      const Phase px = phase(ox0 + tile_col, g.down_x, g.pad_x0, g.up_x, rx0, g.width);
       const float* in_row = window + (k / g.tile_w) * g.in_w;
       float acc = 0.0f;
-      for (int j = px.tap, col = px.index; j < g.fw; j += g.up_x, ++col)
+      for (int j = px.tap, col = px.index; j < g.fw && col < px.end; j += g.up_x, ++col)
         acc += w_x[j] * in_row[col];
       along_x[k] = acc;
     }
@@ -168,18 +176,18 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     const int tile_row = k / g.tile_w, tile_col = k % g.tile_w;
     const int64_t oy = oy0 + tile_row, ox = ox0 + tile_col;
     if (oy >= g.out_h || ox >= g.out_w) continue;
-    const Phase py = phase(oy, g.down_y, g.pad_y0, g.up_y, ry0);
+    const Phase py = phase(oy, g.down_y, g.pad_y0, g.up_y, ry0, g.height);
     float acc = 0.0f;
     if (filter.separable) {
       // Second 1-D pass, along y over the first pass's rows: ceil(fh / up_y) taps.
-      for (int i = py.tap, row = py.index; i < g.fh; i += g.up_y, ++row)
+      for (int i = py.tap, row = py.index; i < g.fh && row < py.end; i += g.up_y, ++row)
         acc += w[i] * along_x[row * g.tile_w + tile_col];
     } else {
-      const Phase px = phase(ox, g.down_x, g.pad_x0, g.up_x, rx0);
-      for (int i = py.tap, row = py.index; i < g.fh; i += g.up_y, ++row) {
+      const Phase px = phase(ox, g.down_x, g.pad_x0, g.up_x, rx0, g.width);
+      for (int i = py.tap, row = py.index; i < g.fh && row < py.end; i += g.up_y, ++row) {
         const float* w_row = w + i * g.fw;
         const float* in_row = window + row * g.in_w;
-        for (int j = px.tap, col = px.index; j < g.fw; j += g.up_x, ++col)
+        for (int j = px.tap, col = px.index; j < g.fw && col < px.end; j += g.up_x, ++col)
           acc += w_row[j] * in_row[col];
       }
     }

@@ -6,7 +6,9 @@ i = i0(oy) + k*up_y (k < TAPS_Y = ceil(fh / up_y)), reading input row
 ry = (oy*down_y - py0 + i) / up_y, and the same along x. Neither the zero-upsampled image nor
 the padded one exists anywhere: padding and cropping are bounds checks on ry / rx, and
 the zeros of the upsampling are taps never visited. A 2x upsampling with a 4-tap filter
-costs 2 x 2 taps per output, not 4 x 4.
+costs 2 x 2 taps per output, not 4 x 4. No tap is multiplied by a zero of the padding
+either (a tap off x weighs 0, and a row off x is skipped), so a NaN or infinite tap reaches
+exactly the outputs that weight a pixel of x by it: the op's contract for non-finite taps.
 
 Tiles are 3-D blocks (channels, rows, columns) of about 1024 outputs, ordered so that the
 block's last axis is the one with unit stride: (C, H, W) for NCHW, (H, W, C) for
@@ -100,27 +102,29 @@ def _upfirdn2d_kernel(
         i = i0_y + ky * UP_Y
         ry = r0_y + ky
         tap_y = i < FH
-        row_valid = tap_y & (ry >= 0) & (ry < H)
+        row_real = tap_y & (ry >= 0) & (ry < H)
         x_row = x_plane + ry.to(tl.int64) * x_sh
         row_acc = tl.zeros_like(acc)
         for kx in tl.static_range(TAPS_X):
             j = i0_x + kx * UP_X
             rx = r0_x + kx
-            tap_x = j < FW
-            valid = row_valid & tap_x & (rx >= 0) & (rx < W) & c_valid
-            values = tl.load(x_row + rx.to(tl.int64) * x_sw, mask=valid, other=0.0).to(tl.float32)
+            column_real = (j < FW) & (rx >= 0) & (rx < W)
+            values = tl.load(x_row + rx.to(tl.int64) * x_sw, mask=row_real & column_real & c_valid,
+                             other=0.0).to(tl.float32)
+            # A tap off x (padding) weighs 0: 0 * 0 forms no product with it.
             if FILTER_2D:
                 row_i = i if FLIP else FH - 1 - i
                 col_j = j if FLIP else FW - 1 - j
-                weight = tl.load(f_ptr + row_i.to(tl.int64) * f_sy + col_j.to(tl.int64) * f_sx, mask=tap_y & tap_x,
-                                 other=0.0).to(tl.float32)
+                weight = tl.load(f_ptr + row_i.to(tl.int64) * f_sy + col_j.to(tl.int64) * f_sx,
+                                 mask=row_real & column_real, other=0.0).to(tl.float32)
                 row_acc += weight * values
             elif FILTER_X:
-                row_acc += _tap_weight(f_ptr, j, FW, f_sx, tap_x, FLIP) * values
+                row_acc += _tap_weight(f_ptr, j, FW, f_sx, column_real, FLIP) * values
             else:
                 row_acc += values
         if FILTER_Y and not FILTER_2D:
-            acc += _tap_weight(f_ptr, i, FH, f_sy, tap_y, FLIP) * row_acc
+            # A row off x is skipped, not weighted: its row_acc may hold inf * 0 from the taps.
+            acc += tl.where(row_real, _tap_weight(f_ptr, i, FH, f_sy, tap_y, FLIP) * row_acc, 0.0)
         else:
             acc += row_acc
 

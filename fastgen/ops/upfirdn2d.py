@@ -24,15 +24,29 @@ ry = (oy*down_y - py0 + i) / up_y for the taps i that make the division exact, i
 i = i0(oy) + k*up_y with i0(oy) = (py0 - oy*down_y) mod up_y and k = 0, 1, ...,
 ceil(fh / up_y) - 1; likewise for columns. This polyphase form is what the kernels compute.
 
+Non-finite values. NaN and infinities in x propagate as in the eager reference. A filter tap
+is multiplied only by pixels of x, never by a zero that upsampling inserts or that padding
+adds (the polyphase form above does not visit them): each output is gain times the sum of
+w[i, j] * x[ry, rx] over the taps that land on pixels of x (0 where none does). So a NaN or
+infinite tap reaches exactly the outputs that weight a pixel of x by it. A separable filter
+is two such 1-D passes: along x over every row of x, then along y over the rows that pass
+makes (an infinite y tap times a row's sum of 0 is NaN). The eager reference convolves the
+zero-stuffed, padded image, so it also forms a non-finite tap's products with those zeros,
+NaN wherever they meet; for a filter with a non-finite tap the answer is
+`upfirdn2d_real_samples` (this contract, evaluated eagerly), which agrees with the reference
+up to rounding for finite taps and whose NaNs are among the reference's.
+
 Gradients. y is linear in x and its adjoint is again an upfirdn2d: the output gradient dy
 goes through the same filter flipped (flip_filter negated), up and down swapped, and padding
     (fw - px0 - 1,  W*up_x - out_w*down_x + px0 - up_x + 1,
      fh - py0 - 1,  H*up_y - out_h*down_y + py0 - up_y + 1),
 with the same gain. The backward calls the op itself, so gradients of every order work (R1
-and path-length regularisation differentiate through it). The filter's gradient, needed only
-if f requires grad (StyleGAN's filters are constant buffers), is gain times the correlation of
-the padded, upsampled input with the zero-interleaved output gradient, computed with eager
-PyTorch ops (it is differentiable too).
+and path-length regularisation differentiate through it), and the x gradient follows the
+contract above with dy's elements as the pixels. The filter's gradient, needed only if f
+requires grad (StyleGAN's filters are constant buffers), is the reference's, computed with
+eager PyTorch ops along its steps (it is differentiable too): gain times the correlation of
+the padded, upsampled input with the zero-interleaved output gradient, through each of the two
+1-D passes for a separable filter.
 
 Arithmetic is float32 (float64 for float64 x); the filter may have any float dtype and
 strides; the output has x's dtype.
@@ -179,6 +193,66 @@ def upfirdn2d_reference(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1
     return z[:, :, ::downy, ::downx]
 
 
+def _real_sample_sums(x, w, up, down, padding) -> torch.Tensor:
+    """sum over taps of w[i, j] * p[oy*down_y + i, ox*down_x + j] (w oriented, no gain), each
+    product formed only where p holds a pixel of x: one masked slice of p per tap."""
+    downx, downy = parse_scaling("down", down)
+    out_h, out_w = output_size(x, w, up, down, padding)
+    p = _upsample_and_pad(x, up, padding)
+    real = _upsample_and_pad(torch.ones_like(x), up, padding) != 0
+    sums = x.new_zeros(*x.shape[:2], out_h, out_w)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            window = (..., slice(i, i + (out_h - 1) * downy + 1, downy), slice(j, j + (out_w - 1) * downx + 1, downx))
+            sums = sums + torch.where(real[window], w[i, j] * p[window], 0)
+    return sums
+
+
+def _real_samples_forward(x, f, up, down, padding, flip_filter, gain):
+    w = torch.ones(1, 1, dtype=x.dtype, device=x.device) if f is None else f.to(x.dtype)
+    if not flip_filter:
+        w = w.flip(list(range(w.dim())))
+    if w.dim() == 2:
+        return _real_sample_sums(x, w, up, down, padding) * gain
+    (upx, upy), (downx, downy) = parse_scaling("up", up), parse_scaling("down", down)
+    px0, px1, py0, py1 = parse_padding(padding)
+    along_x = _real_sample_sums(x, w[None, :], [upx, 1], [downx, 1], [px0, px1, 0, 0])
+    return _real_sample_sums(along_x, w[:, None], [1, upy], [1, downy], [0, 0, py0, py1]) * gain
+
+
+class _RealSamples(torch.autograd.Function):
+    """upfirdn2d_real_samples with the op's backward: the x gradient is the same computation on
+    the adjoint problem (as the op's backward runs the op), the filter's is _filter_gradient."""
+
+    @staticmethod
+    def forward(ctx, x, f, up, down, padding, flip_filter, gain):
+        ctx.args = (up, down, padding, flip_filter, gain)
+        ctx.save_for_backward(x, f)
+        return _real_samples_forward(x, f, up, down, padding, flip_filter, gain)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, f = ctx.saved_tensors
+        up, down, padding, flip_filter, gain = ctx.args
+        dx = df = None
+        if ctx.needs_input_grad[0]:
+            adjoint = adjoint_padding(x.shape, dy.shape, f, up, down, padding)
+            dx = _real_samples_forward(dy, f, down, up, adjoint, not flip_filter, gain)
+        if ctx.needs_input_grad[1]:
+            df = _filter_gradient(x, f, dy, up, down, padding, flip_filter, gain)
+        return dx, df, None, None, None, None, None
+
+
+def upfirdn2d_real_samples(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1.0):
+    """The kernels' contract for non-finite filter taps (module docstring, "Non-finite taps"),
+    evaluated eagerly in x's dtype, one masked product per tap and output: the oracle for a
+    filter holding NaN or an infinity, with the op's backward. For finite taps it equals
+    upfirdn2d_reference up to rounding, which stays the reference (and the CPU backend): one
+    conv2d instead of fh * fw tensor operations."""
+    _allocate_output(x, f, up, down, padding, flip_filter, gain)
+    return _RealSamples.apply(x, f, up, down, padding, flip_filter, gain)
+
+
 def adjoint_padding(x_shape, y_shape, f, up, down, padding) -> list:
     """The padding of the upfirdn2d that maps the output gradient back to x's shape."""
     upx, upy = parse_scaling("up", up)
@@ -276,31 +350,43 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1):
 
 
 def _filter_gradient(x, f, dy, up, down, padding, flip_filter, gain):
-    """d loss / d f in eager ops: gain * correlation of the padded, upsampled x with dy
-    zero-interleaved by `down` (the gradient of the full-resolution filter output z)."""
+    """d loss / d f in eager ops, through the reference's own steps: the padded, upsampled x
+    filtered by the 2-D filter, or by the separable taps along x and then along y, and dy
+    zero-interleaved by `down` (the gradient of the full-resolution filter output z). Following
+    the reference's passes keeps its sums: an infinite x makes a separable tap's gradient the
+    sum of each pass's products, whose infinities can agree in sign where those of the 2-D
+    filter's products f[i] * f[j] do not."""
     downx, downy = parse_scaling("down", down)
     fh, fw = filter_size(f)
     batch, channels = x.shape[:2]
     # Each tap sums B*C*H*W products of either sign, so float32 sums are off by many times the
-    # float32 rounding of the (smaller) result: float32 inputs accumulate in float64 (the
-    # filter is a constant in the models, so this runs only when a user trains it), 16-bit
-    # ones in float32.
-    compute = torch.float64 if dy.dtype in (torch.float32, torch.float64) else torch.float32
-    dy = dy.to(compute)
+    # float32 rounding of the (smaller) result: a float32 x or filter accumulates in float64
+    # (the filter is a constant in the models, so this runs only when a user trains it), and
+    # only 16-bit ones in float32. The gradient has f's dtype: a float32 filter under 16-bit
+    # activations needs float32 accuracy too (float32 sums were 1e-5 relative off).
+    wide = (torch.float32, torch.float64)
+    compute = torch.float64 if dy.dtype in wide or f.dtype in wide else torch.float32
+    if batch * channels == 0:  # every tap's sum is empty (conv2d would return no channel at all)
+        return torch.zeros_like(f)
+    # Every (b, c) plane is one channel of a single "image": a depthwise filter of B*C channels
+    # filters it, and correlating it with a B*C-channel "weight" sums over b, c and pixels. The
+    # depthwise weights are materialised, as in the reference.
+    planes = batch * channels
+    dy = dy.to(compute).reshape(1, planes, *dy.shape[2:])
     p = _upsample_and_pad(x.to(compute), up, padding)
+    p = p.reshape(1, planes, *p.shape[2:])
     z_h, z_w = p.shape[2] - fh + 1, p.shape[3] - fw + 1
-    dz = dy.new_zeros(batch, channels, dy.shape[2] * downy, dy.shape[3] * downx)
+    dz = dy.new_zeros(1, planes, dy.shape[2] * downy, dy.shape[3] * downx)
     dz[:, :, ::downy, ::downx] = dy
     dz = dz[:, :, :z_h, :z_w]
-    if batch * channels == 0:  # every tap's sum is empty (conv2d would return no channel at all)
-        dw = p.new_zeros(fh, fw)
-    else:  # one "image" of B*C channels correlated with a B*C-channel "weight": sums over b, c, pixels
-        dw = F.conv2d(p.reshape(1, batch * channels, *p.shape[2:]),
-                      dz.reshape(1, batch * channels, z_h, z_w))[0, 0] * gain
-    if f.dim() == 1:
-        taps = (f if flip_filter else f.flip(0)).to(compute)
-        # w[i, j] = taps[i] * taps[j]: both factors get the product rule's share.
-        dw = dw @ taps + dw.mT @ taps
+    w = (f if flip_filter else f.flip(list(range(f.dim())))).to(compute)
+    if f.dim() == 2:
+        dw = F.conv2d(p, dz)[0, 0] * gain
+    else:
+        # The reference: z1 = p filtered along x by w * gain, z = z1 filtered along y by w.
+        along_x = F.conv2d(p, (w * gain).view(1, 1, 1, fw).repeat(planes, 1, 1, 1), groups=planes)
+        dz_along_x = F.conv_transpose2d(dz, w.view(1, 1, fh, 1).repeat(planes, 1, 1, 1), groups=planes)
+        dw = F.conv2d(along_x, dz)[0, 0, :, 0] + F.conv2d(p, dz_along_x)[0, 0, 0] * gain
     if not flip_filter:
         dw = dw.flip(list(range(dw.dim())))
     return dw.to(f.dtype)
