@@ -237,14 +237,15 @@ __global__ void __launch_bounds__(kFlThreads)
           }
           if (g.mode == kBackward) {
             const unsigned code = (packed >> (2 * e)) & 3u;
-            value *= code == 1 ? g.gain : (code == 0 ? g.gain * g.slope : 0.0f);
+            // A select for clamped samples: their gradient is 0 even where dz is NaN or inf.
+            value = code == 2 ? 0.0f : value * (code == 1 ? g.gain : g.gain * g.slope);
             continue;
           }
           const float v = value * g.gain;
           float a = v > 0.0f ? v : v * g.slope;
           unsigned code = v > 0.0f ? 1u : 0u;
           if (g.has_clamp) {
-            if (fabsf(a) > g.clamp) code = 2u;
+            if (!(fabsf(a) <= g.clamp)) code = 2u;  // a NaN too, as torch.clamp's gradient mask
             // fminf / fmaxf would turn a NaN into a bound; torch.clamp keeps it NaN.
             if (!isnan(a)) a = fminf(fmaxf(a, -g.clamp), g.clamp);
           }

@@ -51,7 +51,9 @@ samples within float16 rounding of 0, where the gradient jumps, and disagree wit
 backward, run in float16 on tensor cores for float16 inputs (float32 accumulation; operands
 rounded to float16) when the stage's filter is separable; the terms of a 2-D filter's split
 cancel each other, and rounding each term to float16 costs more than the result's tolerance
-(measured: 2x-3x over it), so those stages stay in float32. Everything else runs in float32:
+(measured: 2x-3x over it), so those stages stay in float32. A float16 stage scales its input by a power of two where
+a huge tap or input would overflow float16 (_separable_fir), so an overflow gives the
+reference's infinity, not NaN. Everything else runs in float32:
 bfloat16 has too few mantissa bits to round the intermediate to, and the Triton CPU
 interpreter cannot multiply bfloat16 matrices.
 
@@ -74,7 +76,12 @@ from fastgen.kernels import LAUNCH_OPTIONS
 from fastgen.ops.filtered_lrelu import FusedPass, backward_pass, forward_pass
 
 _FORWARD, _FORWARD_WITH_CODES, _BACKWARD = 0, 1, 2
+# Half-filtered float16 rows stay below this (_separable_fir): 2^14, a factor 2 under
+# float16's largest power of two, for log2's rounding.
+_FLOAT16_SAFE_ROW = tl.constexpr(16384.0)
 _MAX_MID_BLOCK = 128
+# A tap table holds fewer taps than a mid tile has samples (_blocks).
+_MAX_TABLE_TAPS = tl.constexpr(_MAX_MID_BLOCK)
 _CODE_ALIGNMENT = 4  # codes per byte
 
 
@@ -93,6 +100,38 @@ def _to_float32(x):
 def _banded(w_ptr, K, k):
     """Filter taps w[k] where 0 <= k < K, zero elsewhere (off the band, between phases)."""
     return tl.load(w_ptr + k, mask=(k >= 0) & (k < K), other=0.0)
+
+
+@triton.jit
+def _separable_fir(src, wy_ptr, wx_ptr, KY, KX, ky, kx_t, RANK: tl.constexpr, DTYPE: tl.constexpr,
+                   ROWS: tl.constexpr, COLS: tl.constexpr):
+    """sum_r Wy_r @ src @ Wx_r^T in float32: Wy_r[i, s] is tap ky[i, s] of term r's row table,
+    Wx_r^T[s, j] tap kx_t[s, j] of its column table (_banded), operands rounded to DTYPE.
+
+    In float16 (one term, _launch), src and the half-filtered rows Wy @ src must stay inside
+    float16's range: rounded to infinities (a huge tap or input), the next product's zeros off
+    the band would turn them to NaN where the float32 sum is an infinity or finite. So src
+    enters scaled by a power of two that bounds them by 2^14 (exact, and 1 unless the tile or
+    the taps are that large), and the float32 sum is scaled back."""
+    exponent = 0.0
+    if DTYPE == tl.float16:
+        taps = tl.arange(0, _MAX_TABLE_TAPS)
+        row_taps_l1 = tl.sum(tl.abs(tl.load(wy_ptr + taps, mask=taps < KY, other=0.0)))
+        bound = tl.max(tl.abs(src)) * tl.maximum(row_taps_l1, 1.0)
+        exponent = tl.where(bound > _FLOAT16_SAFE_ROW, tl.ceil(tl.log2(bound / _FLOAT16_SAFE_ROW)), 0.0)
+        # A non-finite src or tap has no scale to find: left as it is.
+        exponent = tl.where(exponent < 128.0, exponent, 0.0)
+        src = src * tl.exp2(-exponent)
+    src = src.to(DTYPE)
+    total = tl.zeros((ROWS, COLS), tl.float32)
+    for r in range(RANK):  # a loop, not unrolled: 12 unrolled terms spill and compile for minutes
+        w_y = _banded(wy_ptr + r * KY, KY, ky).to(DTYPE)
+        w_x_t = _banded(wx_ptr + r * KX, KX, kx_t).to(DTYPE)
+        rows_done = tl.dot(w_y, src, input_precision="ieee").to(DTYPE)
+        total += tl.dot(rows_done, w_x_t, input_precision="ieee")
+    if DTYPE == tl.float16:
+        total = total * tl.exp2(exponent)
+    return total
 
 
 @triton.jit
@@ -151,15 +190,10 @@ def _filtered_lrelu_kernel(
                             other=0.0))
     if HAS_BIAS:
         x = tl.where(inside, x + _to_float32(tl.load(bias_ptr + c.to(tl.int64) * bias_s)), 0.0)
-    x = x.to(STAGE1_DTYPE)
 
     # 2. Stage 1: mid sample m reads input q through tap k = q*UP + pad1 - m.
-    z = tl.zeros((BM, BM), tl.float32)
-    for r in range(RANK1):  # a loop, not unrolled: 12 unrolled terms spill and compile for minutes
-        up_y = _banded(w1y_ptr + r * K1Y, K1Y, (q0_y + s_row) * UP + pad1_y - (m0_y + t_col)).to(STAGE1_DTYPE)
-        up_x_t = _banded(w1x_ptr + r * K1X, K1X, (q0_x + s_col) * UP + pad1_x - (m0_x + t_row)).to(STAGE1_DTYPE)
-        rows_done = tl.dot(up_y, x, input_precision="ieee").to(STAGE1_DTYPE)
-        z += tl.dot(rows_done, up_x_t, input_precision="ieee")
+    z = _separable_fir(x, w1y_ptr, w1x_ptr, K1Y, K1X, (q0_y + s_row) * UP + pad1_y - (m0_y + t_col),
+                       (q0_x + s_col) * UP + pad1_x - (m0_x + t_row), RANK1, STAGE1_DTYPE, BM, BM)
 
     # 3. The pointwise step on the mid tile. Codes: 2 bits each, 4 consecutive columns a byte.
     m_y = m0_y + t_col
@@ -169,14 +203,15 @@ def _filtered_lrelu_kernel(
     if MODE == 2:
         packed = tl.load(codes_rows + (m_x >> 2).to(tl.int64) * codes_sw, mask=in_mid, other=0).to(tl.int32)
         code = (packed >> ((m_x & 3) * 2)) & 3
-        a = tl.where(in_mid, z * tl.where(code == 1, gain, tl.where(code == 0, gain * slope, 0.0)), 0.0)
+        # A select for clamped samples: their gradient is 0 even where z is NaN or infinite.
+        a = tl.where(in_mid & (code != 2), z * tl.where(code == 1, gain, gain * slope), 0.0)
     else:
         v = z * gain
         positive = v > 0
         a = tl.where(positive, v, v * slope)
         code = positive.to(tl.int8)
         if HAS_CLAMP:
-            code = tl.where(tl.abs(a) > clamp, 2, code).to(tl.int8)
+            code = tl.where(tl.abs(a) <= clamp, code, 2).to(tl.int8)  # a NaN is clamped, as in torch.clamp's mask
             # PropagateNan.ALL: the default min/max.f32 return the non-NaN operand, which would
             # turn a NaN into -clamp on the GPU where torch.clamp keeps it NaN.
             a = tl.minimum(tl.maximum(a, -clamp, propagate_nan=tl.PropagateNan.ALL), clamp,
@@ -192,15 +227,10 @@ def _filtered_lrelu_kernel(
             owned_x = 4 * byte < VO_X * DOWN + (tile_x == tiles_x - 1).to(tl.int32) * BM
             inside = (m_y < MID_H) & (first_x < MID_W) & owned_y & owned_x
             tl.store(codes_rows + (first_x >> 2).to(tl.int64) * codes_sw, packed.to(tl.uint8), mask=inside)
-    a = a.to(STAGE2_DTYPE)
 
     # 4. Stage 2: output o reads mid sample m through tap k = m + pad2 - o*DOWN = t - o_local*DOWN.
-    y = tl.zeros((BO, BO), tl.float32)
-    for r in range(RANK2):
-        down_y = _banded(w2y_ptr + r * K2Y, K2Y, t_row - o_col * DOWN).to(STAGE2_DTYPE)
-        down_x_t = _banded(w2x_ptr + r * K2X, K2X, t_col - o_row * DOWN).to(STAGE2_DTYPE)
-        rows_done = tl.dot(down_y, a, input_precision="ieee").to(STAGE2_DTYPE)
-        y += tl.dot(rows_done, down_x_t, input_precision="ieee")
+    y = _separable_fir(a, w2y_ptr, w2x_ptr, K2Y, K2X, t_row - o_col * DOWN, t_col - o_row * DOWN, RANK2,
+                       STAGE2_DTYPE, BO, BO)
 
     out_y = o0_y + o_col
     out_x = o0_x + o_row

@@ -281,6 +281,72 @@ def test_subnormal_inputs_get_their_own_slope(device, backend, dtype, generator)
     _assert_close(x.grad, x64.grad, "dx")
 
 
+@pytest.mark.parametrize("device, backend", _targets())
+def test_float16_gradient_overflows_to_infinities_not_nan(device, backend, generator):
+    """A huge fd tap makes float16 dx overflow, to the reference's signed infinities: the Triton
+    kernel's float16 stages rounded the half-filtered rows to infinities first, and the banded
+    matrix's zeros times those made NaN."""
+    args = list(_args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", device, torch.float16, generator))
+    args[2] = args[2].clone()
+    args[2][3] = 8000.0
+    args[9] = None  # clamp: every sample's gradient goes through
+    x = args[0].detach().requires_grad_()
+    dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device, torch.float16)
+    with fastgen.use_backend(backend):
+        filtered_lrelu(x, *args[1:]).backward(dy)
+    x64 = args[0].double().cpu().requires_grad_()
+    filtered_lrelu_reference(x64, *_float64(args[1:])).backward(dy.double().cpu())
+    expected = x64.grad.half()
+    assert expected.isinf().any() and not expected.isnan().any()
+    assert torch.equal(x.grad.isinf().cpu(), expected.isinf()) and not x.grad.isnan().any()
+    assert torch.equal(x.grad.cpu()[expected.isinf()], expected[expected.isinf()])
+    # The finite rest within float16 rounding of the terms' size: the float16 stages round
+    # half-filtered rows of about 8000 * dy, and the sum cancels far below that near the edges.
+    _, fu, fd, _, up, down, padding, gain, slope, _, flip_filter = _float64(args)
+    zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
+    all_positive = pack_codes(torch.ones(*x.shape[:2], zh, zw, dtype=torch.int64))
+    terms, _ = filtered_lrelu_backward_reference(dy.double().cpu().abs(), all_positive, fu.abs(), fd.abs(), up, down,
+                                                 padding, gain, 1.0, flip_filter, *x.shape[2:], False)
+    finite = expected.isfinite()
+    _, detail = mismatch(x.grad.cpu()[finite], x64.grad[finite], magnitude=terms[finite])
+    assert not detail, f"finite dx: {detail}"
+
+
+def _assert_same_non_finite_and_close(actual, expected, what):
+    actual, expected = actual.cpu(), expected.double().cpu()
+    assert torch.equal(actual.isnan(), expected.isnan()), (
+        f"{what}: NaN at {int(actual.isnan().sum())} places, expected at {int(expected.isnan().sum())}")
+    assert torch.equal(actual[actual.isinf()], expected[actual.isinf()]), f"{what}: infinities differ"
+    finite = expected.isfinite()
+    _assert_close(actual[finite], expected[finite], what)
+
+
+@pytest.mark.parametrize("device, backend", [t for t in _targets() if t.values[1] == "cuda"])
+def test_clamped_samples_pass_no_gradient_at_nan(device, backend, generator):
+    """torch.clamp's gradient mask is false at NaN, and its backward selects: a NaN sample of z
+    is coded clamped, and a clamped sample's gradient is 0 even where the incoming one is NaN.
+    The backward reference agrees with the eager reference's autograd there, and the kernels
+    with it given the same codes (they coded NaN negative and multiplied by 0). Not the Triton
+    kernel yet: its banded products spread a NaN of dy over its tile (kernels/filtered_lrelu.py)."""
+    args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", device, torch.float32, generator)
+    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = args
+    x[0, 1, 3, 2] = float("nan")
+    dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device)
+    x64 = x.double().cpu().requires_grad_()
+    filtered_lrelu_reference(x64, *_float64(args[1:])).backward(dy.double().cpu())
+    _, codes = filtered_lrelu_with_codes_reference(*_float64(args))
+    assert (unpack_codes(codes, codes.shape[-1] * 4) == 2).any()
+    backward_args = (dy, codes.to(device), fu, fd, up, down, padding, gain, slope, flip_filter, *x.shape[2:], False)
+    dx, _ = filtered_lrelu_backward_reference(dy.double().cpu(), codes, *_float64(backward_args[2:]))
+    _assert_same_non_finite_and_close(dx, x64.grad, "backward reference")
+    dy[0, 1, 2, 1] = float("nan")  # reaches clamped samples of da, where the gradient is 0 all the same
+    expected, _ = filtered_lrelu_backward_reference(dy.double().cpu(), codes, *_float64(backward_args[2:]))
+    out = FILTERED_LRELU_BACKWARD.allocate_output(*backward_args)
+    FILTERED_LRELU_BACKWARD.implementations[backend].run(*backward_args, out=out)
+    assert expected.isfinite().any() and expected.isnan().any()
+    _assert_same_non_finite_and_close(out[0], expected, "dx")
+
+
 def test_direct_op_recomputes_the_codes(generator):
     args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", CPU, torch.float32, generator)
     dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator)

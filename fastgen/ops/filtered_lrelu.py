@@ -27,6 +27,10 @@ per-sample derivative of a with respect to z
 
     d = gain * (1 if v > 0 else slope) * [|lrelu(v)| <= clamp]     (inclusive, like torch.clamp)
 
+(a NaN v is on the negative side, as in leaky_relu's gradient, and clamped, as in clamp's: its
+d is 0 with a clamp; a clamped sample's gradient is 0 even where the incoming one is NaN or
+infinite, as torch.clamp's backward selects rather than multiplies)
+
 so dx = U^T (d * D^T dy), where U / D are the two (linear) upfirdn2d maps and their transposes
 are upfirdn2d with the filter flipped and up / down swapped. The forward therefore records, per
 sample of z, which of the three cases of d holds (a 2-bit "code": 0 negative side, 1 positive
@@ -45,6 +49,15 @@ Three custom ops: `filtered_lrelu` (registered in OPS, output y; its backward re
 codes), the internal `filtered_lrelu_with_codes` (y and the codes; what the public function
 calls when a gradient is needed, so the backward does not recompute) and
 `filtered_lrelu_backward`. Arithmetic is float32 (float64 for float64 x); outputs take x's dtype.
+
+Non-finite values propagate as in the eager reference, with these exceptions (issue #17; the
+fuzz test's CI_EXCLUSIONS name them): the Triton kernel's banded matrix products also multiply
+the zeros off the band, so a NaN or infinity in a tile's input (x + b, dy, or an activation)
+turns that tile's outputs NaN; and a non-finite filter tap meets, in the reference, the zeros
+that upsampling inserts and that pad the image (NaN * 0 and inf * 0 are NaN), which the
+kernels' polyphase loops never multiply (the CUDA kernel does multiply the padding), so the
+reference has NaN at more outputs than the kernels. The codes and the clamp's gradient follow
+the reference's autograd exactly (the gradient paragraph above).
 """
 from __future__ import annotations
 
@@ -193,7 +206,8 @@ def _activation_and_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, f
     if with_codes:
         codes = torch.where(v > 0, CODE_POSITIVE, CODE_NEGATIVE)
         if clamp is not None:
-            codes = torch.where(a.abs() > clamp, CODE_CLAMPED, codes)
+            # torch.clamp's gradient mask is lower <= a <= upper: false at NaN too.
+            codes = torch.where(a.abs() <= clamp, codes, CODE_CLAMPED)
         codes = pack_codes(codes)
     return a if clamp is None else a.clamp(-clamp, clamp), codes
 
@@ -220,10 +234,12 @@ def _intermediate_shape(dy: torch.Tensor, fd, down: int) -> tuple:
     return (dy.shape[2] - 1) * down + fdh, (dy.shape[3] - 1) * down + fdw
 
 
-def derivative_factor(codes: torch.Tensor, zw: int, gain: float, slope: float, dtype: torch.dtype) -> torch.Tensor:
-    """d of the module docstring from the packed codes of a z zw columns wide."""
-    factor = torch.tensor([gain * slope, gain, 0.0], dtype=dtype, device=codes.device)
-    return factor[unpack_codes(codes, zw).long()]
+def times_derivative(t: torch.Tensor, codes: torch.Tensor, gain: float, slope: float) -> torch.Tensor:
+    """t * d (module docstring) for t on z's samples, d from the packed codes: 0 where clamped
+    even for a NaN or infinite t, as torch.clamp's gradient."""
+    unpacked = unpack_codes(codes, t.shape[-1])
+    slopes = torch.tensor([gain * slope, gain, 0.0], dtype=t.dtype, device=t.device)[unpacked.long()]
+    return torch.where(unpacked == CODE_CLAMPED, 0.0, t * slopes)
 
 
 def _allocate_input_gradients(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, x_height, x_width,
@@ -246,7 +262,7 @@ def filtered_lrelu_backward_reference(dy, codes, fu, fd, up, down, padding, gain
     x_shape = (*dy.shape[:2], x_height, x_width)
     da = upfirdn2d_reference(dy.to(compute), fd, down, 1, adjoint_padding(z_shape, dy.shape, fd, 1, down, [0] * 4),
                              not flip_filter, 1.0)
-    dz = da * derivative_factor(codes, z_shape[3], gain, slope, compute)
+    dz = times_derivative(da, codes, gain, slope)
     dx = upfirdn2d_reference(dz, fu, 1, up, adjoint_padding(x_shape, z_shape, fu, up, 1, padding), not flip_filter,
                              float(up * up))
     db = dx.sum((0, 2, 3)) if bias_grad else dx.new_empty(0)
@@ -624,7 +640,7 @@ def _backward_of_backward(ctx, grad_dx, grad_db):
             grad_dx = grad_dx + grad_db[:, None, None]
         zh, zw = ctx.z_size
         z = upfirdn2d(grad_dx, fu, up, 1, padding, flip_filter, up * up)[:, :, :zh, :zw]
-        a = z * derivative_factor(codes, zw, gain, slope, z.dtype)
+        a = times_derivative(z, codes, gain, slope)
         grad_dy = upfirdn2d(a, fd, 1, down, 0, flip_filter, 1)
     return (grad_dy,) + (None,) * 12
 
