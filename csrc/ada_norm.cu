@@ -2,12 +2,11 @@
 //
 //   ada_group_norm: x (B, C, S) (spatial dims flattened by the caller), G groups of C/G
 //     consecutive channels; per (b, g), mu and var (biased) over the group's C/G * S values;
-//       z = (x - mu) * rsqrt(var + eps) * gain[b, c] + offset[b, c]
-//       gain = weight[c] * (1 + scale[b, c]),  offset = bias[c] * (1 + scale[b, c]) + shift[b, c]
+//       z = ((x - mu) * rsqrt(var + eps) * weight[c] + bias[c]) * (1 + scale[b, c]) + shift[b, c]
 //       y = z, or silu(z) = z * sigmoid(z)
-//     (weight 1 and bias 0 when absent).
+//     (weight 1 and bias 0 when absent), and gain = weight[c] * (1 + scale[b, c]) is dz / dxhat.
 //   ada_layer_norm: x (B, N, C); the same with one group per token (b, n) over its C channels,
-//     gain = 1 + scale[b, c], offset = shift[b, c], no activation.
+//     no weight, bias or activation.
 //
 // Both ops are one computation over "groups": a group is a 2-D array of outer x inner
 // elements at some base address, the inner dimension being the one with the smaller stride
@@ -264,7 +263,19 @@ __device__ __forceinline__ void for_each_tile(const GroupGeometry& geo, int64_t 
 // ---------------------------------------------------------------------------------------
 // Per-element math
 
-// The per-channel affine map after normalization: z = xhat * gain + offset.
+// One channel's map from xhat to the pre-activation output z, evaluated in the reference's
+// order: an infinite scale then meets the normalized value's sign, where folding it into
+// xhat * gain + (bias * (1 + scale) + shift) would add infinities of opposite signs (NaN), or
+// make 0 * inf of an absent bias.
+struct Affine {
+  float weight, bias, one_plus_scale, shift;
+
+  __device__ __forceinline__ float operator()(float xhat) const {
+    return fmaf(fmaf(xhat, weight, bias), one_plus_scale, shift);
+  }
+};
+
+// The per-channel affine map after normalization (Affine) and gain = dz / dxhat.
 template <typename T>
 struct Modulation {
   const T* scale;  // (B, C)
@@ -285,28 +296,28 @@ struct Modulation {
   __device__ __forceinline__ float bias_at(int64_t c) const {
     return bias != nullptr ? to_float(bias[c * bias_s]) : 0.0f;
   }
-  __device__ __forceinline__ void at(int64_t b, int64_t c, float& gain, float& offset) const {
-    const float s = one_plus_scale(b, c);
-    gain = weight_at(c) * s;
-    offset = bias_at(c) * s + to_float(shift[b * shift_sb + c * shift_sc]);
+  __device__ __forceinline__ void at(int64_t b, int64_t c, float& gain, Affine& affine) const {
+    affine = {weight_at(c), bias_at(c), one_plus_scale(b, c),
+              to_float(shift[b * shift_sb + c * shift_sc])};
+    gain = affine.weight * affine.one_plus_scale;
   }
 
-  // gain and offset of each element of the unit at cursor in group (b, channel0...): one
+  // gain and affine map of each element of the unit at cursor in group (b, channel0...): one
   // channel for the whole unit unless channels run along inner.
   template <int VEC>
   __device__ __forceinline__ void at_unit(const GroupGeometry& geo, const UnitCursor& cursor,
                                           int64_t b, int64_t channel0, float (&gain)[VEC],
-                                          float (&offset)[VEC]) const {
+                                          Affine (&affine)[VEC]) const {
     if (geo.channel_inner) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
-        at(b, channel0 + cursor.inner * VEC + j, gain[j], offset[j]);
+        at(b, channel0 + cursor.inner * VEC + j, gain[j], affine[j]);
     } else {
-      at(b, channel0 + cursor.outer, gain[0], offset[0]);
+      at(b, channel0 + cursor.outer, gain[0], affine[0]);
 #pragma unroll
       for (int j = 1; j < VEC; ++j) {
         gain[j] = gain[0];
-        offset[j] = offset[0];
+        affine[j] = affine[0];
       }
     }
   }
@@ -331,12 +342,11 @@ __device__ __forceinline__ float activation(float z) {
   return SILU ? z / (1.0f + __expf(-z)) : z;
 }
 
-// dz = dy * act'(z) at z = xhat * gain + offset.
+// dz = dy * act'(z) at z = affine(xhat).
 template <bool SILU>
-__device__ __forceinline__ float pre_activation_grad(float dy, float xhat, float gain,
-                                                     float offset) {
+__device__ __forceinline__ float pre_activation_grad(float dy, float xhat, const Affine& affine) {
   if (!SILU) return dy;
-  const float z = xhat * gain + offset;
+  const float z = affine(xhat);
   const float sigmoid = 1.0f / (1.0f + __expf(-z));
   return dy * sigmoid * (1.0f + z * (1.0f - sigmoid));
 }
@@ -395,7 +405,7 @@ struct GroupPass {
   int64_t b, channel0;
   Normalizer norm;
 
-  // y = act(xhat * gain + offset).
+  // y = act(affine(xhat)) per channel.
   template <bool SILU>
   __device__ void apply(const T* x, const GroupStrides& xs, T* y, const GroupStrides& ys,
                         int64_t begin, int64_t end) const {
@@ -403,11 +413,11 @@ struct GroupPass {
     for_each_tile<VEC>(
         geo, begin, end, [&](const UnitCursor& c) { load_tile<T, VEC>(c, end, x, xs, v); },
         [&](const UnitCursor& c, int k) {
-          float gain[VEC], offset[VEC], out[VEC];
-          mod.template at_unit<VEC>(geo, c, b, channel0, gain, offset);
+          float gain[VEC], out[VEC];
+          Affine affine[VEC];
+          mod.template at_unit<VEC>(geo, c, b, channel0, gain, affine);
 #pragma unroll
-          for (int j = 0; j < VEC; ++j)
-            out[j] = activation<SILU>(norm(v[k][j]) * gain[j] + offset[j]);
+          for (int j = 0; j < VEC; ++j) out[j] = activation<SILU>(affine[j](norm(v[k][j])));
           store_unit<T, VEC>(c.at<VEC>(y, ys), out);
         });
   }
@@ -427,12 +437,13 @@ struct GroupPass {
           load_tile<T, VEC>(c, end, dy, dys, dyv);
         },
         [&](const UnitCursor& c, int k) {
-          float gain[VEC], offset[VEC], xhat[VEC], dz[VEC];
-          mod.template at_unit<VEC>(geo, c, b, channel0, gain, offset);
+          float gain[VEC], xhat[VEC], dz[VEC];
+          Affine affine[VEC];
+          mod.template at_unit<VEC>(geo, c, b, channel0, gain, affine);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             xhat[j] = norm(xv[k][j]);
-            dz[j] = pre_activation_grad<SILU>(dyv[k][j], xhat[j], gain[j], offset[j]);
+            dz[j] = pre_activation_grad<SILU>(dyv[k][j], xhat[j], affine[j]);
           }
           visit(c, xhat, gain, dz);
         });
@@ -674,8 +685,9 @@ __global__ void __launch_bounds__(kMaxThreads)
                                                               : w.positions;
   float a = 0.0f, bc = 0.0f;
   if (c < w.channels) {
-    float gain, offset;
-    mod.at(b, c, gain, offset);
+    float gain;
+    Affine affine;
+    mod.at(b, c, gain, affine);
     const T* xc = x + b * w.x_sb + c * w.x_sc;
     const T* dyc = dy + b * w.dy_sb + c * w.dy_sc;
     const int64_t stats_base = b * w.stats_per_sample;
@@ -686,7 +698,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int64_t p = begin + lane_p; p < end; p += position_lanes) {
       if (w.channels_per_group == 0) norm = load_stats(stats, stats_base + p, w.stats_groups);
       const float xhat = norm(to_float(xc[p * w.x_sp]));
-      const float dz = pre_activation_grad<SILU>(to_float(dyc[p * w.dy_sp]), xhat, gain, offset);
+      const float dz = pre_activation_grad<SILU>(to_float(dyc[p * w.dy_sp]), xhat, affine);
       a += dz;
       bc = fmaf(dz, xhat, bc);
     }

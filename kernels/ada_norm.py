@@ -214,13 +214,21 @@ def _split_program_stats(x_ptr, mean_ptr, m2_ptr, chunk, group_block, G, CPG, S,
 @triton.jit
 def _modulation(b, channel, row_valid, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc,
                 weight_ptr, w_s, bias_ptr, bi_s, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Per row, u = weight * (1 + scale[b]) and offset = bias * (1 + scale[b]) + shift[b]: the
-    pre-activation output is xhat * u + offset (weight 1 and bias 0 when absent)."""
+    """Per row, weight, bias (1 and 0 when absent), 1 + scale[b] and shift[b]."""
     channel = channel.to(tl.int64)
     one_plus_scale = 1.0 + tl.load(scale_ptr + b.to(tl.int64) * s_sb + channel * s_sc, mask=row_valid, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + b.to(tl.int64) * t_sb + channel * t_sc, mask=row_valid, other=0.0).to(tl.float32)
     weight, bias = _affine_params(channel, row_valid, weight_ptr, w_s, bias_ptr, bi_s, HAS_WEIGHT, HAS_BIAS)
-    return weight * one_plus_scale, bias * one_plus_scale + shift
+    return weight, bias, one_plus_scale, shift
+
+
+@triton.jit
+def _pre_activation(xhat, weight, bias, one_plus_scale, shift):
+    """(xhat * weight + bias) * (1 + scale) + shift per row, in the reference's order: an
+    infinite scale then meets the normalized value's sign, where folding it into
+    weight * (1 + scale) and bias * (1 + scale) + shift would add infinities of opposite
+    signs (NaN), or make 0 * inf of an absent bias."""
+    return (xhat * weight[:, None] + bias[:, None]) * one_plus_scale[:, None] + shift[:, None]
 
 
 @triton.jit
@@ -238,11 +246,12 @@ def _affine_params(channel, valid, weight_ptr, w_s, bias_ptr, bi_s, HAS_WEIGHT: 
 @triton.jit
 def _channel_tile(b, g0, c0, G, CPG, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, GPP: tl.constexpr, CPG_TILE: tl.constexpr):
-    """Rows (channels, validity) of the channel tile at c0 of each group and their modulation."""
+    """Rows (channels, validity) of the channel tile at c0 of each group and their modulation
+    (weight, bias, 1 + scale, shift)."""
     channel, row_valid = _group_rows(g0, c0, G, CPG, GPP, CPG_TILE)
-    u, offset = _modulation(b, channel, row_valid, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc,
-                            weight_ptr, w_s, bias_ptr, bi_s, HAS_WEIGHT, HAS_BIAS)
-    return channel, row_valid, u, offset
+    weight, bias, one_plus_scale, shift = _modulation(b, channel, row_valid, scale_ptr, s_sb, s_sc, shift_ptr, t_sb,
+                                                      t_sc, weight_ptr, w_s, bias_ptr, bi_s, HAS_WEIGHT, HAS_BIAS)
+    return channel, row_valid, weight, bias, one_plus_scale, shift
 
 
 @triton.jit
@@ -267,11 +276,12 @@ def _xhat_tile(x_ptr, b, channel, s, mask, x_sb, x_sc, x_ss, pivot_rows, mean_ro
 
 
 @triton.jit
-def _pre_activation_grad(dy_ptr, b, channel, s, mask, g_sb, g_sc, g_ss, xhat, u, offset, ACT_SILU: tl.constexpr):
-    """dz = dy * act'(xhat * u + offset); 0 where masked (dy loads as 0 there)."""
+def _pre_activation_grad(dy_ptr, b, channel, s, mask, g_sb, g_sc, g_ss, xhat, weight, bias, one_plus_scale, shift,
+                         ACT_SILU: tl.constexpr):
+    """dz = dy * act'(z) with z the pre-activation output; 0 where masked (dy loads as 0 there)."""
     dz = _load_tile(dy_ptr, b, channel, s, mask, g_sb, g_sc, g_ss)
     if ACT_SILU:
-        z = xhat * u[:, None] + offset[:, None]
+        z = _pre_activation(xhat, weight, bias, one_plus_scale, shift)
         sigmoid = tl.sigmoid(z)
         dz = dz * sigmoid * (1.0 + z * (1.0 - sigmoid))
     return dz
@@ -286,13 +296,13 @@ def _apply_range(x_ptr, y_ptr, b, g0, pivot, mean, rstd, s_begin, s_end, G, CPG,
     """y over positions [s_begin, s_end) of this program's groups."""
     pivot_rows, mean_rows, rstd_rows = _stats_rows(pivot, mean, rstd, GPP, CPG_TILE)
     for c0 in range(0, CPG, CPG_TILE):
-        channel, row_valid, u, offset = _channel_tile(
+        channel, row_valid, weight, bias, one_plus_scale, shift = _channel_tile(
             b, g0, c0, G, CPG, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
             HAS_WEIGHT, HAS_BIAS, GPP, CPG_TILE)
         for s0 in range(s_begin, s_end, BLOCK_S):
             s, mask = _position_tile(s0, s_end, row_valid, BLOCK_S)
             xhat = _xhat_tile(x_ptr, b, channel, s, mask, x_sb, x_sc, x_ss, pivot_rows, mean_rows, rstd_rows)
-            z = xhat * u[:, None] + offset[:, None]
+            z = _pre_activation(xhat, weight, bias, one_plus_scale, shift)
             if ACT_SILU:
                 z = z * tl.sigmoid(z)
             _store_tile(y_ptr, z, b, channel, s, mask, y_sb, y_sc, y_ss)
@@ -366,15 +376,17 @@ def _channel_grad_sums(
     group_a = tl.zeros((GPP,), dtype=tl.float32)
     group_b = tl.zeros((GPP,), dtype=tl.float32)
     for c0 in range(0, CPG, CPG_TILE):
-        channel, row_valid, u, offset = _channel_tile(
+        channel, row_valid, weight, bias, one_plus_scale, shift = _channel_tile(
             b, g0, c0, G, CPG, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
             HAS_WEIGHT, HAS_BIAS, GPP, CPG_TILE)
+        u = weight * one_plus_scale
         sum_dz = tl.zeros(channel.shape, dtype=tl.float32)
         sum_dz_xhat = tl.zeros(channel.shape, dtype=tl.float32)
         for s0 in range(s_begin, s_end, BLOCK_S):
             s, mask = _position_tile(s0, s_end, row_valid, BLOCK_S)
             xhat = _xhat_tile(x_ptr, b, channel, s, mask, x_sb, x_sc, x_ss, pivot_rows, mean_rows, rstd_rows)
-            dz = _pre_activation_grad(dy_ptr, b, channel, s, mask, g_sb, g_sc, g_ss, xhat, u, offset, ACT_SILU)
+            dz = _pre_activation_grad(dy_ptr, b, channel, s, mask, g_sb, g_sc, g_ss, xhat, weight, bias,
+                                     one_plus_scale, shift, ACT_SILU)
             sum_dz += tl.sum(dz, axis=1)
             sum_dz_xhat += tl.sum(dz * xhat, axis=1)
         tl.store(sums_ptr + _sums_offsets(0, k, b, channel, num_chunks, B, C), sum_dz, mask=row_valid)
@@ -397,13 +409,15 @@ def _input_grad_range(
     a_rows = _rows(mean_u_a, GPP, CPG_TILE)
     b_rows = _rows(mean_u_b, GPP, CPG_TILE)
     for c0 in range(0, CPG, CPG_TILE):
-        channel, row_valid, u, offset = _channel_tile(
+        channel, row_valid, weight, bias, one_plus_scale, shift = _channel_tile(
             b, g0, c0, G, CPG, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, weight_ptr, w_s, bias_ptr, bi_s,
             HAS_WEIGHT, HAS_BIAS, GPP, CPG_TILE)
+        u = weight * one_plus_scale
         for s0 in range(s_begin, s_end, BLOCK_S):
             s, mask = _position_tile(s0, s_end, row_valid, BLOCK_S)
             xhat = _xhat_tile(x_ptr, b, channel, s, mask, x_sb, x_sc, x_ss, pivot_rows, mean_rows, rstd_rows)
-            dz = _pre_activation_grad(dy_ptr, b, channel, s, mask, g_sb, g_sc, g_ss, xhat, u, offset, ACT_SILU)
+            dz = _pre_activation_grad(dy_ptr, b, channel, s, mask, g_sb, g_sc, g_ss, xhat, weight, bias,
+                                     one_plus_scale, shift, ACT_SILU)
             dx = rstd_rows[:, None] * (u[:, None] * dz - a_rows[:, None] - xhat * b_rows[:, None])
             _store_tile(dx_ptr, dx, b, channel, s, mask, dx_sb, dx_sc, dx_ss)
 
@@ -547,8 +561,9 @@ def _row_offsets(b, rows, cols, sb, sn, sc):
 def _sample_modulation(b, C, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, BLOCK_C: tl.constexpr):
     """1 + scale[b] and shift[b] over the channels."""
     cols = tl.arange(0, BLOCK_C)
-    return _modulation(b, cols, cols < C, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc,
-                       scale_ptr, 0, scale_ptr, 0, False, False)
+    _, _, one_plus_scale, shift = _modulation(b, cols, cols < C, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc,
+                                              scale_ptr, 0, scale_ptr, 0, False, False)
+    return one_plus_scale, shift
 
 
 @triton.jit

@@ -289,6 +289,38 @@ def test_split_path_is_deterministic_and_agrees_with_fused(device, generator):
         torch.testing.assert_close(first, fused, rtol=1e-5, atol=1e-5)
 
 
+
+def _with_infinities(t, count, generator):
+    """A copy of t with `count` random elements set to +-inf."""
+    flat = t.clone().flatten()
+    where = torch.randperm(flat.numel(), generator=generator)[:count]
+    flat[where] = float("inf") * torch.randn(count, generator=generator).sign().to(t.dtype)
+    return flat.view(t.shape)
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("affine, act", [(True, "silu"), (False, None)], ids=["affine-silu", "plain"])
+@pytest.mark.parametrize("splits", [None, 3], ids=["fused", "split"])
+def test_infinite_scale_meets_the_normalized_value_as_in_the_reference(device, backend, affine, act, splits,
+                                                                       generator):
+    """(xhat * weight + bias) * (1 + scale) + shift in the reference's order: an infinite scale
+    gives the infinity of the normalized value's sign. Folded into xhat * u + offset, it added
+    opposite infinities (NaN) wherever xhat * weight and bias differ in sign, and the absent
+    bias's 0 * inf made every element of the channel NaN (adaLN's too)."""
+    x = random_tensor((2, 8, 5, 4), "contiguous", device, torch.float32, generator)
+    scale, shift = (torch.randn(2, 8, generator=generator).to(device) for _ in "ab")
+    weight, bias = ((torch.randn(8, generator=generator).to(device) for _ in "ab") if affine else (None, None))
+    args = (x, _with_infinities(scale, 3, generator), shift, 4, weight, bias, 1e-5, act)
+    expected = ada_group_norm_reference(*_upcast(args)).float()
+    torch.testing.assert_close(_run_group_norm(args, splits, backend), expected, equal_nan=True)
+
+    x = random_tensor((2, 7, 24), "contiguous", device, torch.float32, generator)
+    scale, shift = (torch.randn(2, 24, generator=generator).to(device) for _ in "ab")
+    args = (x, _with_infinities(scale, 3, generator), shift, 1e-6)
+    out = _poisoned(ADA_LAYER_NORM.allocate_output(*args))
+    ADA_LAYER_NORM.implementations[backend].run(*args, out=out)
+    torch.testing.assert_close(out, ada_layer_norm_reference(*_upcast(args)).float(), equal_nan=True)
+
 def test_group_norm_matches_the_adm_formulation(generator):
     """ADM's ResBlock with use_scale_shift_norm: out_norm(h) * (1 + scale) + shift, SiLU."""
     norm = torch.nn.GroupNorm(4, 16)
