@@ -7,7 +7,8 @@
 //     y[b, o, h*f+i, w*f+j] = scale * x[b, (o*f*f + i*f + j) / r, h, w]  (+ residual)
 //
 // scale = 1/g gives the spec's mean; the backward of each op is the other with scale = 1
-// (or 1/g). Sums are fp32 whatever the dtype, and y is rounded once.
+// (or 1/g). Sums are fp32 whatever the dtype (past 16 terms, fp32 partials of 16 add up in
+// fp64), and y is rounded once.
 //
 // One thread per output element in a grid-stride loop, the elements taken in y's memory order
 // (NCHW or channels_last, whichever y is) so consecutive lanes write consecutive addresses;
@@ -23,6 +24,8 @@ namespace {
 // Bounds under which every index product below fits in int64.
 constexpr int64_t kMaxFactor = int64_t(1) << 15;
 constexpr int64_t kMaxChannels = int64_t(1) << 31;
+// Terms per partial sum of the channel averaging (as the Triton kernel's 16-wide tiles).
+constexpr int64_t kSumBlock = 16;
 
 struct Geometry {
   int64_t channels, height, width;  // of y; the batch is whatever remains of the index
@@ -68,9 +71,18 @@ __host__ __device__ __forceinline__ void unshuffle_avg_element(int64_t idx, cons
   // (c, i, j) once and then step j, i, c like an odometer instead of dividing per term.
   const int64_t first = o * geo.group;
   int64_t c = first / ff, i = (first % ff) / f, j = first % f;
-  float acc = 0.0f;
+  // Terms go into float32 partial sums of kSumBlock terms, and the partials into a float64
+  // total: a long sum (the backward of a 63-channel duplication at factor 4 sums 1008 terms) is
+  // then off by about kSumBlock roundings, not one per term, and a group of up to kSumBlock
+  // terms, the usual case, stays one float32 sum.
+  double total = 0.0;
+  float partial = 0.0f;
   for (int64_t t = 0; t < geo.group; ++t) {
-    acc += to_float(x.at(b, c, h * f + i, w * f + j));
+    partial += to_float(x.at(b, c, h * f + i, w * f + j));
+    if ((t + 1) % kSumBlock == 0) {
+      total += partial;
+      partial = 0.0f;
+    }
     if (++j == f) {
       j = 0;
       if (++i == f) {
@@ -79,7 +91,7 @@ __host__ __device__ __forceinline__ void unshuffle_avg_element(int64_t idx, cons
       }
     }
   }
-  float v = acc * scale;
+  float v = float(total + partial) * scale;
   if (residual.data != nullptr) v += to_float(residual.at(b, o, h, w));
   y.at(b, o, h, w) = from_float<T>(v);
 }
