@@ -23,9 +23,10 @@
 //                      every code whose fast score is within twice a rigorous error bound of
 //                      the row's fast best is a candidate and is rescored in float64 in the
 //                      direct form; the float64 scores decide (vq.py states the guarantee).
-//   quantize_rows_kernel  (vq_quantize) one warp per row: z_q = e_idx, the row's squared
-//                      error sum_d (z - e_idx)^2 in fp32, and +1 on the code's usage count
-//                      (integer atomics: exact and order-free).
+//   quantize_rows_kernel  (vq_quantize) one warp per row: z_q = e_idx (NaN where z is NaN
+//                      or infinite, as the reference's z + (e - z) is), the row's
+//                      squared error sum_d (z - e_idx)^2 in fp32, and +1 on the code's usage
+//                      count (integer atomics: exact and order-free).
 // Nothing N x K is ever stored: the extra memory is the K + 1 norms and one uint64 per row.
 //
 // Non-finite scores: torch.argmin / argmax take a NaN before any number, so fast_score() ranks
@@ -163,22 +164,33 @@ __device__ double exact_score(Strided4d<const T> z, int64_t row, Strided4d<const
   return a;
 }
 
-// A bound on |fast score - exact score| for every code of a row with fp32 squared norm
+// A bound on |fast score - float64 score| for every code of a row with fp32 squared norm
 // z_sq_norm, with a factor 2 of safety. The dot products accumulate exact products in fp32,
 // so they err by at most D u ||z|| ||e|| (Cauchy-Schwarz on sum |z_d e_d|); the fp32 norms by
-// (D + 1) u relative; each final multiply or add by u. (The Triton kernels use the same
-// bound with an extra operand error for tf32; there is none here.)
+// (D + 1) u relative; each final multiply or add by u; and each fp32 operation by at most
+// fp32's smallest normal to underflow (gradual or flushed to zero), 2D of them in a squared
+// norm or a dot, so an underflowing norm still bounds the true one. For l2 it adds the
+// float64 direct form's rounding, (D + 2) 2^-53 relative to a distance <= (||z|| + max ||e||)^2:
+// a code whose float64 score ties or beats the fast winner's is then always a candidate, even
+// for codes far shorter than z (subnormal codes), whose fast scores differ where the float64
+// ones tie. (Cosine's relative term is 2^29 times its float64 rounding already. The
+// Triton kernels use the same bound with an extra operand error for tf32; there is none here.)
 template <bool kCosine>
 __device__ __forceinline__ float score_error_bound(float z_sq_norm, float max_sq_norm, int D) {
   const float u = 5.9604644775390625e-08f;  // 2^-24, float32's unit roundoff
+  const float underflow = 2.0f * D * 1.1754943508222875e-38f;  // 2D operations, 2^-126 each
   const float dot_error = D * u;
-  const float z_norm = sqrtf(z_sq_norm) * (1.0f + D * u);
+  const float z_norm = sqrtf(z_sq_norm + underflow) * (1.0f + D * u);
   if constexpr (kCosine) {
-    // |score error| <= |z.e| r (rel. error of r + u) + r |dot error|, and ||e|| r <= 1.
-    return 2.0f * z_norm * (dot_error + (0.5f * D + 3.0f) * u);
+    // |score error| <= |z.e| r (rel. error of r + u) + r |dot error|, ||e|| r <= 1, r <= 1/eps.
+    return 2.0f * (z_norm * (dot_error + (0.5f * D + 3.0f) * u) + underflow / kCosineEps);
   }
-  const float max_sq = max_sq_norm * (1.0f + (D + 1) * u);
-  return 2.0f * ((D + 2) * u * max_sq + 2.0f * (dot_error + u) * z_norm * sqrtf(max_sq));
+  const float max_sq = max_sq_norm * (1.0f + (D + 1) * u) + underflow;
+  const float max_norm = sqrtf(max_sq);
+  const float float64_rounding =
+      (D + 2) * 1.1102230246251565e-16f * (z_norm + max_norm) * (z_norm + max_norm);
+  return 2.0f * ((D + 2) * u * max_sq + 2.0f * (dot_error + u) * z_norm * max_norm +
+                 3.0f * underflow + float64_rounding);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -441,8 +453,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     float error = 0.0f;
     for (int d = lane; d < D; d += kWarp) {
       const T e = codes.at(k, d, 0, 0);
-      z_q.at(row, d, 0, 0) = e;
-      const float diff = to_float(z.at(row, d, 0, 0)) - to_float(e);
+      const float zd = to_float(z.at(row, d, 0, 0));
+      // zd - zd is 0, or NaN for a NaN or infinite z, where the reference's z + (e - z) is NaN.
+      const float z_minus_z = zd - zd;
+      z_q.at(row, d, 0, 0) = z_minus_z == 0.0f ? e : from_float<T>(z_minus_z);
+      const float diff = zd - to_float(e);
       error = fmaf(diff, diff, error);
     }
     error = warp_sum(error);

@@ -19,18 +19,19 @@ mapped to an order-preserving integer in the high half and the index in the low 
 min of the packed values is the min score with the lowest index among ties; `_finish_kernel`
 takes that min per row. With one split the search kernel finishes the rows itself.
 
-The epilogue writes either (idx, distance) or, for vq_quantize, idx, z_q = e_idx (the value
-of the straight-through output), the row's sum of squared errors sum_d (z - e_idx)^2 in fp32
-(direct form: no cancellation) and +1 on the code's usage count (an int64 atomic add: exact,
-order-independent). `_sum_kernel` adds the row sums in one program in a fixed order, so the
-loss is bitwise reproducible.
+The epilogue writes either (idx, distance) or, for vq_quantize, idx, z_q (the value of the
+straight-through output: e_idx, and NaN where z is NaN or infinite, as there), the row's sum
+of squared errors sum_d (z - e_idx)^2 in fp32 (direct form: no cancellation) and +1 on the
+code's usage count (an int64 atomic add: exact, order-independent). `_sum_kernel` adds the
+row sums in one program in a fixed order, so the loss is bitwise reproducible.
 
 Exact mode (`_refine_kernel`, one more pass over the codebook): from the fast best score s*
 of a row and a bound eps on the error of any fast score of that row (`_score_error_bound`),
-every code with fast score <= s* + 2 eps is a candidate, and the true nearest code is always
-among them. Candidates other than the fast winner are rare (near-ties); only for them, one
-column at a time, the score is recomputed in float64 from the input values in the direct
-form sum_d (z_d - e_d)^2 (l2) or -(z . e) / max(||e||, eps) (cosine), and the float64 scores
+every code with fast score <= s* + 2 eps is a candidate, and the code the float64 scores pick
+(the true nearest up to their rounding, which eps covers too) is always among them.
+Candidates other than the fast winner are rare (near-ties); only for them, one column at a
+time, the score is recomputed in float64 from the input values in the direct form
+sum_d (z_d - e_d)^2 (l2) or -(z . e) / max(||e||, eps) (cosine), and the float64 scores
 decide, ties to the lowest index.
 
 Non-finite scores. torch.argmin / argmax take a NaN before any number, so the kernels rank a
@@ -155,7 +156,9 @@ def _fast_distance(z, best, COSINE: tl.constexpr, EPS: tl.constexpr):
 def _epilogue(rows, N, K, D, d, best_idx, distance, z_ptr, e_ptr, z_sn, z_sd, e_sk, e_sd,
               idx_ptr, value_ptr, zq_ptr, counts_ptr, QUANTIZE: tl.constexpr):
     """Write a finished row block: idx and, for search, the distance into value; for
-    quantize, z_q = e_idx, the row's squared error into value, and the usage count."""
+    quantize, z_q = e_idx where z - z is 0 (a finite z), else z - z (NaN, for a NaN or
+    infinite z, where the reference's straight-through z + (e - z) is NaN too), the row's
+    squared error into value, and the usage count; z is loaded for the error anyway."""
     in_rows = rows < N
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=in_rows)
     if QUANTIZE:
@@ -163,8 +166,12 @@ def _epilogue(rows, N, K, D, d, best_idx, distance, z_ptr, e_ptr, z_sn, z_sd, e_
         # Only rows < N are loaded: a padded row's index is meaningless.
         e = _load_rows(e_ptr, tl.where(in_rows, best_idx.to(tl.int64), K), K, D, d, e_sk, e_sd)
         mask = in_rows[:, None] & (d < D)[None, :]
-        tl.store(zq_ptr + rows[:, None] * D + d[None, :], e, mask=mask)
-        error = z.to(tl.float32) - e.to(tl.float32)
+        z32 = z.to(tl.float32)
+        # A select keeps the code's bits (the interpreter converts subnormal bfloat16 wrongly).
+        z_minus_z = z32 - z32
+        z_q = tl.where(z_minus_z == 0, e, z_minus_z.to(e.dtype))
+        tl.store(zq_ptr + rows[:, None] * D + d[None, :], z_q, mask=mask)
+        error = z32 - e.to(tl.float32)
         tl.store(value_ptr + rows, tl.sum(error * error, axis=1), mask=in_rows)
         tl.atomic_add(counts_ptr + best_idx, tl.full(best_idx.shape, 1, tl.int64), mask=in_rows)
     else:
@@ -235,18 +242,29 @@ def _finish_kernel(
 
 
 @triton.jit
-def _score_error_bound(z, max_sq_norm_ptr, D, DOT_ERROR: tl.constexpr, COSINE: tl.constexpr):
-    """A bound on |fast score - exact score| for every code, per row, with a factor 2 of safety:
-    dot products err by at most DOT_ERROR * ||z|| ||e|| (Cauchy-Schwarz on sum |z_d e_d|), the
-    fp32 norms by (D + 1) u relative, each final multiply or add by u."""
+def _score_error_bound(z, max_sq_norm_ptr, D, DOT_ERROR: tl.constexpr, COSINE: tl.constexpr,
+                       EPS: tl.constexpr):
+    """A bound on |fast score - float64 score| for every code, per row, with a factor 2 of
+    safety: dot products err by at most DOT_ERROR * ||z|| ||e|| (Cauchy-Schwarz on sum
+    |z_d e_d|), the fp32 norms by (D + 1) u relative, each final multiply or add by u; and each
+    float32 operation by at most float32's smallest normal to underflow (gradual or flushed
+    to zero), 2D of them in a squared norm or a dot, so an underflowing norm still bounds the
+    true one. For l2 it adds the float64 direct form's rounding, (D + 2) 2^-53 relative to a
+    distance <= (||z|| + max ||e||)^2: a code whose float64 score ties or beats the fast
+    winner's is then always a candidate, even for codes far shorter than z (subnormal codes),
+    whose fast scores differ where the float64 ones tie. (Cosine's relative term is 2^29 times
+    its float64 rounding already.)"""
     u = 5.9604644775390625e-08  # 2^-24, float32's unit roundoff
-    z_norm = tl.sqrt_rn(tl.sum(z * z, axis=1)) * (1.0 + D * u)
+    underflow = 2.0 * D * 1.1754943508222875e-38  # 2D operations, 2^-126 each
+    z_norm = tl.sqrt_rn(tl.sum(z * z, axis=1) + underflow) * (1.0 + D * u)
     if COSINE:
-        # |score error| <= |z.e| r (rel. error of r + u) + r |dot error|, and ||e|| r <= 1.
-        return 2.0 * z_norm * (DOT_ERROR + (0.5 * D + 3.0) * u)
-    max_sq_norm = tl.load(max_sq_norm_ptr) * (1.0 + (D + 1) * u)
+        # |score error| <= |z.e| r (rel. error of r + u) + r |dot error|, ||e|| r <= 1, r <= 1/eps.
+        return 2.0 * (z_norm * (DOT_ERROR + (0.5 * D + 3.0) * u) + underflow / EPS)
+    max_sq_norm = tl.load(max_sq_norm_ptr) * (1.0 + (D + 1) * u) + underflow
     max_norm = tl.sqrt_rn(max_sq_norm)
-    return 2.0 * ((D + 2) * u * max_sq_norm + 2.0 * (DOT_ERROR + u) * z_norm * max_norm)
+    float64_rounding = (D + 2) * 1.1102230246251565e-16 * (z_norm + max_norm) * (z_norm + max_norm)
+    return 2.0 * ((D + 2) * u * max_sq_norm + 2.0 * (DOT_ERROR + u) * z_norm * max_norm + 3.0 * underflow
+                  + float64_rounding)
 
 
 @triton.jit
@@ -277,7 +295,7 @@ def _refine_kernel(
     z64 = z.to(tl.float64)
     if DOT_IN_FP32:
         z = z32
-    threshold = fast_best + 2.0 * _score_error_bound(z32, max_sq_norm_ptr, D, DOT_ERROR, COSINE)
+    threshold = fast_best + 2.0 * _score_error_bound(z32, max_sq_norm_ptr, D, DOT_ERROR, COSINE, EPS)
     # A NaN score (ranked -inf) decides its row, as in torch.argmin: nothing to rescore.
     decided_by_nan = fast_best == float("-inf")
     refined = in_rows & ~decided_by_nan

@@ -228,12 +228,66 @@ def test_quantize_with_non_finite_codes_writes_only_its_counts(device, backend, 
     counts = counts_buffer[:k]
     vq.VQ_QUANTIZE.implementations[backend].run(z, codebook, 0.25, exact, "ieee", out=(z_q, idx, loss, counts))
     assert counts_buffer[k] == -1, "a usage count was written past the end of counts"
-    expected_zq, expected_idx, expected_loss, expected_counts = vq.vq_quantize_reference(z, codebook, 0.25)
+    _, expected_idx, expected_loss, expected_counts = vq.vq_quantize_reference(z, codebook, 0.25)
     _assert_within_the_codebook(idx, codebook)
     assert torch.equal(idx, expected_idx)
     assert torch.equal(counts, expected_counts)
-    assert torch.equal(z_q, codebook[expected_idx])
+    # The code itself, but NaN where z is (the reference's straight-through z + (e - z)).
+    expected_zq = codebook[expected_idx].masked_fill(~z.isfinite(), float("nan"))
+    torch.testing.assert_close(z_q, expected_zq, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(loss, expected_loss, equal_nan=True)
+
+
+def _subnormal_codes_problem(generator, dtype, device, codes=150, rows=40, dim=32):
+    """Normal z rows and subnormal codes: every z_d - e_d rounds to z_d in float64, so every
+    code scores ||z||^2 there and code 0 wins every row's tie, though their exact distances
+    (and float32 fast scores) differ by ~1e-38. (A code of normal size would make the fast
+    scores' error bound cover those differences and every code a candidate.)"""
+    tiny = torch.finfo(dtype).tiny / 4
+    z = torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+    codebook = tiny * torch.randn(codes, dim, generator=generator, dtype=torch.float64)
+    return z.to(device, dtype), codebook.to(device, dtype)
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_exact_ties_subnormal_codes_to_the_lowest_index(device, backend, dtype, quantize, generator):
+    """exact=True promises the float64 argmin with ties to the lowest index; the float32 fast
+    scores rank subnormal codes that the float64 scores tie (an error bound that ignored
+    underflow, and so was 0 here, once kept the fast winner)."""
+    z, codebook = _subnormal_codes_problem(generator, dtype, device)
+    expected = _direct_float64_argmin(z, codebook, "l2")
+    assert bool((expected == 0).all()), "the test's premise: every row's float64 scores tie"
+    assert torch.equal(vq.vq_nearest_reference(z.double(), codebook.double(), "l2")[0].cpu(), expected)
+    if quantize:
+        z_q, idx, _, counts = vq.VQ_QUANTIZE.allocate_output(z, codebook, 0.25, True)
+        vq.VQ_QUANTIZE.implementations[backend].run(z, codebook, 0.25, True, "ieee", out=(z_q, idx, _, counts))
+        assert torch.equal(z_q, codebook[expected.to(device)])
+        assert torch.equal(counts.cpu(), torch.bincount(expected, minlength=codebook.shape[0]))
+    else:
+        idx, _ = _run_nearest(z, codebook, "l2", exact=True, backend=backend)
+    assert torch.equal(idx.cpu(), expected), f"{int((idx.cpu() != expected).sum())} of {len(idx)} rows differ"
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exact", [False, True])
+def test_quantize_z_q_is_nan_where_z_is_not_finite(device, backend, dtype, exact, generator):
+    """The straight-through z + (e - z) is NaN where z is NaN or +-inf: z_q too, and the code
+    elsewhere."""
+    z, codebook = _quantize_problem(device, dtype, generator)
+    flat = z.view(-1)
+    flat[torch.randperm(flat.numel(), generator=generator)[:9].to(device)] = torch.tensor(
+        [float("nan"), float("inf"), float("-inf")] * 3, dtype=dtype, device=device)
+    out = vq.VQ_QUANTIZE.allocate_output(z, codebook, 0.25, exact)
+    vq.VQ_QUANTIZE.implementations[backend].run(z, codebook, 0.25, exact, "ieee", out=out)
+    z_q, idx = out[:2]
+    expected_zq = vq.vq_quantize_reference(z.double(), codebook.double(), 0.25)[0]
+    assert torch.equal(z_q.isnan().cpu(), expected_zq.isnan().cpu())
+    assert torch.equal(z_q.isnan(), ~z.isfinite())
+    finite = z.isfinite()
+    assert torch.equal(z_q[finite], codebook[idx].expand_as(z_q)[finite])
 
 
 @pytest.mark.parametrize("device, backend", [p for p in _devices_and_backends() if p.values[0] == CPU])

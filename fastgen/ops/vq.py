@@ -15,7 +15,8 @@ as the eager formulation's does. Neither output has a gradient.
 `vq_quantize(z, codebook, beta=0.25, exact=False, input_precision="ieee")` ->
 (z_q, idx, loss, counts), the VQ-VAE bottleneck with the l2 search above and e = codebook[idx]:
 
-    z_q    = z + (e - z).detach()        value e, gradient straight through to z
+    z_q    = z + (e - z).detach()        value e (NaN where z is NaN or +-inf, as z + (e - z)
+                                         is), gradient straight through to z
     loss   = mean((z.detach() - e)^2) + beta * mean((z - e.detach())^2)
              (codebook loss + commitment loss; both means over all N*D elements)
     counts = bincount(idx, minlength=K)  (int64 code usage)
@@ -41,22 +42,30 @@ to fp32: every input_precision runs as "ieee" there, which is at least as accura
 
 `exact=True` guarantees: the returned index minimizes the distance evaluated in float64 from
 the input values in the direct form, sum_d (z_d - e_kd)^2 for l2 and
--(z . e_k) / max(||e_k||, eps) for cosine, with ties (equal float64 values, e.g. duplicated
-codes) to the lowest index. That is the exact answer up to float64 rounding (relative
-(D + 2) 2^-53) and, unlike any expanded-form evaluation, also right for codes much closer
-to z than z's norm. It costs one more pass over the codebook: every code whose fast score
-is within twice a rigorous error bound of the fast best (the bound assumes float32
-accumulation with at most twice round-to-nearest's error, which covers tensor cores) is a
-candidate, and candidates other than the fast winner are rescored in float64. Distances
-returned in exact mode are the float64 direct-form values rounded to float32. The rescoring
-costs in proportion to the number of near-tie candidates: negligible on real codebooks, up to
-a float64 brute-force search for a codebook of identical codes.
+-(z . e_k) / max(||e_k||, eps) for cosine, with ties (equal float64 values) to the lowest
+index. Ties come from duplicated codes, and from codes so much shorter than z that every
+z_d - e_kd rounds to z_d in float64 (subnormal float32 or bfloat16 codes next to a normal z):
+all of them score the same and the lowest index wins, as in the float64 reference, though
+their exact distances differ (by ~1e-38 in ~30 for subnormal codes). That is the exact
+answer up to float64 rounding (relative (D + 2) 2^-53) and, unlike any expanded-form
+evaluation, also right for codes much closer to z than z's norm. It costs one more pass over
+the codebook: every code whose fast score is within twice a rigorous error bound of the fast
+best is a candidate, and candidates other than the fast winner are rescored in float64. The
+bound assumes float32 accumulation with at most twice round-to-nearest's error (which covers
+tensor cores), lets each float32 operation lose float32's smallest normal to underflow
+(gradual or flushed to zero), and adds the float64 rounding, so that every code whose float64
+distance can tie or beat the winner's is a candidate. Distances returned in exact mode are the
+float64 direct-form values rounded to float32. The rescoring costs in proportion to the
+number of near-tie candidates: negligible on real codebooks, up to a float64 brute-force
+search for a codebook of identical codes, or of codes so short (norm below about 1e-18)
+that their float32 squared norms underflow.
 
 NaN and Inf propagate as in the eager reference, whose argmin (argmax for cosine) takes the
 first NaN before any number. So a code whose distance is NaN is chosen first, with a NaN
 distance, in exact mode too: a code holding NaN; a code holding inf, for the rows where the
 expanded l2 form gives inf - inf (under cosine for every row: the normalized code is NaN);
-any code for a z row holding NaN. A distance that overflows to inf (a code near 1e19, whose
+any code for a z row holding NaN. z_q is NaN wherever z is NaN or infinite, as the
+reference's z + (e - z) is. A distance that overflows to inf (a code near 1e19, whose
 float32 squared norm overflows) never beats a finite one, and ties of inf go to the lowest
 index; exact mode instead rescores such codes in float64, and for l2 their infinite squared
 norm makes its error bound infinite, so it then rescores the whole codebook. For a z row
