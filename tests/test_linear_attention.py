@@ -152,9 +152,10 @@ def test_backward_propagates_nan_and_inf_as_the_reference(device, dtype, name, v
 
 
 def _autograd_of_the_reference(grad, q, k, v, eps=1e-15):
-    """(dq, dk, dv): float64 autograd through the forward reference, F.relu's backward included."""
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    linear_attention_reference(*leaves, eps).backward(grad.double())
+    """(dq, dk, dv): float64 autograd through the forward reference, F.relu's backward included,
+    on the CPU, whose eager semantics the op follows on every device."""
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    linear_attention_reference(*leaves, eps).backward(grad.cpu().double())
     return tuple(t.grad for t in leaves)
 
 
