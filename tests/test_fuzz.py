@@ -14,9 +14,11 @@ Run with `pytest -m fuzz`; FASTGEN_FUZZ picks the hypothesis profile (tests/conf
 dtype and direction tests). Cases are fresh every run:
 hypothesis prints the minimal failing `Recipe` and the blob that replays it.
 """
+import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable, Optional
 from unittest import mock
 
 import pytest
@@ -29,6 +31,7 @@ from fastgen import check
 from fastgen.check import mismatch
 from fastgen.ops import registry
 from fastgen.ops.registry import KERNEL_DTYPES, OPS
+from fastgen.ops.upfirdn2d import upfirdn2d_real_samples
 from fuzz_inputs import INPUT_CLASSES, argument_names, fuzz_inputs
 
 PROFILE = os.environ.get("FASTGEN_FUZZ", "ci")
@@ -58,21 +61,6 @@ class KnownDefect:
 
 TRITON_AND_CUDA = ("triton", "cuda")
 CI_EXCLUSIONS = (
-    *(KnownDefect(name, TRITON_AND_CUDA, "inf", arguments=arguments,
-                  defect="an infinite scale (or group norm weight) puts NaN where the reference has an infinity "
-                         "and an infinity where it has NaN, forward and backward")
-      for name, arguments in (("ada_group_norm", ("scale", "weight")), ("ada_layer_norm", ("scale",)))),
-    KnownDefect("bias_act", ("triton",), "expanded", arguments=("b",), directions=("bwd",),
-                defect="the Triton backward's bias-gradient reduction fails on a stride-0 b (RuntimeError: "
-                       "the size of tensor a (C) must match the size of tensor b (B*H*W))"),
-    KnownDefect("bias_act", ("cuda",), "empty",
-                defect="empty_like keeps the zero strides of an empty expanded x, and the CUDA launcher then "
-                       "rejects its own output (ValueError: y: stride 0 ... must not overlap itself)"),
-    KnownDefect("bias_act", TRITON_AND_CUDA, "nan", arguments=("x",), directions=("bwd",),
-                defect="relu's backward gives 0 at a NaN x, where the reference passes the gradient through"),
-    KnownDefect("channel_dup_pixel_shuffle", ("cuda",), "odd sizes", directions=("bwd",),
-                defect="the backward sums a thousand repeats (63 out channels, factor 4, 1 in channel) in "
-                       "float32 7e-5 off, twice the reference's own error"),
     *(KnownDefect("cross_attention", ("triton",), value_class, arguments=arguments, directions=("bwd",),
                   defect="the backward gives finite gradients where the reference's are NaN (a NaN or infinite "
                          "score) and inf, NaN or 1e3 where they are 0 (scores near 1e20 from huge q and k)")
@@ -92,21 +80,6 @@ CI_EXCLUSIONS = (
     KnownDefect("filtered_lrelu", ("triton",), "huge", arguments=("fd",), directions=("bwd",),
                 defect="a huge down-filter tap gives the float16 x gradient NaN where the reference's "
                        "overflows to an infinity"),
-    KnownDefect("linear_attention", TRITON_AND_CUDA, "nan", arguments=("q", "k"), directions=("bwd",),
-                defect="the backward gives q and k a 0 gradient where the reference's is NaN (its ReLU keeps "
-                       "NaN forward, not backward)"),
-    KnownDefect("linear_attention", ("triton",), "subnormal", arguments=("q", "k"), directions=("bwd",),
-                defect="subnormal bfloat16 q or k get 0 gradients where the reference's are about 1e16"),
-    *(KnownDefect("upfirdn2d", TRITON_AND_CUDA, value_class, arguments=("f",),
-                  defect="with a non-finite filter tap, NaN lands where the reference's zero-stuffed, padded "
-                         "convolution multiplies the tap by a structural zero, and only there")
-      for value_class in ("nan", "inf")),
-    KnownDefect("upfirdn2d", TRITON_AND_CUDA, "huge", arguments=("f",), directions=("bwd",), dtypes=(torch.float16,),
-                defect="not the kernels but the check: a float16 reference that overflows widens no tolerance "
-                       "(check.mismatch), so a huge filter's float32 gradient must be within 1e-5 relative over "
-                       "hundreds of terms (1.1e-5 seen)"),
-    KnownDefect("upfirdn2d", TRITON_AND_CUDA, "inf", arguments=("x",), directions=("bwd",),
-                defect="an infinite x gives the filter gradient NaN where the reference's sum is an infinity"),
     *(KnownDefect(name, TRITON_AND_CUDA, "subnormal",
                   defect="exact mode breaks the float64 ties of subnormal codes (or z) by their true distances, "
                          "not to the lowest index as the reference and vq.py's contract do")
@@ -122,6 +95,42 @@ CI_EXCLUSIONS = (
 CODE_INDEX_OUTPUT = {"vq_nearest": 0, "vq_quantize": 1}
 
 
+@dataclass(frozen=True)
+class StatedContract:
+    """An input class on which an op's docstring states its answer by the op's own formula, not
+    by the eager reference's arithmetic, and how the test holds the op to it: against `oracle`
+    (a float64-capable function evaluating that formula, with a backward) in place of the
+    reference, and/or asking only that non-finite outputs are where the reference's are, NaN and
+    infinities alike (which_non_finite=False)."""
+
+    op: str
+    input_class: str
+    arguments: tuple
+    oracle: Optional[Callable] = None
+    which_non_finite: bool = True
+
+
+STATED_CONTRACTS = (
+    # fastgen/ops/upfirdn2d.py, "Non-finite values": a tap multiplies only pixels of x, never a
+    # zero that upsampling inserts or padding adds.
+    *(StatedContract("upfirdn2d", value_class, ("f",), oracle=upfirdn2d_real_samples)
+      for value_class in ("nan", "inf")),
+    # fastgen/ops/ada_norm.py, "Non-finite values": an infinite modulation or weight makes
+    # non-finite exactly the outputs and gradients it reaches; whether one is NaN or an infinity
+    # follows the docstring's formulas, not torch's group_norm / layer_norm internals.
+    StatedContract("ada_group_norm", "inf", ("scale", "weight"), which_non_finite=False),
+    StatedContract("ada_layer_norm", "inf", ("scale",), which_non_finite=False),
+)
+
+
+def _stated_contract(name: str, values: Optional[tuple]) -> Optional[StatedContract]:
+    if values is None:
+        return None
+    value_class, argument, _ = values
+    return next((contract for contract in STATED_CONTRACTS if contract.op == name
+                 and contract.input_class == value_class and argument in contract.arguments), None)
+
+
 def _codes_unspecified(name: str, args: tuple) -> bool:
     return name in CODE_INDEX_OUTPUT and bool(args[0].detach().float().square().sum(1).isinf().any())
 
@@ -135,16 +144,21 @@ def _excluded(name: str, backend: str, dtype: torch.dtype, direction: str) -> fr
 
 
 def non_finite_aware_mismatch(actual: torch.Tensor, expected: torch.Tensor,
-                              same_dtype_reference=None, magnitude=None) -> tuple:
+                              same_dtype_reference=None, magnitude=None, which_non_finite: bool = True) -> tuple:
     """check.mismatch with NaN and infinities compared by position (module docstring): where
-    both sides agree on a non-finite element it counts as exact."""
+    both sides agree on a non-finite element it counts as exact. which_non_finite=False only
+    asks that the non-finite elements are the same, whether NaN or an infinity (an op stating
+    its own formula there, STATED_CONTRACTS)."""
     expected64 = expected.detach().double().cpu()
     rounded = expected64.to(actual.dtype).double()
     actual_cpu = actual.detach().cpu()
     actual64 = actual_cpu.double()
     if actual64.shape != rounded.shape:
         return mismatch(actual, expected)
-    wrong = (actual64.isnan() != rounded.isnan()) | ((actual64.isinf() | rounded.isinf()) & (actual64 != rounded))
+    if which_non_finite:
+        wrong = (actual64.isnan() != rounded.isnan()) | ((actual64.isinf() | rounded.isinf()) & (actual64 != rounded))
+    else:
+        wrong = actual64.isfinite() != rounded.isfinite()
     if wrong.any():
         index = tuple(int(i) for i in wrong.nonzero()[0])
         return float("inf"), (f"{int(wrong.sum())} of {wrong.numel()} elements non-finite where the reference is "
@@ -217,10 +231,14 @@ def test_matches_the_float64_reference(name, device, backend, dtype, direction):
         if _codes_unspecified(name, recipe.args):
             _assert_code_indices_in_range(op, backend, recipe.args)
             return
+        contract = _stated_contract(name, recipe.values)
+        compare = non_finite_aware_mismatch if contract is None else functools.partial(
+            non_finite_aware_mismatch, which_non_finite=contract.which_non_finite)
+        oracle = (contract and contract.oracle) or op.reference
         # oneDNN compiles a float16 depthwise convolution (the filters' references on a CPU) per
         # shape, and takes minutes for some (a 1 x 17 filter over 131 columns); torch's own does not.
-        with torch.backends.mkldnn.flags(enabled=False), \
-                mock.patch.object(check, "mismatch", non_finite_aware_mismatch):
+        with torch.backends.mkldnn.flags(enabled=False), mock.patch.object(check, "mismatch", compare), \
+                mock.patch.object(op, "reference", oracle):
             if direction == "fwd":
                 _, detail = check.check_forward(op, backend, recipe.args)
             else:

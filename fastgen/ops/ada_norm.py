@@ -38,6 +38,14 @@ A = sum over positions of dz, Bc = sum over positions of dz * xhat:
                                                                         group's C/G*S elements)
 
 adaLN is the same with G = 1 per token, u = 1 + scale and sums over the token's channels.
+
+Non-finite values propagate through these formulas, evaluated in the order written: every
+output and gradient that a NaN or an infinity reaches is non-finite, and no other. Where an
+infinite scale or weight meets it, which of NaN and +-inf an element holds follows the formulas
+above (an infinity times a 0 xhat is NaN); the eager references' torch group_norm / layer_norm
+compute x * (rstd * weight) + (bias - mu * rstd * weight) and backward formulas of their own,
+so they can hold NaN there where the kernels hold an infinity, and the other way round.
+
 Each backward is an op of its own (`ada_group_norm_backward`, `ada_layer_norm_backward`) so
 that the fast backward is one graph node under torch.compile; the statistics are recomputed
 there from x rather than saved, so each forward op keeps its single output. The backward ops
