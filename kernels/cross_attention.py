@@ -14,16 +14,23 @@ programs of grid axes 1 and 2 (DiT-XL/2's 16 heads at batch 4096), axis 0 takes 
 Forward, one launch over query blocks: each program keeps BLOCK_M query rows and
 streams the keys and values in tiles of BLOCK_N with the online softmax: a running row max m
 and row sum l in float32, the accumulator rescaled by exp(m_old - m_new) when the max grows.
-Scores are computed in base 2 (scale * log2(e) is folded into one multiply, exp2 is the
-hardware instruction). Key columns past Lkv or masked out get a score of -inf; while a row
-has seen no key, m is -inf and the exponent is taken against 0 instead, so no inf - inf NaN
-appears. It writes out = acc / l (0 for a row with no key) and the row's log-sum-exp in
-natural-log units, +inf for a row with no key, so that the backward's exp(s - lse) is 0 there.
+Scores are scale * q.k in float32, and every exponent is exp2((s - pivot) * log2(e)) (exp2
+is the hardware instruction): the difference is taken before the multiply, so the row max's
+own key gets exactly exp2(0) = 1 even at scores near 1e20, where folding log2(e) into the
+score would round the max and its key apart by 2^40. Key columns past Lkv or masked out get a
+score of -inf; while a row's scores are all -inf, m is -inf and the exponent is taken against
+0 instead, so no inf - inf NaN appears. It writes out = acc / l and the row's log-sum-exp
+m + log(l) (exactly m where l = 1, so the backward's exp(s - lse) is exactly 1 there). A row
+with a key follows the reference's softmax into NaN (a NaN or +inf score, or scores all -inf:
+0 / 0, lse -inf); a row with no key, counted by its mask, gets out 0 and lse +inf, so that the
+backward's exp(s - lse) is 0 there.
 
 Backward (FlashAttention-2), two launches, no atomics (deterministic):
   1. `_query_grad_kernel`, over query blocks: computes delta = rowsum(dout * out) for its
      rows and stores it for the next launch, then streams the key/value tiles recomputing
      P = exp(s - lse), dP = dout v^T, dS = P (dP - delta), and accumulates dq = scale dS k.
+     dS is exactly 0 at masked keys, at rows without keys and (second launch) at the rows
+     past Lq, where P is 0 but dP or delta may be NaN: the reference passes no gradient there.
   2. `_key_value_grad_kernel`, over key blocks: keeps BLOCK_N keys and streams the
      query tiles, recomputing P^T and dP^T, and accumulates dv = P^T dout, dk = scale dS^T q.
 P and dS are recomputed twice (once per launch) instead of sharing dq between key blocks
@@ -106,15 +113,37 @@ def _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _scores(a, b_t, valid, scale, PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """scale * a b_t^T in float32, -inf where `valid` (broadcast to the tile) is False. The
+    where sits between the product and every later subtraction, so the product is rounded
+    on its own (never contracted into an FMA with the subtraction): the forward's row max and
+    the backward's score of that key are then the same float32 number."""
+    return tl.where(valid, _dot(a, tl.trans(b_t), PRECISION, UPCAST_DOTS) * scale, float("-inf"))
+
+
+@triton.jit
+def _exp(x):
+    return tl.exp2(x * _LOG2E)
+
+
+@triton.jit
 def _row_stats_ptrs(stats_ptr, bh, rows, LQ):
     """Pointers and bounds into a (B, H, Lq) float32 row statistic (contiguous)."""
     return stats_ptr + bh.to(tl.int64) * LQ + rows, rows < LQ
 
 
 @triton.jit
+def _score_grad(p, dp, delta, counted):
+    """dS = P (dP - delta) where `counted`, exactly 0 elsewhere: the reference's masked_fill
+    and where pass no gradient to a masked key or a row without keys, even where dP or delta
+    is NaN (a NaN or infinite v there makes them so) and P is 0."""
+    return tl.where(counted, p * (dp - delta), 0.0)
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
-    LQ, LKV, H, qk_scale_log2,
+    LQ, LKV, H, scale,
     q_sb, q_sl, q_sh, q_sd,
     k_sb, k_sl, k_sh, k_sd,
     v_sb, v_sl, v_sh, v_sd,
@@ -132,33 +161,38 @@ def _forward_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    keys = 0
     for start in range(0, LKV, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = _load_tile(k_ptr, b, h, cols, LKV, d, D, k_sb, k_sl, k_sh, k_sd)
-        scores = _dot(q, tl.trans(k), PRECISION, UPCAST_DOTS) * qk_scale_log2
         valid = _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK)
-        scores = tl.where(valid[None, :], scores, float("-inf"))
+        keys += tl.sum(valid.to(tl.int32), axis=0)
+        scores = _scores(q, k, valid[None, :], scale, PRECISION, UPCAST_DOTS)
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        # A row with no key yet keeps max -inf: exponents against 0 give p = 0, rescale 0.
+        # While a row's scores are all -inf its max is -inf: exponents against 0 give p = 0,
+        # rescale 0. Differences to the max, not products folded with it, give the max's own
+        # key p = 1 exactly, however large its score.
         pivot = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp2(scores - pivot[:, None])
-        rescale = tl.exp2(row_max - pivot)
+        p = _exp(scores - pivot[:, None])
+        rescale = _exp(row_max - pivot)
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         v = _load_tile(v_ptr, b, h, cols, LKV, d, D, v_sb, v_sl, v_sh, v_sd)
         acc = acc * rescale[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST_DOTS)
         row_max = new_max
-    has_key = row_sum > 0.0
+    # With a key, the reference's softmax: NaN for a row whose scores hold NaN or +inf (the
+    # sum is NaN) or are all -inf (0 / 0). Without one, out 0 and lse +inf (module docstring).
+    has_key = keys > 0
     out = acc / tl.where(has_key, row_sum, 1.0)[:, None]
     _store_tile(out_ptr, out, b, h, rows, LQ, d, D, o_sb, o_sl, o_sh, o_sd)
     lse_ptrs, in_range = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
-    lse = tl.where(has_key, (row_max + tl.log2(tl.where(has_key, row_sum, 1.0))) * _LN2, float("inf"))
+    lse = tl.where(has_key, row_max + tl.log2(row_sum) * _LN2, float("inf"))
     tl.store(lse_ptrs, lse, mask=in_range)
 
 
 @triton.jit
 def _query_grad_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr,
-    LQ, LKV, H, scale, qk_scale_log2,
+    LQ, LKV, H, scale,
     q_sb, q_sl, q_sh, q_sd,
     k_sb, k_sl, k_sh, k_sd,
     v_sb, v_sl, v_sh, v_sd,
@@ -181,17 +215,16 @@ def _query_grad_kernel(
     stats_ptrs, in_range = _row_stats_ptrs(delta_ptr, bh, rows, LQ)
     tl.store(stats_ptrs, delta, mask=in_range)
     lse_ptrs, _ = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
-    lse_log2 = tl.load(lse_ptrs, mask=in_range, other=float("inf")) * _LOG2E
+    lse = tl.load(lse_ptrs, mask=in_range, other=float("inf"))
     dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     for start in range(0, LKV, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = _load_tile(k_ptr, b, h, cols, LKV, d, D, k_sb, k_sl, k_sh, k_sd)
         v = _load_tile(v_ptr, b, h, cols, LKV, d, D, v_sb, v_sl, v_sh, v_sd)
-        scores = _dot(q, tl.trans(k), PRECISION, UPCAST_DOTS) * qk_scale_log2
         valid = _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK)
-        p = tl.exp2(tl.where(valid[None, :], scores, float("-inf")) - lse_log2[:, None])
+        p = _exp(_scores(q, k, valid[None, :], scale, PRECISION, UPCAST_DOTS) - lse[:, None])
         dp = _dot(grad, tl.trans(v), PRECISION, UPCAST_DOTS)
-        ds = p * (dp - delta[:, None])
+        ds = _score_grad(p, dp, delta[:, None], valid[None, :])
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST_DOTS)
     _store_tile(dq_ptr, dq * scale, b, h, rows, LQ, d, D, dq_sb, dq_sl, dq_sh, dq_sd)
 
@@ -199,7 +232,7 @@ def _query_grad_kernel(
 @triton.jit
 def _key_value_grad_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    LQ, LKV, H, scale, qk_scale_log2,
+    LQ, LKV, H, scale,
     q_sb, q_sl, q_sh, q_sd,
     k_sb, k_sl, k_sh, k_sd,
     v_sb, v_sl, v_sh, v_sd,
@@ -226,14 +259,14 @@ def _key_value_grad_kernel(
         grad = _load_tile(grad_ptr, b, h, rows, LQ, d, D, g_sb, g_sl, g_sh, g_sd)
         lse_ptrs, in_range = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
         # Rows past Lq read lse = +inf: their P^T column is exactly 0.
-        lse_log2 = tl.load(lse_ptrs, mask=in_range, other=float("inf")) * _LOG2E
+        lse = tl.load(lse_ptrs, mask=in_range, other=float("inf"))
         delta_ptrs, _ = _row_stats_ptrs(delta_ptr, bh, rows, LQ)
         delta = tl.load(delta_ptrs, mask=in_range, other=0.0)
-        scores_t = _dot(k, tl.trans(q), PRECISION, UPCAST_DOTS) * qk_scale_log2
-        p_t = tl.exp2(tl.where(valid[:, None], scores_t, float("-inf")) - lse_log2[None, :])
+        p_t = _exp(_scores(k, q, valid[:, None], scale, PRECISION, UPCAST_DOTS) - lse[None, :])
         dv += _dot(p_t.to(grad.dtype), grad, PRECISION, UPCAST_DOTS)
         dp_t = _dot(v, tl.trans(grad), PRECISION, UPCAST_DOTS)
-        ds_t = p_t * (dp_t - delta[None, :])
+        # Rows past Lq are no rows of the reference: dS^T is 0 there, as for masked keys.
+        ds_t = _score_grad(p_t, dp_t, delta[None, :], valid[:, None] & in_range[None, :])
         dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST_DOTS)
     _store_tile(dk_ptr, dk * scale, b, h, cols, LKV, d, D, dk_sb, dk_sl, dk_sh, dk_sd)
     _store_tile(dv_ptr, dv, b, h, cols, LKV, d, D, dv_sb, dv_sl, dv_sh, dv_sd)
@@ -371,7 +404,7 @@ def cross_attention_forward(q, k, v, mask, scale: float, out, lse) -> None:
     _forward(
         q_len, batch * heads,
         q, k, v, mask_tensor, out, lse,
-        q_len, k.shape[1], heads, scale * _LOG2E.value,
+        q_len, k.shape[1], heads, scale,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         **_meta(q, mask),
     )
@@ -387,14 +420,14 @@ def cross_attention_backward(grad, q, k, v, out, lse, mask, scale: float, dq, dk
     _query_grad(
         q_len, batch * heads,
         q, k, v, mask_tensor, out, grad, lse, delta, dq,
-        q_len, kv_len, heads, scale, scale * _LOG2E.value,
+        q_len, kv_len, heads, scale,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), *grad.stride(), *dq.stride(),
         **meta,
     )
     _key_value_grad(
         kv_len, batch * heads,
         q, k, v, mask_tensor, grad, lse, delta, dk, dv,
-        q_len, kv_len, heads, scale, scale * _LOG2E.value,
+        q_len, kv_len, heads, scale,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad.stride(), *dk.stride(), *dv.stride(),
         **meta,
     )

@@ -197,6 +197,43 @@ def test_rows_without_a_key_give_zeros_and_zero_gradients(backend, dtype, genera
     assert out[1].abs().sum() > 0 and q.grad[1].abs().sum() > 0
 
 
+def _autograd_of_the_reference(grad, q, k, v, key_padding_mask):
+    """(out, dq, dk, dv): float64 autograd through the forward's eager reference."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = cross_attention_reference(*leaves, key_padding_mask)
+    out.backward(grad.double())
+    return (out.detach(), *(t.grad for t in leaves))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_nan_and_inf_propagate_as_in_the_reference(dtype, name, value, generator):
+    """One non-finite entry in every batch row of q, k or v, with a caption of 5 keys, one of
+    none and one of a single key: out and every gradient are NaN or infinite exactly where
+    float64 autograd of the eager reference is. The reference's softmax row is NaN for a NaN
+    or +inf score and for scores all -inf (the single key's), P is NaN at the masked keys of
+    such a row (so is their dv), its masked_fill and where pass no gradient to a masked key
+    or a row without keys even where dP is NaN, and its products add 0 * inf = NaN."""
+    q, k, v = (t.detach().clone() for t in _qkv(3, 7, 6, 2, 16, "contiguous", CPU, dtype, generator))
+    tensors = dict(zip("qkv", (q, k, v)))
+    tensors[name][:, 2 if name == "q" else 0, 0, 3] = value
+    mask = padding_mask((5, 0, 1), 6, CPU)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with fastgen.use_backend("triton"):
+        out = cross_attention(*leaves, mask)
+    grad = random_tensor(tuple(out.shape), "contiguous", CPU, dtype, generator)
+    out.backward(grad)
+    expected = _autograd_of_the_reference(grad, q, k, v, mask)
+    for what, actual, reference in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), expected):
+        rounded = reference.to(dtype).double()
+        actual = actual.detach().double()
+        differs = (actual.isnan() != rounded.isnan()) | ((actual.isinf() | rounded.isinf()) & (actual != rounded))
+        assert not differs.any(), (f"{what}: non-finite where the reference is not, or the other way round, at "
+                                   f"{differs.nonzero().tolist()[:4]}: got {actual[differs][:4].tolist()}, "
+                                   f"expected {reference[differs][:4].tolist()}")
+
+
 def test_reference_is_pytorch_attention(generator):
     """The eager reference against torch's own math attention (boolean attn_mask) in float64,
     and the explicit backward formulas against autograd through it."""

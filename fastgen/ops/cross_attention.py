@@ -13,6 +13,13 @@ True where the key may be attended (the text tokens), False for padding; scale d
 
 A row with no attendable key has an empty sum: its output is 0 (not the NaN of 0/0) and its
 lse is +inf, so that every recomputed exp(s_ij - lse_i) of that row is 0 as well.
+
+NaN and Inf propagate as in the eager reference (softmax of the masked scores, then dense
+products): a row with a key whose scores hold NaN or +inf, or are all -inf (an infinite q or
+k), has out NaN, lse NaN or -inf, and P NaN at every key, masked ones included, so its dq, the
+dk of its keys and the dv of all of them are NaN; dS is 0 at masked keys and on rows without a
+key, where the products still add 0 * inf = NaN from a non-finite q, k or v there.
+
 Scores, softmax statistics and accumulation are float32 (float64 for float64 inputs); out
 has q's dtype and shape, contiguous; lse is float32 (B, H, Lq).
 
@@ -192,6 +199,10 @@ def cross_attention_backward_reference(grad, q, k, v, output, lse, key_padding_m
     dprobabilities = torch.einsum("bqhd,bkhd->bhqk", grad_, v_)
     delta = (dprobabilities * probabilities).sum(-1, keepdim=True)
     dscores = probabilities * (dprobabilities - delta) * _effective_scale(q, scale)
+    if key_padding_mask is not None:
+        # No gradient reaches a masked key (nor a row without keys, all masked), as through
+        # the reference's masked_fill and where, even where dP is NaN there.
+        dscores = dscores.masked_fill(~key_padding_mask[:, None, None, :], 0.0)
     dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k_)
     dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q_)
     return tuple(t.to(q.dtype) for t in (dq, dk, dv))
