@@ -119,13 +119,18 @@ def _chunk_rows(N, rows_per_program):
 
 
 @triton.jit
-def _store_partial(matrix_ptr, vector_ptr, matrix, vector, D_PAD: tl.constexpr):
+def _store_partial(matrix_ptr, vector_ptr, matrix, vector, D: tl.constexpr, D_PAD: tl.constexpr):
     """Write this program's (D_PAD, D_PAD) matrix and D_PAD vector into its workspace slot:
-    programs run over each head's chunks in order, so program k fills slot k."""
+    programs run over each head's chunks in order, so program k fills slot k. Entries past D
+    are stored as 0: a product of a padding zero and an infinite entry (phi(k)'s zero columns
+    times an inf in v) is NaN there, and the dots that read the partials multiply the padding
+    by zeros again, which would carry that NaN into real columns."""
     slot = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D_PAD)
-    tl.store(matrix_ptr + slot * D_PAD * D_PAD + d[:, None] * D_PAD + d[None, :], matrix)
-    tl.store(vector_ptr + slot * D_PAD + d, vector)
+    real = d < D
+    tl.store(matrix_ptr + slot * D_PAD * D_PAD + d[:, None] * D_PAD + d[None, :],
+             tl.where(real[:, None] & real[None, :], matrix, 0.0))
+    tl.store(vector_ptr + slot * D_PAD + d, tl.where(real, vector, 0.0))
 
 
 @triton.jit
@@ -161,7 +166,7 @@ def _state_partials_kernel(
         v = _load_rows(v_ptr, b, h, rows, N, v_sb, v_sn, v_sh, v_sd, d, D)
         state += tl.dot(tl.trans(phi_k), v, input_precision=DOT_PRECISION)
         normalizer += tl.sum(phi_k, axis=0)
-    _store_partial(state_ptr, normalizer_ptr, state, normalizer, D_PAD)
+    _store_partial(state_ptr, normalizer_ptr, state, normalizer, D, D_PAD)
 
 
 @triton.jit
@@ -220,7 +225,7 @@ def _query_grad_kernel(
         _store_rows(dq_ptr, _relu_backward(q, dphi_q), b, h, rows, N, dq_sb, dq_sn, dq_sh, dq_sd, d, D)
         dstate += tl.dot(tl.trans(phi_q), dnumerator, input_precision=DOT_PRECISION)
         dnormalizer += tl.sum(ddenominator[:, None] * phi_q, axis=0)
-    _store_partial(dstate_ptr, dnormalizer_ptr, dstate, dnormalizer, D_PAD)
+    _store_partial(dstate_ptr, dnormalizer_ptr, dstate, dnormalizer, D, D_PAD)
 
 
 @triton.jit

@@ -181,6 +181,48 @@ def test_backward_passes_the_gradient_at_a_nan_as_relu_does(device, backend, dty
     _assert_gradients_close((q.grad, k.grad, v.grad), grad, q, k, v)
 
 
+def _one_infinite_value(device, dtype, generator, q_tokens, kv_tokens, head_dim, value):
+    """(q, k, v) of 2 heads with `value` in one entry of v (the first batch and head) and
+    fresh random data elsewhere. The key of that row is positive, so S_i0 = +-inf for every i
+    (a k_ni <= 0 would make it 0 * inf = NaN). The first three query rows are positive, so
+    their out_n0 are +-inf; in the others, half the entries are <= 0: zero features of phi(q_n)
+    that meet those infinities."""
+    q = random_tensor((1, q_tokens, 2, head_dim), "contiguous", device, dtype, generator)
+    k, v = (random_tensor((1, kv_tokens, 2, head_dim), "contiguous", device, dtype, generator) for _ in "kv")
+    row = kv_tokens // 2
+    k[0, row, 0] = k[0, row, 0].abs() + 0.5
+    v[0, row, 0, 0] = value
+    q[0, :3, 0] = q[0, :3, 0].abs() + 0.5
+    return q, k, v
+
+
+def _assert_non_finite_where_the_reference_is(actual, reference, what):
+    """NaN exactly where the float64 reference has NaN and its signed infinities, rounded to
+    the result's dtype, where it has them."""
+    actual = actual.detach().double().cpu()
+    rounded = reference.to(actual.dtype if actual.dtype != torch.float64 else reference.dtype).double()
+    wrong = (actual.isnan() != rounded.isnan()) | ((actual.isinf() | rounded.isinf()) & (actual != rounded))
+    assert not wrong.any(), (f"{what}: {int(wrong.sum())} of {wrong.numel()} elements non-finite differently from the "
+                             f"reference, first at {wrong.nonzero()[0].tolist()}")
+
+
+@pytest.mark.parametrize("device, backend", _forward_targets())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [1, 12])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")], ids=str)
+def test_infinite_value_with_a_padded_head_dim(device, backend, dtype, head_dim, value, generator):
+    """D below the kernels' padded width: phi(k)'s padding columns are zeros, and zero times the
+    infinite v_n is NaN in the padding rows of S; the padding of phi(q) multiplied it into every
+    column of out. out is +-inf, NaN or finite exactly where the reference's is."""
+    q, k, v = _one_infinite_value(device, dtype, generator, 37, 37, head_dim, value)
+    out = LINEAR_ATTENTION.allocate_output(q, k, v, 1e-15).fill_(0.5)
+    LINEAR_ATTENTION.implementations[backend].run(q, k, v, 1e-15, out=out)
+    expected = linear_attention_reference(*_upcast((q, k, v)))
+    assert expected.isinf().any(), "the case must have infinite outputs"
+    _assert_non_finite_where_the_reference_is(out, expected.to(dtype), "out")
+    _assert_close_to(out, expected, "out")
+
+
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("name", ["q", "k"])
 def test_bfloat16_subnormal_q_or_k_get_their_gradients(device, name, generator):
