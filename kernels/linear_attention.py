@@ -201,6 +201,10 @@ def _query_grad_kernel(
     b, h, d = _program_head(N, H, rows_per_program, D_PAD)
     state, normalizer = _sum_partials(state_ptr, normalizer_ptr, num_partials, N, rows_per_program, D_PAD)
     state_t = tl.trans(state)
+    # sum_j 0 * S_ij: 0, or NaN where row i of S has an inf or a NaN. It stands for the terms
+    # of phi(q_n) S that a feature q_ni <= 0 adds: 0 * inf is NaN in the reference's out_n,
+    # so in its grad . out_n, and the where below must keep that NaN.
+    zero_feature_terms = tl.sum(state * 0.0, axis=1)
     dstate = tl.zeros((D_PAD, D_PAD), dtype=tl.float32)
     dnormalizer = tl.zeros((D_PAD,), dtype=tl.float32)
     start, end = _chunk_rows(N, rows_per_program)
@@ -217,10 +221,11 @@ def _query_grad_kernel(
         # holds each operand as two parts) needed 320 KiB of shared memory, past sm_90's 227.
         dnumerator_state_t = tl.dot(dnumerator, state_t, input_precision=DOT_PRECISION)
         # where, not products with phi_q or the mask: on a row with no positive feature,
-        # dnumerator = grad / eps and dnumerator S^T may overflow, and 0 * inf would be NaN in
-        # dq and in dz (so in every dk of the head). A NaN in q is kept: it makes out_n, so
-        # grad . out_n, NaN in the reference.
-        ddenominator = -tl.sum(tl.where(q <= 0, 0.0, phi_q * dnumerator_state_t), axis=1) / denominator
+        # dnumerator = grad / eps and dnumerator S^T may overflow where S is finite, and 0 * inf
+        # would be NaN in dq and in dz (so in every dk of the head). A NaN in q is kept: it
+        # makes out_n, so grad . out_n, NaN in the reference.
+        ddenominator = -tl.sum(tl.where(q <= 0, zero_feature_terms[None, :], phi_q * dnumerator_state_t),
+                               axis=1) / denominator
         dphi_q = dnumerator_state_t + ddenominator[:, None] * normalizer[None, :]
         _store_rows(dq_ptr, _relu_backward(q, dphi_q), b, h, rows, N, dq_sb, dq_sn, dq_sh, dq_sd, d, D)
         dstate += tl.dot(tl.trans(phi_q), dnumerator, input_precision=DOT_PRECISION)

@@ -223,6 +223,27 @@ def test_infinite_value_with_a_padded_head_dim(device, backend, dtype, head_dim,
     _assert_close_to(out, expected, "out")
 
 
+@pytest.mark.parametrize("device, backend", _forward_targets())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [1, 16])
+def test_infinite_value_makes_dz_nan_through_zero_features_of_q(device, backend, dtype, head_dim, generator):
+    """With an inf in S, out_n = phi(q_n) S is NaN wherever a feature q_ni <= 0 meets an
+    infinite S_ij (0 * inf), so the reference's grad . out_n, dz and every dk at k > 0 are NaN.
+    The Triton backward dropped the terms of such features from dden_n (so that an overflow of
+    grad / eps times a finite S gives no NaN) and got -inf or 0 in dk instead."""
+    q, k, v = (t.detach().requires_grad_()
+               for t in _one_infinite_value(device, dtype, generator, 9, 48, head_dim, float("inf")))
+    with fastgen.use_backend(backend):
+        out = linear_attention(q, k, v, 1e-6)
+    # Positive: every row's dden_n has the same sign, so no inf - inf makes dz NaN anyway.
+    grad = torch.randn(out.shape, generator=generator).abs().to(device, dtype)
+    out.backward(grad)
+    expected = _autograd_of_the_reference(grad, q, k, v, 1e-6)
+    assert expected[1].isnan().any(), "the case must have NaN in dk"
+    for gradient_name, actual, reference in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), expected):
+        _assert_non_finite_where_the_reference_is(actual, reference, gradient_name)
+
+
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("name", ["q", "k"])
 def test_bfloat16_subnormal_q_or_k_get_their_gradients(device, name, generator):

@@ -15,8 +15,12 @@ for float64 inputs); out has q's dtype and shape, contiguous.
 
 NaN and Inf propagate as in the eager reference: phi keeps a NaN, as F.relu does, so a NaN in
 q_n makes out_n NaN, one in k every output of its head (through z), one in v the column of out
-it feeds. The backward zeroes the gradient of phi only where its input is <= 0 and passes it at
-a NaN, as F.relu's backward does: a NaN in q_n makes dq_n NaN wherever q_n is not <= 0.
+it feeds. An infinity meets the zero features of phi as in the reference's matmuls, where
+0 * inf is NaN: an inf in v_nj makes S_ij NaN where k_ni <= 0 (+-inf where k_ni > 0), and an
+infinite S_ij makes out_nj NaN where q_ni <= 0, so dden_n, dz and every dk of the head at
+k > 0 NaN too. The backward zeroes the gradient of phi only where its input is <= 0 and
+passes it at a NaN, as F.relu's backward does: a NaN in q_n makes dq_n NaN wherever q_n is
+not <= 0.
 
 Backward, for an output gradient g, with den_n = phi(q_n) . z + eps:
 
