@@ -322,11 +322,30 @@ def _near_tie_problem(generator, dtype, device):
     return z.to(device, dtype), codebook.to(device, dtype)
 
 
+def test_the_reference_and_the_kernels_take_one_cosine_eps():
+    assert vq.COSINE_EPS == vq_kernels.COSINE_EPS
+
+
+@pytest.mark.parametrize("metric", vq.METRICS)
+def test_exact_reference_scores_identical_codes_identically(metric, generator):
+    """An expanded codebook (every code the same values): the exact reference's elementwise
+    direct form scores all codes alike and picks index 0, where a matrix product's blocking can
+    round the last columns differently."""
+    z = torch.randn(37, 32, generator=generator, dtype=torch.float64)
+    codebook = torch.randn(1, 32, generator=generator, dtype=torch.float64).expand(70, 32)
+    idx, distance = vq.vq_nearest_reference(z, codebook, metric, True)
+    assert idx.tolist() == [0] * 37
+    assert torch.equal(idx, _direct_float64_argmin(z, codebook, metric))
+    z_q, quantize_idx, _, counts = vq.vq_quantize_reference(z, codebook, 0.25, True)
+    assert quantize_idx.tolist() == [0] * 37 and counts[0] == 37
+
+
 def _direct_float64_argmin(z, codebook, metric):
     z64, e64 = z.double().cpu(), codebook.double().cpu()
     if metric == "l2":  # in row chunks, so that the (rows, K, D) differences stay small
         return torch.cat([(rows[:, None, :] - e64[None]).square().sum(-1).argmin(1) for rows in z64.split(16)])
-    return ((z64 @ e64.T) / e64.norm(dim=1).clamp_min(vq_kernels.COSINE_EPS)).argmax(1)
+    norms = e64.norm(dim=1).clamp_min(vq_kernels.COSINE_EPS)
+    return torch.cat([((rows[:, None, :] * e64[None]).sum(-1) / norms).argmax(1) for rows in z64.split(16)])
 
 
 @pytest.mark.parametrize("device, backend", _devices_and_backends())

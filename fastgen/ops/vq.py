@@ -153,11 +153,15 @@ def _allocate_quantize(z, codebook, beta=0.25, exact=False, input_precision="iee
 
 
 def vq_nearest_reference(z, codebook, metric="l2", exact=False, input_precision="ieee"):
-    """VAR's eager search (the whole distance matrix, then argmin) in float32 or wider; exact
-    and input_precision do not apply (this is the plain fp32 computation)."""
+    """VAR's eager search (the whole distance matrix, then argmin) in float32 or wider. With
+    exact=True, the search exact mode promises (module docstring): the direct form evaluated
+    elementwise, so that identical codes score identically, in float64 for float64 inputs.
+    input_precision does not apply (these are plain computations at the compute dtype)."""
     _check_inputs("vq_nearest", z, codebook, metric, exact, input_precision)
     compute = _statistic_dtype(z.dtype)
     z_, e_ = z.detach().to(compute), codebook.detach().to(compute)
+    if exact:
+        return _direct_form_search(z_, e_, metric)
     if metric == "l2":
         scores = z_.square().sum(1, keepdim=True) + e_.square().sum(1)
         scores.addmm_(z_, e_.T, alpha=-2, beta=1)
@@ -166,6 +170,36 @@ def vq_nearest_reference(z, codebook, metric="l2", exact=False, input_precision=
         scores = F.normalize(z_, dim=1) @ F.normalize(e_, dim=1).T
         idx = scores.argmax(1)
     return idx, scores.gather(1, idx[:, None]).squeeze(1)
+
+
+# The eps of the cosine direct form's max(||e||, eps) (module docstring), F.normalize's default;
+# the kernels take the same value (kernels/vq.py, COSINE_EPS), and a test holds the two equal.
+COSINE_EPS = 1e-12
+# Rows per chunk of the direct-form search, so that its (rows, K, D) differences stay near 2^24
+# elements whatever the codebook's size.
+_DIRECT_FORM_ELEMENTS = 1 << 24
+
+
+def _direct_form_search(z, codebook, metric):
+    """(index, distance) of exact mode's contract: the l2 distance sum_d (z_d - e_kd)^2, or the
+    cosine similarity (z . e_k) / max(||e_k||, eps) / ||z||, each a sum of elementwise products
+    (no matrix product, whose blocking can round identical codes differently), best first and
+    ties to the lowest index."""
+    rows = max(1, _DIRECT_FORM_ELEMENTS // max(1, codebook.numel()))
+    indices, distances = [], []
+    for chunk in z.split(rows):
+        if metric == "l2":
+            scores = (chunk[:, None, :] - codebook[None]).square().sum(-1)
+            best = scores.argmin(1) if scores.shape[1] else torch.zeros(len(chunk), dtype=torch.int64)
+        else:
+            similarity = (chunk[:, None, :] * codebook[None]).sum(-1) / codebook.norm(dim=1).clamp_min(COSINE_EPS)
+            scores = similarity / chunk.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
+            best = scores.argmax(1) if scores.shape[1] else torch.zeros(len(chunk), dtype=torch.int64)
+        indices.append(best)
+        distances.append(scores.gather(1, best[:, None]).squeeze(1))
+    if not indices:
+        return (torch.empty(0, dtype=torch.int64, device=z.device), torch.empty(0, dtype=z.dtype, device=z.device))
+    return torch.cat(indices), torch.cat(distances)
 
 
 def vq_quantize_reference(z, codebook, beta=0.25, exact=False, input_precision="ieee"):
