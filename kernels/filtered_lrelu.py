@@ -247,7 +247,7 @@ def _blocks(k1: int, k2: int, up: int, down: int) -> tuple:
     with the fewest multiply-adds per stored output (_valid_outputs of them per axis)."""
     best = None
     for bi in (16, 32, 64, 128):
-        bm = max(16, bi * up)
+        bm = max(16, triton.next_power_of_2(bi * up))
         if bm > _MAX_MID_BLOCK:
             break
         vo = _valid_outputs(bi, up, down, k1, k2, bo=None)
@@ -266,8 +266,10 @@ def _blocks(k1: int, k2: int, up: int, down: int) -> tuple:
 
 
 def _valid_outputs(bi: int, up: int, down: int, k1: int, k2: int, bo) -> int:
-    """VO: of the BM = up * BI mid samples a tile computes from BI inputs, the last k1 - 1 lack
-    taps, and VO outputs need (VO - 1) * down + k2 good ones; at most BO (when given). Also
+    """VO: of the up * BI mid samples a tile computes from BI inputs (BM rounds that up to a
+    power of two for tl.arange; no stored output or code depends on the samples past it), the
+    last k1 - 1 lack taps, and VO outputs need (VO - 1) * down + k2 good ones; at most BO (when
+    given). Also
     VO * down <= the good ones, because the tile owns (and stores the codes of) VO * down mid
     samples: when down > k2 the span past the last output's taps must be good too."""
     good = bi * up - k1 + 1

@@ -41,6 +41,8 @@ GEOMETRIES = {
     "2-D filters, crop, negative slope": ((1, 2, 9, 8), (3, 4), (4, 5), 2, 2, [2, -1, 3, 1], 2.0, -0.3, True),
     "identity filters": ((2, 2, 4, 5), None, None, 1, 1, [0, 0, 0, 0], 0.4, 0.2, False),
     "up4 down3": ((1, 1, 6, 7), (8,), (5, 3), 4, 3, [3, 4, 4, 3], None, 0.2, False),
+    # A factor of 3: the mid tile, 3x the input tile, rounds up to a power of two.
+    "up3 down2": ((1, 2, 7, 6), (7,), (4,), 3, 2, [3, 2, 2, 3], 0.9, 0.2, False),
     # fd shorter than down: a tile owns the codes of mid samples past its last output's taps.
     "up1 down4 1-tap fd 3x2 tiles": ((1, 1, 37, 41), (4,), None, 1, 4, [2, 1, 3, 0], 0.5, 0.2, False),
 }
@@ -234,7 +236,7 @@ def _expected_gradients(backend, args, dy):
 @pytest.mark.parametrize("device, backend", _targets())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["stylegan3 up2 down2 12-tap", "up2 down1 (critically sampled end)",
-                                  "2-D filters, crop, negative slope", "up1 down2 1x2 tiles"])
+                                  "2-D filters, crop, negative slope", "up1 down2 1x2 tiles", "up4 down3"])
 def test_backward_matches_reference(device, backend, dtype, name, generator):
     layout = "channels_last" if dtype == torch.float16 else "sliced" if dtype == torch.bfloat16 else "contiguous"
     args = _args(GEOMETRIES[name], layout, device, dtype, generator)
