@@ -16,9 +16,13 @@
 // memory) and, for separable filters, the half-filtered rows. Every stage is a direct
 // polyphase loop over the taps that are not zero (a mid sample meets only the taps of its
 // phase, k1 / up of them per axis), with fp32 FMAs in a fixed order, so results do not depend
-// on the tiling and a non-finite input reaches exactly the filters' support, as in the eager
-// formulation. Threads stride over each stage's outputs, so any tile shape and filter length
-// works; the host picks the largest tile whose shared memory fits (see choose_tile).
+// on the tiling. A tap multiplies only samples of the signal it filters (the op's contract on
+// non-finite values): stage 1 skips the src samples outside src (padding; in the backward the
+// zeros of the downsampling's adjoint around dy) and stage 2 the mid samples outside mid's
+// extent (in the backward the zeros of the crop's and the padding's adjoints), so a NaN or
+// infinite tap never meets a structural zero. Threads stride over each stage's outputs, so any
+// tile shape and filter length works; the host picks the largest tile whose shared memory fits
+// (see choose_tile).
 //
 // Codes (forward with codes): 2 bits per mid sample, four consecutive columns a byte. A tile
 // owns the mid rows [m0, m0 + TY*down) and columns [m0, m0 + TX*down) it starts (the last
@@ -84,12 +88,35 @@ __device__ __forceinline__ Phase phase_of(int64_t m, int64_t q0, int64_t pad1, i
   return {static_cast<int>(q - q0), static_cast<int>(q * up + pad1 - m)};
 }
 
-// sum over the phase's taps k = tap, tap + up, ... of taps[k] * src[(offset + j) * stride].
+// The tile offsets [first, end) of the samples that exist along one axis of a signal of
+// `extent` samples whose tile starts at sample `origin`, `tile` samples long.
+struct Span {
+  int first, end;
+};
+
+__device__ __forceinline__ Span real_span(int64_t origin, int64_t extent, int tile) {
+  const int64_t first = origin < 0 ? -origin : 0;
+  const int64_t end = extent - origin;
+  return {static_cast<int>(first < tile ? first : tile),
+          static_cast<int>(end < 0 ? 0 : end < tile ? end : tile)};
+}
+
+// The first of the taps k0, k0 + step, ... that reads a sample at or after span.first, when
+// tap k0 reads offset `offset` and each next tap the next sample.
+__device__ __forceinline__ int first_real_tap(int k0, int offset, int step, Span span) {
+  return offset < span.first ? k0 + (span.first - offset) * step : k0;
+}
+
+// sum over the phase's taps k = tap, tap + up, ... of taps[k] * src[(offset + j) * stride],
+// for the src offsets offset + j inside `real` only.
 __device__ __forceinline__ float upsampling_fir(const float* src, int stride, const float* taps,
-                                                int num_taps, Phase p, int up) {
+                                                int num_taps, Phase p, int up, Span real) {
   float acc = 0.0f;
-  const float* s = src + static_cast<int64_t>(p.src_offset) * stride;
-  for (int k = p.tap; k < num_taps; k += up, s += stride) acc = fmaf(taps[k], *s, acc);
+  int q = p.src_offset > real.first ? p.src_offset : real.first;
+  const float* s = src + static_cast<int64_t>(q) * stride;
+  for (int k = first_real_tap(p.tap, p.src_offset, up, real); k < num_taps && q < real.end;
+       k += up, ++q, s += stride)
+    acc = fmaf(taps[k], *s, acc);
   return acc;
 }
 
@@ -173,6 +200,8 @@ __global__ void __launch_bounds__(kFlThreads)
     __syncthreads();
 
     // 2. Stage 1 into the mid tile.
+    const Span src_y = real_span(q0y, ay.src, ay.src_tile);
+    const Span src_x = real_span(q0x, ax.src, ax.src_tile);
     if (kSeparable1) {
       float* rows_done = region_a + ay.src_tile * ax.src_tile;  // (src_tile y) x mid_pitch
       const int count = ay.src_tile * ax.mid_tile;
@@ -180,7 +209,7 @@ __global__ void __launch_bounds__(kFlThreads)
         const int sy = i / ax.mid_tile, tx = i % ax.mid_tile;
         const Phase px = phase_of(m0x + tx, q0x, ax.pad1, g.up);
         rows_done[sy * g.mid_pitch + tx] = upsampling_fir(
-            region_a + sy * ax.src_tile, 1, taps1 + ay.taps1, ax.taps1, px, g.up);
+            region_a + sy * ax.src_tile, 1, taps1 + ay.taps1, ax.taps1, px, g.up, src_x);
       }
       __syncthreads();
       const int mid_count = ay.mid_tile * ax.mid_tile;
@@ -188,7 +217,7 @@ __global__ void __launch_bounds__(kFlThreads)
         const int ty = i / ax.mid_tile, tx = i % ax.mid_tile;
         const Phase py = phase_of(m0y + ty, q0y, ay.pad1, g.up);
         mid[ty * g.mid_pitch + tx] =
-            upsampling_fir(rows_done + tx, g.mid_pitch, taps1, ay.taps1, py, g.up);
+            upsampling_fir(rows_done + tx, g.mid_pitch, taps1, ay.taps1, py, g.up, src_y);
       }
     } else {
       const int mid_count = ay.mid_tile * ax.mid_tile;
@@ -197,17 +226,18 @@ __global__ void __launch_bounds__(kFlThreads)
         const Phase py = phase_of(m0y + ty, q0y, ay.pad1, g.up);
         const Phase px = phase_of(m0x + tx, q0x, ax.pad1, g.up);
         float acc = 0.0f;
-        int sy = py.src_offset;
-        for (int ky = py.tap; ky < ay.taps1; ky += g.up, ++sy)
+        int sy = py.src_offset > src_y.first ? py.src_offset : src_y.first;
+        for (int ky = first_real_tap(py.tap, py.src_offset, g.up, src_y);
+             ky < ay.taps1 && sy < src_y.end; ky += g.up, ++sy)
           acc += upsampling_fir(region_a + sy * ax.src_tile, 1, taps1 + ky * ax.taps1, ax.taps1,
-                                px, g.up);
+                                px, g.up, src_x);
         mid[ty * g.mid_pitch + tx] = acc;
       }
     }
     __syncthreads();
 
-    // 3. The pointwise step, four consecutive columns (one byte of codes) per thread. Outside
-    // mid's extent the mid signal is zero: in the backward that is where dz does not exist.
+    // 3. The pointwise step, four consecutive columns (one byte of codes) per thread. Samples
+    // outside mid's extent are left as they are: stage 2 reads none of them.
     {
       const int quads = g.mid_pitch / kCodesPerByte;
       const int count = ay.mid_tile * quads;
@@ -231,10 +261,7 @@ __global__ void __launch_bounds__(kFlThreads)
           const int64_t mx = m0x + tx;
           const bool inside = row_inside && tx < ax.mid_tile && mx >= 0 && mx < ax.mid;
           float& value = mid[ty * g.mid_pitch + tx];
-          if (!inside) {
-            value = 0.0f;
-            continue;
-          }
+          if (!inside) continue;
           if (g.mode == kBackward) {
             const unsigned code = (packed >> (2 * e)) & 3u;
             // A select for clamped samples: their gradient is 0 even where dz is NaN or inf.
@@ -274,32 +301,43 @@ __global__ void __launch_bounds__(kFlThreads)
         }
       };
       const int count = ay.tile * ax.tile;
+      const Span mid_y = real_span(m0y, ay.mid, ay.mid_tile);
+      const Span mid_x = real_span(m0x, ax.mid, ax.mid_tile);
+      // Stage-2 taps [k_first, k_end) of dst sample o (tile offset) read mid samples inside.
+      auto real_taps = [&](int o, int num_taps, Span mid) -> Span {
+        const int m = o * g.down;
+        return {m < mid.first ? mid.first - m : 0, mid.end - m < num_taps ? mid.end - m : num_taps};
+      };
       if (kSeparable2) {
         float* rows_done = region_a;  // mid_tile y x tile x; stage 1 no longer needs region A
         const int row_count = ay.mid_tile * ax.tile;
         for (int i = threadIdx.x; i < row_count; i += blockDim.x) {
           const int ty = i / ax.tile, ox = i % ax.tile;
           const float* m = mid + ty * g.mid_pitch + ox * g.down;
+          const Span k = real_taps(ox, ax.taps2, mid_x);
           float acc = 0.0f;
-          for (int k = 0; k < ax.taps2; ++k) acc = fmaf(taps2[ay.taps2 + k], m[k], acc);
+          for (int kx = k.first; kx < k.end; ++kx) acc = fmaf(taps2[ay.taps2 + kx], m[kx], acc);
           rows_done[i] = acc;
         }
         __syncthreads();
         for (int i = threadIdx.x; i < count; i += blockDim.x) {
           const int oy = i / ax.tile, ox = i % ax.tile;
           const float* r = rows_done + oy * g.down * ax.tile + ox;
+          const Span k = real_taps(oy, ay.taps2, mid_y);
           float acc = 0.0f;
-          for (int k = 0; k < ay.taps2; ++k) acc = fmaf(taps2[k], r[k * ax.tile], acc);
+          for (int ky = k.first; ky < k.end; ++ky) acc = fmaf(taps2[ky], r[ky * ax.tile], acc);
           store(oy, ox, acc);
         }
       } else {
         for (int i = threadIdx.x; i < count; i += blockDim.x) {
           const int oy = i / ax.tile, ox = i % ax.tile;
+          const Span ky_span = real_taps(oy, ay.taps2, mid_y);
+          const Span kx_span = real_taps(ox, ax.taps2, mid_x);
           float acc = 0.0f;
-          for (int ky = 0; ky < ay.taps2; ++ky) {
+          for (int ky = ky_span.first; ky < ky_span.end; ++ky) {
             const float* m = mid + (oy * g.down + ky) * g.mid_pitch + ox * g.down;
             const float* w = taps2 + ky * ax.taps2;
-            for (int kx = 0; kx < ax.taps2; ++kx) acc = fmaf(w[kx], m[kx], acc);
+            for (int kx = kx_span.first; kx < kx_span.end; ++kx) acc = fmaf(w[kx], m[kx], acc);
           }
           store(oy, ox, acc);
         }

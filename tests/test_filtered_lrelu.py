@@ -3,6 +3,7 @@ first and second gradients), the reference against the SPEC's composition of upf
 bias_act, torch.compile, errors, and the CUDA entry points' argument checks."""
 import itertools
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import fastgen
 from conftest import EMULATED_CUDA, fake_tensor_arg
 from fastgen.check import mismatch
+from fastgen.ops import filtered_lrelu as filtered_lrelu_module
 from fastgen.ops.bias_act import bias_act_reference
 from fastgen.ops.filtered_lrelu import (
     FILTERED_LRELU,
@@ -17,6 +19,7 @@ from fastgen.ops.filtered_lrelu import (
     FILTERED_LRELU_WITH_CODES,
     filtered_lrelu,
     filtered_lrelu_backward_reference,
+    filtered_lrelu_real_samples,
     filtered_lrelu_reference,
     filtered_lrelu_with_codes_reference,
     intermediate_size,
@@ -25,7 +28,7 @@ from fastgen.ops.filtered_lrelu import (
     unpack_codes,
 )
 from fastgen.ops.registry import Implementation, random_tensor
-from fastgen.ops.upfirdn2d import upfirdn2d_reference
+from fastgen.ops.upfirdn2d import upfirdn2d_real_samples, upfirdn2d_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU = torch.device("cpu")
@@ -347,6 +350,122 @@ def test_clamped_samples_pass_no_gradient_at_nan(device, backend, generator):
     FILTERED_LRELU_BACKWARD.implementations[backend].run(*backward_args, out=out)
     assert expected.isfinite().any() and expected.isnan().any()
     _assert_same_non_finite_and_close(out[0], expected, "dx")
+
+
+# (geometry, argument, index, value): one non-finite tap of fu or fd, where the reference's
+# zero-stuffed, padded convolutions (and their adjoints in the backward) multiply it by
+# structural zeros; the 2-D filters exercise the split of a filter holding NaN or inf.
+NON_FINITE_CASES = [
+    ("2-D filters, crop, negative slope", "fu", (1, 2), float("inf")),
+    ("2-D filters, crop, negative slope", "fd", (2, 4), float("-inf")),
+    ("2-D filters, crop, negative slope", "fd", (3, 4), float("nan")),
+    ("up2 down1 (critically sampled end)", "fu", (1,), float("inf")),
+    ("up1 down2 1x2 tiles", "fd", (1,), float("nan")),
+    ("up1 down4 1-tap fd 3x2 tiles", "fu", (2,), float("-inf")),
+    ("up4 down3", "fd", (1, 1), float("inf")),
+]
+
+
+def _non_finite_args(case, device, generator):
+    name, argument, index, value = case
+    args = list(_args(GEOMETRIES[name], "contiguous", device, torch.float32, generator))
+    position = ("fu", "fd").index(argument) + 1
+    args[position] = args[position].clone()
+    args[position][index] = value
+    return tuple(args)
+
+
+def _over_real_samples():
+    """The references with each FIR stage over real samples only: the op's contract."""
+    return mock.patch.object(filtered_lrelu_module, "upfirdn2d_reference", upfirdn2d_real_samples)
+
+
+@pytest.mark.parametrize("case", NON_FINITE_CASES, ids=lambda case: f"{case[1]}={case[3]} {case[0]}")
+def test_real_samples_oracle_is_the_contract_and_its_autograd_the_backward(case, generator):
+    """filtered_lrelu_real_samples gives the forward of the contract, and autograd through it
+    the backward reference over real samples, given its codes; the eager reference puts NaN
+    at more outputs (0 * inf with structural zeros) on these inputs."""
+    args = _float64(_non_finite_args(case, CPU, generator))
+    x = args[0].clone().requires_grad_()
+    y = filtered_lrelu_real_samples(x, *args[1:])
+    dy = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    y.backward(dy)
+    with _over_real_samples():
+        expected_y, codes = filtered_lrelu_with_codes_reference(*args)
+        expected_dx, _ = filtered_lrelu_backward_reference(dy, codes, *args[1:3], *args[4:9], args[10],
+                                                           *x.shape[2:], False)
+    _assert_same_non_finite_and_close(y, expected_y, "y")
+    _assert_same_non_finite_and_close(x.grad, expected_dx, "dx")
+    _, reference_codes = filtered_lrelu_with_codes_reference(*args)
+    reference_dx, _ = filtered_lrelu_backward_reference(dy, reference_codes, *args[1:3], *args[4:9], args[10],
+                                                        *x.shape[2:], False)
+    more_nan = int(filtered_lrelu_reference(*args).isnan().sum() + reference_dx.isnan().sum())
+    assert more_nan > int(y.isnan().sum() + x.grad.isnan().sum())
+
+
+@pytest.mark.parametrize("device, backend", [t for t in _targets() if t.values[1] == "cuda"])
+@pytest.mark.parametrize("case", NON_FINITE_CASES, ids=lambda case: f"{case[1]}={case[3]} {case[0]}")
+def test_non_finite_values_follow_the_real_samples_contract(device, backend, case, generator):
+    """A tap multiplies only samples of the signal it filters (module docstring of the op):
+    y matches filtered_lrelu_real_samples, and the backward kernel, given the contract's
+    codes, its backward, NaN for NaN and infinity for infinity. The CUDA kernel multiplied the
+    padding around x and, in the backward, the zeros outside z's extent (NaN there for a
+    non-finite tap), and the split of a 2-D filter holding NaN or inf was NaN throughout."""
+    args = _non_finite_args(case, device, generator)
+    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = args
+    y = FILTERED_LRELU.allocate_output(*args)
+    FILTERED_LRELU.implementations[backend].run(*args, out=y)
+    _assert_same_non_finite_and_close(y, filtered_lrelu_real_samples(*_float64(args)), "y")
+    with _over_real_samples():
+        _, codes = filtered_lrelu_with_codes_reference(*_float64(args))
+    dy = torch.randn(y.shape, generator=generator).to(device)
+    backward_args = (dy, codes.to(device), fu, fd, up, down, padding, gain, slope, flip_filter, *x.shape[2:], True)
+    out = FILTERED_LRELU_BACKWARD.allocate_output(*backward_args)
+    FILTERED_LRELU_BACKWARD.implementations[backend].run(*backward_args, out=out)
+    with _over_real_samples():
+        expected = filtered_lrelu_backward_reference(dy.double().cpu(), codes, *_float64(backward_args[2:]))
+    for what, actual, e in zip(("dx", "db"), out, expected):
+        _assert_same_non_finite_and_close(actual, e, what)
+
+
+def _assert_non_finite_at_least_where_expected(actual, expected, what):
+    """The Triton kernel's weaker promise (op docstring, "Non-finite values"): non-finite
+    wherever the contract is, never finite where it is not; where it is finite, close."""
+    actual, expected = actual.cpu(), expected.double().cpu()
+    missed = ~expected.isfinite() & actual.isfinite()
+    assert not missed.any(), f"{what}: finite at {int(missed.sum())} places where the contract is not"
+    both = actual.isfinite()
+    _assert_close(actual[both], expected[both], what)
+
+
+@pytest.mark.parametrize("case", NON_FINITE_CASES + [
+    ("up2 down2 12-tap 2x2 tiles", "x", (0, 1, 31, 25), float("inf")),
+    ("up1 down2 1x2 tiles", "x", (0, 0, 4, 50), float("nan")),
+], ids=lambda case: f"{case[1]}={case[3]} {case[0]}")
+@pytest.mark.parametrize("device", [CPU, pytest.param(torch.device("cuda"), marks=pytest.mark.gpu)])
+def test_triton_non_finite_values_are_at_least_the_contracts(device, case, generator):
+    """The Triton kernel's banded products spread a NaN or infinity over its tile, and only
+    ever to more outputs: y and, given the contract's codes, dx and db are non-finite at least
+    wherever filtered_lrelu_real_samples's are, and otherwise match it."""
+    name, argument, index, value = case
+    args = list(_args(GEOMETRIES[name], "contiguous", device, torch.float32, generator))
+    position = ("x", "fu", "fd").index(argument)
+    args[position] = args[position].clone()
+    args[position][index] = value
+    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = args
+    y = FILTERED_LRELU.allocate_output(*args)
+    FILTERED_LRELU.implementations["triton"].run(*args, out=y)
+    _assert_non_finite_at_least_where_expected(y, filtered_lrelu_real_samples(*_float64(args)), "y")
+    with _over_real_samples():
+        _, codes = filtered_lrelu_with_codes_reference(*_float64(args))
+    dy = torch.randn(y.shape, generator=generator).to(device)
+    backward_args = (dy, codes.to(device), fu, fd, up, down, padding, gain, slope, flip_filter, *x.shape[2:], True)
+    out = FILTERED_LRELU_BACKWARD.allocate_output(*backward_args)
+    FILTERED_LRELU_BACKWARD.implementations["triton"].run(*backward_args, out=out)
+    with _over_real_samples():
+        expected = filtered_lrelu_backward_reference(dy.double().cpu(), codes, *_float64(backward_args[2:]))
+    for what, actual, e in zip(("dx", "db"), out, expected):
+        _assert_non_finite_at_least_where_expected(actual, e, what)
 
 
 def test_direct_op_recomputes_the_codes(generator):

@@ -42,22 +42,31 @@ derivative through the codes is zero almost everywhere, and dx is linear in dy, 
 of dx with respect to dy is the forward map with frozen codes, dy' = D (d * U g): written with
 the upfirdn2d op, whose own gradients exist to every order. That is what R1 regularisation
 differentiates through. Filter gradients (StyleGAN3's filters are
-constant buffers) come from autograd through the eager reference, recomputed in the backward,
-and are first order only.
+constant buffers) come from autograd through filtered_lrelu_real_samples (below), recomputed in
+the backward, and are first order only: each stage's filter gradient is upfirdn2d's, the
+reference's sums.
 
 Three custom ops: `filtered_lrelu` (registered in OPS, output y; its backward recomputes the
 codes), the internal `filtered_lrelu_with_codes` (y and the codes; what the public function
 calls when a gradient is needed, so the backward does not recompute) and
 `filtered_lrelu_backward`. Arithmetic is float32 (float64 for float64 x); outputs take x's dtype.
 
-Non-finite values propagate as in the eager reference, with these exceptions (issue #17; the
-fuzz test's CI_EXCLUSIONS name them): the Triton kernel's banded matrix products also multiply
-the zeros off the band, so a NaN or infinity in a tile's input (x + b, dy, or an activation)
-turns that tile's outputs NaN; and a non-finite filter tap meets, in the reference, the zeros
-that upsampling inserts and that pad the image (NaN * 0 and inf * 0 are NaN), which the
-kernels' polyphase loops never multiply (the CUDA kernel does multiply the padding), so the
-reference has NaN at more outputs than the kernels. The codes and the clamp's gradient follow
-the reference's autograd exactly (the gradient paragraph above).
+Non-finite values. A filter tap multiplies only samples of the signal it filters: the zeros
+that upsampling inserts, the padding around x and, in the backward, the zeros of the
+downsampling's and the crop's adjoints (around dy, and outside z's extent) are absent, not
+multiplied (as upfirdn2d's contract states for one stage). The eager reference convolves
+zero-stuffed, padded images, so a NaN or infinite tap also meets those zeros there (NaN * 0 and
+inf * 0 are NaN) and the reference has NaN at more outputs and gradients than this contract;
+`filtered_lrelu_real_samples` evaluates the contract eagerly (each stage an
+upfirdn2d_real_samples, autograd its gradients) and agrees with the reference up to rounding
+when every input is finite. Otherwise NaN and infinities in x, b and dy propagate through the
+formulas above: a NaN v is coded as the gradient paragraph says, torch.clamp keeps a NaN, and a
+clamped sample passes no gradient. The CUDA kernel follows this contract. The Triton kernel
+promises less: its banded matrix products also multiply the zeros off the band, so a NaN or
+infinity in a tile's stage input (x + b or dy, an activation a or da, or a tap of that stage's
+filter) makes every output of that tile NaN: its outputs are non-finite at least wherever the
+contract's are (NaN also where the contract has an infinity, or a finite value in that tile),
+never finite where the contract's are not.
 """
 from __future__ import annotations
 
@@ -86,6 +95,7 @@ from fastgen.ops.upfirdn2d import (
     filter_size,
     parse_padding,
     upfirdn2d,
+    upfirdn2d_real_samples,
     upfirdn2d_reference,
 )
 
@@ -228,6 +238,31 @@ def filtered_lrelu_reference(x, fu=None, fd=None, b=None, up=1, down=1, padding=
                                                with_codes=False)[0]
 
 
+def filtered_lrelu_real_samples(x, fu=None, fd=None, b=None, up=1, down=1, padding=0, gain=math.sqrt(2), slope=0.2,
+                                clamp=None, flip_filter=False):
+    """The op's contract (module docstring, "Non-finite values") evaluated eagerly in float32
+    (float64 for float64 x): both FIR stages are upfirdn2d_real_samples, whose taps multiply only
+    samples of the signal they filter, and autograd through it gives the contract's gradients
+    (the x gradient through each stage's adjoint, again over real samples only). z is computed
+    over exactly the rows and columns fd reads, by trimming the far padding rather than cropping
+    z afterwards, so that the crop's adjoint adds no zeros to the backward. Agrees with
+    filtered_lrelu_reference up to rounding when every input is finite."""
+    check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp)
+    px0, px1, py0, py1 = normalized_padding(padding)
+    zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, [px0, px1, py0, py1])
+    fuh, fuw = filter_size(fu)
+    full_h = x.shape[2] * up + py0 + py1 - fuh + 1
+    full_w = x.shape[3] * up + px0 + px1 - fuw + 1
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xb = x.to(compute) if b is None else x.to(compute) + b.to(compute)[:, None, None]
+    z = upfirdn2d_real_samples(xb, fu, up, 1, [px0, px1 - (full_w - zw), py0, py1 - (full_h - zh)], flip_filter,
+                               up * up)
+    a = F.leaky_relu(z * gain, slope)
+    if clamp is not None:
+        a = a.clamp(-clamp, clamp)
+    return upfirdn2d_real_samples(a, fd, 1, down, 0, flip_filter, 1.0).to(x.dtype)
+
+
 def _intermediate_shape(dy: torch.Tensor, fd, down: int) -> tuple:
     """(zh, zw): the part of z that fd reads, from the output (gradient)'s size."""
     fdh, fdw = filter_size(fd)
@@ -273,7 +308,10 @@ def factor_tables(f, flip_filter: bool, gain: float, device) -> tuple:
     """(rows, cols), float32 (rank, taps) tables with correlation weights
     w[i, j] = sum_r rows[r, i] * cols[r, j] (the filter flipped unless flip_filter) times gain.
     A 2-D filter keeps the SVD terms above float32 resolution of the largest: the rest change
-    no float32 product, and a separable 2-D filter becomes rank 1 (one pass, float16 stages)."""
+    no float32 product, and a separable 2-D filter becomes rank 1 (one pass, float16 stages).
+    The SVD of a filter holding NaN or an infinity is NaN throughout, so such a filter is split
+    into its rows instead (term r: rows[r] = gain at i = r, 0 elsewhere, cols[r] = w[r]), each
+    tap kept exactly where the sum over r skips the terms whose rows entry is 0 (_cuda_taps)."""
     if f is None:
         one = torch.full((1, 1), float(gain), dtype=torch.float32, device=device)
         return one, torch.ones_like(one)
@@ -282,6 +320,8 @@ def factor_tables(f, flip_filter: bool, gain: float, device) -> tuple:
         w = w.flip(list(range(w.dim())))
     if w.dim() == 1:
         return (w * gain)[None].float().contiguous(), w[None].float().contiguous()
+    if not bool(w.isfinite().all()):
+        return (torch.eye(w.shape[0], dtype=torch.float64, device=w.device) * gain).float(), w.float().contiguous()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     rank = max(1, int((s > s[0] * torch.finfo(torch.float32).eps).sum()))
     return (u[:, :rank] * (s[:rank] * gain)).mT.float().contiguous(), vh[:rank].float().contiguous()
@@ -442,12 +482,15 @@ _CUDA_FORWARD, _CUDA_FORWARD_WITH_CODES, _CUDA_BACKWARD = 0, 1, 2
 def _cuda_taps(tables: tuple) -> tuple:
     """A stage's (rows, cols) tables as the CUDA kernel takes them, as 4-D tensors: the separable
     pair when the split has one term, else (the 2-D correlation table, None): the kernel loops
-    over its taps directly, and rows^T cols sums the split's terms back up. The caller keeps
-    the tensors alive until the kernel is enqueued."""
+    over its taps directly, and the split's terms are summed back up, in float64, leaving out
+    each term where its rows entry is 0 (so the row split of a non-finite filter, factor_tables,
+    gives back its taps, not 0 * inf). The caller keeps the tensors alive until the kernel is
+    enqueued."""
     rows, cols = tables
     if rows.shape[0] == 1:
         return rows.view(1, 1, 1, -1), cols.view(1, 1, 1, -1)
-    full = rows.mT @ cols
+    terms = rows.double()[:, :, None] * cols.double()[:, None, :]
+    full = torch.where(rows[:, :, None] != 0, terms, 0.0).sum(0).float()
     return full.view(1, 1, *full.shape), None
 
 
@@ -592,10 +635,11 @@ def _gradients(ctx, dy, codes, fu, fd, x, b):
 
 
 def _filter_gradients(dy, x, fu, fd, b, args, needed):
-    """Autograd through the eager reference, recomputed: filters are rarely trained."""
+    """Autograd through the contract evaluated eagerly (filtered_lrelu_real_samples),
+    recomputed: filters are rarely trained."""
     with torch.enable_grad():
         filters = [f.detach().requires_grad_() if f is not None and need else f for f, need in zip((fu, fd), needed)]
-        y = filtered_lrelu_reference(x.detach(), *filters, None if b is None else b.detach(), *args)
+        y = filtered_lrelu_real_samples(x.detach(), *filters, None if b is None else b.detach(), *args)
         leaves = [f for f, need in zip(filters, needed) if need]
         grads = iter(torch.autograd.grad(y, leaves, dy))
     return tuple(next(grads) if need else None for need in needed)
