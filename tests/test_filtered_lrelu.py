@@ -468,6 +468,32 @@ def test_triton_non_finite_values_are_at_least_the_contracts(device, case, gener
         _assert_non_finite_at_least_where_expected(actual, e, what)
 
 
+@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_codes_of_a_tile_holding_nan_or_inf_are_the_contracts(device, backend, value, generator):
+    """One non-finite x: every code equals the contract's away from a decision boundary, so the
+    gradients of the samples it does not reach keep their slopes. The Triton kernel's banded
+    products made the whole tile's z NaN, coding it negative or clamped (dx 0.03 off)."""
+    for name in ("up2 down2 12-tap 2x2 tiles", "stylegan3 up2 down2 12-tap"):
+        args = list(_args(GEOMETRIES[name], "contiguous", device, torch.float32, generator))
+        args[0] = args[0].clone()
+        args[0][0, 1, 5, 3] = value
+        y, codes = FILTERED_LRELU_WITH_CODES.allocate_output(*args)
+        FILTERED_LRELU_WITH_CODES.implementations[backend].run(*args, out=(y, codes))
+        x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = _float64(args)
+        with _over_real_samples():
+            _, expected = filtered_lrelu_with_codes_reference(*_float64(args))
+        zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
+        v = upfirdn2d_real_samples(x + b[:, None, None], fu, up, 1, padding, flip_filter, up * up)[:, :, :zh, :zw]
+        v = v * gain
+        finite = v.isfinite()
+        near = finite & (v.abs() < 1e-5 * v[finite].abs().max())
+        if clamp is not None:
+            near |= finite & ((torch.nn.functional.leaky_relu(v, slope).abs() - clamp).abs() < 1e-5 * clamp)
+        differ = (unpack_codes(codes.cpu(), zw) != unpack_codes(expected, zw)) & ~near
+        assert not differ.any(), f"{name}: {int(differ.sum())} of {differ.numel()} codes differ"
+
+
 def test_direct_op_recomputes_the_codes(generator):
     args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", CPU, torch.float32, generator)
     dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator)
