@@ -50,7 +50,12 @@ def mismatch(actual: torch.Tensor, expected: torch.Tensor, same_dtype_reference:
     then applies to it where it exceeds |expected|. Where those terms cancel, rounding each of
     them to `actual`'s dtype is already more than rtol of their small sum, in any correct
     algorithm; an error of the size of the terms themselves (a term dropped or doubled) still
-    fails."""
+    fails. Integer tensors (indices, counts) must be equal."""
+    if not actual.is_floating_point():
+        if actual.shape != expected.shape:
+            return float("inf"), f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+        wrong = actual.cpu() != expected.cpu()
+        return 0.0, f"{int(wrong.sum())} of {wrong.numel()} differ" if wrong.any() else ""
     rtol, atol = TOLERANCES[actual.dtype]
     actual64 = actual.detach().double().cpu()
     expected64 = expected.detach().double().cpu()
@@ -92,11 +97,7 @@ def _worst(triples, what: str) -> tuple:
     exactly."""
     worst = 0.0
     for i, (actual, expected, same_dtype_reference) in enumerate(triples):
-        if actual.is_floating_point():
-            error, detail = mismatch(actual, expected, same_dtype_reference)
-        else:
-            wrong = actual.cpu() != expected.cpu()
-            error, detail = 0.0, f"{int(wrong.sum())} of {wrong.numel()} differ" if wrong.any() else ""
+        error, detail = mismatch(actual, expected, same_dtype_reference)
         if detail:
             return error, f"{what} {i}: {detail}"
         worst = max(worst, error)

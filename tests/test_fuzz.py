@@ -61,31 +61,22 @@ class KnownDefect:
 
 TRITON_AND_CUDA = ("triton", "cuda")
 CI_EXCLUSIONS = (
-    *(KnownDefect("cross_attention", ("triton",), value_class, arguments=arguments, directions=("bwd",),
-                  defect="the backward gives finite gradients where the reference's are NaN (a NaN or infinite "
-                         "score) and inf, NaN or 1e3 where they are 0 (scores near 1e20 from huge q and k)")
-      for value_class, arguments in (("nan", ("q", "k")), ("inf", ("q", "k", "v")), ("huge", ("q", "k")))),
-    KnownDefect("cross_attention", ("triton",), "odd sizes", directions=("bwd",), dtypes=(torch.bfloat16,),
-                defect="with 2 keys the bfloat16 q gradient is 0.022 off, past twice the reference's own "
-                       "error (0.014)"),
-    KnownDefect("filtered_lrelu", ("cuda",), "strided", arguments=("fu", "fd"),
-                defect="a strided one-tap filter is rejected (ValueError: cols1: taps must be contiguous)"),
     *(KnownDefect("filtered_lrelu", TRITON_AND_CUDA, value_class,
                   defect="NaN and infinities in any argument reach outputs the reference keeps finite, or "
                          "turn infinities to NaN; the clamped backward passes gradients at them")
       for value_class in ("nan", "inf")),
-    KnownDefect("filtered_lrelu", ("triton",), "subnormal", arguments=("x",), directions=("bwd",),
-                defect="the backward gives a positive subnormal x the negative slope's gradient (0.084 for "
-                       "0.42 in bfloat16), as if it were 0"),
     KnownDefect("filtered_lrelu", ("triton",), "huge", arguments=("fd",), directions=("bwd",),
                 defect="a huge down-filter tap gives the float16 x gradient NaN where the reference's "
                        "overflows to an infinity"),
-    *(KnownDefect(name, TRITON_AND_CUDA, "subnormal",
-                  defect="exact mode breaks the float64 ties of subnormal codes (or z) by their true distances, "
-                         "not to the lowest index as the reference and vq.py's contract do")
-      for name in ("vq_nearest", "vq_quantize")),
-    KnownDefect("vq_quantize", TRITON_AND_CUDA, "nan", arguments=("z",),
-                defect="z_q is the code where the reference's z + (e - z) is NaN for a z holding NaN"),
+    KnownDefect("cross_attention", ("triton",), "huge", arguments=("q", "k"), directions=("bwd",),
+                defect="scores near 1e20 make a row one-hot; the flash backward's delta = rowsum(dO * O) then "
+                       "differs from dP at the max by a rounding (1e-7) that the huge q or k multiply into dk of -7 "
+                       "(expected 0.09) and dq of 38 (expected 0), where the reference's exact one-hot cancels"),
+    KnownDefect("cross_attention", ("triton",), "odd sizes", directions=("bwd",), dtypes=(torch.bfloat16,),
+                defect="with 2 keys the bfloat16 dq is up to 8 times the same-dtype reference's error (0.022 "
+                       "against 0.007; fastgen check allows 2): FlashAttention-2's bfloat16 dS and delta from the "
+                       "bfloat16 output (6.4 times in a correctly rounded emulation of the algorithm, 1.0 with both "
+                       "in float32), and the interpreter's truncating float32 -> bfloat16 conversion"),
 )
 
 # Inputs on which an op promises less than the reference's answer, and the output that holds
@@ -131,6 +122,35 @@ def _stated_contract(name: str, values: Optional[tuple]) -> Optional[StatedContr
                  and contract.input_class == value_class and argument in contract.arguments), None)
 
 
+def _float64_tie(name: str, args: tuple) -> Optional[Callable]:
+    """For a search op, tied_codes of non_finite_aware_mismatch: exact mode promises the float64
+    direct form's best "up to float64 rounding (relative (D + 2) 2^-53)" (vq.py), so two codes
+    whose float64 scores differ by less than that bound of the scores' terms are a tie that
+    evaluation order breaks (a cosine search over codes that are multiples of one vector)."""
+    if name not in CODE_INDEX_OUTPUT:
+        return None
+    z, codebook = (t.detach().cpu().double() for t in args[:2])
+    metric = args[2] if name == "vq_nearest" else "l2"
+    bound = (z.shape[1] + 2) * 2.0**-53
+
+    def scores(codes):
+        e = codebook[codes]
+        if metric == "l2":
+            terms = (z - e).square()
+            return terms.sum(1), terms.abs().sum(1)
+        terms = z * e
+        scale = e.norm(dim=1).clamp_min(1e-12) * z.norm(dim=1).clamp_min(1e-12)
+        return -terms.sum(1) / scale, terms.abs().sum(1) / scale
+
+    def tied_codes(actual, expected):
+        if len(actual) != len(z) or not ((actual >= 0) & (actual < len(codebook))).all():
+            return torch.zeros_like(actual, dtype=torch.bool)
+        (got, got_size), (want, want_size) = scores(actual), scores(expected)
+        return (got - want).abs() <= 2 * bound * torch.maximum(got_size, want_size)
+
+    return tied_codes
+
+
 def _codes_unspecified(name: str, args: tuple) -> bool:
     return name in CODE_INDEX_OUTPUT and bool(args[0].detach().float().square().sum(1).isinf().any())
 
@@ -144,11 +164,16 @@ def _excluded(name: str, backend: str, dtype: torch.dtype, direction: str) -> fr
 
 
 def non_finite_aware_mismatch(actual: torch.Tensor, expected: torch.Tensor,
-                              same_dtype_reference=None, magnitude=None, which_non_finite: bool = True) -> tuple:
+                              same_dtype_reference=None, magnitude=None, which_non_finite: bool = True,
+                              tied_codes: Optional[Callable] = None) -> tuple:
     """check.mismatch with NaN and infinities compared by position (module docstring): where
     both sides agree on a non-finite element it counts as exact. which_non_finite=False only
     asks that the non-finite elements are the same, whether NaN or an infinity (an op stating
-    its own formula there, STATED_CONTRACTS)."""
+    its own formula there, STATED_CONTRACTS). tied_codes(actual, expected), for code indices,
+    marks the rows where the two codes tie within float64 rounding (_float64_tie)."""
+    if tied_codes is not None and not actual.is_floating_point() and actual.shape == expected.shape \
+            and actual.dim() == 1:
+        actual = torch.where(tied_codes(actual.cpu(), expected.cpu()), expected.cpu(), actual.cpu())
     expected64 = expected.detach().double().cpu()
     rounded = expected64.to(actual.dtype).double()
     actual_cpu = actual.detach().cpu()
@@ -232,8 +257,8 @@ def test_matches_the_float64_reference(name, device, backend, dtype, direction):
             _assert_code_indices_in_range(op, backend, recipe.args)
             return
         contract = _stated_contract(name, recipe.values)
-        compare = non_finite_aware_mismatch if contract is None else functools.partial(
-            non_finite_aware_mismatch, which_non_finite=contract.which_non_finite)
+        compare = functools.partial(non_finite_aware_mismatch, tied_codes=_float64_tie(name, recipe.args),
+                                    which_non_finite=contract is None or contract.which_non_finite)
         oracle = (contract and contract.oracle) or op.reference
         # oneDNN compiles a float16 depthwise convolution (the filters' references on a CPU) per
         # shape, and takes minutes for some (a 1 x 17 filter over 131 columns); torch's own does not.

@@ -190,6 +190,10 @@ def _direct_form_search(z, codebook, metric):
     for chunk in z.split(rows):
         if metric == "l2":
             scores = (chunk[:, None, :] - codebook[None]).square().sum(-1)
+            # The NaN of the expanded form (inf - inf, for a code holding inf) picks the code
+            # first, in exact mode too (module docstring); no rounding decides whether it occurs.
+            expanded = chunk.square().sum(1, keepdim=True) + codebook.square().sum(1) - 2 * chunk @ codebook.T
+            scores = scores.masked_fill(expanded.isnan(), float("nan"))
             best = scores.argmin(1) if scores.shape[1] else torch.zeros(len(chunk), dtype=torch.int64)
         else:
             similarity = (chunk[:, None, :] * codebook[None]).sum(-1) / codebook.norm(dim=1).clamp_min(COSINE_EPS)
