@@ -1,5 +1,5 @@
 """The benchmark harness: declare a benchmark once, measure every implementation of it side by
-side in one run, and write one row per measurement (the fields DESIGN.md lists).
+side in one run, and write one row per measurement (ROW_FIELDS).
 
 Declaring. A `Benchmark` is an op (or model) name, its `Case`s and its `Impl`s. A case is one
 shape label, dtype and direction ("fwd" or "fwd+bwd"), a `make_inputs(device, dtype, seed)`
@@ -441,7 +441,7 @@ def _progress(i: int, n: int, row: dict) -> str:
 
 
 def collect_meta(device: torch.device) -> dict:
-    """What DESIGN.md asks once per file (`run` adds the ceilings), plus what helps read it;
+    """What every result file records once (`run` adds the ceilings), plus what helps read it;
     cache_bytes is the L2 size the input rotation is sized against."""
     versions = sysinfo.versions()
     meta = {"gpu": "cpu", "driver": None}

@@ -1,4 +1,4 @@
-"""Benchmarks of adaptive normalization (SPEC.md section 3) at the shapes of the models that use it.
+"""Benchmarks of adaptive normalization (math in fastgen/ops/ada_norm.py) at the shapes of the models that use it.
 
 - AdaGN, ADM imagenet256 (guided diffusion, use_scale_shift_norm): every ResBlock's out_layers
   normalize with GroupNorm(32) (affine), modulate with the timestep/class embedding and apply

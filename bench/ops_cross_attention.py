@@ -1,4 +1,4 @@
-"""Benchmarks of flash cross-attention (SPEC.md section 2) at the shapes of the text-to-image
+"""Benchmarks of flash cross-attention (math in fastgen/ops/cross_attention.py) at the shapes of the text-to-image
 models, against eager math attention, its torch.compile, and every backend of PyTorch's
 scaled_dot_product_attention (flash, memory-efficient, cuDNN), xformers' memory_efficient_attention
 and flash-attn's flash_attn_func as peers (the last two on unmasked cases, when installed).

@@ -1,4 +1,4 @@
-"""Benchmarks of ReLU linear attention (SPEC.md section 1) at SANA's shapes.
+"""Benchmarks of ReLU linear attention (math in fastgen/ops/linear_attention.py) at SANA's shapes.
 
 SANA-0.6B has 36 heads and SANA-1.6B 70 heads, both of head dim 32; with the f32 DC-AE the
 sequence is N = (image side / 32)^2 tokens: 1024 at 1024 px, 4096 at 2048 px (the 64x64

@@ -1,4 +1,4 @@
-"""Benchmarks of the DC-AE residual shortcuts (SPEC.md section 4) at the shapes SANA's DC-AE
+"""Benchmarks of the DC-AE residual shortcuts (math in fastgen/ops/shortcut.py) at the shapes SANA's DC-AE
 f32c32 gives them.
 
 That autoencoder's stages have widths 128, 256, 512, 512, 1024, 1024; stage i works at

@@ -1,4 +1,4 @@
-"""Benchmarks of upfirdn2d, bias_act and filtered_lrelu (SPEC.md section 5) at StyleGAN2 /
+"""Benchmarks of upfirdn2d, bias_act and filtered_lrelu (math in their modules of fastgen/ops) at StyleGAN2 /
 StyleGAN3 layer shapes, against the eager formulation (zero insertion + pad + depthwise conv2d;
 separate bias, activation, gain and clamp ops) and torch.compile of it.
 

@@ -1,4 +1,4 @@
-"""Benchmarks of codebook search and quantization (SPEC.md section 6) at the tokenizers' shapes.
+"""Benchmarks of codebook search and quantization (math in fastgen/ops/vq.py) at the tokenizers' shapes.
 
 - VAR: vocab 4096 x 32 channels; one image's 10 scales (1,2,3,4,5,6,8,10,13,16)^2 give
   N = 680 tokens per image, searched as one batch here (N = B x 680).

@@ -1,4 +1,4 @@
-// Adaptive normalization (SPEC.md section 3): AdaGN / AdaIN and adaLN, forward and backward.
+// Adaptive normalization (math in fastgen/ops/ada_norm.py): AdaGN / AdaIN and adaLN, forward and backward.
 //
 //   ada_group_norm: x (B, C, S) (spatial dims flattened by the caller), G groups of C/G
 //     consecutive channels; per (b, g), mu and var (biased) over the group's C/G * S values;

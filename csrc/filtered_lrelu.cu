@@ -1,4 +1,4 @@
-// filtered_lrelu (SPEC.md section 5; math in fastgen/ops/filtered_lrelu.py): one fused pass
+// filtered_lrelu (math in fastgen/ops/filtered_lrelu.py): one fused pass
 //
 //   src --[stage 1 FIR, up]--> mid --pointwise--> --[stage 2 FIR, down]--> dst
 //

@@ -1,4 +1,4 @@
-// Channel RMSNorm of NCHW maps, trms2d (SPEC.md section 4; math in fastgen/ops/rms_norm_2d.py):
+// Channel RMSNorm of NCHW maps, trms2d (math in fastgen/ops/rms_norm_2d.py):
 //
 //   r[b, p]    = 1 / sqrt(mean_c x[b, c, p]^2 + eps)                    p = h*W + w
 //   y[b, c, p] = x[b, c, p] * r[b, p] * weight[c] + bias[c]

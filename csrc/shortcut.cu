@@ -1,4 +1,4 @@
-// DC-AE residual shortcuts (SPEC.md section 4), on strided NCHW tensors of any layout.
+// DC-AE residual shortcuts (math in fastgen/ops/shortcut.py), on strided NCHW tensors of any layout.
 //
 //   pixel_unshuffle_channel_avg: y (B, O, H/f, W/f) from x (B, C, H, W), g = C*f*f/O
 //     y[b,o,h,w] = scale * sum_{t<g} u[b, o*g+t, h, w]  (+ residual[b,o,h,w])

@@ -1,4 +1,4 @@
-// upfirdn2d (SPEC.md section 5; math in fastgen/ops/upfirdn2d.py), on strided NCHW views.
+// upfirdn2d (math in fastgen/ops/upfirdn2d.py), on strided NCHW views.
 //
 //   y[b, c, oy, ox] = gain * sum_{i<fh, j<fw} w[i, j] * p[oy*down_y + i, ox*down_x + j]
 // where p is x with up-1 zeros inserted after every pixel, padded by (px0, px1, py0, py1)

@@ -22,8 +22,8 @@ Each block, with the adaLN-single modulation t2i_modulate(x, shift, scale) = x (
 Parameter names and module nesting are those of diffusers' `SanaTransformer2DModel`, so a
 diffusers-format SANA state dict loads with `load_state_dict` and the forward computes the same
 function. The one deliberate difference: diffusers turns the caption mask into a -10000 bias, so
-a fully masked caption there averages the padding tokens; here it contributes zeros (what
-SPEC.md asks of the cross-attention op). Not supported: qk_norm (SANA 1.5 / Sprint), the
+a fully masked caption there averages the padding tokens; here it contributes zeros (fastgen::cross_attention's
+answer for a row without keys). Not supported: qk_norm (SANA 1.5 / Sprint), the
 guidance embedding (Sprint), sin-cos position embeddings (interpolation_scale), and checkpoints
 in the original (non-diffusers) SANA layout.
 """
