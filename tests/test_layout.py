@@ -2,6 +2,7 @@
 included, so any of them can be imported first and a change in one never needs a workaround in
 another."""
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,3 +89,17 @@ def test_no_module_imports_itself_through_others():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_document_a_file_cites_is_in_the_repository():
+    """A source file that sends the reader to a document (a specification, a design note) sends
+    them nowhere unless the repository holds it: the project states what it relies on itself."""
+    folders = ("fastgen", "kernels", "csrc", "bench", "tests", ".ci")
+    files = [path for folder in folders for path in (ROOT / folder).glob("**/*") if path.is_file()
+             and "results" not in path.relative_to(ROOT).parts] + [p for p in ROOT.iterdir() if p.is_file()]
+    sources = [path for path in files if path.suffix in (".py", ".cu", ".h", ".cpp", ".sh", ".toml", ".md", "")]
+    documents = {path.name for path in files if path.suffix == ".md"}
+    missing = {(str(path.relative_to(ROOT)), name) for path in sources
+               for name in re.findall(r"\b([A-Z][A-Z_]*\.md)\b", path.read_text(errors="replace"))
+               if name not in documents}
+    assert not missing, sorted(missing)
