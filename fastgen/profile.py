@@ -177,6 +177,8 @@ def kernel_families() -> dict:
 
     by_family = _cuda_kernel_names()
     for info in pkgutil.iter_modules(fastgen.kernels.__path__):
+        if info.name.startswith("_"):  # shared helpers, not a family
+            continue
         module = importlib.import_module(f"fastgen.kernels.{info.name}")
         by_family.setdefault(info.name, set()).update(_launched(_triton_kernel_names(module)))
     owners: dict = {}

@@ -79,6 +79,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels import LAUNCH_OPTIONS
+from fastgen.kernels._convert import to_float32
 from fastgen.ops.filtered_lrelu import FusedPass, backward_pass, forward_pass
 
 _FORWARD, _FORWARD_WITH_CODES, _BACKWARD = 0, 1, 2
@@ -89,17 +90,6 @@ _MAX_MID_BLOCK = 128
 # A tap table holds fewer taps than a mid tile has samples (_blocks).
 _MAX_TABLE_TAPS = tl.constexpr(_MAX_MID_BLOCK)
 _CODE_ALIGNMENT = 4  # codes per byte
-
-
-@triton.jit
-def _to_float32(x):
-    """x exactly in float32. A bfloat16 is the high half of the float32 of the same value, so
-    its bits are shifted into place: what a GPU's conversion does, spelled out because the
-    Triton CPU interpreter's conversion garbles bfloat16 subnormals (2.9e-39 becomes 0, and the
-    forward then coded that positive sample as negative)."""
-    if x.dtype == tl.bfloat16:
-        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    return x.to(tl.float32)
 
 
 @triton.jit
@@ -161,7 +151,7 @@ def _real_samples_upsampling_fir(src_plane, src_sh, src_sw, bias, IN_H, IN_W, wy
             tap = 0.0
             for r in range(RANK):
                 tap += tl.load(wy_ptr + r * KY + ky) * tl.load(wx_ptr + r * KX + kx)
-            v = _to_float32(tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x.to(tl.int64) * src_sw, mask=real,
+            v = to_float32(tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x.to(tl.int64) * src_sw, mask=real,
                                     other=0.0))
             if HAS_BIAS:
                 v += bias
@@ -221,11 +211,11 @@ def _filtered_lrelu_kernel(
     q_x = q0_x + s_row
     inside = (q_y >= 0) & (q_y < IN_H) & (q_x >= 0) & (q_x < IN_W)
     src_plane = src_ptr + b * src_sb + c.to(tl.int64) * src_sc
-    x = _to_float32(tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x.to(tl.int64) * src_sw, mask=inside,
+    x = to_float32(tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x.to(tl.int64) * src_sw, mask=inside,
                             other=0.0))
     bias = 0.0
     if HAS_BIAS:
-        bias = _to_float32(tl.load(bias_ptr + c.to(tl.int64) * bias_s))
+        bias = to_float32(tl.load(bias_ptr + c.to(tl.int64) * bias_s))
         x = tl.where(inside, x + bias, 0.0)
 
     # 2. Stage 1: mid sample m reads input q through tap k = q*UP + pad1 - m. The codes decide the

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels import LAUNCH_OPTIONS, sm_count
+from fastgen.kernels._convert import to_float32
 from fastgen.ops.linear_attention import rows_per_chunk
 
 
@@ -59,18 +60,7 @@ def _load_rows(ptr, b, h, rows, N, s_b, s_n, s_h, s_d, d, D: tl.constexpr):
     offsets = (b.to(tl.int64) * s_b + rows.to(tl.int64)[:, None] * s_n + h.to(tl.int64) * s_h
                + d.to(tl.int64)[None, :] * s_d)
     mask = (rows < N)[:, None] & (d < D)[None, :]
-    return _to_float32(tl.load(ptr + offsets, mask=mask, other=0.0))
-
-
-@triton.jit
-def _to_float32(x):
-    """x exactly in float32. A bfloat16 is the high half of the float32 of the same value, so
-    its bits are shifted into place: the conversion a GPU does, spelled out because the Triton
-    CPU interpreter's bfloat16 conversion drops the leading bit of a subnormal (2^-128 becomes
-    0, 3 * 2^-130 becomes 2^-127)."""
-    if x.dtype == tl.bfloat16:
-        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    return x.to(tl.float32)
+    return to_float32(tl.load(ptr + offsets, mask=mask, other=0.0))
 
 
 @triton.jit
