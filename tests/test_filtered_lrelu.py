@@ -682,9 +682,9 @@ def test_stylegan3_layer_shapes_on_cuda(backend, layout, dtype, generator):
 
 @pytest.mark.parametrize("up, down", [(2, 2), (2, 1), (1, 2)])
 def test_benchmark_layers_keep_stylegan3_sizes_and_match_the_op(up, down, generator):
-    """bench/ops_stylegan.py's layers: output side = side * up / down, and its eager
+    """bench/ops_filtered_lrelu.py's layers: output side = side * up / down, and its eager
     formulation (StyleGAN3's reference path in x's dtype) agrees with the op."""
-    from fastgen.bench.ops_stylegan import _STYLEGAN3_CLAMP, _filtered_lrelu_eager, _FilteredLayer
+    from fastgen.bench.ops_filtered_lrelu import _STYLEGAN3_CLAMP, _filtered_lrelu_eager, _FilteredLayer
 
     layer = _FilteredLayer(up, down)
     fu, fd = layer.filters(CPU)

@@ -231,7 +231,7 @@ def test_opcheck(generator):
 @pytest.mark.parametrize("up, down", [(2, 1), (1, 2)])
 def test_benchmark_padding_scales_the_side_exactly(taps, up, down):
     """The benchmark's StyleGAN upsample2d / downsample2d padding: side * up / down out."""
-    from fastgen.bench.ops_stylegan import _Resampling
+    from fastgen.bench.ops_upfirdn2d import _Resampling
 
     resampling = _Resampling(taps, up, down)
     for side in (4, 8, 64):
