@@ -701,7 +701,7 @@ def _strides(prefix: str, t: torch.Tensor) -> dict:
     return dict(zip((f"{prefix}_sb", f"{prefix}_sc", f"{prefix}_ss"), t.stride()))
 
 
-def ada_group_norm_forward(x, scale, shift, num_groups: int, weight, bias, eps: float, act, out,
+def ada_group_norm_forward(x, scale, shift, num_groups: int, weight, bias, eps: float, act, *, out,
                            chunk_size=None) -> None:
     """out = ada_group_norm(x, ...) (fastgen/ops/ada_norm.py), written in place."""
     if out.numel() == 0:
@@ -735,10 +735,12 @@ def _finish_modulation_grads(sums, num_chunks, scale, weight, bias, dscale, dshi
     )
 
 
-def ada_group_norm_backward(grad, x, scale, shift, num_groups: int, weight, bias, eps: float, act,
-                            dx, dscale, dshift, dweight, dbias, chunk_size=None) -> None:
-    """The gradients of ada_group_norm for the output gradient grad, written in place;
-    dweight and dbias are the affine parameters' gradients (weight 1, bias 0 when absent)."""
+def ada_group_norm_backward(grad, x, scale, shift, num_groups: int, weight, bias, eps: float, act, *, out,
+                            chunk_size=None) -> None:
+    """out = (dx, dscale, dshift, dweight, dbias), the gradients of ada_group_norm for the output
+    gradient grad, written in place; dweight and dbias are the affine parameters' gradients
+    (weight 1, bias 0 when absent)."""
+    dx, dscale, dshift, dweight, dbias = out
     if x.numel() == 0:
         for t in (dx, dscale, dshift, dweight, dbias):
             t.zero_()
@@ -788,7 +790,7 @@ class _RowPlan:
         return dict(BLOCK_N=self.block_n, BLOCK_C=self.block_c, num_warps=self.num_warps)
 
 
-def ada_layer_norm_forward(x, scale, shift, eps: float, out) -> None:
+def ada_layer_norm_forward(x, scale, shift, eps: float, *, out) -> None:
     """out = ada_layer_norm(x, scale, shift, eps), written in place."""
     if out.numel() == 0:
         return
@@ -800,8 +802,9 @@ def ada_layer_norm_forward(x, scale, shift, eps: float, out) -> None:
     )
 
 
-def ada_layer_norm_backward(grad, x, scale, shift, eps: float, dx, dscale, dshift) -> None:
-    """(dx, dscale, dshift) of ada_layer_norm for the output gradient grad, written in place."""
+def ada_layer_norm_backward(grad, x, scale, shift, eps: float, *, out) -> None:
+    """out = (dx, dscale, dshift) of ada_layer_norm for the output gradient grad, written in place."""
+    dx, dscale, dshift = out
     if x.numel() == 0:
         for t in (dx, dscale, dshift):
             t.zero_()

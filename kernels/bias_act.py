@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels import LAUNCH_OPTIONS
-from fastgen.ops.bias_act import ACTIVATIONS, SELU_ALPHA, SELU_SCALE
+from fastgen.ops.bias_act import ACTIVATIONS, SELU_ALPHA, SELU_SCALE, parse_params
 
 _SELU_SCALE = tl.constexpr(SELU_SCALE)
 _SELU_SCALE_ALPHA = tl.constexpr(SELU_SCALE * SELU_ALPHA)
@@ -269,10 +269,11 @@ def _tiling(sizes) -> tuple:
     return rows, triton.cdiv(sizes[3], block_i), max(1, _ELEMENTS_PER_TILE // block_i), block_i
 
 
-def bias_act_forward(x, b, params, out) -> None:
+def bias_act_forward(x, b, act, alpha, gain, clamp, dim, *, out) -> None:
     """out = clamp(gain * act(x + b)), every operand through its strides."""
     if out.numel() == 0:
         return
+    params = parse_params(x, b, act, alpha, gain, clamp, dim)
     (sizes, strides, _), (x,) = _prepare(out, [x], b, params.dim)
     rows, column_blocks, block_r, block_i = _tiling(sizes)
     out_strides, x_strides, *bias_strides = strides
@@ -295,11 +296,14 @@ def _reduce_partials(partial, reduce, sizes, bias_axis) -> torch.Tensor:
     return per_row.sum([k for k in range(3) if k != bias_axis])
 
 
-def bias_act_backward(dy, x, b, y, params, source, dx, db) -> None:
-    """dx = dy * gain * act'(z) * mask into dx and, with a bias, db = sum of dx into db."""
+def bias_act_backward(dy, x, b, y, act, alpha, gain, clamp, dim, *, out) -> None:
+    """out = (dx, db): dx = dy * gain * act'(z) * mask and, with a bias, db = sum of dx."""
+    dx, db = out
     if dx.numel() == 0:
         db.zero_()
         return
+    params = parse_params(dy, b, act, alpha, gain, clamp, dim)
+    source = params.derivative_source(dy.dtype)
     ref = {"x": x, "y": y}.get(source)
     (sizes, strides, bias_axis), (dy, ref) = _prepare(dx, [dy, ref], b, params.dim)
     rows, column_blocks, block_r, block_i = _tiling(sizes)

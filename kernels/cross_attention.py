@@ -62,6 +62,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels import LAUNCH_OPTIONS
+from fastgen.ops.cross_attention import effective_scale, lse_shape
 from fastgen.ops.registry import triton_interpreter_enabled
 
 # Module constants a kernel may read must be tl.constexpr.
@@ -397,21 +398,31 @@ def _meta(q, mask) -> dict:
     )
 
 
-def cross_attention_forward(q, k, v, mask, scale: float, out, lse) -> None:
-    """out (like q) and lse ((B, H, Lq) float32) of softmax(q k^T scale + mask bias) v."""
+def cross_attention(q, k, v, mask, scale, *, out) -> None:
+    """out = softmax(q k^T scale + mask bias) v, the row log-sum-exps discarded."""
+    lse = torch.empty(lse_shape(q), dtype=torch.float32, device=q.device)
+    cross_attention_forward(q, k, v, mask, scale, out=(out, lse))
+
+
+def cross_attention_forward(q, k, v, mask, scale, *, out) -> None:
+    """out = (output (like q), lse ((B, H, Lq) float32)) of softmax(q k^T scale + mask bias) v."""
+    output, lse = out
+    scale = effective_scale(q, scale)
     batch, q_len, heads, _ = q.shape
     mask_tensor, mask_strides = _mask_args(mask, q)
     _forward(
         q_len, batch * heads,
-        q, k, v, mask_tensor, out, lse,
+        q, k, v, mask_tensor, output, lse,
         q_len, k.shape[1], heads, scale,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *output.stride(),
         **_meta(q, mask),
     )
 
 
-def cross_attention_backward(grad, q, k, v, out, lse, mask, scale: float, dq, dk, dv) -> None:
-    """(dq, dk, dv) for the output gradient `grad`, from the forward's out and lse."""
+def cross_attention_backward(grad, q, k, v, output, lse, mask, scale, *, out) -> None:
+    """out = (dq, dk, dv) for the output gradient `grad`, from the forward's output and lse."""
+    dq, dk, dv = out
+    scale = effective_scale(q, scale)
     batch, q_len, heads, _ = q.shape
     kv_len = k.shape[1]
     mask_tensor, mask_strides = _mask_args(mask, q)
@@ -419,9 +430,9 @@ def cross_attention_backward(grad, q, k, v, out, lse, mask, scale: float, dq, dk
     meta = _meta(q, mask)
     _query_grad(
         q_len, batch * heads,
-        q, k, v, mask_tensor, out, grad, lse, delta, dq,
+        q, k, v, mask_tensor, output, grad, lse, delta, dq,
         q_len, kv_len, heads, scale,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), *grad.stride(), *dq.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *output.stride(), *grad.stride(), *dq.stride(),
         **meta,
     )
     _key_value_grad(

@@ -365,15 +365,24 @@ def _launch(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp, c
         channel_sums.copy_(partials.view(batch, channels, -1).sum((0, 2)))
 
 
-def filtered_lrelu_forward(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, out, codes) -> None:
-    """out = filtered_lrelu(x, ...); codes (packed uint8 (B, C, zh, ceil(zw / 4))) filled too when given."""
+def filtered_lrelu(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, *, out) -> None:
+    """out = filtered_lrelu(x, ...)."""
     fused = forward_pass(fu, fd, up, down, padding, flip_filter, out.shape, x.device)
-    mode = _FORWARD if codes is None else _FORWARD_WITH_CODES
-    _launch(mode, x, b, out, codes, fused, gain, slope, clamp)
+    _launch(_FORWARD, x, b, out, None, fused, gain, slope, clamp)
 
 
-def filtered_lrelu_backward(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, dx, db) -> None:
-    """dx = U^T (d(codes) * D^T dy), db (empty: not wanted) = dx summed over (B, H, W): the
-    forward's kernel run as backward_pass describes."""
+def filtered_lrelu_with_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, *, out) -> None:
+    """out = (y, codes): y = filtered_lrelu(x, ...) and the codes (packed uint8
+    (B, C, zh, ceil(zw / 4))) its backward reads."""
+    y, codes = out
+    fused = forward_pass(fu, fd, up, down, padding, flip_filter, y.shape, x.device)
+    _launch(_FORWARD_WITH_CODES, x, b, y, codes, fused, gain, slope, clamp)
+
+
+def filtered_lrelu_backward(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, x_height, x_width,
+                            bias_grad, *, out) -> None:
+    """out = (dx, db): dx = U^T (d(codes) * D^T dy), db (empty: not wanted) = dx summed over
+    (B, H, W): the forward's kernel run as backward_pass describes."""
+    dx, db = out
     fused = backward_pass(fu, fd, up, down, padding, flip_filter, dy.shape, dy.device)
     _launch(_BACKWARD, dy, None, dx, codes, fused, gain, slope, None, db if db.numel() else None)

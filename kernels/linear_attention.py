@@ -340,7 +340,7 @@ def _state_partials(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> tuple:
     return state, normalizer, plan.chunks(tokens)
 
 
-def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, *, out: torch.Tensor) -> None:
     """out = ReLU linear attention of (q, k, v), written into out (same shape as q)."""
     if out.numel() == 0:
         return
@@ -355,9 +355,10 @@ def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     )
 
 
-def linear_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
-                              dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
-    """(dq, dk, dv) of ReLU linear attention for the output gradient `grad`, written in place."""
+def linear_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, *,
+                              out: tuple) -> None:
+    """out = (dq, dk, dv) of ReLU linear attention for the output gradient `grad`."""
+    dq, dk, dv = out
     if dq.numel() == 0 and dk.numel() == 0:
         return
     plan = _Plan(q, k)

@@ -131,7 +131,9 @@ def _channel_vector(vector, x) -> tuple:
     return (x, 0) if vector is None else (vector, vector.stride(0))
 
 
-def trms2d_forward(x, weight, bias, eps: float, y) -> None:
+def trms2d_forward(x, weight, bias, eps: float, *, out) -> None:
+    """out = trms2d(x, weight, bias, eps)."""
+    y = out
     if y.numel() == 0:
         return
     batch, channels, height, width = x.shape
@@ -153,7 +155,10 @@ def _backward_programs(device: torch.device, num_tiles: int) -> int:
     return max(1, min(num_tiles, per_device))
 
 
-def trms2d_backward(grad, x, weight, eps: float, dx, dweight, dbias) -> None:
+def trms2d_backward(grad, x, weight, bias, eps: float, *, out) -> None:
+    """out = (dx, dweight, dbias) of trms2d for the output gradient grad; the bias does not
+    enter them."""
+    dx, dweight, dbias = out
     batch, channels, height, width = x.shape
     if x.numel() == 0:
         dx.zero_()

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels import LAUNCH_OPTIONS
+from fastgen.ops.shortcut import shuffle_scale, unshuffle_scale
 
 
 @triton.jit
@@ -121,15 +122,17 @@ def _launch(kernel, x, y, residual, factor, scale, channel_ratio, block=_ELEMENT
     )
 
 
-def pixel_unshuffle_channel_sum(x, y, residual, factor: int, scale: float) -> None:
-    """y = scale * (group sums of pixel_unshuffle(x)) (+ residual), written into y."""
-    group = x.shape[1] * factor * factor // y.shape[1]
+def pixel_unshuffle_channel_avg(x, factor: int, out_channels: int, residual, scale, *, out) -> None:
+    """out = scale * (group sums of pixel_unshuffle(x)) (+ residual); scale defaults to the
+    group's 1 / size, an average."""
+    group = x.shape[1] * factor * factor // out.shape[1]
     block_group = min(triton.next_power_of_2(group), 16)
-    _launch(_pixel_unshuffle_channel_sum_kernel, x, y, residual, factor, scale, group,
+    _launch(_pixel_unshuffle_channel_sum_kernel, x, out, residual, factor,
+            unshuffle_scale(x, factor, out_channels, scale), group,
             block=_ELEMENTS_PER_PROGRAM // block_group, BLOCK_GROUP=block_group)
 
 
-def channel_dup_pixel_shuffle(x, y, residual, factor: int, scale: float) -> None:
-    """y = scale * pixel_shuffle(repeat_interleave(x)) (+ residual), written into y."""
-    repeats = y.shape[1] * factor * factor // x.shape[1]
-    _launch(_channel_dup_pixel_shuffle_kernel, x, y, residual, factor, scale, repeats)
+def channel_dup_pixel_shuffle(x, factor: int, out_channels: int, residual, scale, *, out) -> None:
+    """out = scale * pixel_shuffle(repeat_interleave(x)) (+ residual)."""
+    repeats = out.shape[1] * factor * factor // x.shape[1]
+    _launch(_channel_dup_pixel_shuffle_kernel, x, out, residual, factor, shuffle_scale(scale), repeats)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels import LAUNCH_OPTIONS
+from fastgen.ops.upfirdn2d import parse_padding, parse_scaling
 
 _MAX_FUSED_TAPS = 16
 _OUTPUTS_PER_PROGRAM = 1024
@@ -196,9 +197,11 @@ def _launch(x, f, y, up, down, pad0, flip_filter, gain, filter_2d, filter_x, fil
     )
 
 
-def upfirdn2d(x, f, up, down, padding, flip_filter: bool, gain: float, out) -> None:
-    """out = upfirdn2d(x, f, ...), with up / down = [x, y] and padding = [px0, px1, py0, py1]."""
-    px0, px1, py0, py1 = padding
+def upfirdn2d(x, f, up, down, padding, flip_filter: bool, gain, *, out) -> None:
+    """out = upfirdn2d(x, f, ...), up / down and padding in any form the op takes."""
+    up, down = parse_scaling("up", up), parse_scaling("down", down)
+    px0, px1, py0, py1 = parse_padding(padding)
+    gain = float(gain)
     separable = f is not None and f.dim() == 1
     taps = triton.cdiv(f.shape[0], up[0]) * triton.cdiv(f.shape[0], up[1]) if separable else 0
     if taps <= _MAX_FUSED_TAPS:

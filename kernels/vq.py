@@ -443,13 +443,17 @@ def _search(z, codebook, cosine: bool, exact: bool, input_precision: str, idx, v
     )
 
 
-def nearest(z, codebook, metric: str, exact: bool, input_precision: str, idx, distance) -> None:
-    """idx[n] = nearest code of z[n] and distance[n] its distance (l2) or similarity (cosine)."""
+def vq_nearest(z, codebook, metric: str, exact: bool, input_precision: str, *, out) -> None:
+    """out = (idx, distance): idx[n] = nearest code of z[n] and distance[n] its distance (l2)
+    or similarity (cosine)."""
+    idx, distance = out
     _search(z, codebook, metric == "cosine", exact, input_precision, idx, distance)
 
 
-def quantize(z, codebook, beta: float, exact: bool, input_precision: str, zq, idx, loss, counts) -> None:
-    """Nearest l2 code, z_q = e_idx, loss = (1 + beta) mean (z - e_idx)^2, usage counts."""
+def vq_quantize(z, codebook, beta: float, exact: bool, input_precision: str, *, out) -> None:
+    """out = (z_q, idx, loss, counts): nearest l2 code, z_q = e_idx, loss = (1 + beta) mean
+    (z - e_idx)^2, usage counts."""
+    zq, idx, loss, counts = out
     N, D = z.shape
     counts.zero_()
     row_errors = torch.empty(N, dtype=torch.float32, device=z.device)

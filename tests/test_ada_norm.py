@@ -119,7 +119,7 @@ def _run_group_norm(args, splits=None, backend="triton"):
     elif splits is None:
         ADA_GROUP_NORM.implementations["triton"].run(*args, out=out)
     else:
-        _kernels().ada_group_norm_forward(*args, out, chunk_size=_chunk_size(args[0], splits))
+        _kernels().ada_group_norm_forward(*args, out=out, chunk_size=_chunk_size(args[0], splits))
     return out
 
 
@@ -130,7 +130,7 @@ def _run_group_norm_backward(grad, args, splits=None, backend="triton"):
     elif splits is None:
         ADA_GROUP_NORM_BACKWARD.implementations["triton"].run(grad, *args, out=grads)
     else:
-        _kernels().ada_group_norm_backward(grad, *args, *grads, chunk_size=_chunk_size(args[0], splits))
+        _kernels().ada_group_norm_backward(grad, *args, out=grads, chunk_size=_chunk_size(args[0], splits))
     return grads
 
 

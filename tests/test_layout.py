@@ -69,22 +69,12 @@ def _cycles(graph: dict) -> list:
     return components
 
 
-# Cycles left, each a Triton kernel module importing constants or launch plans from its op
-# module while the op module imports the kernels lazily: they go when those move beside the
-# kernels. The list only shrinks: a new cycle fails, and so does a fixed one still listed.
-KNOWN_CYCLES = [
-    ["fastgen.kernels.bias_act", "fastgen.ops.bias_act"],
-    ["fastgen.kernels.filtered_lrelu", "fastgen.ops.filtered_lrelu"],
-    ["fastgen.kernels.linear_attention", "fastgen.ops.linear_attention"],
-]
-
-
 def test_no_module_imports_itself_through_others():
     modules = _package_modules()
     known = set(modules) | EXTENSION_MODULES
     graph = {name: _imported_modules(path, known) - {name} for name, path in modules.items()}
     graph.update({name: set() for name in EXTENSION_MODULES})
-    assert sorted(_cycles(graph)) == KNOWN_CYCLES
+    assert _cycles(graph) == []
 
 
 def test_the_cycle_finder_finds_a_cycle():

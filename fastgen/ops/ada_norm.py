@@ -310,32 +310,10 @@ ADA_LAYER_NORM_BACKWARD = Op(
 )
 
 
-@ADA_GROUP_NORM.implement("triton")
-def _group_norm_triton(x, scale, shift, num_groups, weight, bias, eps, act, *, out):
-    from fastgen.kernels import ada_norm as kernels
-
-    kernels.ada_group_norm_forward(x, scale, shift, num_groups, weight, bias, eps, act, out)
-
-
-@ADA_GROUP_NORM_BACKWARD.implement("triton")
-def _group_norm_backward_triton(grad, x, scale, shift, num_groups, weight, bias, eps, act, *, out):
-    from fastgen.kernels import ada_norm as kernels
-
-    kernels.ada_group_norm_backward(grad, x, scale, shift, num_groups, weight, bias, eps, act, *out)
-
-
-@ADA_LAYER_NORM.implement("triton")
-def _layer_norm_triton(x, scale, shift, eps, *, out):
-    from fastgen.kernels import ada_norm as kernels
-
-    kernels.ada_layer_norm_forward(x, scale, shift, eps, out)
-
-
-@ADA_LAYER_NORM_BACKWARD.implement("triton")
-def _layer_norm_backward_triton(grad, x, scale, shift, eps, *, out):
-    from fastgen.kernels import ada_norm as kernels
-
-    kernels.ada_layer_norm_backward(grad, x, scale, shift, eps, *out)
+ADA_GROUP_NORM.implement_at("triton", "fastgen.kernels.ada_norm:ada_group_norm_forward")
+ADA_GROUP_NORM_BACKWARD.implement_at("triton", "fastgen.kernels.ada_norm:ada_group_norm_backward")
+ADA_LAYER_NORM.implement_at("triton", "fastgen.kernels.ada_norm:ada_layer_norm_forward")
+ADA_LAYER_NORM_BACKWARD.implement_at("triton", "fastgen.kernels.ada_norm:ada_layer_norm_backward")
 
 
 # The CUDA kernels (csrc/ada_norm.cu) take x as (B, C, S) like the Triton ones. Not tuned on a

@@ -354,19 +354,8 @@ BIAS_ACT_BACKWARD = Op(
 )
 
 
-@BIAS_ACT.implement("triton")
-def _forward_triton(x, b, act, alpha, gain, clamp, dim, *, out):
-    from fastgen.kernels import bias_act as kernels
-
-    kernels.bias_act_forward(x, b, parse_params(x, b, act, alpha, gain, clamp, dim), out)
-
-
-@BIAS_ACT_BACKWARD.implement("triton")
-def _backward_triton(dy, x, b, y, act, alpha, gain, clamp, dim, *, out):
-    from fastgen.kernels import bias_act as kernels
-
-    params = parse_params(dy, b, act, alpha, gain, clamp, dim)
-    kernels.bias_act_backward(dy, x, b, y, params, params.derivative_source(dy.dtype), *out)
+BIAS_ACT.implement_at("triton", "fastgen.kernels.bias_act:bias_act_forward")
+BIAS_ACT_BACKWARD.implement_at("triton", "fastgen.kernels.bias_act:bias_act_backward")
 
 
 def _extension_view(t: torch.Tensor, dim: int):

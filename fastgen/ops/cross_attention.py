@@ -109,11 +109,11 @@ def _check_inputs(op_name: str, q, k, v, key_padding_mask, scale) -> None:
         raise ValueError(f"{op_name}: scale must be a finite number or None, got {scale!r}")
 
 
-def _effective_scale(q: torch.Tensor, scale: Optional[float]) -> float:
+def effective_scale(q: torch.Tensor, scale: Optional[float]) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _lse_shape(q: torch.Tensor) -> tuple:
+def lse_shape(q: torch.Tensor) -> tuple:
     batch, q_len, heads, _ = q.shape
     return (batch, heads, q_len)
 
@@ -126,7 +126,7 @@ def _allocate_output(q, k, v, key_padding_mask=None, scale=None):
 def _allocate_output_and_lse(q, k, v, key_padding_mask=None, scale=None):
     _check_inputs("cross_attention", q, k, v, key_padding_mask, scale)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device))
+            torch.empty(lse_shape(q), dtype=torch.float32, device=q.device))
 
 
 def _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale) -> None:
@@ -140,8 +140,8 @@ def _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale) 
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"{op_name}: lse must be a torch.Tensor, got {type(lse).__name__}")
     _check_same_place(op_name, "lse", lse, q, torch.float32)
-    if lse.shape != _lse_shape(q):
-        raise ValueError(f"{op_name}: lse must have shape (B, H, Lq) = {_lse_shape(q)}, got {tuple(lse.shape)}")
+    if lse.shape != lse_shape(q):
+        raise ValueError(f"{op_name}: lse must have shape (B, H, Lq) = {lse_shape(q)}, got {tuple(lse.shape)}")
 
 
 def _allocate_gradients(grad, q, k, v, output, lse, key_padding_mask=None, scale=None):
@@ -154,7 +154,7 @@ def _probabilities(q, k, key_padding_mask, scale):
     the scaled scores with -inf where the key is masked, and the (B, 1, Lq, 1) bool of rows
     that have at least one key."""
     compute = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * _effective_scale(q, scale)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * effective_scale(q, scale)
     if key_padding_mask is None:
         has_key = torch.full((1, 1, 1, 1), k.shape[1] > 0, device=q.device)
     else:
@@ -198,7 +198,7 @@ def cross_attention_backward_reference(grad, q, k, v, output, lse, key_padding_m
     dv = torch.einsum("bhqk,bqhd->bkhd", probabilities, grad_)
     dprobabilities = torch.einsum("bqhd,bkhd->bhqk", grad_, v_)
     delta = (dprobabilities * probabilities).sum(-1, keepdim=True)
-    dscores = probabilities * (dprobabilities - delta) * _effective_scale(q, scale)
+    dscores = probabilities * (dprobabilities - delta) * effective_scale(q, scale)
     if key_padding_mask is not None:
         # No gradient reaches a masked key (nor a row without keys, all masked), as through
         # the reference's masked_fill and where, even where dP is NaN there.
@@ -260,26 +260,9 @@ CROSS_ATTENTION_BACKWARD = Op(
 )
 
 
-@CROSS_ATTENTION.implement("triton")
-def _output_triton(q, k, v, key_padding_mask, scale, *, out):
-    from fastgen.kernels import cross_attention as kernels
-
-    lse = torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
-    kernels.cross_attention_forward(q, k, v, key_padding_mask, _effective_scale(q, scale), out, lse)
-
-
-@CROSS_ATTENTION_FORWARD.implement("triton")
-def _forward_triton(q, k, v, key_padding_mask, scale, *, out):
-    from fastgen.kernels import cross_attention as kernels
-
-    kernels.cross_attention_forward(q, k, v, key_padding_mask, _effective_scale(q, scale), *out)
-
-
-@CROSS_ATTENTION_BACKWARD.implement("triton")
-def _backward_triton(grad, q, k, v, output, lse, key_padding_mask, scale, *, out):
-    from fastgen.kernels import cross_attention as kernels
-
-    kernels.cross_attention_backward(grad, q, k, v, output, lse, key_padding_mask, _effective_scale(q, scale), *out)
+CROSS_ATTENTION.implement_at("triton", "fastgen.kernels.cross_attention:cross_attention")
+CROSS_ATTENTION_FORWARD.implement_at("triton", "fastgen.kernels.cross_attention:cross_attention_forward")
+CROSS_ATTENTION_BACKWARD.implement_at("triton", "fastgen.kernels.cross_attention:cross_attention_backward")
 
 
 @define_custom_op(CROSS_ATTENTION_FORWARD)

@@ -455,26 +455,9 @@ FILTERED_LRELU_BACKWARD = Op(
 )
 
 
-@FILTERED_LRELU.implement("triton")
-def _forward_triton(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, *, out):
-    from fastgen.kernels import filtered_lrelu as kernels
-
-    kernels.filtered_lrelu_forward(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, out, None)
-
-
-@FILTERED_LRELU_WITH_CODES.implement("triton")
-def _forward_with_codes_triton(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, *, out):
-    from fastgen.kernels import filtered_lrelu as kernels
-
-    kernels.filtered_lrelu_forward(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, *out)
-
-
-@FILTERED_LRELU_BACKWARD.implement("triton")
-def _backward_triton(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, x_height, x_width, bias_grad, *,
-                     out):
-    from fastgen.kernels import filtered_lrelu as kernels
-
-    kernels.filtered_lrelu_backward(dy, codes, fu, fd, up, down, padding, gain, slope, flip_filter, *out)
+FILTERED_LRELU.implement_at("triton", "fastgen.kernels.filtered_lrelu:filtered_lrelu")
+FILTERED_LRELU_WITH_CODES.implement_at("triton", "fastgen.kernels.filtered_lrelu:filtered_lrelu_with_codes")
+FILTERED_LRELU_BACKWARD.implement_at("triton", "fastgen.kernels.filtered_lrelu:filtered_lrelu_backward")
 
 
 # csrc/filtered_lrelu.cu's pass modes.

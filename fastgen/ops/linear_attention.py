@@ -198,18 +198,8 @@ LINEAR_ATTENTION_BACKWARD = Op(
 )
 
 
-@LINEAR_ATTENTION.implement("triton")
-def _forward_triton(q, k, v, eps, *, out):
-    from fastgen.kernels import linear_attention as kernels
-
-    kernels.linear_attention_forward(q, k, v, eps, out)
-
-
-@LINEAR_ATTENTION_BACKWARD.implement("triton")
-def _backward_triton(grad, q, k, v, eps, *, out):
-    from fastgen.kernels import linear_attention as kernels
-
-    kernels.linear_attention_backward(grad, q, k, v, eps, *out)
+LINEAR_ATTENTION.implement_at("triton", "fastgen.kernels.linear_attention:linear_attention_forward")
+LINEAR_ATTENTION_BACKWARD.implement_at("triton", "fastgen.kernels.linear_attention:linear_attention_backward")
 
 
 # csrc/linear_attention.cu walks rows in tiles of this many.

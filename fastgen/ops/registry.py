@@ -116,11 +116,26 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[s
     raise ValueError(f"unknown fast backend {backend!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _import_function(location: str) -> Callable[..., None]:
+    module, _, function = location.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
 @dataclass(frozen=True)
 class Implementation:
+    """`target(*op_args, out=out)` writes the op's result into out. The target is a function,
+    or its location "package.module:function", imported at the first call: the op module names
+    its kernels without importing them, so importing fastgen never imports Triton, and a
+    kernel module can import what it needs from its op module."""
+
     backend: str
-    run: Callable[..., None]  # run(*op_args, out=Tensor) writes the op's result into out
+    target: Callable[..., None] | str
     dtypes: tuple = KERNEL_DTYPES
+
+    def run(self, *args, out) -> None:
+        target = _import_function(self.target) if isinstance(self.target, str) else self.target
+        target(*args, out=out)
 
     def unavailable_reason(self, reference_tensor: torch.Tensor) -> Optional[str]:
         if reference_tensor.dtype not in self.dtypes:
@@ -199,14 +214,20 @@ class Op:
     implementations: dict = field(default_factory=dict)
 
     def implement(self, backend: str, dtypes: tuple = KERNEL_DTYPES):
-        if backend not in FAST_BACKENDS:
-            raise ValueError(f"{self.name}: implementations are {FAST_BACKENDS}, got {backend!r}")
+        """Decorator registering the function it decorates as this op's `backend`."""
 
         def register(run):
-            self.implementations[backend] = Implementation(backend, run, dtypes)
+            self.implement_at(backend, run, dtypes)
             return run
 
         return register
+
+    def implement_at(self, backend: str, target: Callable[..., None] | str, dtypes: tuple = KERNEL_DTYPES) -> None:
+        """Registers `target` (see Implementation), for example
+        OP.implement_at("triton", "fastgen.kernels.family:op_forward")."""
+        if backend not in FAST_BACKENDS:
+            raise ValueError(f"{self.name}: implementations are {FAST_BACKENDS}, got {backend!r}")
+        self.implementations[backend] = Implementation(backend, target, dtypes)
 
     def preference(self, device: torch.device) -> Sequence[str]:
         """The measured order for this GPU's compute capability (backends it did not rank, such

@@ -141,18 +141,8 @@ TRMS2D = register(
 TRMS2D_BACKWARD = Op(name="trms2d_backward", reference=trms2d_backward_reference, allocate_output=_allocate_gradients)
 
 
-@TRMS2D.implement("triton")
-def _trms2d_triton(x, weight, bias, eps, *, out):
-    from fastgen.kernels import rms_norm_2d as kernels
-
-    kernels.trms2d_forward(x, weight, bias, eps, out)
-
-
-@TRMS2D_BACKWARD.implement("triton")
-def _trms2d_backward_triton(grad, x, weight, bias, eps, *, out):
-    from fastgen.kernels import rms_norm_2d as kernels
-
-    kernels.trms2d_backward(grad, x, weight, eps, *out)
+TRMS2D.implement_at("triton", "fastgen.kernels.rms_norm_2d:trms2d_forward")
+TRMS2D_BACKWARD.implement_at("triton", "fastgen.kernels.rms_norm_2d:trms2d_backward")
 
 
 def _channel_vector_arg(tensor: Optional[torch.Tensor], name: str):

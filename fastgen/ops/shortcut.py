@@ -103,11 +103,11 @@ def _allocate_shuffle_output(x, factor, out_channels, residual=None, scale=None)
     return _allocate_checked_output("channel_dup_pixel_shuffle", x, shape, residual)
 
 
-def _unshuffle_scale(x, factor, out_channels, scale) -> float:
+def unshuffle_scale(x, factor, out_channels, scale) -> float:
     return 1.0 / _unshuffle_group(x, factor, out_channels) if scale is None else float(scale)
 
 
-def _shuffle_scale(scale) -> float:
+def shuffle_scale(scale) -> float:
     return 1.0 if scale is None else float(scale)
 
 
@@ -191,18 +191,8 @@ CHANNEL_DUP_PIXEL_SHUFFLE = register(
 )
 
 
-@PIXEL_UNSHUFFLE_CHANNEL_AVG.implement("triton")
-def _unshuffle_triton(x, factor, out_channels, residual, scale, *, out):
-    from fastgen.kernels import shortcut as kernels
-
-    kernels.pixel_unshuffle_channel_sum(x, out, residual, factor, _unshuffle_scale(x, factor, out_channels, scale))
-
-
-@CHANNEL_DUP_PIXEL_SHUFFLE.implement("triton")
-def _shuffle_triton(x, factor, out_channels, residual, scale, *, out):
-    from fastgen.kernels import shortcut as kernels
-
-    kernels.channel_dup_pixel_shuffle(x, out, residual, factor, _shuffle_scale(scale))
+PIXEL_UNSHUFFLE_CHANNEL_AVG.implement_at("triton", "fastgen.kernels.shortcut:pixel_unshuffle_channel_avg")
+CHANNEL_DUP_PIXEL_SHUFFLE.implement_at("triton", "fastgen.kernels.shortcut:channel_dup_pixel_shuffle")
 
 
 def _launch_cuda(entry_point: str, x, out, residual, factor: int, scale: float) -> None:
@@ -218,12 +208,12 @@ def _launch_cuda(entry_point: str, x, out, residual, factor: int, scale: float) 
 
 @PIXEL_UNSHUFFLE_CHANNEL_AVG.implement("cuda")
 def _unshuffle_cuda(x, factor, out_channels, residual, scale, *, out):
-    _launch_cuda("pixel_unshuffle_channel_avg", x, out, residual, factor, _unshuffle_scale(x, factor, out_channels, scale))
+    _launch_cuda("pixel_unshuffle_channel_avg", x, out, residual, factor, unshuffle_scale(x, factor, out_channels, scale))
 
 
 @CHANNEL_DUP_PIXEL_SHUFFLE.implement("cuda")
 def _shuffle_cuda(x, factor, out_channels, residual, scale, *, out):
-    _launch_cuda("channel_dup_pixel_shuffle", x, out, residual, factor, _shuffle_scale(scale))
+    _launch_cuda("channel_dup_pixel_shuffle", x, out, residual, factor, shuffle_scale(scale))
 
 
 @define_custom_op(PIXEL_UNSHUFFLE_CHANNEL_AVG)
@@ -258,11 +248,11 @@ def _save_shape_and_scale(ctx, inputs, output, effective_scale):
 
 def _unshuffle_setup_context(ctx, inputs, output):
     x, factor, out_channels, _, scale = inputs
-    _save_shape_and_scale(ctx, inputs, output, _unshuffle_scale(x, factor, out_channels, scale))
+    _save_shape_and_scale(ctx, inputs, output, unshuffle_scale(x, factor, out_channels, scale))
 
 
 def _shuffle_setup_context(ctx, inputs, output):
-    _save_shape_and_scale(ctx, inputs, output, _shuffle_scale(inputs[4]))
+    _save_shape_and_scale(ctx, inputs, output, shuffle_scale(inputs[4]))
 
 
 def _adjoint_backward(adjoint_op):

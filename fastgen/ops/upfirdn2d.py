@@ -300,12 +300,7 @@ UPFIRDN2D = register(
 )
 
 
-@UPFIRDN2D.implement("triton")
-def _upfirdn2d_triton(x, f, up, down, padding, flip_filter, gain, *, out):
-    from fastgen.kernels import upfirdn2d as kernels
-
-    kernels.upfirdn2d(x, f, parse_scaling("up", up), parse_scaling("down", down), parse_padding(padding),
-                      flip_filter, float(gain), out)
+UPFIRDN2D.implement_at("triton", "fastgen.kernels.upfirdn2d:upfirdn2d")
 
 
 @UPFIRDN2D.implement("cuda")

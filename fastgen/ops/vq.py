@@ -248,18 +248,8 @@ VQ_QUANTIZE = register(Op(name="vq_quantize", reference=vq_quantize_reference, a
                           check_cases=_quantize_cases))
 
 
-@VQ_NEAREST.implement("triton")
-def _nearest_triton(z, codebook, metric, exact, input_precision, *, out):
-    from fastgen.kernels import vq as kernels
-
-    kernels.nearest(z, codebook, metric, exact, input_precision, *out)
-
-
-@VQ_QUANTIZE.implement("triton")
-def _quantize_triton(z, codebook, beta, exact, input_precision, *, out):
-    from fastgen.kernels import vq as kernels
-
-    kernels.quantize(z, codebook, beta, exact, input_precision, *out)
+VQ_NEAREST.implement_at("triton", "fastgen.kernels.vq:vq_nearest")
+VQ_QUANTIZE.implement_at("triton", "fastgen.kernels.vq:vq_quantize")
 
 
 # input_precision does not reach the CUDA kernels: they always compute plain fp32 (module docstring).

@@ -76,7 +76,8 @@ def build(cache_dir: Path):
                 unit = Path(work) / (cu.stem + ".cpp")
                 unit.write_text(f'#line 1 "{cu}"\n' + emulated_source(cu.read_text()))
                 units.append(str(unit))
-            partial = target.with_suffix(".partial")
+            # Per process, so parallel test workers never write one file; the rename is atomic.
+            partial = target.with_suffix(f".{os.getpid()}.partial")
             command = ["g++", *flags, *units, str(CSRC / "bindings.cpp"), "-o", str(partial)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
