@@ -176,7 +176,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_plain_pytest_collects_only_tests():
-    """CI runs the README's `python -m pytest -q`: pyproject's testpaths keeps bench/ (GPU timings
+    """CI runs the README's `python -m pytest -q -n auto`: pyproject's testpaths keeps bench/ (GPU timings
     through pytest-benchmark) out of it."""
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as handle:

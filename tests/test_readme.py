@@ -25,7 +25,7 @@ def test_ci_commands_are_the_first_two_bash_blocks():
     commands = [code.strip() for _, code, _ in _blocks("bash")[:2]]
     assert commands == [
         "pip install torch==2.13.0 && pip install -e . && fastgen bench",
-        'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q',
+        'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q -n auto',
     ]
 
 
