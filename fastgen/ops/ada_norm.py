@@ -60,16 +60,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import (
-    CheckCase,
-    Op,
-    check_float_tensor,
-    check_same_dtype_and_device,
-    define_custom_op,
-    random_tensor,
-    register,
-    register_autograd,
-)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
+                                  random_tensor, register, register_autograd)
 
 ACTIVATIONS = (None, "silu")
 
@@ -280,34 +272,16 @@ def _layer_norm_cases():
     ]
 
 
-ADA_GROUP_NORM = register(
-    Op(
-        name="ada_group_norm",
-        reference=ada_group_norm_reference,
-        allocate_output=_allocate_group_norm_output,
-        check_cases=_group_norm_cases,
-    )
-)
-ADA_LAYER_NORM = register(
-    Op(
-        name="ada_layer_norm",
-        reference=ada_layer_norm_reference,
-        allocate_output=_allocate_layer_norm_output,
-        check_cases=_layer_norm_cases,
-    )
-)
+ADA_GROUP_NORM = register(Op(name="ada_group_norm", reference=ada_group_norm_reference,
+                             allocate_output=_allocate_group_norm_output, check_cases=_group_norm_cases))
+ADA_LAYER_NORM = register(Op(name="ada_layer_norm", reference=ada_layer_norm_reference,
+                             allocate_output=_allocate_layer_norm_output, check_cases=_layer_norm_cases))
 # Not in OPS (`fastgen check` drives ops with one output): the backward ops are checked through
 # the forward ops' "bwd" direction, which runs them with the backend forced.
-ADA_GROUP_NORM_BACKWARD = Op(
-    name="ada_group_norm_backward",
-    reference=ada_group_norm_backward_reference,
-    allocate_output=_allocate_group_norm_gradients,
-)
-ADA_LAYER_NORM_BACKWARD = Op(
-    name="ada_layer_norm_backward",
-    reference=ada_layer_norm_backward_reference,
-    allocate_output=_allocate_layer_norm_gradients,
-)
+ADA_GROUP_NORM_BACKWARD = Op(name="ada_group_norm_backward", reference=ada_group_norm_backward_reference,
+                             allocate_output=_allocate_group_norm_gradients)
+ADA_LAYER_NORM_BACKWARD = Op(name="ada_layer_norm_backward", reference=ada_layer_norm_backward_reference,
+                             allocate_output=_allocate_layer_norm_gradients)
 
 
 ADA_GROUP_NORM.implement_at("triton", "fastgen.kernels.ada_norm:ada_group_norm_forward")

@@ -65,16 +65,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.registry import (
-    CheckCase,
-    Op,
-    check_float_tensor,
-    check_same_dtype_and_device,
-    define_custom_op,
-    random_tensor,
-    register,
-    register_autograd,
-)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
+                                  random_tensor, register, register_autograd)
 
 _NAME = "bias_act"
 SELU_SCALE = 1.0507009873554804934193349852946
@@ -338,20 +330,11 @@ def _check_cases():
     ]
 
 
-BIAS_ACT = register(
-    Op(
-        name=_NAME,
-        reference=bias_act_reference,
-        allocate_output=_allocate_output,
-        check_cases=_check_cases,
-    )
-)
+BIAS_ACT = register(Op(name=_NAME, reference=bias_act_reference, allocate_output=_allocate_output,
+                       check_cases=_check_cases))
 # Not in OPS (`fastgen check` drives single-output ops); checked through bias_act's backward.
-BIAS_ACT_BACKWARD = Op(
-    name="bias_act_backward",
-    reference=bias_act_backward_reference,
-    allocate_output=_allocate_gradients,
-)
+BIAS_ACT_BACKWARD = Op(name="bias_act_backward", reference=bias_act_backward_reference,
+                       allocate_output=_allocate_gradients)
 
 
 BIAS_ACT.implement_at("triton", "fastgen.kernels.bias_act:bias_act_forward")

@@ -55,15 +55,8 @@ from typing import Optional
 
 import torch
 
-from fastgen.ops.registry import (
-    CheckCase,
-    Op,
-    check_float_tensor,
-    define_custom_op,
-    random_tensor,
-    register,
-    register_autograd,
-)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, define_custom_op, random_tensor, register,
+                                  register_autograd)
 
 MAX_HEAD_DIM = 256
 
@@ -238,26 +231,14 @@ def _check_cases():
     ]
 
 
-CROSS_ATTENTION = register(
-    Op(
-        name="cross_attention",
-        reference=cross_attention_reference,
-        allocate_output=_allocate_output,
-        check_cases=_check_cases,
-    )
-)
+CROSS_ATTENTION = register(Op(name="cross_attention", reference=cross_attention_reference,
+                              allocate_output=_allocate_output, check_cases=_check_cases))
 # Not in OPS: `fastgen check` and the contract tests drive ops with one output. Both run
 # through cross_attention: its "bwd" direction runs these with the backend forced.
-CROSS_ATTENTION_FORWARD = Op(
-    name="cross_attention_forward",
-    reference=cross_attention_forward_reference,
-    allocate_output=_allocate_output_and_lse,
-)
-CROSS_ATTENTION_BACKWARD = Op(
-    name="cross_attention_backward",
-    reference=cross_attention_backward_reference,
-    allocate_output=_allocate_gradients,
-)
+CROSS_ATTENTION_FORWARD = Op(name="cross_attention_forward", reference=cross_attention_forward_reference,
+                             allocate_output=_allocate_output_and_lse)
+CROSS_ATTENTION_BACKWARD = Op(name="cross_attention_backward", reference=cross_attention_backward_reference,
+                              allocate_output=_allocate_gradients)
 
 
 CROSS_ATTENTION.implement_at("triton", "fastgen.kernels.cross_attention:cross_attention")

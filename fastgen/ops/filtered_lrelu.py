@@ -81,16 +81,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import (
-    CheckCase,
-    Op,
-    check_float_tensor,
-    check_same_dtype_and_device,
-    define_custom_op,
-    random_tensor,
-    register,
-    register_autograd,
-)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
+                                  random_tensor, register, register_autograd)
 from fastgen.ops.upfirdn2d import (
     adjoint_padding,
     check_filter,
@@ -433,26 +425,14 @@ def _check_cases():
     ]
 
 
-FILTERED_LRELU = register(
-    Op(
-        name=_NAME,
-        reference=filtered_lrelu_reference,
-        allocate_output=_allocate_output,
-        check_cases=_check_cases,
-    )
-)
+FILTERED_LRELU = register(Op(name=_NAME, reference=filtered_lrelu_reference, allocate_output=_allocate_output,
+                             check_cases=_check_cases))
 # Not in OPS (`fastgen check` compares every output, and codes at |v| ~ 0 legitimately differ
 # between dtypes); tested through the public function's autograd.
-FILTERED_LRELU_WITH_CODES = Op(
-    name="filtered_lrelu_with_codes",
-    reference=filtered_lrelu_with_codes_reference,
-    allocate_output=_allocate_output_and_codes,
-)
-FILTERED_LRELU_BACKWARD = Op(
-    name="filtered_lrelu_backward",
-    reference=filtered_lrelu_backward_reference,
-    allocate_output=_allocate_input_gradients,
-)
+FILTERED_LRELU_WITH_CODES = Op(name="filtered_lrelu_with_codes", reference=filtered_lrelu_with_codes_reference,
+                               allocate_output=_allocate_output_and_codes)
+FILTERED_LRELU_BACKWARD = Op(name="filtered_lrelu_backward", reference=filtered_lrelu_backward_reference,
+                             allocate_output=_allocate_input_gradients)
 
 
 FILTERED_LRELU.implement_at("triton", "fastgen.kernels.filtered_lrelu:filtered_lrelu")

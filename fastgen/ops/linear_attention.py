@@ -43,16 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import (
-    CheckCase,
-    Op,
-    check_float_tensor,
-    check_same_dtype_and_device,
-    define_custom_op,
-    random_tensor,
-    register,
-    register_autograd,
-)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
+                                  random_tensor, register, register_autograd)
 
 MAX_HEAD_DIM = 128
 
@@ -181,21 +173,12 @@ def _check_cases():
     ]
 
 
-LINEAR_ATTENTION = register(
-    Op(
-        name="linear_attention",
-        reference=linear_attention_reference,
-        allocate_output=_allocate_output,
-        check_cases=_check_cases,
-    )
-)
+LINEAR_ATTENTION = register(Op(name="linear_attention", reference=linear_attention_reference,
+                               allocate_output=_allocate_output, check_cases=_check_cases))
 # Not in OPS: `fastgen check` and the contract tests drive ops with one output. The backward is
 # checked through linear_attention's "bwd" direction, which runs it with the backend forced.
-LINEAR_ATTENTION_BACKWARD = Op(
-    name="linear_attention_backward",
-    reference=linear_attention_backward_reference,
-    allocate_output=_allocate_gradients,
-)
+LINEAR_ATTENTION_BACKWARD = Op(name="linear_attention_backward", reference=linear_attention_backward_reference,
+                               allocate_output=_allocate_gradients)
 
 
 LINEAR_ATTENTION.implement_at("triton", "fastgen.kernels.linear_attention:linear_attention_forward")

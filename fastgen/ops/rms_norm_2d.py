@@ -32,16 +32,8 @@ from typing import Optional
 import torch
 
 from fastgen import _cuda
-from fastgen.ops.registry import (
-    CheckCase,
-    Op,
-    check_float_tensor,
-    check_same_dtype_and_device,
-    define_custom_op,
-    random_tensor,
-    register,
-    register_autograd,
-)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
+                                  random_tensor, register, register_autograd)
 
 
 def _check_like_x(op_name: str, name: str, tensor, x: torch.Tensor, shape: tuple, meaning: str) -> None:

@@ -29,16 +29,8 @@ from typing import Optional
 import torch
 
 from fastgen import _cuda
-from fastgen.ops.registry import (
-    CheckCase,
-    Op,
-    check_float_tensor,
-    check_same_dtype_and_device,
-    define_custom_op,
-    random_tensor,
-    register,
-    register_autograd,
-)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
+                                  random_tensor, register, register_autograd)
 
 
 def _check_x_and_factor(op_name: str, x: torch.Tensor, factor: int, out_channels: int) -> None:
@@ -173,22 +165,11 @@ def _shuffle_cases():
     ]
 
 
-PIXEL_UNSHUFFLE_CHANNEL_AVG = register(
-    Op(
-        name="pixel_unshuffle_channel_avg",
-        reference=pixel_unshuffle_channel_avg_reference,
-        allocate_output=_allocate_unshuffle_output,
-        check_cases=_unshuffle_cases,
-    )
-)
-CHANNEL_DUP_PIXEL_SHUFFLE = register(
-    Op(
-        name="channel_dup_pixel_shuffle",
-        reference=channel_dup_pixel_shuffle_reference,
-        allocate_output=_allocate_shuffle_output,
-        check_cases=_shuffle_cases,
-    )
-)
+PIXEL_UNSHUFFLE_CHANNEL_AVG = register(Op(name="pixel_unshuffle_channel_avg",
+                                          reference=pixel_unshuffle_channel_avg_reference,
+                                          allocate_output=_allocate_unshuffle_output, check_cases=_unshuffle_cases))
+CHANNEL_DUP_PIXEL_SHUFFLE = register(Op(name="channel_dup_pixel_shuffle", reference=channel_dup_pixel_shuffle_reference,
+                                        allocate_output=_allocate_shuffle_output, check_cases=_shuffle_cases))
 
 
 PIXEL_UNSHUFFLE_CHANNEL_AVG.implement_at("triton", "fastgen.kernels.shortcut:pixel_unshuffle_channel_avg")

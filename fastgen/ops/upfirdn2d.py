@@ -59,15 +59,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.registry import (
-    CheckCase,
-    Op,
-    check_float_tensor,
-    define_custom_op,
-    random_tensor,
-    register,
-    register_autograd,
-)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, define_custom_op, random_tensor, register,
+                                  register_autograd)
 
 _NAME = "upfirdn2d"
 
@@ -290,14 +283,8 @@ def _check_cases():
     ]
 
 
-UPFIRDN2D = register(
-    Op(
-        name=_NAME,
-        reference=upfirdn2d_reference,
-        allocate_output=_allocate_output,
-        check_cases=_check_cases,
-    )
-)
+UPFIRDN2D = register(Op(name=_NAME, reference=upfirdn2d_reference, allocate_output=_allocate_output,
+                        check_cases=_check_cases))
 
 
 UPFIRDN2D.implement_at("triton", "fastgen.kernels.upfirdn2d:upfirdn2d")

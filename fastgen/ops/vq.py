@@ -86,16 +86,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import (
-    CheckCase,
-    Op,
-    check_float_tensor,
-    check_same_dtype_and_device,
-    define_custom_op,
-    random_tensor,
-    register,
-    register_autograd,
-)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
+                                  random_tensor, register, register_autograd)
 
 MAX_DIM = 512
 MAX_CODES = 2**31 - 1
