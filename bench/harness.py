@@ -23,9 +23,9 @@ rounding. A mismatch is an error row and is not timed: a fast wrong answer is no
 is an error row. Either way the run goes on.
 
 Timing. CUDA events around each call, after a warm-up, with the median, p20 and p80 of the
-per-call times. triton.testing.do_bench was the alternative; this was chosen so that the
-same code runs on CPU with an injected timer (the tests do) and so that caches are defeated by
-input rotation rather than a flush kernel between calls: each case makes enough copies of its
+per-call times, rather than triton.testing.do_bench: the same code runs on CPU with an
+injected timer (the tests do), and caches are defeated by input rotation rather than a flush
+kernel between calls: each case makes enough copies of its
 inputs (and of the fixed random output gradient) that one pass over them moves more than twice
 the L2 size, and calls cycle through them, so each call reads DRAM. Each call's output is kept
 until its input set comes round again, so the next output is not written into memory the
