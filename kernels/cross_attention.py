@@ -404,8 +404,20 @@ def cross_attention(q, k, v, mask, scale, *, out) -> None:
     cross_attention_forward(q, k, v, mask, scale, out=(out, lse))
 
 
+# Query rows and keys are int32 indices in the kernels: a block's start plus its BLOCK_M or
+# BLOCK_N (at most 128) stays below 2^31 for sequences shorter than this.
+_MAX_SEQUENCE = 2**31 - 256
+
+
+def _check_lengths(q, k) -> None:
+    if max(q.shape[1], k.shape[1]) > _MAX_SEQUENCE:
+        raise ValueError(f"cross_attention: the Triton kernels take sequences of at most {_MAX_SEQUENCE} "
+                         f"queries and keys, got Lq={q.shape[1]}, Lkv={k.shape[1]}")
+
+
 def cross_attention_forward(q, k, v, mask, scale, *, out) -> None:
     """out = (output (like q), lse ((B, H, Lq) float32)) of softmax(q k^T scale + mask bias) v."""
+    _check_lengths(q, k)
     output, lse = out
     scale = effective_scale(q, scale)
     batch, q_len, heads, _ = q.shape
@@ -421,6 +433,7 @@ def cross_attention_forward(q, k, v, mask, scale, *, out) -> None:
 
 def cross_attention_backward(grad, q, k, v, output, lse, mask, scale, *, out) -> None:
     """out = (dq, dk, dv) for the output gradient `grad`, from the forward's output and lse."""
+    _check_lengths(q, k)
     dq, dk, dv = out
     scale = effective_scale(q, scale)
     batch, q_len, heads, _ = q.shape

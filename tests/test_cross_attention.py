@@ -533,3 +533,17 @@ def test_deterministic_mode_launches_one_fixed_config_in_every_process():
     assert kernels == {"_forward_kernel", "_query_grad_kernel", "_key_value_grad_kernel"}
     assert len(first) == len(kernels), first  # one config each
     assert len(launched("autotuned")) > len(first)
+
+
+@pytest.mark.parametrize("long_side", ["q", "kv"])
+def test_triton_refuses_sequences_its_int32_indices_cannot_reach(long_side):
+    """Row and key indices are int32 in the kernels: a sequence within a block of 2^31 would
+    wrap them past the bounds mask, so the launchers refuse it (meta tensors: nothing runs)."""
+    from fastgen.kernels import cross_attention as kernels
+
+    lengths = {"q": (2**31 - 100, 8), "kv": (8, 2**31 - 100)}[long_side]
+    q, k = (torch.empty(1, length, 1, 16, device="meta") for length in lengths)
+    with pytest.raises(ValueError, match=r"at most 2147483392 queries and keys, got Lq="):
+        kernels.cross_attention_forward(q, k, k, None, None, out=(torch.empty_like(q), None))
+    with pytest.raises(ValueError, match="at most 2147483392"):
+        kernels.cross_attention_backward(q, q, k, k, q, None, None, None, out=(q, k, k))
