@@ -1,13 +1,15 @@
 // Shared pieces of the torch-free CUDA extension fastgen._C: error checks, a strided 4-D
 // tensor view, argument checks, dtype dispatch, grid sizing, and the declarations of the
-// launchers that bindings.cpp exposes. bindings.cpp is compiled by the host compiler, so
-// everything that needs nvcc sits behind __CUDACC__ (or the tests' CPU emulation of CUDA,
-// tests/cuda_emulation, which compiles the kernels as host C++).
+// launchers that bindings.cpp exposes, whose parameter types say how it converts the Python
+// arguments. bindings.cpp is compiled by the host compiler, so everything that needs nvcc
+// sits behind __CUDACC__ (or the tests' CPU emulation of CUDA, tests/cuda_emulation, which
+// compiles the kernels as host C++).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <atomic>
 #include <cstdint>
@@ -236,7 +238,12 @@ Strided4d<const T> optional_strided(const TensorView4d* t) {
 
 // ---------------------------------------------------------------------------------------
 // Launchers (csrc/*.cu). Each validates its arguments (std::invalid_argument), then calls
-// ensure_device(), then launches on `stream`. `residual` may be null.
+// ensure_device(), then launches on `stream`. bindings.cpp exposes each as an entry point of
+// the same name with one bind() line, which converts the Python arguments by these parameter
+// types: const TensorView4d& a tensor tuple, const TensorView4d* a tensor tuple or None
+// (null), const Int64Vector& an int64 vector tuple, const float* a float or None (null),
+// cudaStream_t the stream; other parameters are plain scalars and strings. A parameter of any
+// other type needs an Arg specialization there. `residual` may be null.
 
 // shortcut.cu: y[b,o,h,w] = scale * sum_{t<g} x[b, c, h*f+i, w*f+j] (+ residual[b,o,h,w]),
 // where o*g+t = c*f*f + i*f + j and g = C*f*f/O.
@@ -348,45 +355,36 @@ void bias_act_backward(const TensorView4d& dy, const TensorView4d* x, const Tens
 // --[stage 2 FIR, down]--> dst per channel plane (fastgen.ops.filtered_lrelu.FusedPass):
 // mode 0 the forward (lrelu, clamp), 1 the forward storing 2-bit codes, 2 the backward
 // (multiplies by the codes' derivative; tile_sums, when given, receives each tile's float32
-// sum of dst for db). Taps are float32 (1, 1, 1, n) rows and cols of a separable stage, or
-// (1, 1, ny, nx) rows and null cols for a 2-D one. pads = (pad1_y, pad1_x, pad2_y, pad2_x).
-struct FilteredLreluPass {
-  int mode = 0;
-  const TensorView4d* src = nullptr;
-  const TensorView4d* bias = nullptr;  // (1, C, 1, 1) or null; forward modes only
-  const TensorView4d* dst = nullptr;
-  const TensorView4d* codes = nullptr;  // uint8 (B, C, mid_h, ceil(mid_w / 4)); modes 1, 2
-  const TensorView4d* tile_sums = nullptr;  // float32 (1, 1, 1, B * C * tiles); mode 2
-  const TensorView4d* rows1 = nullptr;
-  const TensorView4d* cols1 = nullptr;
-  const TensorView4d* rows2 = nullptr;
-  const TensorView4d* cols2 = nullptr;
-  int64_t up = 1, down = 1;
-  int64_t pads[4] = {0, 0, 0, 0};
-  int64_t mid_shape[2] = {0, 0};
-  float gain = 1.0f, slope = 0.2f, clamp = 0.0f;
-  bool has_clamp = false;
-};
+// sum of dst for db). bias (1, C, 1, 1) or null, forward modes only; codes uint8 (B, C, mid_h,
+// ceil(mid_w / 4)), modes 1 and 2; tile_sums float32 (1, 1, 1, B * C * tiles), mode 2. Taps
+// are float32 (1, 1, 1, n) rows and cols of a separable stage, or (1, 1, ny, nx) rows and null
+// cols for a 2-D one. pads = (pad1_y, pad1_x, pad2_y, pad2_x); clamp null: none.
+void filtered_lrelu_pass(int mode, const TensorView4d& src, const TensorView4d* bias,
+                         const TensorView4d& dst, const TensorView4d* codes,
+                         const TensorView4d* tile_sums, const TensorView4d& rows1,
+                         const TensorView4d* cols1, const TensorView4d& rows2,
+                         const TensorView4d* cols2, int64_t up, int64_t down,
+                         const std::array<int64_t, 4>& pads,
+                         const std::array<int64_t, 2>& mid_shape, float gain, float slope,
+                         const float* clamp, cudaStream_t stream);
 
-// filtered_lrelu.cu: (tiles along y, tiles along x) per plane that filtered_lrelu_pass will
-// use for these arguments (tile_sums ignored): tile_sums needs B * C * their product entries.
-std::pair<int64_t, int64_t> filtered_lrelu_tiles(FilteredLreluPass pass);
-
-void filtered_lrelu_pass(const FilteredLreluPass& pass, cudaStream_t stream);
-
-// upfirdn2d.cu: upsampling factors, downsampling factors and padding (negative: cropping)
-// along x (W) and y (H).
-struct Resampling {
-  int64_t up_x = 1, up_y = 1, down_x = 1, down_y = 1;
-  int64_t pad_x0 = 0, pad_x1 = 0, pad_y0 = 0, pad_y1 = 0;
-};
+// filtered_lrelu.cu: (tiles along y, tiles along x) per plane that filtered_lrelu_pass uses
+// for these arguments: its tile_sums takes B * C * their product entries.
+std::pair<int64_t, int64_t> filtered_lrelu_tiles(
+    int mode, const TensorView4d& src, const TensorView4d* bias, const TensorView4d& dst,
+    const TensorView4d* codes, const TensorView4d& rows1, const TensorView4d* cols1,
+    const TensorView4d& rows2, const TensorView4d* cols2, int64_t up, int64_t down,
+    const std::array<int64_t, 4>& pads, const std::array<int64_t, 2>& mid_shape, float gain,
+    float slope, const float* clamp);
 
 // upfirdn2d.cu: y[b,c,oy,ox] = gain * sum_{i,j} w[i,j] * p[oy*down_y + i, ox*down_x + j], p = x
-// zero-upsampled and padded, w = f flipped (or f with flip_filter); f float32, a (1,1,fh,fw)
-// filter, (1,1,1,n) separable taps (separable: f[i]*f[j]) or null for the identity.
+// zero-upsampled by up_x, up_y and padded (negative: cropped) along x (W) and y (H), w = f
+// flipped (or f with flip_filter); f float32, a (1,1,fh,fw) filter, (1,1,1,n) separable taps
+// (separable: f[i]*f[j]) or null for the identity.
 void upfirdn2d(const TensorView4d& x, const TensorView4d* f, bool separable,
-               const TensorView4d& y, const Resampling& r, bool flip_filter, float gain,
-               cudaStream_t stream);
+               const TensorView4d& y, int64_t up_x, int64_t up_y, int64_t down_x,
+               int64_t down_y, int64_t pad_x0, int64_t pad_x1, int64_t pad_y0, int64_t pad_y1,
+               bool flip_filter, float gain, cudaStream_t stream);
 
 // linear_attention.cu: out_n = phi(q_n) S / (phi(q_n) . z + eps), S = sum phi(k)^T v and
 // z = sum phi(k) per (batch, head), phi = ReLU; q, out (B, Nq, H, D), k, v (B, Nkv, H, D), any

@@ -405,6 +405,26 @@ TileChoice choose_tile(PassGeometry g, bool separable1, bool separable2) {
       " bytes per block even for 4x4 tiles; use the triton or reference backend");
 }
 
+// One pass's arguments (filtered_lrelu_pass's in common.h), as the planning and the launch
+// take them.
+struct FilteredLreluPass {
+  int mode;
+  const TensorView4d* src;
+  const TensorView4d* bias;
+  const TensorView4d* dst;
+  const TensorView4d* codes;
+  const TensorView4d* tile_sums;
+  const TensorView4d* rows1;
+  const TensorView4d* cols1;
+  const TensorView4d* rows2;
+  const TensorView4d* cols2;
+  int64_t up, down;
+  std::array<int64_t, 4> pads;
+  std::array<int64_t, 2> mid_shape;
+  float gain, slope;
+  const float* clamp;
+};
+
 // Taps: (1, 1, 1, n) for one axis of a separable stage, (1, 1, ny, nx) for a 2-D one; float32,
 // contiguous. Returns (taps along y, taps along x).
 std::pair<int, int> check_taps(const TensorView4d& rows, const TensorView4d* cols,
@@ -439,8 +459,8 @@ std::pair<int, int> check_taps(const TensorView4d& rows, const TensorView4d* col
 
 TileChoice plan_pass(const FilteredLreluPass& a) {
   const int64_t up = a.up, down = a.down;
-  const int64_t* pads = a.pads;
-  const int64_t* mid_shape = a.mid_shape;
+  const std::array<int64_t, 4>& pads = a.pads;
+  const std::array<int64_t, 2>& mid_shape = a.mid_shape;
   require(a.mode == kForward || a.mode == kForwardWithCodes || a.mode == kBackward,
           "mode: must be 0 (forward), 1 (forward with codes) or 2 (backward), got " +
               str(a.mode));
@@ -467,7 +487,7 @@ TileChoice plan_pass(const FilteredLreluPass& a) {
               ")");
   require(std::isfinite(a.gain), "gain: must be finite");
   require(std::isfinite(a.slope), "slope: must be finite");
-  require(!a.has_clamp || (a.clamp >= 0.0f && std::isfinite(a.clamp)),
+  require(a.clamp == nullptr || (*a.clamp >= 0.0f && std::isfinite(*a.clamp)),
           "clamp: must be a finite number >= 0 or None");
   if (a.bias != nullptr) {
     const int64_t expected[4] = {1, src.size[1], 1, 1};
@@ -513,8 +533,8 @@ TileChoice plan_pass(const FilteredLreluPass& a) {
   g.planes = src.size[0] * src.size[1];
   g.gain = a.gain;
   g.slope = a.slope;
-  g.has_clamp = a.has_clamp;
-  g.clamp = a.has_clamp ? a.clamp : 0.0f;
+  g.has_clamp = a.clamp != nullptr;
+  g.clamp = a.clamp != nullptr ? *a.clamp : 0.0f;
   g.mode = a.mode;
   ensure_device();
   TileChoice choice = choose_tile(g, a.cols1 != nullptr, a.cols2 != nullptr);
@@ -560,13 +580,28 @@ void launch_pass(const TileChoice& choice, const FilteredLreluPass& a, cudaStrea
 
 }  // namespace
 
-std::pair<int64_t, int64_t> filtered_lrelu_tiles(FilteredLreluPass pass) {
-  pass.tile_sums = nullptr;  // its size is what the caller asks for
-  const TileChoice choice = plan_pass(pass);
+std::pair<int64_t, int64_t> filtered_lrelu_tiles(
+    int mode, const TensorView4d& src, const TensorView4d* bias, const TensorView4d& dst,
+    const TensorView4d* codes, const TensorView4d& rows1, const TensorView4d* cols1,
+    const TensorView4d& rows2, const TensorView4d* cols2, int64_t up, int64_t down,
+    const std::array<int64_t, 4>& pads, const std::array<int64_t, 2>& mid_shape, float gain,
+    float slope, const float* clamp) {
+  const TileChoice choice = plan_pass({mode, &src, bias, &dst, codes, nullptr, &rows1, cols1,
+                                       &rows2, cols2, up, down, pads, mid_shape, gain, slope,
+                                       clamp});
   return {choice.geometry.y.tiles, choice.geometry.x.tiles};
 }
 
-void filtered_lrelu_pass(const FilteredLreluPass& pass, cudaStream_t stream) {
+void filtered_lrelu_pass(int mode, const TensorView4d& src, const TensorView4d* bias,
+                         const TensorView4d& dst, const TensorView4d* codes,
+                         const TensorView4d* tile_sums, const TensorView4d& rows1,
+                         const TensorView4d* cols1, const TensorView4d& rows2,
+                         const TensorView4d* cols2, int64_t up, int64_t down,
+                         const std::array<int64_t, 4>& pads,
+                         const std::array<int64_t, 2>& mid_shape, float gain, float slope,
+                         const float* clamp, cudaStream_t stream) {
+  const FilteredLreluPass pass{mode, &src, bias, &dst, codes, tile_sums, &rows1, cols1, &rows2,
+                               cols2, up, down, pads, mid_shape, gain, slope, clamp};
   const TileChoice choice = plan_pass(pass);
   if (choice.geometry.planes * choice.geometry.y.tiles * choice.geometry.x.tiles == 0) return;
   dispatch_dtype(pass.src->dtype, [&](auto tag) {

@@ -237,17 +237,18 @@ void choose_tile(Geometry& g, bool separable, int64_t budget) {
 }  // namespace
 
 void upfirdn2d(const TensorView4d& x, const TensorView4d* f, bool separable,
-               const TensorView4d& y, const Resampling& r, bool flip_filter, float gain,
-               cudaStream_t stream) {
+               const TensorView4d& y, int64_t up_x, int64_t up_y, int64_t down_x,
+               int64_t down_y, int64_t pad_x0, int64_t pad_x1, int64_t pad_y0, int64_t pad_y1,
+               bool flip_filter, float gain, cudaStream_t stream) {
   require_valid_view(x, "x");
   require_valid_view(y, "y");
   require_same_dtype(y, "y", x, "x");
   require_no_broadcast(y, "y");
-  check_factor(r.up_x, "up");
-  check_factor(r.up_y, "up");
-  check_factor(r.down_x, "down");
-  check_factor(r.down_y, "down");
-  for (int64_t pad : {r.pad_x0, r.pad_x1, r.pad_y0, r.pad_y1})
+  check_factor(up_x, "up");
+  check_factor(up_y, "up");
+  check_factor(down_x, "down");
+  check_factor(down_y, "down");
+  for (int64_t pad : {pad_x0, pad_x1, pad_y0, pad_y1})
     require(pad > -kMaxPad && pad < kMaxPad,
             "padding: each amount must be within +-2^31, got " + str(pad));
   require(std::isfinite(gain), "gain: must be finite, got " + std::to_string(gain));
@@ -268,13 +269,13 @@ void upfirdn2d(const TensorView4d& x, const TensorView4d* f, bool separable,
     require(!separable, "f: None (the identity) cannot be separable");
   }
 
-  const int64_t padded_h = x.size[2] * r.up_y + r.pad_y0 + r.pad_y1;
-  const int64_t padded_w = x.size[3] * r.up_x + r.pad_x0 + r.pad_x1;
+  const int64_t padded_h = x.size[2] * up_y + pad_y0 + pad_y1;
+  const int64_t padded_w = x.size[3] * up_x + pad_x0 + pad_x1;
   require(padded_h >= fh && padded_w >= fw,
           "padding: leaves an empty output: the upsampled, padded image is " + str(padded_h) +
               " x " + str(padded_w) + ", smaller than the " + str(fh) + " x " + str(fw) +
               " filter");
-  const int64_t out_h = (padded_h - fh) / r.down_y + 1, out_w = (padded_w - fw) / r.down_x + 1;
+  const int64_t out_h = (padded_h - fh) / down_y + 1, out_w = (padded_w - fw) / down_x + 1;
   const int64_t expected[4] = {x.size[0], x.size[1], out_h, out_w};
   require_shape(y, "y", expected, "(B, C, out_h, out_w) from x, f, up, down and padding");
 
@@ -286,12 +287,12 @@ void upfirdn2d(const TensorView4d& x, const TensorView4d* f, bool separable,
   g.width = x.size[3];
   g.out_h = out_h;
   g.out_w = out_w;
-  g.up_x = int(r.up_x);
-  g.up_y = int(r.up_y);
-  g.down_x = int(r.down_x);
-  g.down_y = int(r.down_y);
-  g.pad_x0 = r.pad_x0;
-  g.pad_y0 = r.pad_y0;
+  g.up_x = int(up_x);
+  g.up_y = int(up_y);
+  g.down_x = int(down_x);
+  g.down_y = int(down_y);
+  g.pad_x0 = pad_x0;
+  g.pad_y0 = pad_y0;
   g.fh = int(fh);
   g.fw = int(fw);
   g.gain = gain;
@@ -304,7 +305,7 @@ void upfirdn2d(const TensorView4d& x, const TensorView4d* f, bool separable,
     FASTGEN_CUDA_CHECK(
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     require(bytes <= optin, "f: a " + str(fh) + " x " + str(fw) + " filter at up (" +
-                                str(r.up_x) + ", " + str(r.up_y) + ") needs " + str(bytes) +
+                                str(up_x) + ", " + str(up_y) + ") needs " + str(bytes) +
                                 " bytes of shared memory per block even for one output, more "
                                 "than this device's " + str(optin));
   }

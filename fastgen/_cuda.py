@@ -1,12 +1,12 @@
-"""Access to fastgen._C, the torch-free CUDA extension (csrc/).
+"""Access to fastgen._C, the torch-free CUDA extension (csrc/), and the one way to launch it.
 
-The extension takes tensors as tuples ``(data_ptr, dtype, sizes, strides)`` and a raw
-``cudaStream_t``; this module builds those from torch tensors and says why the extension
-cannot be used when it cannot. Importing it never fails and imports neither torch nor
-triton; torch is imported by the helpers that take tensors.
-
-Callers launch with the tensors' device current (``with torch.cuda.device(x.device)``):
-the kernels run on the current device, on the stream given.
+Every CUDA implementation calls ``launch(entry_point, name=value, ...)`` once: it loads the
+extension, makes the device of the first tensor argument current (the kernels run on the
+current device), passes each tensor as the tuple ``tensor_arg`` builds, None, numbers, bools
+and strings as they are, and the current stream as ``stream``. The names are the entry
+point's parameter names (csrc/bindings.cpp), which errors start with on either side. Importing
+this module never fails and imports neither torch nor triton; torch is imported by the helpers
+that take tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ _BUILD_HINT = (
 
 _DTYPE_NAMES = {"torch.float32": "float32", "torch.float16": "float16",
                 "torch.bfloat16": "bfloat16", "torch.uint8": "uint8"}
+
+# Where the memory the kernels dereference lives; the tests' CPU emulation of CUDA sets "cpu".
+_DEVICE_TYPE = "cuda"
 
 _module = None
 _import_error: BaseException | None = None
@@ -69,7 +72,9 @@ def build_info() -> dict | None:
 
 
 def tensor_arg(t, name: str = "tensor") -> tuple:
-    """``(data_ptr, dtype, sizes, strides)`` of a 4-D float32/float16/bfloat16 (or uint8) CUDA tensor.
+    """The extension's form of a CUDA tensor: an int64 vector as ``(data_ptr, size, stride)``;
+    any other tensor of up to 4 dims as ``(data_ptr, dtype, sizes, strides)``, its sizes
+    padded with trailing 1s to 4 (a (B, C) tensor reads as (B, C, 1, 1)).
 
     Strides are in elements, as torch gives them; any layout is accepted. ValueError, naming
     the argument, for anything else: the kernels would read a CPU pointer as device memory.
@@ -78,14 +83,26 @@ def tensor_arg(t, name: str = "tensor") -> tuple:
 
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D tensor, got shape {tuple(t.shape)}")
+    vector = t.dtype == torch.int64
+    if vector and t.dim() != 1:
+        raise ValueError(f"{name}: expected an int64 vector, got shape {tuple(t.shape)}")
+    if t.dim() > 4:
+        raise ValueError(f"{name}: expected at most 4 dims, got shape {tuple(t.shape)}")
     dtype = _DTYPE_NAMES.get(str(t.dtype))
-    if dtype is None:
-        raise ValueError(f"{name}: dtype must be float32, float16, bfloat16 or uint8, got {t.dtype}")
-    if t.device.type != "cuda":
+    if dtype is None and not vector:
+        raise ValueError(f"{name}: dtype must be float32, float16, bfloat16, uint8 or int64, got {t.dtype}")
+    if t.device.type != _DEVICE_TYPE:
         raise ValueError(f"{name}: expected a CUDA tensor, got one on {t.device}")
-    return (t.data_ptr(), dtype, tuple(t.shape), tuple(t.stride()))
+    if vector:
+        return (t.data_ptr(), t.shape[0], t.stride(0))
+    pad = (1,) * (4 - t.dim())
+    return (t.data_ptr(), dtype, tuple(t.shape) + pad, t.stride() + pad)
+
+
+def per_channel(t):
+    """A (C,) vector as the (1, C, 1, 1) view the kernels read per-channel parameters through
+    (tensor_arg's padding would make it (C, 1, 1, 1)); None stays None."""
+    return None if t is None else t.view(1, -1, 1, 1)
 
 
 def stream_handle(device=None) -> int:
@@ -93,3 +110,30 @@ def stream_handle(device=None) -> int:
     import torch
 
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def launch(entry_point: str, /, **args) -> None:
+    """Enqueue fastgen._C's ``entry_point`` on the current stream of the tensors' device.
+
+    ``args`` are its arguments by name, tensors as torch tensors (see tensor_arg), which are
+    held until the launch is enqueued (the caching allocator orders any later reuse of their
+    memory after it on the stream)."""
+    _call(entry_point, args, with_stream=True)
+
+
+def query(entry_point: str, /, **args):
+    """The result of a host-side entry point that sizes a launch (filtered_lrelu_tiles,
+    bias_act_db_splits): launch's conversions and device, no stream."""
+    return _call(entry_point, args, with_stream=False)
+
+
+def _call(entry_point: str, args: dict, with_stream: bool):
+    import torch
+
+    module = load()
+    converted = {name: tensor_arg(a, name) if isinstance(a, torch.Tensor) else a for name, a in args.items()}
+    device = next(a.device for a in args.values() if isinstance(a, torch.Tensor))
+    with torch.cuda.device(device):
+        if with_stream:
+            converted["stream"] = stream_handle(device)
+        return getattr(module, entry_point)(**converted)

@@ -166,15 +166,6 @@ def emulated_extension():
     return build.build(Path(tempfile.gettempdir()) / "fastgen-cuda-emulation")
 
 
-def _host_tensor_arg(t, name="tensor"):
-    """fastgen._cuda.tensor_arg for CPU tensors: the emulated kernels dereference host memory."""
-    from fastgen import _cuda
-
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D tensor, got {t.dim()}-D")
-    return (t.data_ptr(), _cuda._DTYPE_NAMES[str(t.dtype)], tuple(t.shape), tuple(t.stride()))
-
-
 @pytest.fixture
 def emulated_cuda(emulated_extension, monkeypatch):
     """The "cuda" backend, for this test, runs csrc/'s kernels under the emulation on CPU tensors."""
@@ -184,7 +175,7 @@ def emulated_cuda(emulated_extension, monkeypatch):
     monkeypatch.setattr(_cuda, "_module", emulated_extension)
     monkeypatch.setattr(_cuda, "_checked_device", True)
     monkeypatch.setattr(_cuda, "_no_device_reason", None)
-    monkeypatch.setattr(_cuda, "tensor_arg", _host_tensor_arg)
+    monkeypatch.setattr(_cuda, "_DEVICE_TYPE", "cpu")  # the emulated kernels dereference host memory
     monkeypatch.setattr(_cuda, "stream_handle", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "get_device_properties",

@@ -104,9 +104,38 @@ def test_bad_arguments_raise_value_error_naming_them(C, op, case):
         getattr(C, op)(x, y, residual, factor, 1.0, 0)
 
 
+@pytest.mark.cuda_emulation
+def test_entry_points_take_arguments_by_position_or_name(emulated_extension):
+    """bindings.cpp's bind(): one argument per launcher parameter, positional or by its name,
+    the stream last; every case fails before a launch (the pointers are fake)."""
+    C, x, y = emulated_extension, arg((2, 4, 8, 8)), arg((2, 8, 4, 4))
+    assert C.pixel_unshuffle_channel_avg.__doc__.startswith(
+        "pixel_unshuffle_channel_avg(x: tensor, y: tensor, residual: tensor | None, factor: int, scale: float, "
+        "stream: int) -> None")
+    unshuffle = C.pixel_unshuffle_channel_avg
+    with pytest.raises(TypeError, match="missing argument 'stream'"):
+        unshuffle(x, y, None, 2, scale=1.0)
+    with pytest.raises(TypeError, match="unexpected argument 'z'"):
+        unshuffle(x, y, None, 2, scale=1.0, stream=0, z=1)
+    with pytest.raises(TypeError, match="two values for argument 'x'"):
+        unshuffle(x, y, None, 2, 1.0, 0, x=x)
+    with pytest.raises(TypeError, match="takes 6 arguments, got 7"):
+        unshuffle(x, y, None, 2, 1.0, 0, 0)
+    with pytest.raises(ValueError, match="^scale: expected a float, got str"):
+        unshuffle(x, y, None, 2, scale="1", stream=0)
+    with pytest.raises(ValueError, match="^factor: expected an int, got float"):
+        unshuffle(x, y, residual=None, factor=2.0, scale=1.0, stream=0)
+    with pytest.raises(ValueError, match="^residual: expected a tuple"):
+        unshuffle(x, y, [], 2, 1.0, 0)
+    with pytest.raises(ValueError, match="^stream: expected an int"):
+        unshuffle(x, y, None, 0, 1.0, stream=None)
+
+
 def test_tensor_arg_rejects_what_the_kernels_cannot_take():
-    with pytest.raises(ValueError, match="x: expected a 4-D tensor"):
-        _cuda.tensor_arg(torch.zeros(2, 3, 4), "x")
+    with pytest.raises(ValueError, match="x: expected at most 4 dims"):
+        _cuda.tensor_arg(torch.zeros(1, 2, 3, 4, 5), "x")
+    with pytest.raises(ValueError, match="idx: expected an int64 vector"):
+        _cuda.tensor_arg(torch.zeros(2, 3, dtype=torch.int64), "idx")
     with pytest.raises(ValueError, match="dtype must be"):
         _cuda.tensor_arg(torch.zeros(1, 1, 2, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="expected a CUDA tensor"):
@@ -164,11 +193,8 @@ def _dup_ref(x, f, out_channels, scale, residual):
     return y if residual is None else y + residual.double()
 
 
-def _call(C, op, x, y, residual, f, scale):
-    with torch.cuda.device(x.device):
-        getattr(C, op)(_cuda.tensor_arg(x, "x"), _cuda.tensor_arg(y, "y"),
-                       None if residual is None else _cuda.tensor_arg(residual, "residual"),
-                       f, scale, _cuda.stream_handle(x.device))
+def _call(op, x, y, residual, f, scale):
+    _cuda.launch(op, x=x, y=y, residual=residual, factor=f, scale=scale)
 
 
 def _check(y, buffer, ref, exact=False):
@@ -207,7 +233,7 @@ def test_pixel_unshuffle_channel_avg_matches_eager(C, dtype, shape, x_layout, y_
     y, buffer = _poisoned_output((2, O, H, W), dtype, y_layout)
     residual = None if r_layout is None else _layout(
         torch.randn(2, O, H, W, device="cuda").to(dtype), r_layout)
-    _call(C, "pixel_unshuffle_channel_avg", x, y, residual, f, scale)
+    _call("pixel_unshuffle_channel_avg", x, y, residual, f, scale)
     _check(y, buffer, _unshuffle_ref(x, f, O, scale, residual))
 
 
@@ -227,7 +253,7 @@ def test_channel_dup_pixel_shuffle_matches_eager(C, dtype, shape, x_layout, y_la
     y, buffer = _poisoned_output((2, O, H * f, W * f), dtype, y_layout)
     residual = None if r_layout is None else _layout(
         torch.randn(2, O, H * f, W * f, device="cuda").to(dtype), r_layout)
-    _call(C, "channel_dup_pixel_shuffle", x, y, residual, f, scale)
+    _call("channel_dup_pixel_shuffle", x, y, residual, f, scale)
     # Pure duplication is a copy: it must be bit exact.
     _check(y, buffer, _dup_ref(x, f, O, scale, residual),
            exact=residual is None and scale == 1.0)
@@ -242,8 +268,8 @@ def test_each_op_is_the_adjoint_of_the_other(C):
     b = torch.randn(3, O, 5, 7, device="cuda")
     ua = torch.empty_like(b)
     db = torch.empty_like(a)
-    _call(C, "pixel_unshuffle_channel_avg", a, ua, None, f, 1.0)
-    _call(C, "channel_dup_pixel_shuffle", b, db, None, f, 1.0)
+    _call("pixel_unshuffle_channel_avg", a, ua, None, f, 1.0)
+    _call("channel_dup_pixel_shuffle", b, db, None, f, 1.0)
     lhs, rhs = (ua.double() * b.double()).sum(), (a.double() * db.double()).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-4)
 
@@ -260,7 +286,7 @@ def test_more_than_2_to_the_31_elements(C):
     y = torch.full_like(x, float("nan"))
     for op in ("pixel_unshuffle_channel_avg", "channel_dup_pixel_shuffle"):
         y.fill_(float("nan"))
-        _call(C, op, x, y, None, 1, 1.0)
+        _call(op, x, y, None, 1, 1.0)
         assert torch.equal(y, x)
     del x, y
     torch.cuda.empty_cache()
@@ -271,6 +297,10 @@ def test_more_than_2_to_the_31_elements(C):
 def test_tensor_arg_and_stream_handle_on_cuda():
     t = torch.empty(2, 3, 4, 5, device="cuda", dtype=torch.bfloat16).permute(0, 2, 3, 1)
     assert _cuda.tensor_arg(t) == (t.data_ptr(), "bfloat16", (2, 4, 5, 3), t.stride())
+    v = t[:, 0, 0, :]  # lower ranks get trailing size-1 dims
+    assert _cuda.tensor_arg(v) == (v.data_ptr(), "bfloat16", (2, 3, 1, 1), (*v.stride(), 1, 1))
+    i = torch.arange(6, device="cuda")[::2]
+    assert _cuda.tensor_arg(i) == (i.data_ptr(), 3, 2)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         assert _cuda.stream_handle() == s.cuda_stream

@@ -314,19 +314,10 @@ def cuda_position_splits(positions: int) -> int:
     return max(1, min(-(-positions // _CUDA_SPLIT_POSITIONS), _CUDA_MAX_CHUNKS))
 
 
-def _per_channel_arg(t, name: str):
-    """A (B, C) or (C,) tensor as the 4-D view the extension takes: (B, C, 1, 1) or (1, C, 1, 1)."""
-    if t is None:
-        return None
-    return _cuda.tensor_arg(t[:, :, None, None] if t.dim() == 2 else t[None, :, None, None], name)
-
-
 def _flat(t: torch.Tensor, output: bool = False) -> torch.Tensor:
-    """(B, C, *spatial) as the (B, C, S, 1) tensor the extension takes: the view the Triton
-    kernels read too, or for an input whose spatial dims do not flatten by strides a copy
-    (which the caller must keep referenced until the launch is enqueued)."""
-    flat = t.view(t.shape[0], t.shape[1], -1) if output else t.reshape(t.shape[0], t.shape[1], -1)
-    return flat[..., None]
+    """(B, C, *spatial) as the (B, C, S) tensor the extension takes: the view the Triton
+    kernels read too, or for an input whose spatial dims do not flatten by strides a copy."""
+    return t.view(t.shape[0], t.shape[1], -1) if output else t.reshape(t.shape[0], t.shape[1], -1)
 
 
 def _workspace(floats: int, device) -> torch.Tensor:
@@ -348,17 +339,9 @@ def ada_group_norm_cuda(x, scale, shift, num_groups, weight, bias, eps, act, out
     num_chunks = _group_chunks(x, num_groups, num_chunks)
     # (count, mean, M2) of every chunk of every group.
     workspace = _workspace(3 * x.shape[0] * num_groups * num_chunks, x.device) if num_chunks > 1 else None
-    x4 = _flat(x)
-    extension = _cuda.load()
-    # The extension launches on the current device: make it x's.
-    with torch.cuda.device(x.device):
-        extension.ada_group_norm(
-            _cuda.tensor_arg(x4, "x"), _cuda.tensor_arg(_flat(out, output=True), "out"),
-            _per_channel_arg(scale, "scale"), _per_channel_arg(shift, "shift"),
-            _per_channel_arg(weight, "weight"), _per_channel_arg(bias, "bias"),
-            None if workspace is None else _cuda.tensor_arg(workspace, "workspace"),
-            num_groups, num_chunks, eps, act == "silu", _cuda.stream_handle(x.device),
-        )
+    _cuda.launch("ada_group_norm", x=_flat(x), y=_flat(out, output=True), scale=scale, shift=shift,
+                 weight=_cuda.per_channel(weight), bias=_cuda.per_channel(bias), workspace=workspace,
+                 num_groups=num_groups, num_chunks=num_chunks, eps=eps, silu=act == "silu")
 
 
 def ada_group_norm_backward_cuda(grad, x, scale, shift, num_groups, weight, bias, eps, act,
@@ -376,17 +359,11 @@ def ada_group_norm_backward_cuda(grad, x, scale, shift, num_groups, weight, bias
     # Group statistics, per-(range, b, c) gradient sums, and the split path's chunk records.
     workspace = _workspace(3 * groups + 2 * position_splits * batch * channels
                            + (5 * groups * num_chunks if num_chunks > 1 else 0), x.device)
-    grad4, x4 = _flat(grad), _flat(x)
-    extension = _cuda.load()
-    with torch.cuda.device(x.device):
-        extension.ada_group_norm_backward(
-            _cuda.tensor_arg(grad4, "grad"), _cuda.tensor_arg(x4, "x"), _per_channel_arg(scale, "scale"),
-            _per_channel_arg(shift, "shift"), _per_channel_arg(weight, "weight"), _per_channel_arg(bias, "bias"),
-            _cuda.tensor_arg(_flat(dx, output=True), "dx"), _per_channel_arg(dscale, "dscale"),
-            _per_channel_arg(dshift, "dshift"), _per_channel_arg(dweight, "dweight"),
-            _per_channel_arg(dbias, "dbias"), _cuda.tensor_arg(workspace, "workspace"),
-            num_groups, num_chunks, position_splits, eps, act == "silu", _cuda.stream_handle(x.device),
-        )
+    _cuda.launch("ada_group_norm_backward", dy=_flat(grad), x=_flat(x), scale=scale, shift=shift,
+                 weight=_cuda.per_channel(weight), bias=_cuda.per_channel(bias), dx=_flat(dx, output=True),
+                 dscale=dscale, dshift=dshift, dweight=_cuda.per_channel(dweight), dbias=_cuda.per_channel(dbias),
+                 workspace=workspace, num_groups=num_groups, num_chunks=num_chunks,
+                 position_splits=position_splits, eps=eps, silu=act == "silu")
 
 
 @ADA_GROUP_NORM.implement("cuda")
@@ -401,13 +378,7 @@ def _group_norm_backward_cuda(grad, x, scale, shift, num_groups, weight, bias, e
 
 @ADA_LAYER_NORM.implement("cuda")
 def _layer_norm_cuda(x, scale, shift, eps, *, out):
-    extension = _cuda.load()
-    with torch.cuda.device(x.device):
-        extension.ada_layer_norm(
-            _cuda.tensor_arg(x[..., None], "x"), _cuda.tensor_arg(out[..., None], "out"),
-            _per_channel_arg(scale, "scale"), _per_channel_arg(shift, "shift"), eps,
-            _cuda.stream_handle(x.device),
-        )
+    _cuda.launch("ada_layer_norm", x=x, y=out, scale=scale, shift=shift, eps=eps)
 
 
 @ADA_LAYER_NORM_BACKWARD.implement("cuda")
@@ -421,15 +392,8 @@ def _layer_norm_backward_cuda(grad, x, scale, shift, eps, *, out):
     position_splits = cuda_position_splits(tokens)
     # (pivot, mean, rstd) per token, per-(range, b, c) gradient sums.
     workspace = _workspace(3 * batch * tokens + 2 * position_splits * batch * channels, x.device)
-    extension = _cuda.load()
-    with torch.cuda.device(x.device):
-        extension.ada_layer_norm_backward(
-            _cuda.tensor_arg(grad[..., None], "grad"), _cuda.tensor_arg(x[..., None], "x"),
-            _per_channel_arg(scale, "scale"), _per_channel_arg(shift, "shift"),
-            _cuda.tensor_arg(dx[..., None], "dx"), _per_channel_arg(dscale, "dscale"),
-            _per_channel_arg(dshift, "dshift"), _cuda.tensor_arg(workspace, "workspace"),
-            position_splits, eps, _cuda.stream_handle(x.device),
-        )
+    _cuda.launch("ada_layer_norm_backward", dy=grad, x=x, scale=scale, shift=shift, dx=dx, dscale=dscale,
+                 dshift=dshift, workspace=workspace, position_splits=position_splits, eps=eps)
 
 
 @define_custom_op(ADA_GROUP_NORM)

@@ -65,6 +65,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastgen import _cuda
 from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
                                   random_tensor, register, register_autograd)
 
@@ -371,30 +372,19 @@ def _cuda_views(out: torch.Tensor, dim: int, inputs: list):
     return target, stand_in, axis, views
 
 
-def _cuda_arg(t: Optional[torch.Tensor], name: str, channels_at: Optional[int] = None):
-    """The extension's tuple for t (None stays None); a per-channel vector (b, db) as a 4-D view
-    with its entries along axis `channels_at`."""
-    from fastgen import _cuda
-
-    if t is None:
-        return None
-    if channels_at is not None:
-        t = t.view([t.shape[0] if k == channels_at else 1 for k in range(4)])
-    return _cuda.tensor_arg(t, name)
+def _per_channel(t: Optional[torch.Tensor], axis: int):
+    """A per-channel vector (b, db) as the 4-D view the kernels read it through: its entries
+    along the extension view's channel axis; None stays None."""
+    return None if t is None else t.view([t.shape[0] if k == axis else 1 for k in range(4)])
 
 
 @BIAS_ACT.implement("cuda")
 def _forward_cuda(x, b, act, alpha, gain, clamp, dim, *, out):
     """csrc/bias_act.cu's forward kernel."""
-    from fastgen import _cuda
-
     p = parse_params(x, b, act, alpha, gain, clamp, dim)
     y, stand_in, axis, (x4,) = _cuda_views(out, p.dim, [x])
-    with torch.cuda.device(x.device):
-        _cuda.load().bias_act_forward(
-            _cuda_arg(x4, "x"), _cuda_arg(b, "b", axis), _cuda_arg(y, "y"), axis, p.act, p.alpha, p.gain, p.clamp,
-            _cuda.stream_handle(x.device),
-        )
+    _cuda.launch("bias_act_forward", x=x4, b=_per_channel(b, axis), y=y, dim=axis, act=p.act, alpha=p.alpha,
+                 gain=p.gain, clamp=p.clamp)
     if stand_in is not None:
         out.copy_(stand_in)
 
@@ -403,24 +393,18 @@ def _forward_cuda(x, b, act, alpha, gain, clamp, dim, *, out):
 def _backward_cuda(dy, x, b, y, act, alpha, gain, clamp, dim, *, out):
     """csrc/bias_act.cu's backward kernel: dx, and db deterministically through per-block sums.
     It also serves the second order's gradient with respect to dy, which is this op again."""
-    from fastgen import _cuda
-
     p = parse_params(dy, b, act, alpha, gain, clamp, dim)
     source = p.derivative_source(dy.dtype)
     dx, db = out
     refs = [x if source == "x" else None, y if source == "y" else None]
     dx4, stand_in, axis, (dy4, x4, y4) = _cuda_views(dx, p.dim, [dy] + refs)
-    extension = _cuda.load()
-    with torch.cuda.device(dy.device):
-        partial = None
-        if b is not None:  # db's per-block sums, laid out as the extension decides
-            splits = extension.bias_act_db_splits(_cuda_arg(dx4, "dx"), axis)
-            partial = torch.empty((1, 1, splits, b.shape[0]), dtype=torch.float32, device=dy.device)
-        extension.bias_act_backward(
-            _cuda_arg(dy4, "dy"), _cuda_arg(x4, "x"), _cuda_arg(y4, "y"), _cuda_arg(b, "b", axis),
-            _cuda_arg(dx4, "dx"), _cuda_arg(db if b is not None else None, "db", axis), _cuda_arg(partial, "partial"),
-            axis, p.act, p.alpha, p.gain, p.clamp, _cuda.stream_handle(dy.device),
-        )
+    partial = None
+    if b is not None:  # db's per-block sums, laid out as the extension decides
+        splits = _cuda.query("bias_act_db_splits", dx=dx4, dim=axis)
+        partial = torch.empty((1, 1, splits, b.shape[0]), dtype=torch.float32, device=dy.device)
+    _cuda.launch("bias_act_backward", dy=dy4, x=x4, y=y4, b=_per_channel(b, axis), dx=dx4,
+                 db=_per_channel(db if b is not None else None, axis), partial=partial, dim=axis, act=p.act,
+                 alpha=p.alpha, gain=p.gain, clamp=p.clamp)
     if stand_in is not None:
         dx.copy_(stand_in)
 

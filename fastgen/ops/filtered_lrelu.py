@@ -449,8 +449,7 @@ def _cuda_taps(tables: tuple) -> tuple:
     pair when the split has one term, else (the 2-D correlation table, None): the kernel loops
     over its taps directly, and the split's terms are summed back up, in float64, leaving out
     each term where its rows entry is 0 (so the row split of a non-finite filter, factor_tables,
-    gives back its taps, not 0 * inf). The caller keeps the tensors alive until the kernel is
-    enqueued."""
+    gives back its taps, not 0 * inf)."""
     rows, cols = tables
     if rows.shape[0] == 1:
         return rows.view(1, 1, 1, -1), cols.view(1, 1, 1, -1)
@@ -466,25 +465,16 @@ def _cuda_pass(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp
         if channel_sums is not None:
             channel_sums.zero_()
         return
-    extension = _cuda.load()
-    with torch.cuda.device(src.device):
-        taps = dict(zip(("rows1", "cols1", "rows2", "cols2"), (*_cuda_taps(fused.stage1), *_cuda_taps(fused.stage2))))
-        args = dict(
-            mode=mode, src=_cuda.tensor_arg(src, "src"),
-            bias=None if bias is None else _cuda.tensor_arg(bias.view(1, -1, 1, 1), "bias"),
-            dst=_cuda.tensor_arg(dst, "dst"), codes=None if codes is None else _cuda.tensor_arg(codes, "codes"),
-            **{name: None if t is None else _cuda.tensor_arg(t, name) for name, t in taps.items()},
-            up=fused.up, down=fused.down,
-            pads=(*fused.pads1, *fused.pads2), mid_shape=fused.mid_shape, gain=gain, slope=slope, clamp=clamp,
-        )
-        tile_sums = None
-        if channel_sums is not None:
-            tiles_y, tiles_x = extension.filtered_lrelu_tiles(**args)
-            tile_sums = torch.empty(dst.shape[0] * dst.shape[1] * tiles_y * tiles_x, dtype=torch.float32,
-                                    device=dst.device)
-        extension.filtered_lrelu_pass(
-            **args, tile_sums=None if tile_sums is None else _cuda.tensor_arg(tile_sums.view(1, 1, 1, -1), "tile_sums"),
-            stream=_cuda.stream_handle(src.device))
+    taps = dict(zip(("rows1", "cols1", "rows2", "cols2"), (*_cuda_taps(fused.stage1), *_cuda_taps(fused.stage2))))
+    args = dict(mode=mode, src=src, bias=_cuda.per_channel(bias), dst=dst, codes=codes, **taps, up=fused.up,
+                down=fused.down, pads=(*fused.pads1, *fused.pads2), mid_shape=fused.mid_shape, gain=gain, slope=slope,
+                clamp=clamp)
+    tile_sums = None
+    if channel_sums is not None:
+        tiles_y, tiles_x = _cuda.query("filtered_lrelu_tiles", **args)
+        tile_sums = torch.empty(1, 1, 1, dst.shape[0] * dst.shape[1] * tiles_y * tiles_x, dtype=torch.float32,
+                                device=dst.device)
+    _cuda.launch("filtered_lrelu_pass", **args, tile_sums=tile_sums)
     if channel_sums is not None:
         channel_sums.copy_(tile_sums.view(dst.shape[0], dst.shape[1], -1).sum((0, 2)))
 

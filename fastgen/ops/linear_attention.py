@@ -197,11 +197,8 @@ def _forward_cuda(q, k, v, eps, *, out):
     q_rows = rows_per_chunk(q.shape[1], _CUDA_TILE_ROWS, batch * heads, target)
     slots = batch * heads * -(-kv_tokens // kv_rows)
     partials = torch.empty(1, 1, slots, head_dim * head_dim + head_dim, dtype=torch.float32, device=q.device)
-    with torch.cuda.device(q.device):
-        _cuda.load().linear_attention_forward(
-            _cuda.tensor_arg(q, "q"), _cuda.tensor_arg(k, "k"), _cuda.tensor_arg(v, "v"), _cuda.tensor_arg(out, "out"),
-            _cuda.tensor_arg(partials, "partials"), kv_rows, q_rows, eps, _cuda.stream_handle(q.device),
-        )
+    _cuda.launch("linear_attention_forward", q=q, k=k, v=v, out=out, partials=partials, kv_rows_per_chunk=kv_rows,
+                 q_rows_per_chunk=q_rows, eps=eps)
 
 
 @define_custom_op(LINEAR_ATTENTION)

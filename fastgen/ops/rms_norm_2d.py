@@ -137,17 +137,9 @@ TRMS2D.implement_at("triton", "fastgen.kernels.rms_norm_2d:trms2d_forward")
 TRMS2D_BACKWARD.implement_at("triton", "fastgen.kernels.rms_norm_2d:trms2d_backward")
 
 
-def _channel_vector_arg(tensor: Optional[torch.Tensor], name: str):
-    return None if tensor is None else _cuda.tensor_arg(tensor.view(1, -1, 1, 1), name)
-
-
 @TRMS2D.implement("cuda")
 def _trms2d_cuda(x, weight, bias, eps, *, out):
-    with torch.cuda.device(x.device):
-        _cuda.load().trms2d_forward(
-            _cuda.tensor_arg(x, "x"), _channel_vector_arg(weight, "weight"), _channel_vector_arg(bias, "bias"),
-            _cuda.tensor_arg(out, "y"), eps, _cuda.stream_handle(x.device),
-        )
+    _cuda.launch("trms2d_forward", x=x, weight=_cuda.per_channel(weight), bias=_cuda.per_channel(bias), y=out, eps=eps)
 
 
 # The CUDA backward's tiles hold this many pixels (kTilePixels in csrc/rms_norm_2d.cu).
@@ -163,11 +155,7 @@ def _trms2d_backward_cuda(grad, x, weight, bias, eps, *, out):
     # needs ~127 per thread) while the rows torch sums afterwards stay few.
     blocks = max(1, min(tiles, 2 * torch.cuda.get_device_properties(x.device).multi_processor_count))
     partial = torch.empty(blocks, 2, channels, 1, dtype=torch.float32, device=x.device)
-    with torch.cuda.device(x.device):
-        _cuda.load().trms2d_backward(
-            _cuda.tensor_arg(grad, "grad"), _cuda.tensor_arg(x, "x"), _channel_vector_arg(weight, "weight"),
-            _cuda.tensor_arg(dx, "dx"), _cuda.tensor_arg(partial, "partial"), eps, _cuda.stream_handle(x.device),
-        )
+    _cuda.launch("trms2d_backward", grad=grad, x=x, weight=_cuda.per_channel(weight), dx=dx, partial=partial, eps=eps)
     sums = partial.sum(0)
     dweight.copy_(sums[0, :, 0])
     dbias.copy_(sums[1, :, 0])

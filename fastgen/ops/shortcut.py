@@ -176,25 +176,15 @@ PIXEL_UNSHUFFLE_CHANNEL_AVG.implement_at("triton", "fastgen.kernels.shortcut:pix
 CHANNEL_DUP_PIXEL_SHUFFLE.implement_at("triton", "fastgen.kernels.shortcut:channel_dup_pixel_shuffle")
 
 
-def _launch_cuda(entry_point: str, x, out, residual, factor: int, scale: float) -> None:
-    extension = _cuda.load()
-    residual_arg = None if residual is None else _cuda.tensor_arg(residual, "residual")
-    # The extension launches on the current device: make it x's (cuda:1 tensors, say).
-    with torch.cuda.device(x.device):
-        getattr(extension, entry_point)(
-            _cuda.tensor_arg(x, "x"), _cuda.tensor_arg(out, "out"), residual_arg, factor, scale,
-            _cuda.stream_handle(x.device),
-        )
-
-
 @PIXEL_UNSHUFFLE_CHANNEL_AVG.implement("cuda")
 def _unshuffle_cuda(x, factor, out_channels, residual, scale, *, out):
-    _launch_cuda("pixel_unshuffle_channel_avg", x, out, residual, factor, unshuffle_scale(x, factor, out_channels, scale))
+    _cuda.launch("pixel_unshuffle_channel_avg", x=x, y=out, residual=residual, factor=factor,
+                 scale=unshuffle_scale(x, factor, out_channels, scale))
 
 
 @CHANNEL_DUP_PIXEL_SHUFFLE.implement("cuda")
 def _shuffle_cuda(x, factor, out_channels, residual, scale, *, out):
-    _launch_cuda("channel_dup_pixel_shuffle", x, out, residual, factor, shuffle_scale(scale))
+    _cuda.launch("channel_dup_pixel_shuffle", x=x, y=out, residual=residual, factor=factor, scale=shuffle_scale(scale))
 
 
 @define_custom_op(PIXEL_UNSHUFFLE_CHANNEL_AVG)

@@ -59,6 +59,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from fastgen import _cuda
 from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, define_custom_op, random_tensor, register,
                                   register_autograd)
 
@@ -294,20 +295,16 @@ UPFIRDN2D.implement_at("triton", "fastgen.kernels.upfirdn2d:upfirdn2d")
 def _upfirdn2d_cuda(x, f, up, down, padding, flip_filter, gain, *, out):
     """csrc/upfirdn2d.cu. The gradient with respect to x is this op again (see _backward), so it
     runs on this kernel as well, at every order."""
-    from fastgen import _cuda
-
     (upx, upy), (downx, downy) = parse_scaling("up", up), parse_scaling("down", down)
     px0, px1, py0, py1 = parse_padding(padding)
     taps = None
     if f is not None:
-        # The kernel reads float32 taps, as the Triton kernel converts each tap it loads; the
-        # extension takes 4-D views: (1, 1, 1, n) separable taps or a (1, 1, fh, fw) filter.
-        taps = _cuda.tensor_arg(f.to(torch.float32).view(1, 1, *([1] if f.dim() == 1 else []), *f.shape), "f")
-    with torch.cuda.device(x.device):
-        _cuda.load().upfirdn2d(
-            _cuda.tensor_arg(x, "x"), taps, f is not None and f.dim() == 1, _cuda.tensor_arg(out, "y"),
-            upx, upy, downx, downy, px0, px1, py0, py1, bool(flip_filter), float(gain), _cuda.stream_handle(x.device),
-        )
+        # The kernel reads float32 taps, as the Triton kernel converts each tap it loads, with
+        # the taps on the last axes: (1, 1, 1, n) separable taps or a (1, 1, fh, fw) filter.
+        taps = f.to(torch.float32).view(1, 1, *([1] if f.dim() == 1 else []), *f.shape)
+    _cuda.launch("upfirdn2d", x=x, f=taps, separable=f is not None and f.dim() == 1, y=out, up_x=upx, up_y=upy,
+                 down_x=downx, down_y=downy, pad_x0=px0, pad_x1=px1, pad_y0=py0, pad_y1=py1,
+                 flip_filter=bool(flip_filter), gain=float(gain))
 
 
 @define_custom_op(UPFIRDN2D)

@@ -245,32 +245,19 @@ VQ_QUANTIZE.implement_at("triton", "fastgen.kernels.vq:vq_quantize")
 
 
 # input_precision does not reach the CUDA kernels: they always compute plain fp32 (module docstring).
-def _cuda_search_args(z, codebook) -> tuple:
-    """The arguments the extension's searches start with: z and codebook as (rows, D, 1, 1) views
-    and the workspaces, the codebook norms (K, then the max squared norm) and one packed (score,
-    index) per row; then those workspace tensors, which the caller must hold until the launch
-    is enqueued (the caching allocator orders any later reuse after it on the stream)."""
+def _cuda_search_args(z, codebook) -> dict:
+    """The arguments the extension's searches start with: z, codebook and the workspaces, the
+    codebook norms (K, then the max squared norm) and one packed (score, index) per row."""
     code_norms = torch.empty(codebook.shape[0] + 1, dtype=torch.float32, device=z.device)
     packed = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
-    args = (_cuda.tensor_arg(z[:, :, None, None], "z"), _cuda.tensor_arg(codebook[:, :, None, None], "codebook"),
-            _cuda.tensor_arg(code_norms[:, None, None, None], "code_norms"), _int64_vector_arg(packed))
-    return args, (code_norms, packed)
-
-
-def _int64_vector_arg(t) -> tuple:
-    """(data_ptr, size, stride): how the extension takes an int64 vector."""
-    return (t.data_ptr(), t.shape[0], t.stride(0))
+    return dict(z=z, codebook=codebook, code_norms=code_norms, packed=packed)
 
 
 @VQ_NEAREST.implement("cuda")
 def _nearest_cuda(z, codebook, metric, exact, input_precision, *, out):
     idx, distance = out
-    search_args, _workspaces = _cuda_search_args(z, codebook)
-    with torch.cuda.device(z.device):
-        _cuda.load().vq_nearest(
-            *search_args, _int64_vector_arg(idx), _cuda.tensor_arg(distance[:, None, None, None], "distance"),
-            metric == "cosine", exact, _cuda.stream_handle(z.device),
-        )
+    _cuda.launch("vq_nearest", **_cuda_search_args(z, codebook), idx=idx, distance=distance, cosine=metric == "cosine",
+                 exact=exact)
 
 
 @VQ_QUANTIZE.implement("cuda")
@@ -278,13 +265,8 @@ def _quantize_cuda(z, codebook, beta, exact, input_precision, *, out):
     z_q, idx, loss, counts = out
     counts.zero_()
     row_errors = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
-    search_args, _workspaces = _cuda_search_args(z, codebook)
-    with torch.cuda.device(z.device):
-        _cuda.load().vq_quantize(
-            *search_args, _cuda.tensor_arg(z_q[:, :, None, None], "z_q"), _int64_vector_arg(idx),
-            _cuda.tensor_arg(row_errors[:, None, None, None], "row_errors"), _int64_vector_arg(counts), exact,
-            _cuda.stream_handle(z.device),
-        )
+    _cuda.launch("vq_quantize", **_cuda_search_args(z, codebook), z_q=z_q, idx=idx, row_errors=row_errors,
+                 counts=counts, exact=exact)
     # (1 + beta) mean((z - e)^2) from the rows' sums (torch's sum: a fixed order); an empty z
     # gives 0/0 = NaN, as torch's mean does.
     torch.div(row_errors.sum() * (1.0 + beta), z.numel(), out=loss)
