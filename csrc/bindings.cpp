@@ -289,6 +289,8 @@ void bind(py::module_& m, const char* name, R (*launcher)(P...), const char* con
     doc += (i ? ", " : "") + all_names[i] + ": " + kinds[i];
   doc += std::string(") -> ") + (std::is_void_v<R> ? "None" : "result") +
          "; see the launcher's comment in csrc/common.h";
+  py::options options;  // the doc above replaces pybind11's "(*args, **kwargs)" signature
+  options.disable_function_signatures();
   m.def(
       name,
       [launcher, all_names, entry_point = std::string(name)](py::args args, py::kwargs kwargs) {
