@@ -64,6 +64,7 @@
 #include "common.h"
 
 namespace fastgen {
+namespace kernels::ada_norm {
 namespace {
 
 constexpr int kMaxThreads = 256;
@@ -1077,6 +1078,9 @@ void check_position_splits(int64_t position_splits, int64_t batch, int64_t chann
 }
 
 }  // namespace
+}  // namespace kernels::ada_norm
+
+using namespace kernels::ada_norm;
 
 void ada_group_norm(const TensorView4d& x, const TensorView4d& y, const TensorView4d& scale,
                     const TensorView4d& shift, const TensorView4d* weight,

@@ -32,6 +32,7 @@
 #include "common.h"
 
 namespace fastgen {
+namespace kernels::bias_act {
 namespace {
 
 enum class Act { Linear, Relu, Lrelu, Tanh, Sigmoid, Elu, Selu, Softplus, Swish };
@@ -367,6 +368,9 @@ BackwardPlan plan_backward(const TensorView4d& dx, int64_t dim, bool has_bias) {
 }
 
 }  // namespace
+}  // namespace kernels::bias_act
+
+using namespace kernels::bias_act;
 
 void bias_act_forward(const TensorView4d& x, const TensorView4d* b, const TensorView4d& y,
                       int64_t dim, const std::string& act, float alpha, float gain,

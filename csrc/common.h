@@ -4,6 +4,10 @@
 // arguments. bindings.cpp is compiled by the host compiler, so everything that needs nvcc
 // sits behind __CUDACC__ (or the tests' CPU emulation of CUDA, tests/cuda_emulation, which
 // compiles the kernels as host C++).
+//
+// Each csrc/<family>.cu defines its kernels in namespace fastgen::kernels::<family> (an anonymous one
+// inside it keeps them private to the file): a profiler trace then names every kernel with its
+// family, which is how `fastgen profile` attributes a kernel that runs outside its op.
 #pragma once
 
 #include <cuda_runtime.h>

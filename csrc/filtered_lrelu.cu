@@ -32,6 +32,7 @@
 #include "common.h"
 
 namespace fastgen {
+namespace kernels::filtered_lrelu {
 namespace {
 
 constexpr int kFlThreads = 256;
@@ -579,6 +580,9 @@ void launch_pass(const TileChoice& choice, const FilteredLreluPass& a, cudaStrea
 }
 
 }  // namespace
+}  // namespace kernels::filtered_lrelu
+
+using namespace kernels::filtered_lrelu;
 
 std::pair<int64_t, int64_t> filtered_lrelu_tiles(
     int mode, const TensorView4d& src, const TensorView4d* bias, const TensorView4d& dst,

@@ -20,6 +20,7 @@
 #include "common.h"
 
 namespace fastgen {
+namespace kernels::linear_attention {
 namespace {
 
 constexpr int kLaThreads = 256;
@@ -156,6 +157,9 @@ void launch_state(const HeadGeometry& g, const TensorView4d& k, const TensorView
 }
 
 }  // namespace
+}  // namespace kernels::linear_attention
+
+using namespace kernels::linear_attention;
 
 void linear_attention_forward(const TensorView4d& q, const TensorView4d& k, const TensorView4d& v,
                               const TensorView4d& out, const TensorView4d& partials,

@@ -26,6 +26,7 @@
 #include "common.h"
 
 namespace fastgen {
+namespace kernels::rms_norm_2d {
 namespace {
 
 constexpr int kWarps = 8;
@@ -226,6 +227,9 @@ void check_like_x(const TensorView4d& t, const char* name, const TensorView4d& x
 }
 
 }  // namespace
+}  // namespace kernels::rms_norm_2d
+
+using namespace kernels::rms_norm_2d;
 
 void trms2d_forward(const TensorView4d& x, const TensorView4d* weight, const TensorView4d* bias,
                     const TensorView4d& y, float eps, cudaStream_t stream) {

@@ -19,6 +19,7 @@
 #include "common.h"
 
 namespace fastgen {
+namespace kernels::shortcut {
 namespace {
 
 // Bounds under which every index product below fits in int64.
@@ -154,6 +155,9 @@ void check_common(const TensorView4d& x, const TensorView4d& y, const TensorView
 }
 
 }  // namespace
+}  // namespace kernels::shortcut
+
+using namespace kernels::shortcut;
 
 void pixel_unshuffle_channel_avg(const TensorView4d& x, const TensorView4d& y,
                                  const TensorView4d* residual, int64_t factor, float scale,

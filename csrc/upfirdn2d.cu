@@ -38,6 +38,7 @@
 #include "common.h"
 
 namespace fastgen {
+namespace kernels::upfirdn2d {
 namespace {
 
 constexpr int64_t kMaxTileSide = 32;
@@ -235,6 +236,9 @@ void choose_tile(Geometry& g, bool separable, int64_t budget) {
 }
 
 }  // namespace
+}  // namespace kernels::upfirdn2d
+
+using namespace kernels::upfirdn2d;
 
 void upfirdn2d(const TensorView4d& x, const TensorView4d* f, bool separable,
                const TensorView4d& y, int64_t up_x, int64_t up_y, int64_t down_x,

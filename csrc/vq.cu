@@ -51,6 +51,7 @@
 #include "common.h"
 
 namespace fastgen {
+namespace kernels::vq {
 namespace {
 
 constexpr int kTileRows = 64;    // rows of z per search block
@@ -595,6 +596,9 @@ void launch_search(const TensorView4d& z_view, const TensorView4d& codebook_view
 }
 
 }  // namespace
+}  // namespace kernels::vq
+
+using namespace kernels::vq;
 
 void vq_nearest(const TensorView4d& z, const TensorView4d& codebook,
                 const TensorView4d& code_norms, const Int64Vector& packed,

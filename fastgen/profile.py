@@ -25,8 +25,9 @@ Classification (`classify`) looks at a unit's own name and the names of the ops 
    that declares it). The custom op is recorded whichever backend runs it, so under the
    reference backend this is the eager reference's time for the family, under a fast backend
    the kernels' time: the two columns compare like with like.
-2. a Triton kernel of `kernels/<family>.py` or a CUDA kernel of `csrc/<family>.cu`, by name
-   (reached only when a kernel runs outside its custom op);
+2. a Triton kernel of `kernels/<family>.py`, by name, or a CUDA kernel of `csrc/<family>.cu`,
+   by the namespace `fastgen::kernels::<family>` its name carries (reached only when a kernel runs
+   outside its custom op);
 3. convolutions (aten convolution ops, cuDNN / implicit-GEMM conv kernels), then GEMMs
    (linear, mm, bmm, matmul, cuBLAS / CUTLASS kernels);
 4. everything else: "elementwise/other".
@@ -65,9 +66,8 @@ FASTGEN = "fastgen"
 _CONVOLUTION_PATTERN = re.compile(r"\bconv(?!ert)|convolution|cudnn|fprop|dgrad|wgrad|winograd|im2col|col2im",
                                   re.IGNORECASE)
 _GEMM_PATTERN = re.compile(r"gemm|matmul|::mm\b|addmm|bmm|::linear\b|cublas|cutlass|nvjet", re.IGNORECASE)
-_CUDA_KERNEL_PATTERN = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
+_CUDA_KERNEL_FAMILY = re.compile(r"\bfastgen::kernels::(\w+)::")
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -159,23 +159,14 @@ def _launched(names: set) -> set:
     return {name for name in names if name.endswith("_kernel")}
 
 
-def _cuda_kernel_names() -> dict:
-    """{family: kernel names} from the `__global__` functions of csrc/<family>.cu, when the
-    sources are present (a source checkout)."""
-    if not _CSRC.is_dir():
-        return {}
-    return {path.stem: _launched(set(_CUDA_KERNEL_PATTERN.findall(path.read_text())))
-            for path in sorted(_CSRC.glob("*.cu"))}
-
-
 @functools.lru_cache(maxsize=None)
 def kernel_families() -> dict:
-    """{kernel name: family} of the launched Triton kernels in fastgen.kernels and the CUDA
-    kernels in csrc/. A name that two families share (`_query_grad_kernel`) says nothing about
-    the family and is left out: such kernels are classified by their custom op."""
+    """{kernel name: family} of the launched Triton kernels in fastgen.kernels. A name that two
+    families share (`_query_grad_kernel`) says nothing about the family and is left out: such
+    kernels are classified by their custom op."""
     import fastgen.kernels
 
-    by_family = _cuda_kernel_names()
+    by_family = {}
     for info in pkgutil.iter_modules(fastgen.kernels.__path__):
         if info.name.startswith("_"):  # shared helpers, not a family
             continue
@@ -200,6 +191,9 @@ def classify(names: Sequence[str], ops: Optional[dict] = None, kernels: Optional
             op = name.removeprefix("fastgen::").split(".", 1)[0]  # drop an overload suffix
             if op in ops:
                 return ops[op]
+    cuda_family = _CUDA_KERNEL_FAMILY.search(names[0]) if names else None
+    if cuda_family and cuda_family[1] in ops.values():
+        return cuda_family[1]
     for identifier in _IDENTIFIER.findall(names[0]) if names else ():
         if identifier in kernels:
             return kernels[identifier]

@@ -2,6 +2,7 @@
 their attribution, the table, and the CPU run of every model module's tiny config."""
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -96,8 +97,8 @@ def test_sana_step_shows_its_op_families(tmp_path):
 
 OPS = {"linear_attention": "linear_attention", "linear_attention_backward": "linear_attention",
        "cross_attention": "cross_attention", "cross_attention_forward": "cross_attention",
-       "ada_layer_norm": "ada_norm"}
-KERNELS = {"_output_kernel": "linear_attention", "unshuffle_avg_kernel": "shortcut"}
+       "ada_layer_norm": "ada_norm", "pixel_unshuffle_channel_avg": "shortcut"}
+KERNELS = {"_output_kernel": "linear_attention"}
 
 
 @pytest.mark.parametrize("names, family", [
@@ -121,9 +122,13 @@ KERNELS = {"_output_kernel": "linear_attention", "unshuffle_avg_kernel": "shortc
     (["aten::mul", "fastgen::linear_attention_backward.default"], "linear_attention"),
     # A fastgen op calling another's public function: the time is the outer op's, the one the model called.
     (["aten::mm", "fastgen::linear_attention", "fastgen::ada_layer_norm"], "ada_norm"),
-    # Outside any fastgen op a kernel of kernels/ or csrc/ is known by name.
+    # Outside any fastgen op a Triton kernel is known by name, a CUDA kernel by its family's namespace.
     (["_output_kernel"], "linear_attention"),
-    (["void fastgen::(anonymous namespace)::unshuffle_avg_kernel<__nv_bfloat16>(long, Geometry)"], "shortcut"),
+    (["void fastgen::kernels::shortcut::(anonymous namespace)::unshuffle_avg_kernel<__nv_bfloat16>(long, Geometry)"],
+     "shortcut"),
+    (["void fastgen::(anonymous namespace)::unshuffle_avg_kernel<__nv_bfloat16>(long, Geometry)"],
+     "elementwise/other"),
+    (["void fastgen::kernels::not_a_family::(anonymous namespace)::some_kernel(long)"], "elementwise/other"),
     # Names the maps do not know fall through to the generic families.
     (["_query_grad_kernel"], "elementwise/other"),
     (["aten::mm", "fastgen::not_an_op"], "gemm"),
@@ -138,7 +143,7 @@ def test_classify_with_the_real_op_and_kernel_maps():
     assert ops["linear_attention_backward"] == "linear_attention"
     assert ops["ada_layer_norm"] == ops["ada_group_norm"] == "ada_norm"
     assert kernels["_layer_norm_kernel"] == "ada_norm"
-    assert kernels["unshuffle_avg_kernel"] == "shortcut", "CUDA kernels of csrc/ are known by name"
+    assert profile.classify(["void fastgen::kernels::vq::(anonymous namespace)::search_kernel<float>(Args)"]) == "vq"
     assert "_query_grad_kernel" not in kernels, "a name two families share must not pick one"
     assert not any(name.endswith("_rows") for name in kernels), "jit helpers are never launched"
     assert profile.classify(["_nearest_kernel"]) == "vq"
@@ -245,3 +250,14 @@ def test_cli_profile_rejects_reference_as_the_compared_backend(capsys):
     with pytest.raises(SystemExit):
         cli.main(["profile", "sana", "--backend", "reference"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_every_cuda_kernel_is_in_its_familys_namespace():
+    """A CUDA kernel's name in a trace carries its namespace, fastgen::kernels::<family>: that is how
+    classify attributes it without the sources (csrc/ is not installed)."""
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    for source in sorted(csrc.glob("*.cu")):
+        text = source.read_text()
+        opened, closed = text.find(f"namespace kernels::{source.stem} {{"), text.find(f"}}  // namespace kernels::{source.stem}")
+        kernels = [m.start() for m in re.finditer(r"__global__", text)]
+        assert kernels and 0 <= opened < min(kernels) and max(kernels) < closed, source.name
