@@ -290,10 +290,10 @@ ADA_LAYER_NORM.implement_at("triton", "fastgen.kernels.ada_norm:ada_layer_norm_f
 ADA_LAYER_NORM_BACKWARD.implement_at("triton", "fastgen.kernels.ada_norm:ada_layer_norm_backward")
 
 
-# The CUDA kernels (csrc/ada_norm.cu) take x as (B, C, S) like the Triton ones. Not tuned on a
-# GPU yet: a group is split over several blocks when one block would walk more than
-# _CUDA_MAX_FUSED_ELEMENTS values alone, or when there are fewer groups than SMs to fill, in
-# chunks of at least _CUDA_MIN_CHUNK_ELEMENTS values (a split reads x twice).
+# The CUDA kernels (csrc/ada_norm.cu) take x as (B, C, S) like the Triton ones. A group is
+# split over several blocks when one block would walk more than _CUDA_MAX_FUSED_ELEMENTS values
+# alone, or when there are fewer groups than SMs to fill, in chunks of at least
+# _CUDA_MIN_CHUNK_ELEMENTS values (a split reads x twice).
 _CUDA_MAX_FUSED_ELEMENTS = 1 << 16
 _CUDA_MIN_CHUNK_ELEMENTS = 1 << 13
 _CUDA_MAX_CHUNKS = 256
