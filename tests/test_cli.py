@@ -184,8 +184,12 @@ def test_plain_pytest_collects_only_tests():
 
 
 def test_pytest_benchmark_entry_skips_with_the_reason_without_gpu():
+    # Not as an xdist worker: pytest-benchmark would read the inherited worker variables as xdist
+    # being on and turn itself off, which --benchmark-only refuses.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     result = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-rs",
-                             "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                             "-p", "no:cacheprovider"], cwd=REPO, env=environment, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"\d+ skipped in .*", summary), summary

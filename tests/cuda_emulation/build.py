@@ -9,6 +9,8 @@ module is cached by a hash of its sources and flags, so a session builds it at m
 """
 from __future__ import annotations
 
+import concurrent.futures
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -55,6 +57,29 @@ def missing_tools() -> str | None:
     return None
 
 
+def _compile(flags: list, target: Path) -> None:
+    with tempfile.TemporaryDirectory() as work:
+        units = [CSRC / "bindings.cpp"]
+        for cu in sorted(CSRC.glob("*.cu")):
+            unit = Path(work) / (cu.stem + ".cpp")
+            unit.write_text(f'#line 1 "{cu}"\n' + emulated_source(cu.read_text()))
+            units.append(unit)
+        objects = [Path(work) / (unit.stem + ".o") for unit in units]
+        compile_flags = [flag for flag in flags if flag != "-shared"]
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            results = list(pool.map(lambda unit, obj: subprocess.run(
+                ["g++", *compile_flags, "-c", str(unit), "-o", str(obj)], capture_output=True, text=True),
+                units, objects))
+        failed = [result.stderr for result in results if result.returncode != 0]
+        partial = target.with_suffix(".partial")
+        if not failed:
+            link = subprocess.run(["g++", *flags, *map(str, objects), "-o", str(partial)], capture_output=True, text=True)
+            failed = [link.stderr] if link.returncode != 0 else []
+        if failed:
+            raise RuntimeError("building the emulated extension failed:\n" + "\n".join(failed)[-20000:])
+        partial.rename(target)
+
+
 def build(cache_dir: Path):
     """The emulated module, compiled into cache_dir (reused while its sources are unchanged)."""
     import pybind11
@@ -68,21 +93,12 @@ def build(cache_dir: Path):
         digest.update(path.read_bytes())
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     target = cache_dir / digest.hexdigest()[:16] / f"_C{suffix}"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as work:
-            units = []
-            for cu in sorted(CSRC.glob("*.cu")):
-                unit = Path(work) / (cu.stem + ".cpp")
-                unit.write_text(f'#line 1 "{cu}"\n' + emulated_source(cu.read_text()))
-                units.append(str(unit))
-            # Per process, so parallel test workers never write one file; the rename is atomic.
-            partial = target.with_suffix(f".{os.getpid()}.partial")
-            command = ["g++", *flags, *units, str(CSRC / "bindings.cpp"), "-o", str(partial)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"building the emulated extension failed:\n{result.stderr[-20000:]}")
-            partial.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One process builds while parallel test workers wait for it, compiling the units on every core.
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            _compile(flags, target)
     spec = importlib.util.spec_from_file_location("_C", target)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
