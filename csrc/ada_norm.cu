@@ -36,8 +36,8 @@
 //          (count, mean, M2) to a float32 workspace; chunk_forward_kernel merges its group's
 //          chunks in a fixed order (so every chunk of a group normalizes with bitwise-equal
 //          statistics) and writes its chunk of y. x is read twice.
-// The caller picks the number of chunks (fastgen/ops/ada_norm.py), so tests can force the
-// split path on small inputs.
+// The launcher picks the number of chunks (group_chunks below) unless the caller forces one,
+// as the tests do to reach the split path on small inputs.
 //
 // Backward (formulas in fastgen/ops/ada_norm.py), with dz = dy * act'(z):
 //   dx = rstd * (gain * dz - mean_p - xhat * mean_q), mean_p and mean_q the group means of
@@ -51,7 +51,7 @@
 //        which reads x and dy once more): a block per (range of positions, sample, 32
 //        channels) when channels are contiguous, else per (range, sample, channel), reducing
 //        over its position lanes through shared memory in a fixed order and writing partial
-//        sums; the caller picks the ranges so that small batches still fill the GPU.
+//        sums; the ranges (position_splits below) make small batches still fill the GPU.
 //        modulation_grad_kernel adds the ranges in order and writes dshift and dscale, and
 //        dweight, dbias = sums over samples, in order, of (1 + scale) * Bc and (1 + scale) * A.
 // No atomics anywhere: every gradient is bitwise reproducible.
@@ -989,20 +989,25 @@ void check_common(const TensorView4d& x, const TensorView4d& scale, const Tensor
           "eps: must be a finite float32 > 0, got " + std::to_string(eps));
 }
 
+// num_chunks 0 asks for the launch plan's chunk count (group_chunks).
+void check_groups_and_chunks(const TensorView4d& x, int64_t num_groups, int64_t num_chunks) {
+  require(num_groups >= 1 && x.size[1] % num_groups == 0,
+          "num_groups: must be >= 1 and divide the channels C=" + str(x.size[1]) + ", got " +
+              str(num_groups));
+  require(num_chunks >= 0 && num_chunks <= kMaxChunks,
+          "num_chunks: must be in [0, " + str(kMaxChunks) + "] (0: planned), got " +
+              str(num_chunks));
+}
+
 void check_group_norm(const TensorView4d& x, const TensorView4d& scale,
                       const TensorView4d& shift, const TensorView4d* weight,
                       const TensorView4d* bias, int64_t num_groups, int64_t num_chunks,
                       float eps) {
   const int64_t C = x.size[1];
   check_common(x, scale, shift, C, eps);
-  require(num_groups >= 1 && C % num_groups == 0,
-          "num_groups: must be >= 1 and divide the channels C=" + str(C) + ", got " +
-              str(num_groups));
+  check_groups_and_chunks(x, num_groups, num_chunks);
   if (weight != nullptr) check_per_channel(*weight, "weight", x, 1, C, false);
   if (bias != nullptr) check_per_channel(*bias, "bias", x, 1, C, false);
-  require(num_chunks >= 1 && num_chunks <= kMaxChunks,
-          "num_chunks: must be in [1, " + str(kMaxChunks) + "], got " + str(num_chunks));
-  require_grid(x.size[0] * num_groups * num_chunks, "x: B * num_groups * num_chunks");
 }
 
 // A float32 (1, 1, 1, n) view with unit stride and n >= needed; its data (null if needed is 0
@@ -1070,11 +1075,49 @@ ChannelWalk channel_walk(const TensorView4d& x, const TensorView4d& dy, int chan
           channels_closer ? 32 : 1};
 }
 
-void check_position_splits(int64_t position_splits, int64_t batch, int64_t channels) {
-  require(position_splits >= 1 && position_splits <= kMaxChunks,
-          "position_splits: must be in [1, " + str(kMaxChunks) + "], got " +
-              str(position_splits));
-  require_grid(batch * channels * position_splits, "x: B * C * position_splits");
+// Launch plans. A group is split over several blocks when one block would walk more than
+// kMaxFusedElements values alone, or when there are fewer groups than SMs to fill, in chunks
+// of at least kMinChunkElements values (a split reads x twice). The backward's per-channel
+// sums cut each channel's positions (tokens for adaLN) into ranges of about kSplitPositions,
+// so that one sample's few channels still make many blocks.
+constexpr int64_t kMaxFusedElements = 1 << 16;
+constexpr int64_t kMinChunkElements = 1 << 13;
+constexpr int64_t kMaxPlannedChunks = 256;
+constexpr int64_t kSplitPositions = 2048;
+
+// Chunks per group of x (B, C, S, 1): `forced` when it is not 0, else the plan above.
+int64_t group_chunks(const TensorView4d& x, int64_t num_groups, int64_t forced) {
+  int64_t chunks = std::max<int64_t>(forced, 1);
+  if (forced == 0 && x.numel() > 0) {
+    ensure_device();
+    const int64_t group_elements = x.size[1] / num_groups * x.size[2];
+    const int64_t wanted = std::max(ceil_div(device_sms(), x.size[0] * num_groups),
+                                    ceil_div(group_elements, kMaxFusedElements));
+    chunks = std::max<int64_t>(
+        1, std::min({wanted, kMaxPlannedChunks, group_elements / kMinChunkElements}));
+  }
+  require_grid(x.size[0] * num_groups * chunks, "x: B * num_groups * num_chunks");
+  return chunks;
+}
+
+int64_t position_splits(int64_t positions) {
+  return std::max<int64_t>(1, std::min(ceil_div(positions, kSplitPositions), kMaxPlannedChunks));
+}
+
+// The float32 workspace each launch needs (ada_group_norm_workspace and
+// ada_layer_norm_backward_workspace report them; the launchers check them).
+int64_t group_norm_workspace(const TensorView4d& x, int64_t num_groups, int64_t chunks,
+                             bool backward) {
+  const int64_t groups = x.size[0] * num_groups;
+  const int64_t chunk_records = chunks > 1 ? (backward ? 5 : 3) * groups * chunks : 0;
+  if (!backward) return chunk_records;
+  // Group statistics, per-(range, b, c) gradient sums, the split path's chunk records.
+  return 3 * groups + 2 * position_splits(x.size[2]) * x.size[0] * x.size[1] + chunk_records;
+}
+
+int64_t layer_norm_backward_workspace(const TensorView4d& x) {
+  // (pivot, mean, rstd) per token, per-(range, b, c) gradient sums.
+  return 3 * x.size[0] * x.size[1] + 2 * position_splits(x.size[1]) * x.size[0] * x.size[2];
 }
 
 }  // namespace
@@ -1088,14 +1131,14 @@ void ada_group_norm(const TensorView4d& x, const TensorView4d& y, const TensorVi
                     int64_t num_chunks, float eps, bool silu, cudaStream_t stream) {
   check_group_norm(x, scale, shift, weight, bias, num_groups, num_chunks, eps);
   check_output_like_x(y, "y", x);
-  const int64_t groups = x.size[0] * num_groups;
-  float* records = checked_workspace(workspace, num_chunks > 1 ? 3 * groups * num_chunks : 0,
-                                     "3 * B * num_groups * num_chunks");
+  const int64_t chunks = group_chunks(x, num_groups, num_chunks);
+  float* records = checked_workspace(workspace, group_norm_workspace(x, num_groups, chunks, false),
+                                     "ada_group_norm_workspace");
 
   ensure_device();
   if (x.numel() == 0) return;
-  forward(group_norm_problem(x, num_groups), x, y, scale, shift, weight, bias, records,
-          num_chunks, eps, silu, stream);
+  forward(group_norm_problem(x, num_groups), x, y, scale, shift, weight, bias, records, chunks,
+          eps, silu, stream);
 }
 
 void ada_group_norm_backward(const TensorView4d& dy, const TensorView4d& x,
@@ -1104,8 +1147,8 @@ void ada_group_norm_backward(const TensorView4d& dy, const TensorView4d& x,
                              const TensorView4d& dx, const TensorView4d& dscale,
                              const TensorView4d& dshift, const TensorView4d& dweight,
                              const TensorView4d& dbias, const TensorView4d* workspace,
-                             int64_t num_groups, int64_t num_chunks, int64_t position_splits,
-                             float eps, bool silu, cudaStream_t stream) {
+                             int64_t num_groups, int64_t num_chunks, float eps, bool silu,
+                             cudaStream_t stream) {
   check_group_norm(x, scale, shift, weight, bias, num_groups, num_chunks, eps);
   const int64_t B = x.size[0], C = x.size[1], groups = B * num_groups;
   check_like_x(dy, "dy", x);
@@ -1114,21 +1157,32 @@ void ada_group_norm_backward(const TensorView4d& dy, const TensorView4d& x,
   check_per_channel(dshift, "dshift", x, B, C, true);
   check_per_channel(dweight, "dweight", x, 1, C, true);
   check_per_channel(dbias, "dbias", x, 1, C, true);
-  check_position_splits(position_splits, B, C);
-  const int64_t partials = 2 * position_splits * B * C;
-  float* stats = checked_workspace(
-      workspace, 3 * groups + partials + (num_chunks > 1 ? 5 * groups * num_chunks : 0),
-      "3 * B * num_groups + 2 * position_splits * B * C (+ 5 * B * num_groups * num_chunks "
-      "if num_chunks > 1)");
+  const int64_t splits = position_splits(x.size[2]);
+  require_grid(B * C * splits, "x: B * C * position splits");
+  const int64_t chunks = group_chunks(x, num_groups, num_chunks);
+  float* stats = checked_workspace(workspace, group_norm_workspace(x, num_groups, chunks, true),
+                                   "ada_group_norm_workspace");
 
   ensure_device();
   if (x.numel() == 0) return;
   const ModulationGrads grads{
-      channel_walk(x, dy, /*channel_dim=*/1, /*position_dim=*/2, position_splits, num_groups,
+      channel_walk(x, dy, /*channel_dim=*/1, /*position_dim=*/2, splits, num_groups,
                    C / num_groups),
       stats + 3 * groups, dscale, dshift, &dweight, &dbias};
   backward(group_norm_problem(x, num_groups), dy, x, dx, scale, shift, weight, bias, grads,
-           stats, grads.partials + partials, num_chunks, eps, silu, stream);
+           stats, grads.partials + 2 * splits * B * C, chunks, eps, silu, stream);
+}
+
+int64_t ada_group_norm_workspace(const TensorView4d& x, int64_t num_groups, int64_t num_chunks,
+                                 bool backward) {
+  check_sizes(x, "x");
+  check_groups_and_chunks(x, num_groups, num_chunks);
+  return group_norm_workspace(x, num_groups, group_chunks(x, num_groups, num_chunks), backward);
+}
+
+int64_t ada_layer_norm_backward_workspace(const TensorView4d& x) {
+  check_sizes(x, "x");
+  return layer_norm_backward_workspace(x);
 }
 
 void ada_layer_norm(const TensorView4d& x, const TensorView4d& y, const TensorView4d& scale,
@@ -1147,7 +1201,7 @@ void ada_layer_norm_backward(const TensorView4d& dy, const TensorView4d& x,
                              const TensorView4d& scale, const TensorView4d& shift,
                              const TensorView4d& dx, const TensorView4d& dscale,
                              const TensorView4d& dshift, const TensorView4d* workspace,
-                             int64_t position_splits, float eps, cudaStream_t stream) {
+                             float eps, cudaStream_t stream) {
   const int64_t B = x.size[0], N = x.size[1], C = x.size[2];
   check_common(x, scale, shift, C, eps);
   check_like_x(dy, "dy", x);
@@ -1155,14 +1209,15 @@ void ada_layer_norm_backward(const TensorView4d& dy, const TensorView4d& x,
   check_per_channel(dscale, "dscale", x, B, C, true);
   check_per_channel(dshift, "dshift", x, B, C, true);
   require_grid(B * N, "x: B * N rows");
-  check_position_splits(position_splits, B, C);
-  float* stats = checked_workspace(workspace, 3 * B * N + 2 * position_splits * B * C,
-                                   "3 * B * N + 2 * position_splits * B * C");
+  const int64_t splits = position_splits(N);
+  require_grid(B * C * splits, "x: B * C * position splits");
+  float* stats = checked_workspace(workspace, layer_norm_backward_workspace(x),
+                                   "ada_layer_norm_backward_workspace");
 
   ensure_device();
   if (x.numel() == 0) return;
   const ModulationGrads grads{
-      channel_walk(x, dy, /*channel_dim=*/2, /*position_dim=*/1, position_splits, N, 0),
+      channel_walk(x, dy, /*channel_dim=*/2, /*position_dim=*/1, splits, N, 0),
       stats + 3 * B * N, dscale, dshift, nullptr, nullptr};
   backward(layer_norm_problem(x), dy, x, dx, scale, shift, nullptr, nullptr, grads, stats,
            nullptr, 1, eps, false, stream);

@@ -339,6 +339,7 @@ PYBIND11_MODULE(_C, m) {
        {"x", "y", "residual", "factor", "scale"});
   bind(m, "trms2d_forward", &trms2d_forward, {"x", "weight", "bias", "y", "eps"});
   bind(m, "trms2d_backward", &trms2d_backward, {"grad", "x", "weight", "dx", "partial", "eps"});
+  bind(m, "trms2d_backward_blocks", &trms2d_backward_blocks, {"x"});
   bind(m, "bias_act_forward", &bias_act_forward,
        {"x", "b", "y", "dim", "act", "alpha", "gain", "clamp"});
   bind(m, "bias_act_db_splits", &bias_act_db_splits, {"dx", "dim"});
@@ -349,11 +350,13 @@ PYBIND11_MODULE(_C, m) {
         "eps", "silu"});
   bind(m, "ada_group_norm_backward", &ada_group_norm_backward,
        {"dy", "x", "scale", "shift", "weight", "bias", "dx", "dscale", "dshift", "dweight",
-        "dbias", "workspace", "num_groups", "num_chunks", "position_splits", "eps", "silu"});
+        "dbias", "workspace", "num_groups", "num_chunks", "eps", "silu"});
+  bind(m, "ada_group_norm_workspace", &ada_group_norm_workspace,
+       {"x", "num_groups", "num_chunks", "backward"});
   bind(m, "ada_layer_norm", &ada_layer_norm, {"x", "y", "scale", "shift", "eps"});
   bind(m, "ada_layer_norm_backward", &ada_layer_norm_backward,
-       {"dy", "x", "scale", "shift", "dx", "dscale", "dshift", "workspace", "position_splits",
-        "eps"});
+       {"dy", "x", "scale", "shift", "dx", "dscale", "dshift", "workspace", "eps"});
+  bind(m, "ada_layer_norm_backward_workspace", &ada_layer_norm_backward_workspace, {"x"});
   bind(m, "vq_nearest", &vq_nearest,
        {"z", "codebook", "code_norms", "packed", "idx", "distance", "cosine", "exact"});
   bind(m, "vq_quantize", &vq_quantize,
@@ -368,5 +371,6 @@ PYBIND11_MODULE(_C, m) {
        {"x", "f", "separable", "y", "up_x", "up_y", "down_x", "down_y", "pad_x0", "pad_x1",
         "pad_y0", "pad_y1", "flip_filter", "gain"});
   bind(m, "linear_attention_forward", &linear_attention_forward,
-       {"q", "k", "v", "out", "partials", "kv_rows_per_chunk", "q_rows_per_chunk", "eps"});
+       {"q", "k", "v", "out", "partials", "eps"});
+  bind(m, "linear_attention_partials", &linear_attention_partials, {"k"});
 }

@@ -145,16 +145,24 @@ inline void require_no_broadcast(const TensorView4d& t, const char* name) {
 
 constexpr int kThreadsPerBlock = 256;
 
+// An attribute of the current device: launchers run under the caller's device guard.
+inline int device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  FASTGEN_CUDA_CHECK(cudaGetDevice(&device));
+  FASTGEN_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+inline int64_t device_sms() { return device_attribute(cudaDevAttrMultiProcessorCount); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Enough blocks for n elements, but no more than fill the device once: the kernels use
 // grid-stride loops, so extra blocks would only add scheduling overhead.
 inline unsigned int grid_size(int64_t n, int threads = kThreadsPerBlock) {
-  int device = 0, sms = 0, threads_per_sm = 0;
-  FASTGEN_CUDA_CHECK(cudaGetDevice(&device));
-  FASTGEN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  FASTGEN_CUDA_CHECK(
-      cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  int64_t wanted = (n + threads - 1) / threads;
-  int64_t cap = int64_t(sms) * std::max(1, threads_per_sm / threads);
+  const int threads_per_sm = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor);
+  int64_t wanted = ceil_div(n, threads);
+  int64_t cap = device_sms() * std::max(1, threads_per_sm / threads);
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, cap)));
 }
 
@@ -273,11 +281,14 @@ void trms2d_backward(const TensorView4d& grad, const TensorView4d& x, const Tens
                      const TensorView4d& dx, const TensorView4d& partial, float eps,
                      cudaStream_t stream);
 
+// rms_norm_2d.cu: the rows of partial (the blocks) trms2d_backward's plan uses for x.
+int64_t trms2d_backward_blocks(const TensorView4d& x);
+
 // ada_norm.cu: x, y (B, C, S, 1), G groups of C/G channels; per (b, g) over its C/G * S values
 // y = act((x - mu) * rsqrt(var + eps) * w[c] * (1 + scale[b,c]) + b[c] * (1 + scale[b,c])
 // + shift[b,c]), act identity or silu; scale, shift (B, C, 1, 1), weight, bias (1, C, 1, 1) or
-// null. num_chunks > 1 splits each group's reduction over that many blocks, with workspace a
-// float32 (1, 1, 1, n >= 3 * B * G * num_chunks) view.
+// null. Each group's reduction is split over num_chunks blocks (0: as the launch plan picks);
+// workspace is a float32 (1, 1, 1, n) view, n at least ada_group_norm_workspace (null if 0).
 void ada_group_norm(const TensorView4d& x, const TensorView4d& y, const TensorView4d& scale,
                     const TensorView4d& shift, const TensorView4d* weight,
                     const TensorView4d* bias, const TensorView4d* workspace, int64_t num_groups,
@@ -285,31 +296,36 @@ void ada_group_norm(const TensorView4d& x, const TensorView4d& y, const TensorVi
 
 // ada_norm.cu: the gradients of ada_group_norm for dy (like x): dx (like x), dscale, dshift
 // (B, C, 1, 1), dweight, dbias (1, C, 1, 1) (what weight and bias get, as 1 and 0 when null);
-// the per-channel sums over positions are split into position_splits ranges; workspace
-// float32 (1, 1, 1, n), n >= 3 * B * G + 2 * position_splits * B * C
-// (+ 5 * B * G * num_chunks when num_chunks > 1).
+// num_chunks as for ada_group_norm; workspace float32 (1, 1, 1, n), n at least
+// ada_group_norm_workspace(backward=true).
 void ada_group_norm_backward(const TensorView4d& dy, const TensorView4d& x,
                              const TensorView4d& scale, const TensorView4d& shift,
                              const TensorView4d* weight, const TensorView4d* bias,
                              const TensorView4d& dx, const TensorView4d& dscale,
                              const TensorView4d& dshift, const TensorView4d& dweight,
                              const TensorView4d& dbias, const TensorView4d* workspace,
-                             int64_t num_groups, int64_t num_chunks, int64_t position_splits,
-                             float eps, bool silu, cudaStream_t stream);
+                             int64_t num_groups, int64_t num_chunks, float eps, bool silu,
+                             cudaStream_t stream);
+
+// ada_norm.cu: the float32 workspace (in floats) ada_group_norm (backward false) or its
+// backward needs for x at these num_groups and num_chunks.
+int64_t ada_group_norm_workspace(const TensorView4d& x, int64_t num_groups, int64_t num_chunks,
+                                 bool backward);
 
 // ada_norm.cu: x, y (B, N, C, 1); per token y = (x - mu) * rsqrt(var + eps) * (1 + scale[b,c])
 // + shift[b,c], mu and var over the token's C channels; scale, shift (B, C, 1, 1).
 void ada_layer_norm(const TensorView4d& x, const TensorView4d& y, const TensorView4d& scale,
                     const TensorView4d& shift, float eps, cudaStream_t stream);
 
-// ada_norm.cu: dx (like x), dscale, dshift (B, C, 1, 1) of ada_layer_norm for dy (like x),
-// the sums over tokens split into position_splits ranges; workspace float32 (1, 1, 1, n),
-// n >= 3 * B * N + 2 * position_splits * B * C.
+// ada_norm.cu: dx (like x), dscale, dshift (B, C, 1, 1) of ada_layer_norm for dy (like x);
+// workspace float32 (1, 1, 1, n), n at least ada_layer_norm_backward_workspace(x).
 void ada_layer_norm_backward(const TensorView4d& dy, const TensorView4d& x,
                              const TensorView4d& scale, const TensorView4d& shift,
                              const TensorView4d& dx, const TensorView4d& dscale,
                              const TensorView4d& dshift, const TensorView4d* workspace,
-                             int64_t position_splits, float eps, cudaStream_t stream);
+                             float eps, cudaStream_t stream);
+
+int64_t ada_layer_norm_backward_workspace(const TensorView4d& x);
 
 // vq.cu: the int64 vectors (indices, counts, a workspace), which TensorView4d's float dtypes
 // cannot describe: size elements stride apart.
@@ -392,11 +408,13 @@ void upfirdn2d(const TensorView4d& x, const TensorView4d* f, bool separable,
 
 // linear_attention.cu: out_n = phi(q_n) S / (phi(q_n) . z + eps), S = sum phi(k)^T v and
 // z = sum phi(k) per (batch, head), phi = ReLU; q, out (B, Nq, H, D), k, v (B, Nkv, H, D), any
-// strides, D <= 128. partials: float32 (1, 1, B*H*ceil(Nkv / kv_rows_per_chunk), D*D + D)
-// workspace; the rows per chunk are positive multiples of 32.
+// strides, D <= 128. partials: a float32 (1, 1, linear_attention_partials(k), D*D + D)
+// workspace.
 void linear_attention_forward(const TensorView4d& q, const TensorView4d& k, const TensorView4d& v,
-                              const TensorView4d& out, const TensorView4d& partials,
-                              int64_t kv_rows_per_chunk, int64_t q_rows_per_chunk, float eps,
+                              const TensorView4d& out, const TensorView4d& partials, float eps,
                               cudaStream_t stream);
+
+// linear_attention.cu: the partial states linear_attention_forward's plan keeps for k.
+int64_t linear_attention_partials(const TensorView4d& k);
 
 }  // namespace fastgen

@@ -384,10 +384,7 @@ void size_tile(PassAxis& a, int tile, int up, int down) {
 // 4 wide so the codes a tile owns fill whole bytes.
 TileChoice choose_tile(PassGeometry g, bool separable1, bool separable2) {
   static const int kTiles[][2] = {{32, 32}, {16, 32}, {16, 16}, {8, 16}, {8, 8}, {4, 8}, {4, 4}};
-  int device = 0, optin = 0;
-  FASTGEN_CUDA_CHECK(cudaGetDevice(&device));
-  FASTGEN_CUDA_CHECK(
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   const int static_bytes = (kFlThreads / 32) * sizeof(float);
   for (int limit : {kPreferredSharedBytes, optin}) {
     for (const auto& t : kTiles) {
@@ -560,12 +557,10 @@ void launch_pass(const TileChoice& choice, const FilteredLreluPass& a, cudaStrea
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, choice.shared_bytes));
   const PassGeometry& g = choice.geometry;
   const int64_t num_tiles = g.planes * g.y.tiles * g.x.tiles;
-  int device = 0, sms = 0, blocks_per_sm = 0;
-  FASTGEN_CUDA_CHECK(cudaGetDevice(&device));
-  FASTGEN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int blocks_per_sm = 0;
   FASTGEN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &blocks_per_sm, kernel, kFlThreads, choice.shared_bytes));
-  const int64_t resident = int64_t(sms) * std::max(blocks_per_sm, 1);
+  const int64_t resident = device_sms() * std::max(blocks_per_sm, 1);
   const unsigned int grid = static_cast<unsigned int>(std::min(num_tiles, resident));
   const PassTaps taps{static_cast<const float*>(a.rows1->data),
                       a.cols1 ? static_cast<const float*>(a.cols1->data) : nullptr,

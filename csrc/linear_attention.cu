@@ -14,8 +14,9 @@
 //     reproducible), then each warp streams query rows: phi(q_n) into a per-warp buffer, the
 //     denominator by a warp shuffle reduction, numerator columns lane, lane+32, ..., the
 //     division fused, out written once.
-// The chunk counts come from the caller, who sizes the workspace: enough chunks that the
-// B*H*chunks blocks fill the GPU when B*H alone does not. Arithmetic is fp32.
+// The launcher picks the chunk counts (rows_per_chunk) and linear_attention_partials tells the
+// caller the workspace they need: enough chunks that the B*H*chunks blocks fill the GPU (two
+// per SM) when B*H alone does not. Arithmetic is fp32.
 
 #include "common.h"
 
@@ -156,14 +157,27 @@ void launch_state(const HeadGeometry& g, const TensorView4d& k, const TensorView
   FASTGEN_LAUNCH_CHECK();
 }
 
+// Rows per chunk of a head's `rows` (a multiple of kTileRows): enough chunks that
+// heads * chunks reaches two blocks per SM.
+int64_t rows_per_chunk(int64_t rows, int64_t heads) {
+  const int64_t tiles = ceil_div(std::max<int64_t>(rows, 1), kTileRows);
+  const int64_t wanted = ceil_div(2 * device_sms(), std::max<int64_t>(heads, 1));
+  return kTileRows * ceil_div(tiles, std::min(tiles, std::max<int64_t>(1, wanted)));
+}
+
+// Partial-state slots of the first kernel: one per (head, chunk of key rows).
+int64_t state_slots(const TensorView4d& k) {
+  const int64_t heads = k.size[0] * k.size[2];
+  return heads * ceil_div(k.size[1], rows_per_chunk(k.size[1], heads));
+}
+
 }  // namespace
 }  // namespace kernels::linear_attention
 
 using namespace kernels::linear_attention;
 
 void linear_attention_forward(const TensorView4d& q, const TensorView4d& k, const TensorView4d& v,
-                              const TensorView4d& out, const TensorView4d& partials,
-                              int64_t kv_rows_per_chunk, int64_t q_rows_per_chunk, float eps,
+                              const TensorView4d& out, const TensorView4d& partials, float eps,
                               cudaStream_t stream) {
   require_float_dtype(q, "q");
   check_attention_tensor(q, "q", q);
@@ -180,27 +194,21 @@ void linear_attention_forward(const TensorView4d& q, const TensorView4d& k, cons
   require_shape(out, "out", q.size, "q's shape");
   require_no_broadcast(out, "out");
   require(eps > 0.0f && std::isfinite(eps), "eps: must be a finite number > 0");
-  for (const auto& [rows, name] : {std::pair<int64_t, const char*>{kv_rows_per_chunk,
-                                                                    "kv_rows_per_chunk"},
-                                   {q_rows_per_chunk, "q_rows_per_chunk"}})
-    require(rows >= kTileRows && rows % kTileRows == 0,
-            std::string(name) + ": must be a positive multiple of " + str(kTileRows) +
-                ", got " + str(rows));
-  const int64_t kv_chunks = (k.size[1] + kv_rows_per_chunk - 1) / kv_rows_per_chunk;
-  const int64_t slot = D * D + D;
-  const int64_t expected[4] = {1, 1, B * H * kv_chunks, slot};
   require(partials.dtype == DType::Float32,
           std::string("partials: dtype must be float32, got ") + dtype_name(partials.dtype));
-  require_shape(partials, "partials", expected,
-                "(1, 1, B*H*ceil(Nkv / kv_rows_per_chunk), D*D + D)");
+  require(B * H < (int64_t(1) << 31), "q: B*H must stay below 2^31 (a block per head)");
+
+  ensure_device();
+  const int64_t kv_rows_per_chunk = rows_per_chunk(k.size[1], B * H);
+  const int64_t q_rows_per_chunk = rows_per_chunk(q.size[1], B * H);
+  const int64_t kv_chunks = ceil_div(k.size[1], kv_rows_per_chunk);
+  const int64_t q_chunks = ceil_div(q.size[1], q_rows_per_chunk);
+  const int64_t slot = D * D + D;
+  const int64_t expected[4] = {1, 1, B * H * kv_chunks, slot};
+  require_shape(partials, "partials", expected, "(1, 1, linear_attention_partials(q, k), D*D + D)");
   require(partials.stride[3] == 1 && partials.stride[2] == slot, "partials: must be contiguous");
   require(partials.data != nullptr || B * H * kv_chunks == 0, "partials: null data pointer");
 
-  const int64_t q_chunks = (q.size[1] + q_rows_per_chunk - 1) / q_rows_per_chunk;
-  require(B * H * std::max(kv_chunks, q_chunks) < (int64_t(1) << 31),
-          "q: B*H*chunks must stay below 2^31 blocks; use larger chunks");
-
-  ensure_device();
   if (out.numel() == 0) return;
   HeadGeometry g{H, static_cast<int>(D), k.size[1], kv_rows_per_chunk, kv_chunks, kv_chunks};
   float* partial_data = static_cast<float*>(partials.data);
@@ -226,6 +234,13 @@ void linear_attention_forward(const TensorView4d& q, const TensorView4d& k, cons
              stream>>>(out_g, eps, strided<const T>(q), strided<T>(out), partial_data);
     FASTGEN_LAUNCH_CHECK();
   });
+}
+
+int64_t linear_attention_partials(const TensorView4d& k) {
+  for (int d = 0; d < 4; ++d)
+    require(k.size[d] >= 0, "k: negative size in shape " + shape_str(k.size));
+  ensure_device();
+  return state_slots(k);
 }
 
 }  // namespace fastgen

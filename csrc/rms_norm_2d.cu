@@ -226,6 +226,13 @@ void check_like_x(const TensorView4d& t, const char* name, const TensorView4d& x
   require(t.data != nullptr || t.numel() == 0, std::string(name) + ": null data pointer");
 }
 
+// Backward blocks, one row of partial sums each: two blocks per SM fill its registers (the
+// kernel needs ~127 per thread) while the rows summed afterwards stay few.
+int64_t backward_blocks(const TensorView4d& x) {
+  const int64_t tiles = x.size[0] * ceil_div(x.size[2] * x.size[3], kTilePixels);
+  return std::max<int64_t>(1, std::min(tiles, 2 * device_sms()));
+}
+
 }  // namespace
 }  // namespace kernels::rms_norm_2d
 
@@ -247,6 +254,12 @@ void trms2d_forward(const TensorView4d& x, const TensorView4d* weight, const Ten
         optional_strided<T>(bias), strided<T>(y));
     FASTGEN_LAUNCH_CHECK();
   });
+}
+
+int64_t trms2d_backward_blocks(const TensorView4d& x) {
+  check_inputs(x, nullptr, nullptr, 1.0f);
+  ensure_device();
+  return backward_blocks(x);
 }
 
 void trms2d_backward(const TensorView4d& grad, const TensorView4d& x, const TensorView4d* weight,

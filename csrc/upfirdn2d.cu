@@ -304,10 +304,7 @@ void upfirdn2d(const TensorView4d& x, const TensorView4d* f, bool separable,
   choose_tile(g, separable, kDefaultSharedBytes);
   const int64_t bytes = shared_floats(g, separable) * int64_t(sizeof(float));
   if (bytes > kDefaultSharedBytes) {  // only 1 x 1 tiles are left: can the device opt in?
-    int device = 0, optin = 0;
-    FASTGEN_CUDA_CHECK(cudaGetDevice(&device));
-    FASTGEN_CUDA_CHECK(
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
     require(bytes <= optin, "f: a " + str(fh) + " x " + str(fw) + " filter at up (" +
                                 str(up_x) + ", " + str(up_y) + ") needs " + str(bytes) +
                                 " bytes of shared memory per block even for one output, more "

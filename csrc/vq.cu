@@ -543,12 +543,10 @@ void check_search(const TensorView4d& z, const TensorView4d& codebook,
 // Codebook splits: enough blocks to fill the device once when there are few row blocks.
 template <typename Kernel>
 int64_t codebook_splits(Kernel kernel, int64_t row_blocks, int64_t tiles) {
-  int device = 0, sms = 0, blocks_per_sm = 0;
-  FASTGEN_CUDA_CHECK(cudaGetDevice(&device));
-  FASTGEN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int blocks_per_sm = 0;
   FASTGEN_CUDA_CHECK(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kSearchThreads, 0));
-  const int64_t target = int64_t(sms) * std::max(1, blocks_per_sm);
+  const int64_t target = device_sms() * std::max(1, blocks_per_sm);
   return std::max<int64_t>(1, std::min(tiles, target / row_blocks));
 }
 

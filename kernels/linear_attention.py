@@ -51,7 +51,6 @@ import triton.language as tl
 
 from fastgen.kernels import LAUNCH_OPTIONS, sm_count
 from fastgen.kernels._convert import to_float32
-from fastgen.ops.linear_attention import rows_per_chunk
 
 
 @triton.jit
@@ -298,8 +297,11 @@ class _Plan:
         self.target_programs = _target_programs(q.device)
 
     def rows_per_program(self, tokens: int) -> int:
-        """Rows per chunk (a multiple of BLOCK_N): enough chunks that B*H*chunks fills the GPU."""
-        return rows_per_chunk(tokens, self.block_n, self.batch_heads, self.target_programs)
+        """Rows per chunk (a multiple of BLOCK_N): enough chunks that B*H*chunks reaches the
+        target number of programs (B*H = 0, an empty batch, takes one chunk)."""
+        tiles = triton.cdiv(max(tokens, 1), self.block_n)
+        chunks = min(tiles, max(1, triton.cdiv(self.target_programs, max(self.batch_heads, 1))))
+        return self.block_n * triton.cdiv(tiles, chunks)
 
     def chunks(self, tokens: int) -> int:
         """Chunks of each head (one, of no rows, for an empty sequence)."""

@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import types
 from pathlib import Path
 
 import torch
@@ -178,8 +177,6 @@ def emulated_cuda(emulated_extension, monkeypatch):
     monkeypatch.setattr(_cuda, "_DEVICE_TYPE", "cpu")  # the emulated kernels dereference host memory
     monkeypatch.setattr(_cuda, "stream_handle", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device=None: types.SimpleNamespace(multi_processor_count=2))
     real_reason = registry.backend_unavailable_reason
 
     def reason(backend, device):

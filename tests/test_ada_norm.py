@@ -24,7 +24,6 @@ from fastgen.ops.ada_norm import (
     ada_layer_norm_reference,
     ada_group_norm_backward_cuda,
     ada_group_norm_cuda,
-    cuda_group_chunks,
 )
 from fastgen.ops.registry import random_tensor
 
@@ -115,7 +114,7 @@ def test_chunk_size_forces_the_split_path():
 def _run_group_norm(args, splits=None, backend="triton"):
     out = _poisoned(ADA_GROUP_NORM.allocate_output(*args))
     if backend == "cuda":
-        ada_group_norm_cuda(*args, out, num_chunks=splits)
+        ada_group_norm_cuda(*args, out, num_chunks=splits or 0)
     elif splits is None:
         ADA_GROUP_NORM.implementations["triton"].run(*args, out=out)
     else:
@@ -126,7 +125,7 @@ def _run_group_norm(args, splits=None, backend="triton"):
 def _run_group_norm_backward(grad, args, splits=None, backend="triton"):
     grads = _poisoned(ADA_GROUP_NORM_BACKWARD.allocate_output(grad, *args))
     if backend == "cuda":
-        ada_group_norm_backward_cuda(grad, *args, *grads, num_chunks=splits)
+        ada_group_norm_backward_cuda(grad, *args, *grads, num_chunks=splits or 0)
     elif splits is None:
         ADA_GROUP_NORM_BACKWARD.implementations["triton"].run(grad, *args, out=grads)
     else:
@@ -532,13 +531,23 @@ def test_cuda_graph_replays_with_new_inputs(backend, shape, generator):
 # The CUDA backend (csrc/ada_norm.cu)
 
 
-def test_cuda_chunking_splits_large_groups_and_few_groups():
-    """A 256 x 256 x 32-element group is reduced by many blocks; ADM's 64 px ResBlock groups
-    fit one block each; 8 groups on 132 SMs are split to fill the GPU, small ones are not."""
-    assert cuda_group_chunks(batch=2, group_elements=256 * 256 * 32, num_groups=2, sms=132) >= 32
-    assert cuda_group_chunks(batch=8, group_elements=8 * 64 * 64, num_groups=32, sms=132) == 1
-    assert cuda_group_chunks(batch=1, group_elements=64 * 64 * 64, num_groups=8, sms=132) == 17
-    assert cuda_group_chunks(batch=1, group_elements=8 * 8 * 8, num_groups=8, sms=132) == 1
+def _planned_chunks(extension, batch, channels, positions, num_groups) -> int:
+    """The chunks per group the extension's launch plan picks, read off the forward's
+    workspace: 3 floats per chunk of every group when split, none when fused."""
+    floats = extension.ada_group_norm_workspace(_arg((batch, channels, positions, 1)), num_groups, 0, False)
+    return max(1, floats // (3 * batch * num_groups))
+
+
+def test_cuda_chunking_splits_large_groups_and_few_groups(emulated_extension, monkeypatch):
+    """On 132 SMs: a 256 x 256 x 32-element group is reduced by many blocks; ADM's 64 px
+    ResBlock groups fit one block each; 8 groups are split to fill the GPU, small ones are not."""
+    monkeypatch.setenv("FASTGEN_EMULATED_SMS", "132")
+    assert _planned_chunks(emulated_extension, 2, 64, 256 * 256, 2) >= 32
+    assert _planned_chunks(emulated_extension, 8, 256, 64 * 64, 32) == 1
+    assert _planned_chunks(emulated_extension, 1, 512, 64 * 64, 8) == 17
+    assert _planned_chunks(emulated_extension, 1, 64, 8 * 8, 8) == 1
+    monkeypatch.setenv("FASTGEN_EMULATED_SMS", "2")
+    assert _planned_chunks(emulated_extension, 1, 512, 64 * 64, 8) == 4  # sized by the groups' length
 
 
 def _misaligned(t):
@@ -639,8 +648,10 @@ def test_cuda_large_group_takes_the_split_path(dtype, layout, generator):
     """Two groups of 2 x 256 x 256 values: more than one block may walk alone."""
     device = torch.device("cuda")
     shape = (1, 4, 256, 256)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    assert cuda_group_chunks(1, 2 * 256 * 256, 2, sms) > 1
+    from fastgen import _cuda
+
+    assert _cuda.query("ada_group_norm_workspace", x=torch.empty(1, 4, 256 * 256, device=device), num_groups=2,
+                       num_chunks=0, backward=False) > 0  # split
     x = random_tensor(shape, layout, device, dtype, generator)
     scale, shift = (random_tensor(shape[:2], "contiguous", device, dtype, generator) for _ in "ab")
     args = (x, scale, shift, 2, None, None, 1e-5, None)
@@ -703,7 +714,7 @@ def _ln_call(**changes):
     (_gn_call(bias=_arg((1, 8, 1, 1), "float16")), "bias"),
     (_gn_call(num_groups=3), "num_groups"),
     (_gn_call(num_groups=0), "num_groups"),
-    (_gn_call(num_chunks=0), "num_chunks"),
+    (_gn_call(num_chunks=-1), "num_chunks"),
     (_gn_call(num_chunks=2), "workspace"),  # a split needs one
     (_gn_call(num_chunks=2, workspace=_arg((1, 1, 1, 47))), "workspace"),  # 3 * 8 groups * 2 chunks
     (_gn_call(num_chunks=2, workspace=_arg((1, 1, 1, 48), "float16")), "workspace"),
@@ -731,11 +742,11 @@ def test_cuda_layer_norm_bad_arguments_name_them(extension, call, name):
 
 def _gn_backward_call(**changes):
     """ada_group_norm_backward's extension arguments for x (2, 8, 12, 1) in 4 groups: the
-    workspace holds 3 * 8 group statistics and 2 * 2 * 2 * 8 channel sums (two position ranges)."""
+    workspace holds 3 * 8 group statistics and 2 * 2 * 8 channel sums (one position range)."""
     call = dict(dy=_arg((2, 8, 12, 1)), x=_arg((2, 8, 12, 1)), scale=_arg((2, 8, 1, 1)), shift=_arg((2, 8, 1, 1)),
                 weight=None, bias=_arg((1, 8, 1, 1)), dx=_arg((2, 8, 12, 1)), dscale=_arg((2, 8, 1, 1)),
                 dshift=_arg((2, 8, 1, 1)), dweight=_arg((1, 8, 1, 1)), dbias=_arg((1, 8, 1, 1)),
-                workspace=_arg((1, 1, 1, 88)), num_groups=4, num_chunks=1, position_splits=2, eps=1e-5,
+                workspace=_arg((1, 1, 1, 56)), num_groups=4, num_chunks=1, eps=1e-5,
                 silu=False, stream=0)
     call.update(changes)
     return call
@@ -744,7 +755,7 @@ def _gn_backward_call(**changes):
 def _ln_backward_call(**changes):
     call = dict(dy=_arg((2, 5, 8, 1)), x=_arg((2, 5, 8, 1)), scale=_arg((2, 8, 1, 1)), shift=_arg((2, 8, 1, 1)),
                 dx=_arg((2, 5, 8, 1)), dscale=_arg((2, 8, 1, 1)), dshift=_arg((2, 8, 1, 1)),
-                workspace=_arg((1, 1, 1, 94)), position_splits=2, eps=1e-6, stream=0)
+                workspace=_arg((1, 1, 1, 62)), eps=1e-6, stream=0)
     call.update(changes)
     return call
 
@@ -761,8 +772,7 @@ def _ln_backward_call(**changes):
     (_gn_backward_call(weight=_arg((1, 7, 1, 1))), "weight"),
     (_gn_backward_call(num_groups=5), "num_groups"),
     (_gn_backward_call(workspace=None), "workspace"),
-    (_gn_backward_call(workspace=_arg((1, 1, 1, 87))), "workspace"),
-    (_gn_backward_call(position_splits=0), "position_splits"),
+    (_gn_backward_call(workspace=_arg((1, 1, 1, 55))), "workspace"),
     (_gn_backward_call(num_chunks=2), "workspace"),  # + 5 * 8 groups * 2 chunks
     (_gn_backward_call(eps=-1e-5), "eps"),
 ])
@@ -776,9 +786,8 @@ def test_cuda_group_norm_backward_bad_arguments_name_them(extension, call, name)
     (_ln_backward_call(dx=_arg((2, 5, 8, 1), "float16")), "dx"),
     (_ln_backward_call(dscale=_arg((2, 5, 1, 1))), "dscale"),
     (_ln_backward_call(dshift=_arg((2, 8, 1, 1), strides=(0, 1, 1, 1))), "dshift"),
-    (_ln_backward_call(workspace=_arg((1, 1, 1, 93))), "workspace"),  # 3 * 2 * 5 + 2 * 2 * 2 * 8
-    (_ln_backward_call(workspace=_arg((1, 1, 1, 94), "bfloat16")), "workspace"),
-    (_ln_backward_call(position_splits=-1), "position_splits"),
+    (_ln_backward_call(workspace=_arg((1, 1, 1, 61))), "workspace"),  # 3 * 2 * 5 + 2 * 1 * 2 * 8
+    (_ln_backward_call(workspace=_arg((1, 1, 1, 62), "bfloat16")), "workspace"),
 ])
 def test_cuda_layer_norm_backward_bad_arguments_name_them(extension, call, name):
     with pytest.raises(ValueError, match=rf"^{name}\b"):
@@ -790,7 +799,7 @@ def test_cuda_layer_norm_backward_bad_arguments_name_them(extension, call, name)
     ("ada_group_norm", _gn_call(num_chunks=2, workspace=_arg((1, 1, 1, 48)))),
     ("ada_layer_norm", _ln_call()),
     ("ada_group_norm_backward", _gn_backward_call()),
-    ("ada_group_norm_backward", _gn_backward_call(num_chunks=2, workspace=_arg((1, 1, 1, 168)))),
+    ("ada_group_norm_backward", _gn_backward_call(num_chunks=2, workspace=_arg((1, 1, 1, 136)))),
     ("ada_layer_norm_backward", _ln_backward_call()),
 ])
 def test_cuda_entry_points_without_a_device_say_so(extension, entry_point, call):

@@ -453,13 +453,14 @@ def test_cuda_graph_replays_with_new_inputs(backend, generator):
     _assert_close_to(out, linear_attention_reference(*_upcast((q, k, v))), "out")
 
 
-def _entry_point_args(q=(2, 40, 3, 32), k=(2, 70, 3, 32), v=None, out=None, partials=None, kv_rows=32, q_rows=64,
-                      eps=1e-15, dtype="float32", partials_dtype="float32"):
+def _entry_point_args(q=(2, 40, 3, 32), k=(2, 70, 3, 32), v=None, out=None, partials=None, eps=1e-15,
+                      dtype="float32", partials_dtype="float32"):
     v = v or k
     out = out or q
-    partials = partials or (1, 1, 2 * 3 * 3, 32 * 32 + 32)  # ceil(70 / 32) = 3 chunks per head
+    # The emulated device's 2 SMs want 4 blocks: B * H = 6 heads take one chunk each.
+    partials = partials or (1, 1, 2 * 3, 32 * 32 + 32)
     return (fake_tensor_arg(q, dtype), fake_tensor_arg(k, dtype), fake_tensor_arg(v, dtype), fake_tensor_arg(out, dtype),
-            fake_tensor_arg(partials, partials_dtype), kv_rows, q_rows, eps, 0)
+            fake_tensor_arg(partials, partials_dtype), eps, 0)
 
 
 @pytest.mark.parametrize("changes, name", [
@@ -469,14 +470,27 @@ def _entry_point_args(q=(2, 40, 3, 32), k=(2, 70, 3, 32), v=None, out=None, part
     (dict(v=(2, 71, 3, 32)), "v"),
     (dict(out=(2, 40, 3, 16)), "out"),
     (dict(eps=0.0), "eps"),
-    (dict(kv_rows=48), "kv_rows_per_chunk"),
-    (dict(q_rows=0), "q_rows_per_chunk"),
-    (dict(partials=(1, 1, 17, 32 * 32 + 32)), "partials"),
     (dict(partials_dtype="float16"), "partials"),
 ])
 def test_cuda_entry_point_rejects_bad_arguments_naming_them(cuda_extension, changes, name):
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         cuda_extension.linear_attention_forward(*_entry_point_args(**changes))
+
+
+@pytest.mark.parametrize("sms, k, slots", [
+    (2, (2, 70, 3, 32), 6),  # 6 heads already fill 2 SMs (4 blocks): one chunk each
+    (2, (1, 70, 1, 32), 3),  # one head: a chunk per 32-row tile, up to the 4 blocks wanted
+    (132, (1, 4096, 2, 64), 256),  # two heads on 132 SMs: 264 blocks wanted, 128 tiles each
+    (2, (2, 0, 3, 32), 0),  # no keys: no state to sum
+])
+def test_cuda_partials_follow_the_launch_plan(emulated_extension, monkeypatch, sms, k, slots):
+    """The launcher checks its workspace against the plan linear_attention_partials reports."""
+    monkeypatch.setenv("FASTGEN_EMULATED_SMS", str(sms))
+    assert emulated_extension.linear_attention_partials(fake_tensor_arg(k)) == slots
+    q = (k[0], 5, k[2], k[3])
+    args = _entry_point_args(q=q, k=k, partials=(1, 1, slots + 1, k[3] * k[3] + k[3]))
+    with pytest.raises(ValueError, match=r"^partials\b"):
+        emulated_extension.linear_attention_forward(*args)
 
 
 def test_cuda_entry_point_needs_a_device(cuda_extension):

@@ -203,6 +203,17 @@ def _forward_args(x=(2, 8, 4, 4), weight=(1, 8, 1, 1), bias=(1, 8, 1, 1), y=(2, 
             None if bias is None else fake_tensor_arg(bias), fake_tensor_arg(y), eps, 0)
 
 
+@pytest.mark.parametrize("sms, x, blocks", [
+    (2, (2, 8, 4, 4), 2),  # a tile per image
+    (2, (2, 8, 64, 64), 4),  # 64 tiles: two blocks per SM
+    (132, (2, 8, 64, 64), 64),  # fewer tiles than 2 * 132 blocks
+    (2, (0, 8, 4, 4), 1),  # the one row of partial sums an empty batch still writes
+])
+def test_cuda_backward_blocks_follow_the_launch_plan(emulated_extension, monkeypatch, sms, x, blocks):
+    monkeypatch.setenv("FASTGEN_EMULATED_SMS", str(sms))
+    assert emulated_extension.trms2d_backward_blocks(fake_tensor_arg(x)) == blocks
+
+
 def _backward_args(grad=(2, 8, 4, 4), x=(2, 8, 4, 4), dx=(2, 8, 4, 4), partial=(3, 2, 8, 1), eps=1e-5,
                    partial_strides=None):
     return (fake_tensor_arg(grad), fake_tensor_arg(x), fake_tensor_arg((1, 8, 1, 1)), fake_tensor_arg(dx),

@@ -290,28 +290,8 @@ ADA_LAYER_NORM.implement_at("triton", "fastgen.kernels.ada_norm:ada_layer_norm_f
 ADA_LAYER_NORM_BACKWARD.implement_at("triton", "fastgen.kernels.ada_norm:ada_layer_norm_backward")
 
 
-# The CUDA kernels (csrc/ada_norm.cu) take x as (B, C, S) like the Triton ones. A group is
-# split over several blocks when one block would walk more than _CUDA_MAX_FUSED_ELEMENTS values
-# alone, or when there are fewer groups than SMs to fill, in chunks of at least
-# _CUDA_MIN_CHUNK_ELEMENTS values (a split reads x twice).
-_CUDA_MAX_FUSED_ELEMENTS = 1 << 16
-_CUDA_MIN_CHUNK_ELEMENTS = 1 << 13
-_CUDA_MAX_CHUNKS = 256
-# The backward's per-channel sums over positions (tokens for adaLN) are split into ranges of
-# about this many positions, so that one sample's few channels still make many blocks.
-_CUDA_SPLIT_POSITIONS = 2048
-
-
-def cuda_group_chunks(batch: int, group_elements: int, num_groups: int, sms: int) -> int:
-    """How many blocks the CUDA kernels spread each group's reduction over (1: the fused path)."""
-    blocks = batch * num_groups
-    wanted = max(-(-sms // blocks), -(-group_elements // _CUDA_MAX_FUSED_ELEMENTS))
-    return max(1, min(wanted, _CUDA_MAX_CHUNKS, group_elements // _CUDA_MIN_CHUNK_ELEMENTS))
-
-
-def cuda_position_splits(positions: int) -> int:
-    """How many ranges the CUDA backward splits each channel's positions (or tokens) into."""
-    return max(1, min(-(-positions // _CUDA_SPLIT_POSITIONS), _CUDA_MAX_CHUNKS))
+# The CUDA kernels (csrc/ada_norm.cu) take x as (B, C, S) like the Triton ones, and plan their
+# own launches: the extension says how large a float32 workspace that plan needs.
 
 
 def _flat(t: torch.Tensor, output: bool = False) -> torch.Tensor:
@@ -320,50 +300,40 @@ def _flat(t: torch.Tensor, output: bool = False) -> torch.Tensor:
     return t.view(t.shape[0], t.shape[1], -1) if output else t.reshape(t.shape[0], t.shape[1], -1)
 
 
-def _workspace(floats: int, device) -> torch.Tensor:
-    return torch.empty(1, 1, 1, floats, device=device, dtype=torch.float32)
+def _workspace(query: str, **args) -> Optional[torch.Tensor]:
+    floats = _cuda.query(query, **args)
+    device = args["x"].device
+    return torch.empty(1, 1, 1, floats, device=device, dtype=torch.float32) if floats else None
 
 
-def _group_chunks(x, num_groups, num_chunks) -> int:
-    if num_chunks is not None:
-        return num_chunks
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return cuda_group_chunks(x.shape[0], x.numel() // (x.shape[0] * num_groups), num_groups, sms)
-
-
-def ada_group_norm_cuda(x, scale, shift, num_groups, weight, bias, eps, act, out, num_chunks=None) -> None:
-    """out = ada_group_norm(x, ...) by the CUDA kernels. num_chunks (tests force the split path
-    with it) defaults to cuda_group_chunks."""
+def ada_group_norm_cuda(x, scale, shift, num_groups, weight, bias, eps, act, out, num_chunks=0) -> None:
+    """out = ada_group_norm(x, ...) by the CUDA kernels, each group's reduction split over
+    num_chunks blocks (0: as the extension plans; tests force the split path with it)."""
     if out.numel() == 0:
         return
-    num_chunks = _group_chunks(x, num_groups, num_chunks)
-    # (count, mean, M2) of every chunk of every group.
-    workspace = _workspace(3 * x.shape[0] * num_groups * num_chunks, x.device) if num_chunks > 1 else None
-    _cuda.launch("ada_group_norm", x=_flat(x), y=_flat(out, output=True), scale=scale, shift=shift,
+    x_flat = _flat(x)
+    workspace = _workspace("ada_group_norm_workspace", x=x_flat, num_groups=num_groups, num_chunks=num_chunks,
+                           backward=False)
+    _cuda.launch("ada_group_norm", x=x_flat, y=_flat(out, output=True), scale=scale, shift=shift,
                  weight=_cuda.per_channel(weight), bias=_cuda.per_channel(bias), workspace=workspace,
                  num_groups=num_groups, num_chunks=num_chunks, eps=eps, silu=act == "silu")
 
 
 def ada_group_norm_backward_cuda(grad, x, scale, shift, num_groups, weight, bias, eps, act,
-                                 dx, dscale, dshift, dweight, dbias, num_chunks=None) -> None:
+                                 dx, dscale, dshift, dweight, dbias, num_chunks=0) -> None:
     """The gradients of ada_group_norm by the CUDA kernels, written in place (dweight and dbias
     as the Triton backward: what weight 1 and bias 0 would get when absent)."""
     if x.numel() == 0:
         for t in (dx, dscale, dshift, dweight, dbias):
             t.zero_()
         return
-    batch, channels = x.shape[:2]
-    num_chunks = _group_chunks(x, num_groups, num_chunks)
-    position_splits = cuda_position_splits(x.numel() // (batch * channels))
-    groups = batch * num_groups
-    # Group statistics, per-(range, b, c) gradient sums, and the split path's chunk records.
-    workspace = _workspace(3 * groups + 2 * position_splits * batch * channels
-                           + (5 * groups * num_chunks if num_chunks > 1 else 0), x.device)
-    _cuda.launch("ada_group_norm_backward", dy=_flat(grad), x=_flat(x), scale=scale, shift=shift,
+    x_flat = _flat(x)
+    workspace = _workspace("ada_group_norm_workspace", x=x_flat, num_groups=num_groups, num_chunks=num_chunks,
+                           backward=True)
+    _cuda.launch("ada_group_norm_backward", dy=_flat(grad), x=x_flat, scale=scale, shift=shift,
                  weight=_cuda.per_channel(weight), bias=_cuda.per_channel(bias), dx=_flat(dx, output=True),
                  dscale=dscale, dshift=dshift, dweight=_cuda.per_channel(dweight), dbias=_cuda.per_channel(dbias),
-                 workspace=workspace, num_groups=num_groups, num_chunks=num_chunks,
-                 position_splits=position_splits, eps=eps, silu=act == "silu")
+                 workspace=workspace, num_groups=num_groups, num_chunks=num_chunks, eps=eps, silu=act == "silu")
 
 
 @ADA_GROUP_NORM.implement("cuda")
@@ -388,12 +358,9 @@ def _layer_norm_backward_cuda(grad, x, scale, shift, eps, *, out):
         for t in out:
             t.zero_()
         return
-    batch, tokens, channels = x.shape
-    position_splits = cuda_position_splits(tokens)
-    # (pivot, mean, rstd) per token, per-(range, b, c) gradient sums.
-    workspace = _workspace(3 * batch * tokens + 2 * position_splits * batch * channels, x.device)
+    workspace = _workspace("ada_layer_norm_backward_workspace", x=x)
     _cuda.launch("ada_layer_norm_backward", dy=grad, x=x, scale=scale, shift=shift, dx=dx, dscale=dscale,
-                 dshift=dshift, workspace=workspace, position_splits=position_splits, eps=eps)
+                 dshift=dshift, workspace=workspace, eps=eps)
 
 
 @define_custom_op(ADA_GROUP_NORM)

@@ -49,14 +49,6 @@ from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_
 MAX_HEAD_DIM = 128
 
 
-def rows_per_chunk(tokens: int, block_rows: int, batch_heads: int, target_blocks: int) -> int:
-    """Rows per chunk of a sequence (a multiple of block_rows) for the kernels that split each
-    head's rows into chunks: enough chunks that batch_heads * chunks reaches target_blocks."""
-    tiles = -(-max(tokens, 1) // block_rows)
-    chunks = min(tiles, max(1, -(-target_blocks // max(batch_heads, 1))))  # B*H = 0: an empty batch
-    return block_rows * -(-tiles // chunks)
-
-
 def _check_tensor(op_name: str, name: str, tensor) -> None:
     check_float_tensor(op_name, name, tensor)
     if tensor.dim() != 4:
@@ -185,20 +177,12 @@ LINEAR_ATTENTION.implement_at("triton", "fastgen.kernels.linear_attention:linear
 LINEAR_ATTENTION_BACKWARD.implement_at("triton", "fastgen.kernels.linear_attention:linear_attention_backward")
 
 
-# csrc/linear_attention.cu walks rows in tiles of this many.
-_CUDA_TILE_ROWS = 32
-
-
 @LINEAR_ATTENTION.implement("cuda")
 def _forward_cuda(q, k, v, eps, *, out):
-    batch, kv_tokens, heads, head_dim = k.shape
-    target = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
-    kv_rows = rows_per_chunk(kv_tokens, _CUDA_TILE_ROWS, batch * heads, target)
-    q_rows = rows_per_chunk(q.shape[1], _CUDA_TILE_ROWS, batch * heads, target)
-    slots = batch * heads * -(-kv_tokens // kv_rows)
+    head_dim = k.shape[-1]
+    slots = _cuda.query("linear_attention_partials", k=k)
     partials = torch.empty(1, 1, slots, head_dim * head_dim + head_dim, dtype=torch.float32, device=q.device)
-    _cuda.launch("linear_attention_forward", q=q, k=k, v=v, out=out, partials=partials, kv_rows_per_chunk=kv_rows,
-                 q_rows_per_chunk=q_rows, eps=eps)
+    _cuda.launch("linear_attention_forward", q=q, k=k, v=v, out=out, partials=partials, eps=eps)
 
 
 @define_custom_op(LINEAR_ATTENTION)

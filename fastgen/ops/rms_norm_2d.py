@@ -142,19 +142,11 @@ def _trms2d_cuda(x, weight, bias, eps, *, out):
     _cuda.launch("trms2d_forward", x=x, weight=_cuda.per_channel(weight), bias=_cuda.per_channel(bias), y=out, eps=eps)
 
 
-# The CUDA backward's tiles hold this many pixels (kTilePixels in csrc/rms_norm_2d.cu).
-_CUDA_TILE_PIXELS = 128
-
-
 @TRMS2D_BACKWARD.implement("cuda")
 def _trms2d_backward_cuda(grad, x, weight, bias, eps, *, out):
     dx, dweight, dbias = out
-    batch, channels, height, width = x.shape
-    tiles = batch * -(-height * width // _CUDA_TILE_PIXELS)
-    # One row of partial sums per block: two blocks per SM fill its registers (the kernel
-    # needs ~127 per thread) while the rows torch sums afterwards stay few.
-    blocks = max(1, min(tiles, 2 * torch.cuda.get_device_properties(x.device).multi_processor_count))
-    partial = torch.empty(blocks, 2, channels, 1, dtype=torch.float32, device=x.device)
+    blocks = _cuda.query("trms2d_backward_blocks", x=x)
+    partial = torch.empty(blocks, 2, x.shape[1], 1, dtype=torch.float32, device=x.device)
     _cuda.launch("trms2d_backward", grad=grad, x=x, weight=_cuda.per_channel(weight), dx=dx, partial=partial, eps=eps)
     sums = partial.sum(0)
     dweight.copy_(sums[0, :, 0])

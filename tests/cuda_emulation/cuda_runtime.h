@@ -59,11 +59,17 @@ inline cudaError_t cudaGetDevice(int* device) {
 }
 
 // A small device: two SMs make grid-stride loops and split reductions take several turns.
+// FASTGEN_EMULATED_SMS sets another count, for tests of the launch plans at a GPU's size.
+inline int emulated_sms() {
+  const char* sms = std::getenv("FASTGEN_EMULATED_SMS");
+  return sms != nullptr && std::atoi(sms) > 0 ? std::atoi(sms) : 2;
+}
+
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; break;
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; break;
-    case cudaDevAttrMultiProcessorCount: *value = 2; break;
+    case cudaDevAttrMultiProcessorCount: *value = emulated_sms(); break;
     case cudaDevAttrMaxThreadsPerMultiProcessor: *value = 2048; break;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = 228 * 1024; break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; break;
