@@ -1,5 +1,6 @@
-"""What every reference model module shares: resolving a config by name, loading a checkpoint
-file without allocating the weights twice, and the sinusoidal timestep embedding."""
+"""What the reference model modules share: resolving a config by name, loading a checkpoint
+file without allocating the weights twice, the sinusoidal timestep embedding, and a plain
+GroupNorm (with its activation) run as one fused `ada_group_norm` pass."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,8 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
+
+from fastgen.ops.ada_norm import ada_group_norm
 
 
 def resolve_config(name_or_config, configs: dict, config_type: type, family: str):
@@ -63,3 +66,9 @@ def sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: floa
     )
     angles = timestep.float()[:, None] * frequencies[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def fused_group_norm(norm: nn.GroupNorm, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
+    """act(norm(x)) in one fused pass: ada_group_norm with zero scale and shift is a GroupNorm."""
+    no_modulation = x.new_zeros(x.shape[:2])
+    return ada_group_norm(x, no_modulation, no_modulation, norm.num_groups, norm.weight, norm.bias, norm.eps, act)

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.common import example_resolution_multiple_of, load_safetensors, resolve_config, sinusoidal_embedding
-from fastgen.ops.ada_norm import ada_group_norm
+from fastgen.models.common import (example_resolution_multiple_of, fused_group_norm, load_safetensors, resolve_config,
+                                   sinusoidal_embedding)
 from fastgen.ops.cross_attention import cross_attention
 
 
@@ -159,12 +159,6 @@ DEFAULT_NUM_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 7.5
 
 
-def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
-    """act(norm(x)) in one fused pass: ada_group_norm with zero scale and shift is a GroupNorm."""
-    no_modulation = x.new_zeros(x.shape[:2])
-    return ada_group_norm(x, no_modulation, no_modulation, norm.num_groups, norm.weight, norm.bias, norm.eps, act)
-
-
 class TimestepEmbedding(nn.Module):
     def __init__(self, channels: int, embedding_channels: int):
         super().__init__()
@@ -188,9 +182,9 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, activated_embedding: torch.Tensor) -> torch.Tensor:
         """activated_embedding: SiLU of the timestep embedding, computed once for all blocks."""
-        h = self.conv1(_group_norm(self.norm1, x, "silu"))
+        h = self.conv1(fused_group_norm(self.norm1, x, "silu"))
         h = h + self.time_emb_proj(activated_embedding)[:, :, None, None]
-        h = self.conv2(_group_norm(self.norm2, h, "silu"))
+        h = self.conv2(fused_group_norm(self.norm2, h, "silu"))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -262,7 +256,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        tokens = self.proj_in(_group_norm(self.norm, x)).flatten(2).transpose(1, 2)
+        tokens = self.proj_in(fused_group_norm(self.norm, x)).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         return x + self.proj_out(tokens.transpose(1, 2).reshape(batch, channels, height, width))
@@ -416,7 +410,7 @@ class LDMUNet(nn.Module):
         h = self.mid_block(h, embedding, context)
         for block in self.up_blocks:
             h = block(h, embedding, context, skips)
-        return self.conv_out(_group_norm(self.conv_norm_out, h, "silu"))
+        return self.conv_out(fused_group_norm(self.conv_norm_out, h, "silu"))
 
 
 def build(name_or_config: Union[str, LDMUNetConfig]) -> LDMUNet:
