@@ -7,6 +7,8 @@ serve, each built from named configs with random weights (`build`) or from a loc
 - `ldm_unet`: the LDM / Stable Diffusion 1.5 UNet (diffusers layout), DDIM with guidance
 - `adm_unet`: the ADM UNet of guided diffusion, DDPM (learned variance) and DDIM
 - `dcae`: the DC-AE deep-compression autoencoder (diffusers layout)
+- `autoencoder_kl`: the KL autoencoder (VAE) of SD, SDXL and FLUX.1 (diffusers layout), tiled
+  encode and decode
 - `stylegan`: the StyleGAN (v1) generator
 - `stylegan2`: the StyleGAN2 generator and discriminator, the R1-regularised training step
 - `stylegan3`: the StyleGAN3 alias-free generator, T and R
@@ -14,6 +16,8 @@ serve, each built from named configs with random weights (`build`) or from a loc
 - `vqgan`: the VQGAN / l2-normalised single-scale quantizer
 
 `fastgen.models.common` holds what they share."""
-from fastgen.models import adm_unet, dcae, ldm_unet, sana, stylegan, stylegan2, stylegan3, var_vqvae, vqgan
+from fastgen.models import (adm_unet, autoencoder_kl, dcae, ldm_unet, sana, stylegan, stylegan2, stylegan3, var_vqvae,
+                            vqgan)
 
-__all__ = ["adm_unet", "dcae", "ldm_unet", "sana", "stylegan", "stylegan2", "stylegan3", "var_vqvae", "vqgan"]
+__all__ = ["adm_unet", "autoencoder_kl", "dcae", "ldm_unet", "sana", "stylegan", "stylegan2", "stylegan3", "var_vqvae",
+           "vqgan"]
