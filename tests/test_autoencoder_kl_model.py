@@ -1,7 +1,7 @@
 """The AutoencoderKL reference model (fastgen.models.autoencoder_kl): equality with diffusers'
 AutoencoderKL (encode, decode, sampling, tiled encode and decode), the published configs, the
-fused GroupNorms, backends, checkpoint loading, the scaled latents, the example step and
-input errors."""
+fused GroupNorms, backends, checkpoint loading, the scaled latents, the example step, the decode
+benchmark and input errors."""
 import dataclasses
 
 import pytest
@@ -362,3 +362,36 @@ def test_example_step_default_is_the_decode_at_the_training_size(name, side):
         model = autoencoder_kl.build(name)
         out = autoencoder_kl.example_step(model, batch=2)()
     assert out.shape == (2, 3, side, side)
+
+
+def test_decode_benchmark_flops():
+    """SD's VAE decoder costs about 1.25 T multiply-adds at 512 px (2.5 TFLOP). Everything but
+    the attention grows with the pixels (16x from 512 to 2048 px); the attention's Q K^T and
+    P V products, 4 N^2 C FLOPs over N = 64^2 pixels of C = 512 channels at 512 px, grow with
+    their square (256x), so the counts differ from a 16x growth by 240 of those terms exactly
+    when the attention is counted. Quick mode keeps the 1024 px case."""
+    from fastgen.bench import models_autoencoder_kl
+
+    work = {b.name: b.cases[0].work for b in models_autoencoder_kl.benchmarks()}
+    assert list(work) == ["model.sd15-vae.decode512", "model.sd15-vae.decode1024", "model.sd15-vae.decode2048"]
+    assert 2.4e12 < work["model.sd15-vae.decode512"] < 2.6e12
+    attention = 4 * 4096**2 * 512
+    assert work["model.sd15-vae.decode2048"] - 16 * work["model.sd15-vae.decode512"] == 240 * attention
+    assert [b.name for b in models_autoencoder_kl.benchmarks(quick=True)] == ["model.sd15-vae.decode1024"]
+
+
+def test_tiny_benchmark_diffusers_peer_agrees_on_cpu(tmp_path):
+    """The benchmark's diffusers peer runs the same weights as fastgen's model (the Triton rows
+    are left out here: the interpreter makes them slow)."""
+    pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
+    from fastgen.bench import harness, models_autoencoder_kl
+
+    def one_call(prepare, reps, warmup):  # timings mean nothing on CPU: one call, a nominal 1 ms
+        prepare()()
+        return [1.0]
+
+    benches = models_autoencoder_kl.benchmarks(config_name="tiny", resolutions=(16, 32))
+    rows, _, _ = harness.run(benches, quick=True, out_dir=tmp_path, device="cpu", impls=["diffusers"],
+                             timer=one_call)
+    assert {(row["name"], row["impl"]): row["status"] for row in rows} == {
+        (f"model.tiny.decode{side}", impl): "ok" for side in (16, 32) for impl in ("eager", "diffusers")}
