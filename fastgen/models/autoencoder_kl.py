@@ -132,14 +132,15 @@ class AutoencoderKLConfig:
 
 
 CONFIGS = {
-    # stable-diffusion-v1-5's vae (SD 2.x's has the same configuration).
+    # stable-diffusion-v1-5's vae.
     "sd15-vae": AutoencoderKLConfig(),
     # SDXL's vae: the SD architecture, retrained, with its own latent scale.
     "sdxl-vae": AutoencoderKLConfig(sample_size=1024, scaling_factor=0.13025),
     # FLUX.1's autoencoder: 16 latent channels, no 1x1 quant convolutions, shifted latents.
     "flux-vae": AutoencoderKLConfig(latent_channels=16, sample_size=1024, scaling_factor=0.3611,
                                     shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
-    # f4: a shortcut convolution on each level change in both halves; tiles of 8 latents.
+    # f4 over three levels, one channel change (a shortcut convolution) in each half; default
+    # tiles of 8 latents.
     "tiny": AutoencoderKLConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
                                 sample_size=32),
 }

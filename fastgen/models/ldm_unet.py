@@ -443,7 +443,8 @@ def sample(
     timesteps spaced evenly and shifted by 1 (diffusers' steps_offset), the last step landing on
     abar_0 (set_alpha_to_one=False), and classifier-free guidance against `null_context` (the
     encoded empty prompt) when one is given. eta > 0 adds DDIM's stochastic term, drawn from
-    `generator`. Returns the latent (decode it with SD's VAE after dividing by 0.18215)."""
+    `generator`. Returns the latent; SD's VAE (`autoencoder_kl`, config "sd15-vae") decodes it
+    after `from_scaled_latents`, a division by 0.18215."""
     abar = samplers.alphas_cumprod(samplers.beta_schedule("scaled_linear", NUM_TRAIN_TIMESTEPS))
     return samplers.ddim(
         lambda x, t, cond: model(x, t, cond),
