@@ -9,7 +9,7 @@ memory limit enforced). Only compilation is checked here; values are checked und
 interpreter and on a GPU.
 
 Run as a script (the test does, in subprocesses: triton.jit must see TRITON_INTERPRET unset);
---help lists the options (--shard, --op, --arch, --shared-memory, and --ptxas-report: every
+--help lists the options (--shard, --op, --dtype, --arch, --shared-memory, and --ptxas-report: every
 compiled variant's registers and spill bytes per thread from ptxas -v and its shared memory,
 most spilled first). Exit 0 when everything compiled, 1 when a kernel failed to compile or
 would not launch for lack of shared memory, 2 for bad arguments (an unknown op), 3 when this
@@ -54,14 +54,16 @@ def ptxas_report(arch: int, variants: dict) -> str:
                                          for spilled, registers, shared, name, options in rows])
 
 
-def main(session: "precompile.CompileSession", shard: int, shards: int, op_names) -> int:
+def main(session: "precompile.CompileSession", shard: int, shards: int, op_names, dtypes) -> int:
     """Compiles the (op, check case, dtype) items numbered shard, shard + shards, ... (of the
-    ops named, or all)."""
+    ops and dtypes named, or all)."""
     try:
         items = list(precompile.check_items(op_names))
     except ValueError as error:  # an unknown op
         print(error)
         return 2
+    if dtypes:
+        items = [(label, launch) for label, launch in items if label.endswith(tuple(f", {d}]" for d in dtypes))]
     try:
         with session:
             failures = precompile.compile_items(items, shard, shards)
@@ -80,6 +82,8 @@ if __name__ == "__main__":
                         help="take every N-th (op, case, dtype) item from the I-th (a test runs N of these "
                              "processes side by side: compiling is CPU-bound and the items are independent)")
     parser.add_argument("--op", action="append", help="only this op (repeatable)")
+    parser.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
+                        help="only the check cases in this dtype (repeatable)")
     parser.add_argument("--arch", type=int, default=90, choices=sorted(precompile.SHARED_MEMORY_BY_ARCH),
                         help="compute capability to compile for (default 90, the H100's; 80 is the A100's)")
     parser.add_argument("--shared-memory", type=int, metavar="KIB",
@@ -95,7 +99,7 @@ if __name__ == "__main__":
     # again, and its PTX (for the report) is not kept there.
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        status = main(compile_session, index, count, options.op)
+        status = main(compile_session, index, count, options.op, options.dtype)
     if options.ptxas_report and status != 3:
         print(ptxas_report(compile_session.arch, compile_session.variants))
     sys.exit(status)
