@@ -7,6 +7,12 @@
 - AdaIN, StyleGAN (v1) ffhq-1024 generator: instance norm (G = C, no affine, eps 1e-8) then
   the style's (1 + y_s), y_b after every convolution, from 4 to 1024 px with the official
   channel counts min(512, 8192 / side): 512 up to 32 px, halving per octave to 16 at 1024 px.
+- GroupNorm + SiLU, the AutoencoderKL decoder of SD 1.5 / SDXL / FLUX.1 (every ResnetBlock2D's
+  norm1 and norm2 and the output norm: 32 groups, affine, eps 1e-6, no modulation): at a P px
+  output its levels hold 512 channels at P/8 and P/4, 256 at P/2 and 128 at P; batch 1 at 512,
+  1024 and 2048 px, NCHW and channels_last, bfloat16 and float16, forward (decoding). The
+  fastgen call is what `accelerate` and the model run, ada_group_norm with zero scale and shift;
+  the eager baseline is GroupNorm then SiLU, two kernels.
 - adaLN: DiT-XL/2 (C 1152; N 256 tokens at 256 px, 1024 at 512 px) and SANA 0.6B / 1.6B
   (C 1152 / 2240; N 1024 at 1024 px, 4096 at 2048 px).
 
@@ -38,7 +44,7 @@ def _modulation_bytes(batch: int, channels: int, affine: bool, dtype: torch.dtyp
 
 
 def _group_norm_case(label: str, batch: int, channels: int, side: int, groups: int, affine: bool, act,
-                     eps: float, layout: str, dtype: torch.dtype, direction: str) -> Case:
+                     eps: float, layout: str, dtype: torch.dtype, direction: str, modulated: bool = True) -> Case:
     shape = (batch, channels, side, side)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
@@ -48,9 +54,13 @@ def _group_norm_case(label: str, batch: int, channels: int, side: int, groups: i
         def randn(*size):
             return torch.randn(size, generator=generator, device=device, dtype=dtype)
 
+        def zeros(*size):
+            return torch.zeros(size, device=device, dtype=dtype)
+
         return {
             "x": randn(*shape).contiguous(memory_format=memory_format),
-            "scale": randn(batch, channels), "shift": randn(batch, channels),
+            "scale": randn(batch, channels) if modulated else zeros(batch, channels),
+            "shift": randn(batch, channels) if modulated else zeros(batch, channels),
             "num_groups": groups,
             "weight": randn(channels) if affine else None, "bias": randn(channels) if affine else None,
             "eps": eps, "act": act,
@@ -70,6 +80,26 @@ def _stylegan_case(batch, side, dtype, direction):
     channels = _stylegan_channels(side)
     return _group_norm_case("StyleGAN", batch, channels, side, channels, False, None, 1e-8, "contiguous", dtype,
                             direction)
+
+
+def _group_norm_silu(x, scale, shift, num_groups, weight, bias, eps, act):
+    """The eager VAE sequence the fused call replaces (scale and shift are zero: unused)."""
+    return torch.nn.functional.silu(torch.nn.functional.group_norm(x, num_groups, weight, bias, eps))
+
+
+_VAE_LEVELS = ((512, 8), (512, 4), (256, 2), (128, 1))  # (channels, P / side) of the decoder's norms
+
+
+def _vae_cases(quick: bool) -> list:
+    cases = []
+    for (layout, dtype), size, (channels, divisor) in itertools.product(
+            itertools.product(("contiguous", "channels_last"), (torch.bfloat16, torch.float16)), (512, 1024, 2048),
+            _VAE_LEVELS):
+        if quick and (size != 1024 or dtype != torch.bfloat16 or divisor not in (8, 1)):
+            continue
+        cases.append(_group_norm_case(f"VAE decoder {size}px", 1, channels, size // divisor, 32, True, "silu", 1e-6,
+                                      layout, dtype, "fwd", modulated=False))
+    return cases
 
 
 def _layer_norm_case(label: str, batch: int, tokens: int, channels: int, dtype: torch.dtype, direction: str) -> Case:
@@ -117,6 +147,7 @@ def benchmarks(quick: bool = False) -> list:
     return [
         op_benchmark("ada_group_norm", _group_norm_cases(quick), ada_norm.ada_group_norm,
                      ada_norm.ada_group_norm_reference),
+        op_benchmark("ada_group_norm", _vae_cases(quick), ada_norm.ada_group_norm, _group_norm_silu),
         op_benchmark("ada_layer_norm", _layer_norm_cases(quick), ada_norm.ada_layer_norm,
                      ada_norm.ada_layer_norm_reference),
     ]
