@@ -949,28 +949,15 @@ void require_grid(int64_t blocks, const std::string& what) {
           what + " = " + str(blocks) + " blocks exceed the grid's 2^31 - 1");
 }
 
-void check_sizes(const TensorView4d& t, const char* name) {
-  for (int d = 0; d < 4; ++d)
-    require(t.size[d] >= 0, std::string(name) + ": negative size in shape " + shape_str(t.size));
-  require(t.data != nullptr || t.numel() == 0, std::string(name) + ": null data pointer");
-}
-
-// An input like x: its dtype and shape.
-void check_like_x(const TensorView4d& t, const char* name, const TensorView4d& x) {
-  check_sizes(t, name);
-  require_same_dtype(t, name, x, "x");
-  require_shape(t, name, x.size, "x's shape");
-}
-
 void check_output_like_x(const TensorView4d& t, const char* name, const TensorView4d& x) {
-  check_like_x(t, name, x);
+  require_like(t, name, x, "x");
   require_no_broadcast(t, name);
 }
 
 // A (B, C) tensor as a (B, C, 1, 1) view, or a (C,) one as (1, C, 1, 1).
 void check_per_channel(const TensorView4d& t, const char* name, const TensorView4d& x,
                        int64_t batch, int64_t channels, bool output) {
-  check_sizes(t, name);
+  require_valid_view(t, name);
   require_same_dtype(t, name, x, "x");
   const int64_t shape[4] = {batch, channels, 1, 1};
   require_shape(t, name, shape, batch == 1 ? "(1, C, 1, 1)" : "(B, C, 1, 1)");
@@ -980,7 +967,7 @@ void check_per_channel(const TensorView4d& t, const char* name, const TensorView
 // Checks shared by every entry point: x (B, ?, ?, 1), scale and shift (B, C, 1, 1), eps.
 void check_common(const TensorView4d& x, const TensorView4d& scale, const TensorView4d& shift,
                   int64_t channels, float eps) {
-  check_sizes(x, "x");
+  require_valid_view(x, "x");
   require(x.size[3] == 1, "x: expected a trailing dimension of size 1 (a 3-D tensor as a 4-D "
                           "view), got shape " + shape_str(x.size));
   check_per_channel(scale, "scale", x, x.size[0], channels, false);
@@ -1015,7 +1002,7 @@ void check_group_norm(const TensorView4d& x, const TensorView4d& scale,
 float* checked_workspace(const TensorView4d* workspace, int64_t needed, const std::string& why) {
   if (needed == 0 && workspace == nullptr) return nullptr;
   require(workspace != nullptr, "workspace: required (" + why + " = " + str(needed) + " floats)");
-  check_sizes(*workspace, "workspace");
+  require_valid_view(*workspace, "workspace");
   require(workspace->dtype == DType::Float32 && workspace->size[0] == 1 &&
               workspace->size[1] == 1 && workspace->size[2] == 1 &&
               workspace->stride[3] == 1 && workspace->size[3] >= needed,
@@ -1151,7 +1138,7 @@ void ada_group_norm_backward(const TensorView4d& dy, const TensorView4d& x,
                              cudaStream_t stream) {
   check_group_norm(x, scale, shift, weight, bias, num_groups, num_chunks, eps);
   const int64_t B = x.size[0], C = x.size[1], groups = B * num_groups;
-  check_like_x(dy, "dy", x);
+  require_like(dy, "dy", x, "x");
   check_output_like_x(dx, "dx", x);
   check_per_channel(dscale, "dscale", x, B, C, true);
   check_per_channel(dshift, "dshift", x, B, C, true);
@@ -1175,13 +1162,13 @@ void ada_group_norm_backward(const TensorView4d& dy, const TensorView4d& x,
 
 int64_t ada_group_norm_workspace(const TensorView4d& x, int64_t num_groups, int64_t num_chunks,
                                  bool backward) {
-  check_sizes(x, "x");
+  require_valid_view(x, "x");
   check_groups_and_chunks(x, num_groups, num_chunks);
   return group_norm_workspace(x, num_groups, group_chunks(x, num_groups, num_chunks), backward);
 }
 
 int64_t ada_layer_norm_backward_workspace(const TensorView4d& x) {
-  check_sizes(x, "x");
+  require_valid_view(x, "x");
   return layer_norm_backward_workspace(x);
 }
 
@@ -1204,7 +1191,7 @@ void ada_layer_norm_backward(const TensorView4d& dy, const TensorView4d& x,
                              float eps, cudaStream_t stream) {
   const int64_t B = x.size[0], N = x.size[1], C = x.size[2];
   check_common(x, scale, shift, C, eps);
-  check_like_x(dy, "dy", x);
+  require_like(dy, "dy", x, "x");
   check_output_like_x(dx, "dx", x);
   check_per_channel(dscale, "dscale", x, B, C, true);
   check_per_channel(dshift, "dshift", x, B, C, true);

@@ -242,14 +242,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // ---------------------------------------------------------------------------------------
 // Host side: validation and the traversal.
 
-// An operand with x's shape and dtype (x itself, y, dy, dx).
-void check_like(const TensorView4d& t, const char* name, const TensorView4d& x,
-                const char* x_name) {
-  require_valid_view(t, name);
-  require_same_dtype(t, name, x, x_name);
-  require_shape(t, name, x.size, std::string(x_name) + "'s shape");
-}
-
 void check_dim(int64_t dim) {
   require(dim >= 0 && dim < 4, "dim: must be in [0, 4) for the 4-D views, got " + str(dim));
 }
@@ -376,7 +368,7 @@ void bias_act_forward(const TensorView4d& x, const TensorView4d* b, const Tensor
                       int64_t dim, const std::string& act, float alpha, float gain,
                       const float* clamp, cudaStream_t stream) {
   require_valid_view(x, "x");
-  check_like(y, "y", x, "x");
+  require_like(y, "y", x, "x");
   require_no_broadcast(y, "y");
   check_dim(dim);
   if (b != nullptr) check_channel_vector(*b, "b", x, dim);
@@ -409,13 +401,13 @@ void bias_act_backward(const TensorView4d& dy, const TensorView4d* x, const Tens
                        const TensorView4d* partial, int64_t dim, const std::string& act,
                        float alpha, float gain, const float* clamp, cudaStream_t stream) {
   require_valid_view(dy, "dy");
-  check_like(dx, "dx", dy, "dy");
+  require_like(dx, "dx", dy, "dy");
   require_no_broadcast(dx, "dx");
   check_dim(dim);
   require(x == nullptr || y == nullptr,
           "x: pass x or y (whichever the activation's derivative reads), not both");
-  if (x != nullptr) check_like(*x, "x", dy, "dy");
-  if (y != nullptr) check_like(*y, "y", dy, "dy");
+  if (x != nullptr) require_like(*x, "x", dy, "dy");
+  if (y != nullptr) require_like(*y, "y", dy, "dy");
   if (b != nullptr) check_channel_vector(*b, "b", dy, dim);
   require((db != nullptr) == (b != nullptr), "db: must be given exactly when b is");
   const ActParams params = make_params(act, alpha, gain, clamp);

@@ -131,6 +131,14 @@ inline void require_shape(const TensorView4d& t, const char* name, const int64_t
                     ", got " + shape_str(t.size));
 }
 
+// An operand with ref's shape and dtype (y, dy or dx beside x).
+inline void require_like(const TensorView4d& t, const char* name, const TensorView4d& ref,
+                         const char* ref_name) {
+  require_valid_view(t, name);
+  require_same_dtype(t, name, ref, ref_name);
+  require_shape(t, name, ref.size, std::string(ref_name) + "'s shape");
+}
+
 // An output with a zero stride over a dimension of size > 1 would have several threads
 // writing one element.
 inline void require_no_broadcast(const TensorView4d& t, const char* name) {

@@ -463,17 +463,13 @@ TileChoice plan_pass(const FilteredLreluPass& a) {
           "mode: must be 0 (forward), 1 (forward with codes) or 2 (backward), got " +
               str(a.mode));
   const TensorView4d &src = *a.src, &dst = *a.dst;
-  for (int d = 0; d < 4; ++d) {
-    require(src.size[d] >= 0, "src: negative size in shape " + shape_str(src.size));
-    require(dst.size[d] >= 0, "dst: negative size in shape " + shape_str(dst.size));
-  }
+  require_valid_view(src, "src");
+  require_valid_view(dst, "dst");
   require_float_dtype(src, "src");
-  require(src.data != nullptr || src.numel() == 0, "src: null data pointer");
   require_same_dtype(dst, "dst", src, "src");
   require(dst.size[0] == src.size[0] && dst.size[1] == src.size[1],
           "dst: batch and channels must be src's " + shape_str(src.size) + ", got " +
               shape_str(dst.size));
-  require(dst.data != nullptr || dst.numel() == 0, "dst: null data pointer");
   require_no_broadcast(dst, "dst");
   require(up >= 1 && up <= 64, "up: must be in [1, 64], got " + str(up));
   require(down >= 1 && down <= 64, "down: must be in [1, 64], got " + str(down));

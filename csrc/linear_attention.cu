@@ -237,8 +237,7 @@ void linear_attention_forward(const TensorView4d& q, const TensorView4d& k, cons
 }
 
 int64_t linear_attention_partials(const TensorView4d& k) {
-  for (int d = 0; d < 4; ++d)
-    require(k.size[d] >= 0, "k: negative size in shape " + shape_str(k.size));
+  require_valid_view(k, "k");
   ensure_device();
   return state_slots(k);
 }

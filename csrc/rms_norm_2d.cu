@@ -207,10 +207,8 @@ void check_channel_vector(const TensorView4d* t, const char* name, const TensorV
 // Checks shared by forward and backward; returns the pixel geometry.
 PixelGeometry check_inputs(const TensorView4d& x, const TensorView4d* weight,
                            const TensorView4d* bias, float eps) {
-  for (int d = 0; d < 4; ++d)
-    require(x.size[d] >= 0, "x: negative size in shape " + shape_str(x.size));
+  require_valid_view(x, "x");
   require(x.size[1] >= 1, "x: must have at least one channel, got shape " + shape_str(x.size));
-  require(x.data != nullptr || x.numel() == 0, "x: null data pointer");
   require_float_dtype(x, "x");
   check_channel_vector(weight, "weight", x);
   check_channel_vector(bias, "bias", x);
@@ -218,12 +216,6 @@ PixelGeometry check_inputs(const TensorView4d& x, const TensorView4d* weight,
   const int64_t pixels = x.size[2] * x.size[3];
   return {x.size[1], pixels, std::max<int64_t>(x.size[3], 1),
           (pixels + kTilePixels - 1) / kTilePixels};
-}
-
-void check_like_x(const TensorView4d& t, const char* name, const TensorView4d& x) {
-  require_shape(t, name, x.size, "x's shape");
-  require_same_dtype(t, name, x, "x");
-  require(t.data != nullptr || t.numel() == 0, std::string(name) + ": null data pointer");
 }
 
 // Backward blocks, one row of partial sums each: two blocks per SM fill its registers (the
@@ -241,7 +233,7 @@ using namespace kernels::rms_norm_2d;
 void trms2d_forward(const TensorView4d& x, const TensorView4d* weight, const TensorView4d* bias,
                     const TensorView4d& y, float eps, cudaStream_t stream) {
   const PixelGeometry geo = check_inputs(x, weight, bias, eps);
-  check_like_x(y, "y", x);
+  require_like(y, "y", x, "x");
   require_no_broadcast(y, "y");
 
   ensure_device();
@@ -266,8 +258,8 @@ void trms2d_backward(const TensorView4d& grad, const TensorView4d& x, const Tens
                      const TensorView4d& dx, const TensorView4d& partial, float eps,
                      cudaStream_t stream) {
   const PixelGeometry geo = check_inputs(x, weight, nullptr, eps);
-  check_like_x(grad, "grad", x);
-  check_like_x(dx, "dx", x);
+  require_like(grad, "grad", x, "x");
+  require_like(dx, "dx", x, "x");
   require_no_broadcast(dx, "dx");
   const int64_t rows = partial.size[0];
   require(partial.dtype == DType::Float32,

@@ -137,13 +137,8 @@ void check_common(const TensorView4d& x, const TensorView4d& y, const TensorView
           "factor: must be in [1, " + str(kMaxFactor) + "], got " + str(factor));
   const std::pair<const TensorView4d*, const char*> tensors[] = {
       {&x, "x"}, {&y, "y"}, {residual, "residual"}};
-  for (const auto& [t, name] : tensors) {
-    if (t == nullptr) continue;
-    for (int d = 0; d < 4; ++d)
-      require(t->size[d] >= 0, std::string(name) + ": negative size in shape " +
-                                   shape_str(t->size));
-    require(t->data != nullptr || t->numel() == 0, std::string(name) + ": null data pointer");
-  }
+  for (const auto& [t, name] : tensors)
+    if (t != nullptr) require_valid_view(*t, name);
   require(x.size[1] >= 1 && x.size[1] <= kMaxChannels,
           "x: channels must be in [1, 2^31], got " + str(x.size[1]));
   require(y.size[1] >= 1 && y.size[1] <= kMaxChannels,

@@ -491,12 +491,10 @@ void check_int64_vector(const Int64Vector& v, const char* name, int64_t size,
 }
 
 void check_matrix(const TensorView4d& t, const char* name, const char* layout) {
-  for (int d = 0; d < 4; ++d)
-    require(t.size[d] >= 0, std::string(name) + ": negative size in shape " + shape_str(t.size));
+  require_valid_view(t, name);
   require(t.size[2] == 1 && t.size[3] == 1, std::string(name) + ": expected a " + layout +
                                                 " matrix as a (rows, D, 1, 1) view, got " +
                                                 shape_str(t.size));
-  require(t.data != nullptr || t.numel() == 0, std::string(name) + ": null data pointer");
 }
 
 // A float32 output or workspace of `size` elements as a (size, 1, 1, 1) view.

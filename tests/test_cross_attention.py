@@ -353,10 +353,10 @@ def test_reference_rejects_non_tensors():
 @pytest.mark.parametrize(
     "change, error, message",
     [
-        (dict(grad=torch.ones(1, 4, 2, 4)), ValueError, r"grad must have q's shape \(1, 4, 2, 8\), got \(1, 4, 2, 4\)"),
+        (dict(grad=torch.ones(1, 4, 2, 4)), ValueError, r"grad must have shape of q = \(1, 4, 2, 8\), got \(1, 4, 2, 4\)"),
         (dict(grad=torch.ones(1, 4, 2, 8, dtype=torch.float64)), TypeError,
          "grad dtype torch.float64 must be torch.float32"),
-        (dict(output=torch.ones(1, 3, 2, 8)), ValueError, r"output must have q's shape \(1, 4, 2, 8\), got \(1, 3, 2, 8\)"),
+        (dict(output=torch.ones(1, 3, 2, 8)), ValueError, r"output must have shape of q = \(1, 4, 2, 8\), got \(1, 3, 2, 8\)"),
         (dict(lse=torch.ones(1, 2, 4, dtype=torch.float16)), TypeError, "lse dtype torch.float16 must be torch.float32"),
         (dict(lse=torch.ones(1, 4, 2)), ValueError, r"lse must have shape \(B, H, Lq\) = \(1, 2, 4\), got \(1, 4, 2\)"),
     ],

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
+from fastgen.ops.registry import (CheckCase, Op, check_companion, check_float_tensor, check_number, define_custom_op,
                                   random_tensor, register, register_autograd)
 
 ACTIVATIONS = (None, "silu")
@@ -72,20 +72,6 @@ def _check_tensor(op_name: str, name: str, tensor, min_dim: int, layout: str) ->
         raise ValueError(f"{op_name}: {name} must be {layout}, got shape {tuple(tensor.shape)}")
 
 
-def _check_companion(op_name: str, name: str, tensor, x: torch.Tensor, shape: tuple, meaning: str) -> None:
-    """A tensor that travels with x: a tensor of x's dtype and device and the given shape."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{op_name}: {name} must have shape {meaning} = {shape}, got {tuple(tensor.shape)}")
-    check_same_dtype_and_device(op_name, name, tensor, x, "x")
-
-
-def _check_eps(op_name: str, eps) -> None:
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"{op_name}: eps must be a finite number > 0, got {eps!r}")
-
-
 def _check_group_norm_inputs(op_name, x, scale, shift, num_groups, weight, bias, eps, act) -> None:
     _check_tensor(op_name, "x", x, 2, "(B, C, *spatial)")
     batch, channels = x.shape[:2]
@@ -95,12 +81,12 @@ def _check_group_norm_inputs(op_name, x, scale, shift, num_groups, weight, bias,
         raise ValueError(f"{op_name}: channels C={channels} must be divisible by num_groups={num_groups}")
     if channels // num_groups * math.prod(x.shape[2:]) == 1:
         raise ValueError(f"{op_name}: each group must hold more than one value (its variance), got C/G * spatial = 1")
-    _check_companion(op_name, "scale", scale, x, (batch, channels), "(B, C)")
-    _check_companion(op_name, "shift", shift, x, (batch, channels), "(B, C)")
+    check_companion(op_name, "scale", scale, x, (batch, channels), "(B, C)")
+    check_companion(op_name, "shift", shift, x, (batch, channels), "(B, C)")
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None:
-            _check_companion(op_name, name, tensor, x, (channels,), "(C,)")
-    _check_eps(op_name, eps)
+            check_companion(op_name, name, tensor, x, (channels,), "(C,)")
+    check_number(op_name, "eps", eps, positive=True)
     if act not in ACTIVATIONS:
         raise ValueError(f"{op_name}: act must be None or 'silu', got {act!r}")
 
@@ -110,14 +96,14 @@ def _check_layer_norm_inputs(op_name, x, scale, shift, eps) -> None:
     if x.dim() != 3:
         raise ValueError(f"{op_name}: x must be 3-D (B, N, C), got shape {tuple(x.shape)}")
     batch, _, channels = x.shape
-    _check_companion(op_name, "scale", scale, x, (batch, channels), "(B, C)")
-    _check_companion(op_name, "shift", shift, x, (batch, channels), "(B, C)")
-    _check_eps(op_name, eps)
+    check_companion(op_name, "scale", scale, x, (batch, channels), "(B, C)")
+    check_companion(op_name, "shift", shift, x, (batch, channels), "(B, C)")
+    check_number(op_name, "eps", eps, positive=True)
 
 
 def _check_grad(op_name: str, grad, x: torch.Tensor) -> None:
     _check_tensor(op_name, "grad", grad, 0, "like x")
-    _check_companion(op_name, "grad", grad, x, tuple(x.shape), "of x")
+    check_companion(op_name, "grad", grad, x, tuple(x.shape), "of x")
 
 
 def _like_x(x: torch.Tensor) -> torch.Tensor:

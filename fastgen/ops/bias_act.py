@@ -66,8 +66,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
-                                  random_tensor, register, register_autograd)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_number, check_same_dtype_and_device,
+                                  define_custom_op, random_tensor, register, register_autograd)
 
 _NAME = "bias_act"
 SELU_SCALE = 1.0507009873554804934193349852946
@@ -128,15 +128,6 @@ class Params:
         return "x"
 
 
-def _check_number(name: str, value, allow_none: bool, minimum: Optional[float] = None) -> None:
-    if value is None and allow_none:
-        return
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
-        raise TypeError(f"{_NAME}: {name} must be a finite number{' or None' if allow_none else ''}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{_NAME}: {name} must be >= {minimum}, got {value!r}")
-
-
 def _check_tensor(name: str, tensor, x: Optional[torch.Tensor] = None) -> None:
     check_float_tensor(_NAME, name, tensor)
     if x is not None:
@@ -148,9 +139,10 @@ def parse_params(x, b, act, alpha, gain, clamp, dim) -> Params:
     _check_tensor("x", x)
     if not isinstance(act, str) or act not in ACTIVATIONS:
         raise ValueError(f"{_NAME}: act must be one of {', '.join(ACTIVATIONS)}; got {act!r}")
-    _check_number("alpha", alpha, allow_none=True)
-    _check_number("gain", gain, allow_none=True)
-    _check_number("clamp", clamp, allow_none=True, minimum=0)
+    for name, value in (("alpha", alpha), ("gain", gain), ("clamp", clamp)):
+        check_number(_NAME, name, value, allow_none=True, error=TypeError)
+    if clamp is not None and clamp < 0:
+        raise ValueError(f"{_NAME}: clamp must be >= 0, got {clamp!r}")
     if not isinstance(dim, int) or isinstance(dim, bool) or not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
         raise ValueError(
             f"{_NAME}: dim must be an int in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim!r}"

@@ -55,16 +55,10 @@ from typing import Optional
 
 import torch
 
-from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, define_custom_op, random_tensor, register,
-                                  register_autograd)
+from fastgen.ops.registry import (CheckCase, Op, check_attention_inputs, check_companion, check_number, define_custom_op,
+                                  random_tensor, register, register_autograd)
 
 MAX_HEAD_DIM = 256
-
-
-def _check_tensor(op_name: str, name: str, tensor) -> None:
-    check_float_tensor(op_name, name, tensor)
-    if tensor.dim() != 4:
-        raise ValueError(f"{op_name}: {name} must be 4-D (B, L, H, D), got shape {tuple(tensor.shape)}")
 
 
 def _check_same_place(op_name: str, name: str, tensor: torch.Tensor, q: torch.Tensor, dtype=None) -> None:
@@ -76,20 +70,8 @@ def _check_same_place(op_name: str, name: str, tensor: torch.Tensor, q: torch.Te
 
 
 def _check_inputs(op_name: str, q, k, v, key_padding_mask, scale) -> None:
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(op_name, name, tensor)
-    for name, tensor in (("k", k), ("v", v)):
-        _check_same_place(op_name, name, tensor, q)
-    batch, _, heads, head_dim = q.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, head_dim):
-        raise ValueError(
-            f"{op_name}: k must have q's batch, heads and head dim (B, H, D) = {(batch, heads, head_dim)}, "
-            f"got k of shape {tuple(k.shape)}"
-        )
-    if v.shape != k.shape:
-        raise ValueError(f"{op_name}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"{op_name}: head dim D must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
+    check_attention_inputs(op_name, q, k, v, MAX_HEAD_DIM, "(B, L, H, D)")
+    batch = q.shape[0]
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"{op_name}: key_padding_mask must be a bool tensor or None, "
@@ -98,8 +80,7 @@ def _check_inputs(op_name: str, q, k, v, key_padding_mask, scale) -> None:
         if key_padding_mask.shape != (batch, k.shape[1]):
             raise ValueError(f"{op_name}: key_padding_mask must have shape (B, Lkv) = {(batch, k.shape[1])}, "
                              f"got {tuple(key_padding_mask.shape)}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"{op_name}: scale must be a finite number or None, got {scale!r}")
+    check_number(op_name, "scale", scale, allow_none=True)
 
 
 def effective_scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -126,10 +107,7 @@ def _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale) 
     op_name = "cross_attention_backward"
     _check_inputs(op_name, q, k, v, key_padding_mask, scale)
     for name, tensor in (("grad", grad), ("output", output)):
-        _check_tensor(op_name, name, tensor)
-        _check_same_place(op_name, name, tensor, q)
-        if tensor.shape != q.shape:
-            raise ValueError(f"{op_name}: {name} must have q's shape {tuple(q.shape)}, got {tuple(tensor.shape)}")
+        check_companion(op_name, name, tensor, q, tuple(q.shape), "of q", "q")
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"{op_name}: lse must be a torch.Tensor, got {type(lse).__name__}")
     _check_same_place(op_name, "lse", lse, q, torch.float32)

@@ -81,8 +81,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
-                                  random_tensor, register, register_autograd)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_number, check_same_dtype_and_device,
+                                  define_custom_op, random_tensor, register, register_autograd)
 from fastgen.ops.upfirdn2d import (
     adjoint_padding,
     check_filter,
@@ -103,13 +103,6 @@ def _check_factor(name: str, value) -> None:
         raise TypeError(f"{_NAME}: {name} must be an int, got {value!r}")
     if value < 1:
         raise ValueError(f"{_NAME}: {name} must be >= 1, got {value}")
-
-
-def _check_number(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{_NAME}: {name} must be a finite number{' or None' if allow_none else ''}, got {value!r}")
 
 
 def normalized_padding(padding) -> list:
@@ -138,9 +131,9 @@ def check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp) -> None
                 f"{_NAME}: b must have shape ({x.shape[1]},) (one entry per channel), got {tuple(b.shape)}")
     _check_factor("up", up)
     _check_factor("down", down)
-    _check_number("gain", gain)
-    _check_number("slope", slope)
-    _check_number("clamp", clamp, allow_none=True)
+    for name, value in (("gain", gain), ("slope", slope)):
+        check_number(_NAME, name, value, error=TypeError)
+    check_number(_NAME, "clamp", clamp, allow_none=True, error=TypeError)
     if clamp is not None and clamp < 0:
         raise ValueError(f"{_NAME}: clamp must be >= 0 or None, got {clamp}")
     intermediate_size(x.shape, fu, fd, up, down, normalized_padding(padding))

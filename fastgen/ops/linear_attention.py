@@ -37,41 +37,19 @@ gradients of gradients).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
+from fastgen.ops.registry import (CheckCase, Op, check_attention_inputs, check_companion, check_number, define_custom_op,
                                   random_tensor, register, register_autograd)
 
 MAX_HEAD_DIM = 128
 
 
-def _check_tensor(op_name: str, name: str, tensor) -> None:
-    check_float_tensor(op_name, name, tensor)
-    if tensor.dim() != 4:
-        raise ValueError(f"{op_name}: {name} must be 4-D (B, N, H, D), got shape {tuple(tensor.shape)}")
-
-
 def _check_inputs(op_name: str, q, k, v, eps) -> None:
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(op_name, name, tensor)
-    for name, tensor in (("k", k), ("v", v)):
-        check_same_dtype_and_device(op_name, name, tensor, q, "q")
-    batch, _, heads, head_dim = q.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, head_dim):
-        raise ValueError(
-            f"{op_name}: k must have q's batch, heads and head dim (B, H, D) = {(batch, heads, head_dim)}, "
-            f"got k of shape {tuple(k.shape)}"
-        )
-    if v.shape != k.shape:
-        raise ValueError(f"{op_name}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"{op_name}: head dim D must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"{op_name}: eps must be a finite number > 0, got {eps!r}")
+    check_attention_inputs(op_name, q, k, v, MAX_HEAD_DIM, "(B, N, H, D)")
+    check_number(op_name, "eps", eps, positive=True)
 
 
 def _allocate_output(q, k, v, eps=1e-15):
@@ -81,10 +59,7 @@ def _allocate_output(q, k, v, eps=1e-15):
 
 def _check_backward_inputs(grad, q, k, v, eps) -> None:
     _check_inputs("linear_attention_backward", q, k, v, eps)
-    _check_tensor("linear_attention_backward", "grad", grad)
-    check_same_dtype_and_device("linear_attention_backward", "grad", grad, q, "q")
-    if grad.shape != q.shape:
-        raise ValueError(f"linear_attention_backward: grad must have q's shape {tuple(q.shape)}, got {tuple(grad.shape)}")
+    check_companion("linear_attention_backward", "grad", grad, q, tuple(q.shape), "of q", "q")
 
 
 def _allocate_gradients(grad, q, k, v, eps=1e-15):

@@ -38,6 +38,7 @@ import functools
 import importlib.util
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,47 @@ def check_same_dtype_and_device(op_name: str, name: str, tensor: torch.Tensor, p
         raise TypeError(f"{op_name}: {name} dtype {tensor.dtype} must match {primary_name} dtype {primary.dtype}")
     if tensor.device != primary.device:
         raise ValueError(f"{op_name}: {name} is on {tensor.device} but {primary_name} is on {primary.device}")
+
+
+def check_companion(op_name: str, name: str, tensor, primary: torch.Tensor, shape: tuple, meaning: str,
+                    primary_name: str = "x") -> None:
+    """A float tensor that travels with the primary input: `shape` (described as `meaning`),
+    and the primary's dtype and device."""
+    check_float_tensor(op_name, name, tensor)
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{op_name}: {name} must have shape {meaning} = {shape}, got {tuple(tensor.shape)}")
+    check_same_dtype_and_device(op_name, name, tensor, primary, primary_name)
+
+
+def check_number(op_name: str, name: str, value, *, allow_none: bool = False, positive: bool = False,
+                 error: type = ValueError) -> None:
+    """`error` naming `name` unless `value` is a finite int or float (a bool is not a number
+    here), > 0 when `positive`; None passes when `allow_none`."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        wanted = "a finite number" + (" > 0" if positive else "") + (" or None" if allow_none else "")
+        raise error(f"{op_name}: {name} must be {wanted}, got {value!r}")
+
+
+def check_attention_inputs(op_name: str, q, k, v, max_head_dim: int, layout: str) -> None:
+    """q (B, Lq, H, D), k and v (B, Lkv, H, D) float tensors of one dtype and device (`layout`
+    names the dims in messages), 1 <= D <= max_head_dim."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(op_name, name, tensor)
+        if tensor.dim() != 4:
+            raise ValueError(f"{op_name}: {name} must be 4-D {layout}, got shape {tuple(tensor.shape)}")
+    for name, tensor in (("k", k), ("v", v)):
+        check_same_dtype_and_device(op_name, name, tensor, q, "q")
+    batch, _, heads, head_dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, head_dim):
+        raise ValueError(f"{op_name}: k must have q's batch, heads and head dim (B, H, D) = {(batch, heads, head_dim)}, "
+                         f"got k of shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{op_name}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not 1 <= head_dim <= max_head_dim:
+        raise ValueError(f"{op_name}: head dim D must be between 1 and {max_head_dim}, got {head_dim}")
 
 
 @functools.lru_cache(maxsize=1)

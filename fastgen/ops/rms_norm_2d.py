@@ -26,21 +26,13 @@ backward op has no autograd formula itself: first-order gradients only.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from fastgen import _cuda
-from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
+from fastgen.ops.registry import (CheckCase, Op, check_companion, check_float_tensor, check_number, define_custom_op,
                                   random_tensor, register, register_autograd)
-
-
-def _check_like_x(op_name: str, name: str, tensor, x: torch.Tensor, shape: tuple, meaning: str) -> None:
-    check_float_tensor(op_name, name, tensor)
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{op_name}: {name} must have shape {meaning} = {shape}, got {tuple(tensor.shape)}")
-    check_same_dtype_and_device(op_name, name, tensor, x, "x")
 
 
 def _check_inputs(op_name: str, x, weight, bias, eps) -> None:
@@ -51,9 +43,8 @@ def _check_inputs(op_name: str, x, weight, bias, eps) -> None:
         raise ValueError(f"{op_name}: x must have at least one channel, got shape {tuple(x.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None:
-            _check_like_x(op_name, name, tensor, x, (x.shape[1],), "(C,)")
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"{op_name}: eps must be a finite number > 0, got {eps!r}")
+            check_companion(op_name, name, tensor, x, (x.shape[1],), "(C,)")
+    check_number(op_name, "eps", eps, positive=True)
 
 
 def _like_x(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +63,7 @@ def _allocate_gradients(grad, x, weight=None, bias=None, eps=1e-5):
     """(dx, dweight, dbias); dweight and dbias are what the affine parameters would get
     (weight = 1, bias = 0 when absent): autograd drops them then."""
     _check_inputs("trms2d_backward", x, weight, bias, eps)
-    _check_like_x("trms2d_backward", "grad", grad, x, tuple(x.shape), "of x")
+    check_companion("trms2d_backward", "grad", grad, x, tuple(x.shape), "of x")
     return _like_x(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
 
 
@@ -96,7 +87,7 @@ def trms2d_reference(x, weight=None, bias=None, eps=1e-5):
 def trms2d_backward_reference(grad, x, weight=None, bias=None, eps=1e-5):
     """The backward formulas of the module docstring in eager PyTorch."""
     _check_inputs("trms2d_backward", x, weight, bias, eps)
-    _check_like_x("trms2d_backward", "grad", grad, x, tuple(x.shape), "of x")
+    check_companion("trms2d_backward", "grad", grad, x, tuple(x.shape), "of x")
     compute = _compute_dtype(x.dtype)
     x_, dy = x.to(compute), grad.to(compute)
     rstd = torch.rsqrt(x_.pow(2).mean(1, keepdim=True) + eps)

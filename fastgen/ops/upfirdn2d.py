@@ -53,15 +53,14 @@ strides; the output has x's dtype.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, define_custom_op, random_tensor, register,
-                                  register_autograd)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_number, define_custom_op, random_tensor,
+                                  register, register_autograd)
 
 _NAME = "upfirdn2d"
 
@@ -127,8 +126,7 @@ def _check_inputs(x, f, gain) -> None:
     if x.dim() != 4:
         raise ValueError(f"{_NAME}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
     check_filter(_NAME, "f", f, x)
-    if not (isinstance(gain, (int, float)) and math.isfinite(gain)):
-        raise TypeError(f"{_NAME}: gain must be a finite number, got {gain!r}")
+    check_number(_NAME, "gain", gain, error=TypeError)
 
 
 def output_size(x, f, up, down, padding) -> tuple:

@@ -80,14 +80,13 @@ bits unless `torch.use_deterministic_algorithms(True)` is set.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
 from fastgen import _cuda
-from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device, define_custom_op,
-                                  random_tensor, register, register_autograd)
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_number, check_same_dtype_and_device,
+                                  define_custom_op, random_tensor, register, register_autograd)
 
 MAX_DIM = 512
 MAX_CODES = 2**31 - 1
@@ -132,8 +131,7 @@ def _allocate_nearest(z, codebook, metric="l2", exact=False, input_precision="ie
 
 def _check_quantize_inputs(z, codebook, beta, exact, input_precision) -> None:
     _check_inputs("vq_quantize", z, codebook, "l2", exact, input_precision)
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta)):
-        raise ValueError(f"vq_quantize: beta must be a finite number, got {beta!r}")
+    check_number("vq_quantize", "beta", beta)
 
 
 def _allocate_quantize(z, codebook, beta=0.25, exact=False, input_precision="ieee"):
