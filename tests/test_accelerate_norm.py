@@ -1,6 +1,6 @@
-"""fastgen.accelerate on diffusers' modulated group norms (fastgen.accelerators.diffusers_norm):
-ResnetBlock2D with time_embedding_norm="scale_shift" and AdaGroupNorm, on small diffusers
-modules with random weights."""
+"""fastgen.accelerate on diffusers' group norms (fastgen.accelerators.diffusers_norm): ResnetBlock2D
+(norm1 -> SiLU and norm2 -> SiLU, time_embedding_norm "default" and "scale_shift") and
+AdaGroupNorm, on small diffusers modules with random weights."""
 import pytest
 import torch
 
@@ -76,26 +76,43 @@ def test_unet_equal_outputs_and_restore(unet, generator, backend):
     assert torch.equal(_run(unet, inputs), before)
 
 
-def test_the_op_runs_once_per_resnet_on_the_pinned_backend(unet, generator, monkeypatch):
+@pytest.fixture
+def op_calls(monkeypatch):
+    """The arguments of every ada_group_norm call on the Triton backend (which it still runs)."""
     calls = []
     triton = ADA_GROUP_NORM.implementations["triton"]
 
     def counting(*args, out):
-        calls.append(args[3:8])  # num_groups, weight, bias, eps, act
+        calls.append(args)
         triton.run(*args, out=out)
 
     monkeypatch.setitem(ADA_GROUP_NORM.implementations, "triton", Implementation("triton", counting, triton.dtypes))
+    return calls
+
+
+def _resnet_norms(model):
+    return [norm for path in _resnet_paths(model, ResnetBlock2D)
+            for norm in (model.get_submodule(path).norm1, model.get_submodule(path).norm2)]
+
+
+def assert_one_call_per_norm(calls, norms):
+    """Each norm ran exactly once, as one fused call with its own affine, groups and eps and the SiLU."""
+    by_weight = {norm.weight.data_ptr(): norm for norm in norms}
+    assert len(by_weight) == len(norms) == len(calls)
+    for x, scale, shift, groups, weight, bias, eps, act in calls:
+        norm = by_weight.pop(weight.data_ptr())
+        assert bias.data_ptr() == norm.bias.data_ptr()
+        assert (groups, eps, act) == (norm.num_groups, norm.eps, "silu")
+    assert by_weight == {}
+
+
+def test_the_op_runs_once_per_group_norm_on_the_pinned_backend(unet, generator, op_calls):
     accelerate(unet, backend="triton", ops=["ada_group_norm"])
     _run(unet, _unet_inputs(generator))
-    assert len(calls) == UNET_RESNETS
-    # The norm's own affine is folded in: every call gets one norm2's weight and bias.
-    norms = {unet.get_submodule(path).norm2.weight.data_ptr(): unet.get_submodule(path).norm2
-             for path in _resnet_paths(unet, ResnetBlock2D)}
-    for groups, weight, bias, eps, act in calls:
-        norm = norms.pop(weight.data_ptr())
-        assert bias.data_ptr() == norm.bias.data_ptr()
-        assert (groups, eps, act) == (8, norm.eps, "silu")
-    assert norms == {}
+    assert_one_call_per_norm(op_calls, _resnet_norms(unet))
+    # norm1 is a plain GroupNorm (zero modulation); norm2 carries the block's scale and shift.
+    modulated = [bool(scale.any()) for _, scale, *_ in op_calls]
+    assert modulated == [False, True] * UNET_RESNETS
 
 
 def test_unet_bfloat16_is_as_accurate_as_diffusers(unet, generator):
@@ -119,10 +136,11 @@ def test_compiles_as_one_graph(unet, generator):
     torch.testing.assert_close(compiled(unet, inputs), before, rtol=1e-4, atol=1e-5)
 
 
-def test_gradients_match(generator):
+@pytest.mark.parametrize("time_embedding_norm", ["default", "scale_shift"])
+def test_gradients_match(generator, time_embedding_norm):
     _seed(generator)
     block = _randomize(ResnetBlock2D(in_channels=16, out_channels=32, temb_channels=12, groups=4,
-                                     time_embedding_norm="scale_shift", skip_time_act=True), generator)
+                                     time_embedding_norm=time_embedding_norm, skip_time_act=True), generator)
     x = torch.randn(2, 16, 6, 5, generator=generator, requires_grad=True)
     temb = torch.randn(2, 12, generator=generator, requires_grad=True)
 
@@ -136,6 +154,94 @@ def test_gradients_match(generator):
     accelerate(block, backend="triton")
     for got, want in zip(grads(), expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# Every branch of ResnetBlock2D.forward that the fused forward reproduces: the block's options
+# (on in_channels=8, groups=4, temb_channels=6) and whether the call passes a time embedding.
+RESNET_VARIANTS = {
+    "default": (dict(), True),
+    "no time embedding": (dict(temb_channels=None), False),
+    "upsample, 3x3 shortcut": (dict(up=True, out_channels=16, conv_shortcut=True), True),
+    "downsample, 1x1 shortcut without bias": (dict(down=True, out_channels=12, conv_shortcut_bias=False), True),
+    "fir upsample": (dict(up=True, kernel="fir"), True),
+    "sde_vp downsample": (dict(down=True, kernel="sde_vp"), True),
+    "skip_time_act, output scale, groups_out": (dict(skip_time_act=True, output_scale_factor=1.7, groups_out=2,
+                                                     out_channels=12, eps=1e-3), True),
+    "conv_2d_out_channels": (dict(out_channels=16, conv_2d_out_channels=4), True),
+    "scale_shift upsample": (dict(time_embedding_norm="scale_shift", up=True), True),
+    # diffusers accepts any other name without temb_channels, and then ignores temb
+    "other time_embedding_norm": (dict(time_embedding_norm="none", temb_channels=None), True),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("variant", RESNET_VARIANTS)
+def test_resnet_variants_equal_outputs_and_restore(generator, variant, layout, op_calls):
+    options, with_temb = RESNET_VARIANTS[variant]
+    _seed(generator)
+    block = _randomize(ResnetBlock2D(**{"in_channels": 8, "groups": 4, "temb_channels": 6, **options}), generator).eval()
+    x = torch.randn(2, 8, 6, 4, generator=generator)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    temb = torch.randn(2, 6, generator=generator) if with_temb else None
+    with torch.no_grad():
+        before = block(x, temb)
+        report = accelerate(block, backend="triton")
+        assert [(r.path, r.op) for r in report.replaced] == [("", "ada_group_norm")]
+        torch.testing.assert_close(block(x, temb), before, rtol=1e-5, atol=1e-5)
+        assert_one_call_per_norm(op_calls, [block.norm1, block.norm2])
+        assert op_calls[0][0].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        assert restore(block) == 1
+        assert torch.equal(block(x, temb), before)
+
+
+def test_dropout_in_training_mode_is_exact(generator):
+    """Dropout follows the SiLU: the fused block draws the same mask from the same seed."""
+    _seed(generator)
+    block = _randomize(ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=6, groups=4, dropout=0.5),
+                       generator).train()
+    x, temb = torch.randn(2, 8, 5, 5, generator=generator), torch.randn(2, 6, generator=generator)
+    seed = int(torch.randint(2**62, (), generator=generator))
+
+    def run():
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return block(x, temb)
+
+    before = run()
+    assert len(accelerate(block, backend="triton").replaced) == 1
+    after = run()
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    restore(block)
+    assert not torch.equal(run(), block.eval()(x, temb))  # the mask was drawn: dropout was on
+
+
+def test_the_deprecated_scale_argument_runs_diffusers_forward(generator, op_calls):
+    _seed(generator)
+    block = ResnetBlock2D(in_channels=8, temb_channels=6, groups=4).eval()
+    x, temb = torch.randn(2, 8, 4, 4, generator=generator), torch.randn(2, 6, generator=generator)
+    with torch.no_grad():
+        with pytest.warns(FutureWarning, match="scale"):
+            before = block(x, temb, scale=0.5)
+        accelerate(block, backend="triton")
+        with pytest.warns(FutureWarning, match="scale"):
+            assert torch.equal(block(x, temb, scale=0.5), before)
+    assert op_calls == []
+
+
+def test_a_forward_patched_onto_the_class_is_left_alone(monkeypatch):
+    """A library that patched ResnetBlock2D.forward keeps its patch: the fused forward reproduces diffusers' own."""
+    diffusers_forward = ResnetBlock2D.forward
+
+    def patched(self, *args, **kwargs):
+        return diffusers_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResnetBlock2D, "forward", patched)
+    block = ResnetBlock2D(in_channels=8, temb_channels=6, groups=4)
+    report = accelerate(block)
+    assert report.replaced == []
+    assert report.left[0].reason == ("ResnetBlock2D.forward is not diffusers' own (patched onto the class): "
+                                     "the replacement would bypass the patch")
 
 
 @pytest.mark.parametrize("act_fn", [None, "silu"])
@@ -168,9 +274,9 @@ def test_ada_group_resnet_block(generator):
 @pytest.mark.parametrize(
     "kwargs, reason",
     [
-        (dict(time_embedding_norm="default"), "time_embedding_norm='default'"),
-        (dict(time_embedding_norm="scale_shift", non_linearity="mish"), "nonlinearity Mish"),
-        (dict(time_embedding_norm="scale_shift", temb_channels=None), "no time embedding"),
+        (dict(non_linearity="mish"), "nonlinearity is Mish: the fused op applies SiLU only"),
+        (dict(time_embedding_norm="scale_shift", non_linearity="gelu"), "nonlinearity is GELU"),
+        (dict(time_embedding_norm="scale_shift", temb_channels=None), "'scale_shift' without a time embedding"),
     ],
 )
 def test_unsupported_resnets_are_left_alone_with_the_reason(kwargs, reason):
@@ -189,19 +295,14 @@ def test_unselected_op_is_left_with_the_reason(unet):
         "op ada_group_norm was not selected (ops=...)"] * UNET_RESNETS
 
 
-def test_default_backend_follows_use_backend(unet, generator, monkeypatch):
-    calls = []
-    triton = ADA_GROUP_NORM.implementations["triton"]
-    monkeypatch.setitem(ADA_GROUP_NORM.implementations, "triton",
-                        Implementation("triton", lambda *a, out: (calls.append(1), triton.run(*a, out=out)),
-                                       triton.dtypes))
+def test_default_backend_follows_use_backend(unet, generator, op_calls):
     accelerate(unet, ops=["ada_group_norm"])
     inputs = _unet_inputs(generator)
     _run(unet, inputs)  # "auto" on CPU tensors: the reference
-    assert calls == []
+    assert op_calls == []
     with fastgen.use_backend("triton"):
         _run(unet, inputs)
-    assert len(calls) == UNET_RESNETS
+    assert len(op_calls) == 2 * UNET_RESNETS
 
 
 def test_a_forward_wrapped_by_someone_else_is_left_alone(generator):

@@ -1,13 +1,25 @@
-"""diffusers' timestep-modulated group norms, fused into `fastgen::ada_group_norm`.
+"""diffusers' group norms and the SiLU after them, fused into `fastgen::ada_group_norm`.
 
-- `ResnetBlock2D(time_embedding_norm="scale_shift")` (the ResBlock of ADM-style UNets, e.g. a
-  UNet2DModel built with resnet_time_scale_shift="scale_shift") computes, after conv1,
+`ada_group_norm(x, scale, shift, G, weight, bias, eps, act)` is act(GroupNorm(x) * (1 + scale) + shift)
+with the norm's own affine applied first; with scale = shift = 0 it is act(norm(x)) for an
+`nn.GroupNorm` norm (weight and bias None when it has no affine).
 
-      (scale, shift) = time_emb_proj(silu(temb))       (silu skipped when skip_time_act)
-      h = silu(norm2(h) * (1 + scale) + shift)         norm2: an affine GroupNorm
+- `ResnetBlock2D` (every time_embedding_norm; SiLU nonlinearity) computes
 
-  which is exactly ada_group_norm(h, scale, shift, G, norm2.weight, norm2.bias, eps, "silu"):
-  the op applies the norm's own weight and bias before the modulation, as diffusers does.
+      h = silu(norm1(x))                                  -> ada_group_norm(x, 0, 0, ..., "silu")
+      x, h = upsample or downsample of x and h (when the block has one)
+      h = conv1(h)
+      t = time_emb_proj(silu(temb))                       (silu skipped when skip_time_act; t = temb
+                                                           when there is no time_emb_proj)
+      "default":     h = silu(norm2(h + t))               (t added only when temb is not None)
+      "scale_shift": h = silu(norm2(h) * (1 + scale) + shift), (scale, shift) = t split in two
+      any other:     h = silu(norm2(h))                   (diffusers allows it without temb_channels)
+      out = (conv_shortcut(x) + conv2(dropout(h))) / output_scale_factor
+
+  and each silu(norm(...)) line is one ada_group_norm (scale and shift are zero except for
+  "scale_shift"). Dropout follows the activation, so it sees the same tensor as in diffusers:
+  exact in training mode too. A call with diffusers' deprecated extra `scale` argument runs
+  diffusers' forward (which warns and ignores it).
 - `AdaGroupNorm` (the "ada_group" norms of ResnetBlockCondNorm2D) computes
   GroupNorm(x) * (1 + scale) + shift with a GroupNorm without affine and (scale, shift) =
   linear(act(emb)): ada_group_norm(x, scale, shift, G, None, None, eps, None).
@@ -20,7 +32,7 @@ forward something else already wrapped, are left alone with the reason.
 from __future__ import annotations
 
 import types
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -30,15 +42,34 @@ from fastgen.accelerators.patch import BackendScope, Swap, accelerator, is_diffu
 _OP = "ada_group_norm"
 
 
-def _fused_scale_shift_resnet_forward(scope: BackendScope, original_forward: Callable):
-    """ResnetBlock2D.forward with norm2, the scale/shift modulation and the SiLU in one op."""
+def _group_norm_silu(scope: BackendScope, norm: nn.GroupNorm, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                     shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(norm(x) * (1 + scale) + shift) in one op; silu(norm(x)) without scale and shift."""
+    from fastgen.ops.ada_norm import ada_group_norm
 
-    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if scale is None:
+        scale = shift = x.new_zeros(x.shape[:2])
+    # The op takes its operands in x's dtype, as the activations run in: the norm's parameters follow.
+    weight, bias = ((None, None) if norm.weight is None else (norm.weight.to(x.dtype), norm.bias.to(x.dtype)))
+    return scope.run(ada_group_norm, x, scale, shift, norm.num_groups, weight, bias, norm.eps, "silu")
+
+
+def _runs_diffusers_forward(module: nn.Module) -> bool:
+    """Whether `module`'s class runs the forward diffusers defines for it (not one patched onto
+    the class by another library), the forward a replacement here reproduces."""
+    forward = type(module).forward
+    return (getattr(forward, "__module__", None) == type(module).__module__
+            and getattr(forward, "__qualname__", None) == f"{type(module).__name__}.forward")
+
+
+def _fused_resnet_forward(scope: BackendScope, original_forward: Callable):
+    """ResnetBlock2D.forward with norm1 -> SiLU and norm2 (-> scale/shift) -> SiLU as one op each."""
+
+    def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args, **kwargs) -> torch.Tensor:
         if args or kwargs:  # diffusers' deprecation path for its ignored `scale` argument
             return original_forward(input_tensor, temb, *args, **kwargs)
-        from fastgen.ops.ada_norm import ada_group_norm
 
-        hidden = self.nonlinearity(self.norm1(input_tensor))
+        hidden = _group_norm_silu(scope, self.norm1, input_tensor)
         if self.upsample is not None:
             if hidden.shape[0] >= 64:  # diffusers' workaround for nearest upsampling of large NHWC batches
                 input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
@@ -46,12 +77,17 @@ def _fused_scale_shift_resnet_forward(scope: BackendScope, original_forward: Cal
         elif self.downsample is not None:
             input_tensor, hidden = self.downsample(input_tensor), self.downsample(hidden)
         hidden = self.conv1(hidden)
-        if not self.skip_time_act:
-            temb = self.nonlinearity(temb)
-        scale, shift = self.time_emb_proj(temb).to(hidden.dtype).chunk(2, dim=1)
-        norm = self.norm2
-        hidden = scope.run(ada_group_norm, hidden, scale, shift, norm.num_groups, norm.weight.to(hidden.dtype),
-                           norm.bias.to(hidden.dtype), norm.eps, "silu")
+        if self.time_emb_proj is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, :, None, None]
+        if self.time_embedding_norm == "scale_shift":
+            scale, shift = temb.flatten(1).to(hidden.dtype).chunk(2, dim=1)
+            hidden = _group_norm_silu(scope, self.norm2, hidden, scale, shift)
+        else:
+            if self.time_embedding_norm == "default" and temb is not None:
+                hidden = hidden + temb
+            hidden = _group_norm_silu(scope, self.norm2, hidden)
         hidden = self.conv2(self.dropout(hidden))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
@@ -74,21 +110,39 @@ def _fused_ada_group_norm_forward(scope: BackendScope):
     return forward
 
 
+def _not_silu(name: str, activation: nn.Module) -> Optional[str]:
+    if type(activation) is nn.SiLU:
+        return None
+    return f"{name} is {type(activation).__name__}: the fused op applies SiLU only"
+
+
+def _not_group_norm(name: str, norm: nn.Module) -> Optional[str]:
+    if type(norm) is nn.GroupNorm:
+        return None
+    return f"{name} is {type(norm).__name__}, not a GroupNorm"
+
+
+def _not_diffusers_forward(module: nn.Module) -> Optional[str]:
+    if _runs_diffusers_forward(module):
+        return None
+    return (f"{type(module).__name__}.forward is not diffusers' own (patched onto the class): "
+            f"the replacement would bypass the patch")
+
+
 @accelerator
-def diffusers_scale_shift_resnet(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
+def diffusers_resnet(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
     if not is_diffusers(module, "ResnetBlock2D"):
         return None
-    if module.time_embedding_norm != "scale_shift":
-        return (f"time_embedding_norm={module.time_embedding_norm!r}: only 'scale_shift' fuses "
-                f"(the norm is modulated only there)")
-    if module.time_emb_proj is None:
-        return "no time embedding (temb_channels=None): norm2 is not modulated"
-    if type(module.nonlinearity) is not nn.SiLU:
-        return f"nonlinearity {type(module.nonlinearity).__name__}: the fused op applies SiLU only"
-    if not module.norm2.affine:
-        return "norm2 without affine parameters (diffusers builds it affine)"
-    forward = _fused_scale_shift_resnet_forward(BackendScope(backend), module.forward)
-    return op_not_selected(_OP, ops) or replace_forward(module, types.MethodType(forward, module), "ResnetBlock2D.norm2+scale_shift+silu",
+    scale_shift = module.time_embedding_norm == "scale_shift"
+    if scale_shift and module.time_emb_proj is None:
+        return "time_embedding_norm='scale_shift' without a time embedding (temb_channels=None)"
+    reason = (_not_silu("nonlinearity", module.nonlinearity) or _not_group_norm("norm1", module.norm1)
+              or _not_group_norm("norm2", module.norm2) or _not_diffusers_forward(module) or op_not_selected(_OP, ops))
+    if reason:
+        return reason
+    forward = _fused_resnet_forward(BackendScope(backend), module.forward)
+    norm2 = "norm2+scale_shift+silu" if scale_shift else "norm2+silu"
+    return replace_forward(module, types.MethodType(forward, module), f"ResnetBlock2D.norm1+silu, {norm2}",
                            "fastgen fused forward", _OP)
 
 
