@@ -1,6 +1,9 @@
 """fastgen.accelerate on diffusers' group norms (fastgen.accelerators.diffusers_norm): ResnetBlock2D
-(norm1 -> SiLU and norm2 -> SiLU, time_embedding_norm "default" and "scale_shift") and
-AdaGroupNorm, on small diffusers modules with random weights."""
+(norm1 -> SiLU and norm2 -> SiLU, time_embedding_norm "default" and "scale_shift"), the
+conv_norm_out -> conv_act heads of the VAE's Encoder / Decoder and the UNets, and AdaGroupNorm,
+on small diffusers modules and models with random weights."""
+import functools
+
 import pytest
 import torch
 
@@ -64,15 +67,19 @@ def test_unet_equal_outputs_and_restore(unet, generator, backend):
     inputs = _unet_inputs(generator)
     before = _run(unet, inputs)
 
+    conv_act = unet.conv_act
     report = accelerate(unet, backend=backend, ops=["ada_group_norm"])
     resnets = _resnet_paths(unet, ResnetBlock2D)
     assert len(resnets) == UNET_RESNETS
-    assert [(r.path, r.op) for r in report.replaced] == [(path, "ada_group_norm") for path in resnets]
-    assert all("forward" in unet.get_submodule(path).__dict__ for path in resnets)
+    # The UNet itself: its output head conv_norm_out -> conv_act.
+    assert [(r.path, r.op) for r in report.replaced] == [(path, "ada_group_norm") for path in ["", *resnets]]
+    assert all("forward" in unet.get_submodule(path).__dict__ for path in ["conv_norm_out", *resnets])
+    assert type(unet.conv_act) is torch.nn.Identity
     torch.testing.assert_close(_run(unet, inputs), before, rtol=1e-4, atol=1e-5)
 
-    assert restore(unet) == UNET_RESNETS
-    assert not any("forward" in unet.get_submodule(path).__dict__ for path in resnets)
+    assert restore(unet) == UNET_RESNETS + 1
+    assert not any("forward" in unet.get_submodule(path).__dict__ for path in ["conv_norm_out", *resnets])
+    assert unet.conv_act is conv_act
     assert torch.equal(_run(unet, inputs), before)
 
 
@@ -109,10 +116,10 @@ def assert_one_call_per_norm(calls, norms):
 def test_the_op_runs_once_per_group_norm_on_the_pinned_backend(unet, generator, op_calls):
     accelerate(unet, backend="triton", ops=["ada_group_norm"])
     _run(unet, _unet_inputs(generator))
-    assert_one_call_per_norm(op_calls, _resnet_norms(unet))
-    # norm1 is a plain GroupNorm (zero modulation); norm2 carries the block's scale and shift.
+    assert_one_call_per_norm(op_calls, _resnet_norms(unet) + [unet.conv_norm_out])
+    # norm1 and conv_norm_out are plain GroupNorms (zero modulation); norm2 carries the block's scale and shift.
     modulated = [bool(scale.any()) for _, scale, *_ in op_calls]
-    assert modulated == [False, True] * UNET_RESNETS
+    assert modulated == [False, True] * UNET_RESNETS + [False]
 
 
 def test_unet_bfloat16_is_as_accurate_as_diffusers(unet, generator):
@@ -134,6 +141,122 @@ def test_compiles_as_one_graph(unet, generator):
     accelerate(unet, ops=["ada_group_norm"])
     compiled = torch.compile(_run, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(unet, inputs), before, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_vae():
+    return diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=8,
+    )
+
+
+def _tiny_sd15_unet():
+    """SD 1.5's layout, shrunk: cross-attention down/up levels around a plain one, additive time embedding."""
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+        norm_num_groups=4, sample_size=8,
+    )
+
+
+def _tiny_sdxl_unet():
+    """SDXL's layout, shrunk: linear projections, several transformer blocks on the deeper level, the
+    text_time added conditioning."""
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, cross_attention_dim=16, attention_head_dim=(2, 4), norm_num_groups=4,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+        sample_size=8,
+    )
+
+
+def _vae_call(generator):
+    image = torch.randn(2, 3, 8, 8, generator=generator)
+    return (image,), {}, lambda output: output.sample
+
+
+def _unet_call(generator, added_conditioning=False):
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 5, 16, generator=generator)
+    kwargs = {}
+    if added_conditioning:  # SDXL's pooled text embedding and size / crop ids
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 8, generator=generator),
+                                       "time_ids": torch.tensor([[8.0, 8, 0, 0, 8, 8]] * 2)}
+    return (latents, torch.tensor([3.0, 700.0]), context), kwargs, lambda output: output.sample
+
+
+# name: (build the model, make its call's (args, kwargs, output -> tensor), the paths of its
+# conv_norm_out -> conv_act owners, its ResnetBlock2D count)
+MODELS = {
+    "AutoencoderKL": (_tiny_vae, _vae_call, ["encoder", "decoder"], 10),
+    "SD 1.5 UNet": (_tiny_sd15_unet, _unet_call, [""], 8),
+    "SDXL UNet": (_tiny_sdxl_unet, functools.partial(_unet_call, added_conditioning=True), [""], 8),
+}
+
+
+def _model_and_call(name, generator, layout):
+    build, make_call, owners, resnets = MODELS[name]
+    _seed(generator)
+    model = _randomize(build(), generator).eval()
+    args, kwargs, output = make_call(generator)
+    if layout == "channels_last":
+        model.to(memory_format=torch.channels_last)
+        args = (args[0].to(memory_format=torch.channels_last), *args[1:])
+
+    def run():
+        with torch.no_grad():
+            return output(model(*args, **kwargs))
+
+    return model, run, owners, resnets
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", MODELS)
+def test_models_equal_outputs_report_and_restore(generator, name, layout, op_calls):
+    model, run, owners, resnet_count = _model_and_call(name, generator, layout)
+    before = run()
+
+    report = accelerate(model, backend="triton", ops=["ada_group_norm"])
+    resnets = _resnet_paths(model, ResnetBlock2D)
+    assert len(resnets) == resnet_count
+    assert sorted(r.path for r in report.replaced) == sorted(owners + resnets)
+    assert [r for r in report.left if r.module in ("ResnetBlock2D", "Encoder", "Decoder", "UNet2DConditionModel")] == []
+    for owner in owners:
+        assert (f"replaced {owner or '(the model)'}: {type(model.get_submodule(owner)).__name__}.conv_norm_out -> "
+                f"conv_act (GroupNorm -> SiLU) -> conv_norm_out: fused GroupNorm+SiLU, conv_act: Identity "
+                f"[ada_group_norm]") in str(report)
+    torch.testing.assert_close(run(), before, rtol=1e-4, atol=1e-5)
+    heads = [model.get_submodule(owner).conv_norm_out for owner in owners]
+    assert_one_call_per_norm(op_calls, _resnet_norms(model) + heads)
+    assert op_calls[0][0].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+    assert restore(model) == len(report.replaced)
+    assert all(type(model.get_submodule(owner).conv_act) is torch.nn.SiLU for owner in owners)
+    assert torch.equal(run(), before)
+
+
+def test_output_heads_left_alone_with_the_reason(generator):
+    from diffusers.models.autoencoders.vae import Decoder, Encoder
+
+    movq = Decoder(in_channels=4, block_out_channels=(32,), norm_num_groups=8, norm_type="spatial")
+    mish = Encoder(block_out_channels=(8,), norm_num_groups=4, act_fn="mish")
+    mish.conv_act = torch.nn.Mish()  # diffusers' Encoder builds its head with a SiLU whatever act_fn
+    hooked = Encoder(block_out_channels=(8,), norm_num_groups=4)
+    hooked.conv_norm_out.register_forward_hook(lambda *args: None)
+    offloaded = Encoder(block_out_channels=(8,), norm_num_groups=4)
+    offloaded.forward = functools.partial(type(offloaded).forward, offloaded)
+    cases = [(movq, "conv_norm_out is SpatialNorm, not a GroupNorm"),
+             (mish, "conv_act is Mish: the fused op applies SiLU only"),
+             (hooked, "hooks on conv_norm_out's output or on conv_act would see the fused pair's intermediate"),
+             (offloaded, "Encoder.forward is wrapped on the instance (e.g. by offloading hooks): that conv_act "
+                         "follows conv_norm_out there cannot be checked")]
+    for model, reason in cases:
+        report = accelerate(model)
+        assert [r.reason for r in report.left if r.path == ""] == [reason]
+        assert type(model.conv_act) is not torch.nn.Identity and "forward" not in vars(model.conv_norm_out)
+        restore(model)
 
 
 @pytest.mark.parametrize("time_embedding_norm", ["default", "scale_shift"])
@@ -291,8 +414,8 @@ def test_unsupported_resnets_are_left_alone_with_the_reason(kwargs, reason):
 def test_unselected_op_is_left_with_the_reason(unet):
     report = accelerate(unet, ops=["cross_attention"])
     assert not any(r.op == "ada_group_norm" for r in report.replaced)
-    assert [r.reason for r in report.left if r.module == "ResnetBlock2D"] == [
-        "op ada_group_norm was not selected (ops=...)"] * UNET_RESNETS
+    assert [r.reason for r in report.left if r.module in ("ResnetBlock2D", "UNet2DModel")] == [
+        "op ada_group_norm was not selected (ops=...)"] * (UNET_RESNETS + 1)
 
 
 def test_default_backend_follows_use_backend(unet, generator, op_calls):
@@ -302,7 +425,7 @@ def test_default_backend_follows_use_backend(unet, generator, op_calls):
     assert op_calls == []
     with fastgen.use_backend("triton"):
         _run(unet, inputs)
-    assert len(op_calls) == 2 * UNET_RESNETS
+    assert len(op_calls) == 2 * UNET_RESNETS + 1
 
 
 def test_a_forward_wrapped_by_someone_else_is_left_alone(generator):

@@ -23,6 +23,15 @@ with the norm's own affine applied first; with scale = shift = 0 it is act(norm(
 - `AdaGroupNorm` (the "ada_group" norms of ResnetBlockCondNorm2D) computes
   GroupNorm(x) * (1 + scale) + shift with a GroupNorm without affine and (scale, shift) =
   linear(act(emb)): ada_group_norm(x, scale, shift, G, None, None, eps, None).
+- The output head of diffusers' VAE `Encoder` / `Decoder`, `UNet2DModel` and
+  `UNet2DConditionModel`, `conv_act(conv_norm_out(h))` with a GroupNorm and a SiLU: the norm's
+  forward becomes silu(norm(h)) and the owner's `conv_act` an `nn.Identity`. The pair is fused
+  only where it is proven: these classes' own forwards (checked to be the ones diffusers
+  defines, not wrapped on the instance) apply conv_act to conv_norm_out's output and use neither
+  anywhere else. The activation is replaced in the owner rather than given a forward because
+  older diffusers shared one activation instance between modules; hooks on the norm's output or
+  on the activation would see the fused intermediate, so their presence leaves the pair alone.
+  MoVQ's Decoder (norm_type="spatial") has a SpatialNorm there, which is left alone.
 
 Each module keeps its class, submodules and parameters; accelerate sets an instance-level
 `forward` that computes the same function with the op (the original forward stays on the
@@ -31,13 +40,15 @@ forward something else already wrapped, are left alone with the reason.
 """
 from __future__ import annotations
 
+import functools
 import types
 from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from fastgen.accelerators.patch import BackendScope, Swap, accelerator, is_diffusers, op_not_selected, replace_forward
+from fastgen.accelerators.patch import (BackendScope, Swap, accelerator, is_diffusers, op_not_selected,
+                                        replace_attribute, replace_forward)
 
 _OP = "ada_group_norm"
 
@@ -144,6 +155,49 @@ def diffusers_resnet(module: nn.Module, backend: str, ops: frozenset) -> Union[N
     norm2 = "norm2+scale_shift+silu" if scale_shift else "norm2+silu"
     return replace_forward(module, types.MethodType(forward, module), f"ResnetBlock2D.norm1+silu, {norm2}",
                            "fastgen fused forward", _OP)
+
+
+# The diffusers classes whose forward applies conv_act to conv_norm_out's output and uses neither
+# anywhere else, each with the module defining it (other diffusers classes share the names).
+_OUTPUT_NORM_OWNERS = {
+    "Encoder": "diffusers.models.autoencoders.vae",
+    "Decoder": "diffusers.models.autoencoders.vae",
+    "UNet2DModel": "diffusers.models.unets.unet_2d",
+    "UNet2DConditionModel": "diffusers.models.unets.unet_2d_condition",
+}
+
+
+@accelerator
+def diffusers_output_norm_act(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
+    name = type(module).__name__
+    if name not in _OUTPUT_NORM_OWNERS or not is_diffusers(module, name, _OUTPUT_NORM_OWNERS[name]):
+        return None
+    norm, act = module.conv_norm_out, module.conv_act
+    if norm is None:
+        return "no conv_norm_out (norm_num_groups=None)"
+    reason = (_not_group_norm("conv_norm_out", norm) or _not_silu("conv_act", act) or _not_diffusers_forward(module)
+              or op_not_selected(_OP, ops))
+    if reason:
+        return reason
+    if "forward" in vars(module):
+        return (f"{name}.forward is wrapped on the instance (e.g. by offloading hooks): that conv_act follows "
+                f"conv_norm_out there cannot be checked")
+    if norm._forward_hooks or act._forward_hooks or act._forward_pre_hooks:
+        return "hooks on conv_norm_out's output or on conv_act would see the fused pair's intermediate"
+    if "forward" in vars(act):
+        return "conv_act.forward is wrapped on the instance (e.g. by offloading hooks): replacing conv_act would bypass it"
+    norm_swap = replace_forward(norm, functools.partial(_group_norm_silu, BackendScope(backend), norm),
+                                "GroupNorm", "GroupNorm+SiLU", _OP)
+    if isinstance(norm_swap, str):
+        return f"conv_norm_out: {norm_swap}"
+    act_swap = replace_attribute(module, "conv_act", nn.Identity(), "Identity", _OP)
+
+    def undo() -> None:
+        act_swap.undo()
+        norm_swap.undo()
+
+    return Swap(f"{name}.conv_norm_out -> conv_act (GroupNorm -> SiLU)",
+                "conv_norm_out: fused GroupNorm+SiLU, conv_act: Identity", _OP, undo)
 
 
 @accelerator
