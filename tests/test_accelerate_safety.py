@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastgen.accelerator import accelerate, restore
-from fastgen.accelerators import diffusers_attention, diffusers_dcae, patch
+from fastgen.accelerators import diffusers_attention, diffusers_dcae, load_all, patch
 from fastgen.models import dcae
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
@@ -92,6 +92,9 @@ def test_an_accelerator_raising_part_way_leaves_the_model_as_it_was(make_model, 
     with torch.no_grad():
         before_outputs = run(model, torch.Generator().manual_seed(seed))
     before = _instance_state(model)
+    # Every accelerator module imported (registered) now: one imported first by the accelerate below
+    # would register into the list patched in for this test, and be missing from the real one after.
+    load_all()
     accelerators = [_raising_on_its_nth_module(a, class_name, n) if a is failing else a
                     for a in patch.ACCELERATORS]
     monkeypatch.setattr(patch, "ACCELERATORS", accelerators)
