@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastgen.accelerator import accelerate, restore
-from fastgen.accelerators import diffusers_attention, diffusers_dcae, load_all, patch
+from fastgen.accelerators import diffusers_attention, diffusers_dcae, diffusers_norm, load_all, patch
 from fastgen.models import dcae
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
@@ -36,6 +36,19 @@ def _unet(generator):
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8, attention_head_dim=8, resnet_time_scale_shift="scale_shift",
     ).eval()
+
+
+def _autoencoder_kl(generator):
+    """ResnetBlock2D "default" and the Encoder / Decoder output heads (diffusers_norm)."""
+    _seed(generator)
+    return diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    ).eval()
+
+
+def _run_autoencoder_kl(model, generator):
+    return (model(torch.randn(2, 3, 8, 8, generator=generator)).sample,)
 
 
 def _run_unet(model, generator):
@@ -84,7 +97,9 @@ def _raising_on_its_nth_module(accelerator, class_name: str, n: int):
     (_autoencoder_dc, _run_autoencoder_dc, diffusers_dcae.diffusers_dcae_attention, "SanaMultiscaleLinearAttention", 3),
     (_autoencoder_dc, _run_autoencoder_dc, diffusers_dcae.diffusers_dcae_shortcut, "DCUpBlock2d", 2),
     (_unet, _run_unet, diffusers_attention.diffusers_attention, "Attention", 2),
-], ids=["dcae-attention", "dcae-shortcut", "unet-attention"])
+    (_autoencoder_kl, _run_autoencoder_kl, diffusers_norm.diffusers_resnet, "ResnetBlock2D", 3),
+    (_autoencoder_kl, _run_autoencoder_kl, diffusers_norm.diffusers_output_norm_act, "Decoder", 1),
+], ids=["dcae-attention", "dcae-shortcut", "unet-attention", "vae-resnet", "vae-output-head"])
 def test_an_accelerator_raising_part_way_leaves_the_model_as_it_was(make_model, run, failing, class_name, n,
                                                                    generator, monkeypatch):
     model = make_model(generator)
@@ -140,6 +155,7 @@ FOREIGN_FORWARD_CASES = {
     "dcae-shortcut": (_autoencoder_dc, "decoder.up_blocks.1.0", "", "auto"),
     "dcae-rms-norm": (_autoencoder_dc, "encoder.down_blocks.0.0", "norm", "auto"),
     "scale-shift-resnet": (_scale_shift_resnet, "", "", "auto"),
+    "vae-output-head": (_autoencoder_kl, "decoder", "conv_norm_out", "auto"),
     "ada-group-norm": (_ada_group_norm, "", "", "auto"),
     "fastgen-reference-model": (_fastgen_dcae, "", "", "triton"),
 }

@@ -189,8 +189,8 @@ def diffusers_output_norm_act(module: nn.Module, backend: str, ops: frozenset) -
     norm_swap = replace_forward(norm, functools.partial(_group_norm_silu, BackendScope(backend), norm),
                                 "GroupNorm", "GroupNorm+SiLU", _OP)
     if isinstance(norm_swap, str):
-        return f"conv_norm_out: {norm_swap}"
-    act_swap = replace_attribute(module, "conv_act", nn.Identity(), "Identity", _OP)
+        return norm_swap
+    act_swap = replace_attribute(module, "conv_act", nn.Identity().train(act.training), "Identity", _OP)
 
     def undo() -> None:
         act_swap.undo()
