@@ -250,7 +250,7 @@ def test_output_heads_left_alone_with_the_reason(generator):
     offloaded.forward = functools.partial(type(offloaded).forward, offloaded)
     cases = [(movq, "conv_norm_out is SpatialNorm, not a GroupNorm"),
              (mish, "conv_act is Mish: the fused op applies SiLU only"),
-             (hooked, "hooks on conv_norm_out's output or on conv_act would see the fused pair's intermediate"),
+             (hooked, "forward hooks on conv_norm_out would see its output after the SiLU"),
              (offloaded, "Encoder.forward is wrapped on the instance (e.g. by offloading hooks): that conv_act "
                          "follows conv_norm_out there cannot be checked")]
     for model, reason in cases:
@@ -366,6 +366,22 @@ def test_a_forward_patched_onto_the_class_is_left_alone(monkeypatch):
     assert report.replaced == []
     assert report.left[0].reason == ("ResnetBlock2D.forward is not diffusers' own (patched onto the class): "
                                      "the replacement would bypass the patch")
+
+
+@pytest.mark.parametrize("submodule", ["norm1", "norm2", "nonlinearity"])
+def test_resnets_with_hooks_or_wrappers_on_the_fused_submodules_are_left_alone(submodule):
+    """The fused forward does not call them: their hooks would not run, nor an offloading wrapper
+    that brings a norm's weights to the device."""
+    hooked = ResnetBlock2D(in_channels=8, temb_channels=6, groups=4)
+    getattr(hooked, submodule).register_forward_pre_hook(lambda *args: None)
+    wrapped = ResnetBlock2D(in_channels=8, temb_channels=6, groups=4)
+    getattr(wrapped, submodule).forward = getattr(wrapped, submodule).forward
+    for block, reason in [(hooked, f"{submodule} has hooks, and the fused forward does not call {submodule}"),
+                          (wrapped, f"{submodule}.forward is wrapped on the instance (e.g. by offloading hooks), "
+                                    f"and the fused forward does not call {submodule}")]:
+        report = accelerate(block)
+        assert report.replaced == [] and [r.reason for r in report.left] == [reason]
+        assert "forward" not in vars(block)
 
 
 @pytest.mark.parametrize("act_fn", [None, "silu"])

@@ -19,7 +19,9 @@ with the norm's own affine applied first; with scale = shift = 0 it is act(norm(
   and each silu(norm(...)) line is one ada_group_norm (scale and shift are zero except for
   "scale_shift"). Dropout follows the activation, so it sees the same tensor as in diffusers:
   exact in training mode too. A call with diffusers' deprecated extra `scale` argument runs
-  diffusers' forward (which warns and ignores it).
+  diffusers' forward (which warns and ignores it). The fused forward calls neither the norms
+  nor the nonlinearity on h: a block where hooks or an instance-level forward (sequential
+  offloading, which brings the norms' weights to the device there) sit on one is left alone.
 - `AdaGroupNorm` (the "ada_group" norms of ResnetBlockCondNorm2D) computes
   GroupNorm(x) * (1 + scale) + shift with a GroupNorm without affine and (scale, shift) =
   linear(act(emb)): ada_group_norm(x, scale, shift, G, None, None, eps, None).
@@ -29,11 +31,12 @@ with the norm's own affine applied first; with scale = shift = 0 it is act(norm(
   only where it is proven: these classes' own forwards (checked to be the ones diffusers
   defines, not wrapped on the instance) apply conv_act to conv_norm_out's output and use neither
   anywhere else. The activation is replaced in the owner rather than given a forward because
-  older diffusers shared one activation instance between modules; hooks on the norm's output or
-  on the activation would see the fused intermediate, so their presence leaves the pair alone.
+  older diffusers shared one activation instance between modules. Forward hooks on the norm
+  would see the activated output, and hooks on the activation would not run: their presence
+  leaves the pair alone.
   MoVQ's Decoder (norm_type="spatial") has a SpatialNorm there, which is left alone.
 
-Each module keeps its class, submodules and parameters; accelerate sets an instance-level
+Each module keeps its class, submodules (but for the heads' conv_act, above) and parameters; accelerate sets an instance-level
 `forward` that computes the same function with the op (the original forward stays on the
 class), and restore removes it again. Blocks in any other configuration, and modules whose
 forward something else already wrapped, are left alone with the reason.
@@ -63,14 +66,6 @@ def _group_norm_silu(scope: BackendScope, norm: nn.GroupNorm, x: torch.Tensor, s
     # The op takes its operands in x's dtype, as the activations run in: the norm's parameters follow.
     weight, bias = ((None, None) if norm.weight is None else (norm.weight.to(x.dtype), norm.bias.to(x.dtype)))
     return scope.run(ada_group_norm, x, scale, shift, norm.num_groups, weight, bias, norm.eps, "silu")
-
-
-def _runs_diffusers_forward(module: nn.Module) -> bool:
-    """Whether `module`'s class runs the forward diffusers defines for it (not one patched onto
-    the class by another library), the forward a replacement here reproduces."""
-    forward = type(module).forward
-    return (getattr(forward, "__module__", None) == type(module).__module__
-            and getattr(forward, "__qualname__", None) == f"{type(module).__name__}.forward")
 
 
 def _fused_resnet_forward(scope: BackendScope, original_forward: Callable):
@@ -134,10 +129,25 @@ def _not_group_norm(name: str, norm: nn.Module) -> Optional[str]:
 
 
 def _not_diffusers_forward(module: nn.Module) -> Optional[str]:
-    if _runs_diffusers_forward(module):
+    """The reason to leave `module` when its class runs another forward than the one diffusers
+    defines (patched onto the class by another library): the replacements reproduce diffusers' own."""
+    forward = type(module).forward
+    if (getattr(forward, "__module__", None) == type(module).__module__
+            and getattr(forward, "__qualname__", None) == f"{type(module).__name__}.forward"):
         return None
     return (f"{type(module).__name__}.forward is not diffusers' own (patched onto the class): "
             f"the replacement would bypass the patch")
+
+
+def _skipped_hooks(name: str, module: nn.Module) -> Optional[str]:
+    """The reason to leave a block when its submodule `name`, which the fused forward no longer
+    calls, has hooks or a forward installed on its instance (offloading hooks, which bring its
+    weights to the device there): they would not run."""
+    if "forward" in vars(module):
+        return f"{name}.forward is wrapped on the instance (e.g. by offloading hooks), and the fused forward does not call {name}"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{name} has hooks, and the fused forward does not call {name}"
+    return None
 
 
 @accelerator
@@ -148,7 +158,9 @@ def diffusers_resnet(module: nn.Module, backend: str, ops: frozenset) -> Union[N
     if scale_shift and module.time_emb_proj is None:
         return "time_embedding_norm='scale_shift' without a time embedding (temb_channels=None)"
     reason = (_not_silu("nonlinearity", module.nonlinearity) or _not_group_norm("norm1", module.norm1)
-              or _not_group_norm("norm2", module.norm2) or _not_diffusers_forward(module) or op_not_selected(_OP, ops))
+              or _not_group_norm("norm2", module.norm2) or _not_diffusers_forward(module)
+              or _skipped_hooks("norm1", module.norm1) or _skipped_hooks("norm2", module.norm2)
+              or _skipped_hooks("nonlinearity", module.nonlinearity) or op_not_selected(_OP, ops))
     if reason:
         return reason
     forward = _fused_resnet_forward(BackendScope(backend), module.forward)
@@ -182,10 +194,11 @@ def diffusers_output_norm_act(module: nn.Module, backend: str, ops: frozenset) -
     if "forward" in vars(module):
         return (f"{name}.forward is wrapped on the instance (e.g. by offloading hooks): that conv_act follows "
                 f"conv_norm_out there cannot be checked")
-    if norm._forward_hooks or act._forward_hooks or act._forward_pre_hooks:
-        return "hooks on conv_norm_out's output or on conv_act would see the fused pair's intermediate"
-    if "forward" in vars(act):
-        return "conv_act.forward is wrapped on the instance (e.g. by offloading hooks): replacing conv_act would bypass it"
+    if norm._forward_hooks:
+        return "forward hooks on conv_norm_out would see its output after the SiLU"
+    reason = _skipped_hooks("conv_act", act)
+    if reason:
+        return reason
     norm_swap = replace_forward(norm, functools.partial(_group_norm_silu, BackendScope(backend), norm),
                                 "GroupNorm", "GroupNorm+SiLU", _OP)
     if isinstance(norm_swap, str):
