@@ -319,6 +319,19 @@ def test_resnet_variants_equal_outputs_and_restore(generator, variant, layout, o
         assert torch.equal(block(x, temb), before)
 
 
+def test_norms_without_affine_or_bias(generator):
+    _seed(generator)
+    block = ResnetBlock2D(in_channels=8, out_channels=12, temb_channels=6, groups=4)
+    block.norm1 = torch.nn.GroupNorm(4, 8, affine=False)
+    block.norm2 = torch.nn.GroupNorm(4, 12, bias=False)
+    block = _randomize(block, generator).eval()
+    x, temb = torch.randn(2, 8, 4, 4, generator=generator), torch.randn(2, 6, generator=generator)
+    with torch.no_grad():
+        before = block(x, temb)
+        assert len(accelerate(block, backend="triton").replaced) == 1
+        torch.testing.assert_close(block(x, temb), before, rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_in_training_mode_is_exact(generator):
     """Dropout follows the SiLU: the fused block draws the same mask from the same seed."""
     _seed(generator)

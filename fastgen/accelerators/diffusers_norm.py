@@ -2,7 +2,7 @@
 
 `ada_group_norm(x, scale, shift, G, weight, bias, eps, act)` is act(GroupNorm(x) * (1 + scale) + shift)
 with the norm's own affine applied first; with scale = shift = 0 it is act(norm(x)) for an
-`nn.GroupNorm` norm (weight and bias None when it has no affine).
+`nn.GroupNorm` norm (weight or bias None where the norm has none).
 
 - `ResnetBlock2D` (every time_embedding_norm; SiLU nonlinearity) computes
 
@@ -64,7 +64,7 @@ def _group_norm_silu(scope: BackendScope, norm: nn.GroupNorm, x: torch.Tensor, s
     if scale is None:
         scale = shift = x.new_zeros(x.shape[:2])
     # The op takes its operands in x's dtype, as the activations run in: the norm's parameters follow.
-    weight, bias = ((None, None) if norm.weight is None else (norm.weight.to(x.dtype), norm.bias.to(x.dtype)))
+    weight, bias = (None if parameter is None else parameter.to(x.dtype) for parameter in (norm.weight, norm.bias))
     return scope.run(ada_group_norm, x, scale, shift, norm.num_groups, weight, bias, norm.eps, "silu")
 
 
