@@ -209,8 +209,7 @@ def diffusers_output_norm_act(module: nn.Module, backend: str, ops: frozenset) -
         act_swap.undo()
         norm_swap.undo()
 
-    return Swap(f"{name}.conv_norm_out -> conv_act (GroupNorm -> SiLU)",
-                "conv_norm_out: fused GroupNorm+SiLU, conv_act: Identity", _OP, undo)
+    return Swap(f"{name}.conv_norm_out+conv_act", "fused GroupNorm+SiLU in conv_norm_out, conv_act Identity", _OP, undo)
 
 
 @accelerator
