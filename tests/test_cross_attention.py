@@ -319,7 +319,7 @@ def _tensors(q_shape=(1, 4, 2, 8), kv_shape=(1, 6, 2, 8), dtype=torch.float32):
         (lambda: _tensors(dtype=torch.int32), TypeError, "q must be float32, float16, bfloat16 or float64, got torch.int32"),
         (lambda: (torch.ones(4, 2, 8), *_tensors()[1:]), ValueError, r"q must be 4-D \(B, L, H, D\), got shape \(4, 2, 8\)"),
         (lambda: (*_tensors()[:2], torch.ones(1, 6, 2, 8, dtype=torch.float16)), TypeError,
-         "v dtype torch.float16 must be torch.float32"),
+         "v dtype torch.float16 must match q dtype torch.float32"),
         (lambda: (_tensors()[0], torch.ones(1, 6, 2, 8, device="meta"), _tensors()[2]), ValueError,
          "k is on meta but q is on cpu"),
         (lambda: _tensors(kv_shape=(1, 6, 3, 8)), ValueError,
@@ -355,7 +355,7 @@ def test_reference_rejects_non_tensors():
     [
         (dict(grad=torch.ones(1, 4, 2, 4)), ValueError, r"grad must have shape of q = \(1, 4, 2, 8\), got \(1, 4, 2, 4\)"),
         (dict(grad=torch.ones(1, 4, 2, 8, dtype=torch.float64)), TypeError,
-         "grad dtype torch.float64 must be torch.float32"),
+         "grad dtype torch.float64 must match q dtype torch.float32"),
         (dict(output=torch.ones(1, 3, 2, 8)), ValueError, r"output must have shape of q = \(1, 4, 2, 8\), got \(1, 3, 2, 8\)"),
         (dict(lse=torch.ones(1, 2, 4, dtype=torch.float16)), TypeError, "lse dtype torch.float16 must be torch.float32"),
         (dict(lse=torch.ones(1, 4, 2)), ValueError, r"lse must have shape \(B, H, Lq\) = \(1, 2, 4\), got \(1, 4, 2\)"),
