@@ -64,7 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models.common import example_resolution_multiple_of, fused_group_norm, load_safetensors, resolve_config
+from fastgen.models.common import (decode_step, example_resolution_multiple_of, fused_group_norm, load_safetensors,
+                                   resolve_config)
 
 NORM_EPS = 1e-6
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -456,16 +457,4 @@ def example_step(
     flux-vae, 32 px for tiny). The latents are made once, on the model's device and dtype, from
     `generator` (a CPU generator: the same values whatever the device). Returns the
     zero-argument call."""
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int; got {batch!r}")
-    resolution = example_resolution(model, resolution)
-    parameter = next(model.parameters())
-    side = resolution // model.config.spatial_compression
-    latents = torch.randn(batch, model.config.latent_channels, side, side, generator=generator)
-    latents = latents.to(device=parameter.device, dtype=parameter.dtype)
-
-    def step() -> torch.Tensor:
-        with torch.no_grad():
-            return model.decode(latents)
-
-    return step
+    return decode_step(model, batch, example_resolution(model, resolution), generator)

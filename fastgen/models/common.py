@@ -56,6 +56,25 @@ def example_resolution_fixed(resolution, only: int, why: str) -> int:
     return only
 
 
+def decode_step(model: nn.Module, batch: int, resolution: int,
+                generator: Optional[torch.Generator]) -> Callable[[], torch.Tensor]:
+    """An autoencoder's example step: one `model.decode`, without autograd, of `batch` random
+    latents for images of side `resolution` pixels, made once from `generator` (a CPU
+    generator: the same values whatever the device) on the model's device and dtype."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int; got {batch!r}")
+    parameter = next(model.parameters())
+    side = resolution // model.config.spatial_compression
+    latents = torch.randn(batch, model.config.latent_channels, side, side, generator=generator)
+    latents = latents.to(device=parameter.device, dtype=parameter.dtype)
+
+    def step() -> torch.Tensor:
+        with torch.no_grad():
+            return model.decode(latents)
+
+    return step
+
+
 def sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: float = 10000.0) -> torch.Tensor:
     """[cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (channels / 2)), float32, (B, channels)
     (diffusers' Timesteps with flip_sin_to_cos and no frequency shift; guided-diffusion's

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models.common import example_resolution_multiple_of, load_safetensors, resolve_config
+from fastgen.models.common import decode_step, example_resolution_multiple_of, load_safetensors, resolve_config
 from fastgen.ops.linear_attention import linear_attention
 from fastgen.ops.rms_norm_2d import trms2d
 from fastgen.ops.shortcut import channel_dup_pixel_shuffle, pixel_unshuffle_channel_avg
@@ -502,17 +502,4 @@ def example_step(
     f64c128, 256 px for tiny). The latents are made once, on the model's device and dtype, from
     `generator` (a CPU generator: the same values whatever the device). Returns the
     zero-argument call."""
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int; got {batch!r}")
-    factor = model.config.spatial_compression
-    resolution = example_resolution(model, resolution)
-    parameter = next(model.parameters())
-    side = resolution // factor
-    latents = torch.randn(batch, model.config.latent_channels, side, side, generator=generator)
-    latents = latents.to(device=parameter.device, dtype=parameter.dtype)
-
-    def step() -> torch.Tensor:
-        with torch.no_grad():
-            return model.decode(latents)
-
-    return step
+    return decode_step(model, batch, example_resolution(model, resolution), generator)
