@@ -94,9 +94,15 @@ def _poison(tensor: torch.Tensor) -> None:
 def _worst(triples, what: str) -> tuple:
     """(max abs error, first failure's description) over (actual, expected, same-dtype
     reference) triples: floating tensors under `mismatch`, integer ones (indices, counts)
-    exactly."""
+    exactly. None on both sides is a gradient neither gives (an argument the op treats as a
+    constant, such as a RoPE table); None on one side only fails."""
     worst = 0.0
     for i, (actual, expected, same_dtype_reference) in enumerate(triples):
+        if actual is None or expected is None:
+            if actual is not expected:
+                return float("inf"), f"{what} {i}: {'no' if actual is None else 'a'} gradient where the reference " \
+                                     f"gives {'one' if actual is None else 'none'}"
+            continue
         error, detail = mismatch(actual, expected, same_dtype_reference)
         if detail:
             return error, f"{what} {i}: {detail}"
