@@ -146,6 +146,14 @@ SIZES = {
         "height": Size((("x", 2),)),
         "width": Size((("x", 3),)),
     },
+    # The head dim also sizes the (L, D/2) RoPE tables, which no carrier can express: resizing
+    # it fits only the cases without RoPE (the others are rejected and drawn again).
+    "qk_norm_rope": {
+        "batch": _batch("q", "k"),
+        "tokens": Size((("q", 1), ("k", 1), ("cos", 0), ("sin", 0))),
+        "heads": Size((("q", 2), ("k", 2))),
+        "head dim": Size((("q", 3), ("k", 3), ("weight_q", 0), ("weight_k", 0)), False),
+    },
     "pixel_unshuffle_channel_avg": _shortcut_sizes(small_side="residual"),
     "channel_dup_pixel_shuffle": _shortcut_sizes(small_side="x"),
     "vq_nearest": _vq_sizes(),
