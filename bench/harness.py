@@ -11,7 +11,8 @@ eager reference, `torch.compile` of it, and the fastgen op under each fast backe
 (`op_benchmark` declares an op's benchmark with them, named after the op).
 
 Checking. Each case's inputs (seed 0) go through the eager reference first; every impl's
-output (and, for fwd+bwd, every input gradient) is checked once. In float32 (and for integer
+output (each of them, for an op that returns a tuple; and, for fwd+bwd, every input gradient)
+is checked once. In float32 (and for integer
 results) it must equal eager's elementwise under the dtype's tolerance from
 fastgen.ops.registry.TOLERANCES (or the benchmark's own). In float16 / bfloat16 eager is not
 the truth either: it rounds too, and a chain of layers drifts by more than any elementwise
@@ -247,7 +248,8 @@ def _random_like(tensor: torch.Tensor, seed: int) -> torch.Tensor:
 
 @dataclass
 class _InputSets:
-    """Input copies to rotate through, with each copy's output gradient (None for fwd)."""
+    """Input copies to rotate through, with each copy's output gradients (one per output; None
+    for fwd)."""
 
     inputs: list
     grads: list
@@ -255,13 +257,14 @@ class _InputSets:
     @classmethod
     def build(cls, case: Case, eager: Callable, device: torch.device) -> "_InputSets":
         first = _make_set(case, device, seed=0)
-        with torch.no_grad():  # fails fast, before any copy is made; gives the gradient's shape
-            output = eager(**first)
+        with torch.no_grad():  # fails fast, before any copy is made; gives the gradients' shapes
+            outputs = as_outputs(eager(**first))
         backward = case.direction == "fwd+bwd"
-        set_bytes = sum(t.nbytes for t in _tensors(first)) + (output.nbytes if backward else 0)
+        set_bytes = sum(t.nbytes for t in _tensors(first)) + (sum(o.nbytes for o in outputs) if backward else 0)
         copies = min(_MAX_INPUT_COPIES, max(1, math.ceil(2 * _cache_bytes(device) / set_bytes)))
         inputs = [first] + [_make_set(case, device, seed) for seed in range(1, copies)]
-        grads = [_random_like(output, 10_000 + seed) if backward else None for seed in range(copies)]
+        grads = [tuple(_random_like(output, 10_000 + len(outputs) * seed + i) for i, output in enumerate(outputs))
+                 if backward else None for seed in range(copies)]
         return cls(inputs, grads)
 
     def upcast_first(self) -> tuple:
@@ -271,7 +274,8 @@ class _InputSets:
                 return tensor
             return tensor.detach().float().requires_grad_(tensor.requires_grad)
 
-        return {name: upcast(value) for name, value in self.inputs[0].items()}, upcast(self.grads[0])
+        grads = None if self.grads[0] is None else tuple(upcast(grad) for grad in self.grads[0])
+        return {name: upcast(value) for name, value in self.inputs[0].items()}, grads
 
     def rotation(self, fn: Callable) -> Callable[[], Callable[[], None]]:
         """A `prepare` for the timers: each call uses the next input set."""
@@ -295,18 +299,23 @@ def _clear_grads(inputs: dict) -> None:
         tensor.grad = None
 
 
-def _call(fn: Callable, inputs: dict, grad: Optional[torch.Tensor]) -> torch.Tensor:
-    output = fn(**inputs)
-    if grad is not None:
-        output.backward(grad)
-    return output
+def as_outputs(result) -> tuple:
+    """An impl's result as a tuple: its one tensor, or the tensors of an op with several."""
+    return result if isinstance(result, tuple) else (result,)
 
 
-def _results_of(fn: Callable, inputs: dict, grad: Optional[torch.Tensor]) -> list:
-    """What an impl is checked on: its output, then the gradient of every input."""
+def _call(fn: Callable, inputs: dict, grads: Optional[tuple]):
+    result = fn(**inputs)
+    if grads is not None:
+        torch.autograd.backward(as_outputs(result), grads)
+    return result
+
+
+def _results_of(fn: Callable, inputs: dict, grads: Optional[tuple]) -> list:
+    """What an impl is checked on: its outputs, then the gradient of every input."""
     _clear_grads(inputs)
-    output = _call(fn, inputs, grad).detach()
-    return [output] + [t.grad for t in _grad_leaves(inputs)]
+    outputs = [output.detach() for output in as_outputs(_call(fn, inputs, grads))]
+    return outputs + [t.grad for t in _grad_leaves(inputs)]
 
 
 def _tolerance(bench: Benchmark, dtype: torch.dtype) -> tuple:

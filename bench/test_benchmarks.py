@@ -36,14 +36,14 @@ def _single_call(case: harness.Case, fn, device: torch.device):
         leaves = [value for value in inputs.values() if isinstance(value, torch.Tensor) and value.is_floating_point()]
     for leaf in leaves:
         leaf.requires_grad_()
-    grad = torch.randn_like(fn(**inputs)) if leaves else None
+    grads = tuple(torch.randn_like(output) for output in harness.as_outputs(fn(**inputs))) if leaves else None
 
     def call() -> None:
         for leaf in leaves:
             leaf.grad = None
-        output = fn(**inputs)
-        if grad is not None:
-            output.backward(grad)
+        result = fn(**inputs)
+        if grads is not None:
+            torch.autograd.backward(harness.as_outputs(result), grads)
         torch.cuda.synchronize(device)
 
     return call
