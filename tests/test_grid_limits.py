@@ -18,6 +18,7 @@ from fastgen.ops.bias_act import BIAS_ACT, BIAS_ACT_BACKWARD
 from fastgen.ops.cross_attention import CROSS_ATTENTION_BACKWARD, CROSS_ATTENTION_FORWARD
 from fastgen.ops.filtered_lrelu import FILTERED_LRELU_BACKWARD, FILTERED_LRELU_WITH_CODES
 from fastgen.ops.linear_attention import LINEAR_ATTENTION, LINEAR_ATTENTION_BACKWARD
+from fastgen.ops.qk_norm_rope import QK_NORM_ROPE, QK_NORM_ROPE_BACKWARD
 from fastgen.ops.rms_norm_2d import TRMS2D, TRMS2D_BACKWARD
 from fastgen.ops.shortcut import CHANNEL_DUP_PIXEL_SHUFFLE, PIXEL_UNSHUFFLE_CHANNEL_AVG
 from fastgen.ops.upfirdn2d import UPFIRDN2D
@@ -78,6 +79,15 @@ def _trms2d_dcae_2048():
     return [(TRMS2D, (x, weight, weight, 1e-5)), (TRMS2D_BACKWARD, (x, x, weight, weight, 1e-5))]
 
 
+def _qk_norm_rope_flux_2048():
+    # FLUX.1's q and k at 2048 px (16,384 image and 512 text tokens, 24 heads of 128) at batch 64:
+    # 26M rows, past 2^31 elements.
+    q, weight = _meta(64, 16384 + 512, 24, 128, dtype=torch.bfloat16), _meta(128, dtype=torch.bfloat16)
+    table = _meta(16384 + 512, 64, dtype=torch.float32)
+    args = (q, q, weight, weight, table, table, 1e-6, "interleaved")
+    return [(QK_NORM_ROPE, args), (QK_NORM_ROPE_BACKWARD, (q, q, *args))]
+
+
 def _shortcuts_dcae_2048():
     # DC-AE's first down and last up shortcuts at 2048 px (128 <-> 256 channels) at batch 16.
     full, half = _meta(16, 128, 2048, 2048), _meta(16, 256, 1024, 1024)
@@ -124,6 +134,7 @@ WORKLOADS = [
     pytest.param(_attention_dit_xl, (), id="cross_attention DiT-XL/2 batch 4096"),
     pytest.param(_linear_attention_sana, (), id="linear_attention SANA-1.6B batch 1024"),
     pytest.param(_trms2d_dcae_2048, (), id="trms2d DC-AE 2048px batch 16"),
+    pytest.param(_qk_norm_rope_flux_2048, (), id="qk_norm_rope FLUX.1 2048px batch 64"),
     pytest.param(_shortcuts_dcae_2048, (), id="shortcuts DC-AE 2048px batch 16"),
     pytest.param(_upfirdn2d_stylegan2_1024, (), id="upfirdn2d StyleGAN2 1024px batch 64"),
     pytest.param(_filtered_lrelu_stylegan3_1024, (), id="filtered_lrelu StyleGAN3 1024px batch 64"),
