@@ -333,7 +333,7 @@ qk_norm_rope_out.register_fake(_fake_out)
 
 
 def _needs_gradient(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: Optional[torch.Tensor] = None,
@@ -353,6 +353,10 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: Optional[torch.Tens
         results = _qk_norm_rope(*args)
         _check_out("qk_norm_rope", out_q, out_k, q)
         for out, result in zip((out_q, out_k), results):
+            # out_k, a view of the joint buffer taken before out_q's write made that buffer
+            # require grad, reads as a leaf that requires grad (and copy_ refuses it) until its
+            # grad_fn is rebuilt from the buffer's, which reading grad_fn does.
+            _ = out.grad_fn
             out.copy_(result)
     else:
         qk_norm_rope_out(*args, out_q, out_k)
