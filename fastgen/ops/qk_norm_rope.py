@@ -62,7 +62,7 @@ from typing import Optional
 
 import torch
 
-from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_same_dtype_and_device,
+from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_number, check_same_dtype_and_device,
                                   define_custom_op, random_tensor, register, register_autograd)
 
 ROPE_LAYOUTS = ("interleaved", "rotate_half")
@@ -112,8 +112,7 @@ def _check_inputs(op_name: str, q, k, weight_q, weight_k, cos, sin, eps, rope_la
                                  f"got {tuple(table.shape)}")
             if table.device != q.device:
                 raise ValueError(f"{op_name}: {name} is on {table.device} but q is on {q.device}")
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"{op_name}: eps must be a finite number > 0, got {eps!r}")
+    check_number(op_name, "eps", eps, positive=True)
     if rope_layout not in ROPE_LAYOUTS:
         raise ValueError(f"{op_name}: rope_layout must be one of {', '.join(ROPE_LAYOUTS)}, got {rope_layout!r}")
 
