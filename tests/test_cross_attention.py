@@ -20,9 +20,10 @@ from fastgen.ops.cross_attention import (
     cross_attention_forward,
     cross_attention_forward_reference,
     cross_attention_reference,
+    merge_attention,
     padding_mask,
 )
-from fastgen.ops.registry import TOLERANCES, random_tensor
+from fastgen.ops.registry import TOLERANCES, random_tensor, use_backend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 40, 64, 72, 80, 160)
@@ -548,3 +549,38 @@ def test_triton_refuses_sequences_its_int32_indices_cannot_reach(long_side):
         kernels.cross_attention_forward(q, k, k, None, None, out=(torch.empty_like(q), None))
     with pytest.raises(ValueError, match="at most 2147483392"):
         kernels.cross_attention_backward(q, q, k, k, q, None, None, None, out=(q, k, k))
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("masked", [False, True], ids=["all keys", "padded"])
+def test_key_parts_merge_through_the_lse_into_full_attention(generator, device, masked):
+    """Attention over keys split in two (and three) parts, each part's (out, lse) from the
+    Triton forward, merged: the whole set's output and lse. Padded: sample 0 has no key in the
+    second part, sample 1 none in the first, sample 2 none at all (out 0, lse +inf)."""
+    q, k, v = _qkv(3, 7, 12, 2, 40, "sliced", device, torch.float32, generator)
+    mask = torch.ones(3, 12, dtype=torch.bool, device=device)
+    if masked:
+        mask[0, 5:] = False
+        mask[1, :5] = False
+        mask[2] = False
+    with use_backend("triton"):
+        whole, whole_lse = cross_attention_forward(q, k, v, mask)
+        for bounds in ((0, 5, 12), (0, 3, 8, 12)):
+            parts = [cross_attention_forward(q, k[:, a:b], v[:, a:b], mask[:, a:b])
+                     for a, b in zip(bounds, bounds[1:])]
+            out, lse = merge_attention(parts)
+            torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(lse, whole_lse, rtol=1e-6, atol=1e-6)
+    if masked:
+        assert torch.equal(out[2], torch.zeros_like(out[2])) and bool((lse[2] == float("inf")).all())
+    expected = cross_attention_reference(*(t.double() for t in (q, k, v)), mask)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_keeps_nan_of_a_part():
+    q, k, v = (torch.randn(1, 3, 1, 8) for _ in "qkv")
+    k[0, 1, 0, 0] = float("nan")
+    parts = [cross_attention_forward_reference(q, k[:, a:b], v[:, a:b]) for a, b in ((0, 2), (2, 3))]
+    out, lse = merge_attention(parts)
+    assert bool(out.isnan().all()) and bool(lse.isnan().all())
+

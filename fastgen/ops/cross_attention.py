@@ -23,6 +23,14 @@ key, where the products still add 0 * inf = NaN from a non-finite q, k or v ther
 Scores, softmax statistics and accumulation are float32 (float64 for float64 inputs); out
 has q's dtype and shape, contiguous; lse is float32 (B, H, Lq).
 
+Attention over a key set split in parts (ring or Ulysses sequence parallelism, or keys too many
+for one call) is assembled from each part's (out_p, lse_p) as `merge_attention` does:
+
+    lse   = log sum_p exp(lse_p)                    (a part without a key counts as lse_p = -inf)
+    out_i = sum_p exp(lse_p,i - lse_i) out_p,i
+
+which is the whole set's softmax: each part's weights exp(s_ij - lse_p,i) rescaled to the union.
+
 Backward (FlashAttention-2), for an output gradient g and P_ij = exp(s_ij - lse_i):
 
     delta_i = g_i . out_i                 (= sum_j P_ij (g_i . v_j))
@@ -273,3 +281,21 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(q k^T scale + mask bias) v (see the module docstring); `torch.ops.fastgen.cross_attention`."""
     return torch.ops.fastgen.cross_attention(q, k, v, key_padding_mask, scale)
+
+
+def merge_attention(parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of attention over the union of disjoint key sets, from each set's (out, lse)
+    of `cross_attention_forward` with the same queries (module docstring). A row without a key
+    in any part keeps the op's convention: out 0, lse +inf. The result is float32 (float64 for
+    float64 parts), out laid out as (B, Lq, H, D)."""
+    outs, lses = zip(*parts)
+    # The op marks a keyless row with lse +inf (its recomputed probabilities are then 0); as a
+    # weight in the union that row counts for nothing, which is lse -inf.
+    weights = torch.stack([torch.where(lse == float("inf"), float("-inf"), lse) for lse in lses])
+    lse = torch.logsumexp(weights, dim=0)
+    keyless = lse == float("-inf")
+    scale = torch.where(keyless, 0.0, torch.exp(weights - torch.where(keyless, 0.0, lse)))
+    compute = torch.promote_types(outs[0].dtype, lse.dtype)
+    # lse is (B, H, Lq) and out (B, Lq, H, D): the weights move to (B, Lq, H, 1).
+    out = sum(o.to(compute) * w.transpose(1, 2)[..., None] for o, w in zip(outs, scale))
+    return out, torch.where(keyless, float("inf"), lse)
