@@ -46,9 +46,13 @@ not have the image's size, while here tiles always meet.
 Kernels: every GroupNorm, with the SiLU after it in the ResnetBlocks and the output heads and
 alone before the attention, is one `fastgen.ops.ada_group_norm` call with zero modulation. The
 attention's head has C_last = 512 channels in every published config, beyond
-`fastgen.ops.cross_attention`'s head-dim limit (MAX_HEAD_DIM, 256), and a head cannot be cut
-into narrower ones (the softmax normalises dot products over all its C channels), so it runs on
-torch's `scaled_dot_product_attention`.
+`fastgen.ops.cross_attention`'s head-dim limit (MAX_HEAD_DIM, 256), so it runs on torch's
+`scaled_dot_product_attention`. A head cannot be split into narrower heads (the softmax
+normalises dot products over all its C channels), and a flash kernel at D = 512 either holds
+a (rows, 512) float32 output accumulator across the key loop (128 KiB for 64 rows, half an
+H100's register file for one block) or tiles the output over D and recomputes the scores once
+per tile (4 tiles: 4x the score work); whether either beats SDPA at 64^2 to 256^2 tokens is a
+GPU measurement, and until one shows it the attention stays on SDPA.
 
 Parameter names and nesting are those of diffusers' `AutoencoderKL`, so a diffusers VAE
 checkpoint (a single .safetensors file) loads with `from_safetensors`. Supported: the
