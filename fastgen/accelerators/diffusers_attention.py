@@ -37,6 +37,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from fastgen.accelerators.diffusers_mmdit import JOINT_PROCESSORS
 from fastgen.accelerators.patch import (BackendScope, Swap, accelerator, is_diffusers, op_not_selected,
                                         replace_attribute)
 
@@ -206,6 +207,8 @@ def diffusers_attention(module: nn.Module, backend: str, ops: frozenset) -> Unio
         return None
     original = module.processor
     name = type(original).__name__
+    if name in JOINT_PROCESSORS:
+        return None  # diffusers_mmdit's
     if name not in _DIFFUSERS_PROCESSORS:
         return f"attention processor {name} has no fastgen replacement yet"
     make, op = _DIFFUSERS_PROCESSORS[name]

@@ -1,0 +1,164 @@
+"""diffusers' MM-DiT attention (FLUX.1's `FluxAttention`, SD3's joint `Attention`) on fastgen's
+`qk_norm_rope` and `cross_attention`.
+
+Both attend jointly over the tokens of one or two streams, each with its own projections and
+per-head q/k RMSNorms:
+
+    q_s, k_s, v_s = projections of stream s (the image, and in a joint block the text)
+    q_s, k_s      = RMSNorm_s(q_s), RMSNorm_s(k_s)         (per head over D; skipped without a norm)
+    q, k, v       = the streams' q, k, v concatenated along the tokens
+    q, k          = RoPE(q), RoPE(k)                        (FLUX.1: interleaved pairs, diffusers'
+                                                             (cos, sin) tables of the joint sequence)
+    out           = softmax(q k^T / sqrt(D)) v, split back into the streams, each stream then
+                    through its output projection (where the block has one)
+
+The text comes first in FLUX.1's joint sequence and last in SD3's. Here each stream's norm and
+RoPE are one `qk_norm_rope` call that writes its q and k straight into their rows of the joint
+q and k (no concatenation pass for them), and the attention is one `cross_attention` call over
+the joint sequence. FLUX.1's single-stream blocks (one stream, already joint, no output
+projection) and SD3.5's second attention (image stream only, `dual_attention_layers`) are the
+same computation with one stream.
+
+The processors replace `FluxAttnProcessor` and `JointAttnProcessor2_0` through the module's
+`processor` attribute, as the other diffusers attention processors are replaced. An attention
+mask, or a call with arguments the replaced processor does not take, is handed to the original
+processor. Left alone, with the reason: q/k norms other than an RMSNorm without bias (SD3's
+"layer_norm" option), RMSNorms whose eps is left to the dtype, q and k norms of one stream with
+different eps, head dims above cross_attention's limit, and other processors (IP-adapter,
+fused-projection and custom processors).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from fastgen.accelerators.patch import BackendScope, Swap, accelerator, is_diffusers, op_not_selected, replace_attribute
+
+_OPS = ("qk_norm_rope", "cross_attention")
+
+
+def _rms_norm(norm: Optional[nn.Module], head_dim: int) -> Union[None, tuple, str]:
+    """(weight or None, eps) of a per-head RMSNorm the op computes, None for no norm, or the
+    reason the norm is not one."""
+    if norm is None:
+        return None
+    if isinstance(norm, nn.RMSNorm):
+        shape, eps = tuple(norm.normalized_shape), norm.eps
+    elif is_diffusers(norm, "RMSNorm"):
+        if norm.bias is not None:
+            return "a q/k RMSNorm with a bias"
+        shape, eps = tuple(norm.dim), norm.eps
+    else:
+        return f"q/k norm {type(norm).__name__} is not an RMSNorm"
+    if shape != (head_dim,):
+        return f"a q/k RMSNorm over {shape}, not over each head's {head_dim} channels"
+    if eps is None:
+        return "a q/k RMSNorm with eps=None (the input dtype's machine epsilon)"
+    return norm.weight, eps
+
+
+def _stream_norms(attn: nn.Module, names: tuple, head_dim: int) -> Union[tuple, str]:
+    """(weight_q, weight_k, eps) of one stream's q and k norms, or the reason they do not fuse."""
+    norms = [_rms_norm(getattr(attn, name, None), head_dim) for name in names]
+    for norm in norms:
+        if isinstance(norm, str):
+            return norm
+    present = [norm for norm in norms if norm is not None]
+    if len({eps for _, eps in present}) > 1:
+        return f"{names[0]} and {names[1]} have different eps"
+    return (*(None if norm is None else norm[0] for norm in norms), present[0][1] if present else 1e-6)
+
+
+class JointAttentionProcessor(BackendScope):
+    """What `FluxAttnProcessor` (flux: the text first, and a single stream's output returned
+    without projection) or `JointAttnProcessor2_0` (the text last, every output projected)
+    computes (module docstring)."""
+
+    def __init__(self, backend: str, original, flux: bool):
+        super().__init__(backend)
+        self.original = original
+        self.flux = flux
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 *args, **kwargs):
+        if attention_mask is not None or args or kwargs:
+            rope = () if image_rotary_emb is None else (image_rotary_emb,)
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *rope, *args, **kwargs)
+        from fastgen.ops.cross_attention import cross_attention
+        from fastgen.ops.qk_norm_rope import qk_norm_rope, rope_tables_from_diffusers
+
+        joint = encoder_hidden_states is not None
+        streams = [(hidden_states, False)]
+        if joint:
+            streams.insert(0 if self.flux else 1, (encoder_hidden_states, True))
+        batch, heads, head_dim = hidden_states.shape[0], attn.heads, attn.inner_dim // attn.heads
+        total = sum(x.shape[1] for x, _ in streams)
+        joint_q = hidden_states.new_empty(batch, total, heads, head_dim)
+        joint_k = torch.empty_like(joint_q)
+        tables = (None, None)
+        if image_rotary_emb is not None:
+            tables = rope_tables_from_diffusers(*image_rotary_emb, "interleaved")
+        values, start = [], 0
+        for x, is_text in streams:
+            q, k, v = (t.unflatten(-1, (heads, head_dim)) for t in _projections(attn, x, is_text))
+            weight_q, weight_k, eps = _stream_norms(
+                attn, ("norm_added_q", "norm_added_k") if is_text else ("norm_q", "norm_k"), head_dim)
+            rows = slice(start, start + x.shape[1])
+            cos, sin = (None, None) if tables[0] is None else (tables[0][rows], tables[1][rows])
+            self.run(lambda: qk_norm_rope(q, k, weight_q, weight_k, cos, sin, eps,
+                                          out_q=joint_q[:, rows], out_k=joint_k[:, rows]))
+            values.append(v)
+            start = rows.stop
+        out = self.run(cross_attention, joint_q, joint_k, torch.cat(values, dim=1)).flatten(2)
+        if not joint:
+            return out if self.flux else _image_out(attn, out)
+        text_rows = encoder_hidden_states.shape[1]
+        if self.flux:
+            text, image = out.split([text_rows, total - text_rows], dim=1)
+        else:
+            image, text = out.split([total - text_rows, text_rows], dim=1)
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text.contiguous())
+        return _image_out(attn, image.contiguous()), text
+
+
+def _projections(attn: nn.Module, x: torch.Tensor, text: bool) -> tuple:
+    """q, k, v projections of one stream: the text stream's added projections or the image's,
+    fused into one linear where diffusers' fuse_projections made one (then views of it)."""
+    if getattr(attn, "fused_projections", False):
+        return (attn.to_added_qkv if text else attn.to_qkv)(x).chunk(3, dim=-1)
+    names = ("add_q_proj", "add_k_proj", "add_v_proj") if text else ("to_q", "to_k", "to_v")
+    return tuple(getattr(attn, name)(x) for name in names)
+
+
+def _image_out(attn: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+# (diffusers attention class, its processor class) -> whether it is FLUX.1's
+_PROCESSORS = {("FluxAttention", "FluxAttnProcessor"): True, ("Attention", "JointAttnProcessor2_0"): False}
+# The processors replaced here, which diffusers_attention leaves to this module.
+JOINT_PROCESSORS = frozenset(processor for _, processor in _PROCESSORS)
+
+
+@accelerator
+def diffusers_joint_attention(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
+    kind = next(((cls, proc) for cls, proc in _PROCESSORS if is_diffusers(module, cls)), None)
+    if kind is None or type(module.processor).__name__ != kind[1]:
+        return None  # another class, or an Attention with another processor (diffusers_attention's)
+    for op in _OPS:
+        if op_not_selected(op, ops):
+            return op_not_selected(op, ops)
+    from fastgen.ops.cross_attention import MAX_HEAD_DIM
+
+    head_dim = module.inner_dim // module.heads
+    if head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} is above fastgen::cross_attention's limit of {MAX_HEAD_DIM}"
+    for names in (("norm_q", "norm_k"), ("norm_added_q", "norm_added_k")):
+        norms = _stream_norms(module, names, head_dim)
+        if isinstance(norms, str):
+            return norms
+    replacement = JointAttentionProcessor(backend, module.processor, flux=_PROCESSORS[kind])
+    return replace_attribute(module, "processor", replacement, type(replacement).__name__, ", ".join(_OPS))
