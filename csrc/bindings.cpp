@@ -373,4 +373,9 @@ PYBIND11_MODULE(_C, m) {
   bind(m, "linear_attention_forward", &linear_attention_forward,
        {"q", "k", "v", "out", "partials", "eps"});
   bind(m, "linear_attention_partials", &linear_attention_partials, {"k"});
+  bind(m, "qk_norm_rope_forward", &qk_norm_rope_forward,
+       {"x", "weight", "cos", "sin", "y", "interleaved", "eps"});
+  bind(m, "qk_norm_rope_backward", &qk_norm_rope_backward,
+       {"dy", "x", "weight", "cos", "sin", "dx", "partial", "interleaved", "eps"});
+  bind(m, "qk_norm_rope_backward_rows", &qk_norm_rope_backward_rows, {"x"});
 }

@@ -425,4 +425,20 @@ void linear_attention_forward(const TensorView4d& q, const TensorView4d& k, cons
 // linear_attention.cu: the partial states linear_attention_forward's plan keeps for k.
 int64_t linear_attention_partials(const TensorView4d& k);
 
+// qk_norm_rope.cu: y = RoPE(RMSNorm(x)) per row (b, l, h) of x (B, L, H, D), any strides;
+// weight a float32 (D,) view or null (no norm); cos, sin float32 (L, D/2) views or both null
+// (no rotation); pairs (2j, 2j + 1) when interleaved, else (j, j + D/2).
+void qk_norm_rope_forward(const TensorView4d& x, const TensorView4d* weight, const TensorView4d* cos,
+                          const TensorView4d* sin, const TensorView4d& y, bool interleaved, float eps,
+                          cudaStream_t stream);
+
+// qk_norm_rope.cu: dx of qk_norm_rope_forward for dy (like x), and with a weight the float32
+// (qk_norm_rope_backward_rows(x), D) partial sums of dweight, one row per warp (summed by the
+// caller).
+void qk_norm_rope_backward(const TensorView4d& dy, const TensorView4d& x, const TensorView4d* weight,
+                           const TensorView4d* cos, const TensorView4d* sin, const TensorView4d& dx,
+                           const TensorView4d* partial, bool interleaved, float eps, cudaStream_t stream);
+
+int64_t qk_norm_rope_backward_rows(const TensorView4d& x);
+
 }  // namespace fastgen

@@ -1,4 +1,4 @@
-"""qk_norm_rope: the Triton kernels against the float64 reference (values and gradients), the
+"""qk_norm_rope: the Triton and CUDA kernels (the CUDA ones under the emulation) against the float64 reference (values and gradients), the
 reference against its own backward formulas and against diffusers, the out= variant, non-finite
 values and argument errors."""
 import math
@@ -19,7 +19,12 @@ from fastgen.ops.qk_norm_rope import (
     rope_tables_from_diffusers,
 )
 from fastgen.ops.registry import random_tensor, use_backend
+from conftest import fake_tensor_arg
 from test_fuzz import non_finite_aware_mismatch
+
+# The fast backends on CPU tensors: Triton under the interpreter, CUDA under the emulation.
+BACKENDS = [pytest.param("triton", id="triton"),
+            pytest.param("cuda", id="cuda-emulated", marks=pytest.mark.cuda_emulation)]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU = torch.device("cpu")
@@ -61,47 +66,51 @@ def _upcast(args):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("view", ["contiguous", "fused qkv", "heads first", "sliced"])
-def test_triton_matches_the_float64_reference_forward_and_backward(view, variant, dtype, generator):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_the_float64_reference_forward_and_backward(backend, view, variant, dtype, generator):
     args = _args((2, 7, 3, 32), variant, dtype, generator, view)
-    error, detail = check.check_forward(QK_NORM_ROPE, "triton", args)
+    error, detail = check.check_forward(QK_NORM_ROPE, backend, args)
     assert not detail, detail
-    error, detail = check.check_backward(QK_NORM_ROPE, "triton", args, generator)
+    error, detail = check.check_backward(QK_NORM_ROPE, backend, args, generator)
     assert not detail, detail
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [128, 80, 64, 33, 2, 1])
-def test_triton_matches_at_head_dims_and_across_many_row_blocks(head_dim, dtype, generator):
-    """Enough rows (2 x 37 x 5) for several row blocks per backward program, so the weight
-    gradients sum partial rows; D 80 pads its 40 pairs to 64, D 33 and 1 (norm only) leave
-    the second half one feature short."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_at_head_dims_and_across_many_row_blocks(backend, head_dim, dtype, generator):
+    """Enough rows (2 x 37 x 5) for several row blocks per backward program (Triton) and several
+    rows per warp (CUDA), so the weight gradients sum partial rows; D 80 pads its 40 pairs to
+    64, D 33 and 1 (norm only) leave the second half one feature short."""
     variant = "both norms, interleaved" if head_dim % 2 == 0 else "norm only"
     args = _args((2, 37, 5, head_dim), variant, dtype, generator)
     for run in (check.check_forward, lambda *a: check.check_backward(*a, generator)):
-        error, detail = run(QK_NORM_ROPE, "triton", args)
+        error, detail = run(QK_NORM_ROPE, backend, args)
         assert not detail, detail
 
 
-def test_triton_backward_op_matches_the_backward_formulas(generator):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_op_matches_the_backward_formulas(backend, generator):
     args = _args((2, 37, 5, 64), "both norms, rotate_half", torch.float32, generator)
     grads = tuple(torch.randn(args[0].shape, generator=generator) for _ in "qk")
     out = QK_NORM_ROPE_BACKWARD.allocate_output(*grads, *args)
     for tensor in out:
         tensor.fill_(float("nan"))
-    QK_NORM_ROPE_BACKWARD.implementations["triton"].run(*grads, *args, out=out)
+    QK_NORM_ROPE_BACKWARD.implementations[backend].run(*grads, *args, out=out)
     expected = qk_norm_rope_backward_reference(*_upcast(grads), *_upcast(args))
     same_dtype = qk_norm_rope_backward_reference(*grads, *args)
     for actual, wanted, reference in zip(out, expected, same_dtype):
         assert not check.mismatch(actual, wanted, reference)[1]
 
 
-def test_weight_gradients_are_deterministic(generator):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_gradients_are_deterministic(backend, generator):
     args = _args((2, 37, 5, 128), "both norms, interleaved", torch.float32, generator)
     grads = tuple(torch.randn(args[0].shape, generator=generator) for _ in "qk")
     runs = []
     for _ in range(2):
         out = QK_NORM_ROPE_BACKWARD.allocate_output(*grads, *args)
-        QK_NORM_ROPE_BACKWARD.implementations["triton"].run(*grads, *args, out=out)
+        QK_NORM_ROPE_BACKWARD.implementations[backend].run(*grads, *args, out=out)
         runs.append(out)
     for first, second in zip(*runs):
         assert torch.equal(first, second)
@@ -180,7 +189,7 @@ def _joint_buffers(shape, text_len, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_out_writes_only_its_slice_of_the_joint_buffer(backend, dtype, generator):
     shape, text_len = (2, 6, 3, 16), 5
     args = _args(shape, "both norms, interleaved", dtype, generator, "fused qkv")
@@ -251,7 +260,8 @@ def test_out_with_empty_tensors_writes_nothing(generator):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_values_propagate_as_in_the_reference(value, dtype, generator):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_values_propagate_as_in_the_reference(backend, value, dtype, generator):
     """A NaN or infinite feature of q makes its row non-finite and nothing else, forward and
     backward; NaN and infinities sit where the float64 reference has them."""
     args = list(_args((1, 4, 2, 8), "both norms, interleaved", dtype, generator))
@@ -259,10 +269,10 @@ def test_non_finite_values_propagate_as_in_the_reference(value, dtype, generator
     args[0][0, 1, 1, 3] = value
     with mock.patch.object(check, "mismatch", non_finite_aware_mismatch):
         for run in (check.check_forward, lambda *a: check.check_backward(*a, generator)):
-            error, detail = run(QK_NORM_ROPE, "triton", tuple(args))
+            error, detail = run(QK_NORM_ROPE, backend, tuple(args))
             assert not detail, detail
     leaves = [a.detach().requires_grad_() if i < 4 else a for i, a in enumerate(args)]
-    with use_backend("triton"):
+    with use_backend(backend):
         q_out, k_out = qk_norm_rope(*leaves)
         torch.autograd.backward((q_out, k_out), [torch.ones(q_out.shape, dtype=dtype)] * 2)
     row = torch.zeros(q_out.shape[:3], dtype=torch.bool)
@@ -313,3 +323,40 @@ def test_rejects_bad_arguments_naming_them(changes, error, message, grad):
         arguments["q"] = arguments["q"].requires_grad_()
     with pytest.raises(error, match=f"qk_norm_rope: {message}"):
         fastgen.qk_norm_rope(**arguments)
+
+
+def _entry_args(x=(2, 5, 3, 8), weight=(8,), cos=(5, 4), sin=(5, 4), y=None, dtype="float32",
+                weight_dtype="float32", interleaved=True, eps=1e-6):
+    """qk_norm_rope_forward's extension arguments (fake pointers: the checks fail before any read)."""
+    def tensor(shape, dtype="float32"):
+        return None if shape is None else fake_tensor_arg(shape + (1,) * (4 - len(shape)), dtype)
+
+    return dict(x=tensor(x, dtype), weight=tensor(weight, weight_dtype), cos=tensor(cos), sin=tensor(sin),
+                y=tensor(y or x, dtype), interleaved=interleaved, eps=eps, stream=0)
+
+
+@pytest.mark.parametrize("changes, name", [
+    (dict(dtype="uint8"), "x"),
+    (dict(weight=(7,)), "weight"),
+    (dict(weight_dtype="float16"), "weight"),  # the op converts the weight to float32 first
+    (dict(cos=None), "cos"),  # without sin
+    (dict(cos=(5, 3)), "cos"),
+    (dict(x=(2, 5, 3, 7), weight=(7,), cos=(5, 3), sin=(5, 3)), "x"),  # RoPE of an odd D
+    (dict(y=(2, 5, 3, 4)), "y"),
+    (dict(eps=0.0), "eps"),
+])
+def test_cuda_entry_point_rejects_bad_arguments_naming_them(emulated_extension, changes, name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        emulated_extension.qk_norm_rope_forward(**_entry_args(**changes))
+
+
+def test_cuda_backward_partial_must_match_its_plan(emulated_extension):
+    rows = emulated_extension.qk_norm_rope_backward_rows(fake_tensor_arg((2, 5, 3, 8)))
+    assert rows % 8 == 0 and rows >= 8  # one row of sums per warp, eight warps a block
+    args = _entry_args()
+    del args["y"]
+    with pytest.raises(ValueError, match=r"^partial\b"):
+        emulated_extension.qk_norm_rope_backward(dy=args["x"], dx=args["x"],
+                                                 partial=fake_tensor_arg((rows + 8, 8, 1, 1)), **args)
+    with pytest.raises(ValueError, match=r"^partial\b"):  # a weight needs partial sums
+        emulated_extension.qk_norm_rope_backward(dy=args["x"], dx=args["x"], partial=None, **args)

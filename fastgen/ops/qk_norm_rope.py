@@ -62,6 +62,7 @@ from typing import Optional
 
 import torch
 
+from fastgen import _cuda
 from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_number, check_same_dtype_and_device,
                                   define_custom_op, random_tensor, register, register_autograd)
 
@@ -260,12 +261,39 @@ def _check_cases():
 QK_NORM_ROPE = register(Op(name="qk_norm_rope", reference=qk_norm_rope_reference,
                            allocate_output=_allocate_output, check_cases=_check_cases))
 # Not in OPS, like the other backward ops: checked through qk_norm_rope's fwd+bwd runs and by
-# tests/test_qk_norm_rope.py, which drives its Triton implementation directly.
+# tests/test_qk_norm_rope.py, which drives its Triton and CUDA implementations directly.
 QK_NORM_ROPE_BACKWARD = Op(name="qk_norm_rope_backward", reference=qk_norm_rope_backward_reference,
                            allocate_output=_allocate_gradients)
 
 QK_NORM_ROPE.implement_at("triton", "fastgen.kernels.qk_norm_rope:qk_norm_rope_forward")
 QK_NORM_ROPE_BACKWARD.implement_at("triton", "fastgen.kernels.qk_norm_rope:qk_norm_rope_backward")
+
+
+# The CUDA kernels (csrc/qk_norm_rope.cu) run one tensor per launch and read the weight and the
+# tables as float32: converted here, once per call (D and L x D/2 values).
+def _float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float()
+
+
+@QK_NORM_ROPE.implement("cuda")
+def _forward_cuda(q, k, weight_q, weight_k, cos, sin, eps, rope_layout, *, out):
+    tables = dict(cos=_float32(cos), sin=_float32(sin), interleaved=rope_layout == "interleaved", eps=eps)
+    for x, weight, y in ((q, weight_q, out[0]), (k, weight_k, out[1])):
+        _cuda.launch("qk_norm_rope_forward", x=x, weight=_float32(weight), y=y, **tables)
+
+
+@QK_NORM_ROPE_BACKWARD.implement("cuda")
+def _backward_cuda(grad_q, grad_k, q, k, weight_q, weight_k, cos, sin, eps, rope_layout, *, out):
+    tables = dict(cos=_float32(cos), sin=_float32(sin), interleaved=rope_layout == "interleaved", eps=eps)
+    dq, dk, dweight_q, dweight_k = out
+    for grad, x, weight, dx, dweight in ((grad_q, q, weight_q, dq, dweight_q), (grad_k, k, weight_k, dk, dweight_k)):
+        partial = None
+        if weight is not None:
+            rows = _cuda.query("qk_norm_rope_backward_rows", x=x)
+            partial = torch.empty(rows, x.shape[-1], dtype=torch.float32, device=x.device)
+        _cuda.launch("qk_norm_rope_backward", dy=grad, x=x, weight=_float32(weight), dx=dx, partial=partial, **tables)
+        if weight is not None:
+            dweight.copy_(partial.sum(0))
 
 
 @define_custom_op(QK_NORM_ROPE)
