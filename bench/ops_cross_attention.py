@@ -11,6 +11,9 @@ k and v views of one fused to_kv projection as diffusers' fused processors give 
 - SANA at 1024 px: 32x32 latent tokens to 300 Gemma caption tokens padded with a key mask,
   16 heads of 72 (0.6B) and 20 heads of 112 (1.6B).
 - Self-attention at SD 1.5's first level: Lq = Lkv = 4096, 8 heads of 40.
+- MM-DiT joint self-attention over text and image tokens at 1024 px: FLUX.1-dev, 512 + 4096
+  tokens, 24 heads of 128, batch 1 (guidance distilled: no CFG batch); SD3-medium, 333 + 4096
+  tokens, 24 heads of 64, batch 2 (CFG).
 
 Work is FLOPs (bound "compute"): 4 B H Lq Lkv D for the forward (two matrix products); the
 backward is counted as 2.5 times that (five products, as FlashAttention counts), so a
@@ -70,10 +73,11 @@ def _cases(quick: bool) -> list:
     sdxl = [("SDXL", 4, 4096, 77, 10, 64, None), ("SDXL", 4, 1024, 77, 20, 64, None)]
     sana = [("SANA-0.6B", 4, 1024, 300, 16, 72, _sana_lengths(4)), ("SANA-1.6B", 4, 1024, 300, 20, 112, _sana_lengths(4))]
     self_attention = [("SD1.5 self", 4, 4096, 4096, 8, 40, None)]
+    joint = [("FLUX.1-dev joint", 1, 4608, 4608, 24, 128, None), ("SD3-medium joint", 2, 4429, 4429, 24, 64, None)]
     if quick:
-        shapes = [sd15[0], sd15[2], sdxl[0], sana[0], self_attention[0]]
+        shapes = [sd15[0], sd15[2], sdxl[0], sana[0], self_attention[0], joint[0]]
     else:
-        shapes = sd15 + sdxl + sana + self_attention
+        shapes = sd15 + sdxl + sana + self_attention + joint
     cases = [_case(label, b, lq, lkv, h, d, dtype, direction, lengths)
              for (label, b, lq, lkv, h, d, lengths), dtype, direction in itertools.product(shapes, dtypes, directions)]
     if not quick:  # float32 at the largest SD 1.5 level, for the TF32x3 path
