@@ -1,12 +1,15 @@
 """What the reference model modules share: resolving a config by name, loading a checkpoint
-file without allocating the weights twice, the sinusoidal timestep embedding, and a plain
-GroupNorm (with its activation) run as one fused `ada_group_norm` pass."""
+file without allocating the weights twice, the sinusoidal timestep embedding and the two-layer
+MLPs that embed timesteps and text (diffusers' `TimestepEmbedding` and
+`PixArtAlphaTextProjection` layouts), an RMSNorm over the last dimension, and a plain GroupNorm
+(with its activation) run as one fused `ada_group_norm` pass."""
 from __future__ import annotations
 
 import math
 from typing import Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastgen.ops.ada_norm import ada_group_norm
@@ -85,6 +88,52 @@ def sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: floa
     )
     angles = timestep.float()[:, None] * frequencies[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, the activation of DiT-family MLPs."""
+    return F.gelu(x, approximate="tanh")
+
+
+class ProjectionMLP(nn.Module):
+    """linear_2(activation(linear_1(x))), in_features -> hidden -> hidden (out_features if given):
+    the parameter layout of diffusers' `TimestepEmbedding` and `PixArtAlphaTextProjection`."""
+
+    def __init__(self, in_features: int, hidden: int, activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+                 out_features: Optional[int] = None):
+        super().__init__()
+        self.activation = activation
+        self.linear_1 = nn.Linear(in_features, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden if out_features is None else out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.activation(self.linear_1(x)))
+
+
+class TimestepEmbedder(ProjectionMLP):
+    """The timestep MLP of DiT-family models: the sinusoidal embedding of t (frequency_channels
+    wide, see sinusoidal_embedding) cast to `dtype`, then linear, SiLU, linear."""
+
+    def __init__(self, hidden_size: int, frequency_channels: int = 256):
+        super().__init__(frequency_channels, hidden_size)
+        self.frequency_channels = frequency_channels
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return super().forward(sinusoidal_embedding(timestep, self.frequency_channels).to(dtype))
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2 over the last dimension) + eps) * weight, the statistics in float32 and
+    the weight applied in the input dtype (diffusers' RMSNorm; torch.nn.RMSNorm in float32)."""
+
+    def __init__(self, channels: int, eps: float, initial_scale: float = 1.0):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.full((channels,), initial_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean_square = x.float().square().mean(dim=-1, keepdim=True)
+        return (x.float() * torch.rsqrt(mean_square + self.eps)).to(x.dtype) * self.weight
 
 
 def fused_group_norm(norm: nn.GroupNorm, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:

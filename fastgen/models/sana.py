@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.common import example_resolution_multiple_of, load_safetensors, resolve_config, sinusoidal_embedding
+from fastgen.models.common import (ProjectionMLP, RMSNorm, TimestepEmbedder, example_resolution_multiple_of, gelu_tanh,
+                                   load_safetensors, resolve_config)
 from fastgen.ops.ada_norm import ada_layer_norm
 from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.linear_attention import linear_attention
@@ -146,18 +147,6 @@ class PatchEmbed(nn.Module):
         return self.proj(latents).flatten(2).transpose(1, 2)
 
 
-class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, frequency_channels: int = 256):
-        super().__init__()
-        self.frequency_channels = frequency_channels
-        self.linear_1 = nn.Linear(frequency_channels, hidden_size)
-        self.linear_2 = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        frequencies = sinusoidal_embedding(timestep, self.frequency_channels).to(dtype)
-        return self.linear_2(F.silu(self.linear_1(frequencies)))
-
-
 class _TimestepConditioning(nn.Module):
     """Only wraps `timestep_embedder` to reproduce the diffusers nesting `time_embed.emb.*`."""
 
@@ -180,28 +169,6 @@ class AdaLayerNormSingle(nn.Module):
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.emb(timestep, dtype)
         return self.linear(F.silu(embedding)), embedding
-
-
-class CaptionProjection(nn.Module):
-    def __init__(self, caption_channels: int, hidden_size: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(caption_channels, hidden_size)
-        self.linear_2 = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, caption: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(caption), approximate="tanh"))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, channels: int, eps: float, initial_scale: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.full((channels,), initial_scale))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in float32; the scale is applied in the input dtype, as diffusers does.
-        mean_square = x.float().square().mean(dim=-1, keepdim=True)
-        return (x.float() * torch.rsqrt(mean_square + self.eps)).to(x.dtype) * self.weight
 
 
 class _Attention(nn.Module):
@@ -301,7 +268,7 @@ class SanaTransformer(nn.Module):
         hidden = config.hidden_size
         self.patch_embed = PatchEmbed(config)
         self.time_embed = AdaLayerNormSingle(hidden)
-        self.caption_projection = CaptionProjection(config.caption_channels, hidden)
+        self.caption_projection = ProjectionMLP(config.caption_channels, hidden, gelu_tanh)
         self.caption_norm = RMSNorm(hidden, eps=1e-5, initial_scale=config.caption_norm_init)
         self.transformer_blocks = nn.ModuleList(SanaBlock(config) for _ in range(config.num_layers))
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden) / hidden**0.5)
