@@ -6,7 +6,8 @@ dict / tuple / list of tensors (for example a caption and its mask), batched alo
 Wrapping a network into this form (scaling t to its timestep range, unpacking cond) is the
 caller's job, which keeps the samplers independent of any one model.
 
-Two families: flow matching (the model predicts a velocity, t runs from 1 to 0) and the
+Two families: flow matching (the model predicts a velocity, t runs from 1 to 0; the schedules
+of SANA, Stable Diffusion 3 and FLUX.1 differ in how they shift the times) and the
 discrete-time diffusion samplers DDPM and DDIM (the model predicts the noise eps, t is a
 training timestep in [0, T), the forward process is x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t)
 eps with abar_t the cumulative product of 1 - beta over steps 0..t).
@@ -77,12 +78,68 @@ def flow_matching_timesteps(
 
     diffusers' FlowMatchEulerDiscreteScheduler builds its grid slightly differently (its last
     nonzero time is shifted twice), so its schedule differs from this one near t = 0."""
+    _check_num_steps(num_steps)
+    grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32, device=device)
+    return shifted_time(grid, shift)
+
+
+def _check_num_steps(num_steps: int) -> None:
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+
+
+def shifted_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The static time shift t' = shift t / (1 + (shift - 1) t): for shift > 1 it moves every
+    time towards the noise end, 0 and 1 staying put (SD3: shift 3)."""
     if shift <= 0:
         raise ValueError(f"shift must be > 0; got {shift}")
-    grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32, device=device)
-    return shift * grid / (1 + (shift - 1) * grid)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def resolution_shift(image_tokens: int, base_tokens: int = 256, max_tokens: int = 4096, base_shift: float = 0.5,
+                     max_shift: float = 1.15) -> float:
+    """FLUX.1's log-shift mu for an image of `image_tokens` tokens: linear in the token count,
+    base_shift at base_tokens (256 px) and max_shift at max_tokens (1024 px), extrapolated
+    beyond."""
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return base_shift + slope * (image_tokens - base_tokens)
+
+
+def resolution_shifted_time(t: torch.Tensor, mu: float) -> torch.Tensor:
+    """FLUX.1's time shift t' = e^mu / (e^mu + (1 / t - 1)), the static shift with shift = e^mu
+    written for t > 0."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def sd3_timesteps(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
+    """num_steps + 1 times from 1 to 0 as Stable Diffusion 3's pipeline samples them (diffusers'
+    FlowMatchEulerDiscreteScheduler with `shift`): num_steps times evenly spaced from 1 down to
+    the scheduler's smallest training time s_min = shifted_time(1 / num_train_timesteps, shift),
+    each passed through shifted_time, then 0. (s_min is shifted once more there, which sets the
+    last nonzero time; flow_matching_timesteps' grid ends at 0 instead.) float32; the network's
+    timestep is num_train_timesteps times these."""
+    _check_num_steps(num_steps)
+    smallest = float(shifted_time(torch.tensor(1.0 / num_train_timesteps, dtype=torch.float64), shift))
+    grid = torch.linspace(1.0, smallest, num_steps, dtype=torch.float64, device=device)
+    return _with_final_zero(shifted_time(grid, shift))
+
+
+def flux_timesteps(num_steps: int, image_tokens: Optional[int] = None,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """num_steps + 1 times from 1 to 0 as FLUX.1's pipeline samples them: num_steps times evenly
+    spaced from 1 down to 1 / num_steps, passed through resolution_shifted_time with
+    mu = resolution_shift(image_tokens) ([dev]; image_tokens None: unshifted, [schnell]), then 0.
+    float32."""
+    _check_num_steps(num_steps)
+    grid = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64, device=device)
+    if image_tokens is not None:
+        grid = resolution_shifted_time(grid, resolution_shift(image_tokens))
+    return _with_final_zero(grid)
+
+
+def _with_final_zero(times: torch.Tensor) -> torch.Tensor:
+    return torch.cat([times, times.new_zeros(1)]).float()
 
 
 def flow_matching_euler(
