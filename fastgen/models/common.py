@@ -1,8 +1,8 @@
 """What the reference model modules share: resolving a config by name, loading a checkpoint
-file without allocating the weights twice, the sinusoidal timestep embedding and the two-layer
-MLPs that embed timesteps and text (diffusers' `TimestepEmbedding` and
-`PixArtAlphaTextProjection` layouts), an RMSNorm over the last dimension, and a plain GroupNorm
-(with its activation) run as one fused `ada_group_norm` pass."""
+file without allocating the weights twice, the sinusoidal timestep embedding, turning patch
+tokens back into a map, the two-layer MLPs that embed timesteps and text (diffusers'
+`TimestepEmbedding` and `PixArtAlphaTextProjection` layouts), an RMSNorm over the last
+dimension, and a plain GroupNorm (with its activation) run as one fused `ada_group_norm` pass."""
 from __future__ import annotations
 
 import math
@@ -78,16 +78,26 @@ def decode_step(model: nn.Module, batch: int, resolution: int,
     return step
 
 
-def sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (channels / 2)), float32, (B, channels)
-    (diffusers' Timesteps with flip_sin_to_cos and no frequency shift; guided-diffusion's
-    timestep_embedding)."""
+def sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: float = 10000.0,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (channels / 2)), computed in and
+    returned as `dtype` (float32 by default), (B, channels) (diffusers' Timesteps with
+    flip_sin_to_cos and no frequency shift; guided-diffusion's timestep_embedding)."""
     half = channels // 2
     frequencies = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
+        -math.log(max_period) * torch.arange(half, dtype=dtype, device=timestep.device) / half
     )
-    angles = timestep.float()[:, None] * frequencies[None]
+    angles = timestep.to(dtype)[:, None] * frequencies[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple, patch_size: int, channels: int) -> torch.Tensor:
+    """(B, h w, p p C) tokens, each holding its p x p patch as (row, column, channel), row-major
+    over the h x w grid -> the (B, C, h p, w p) map."""
+    height, width = grid
+    patches = tokens.view(tokens.shape[0], height, width, patch_size, patch_size, channels)
+    return patches.permute(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], channels, height * patch_size,
+                                                      width * patch_size)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from torch import nn
 
 from fastgen import samplers
 from fastgen.models.common import (ProjectionMLP, RMSNorm, TimestepEmbedder, example_resolution_multiple_of, gelu_tanh,
-                                   load_safetensors, resolve_config)
+                                   load_safetensors, resolve_config, unpatchify)
 from fastgen.ops.ada_norm import ada_layer_norm
 from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.linear_attention import linear_attention
@@ -306,9 +306,8 @@ class SanaTransformer(nn.Module):
         self._check_inputs(latents, caption, timestep, caption_mask)
         if caption_mask is not None:
             caption_mask = caption_mask.bool()
-        batch, _, height, width = latents.shape
         p = self.config.patch_size
-        grid = (height // p, width // p)
+        grid = (latents.shape[2] // p, latents.shape[3] // p)
 
         x = self.patch_embed(latents)
         modulation, embedding = self.time_embed(timestep, x.dtype)
@@ -318,9 +317,7 @@ class SanaTransformer(nn.Module):
 
         shift, scale = (self.scale_shift_table + embedding.unsqueeze(1)).unbind(1)
         x = self.proj_out(ada_layer_norm(x, scale, shift, eps=1e-6))
-        # Each token holds its patch as (row, column, channel).
-        patches = x.view(batch, *grid, p, p, self.config.out_channels)
-        return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch, -1, height, width)
+        return unpatchify(x, grid, p, self.config.out_channels)
 
 
 def build(name_or_config: Union[str, SanaConfig]) -> SanaTransformer:
