@@ -221,3 +221,25 @@ def test_sample_matches_the_diffusers_pipeline_loop(generator, config):
     assert batch_sizes == [noise.shape[0]] * 3
     assert sampled.shape == noise.shape
     torch.testing.assert_close(sampled, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_example_step_is_one_denoising_call_with_distilled_guidance(generator):
+    model = flux.build("tiny").to(torch.float64).eval()
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append((args, output)))
+    step = flux.example_step(model, batch=3, generator=generator)
+    with torch.no_grad():
+        out = step()
+        step()
+    (tokens, text, pooled, timestep, image_ids, text_ids, guidance), first = calls[0]
+    assert tokens.shape == (3, 16, 16), "64 px / 8 = 8 x 8 latents packed into 4 x 4 tokens"
+    assert text.shape == (3, flux.EXAMPLE_TEXT_TOKENS, 24) and tokens.dtype == text.dtype == torch.float64
+    assert image_ids.shape == (16, 3) and text_ids.shape == (flux.EXAMPLE_TEXT_TOKENS, 3)
+    assert torch.equal(timestep, torch.full((3,), 0.5)) and torch.equal(guidance, torch.full((3,), 3.5))
+    assert calls[1][0][0] is tokens, "inputs are made once"
+    assert out is first and out.shape == tokens.shape
+    assert flux.example_step(flux.build(TINY_WITHOUT_GUIDANCE))().shape == (1, 16, 16)
+    assert flux.example_step(model, resolution=128)().shape[1] == 64
+    for bad in ({"batch": 0}, {"resolution": 72}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            flux.example_step(model, **bad)

@@ -1,4 +1,7 @@
-"""fastgen.samplers: flow-matching Euler and classifier-free guidance on analytic models."""
+"""fastgen.samplers: flow-matching Euler and classifier-free guidance on analytic models, the
+SD3 and FLUX.1 schedules against diffusers' scheduler, DDPM and DDIM."""
+import math
+
 import pytest
 import torch
 
@@ -266,3 +269,57 @@ def test_ddim_clip_denoised_steps_from_the_clamped_estimate(generator):
     assert (x0.abs() == 1).any()  # the clamp is exercised
     eps_clipped = (x - abar[25].sqrt() * x0) / (1 - abar[25]).sqrt()
     torch.testing.assert_close(out, abar[10].sqrt() * x0 + (1 - abar[10]).sqrt() * eps_clipped)
+
+
+@pytest.mark.parametrize("num_steps", [1, 4, 28])
+def test_sd3_timesteps_are_the_sd3_schedulers_sigmas(num_steps):
+    """StableDiffusion3Pipeline's scheduler config: FlowMatchEulerDiscreteScheduler(shift=3.0),
+    set_timesteps(num_steps) without sigmas."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(num_steps)
+    times = samplers.sd3_timesteps(num_steps, shift=3.0)
+    torch.testing.assert_close(times, scheduler.sigmas, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(times[:-1] * 1000, scheduler.timesteps, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_steps", [1, 4, 28])
+@pytest.mark.parametrize("image_tokens", [15, 256, 1024, 4096, 16384])
+def test_flux_timesteps_are_the_flux_dev_schedulers_sigmas(num_steps, image_tokens):
+    """FLUX.1 [dev]'s scheduler config (dynamic shifting between 0.5 at 256 and 1.15 at 4096
+    tokens) with FluxPipeline's sigmas linspace(1, 1 / n, n) and its calculate_shift mu."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
+    import numpy as np
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (image_tokens - 256)
+    assert samplers.resolution_shift(image_tokens) == pytest.approx(mu)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    torch.testing.assert_close(samplers.flux_timesteps(num_steps, image_tokens), scheduler.sigmas,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_flux_schnell_timesteps_are_unshifted():
+    """FLUX.1 [schnell]'s scheduler: shift 1, no dynamic shifting."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
+    import numpy as np
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4))
+    torch.testing.assert_close(samplers.flux_timesteps(4), scheduler.sigmas)
+    torch.testing.assert_close(samplers.flux_timesteps(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+
+
+def test_time_shifts():
+    t = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    torch.testing.assert_close(samplers.shifted_time(t, 3.0), 3 * t / (1 + 2 * t))
+    # The resolution shift is the static shift with shift = e^mu.
+    torch.testing.assert_close(samplers.resolution_shifted_time(t, 0.8), samplers.shifted_time(t, math.exp(0.8)))
+    assert samplers.resolution_shift(256) == pytest.approx(0.5)
+    assert samplers.resolution_shift(4096) == pytest.approx(1.15)
+    with pytest.raises(ValueError, match="shift"):
+        samplers.shifted_time(t, 0.0)
+    with pytest.raises(ValueError, match="num_steps"):
+        samplers.flux_timesteps(0)

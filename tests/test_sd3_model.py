@@ -190,3 +190,24 @@ def test_guided_sample_matches_the_diffusers_pipeline_loop(generator):
             hook.remove()
     assert batch_sizes == [2 * noise.shape[0]] * num_steps
     torch.testing.assert_close(sampled, x, rtol=1e-5, atol=1e-5)
+
+
+def test_example_step_is_one_guidance_batch_denoising_call(generator):
+    model = sd3.build("tiny").to(torch.float64).eval()
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append((args, output)))
+    step = sd3.example_step(model, batch=2, generator=generator)
+    with torch.no_grad():
+        out = step()
+        step()
+    (latents, text, pooled, timestep), first = calls[0]
+    assert latents.shape == (4, 4, 8, 8), "2 x batch latents, 64 px / 8 for tiny by default"
+    assert text.shape == (4, sd3.EXAMPLE_TEXT_TOKENS, 24) and pooled.shape == (4, 12)
+    assert latents.dtype == text.dtype == torch.float64
+    assert torch.equal(timestep, torch.full((4,), 500.0))
+    assert calls[1][0][0] is latents, "inputs are made once"
+    assert out is first and out.shape == latents.shape
+    assert sd3.example_step(model, resolution=48)().shape[-1] == 6
+    for bad in ({"batch": 0}, {"resolution": 40}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sd3.example_step(model, **bad)
