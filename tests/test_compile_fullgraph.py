@@ -1,6 +1,6 @@
-"""torch.compile(fullgraph=True) traces the tiny SANA models, and the tiny accelerated diffusers
-AutoencoderKL and UNet2DConditionModel, as one graph (a graph break is an error under fullgraph)
-and the compiled model computes what the eager one does.
+"""torch.compile(fullgraph=True) traces the tiny SANA, FLUX.1 and SD3 models, and the tiny
+accelerated diffusers AutoencoderKL and UNet2DConditionModel, as one graph (a graph break is an
+error under fullgraph) and the compiled model computes what the eager one does.
 
 The compiler backend is "aot_eager": Dynamo's capture plus AOTAutograd's functionalisation
 through every fastgen op's fake implementation, which is where graph breaks and fake/real
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastgen
-from fastgen.models import sana
+from fastgen.models import flux, sana, sd3
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
 
@@ -34,6 +34,15 @@ def test_our_tiny_sana_compiles_as_one_graph(generator):
         expected = step()
         compiled = _compiled(step)
         torch.testing.assert_close(compiled(), expected)
+
+
+@pytest.mark.parametrize("module", [flux, sd3], ids=["flux", "sd3"])
+def test_our_tiny_mmdit_models_compile_as_one_graph(generator, module):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    step = module.example_step(module.build("tiny").eval(), generator=generator)
+    with fastgen.use_backend("reference"), torch.no_grad():
+        expected = step()
+        torch.testing.assert_close(_compiled(step)(), expected)
 
 
 def test_accelerated_diffusers_sana_compiles_as_one_graph(generator):

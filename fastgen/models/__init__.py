@@ -4,6 +4,10 @@ serve, each built from named configs with random weights (`build`) or from a loc
 `example_resolution` gives:
 
 - `sana`: SANA Linear DiT (diffusers layout), flow-matching sampling with guidance
+- `flux`: the FLUX.1 [dev] / [schnell] MM-DiT (diffusers layout), rectified-flow sampling with
+  the resolution-dependent shift and distilled guidance
+- `sd3`: the Stable Diffusion 3 / 3.5 MM-DiT (diffusers layout), rectified-flow sampling with
+  classifier-free guidance
 - `ldm_unet`: the LDM / Stable Diffusion 1.5 UNet (diffusers layout), DDIM with guidance
 - `adm_unet`: the ADM UNet of guided diffusion, DDPM (learned variance) and DDIM
 - `dcae`: the DC-AE deep-compression autoencoder (diffusers layout)
@@ -15,9 +19,9 @@ serve, each built from named configs with random weights (`build`) or from a loc
 - `var_vqvae`: VAR's multi-scale VQVAE
 - `vqgan`: the VQGAN / l2-normalised single-scale quantizer
 
-`fastgen.models.common` holds what they share."""
-from fastgen.models import (adm_unet, autoencoder_kl, dcae, ldm_unet, sana, stylegan, stylegan2, stylegan3, var_vqvae,
-                            vqgan)
+`fastgen.models.common` holds what they share, `fastgen.models.mmdit` what flux and sd3 share."""
+from fastgen.models import (adm_unet, autoencoder_kl, dcae, flux, ldm_unet, sana, sd3, stylegan, stylegan2, stylegan3,
+                            var_vqvae, vqgan)
 
-__all__ = ["adm_unet", "autoencoder_kl", "dcae", "ldm_unet", "sana", "stylegan", "stylegan2", "stylegan3", "var_vqvae",
-           "vqgan"]
+__all__ = ["adm_unet", "autoencoder_kl", "dcae", "flux", "ldm_unet", "sana", "sd3", "stylegan", "stylegan2", "stylegan3",
+           "var_vqvae", "vqgan"]
