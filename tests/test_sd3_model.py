@@ -189,7 +189,9 @@ def test_guided_sample_matches_the_diffusers_pipeline_loop(generator):
         finally:
             hook.remove()
     assert batch_sizes == [2 * noise.shape[0]] * num_steps
-    torch.testing.assert_close(sampled, x, rtol=1e-5, atol=1e-5)
+    # The guided velocity (1 + s) v_c - s v_u carries each half's float32 rounding (the 1e-5 of
+    # the single-call test) up to 2 s + 1 times.
+    torch.testing.assert_close(sampled, x, rtol=1e-5, atol=(2 * scale + 1) * 1e-5)
 
 
 def test_example_step_is_one_guidance_batch_denoising_call(generator):

@@ -194,7 +194,8 @@ class FluxTransformer(nn.Module):
         if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != c.joint_attention_dim:
             raise ValueError(f"text must be ({batch}, L, {c.joint_attention_dim}); got {tuple(text.shape)}")
         if pooled_text.shape != (batch, c.pooled_projection_dim):
-            raise ValueError(f"pooled_text must be ({batch}, {c.pooled_projection_dim}); got {tuple(pooled_text.shape)}")
+            raise ValueError(f"pooled_text must be ({batch}, {c.pooled_projection_dim}); "
+                             f"got {tuple(pooled_text.shape)}")
         if timestep.shape != (batch,):
             raise ValueError(f"timestep must be a scalar or of shape ({batch},); got {tuple(timestep.shape)}")
         if image_ids.shape != (count, 3) or text_ids.shape != (text.shape[1], 3):

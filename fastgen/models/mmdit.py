@@ -230,7 +230,8 @@ class JointBlock(nn.Module):
         if self.context_pre_only:
             return x, None
         context = context + context_gate1.unsqueeze(1) * context_attended
-        context = context + context_gate2.unsqueeze(1) * self.ff_context(modulate(context, context_shift2, context_scale2))
+        fed = self.ff_context(modulate(context, context_shift2, context_scale2))
+        context = context + context_gate2.unsqueeze(1) * fed
         return x, clip_to_float16(context)
 
 

@@ -154,7 +154,8 @@ class SD3Transformer(nn.Module):
         if latents.ndim != 4 or latents.shape[1] != c.in_channels:
             raise ValueError(f"latents must be (B, {c.in_channels}, H, W); got {tuple(latents.shape)}")
         if latents.shape[2] % p or latents.shape[3] % p:
-            raise ValueError(f"latents height and width must be multiples of patch_size {p}; got {tuple(latents.shape)}")
+            raise ValueError(f"latents height and width must be multiples of patch_size {p}; "
+                             f"got {tuple(latents.shape)}")
         if max(latents.shape[2:]) > p * c.pos_embed_max_size:
             raise ValueError(f"latents height and width must be at most {p * c.pos_embed_max_size} (patch_size x "
                              f"pos_embed_max_size); got {tuple(latents.shape)}")
@@ -162,7 +163,8 @@ class SD3Transformer(nn.Module):
         if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != c.joint_attention_dim:
             raise ValueError(f"text must be ({batch}, L, {c.joint_attention_dim}); got {tuple(text.shape)}")
         if pooled_text.shape != (batch, c.pooled_projection_dim):
-            raise ValueError(f"pooled_text must be ({batch}, {c.pooled_projection_dim}); got {tuple(pooled_text.shape)}")
+            raise ValueError(f"pooled_text must be ({batch}, {c.pooled_projection_dim}); "
+                             f"got {tuple(pooled_text.shape)}")
         if timestep.shape != (batch,):
             raise ValueError(f"timestep must be a scalar or of shape ({batch},); got {tuple(timestep.shape)}")
 
