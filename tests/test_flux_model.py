@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+import fastgen
 from fastgen.models import flux
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
@@ -122,6 +123,28 @@ def test_backward_reaches_every_parameter(generator):
     model(tokens, text, pooled, timestep, flux.image_ids(6, 10), flux.text_ids(7), guidance).square().mean().backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def _loss_and_grads(model, *inputs):
+    model.zero_grad()
+    out = model(*inputs)
+    out.square().mean().backward()
+    return out.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+
+def test_triton_backend_matches_the_reference_values_and_gradients(generator):
+    """Every op of the model (qk_norm_rope into the joint q and k, cross_attention, ada_layer_norm)
+    on the Triton kernels, under the interpreter here: the output and every parameter's gradient."""
+    _, model = _pair(generator)
+    latents, text, pooled, timestep, guidance = _inputs(generator, batch=1)
+    inputs = (flux.pack_latents(latents), text, pooled, timestep, flux.image_ids(6, 10), flux.text_ids(7), guidance)
+    with fastgen.use_backend("reference"):
+        expected, expected_grads = _loss_and_grads(model, *inputs)
+    with fastgen.use_backend("triton"):
+        out, grads = _loss_and_grads(model, *inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bad_inputs_raise_value_errors(generator):

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+import fastgen
 from fastgen.models import sd3
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
@@ -109,6 +110,30 @@ def test_backward_reaches_every_parameter_the_output_depends_on(generator):
     without_gradient = {name for name, parameter in model.named_parameters()
                         if parameter.grad is None or parameter.grad.abs().sum() == 0}
     assert without_gradient == unused
+
+
+def _loss_and_grads(model, *inputs):
+    model.zero_grad()
+    out = model(*inputs)
+    out.square().mean().backward()
+    return out.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                          if parameter.grad is not None}
+
+
+@pytest.mark.parametrize("variant", ["qk-norm", "dual-attention"])
+def test_triton_backend_matches_the_reference_values_and_gradients(generator, variant):
+    """Every op of the model on the Triton kernels, under the interpreter here: the output and
+    every gradient."""
+    _, model = _pair(generator, VARIANTS[variant])
+    inputs = _inputs(generator, batch=1)
+    with fastgen.use_backend("reference"):
+        expected, expected_grads = _loss_and_grads(model, *inputs)
+    with fastgen.use_backend("triton"):
+        out, grads = _loss_and_grads(model, *inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bad_inputs_raise_value_errors(generator):

@@ -11,9 +11,11 @@ channels; the two are concatenated along the tokens and attend together,
 and each stream's part goes through its own output projection (`to_add_out` for the text,
 `to_out.0` for the image). With QK-norm (FLUX.1, SD3.5), q and k are RMS-normalised over each
 head's D channels (eps 1e-6) with a learned per-channel weight, a separate one per stream; with
-RoPE (FLUX.1), each token's q and k are then rotated by its position (`apply_rope`). Both steps
-are `qk_norm_rope`, the attention itself is `joint_attention`: one function each, the places a
-fused kernel replaces.
+RoPE (FLUX.1), each token's q and k are then rotated by its position: the interleaved channel
+pairs (2i, 2i + 1) turn by the pair's angle. Each stream's norm and rotation is one
+`fastgen.ops.qk_norm_rope` call writing its rows of the joint q and k (no concatenation pass
+for them), and the attention one `fastgen.ops.cross_attention` call (SD3 orders the streams
+image first; the attention does not depend on the order of its keys, and SD3 has no RoPE).
 
 adaLN-Zero. The conditioning vector e (B, C) gives per-sample vectors through
 silu(e) W + b -> (B, k C), split into k vectors in the order diffusers uses; a modulated norm is
@@ -48,6 +50,7 @@ from torch import nn
 from fastgen.models.common import ProjectionMLP, RMSNorm, TimestepEmbedder, gelu_tanh
 from fastgen.ops.ada_norm import ada_layer_norm
 from fastgen.ops.cross_attention import cross_attention
+from fastgen.ops.qk_norm_rope import qk_norm_rope
 
 # LayerNorm and QK-norm epsilon of both model families.
 NORM_EPS = 1e-6
@@ -66,33 +69,6 @@ def rope_angles(positions: torch.Tensor, axes_dims: tuple, theta: float) -> Rope
         angles.append(positions[:, axis].to(torch.float64)[:, None] * frequencies[None])
     angle = torch.cat(angles, dim=-1)
     return angle.cos().float(), angle.sin().float()
-
-
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate each interleaved channel pair (x[2i], x[2i+1]) of x (B, tokens, H, D) by its angle:
-    (x0 cos - x1 sin, x1 cos + x0 sin), in float32, returned in x's dtype."""
-    cos, sin = (table[None, :, None, :] for table in rope)
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
-
-
-def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, norm_q: Optional[RMSNorm], norm_k: Optional[RMSNorm],
-                 rope: Optional[Rope]) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k (B, tokens, H, D) of one stream, RMS-normalised over D by norm_q / norm_k (None:
-    no QK-norm), then rotated by `rope` (the stream's tokens' tables; None: no RoPE)."""
-    if norm_q is not None:
-        q, k = norm_q(q), norm_k(k)
-    if rope is not None:
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-    return q, k
-
-
-def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over every token, (B, tokens, H, D) each: self-attention over
-    the concatenated streams, `fastgen.ops.cross_attention` with q, k and v of one sequence and
-    no mask."""
-    return cross_attention(q, k, v)
 
 
 class JointAttention(nn.Module):
@@ -125,26 +101,28 @@ class JointAttention(nn.Module):
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
         return projected.unflatten(-1, (self.heads, self.head_dim))
 
-    def _project(self, tokens, to_q, to_k, to_v, norm_q, norm_k, rope):
-        q, k = qk_norm_rope(self._heads(to_q(tokens)), self._heads(to_k(tokens)), norm_q, norm_k, rope)
-        return q, k, self._heads(to_v(tokens))
-
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 rope: Optional[Rope] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x (B, N, dim), context (B, L, dim) or None; rope: tables of the L text tokens then the
         N image tokens. Returns (image output, text output or None): projected where the
         module has the projection, the attention's heads flattened (B, tokens, H D) otherwise."""
         text_tokens = 0 if context is None else context.shape[1]
-        image_rope = text_rope = None
-        if rope is not None:
-            image_rope = tuple(table[text_tokens:] for table in rope)
-            text_rope = tuple(table[:text_tokens] for table in rope)
-        q, k, v = self._project(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, image_rope)
+        streams = [(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)]
         if context is not None:
-            text = self._project(context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
-                                 self.norm_added_k, text_rope)
-            q, k, v = (torch.cat([t, i], dim=1) for t, i in zip(text, (q, k, v)))
-        out = joint_attention(q, k, v).flatten(2)
+            streams.insert(0, (context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
+                               self.norm_added_k))
+        q = x.new_empty(x.shape[0], text_tokens + x.shape[1], self.heads, self.head_dim)
+        k = torch.empty_like(q)
+        values, start = [], 0
+        for tokens, to_q, to_k, to_v, norm_q, norm_k in streams:
+            rows = slice(start, start + tokens.shape[1])
+            cos, sin = (None, None) if rope is None else (rope[0][rows], rope[1][rows])
+            weights = (None, None) if norm_q is None else (norm_q.weight, norm_k.weight)
+            qk_norm_rope(self._heads(to_q(tokens)), self._heads(to_k(tokens)), *weights, cos, sin, NORM_EPS,
+                         out_q=q[:, rows], out_k=k[:, rows])
+            values.append(self._heads(to_v(tokens)))
+            start = rows.stop
+        out = cross_attention(q, k, torch.cat(values, dim=1)).flatten(2)
         text_out, image_out = out[:, :text_tokens], out[:, text_tokens:]
         if hasattr(self, "to_out"):
             image_out = self.to_out[0](image_out)
