@@ -441,7 +441,7 @@ def from_safetensors(
     """Load a diffusers-layout AutoencoderKL checkpoint (a single .safetensors file, e.g. the
     vae of stable-diffusion-v1-5 with config "sd15-vae"). The file's dtype is kept. Returned in
     eval mode."""
-    return load_safetensors(path, lambda: build(config), device).eval()
+    return load_safetensors(path, lambda: build(config), device)
 
 
 def example_resolution(model: AutoencoderKL, resolution: Optional[int] = None) -> int:

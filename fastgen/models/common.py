@@ -30,7 +30,9 @@ def load_safetensors(path, build_model: Callable[[], nn.Module], device: Union[s
     """A model built on the meta device that takes the file's tensors as they are (dtype
     included), so the weights are allocated once; every key must match (strict).
     `adapt_state` maps the file's state dict to the model's (dropping training-only entries,
-    selecting one network of several)."""
+    selecting one network of several). The model comes in eval mode, ready for inference as
+    diffusers' from_pretrained returns one (no dropout, no running averages updated by a call);
+    `.train()` turns training back on."""
     from safetensors.torch import load_file
 
     state = load_file(str(path), device=str(device))
@@ -39,7 +41,7 @@ def load_safetensors(path, build_model: Callable[[], nn.Module], device: Union[s
     with torch.device("meta"):
         model = build_model()
     model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return model.eval()
 
 
 def example_resolution_multiple_of(resolution, default: int, factor: int, why: str) -> int:

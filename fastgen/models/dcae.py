@@ -481,7 +481,7 @@ def from_safetensors(
     diffusion_pytorch_model.safetensors of mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers).
 
     The file's dtype is kept. Returned in eval mode."""
-    return load_safetensors(path, lambda: build(config), device).eval()
+    return load_safetensors(path, lambda: build(config), device)
 
 
 def example_resolution(model: DCAE, resolution: Optional[int] = None) -> int:

@@ -111,7 +111,7 @@ def from_safetensors(
 ) -> VectorQuantizer:
     """The quantizer out of a whole tokenizer's .safetensors checkpoint: the tensor
     `{prefix}embedding.weight` (taming-transformers and LlamaGen both call the module
-    `quantize`); the other tensors (encoder, decoder) are not read."""
+    `quantize`); the other tensors (encoder, decoder) are not read. In eval mode."""
     from safetensors import safe_open
 
     key = f"{prefix}embedding.weight"
@@ -122,7 +122,7 @@ def from_safetensors(
     with torch.device("meta"):
         model = build(config)
     model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return model.eval()  # as every model's loader (fastgen.models.common.load_safetensors)
 
 
 def example_resolution(model: VectorQuantizer, resolution: Optional[int] = None) -> int:
