@@ -100,6 +100,9 @@ def _pin_reference_model(model: nn.Module, backend: str, ops: frozenset) -> Unio
 def _selected_ops(ops: Optional[Iterable[str]]) -> frozenset:
     if ops is None:
         return frozenset(OPS)
+    if isinstance(ops, str):
+        raise TypeError(f"accelerate: ops must be a list of op names, got the string {ops!r} "
+                        f"(write ops=[{ops!r}])")
     selected = frozenset(ops)
     unknown = selected - set(OPS)
     if unknown:

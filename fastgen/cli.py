@@ -249,7 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     _use_interpreter_without_gpu()
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # The reader (`fastgen bench | head`) closed the pipe: it has all it wanted. Python
+        # would report the flush of the closed stdout at exit too, so stdout goes to devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -142,3 +142,8 @@ def test_accelerating_twice_asks_for_restore(sana_transformer):
         accelerate(sana_transformer)
     assert restore(sana_transformer) == 2 * LAYERS
     assert restore(sana_transformer) == 0
+
+
+def test_ops_as_one_string_is_refused_with_the_fix():
+    with pytest.raises(TypeError, match=r"write ops=\['linear_attention'\]"):
+        fastgen.accelerate(torch.nn.Linear(2, 2), ops="linear_attention")

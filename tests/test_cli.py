@@ -194,3 +194,18 @@ def test_pytest_benchmark_entry_skips_with_the_reason_without_gpu():
     summary = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"\d+ skipped in .*", summary), summary
     assert "needs a CUDA GPU" in result.stdout
+
+
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
+    """`fastgen info | head -1`: the reader closes the pipe; the command stops with status 0
+    instead of a BrokenPipeError traceback."""
+    import os
+
+    from fastgen import cli
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w", buffering=1) as closed_pipe:
+        with capsys.disabled():
+            monkeypatch.setattr("sys.stdout", closed_pipe)
+            assert cli.main(["info"]) == 0

@@ -209,6 +209,8 @@ def diffusers_attention(module: nn.Module, backend: str, ops: frozenset) -> Unio
     name = type(original).__name__
     if name in JOINT_PROCESSORS:
         return None  # diffusers_mmdit's
+    if isinstance(original, BackendScope):
+        return f"already runs fastgen's {name}"
     if name not in _DIFFUSERS_PROCESSORS:
         return f"attention processor {name} has no fastgen replacement yet"
     make, op = _DIFFUSERS_PROCESSORS[name]
