@@ -129,9 +129,10 @@ def test_an_attention_mask_runs_the_original_processor(generator, op_calls):
         assert torch.equal(a, e)
 
 
-def test_accelerated_flux_compiles_as_one_graph(generator):
+@pytest.mark.parametrize("name", ["flux-dev", "sd3.5-medium (dual attention)"])
+def test_accelerated_transformer_compiles_as_one_graph(generator, name):
     torch._dynamo.reset()
-    model, inputs, _ = _flux(generator, guidance=True)
+    model, inputs, _ = MODELS[name](generator)
     with torch.no_grad():
         expected = model(**inputs).sample
         fastgen.accelerate(model)
