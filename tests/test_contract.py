@@ -9,6 +9,7 @@ import torch
 
 import fastgen
 from fastgen import check
+from fastgen.ops import FUNCTIONS
 from fastgen.ops.registry import OPS, BackendUnavailable, Implementation, Op, use_backend
 from fastgen.ops.shortcut import (
     CHANNEL_DUP_PIXEL_SHUFFLE,
@@ -230,3 +231,18 @@ def test_check_skips_cuda_here_with_the_reason():
     results = check.run_checks(torch.device("cpu"), backends=("cuda",))
     assert results and all(r.status == "skipped" for r in results)
     assert re.search(NO_CUDA_HERE, results[0].detail)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_every_public_op_has_its_signature_and_math_in_help(name):
+    """help() and IDEs show the arguments, their defaults and the math, not a wrapper's
+    (*args, **kwargs) or torch's CustomOpDef class."""
+    import inspect
+    import pydoc
+
+    function = FUNCTIONS[name]
+    parameters = inspect.signature(function).parameters
+    assert parameters and not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters.values()), name
+    text = pydoc.render_doc(function)
+    assert "CustomOpDef" not in text and all(p in text for p in parameters), text[:500]
+    assert len(function.__doc__) > 200, function.__doc__  # more than the one-line pointer

@@ -414,7 +414,7 @@ def test_reference_rejects_a_non_tensor():
 
 def test_backward_op_checks_the_gradient():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match=r"grad must have q's shape \(1, 4, 2, 8\), got \(1, 4, 2, 4\)"):
+    with pytest.raises(ValueError, match=r"grad must have shape of q = \(1, 4, 2, 8\), got \(1, 4, 2, 4\)"):
         linear_attention_backward(torch.ones(1, 4, 2, 4), q, k, v)
     with pytest.raises(TypeError, match="grad dtype torch.float64 must match q dtype torch.float32"):
         linear_attention_backward(q.double(), q, k, v)

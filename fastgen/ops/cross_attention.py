@@ -63,8 +63,8 @@ from typing import Optional
 
 import torch
 
-from fastgen.ops.registry import (CheckCase, Op, check_attention_inputs, check_companion, check_number, define_custom_op,
-                                  random_tensor, register, register_autograd)
+from fastgen.ops.registry import (CheckCase, Op, check_attention_inputs, check_companion, check_number,
+                                  define_custom_op, random_tensor, register, register_autograd, with_the_math)
 
 MAX_HEAD_DIM = 256
 
@@ -277,6 +277,7 @@ def _cross_attention_composite(q, k, v, key_padding_mask=None, scale=None):
 _LIBRARY.impl("cross_attention", _cross_attention_composite, "CompositeImplicitAutograd")
 
 
+@with_the_math
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(q k^T scale + mask bias) v (see the module docstring); `torch.ops.fastgen.cross_attention`."""

@@ -333,10 +333,21 @@ def register(op: Op) -> Op:
     return op
 
 
+def with_the_math(function: Callable) -> Callable:
+    """A public op function whose docstring goes on with its family module's docstring, which
+    states the math its one-line docstring points to: help() and IDEs show both."""
+    math = inspect.getmodule(function).__doc__
+    if math:
+        function.__doc__ = f"{function.__doc__}\n\n{math}"
+    return function
+
+
 def define_custom_op(op: Op, mutates_args: tuple = ()):
     """Decorator turning a typed signature (its body is never run) into the custom op
     `fastgen::<op.name>`: the signature's parameters and type hints give the schema, `op.run`
-    the body and `op.allocate_output` the fake, so each op states these once."""
+    the body and `op.allocate_output` the fake, so each op states these once. It returns a
+    plain function of that signature and docstring calling the custom op (`help()` and IDEs
+    show the arguments and the math, not torch's CustomOpDef), the custom op as its `custom_op`."""
 
     def decorate(signature):
         parameters = inspect.signature(signature, eval_str=True)
@@ -350,13 +361,21 @@ def define_custom_op(op: Op, mutates_args: tuple = ()):
         run.__signature__ = parameters  # the schema is inferred from this, evaluated in the op's module
         custom_op = torch.library.custom_op(f"fastgen::{op.name}", run, mutates_args=mutates_args)
         custom_op.register_fake(op.allocate_output)
-        return custom_op
+
+        @with_the_math
+        @functools.wraps(signature)
+        def public(*args, **kwargs):
+            return custom_op(*args, **kwargs)
+
+        public.custom_op = custom_op
+        return public
 
     return decorate
 
 
-def register_autograd(custom_op, backward: Callable, setup_context: Callable) -> None:
-    """custom_op.register_autograd, with the backward run under the backend the forward ran
+def register_autograd(op_function, backward: Callable, setup_context: Callable) -> None:
+    """The autograd of the custom op behind `op_function` (a define_custom_op function), with
+    the backward run under the backend the forward ran
     with, even when `.backward()` is called after the `use_backend` block has closed or runs on
     another thread (autograd's worker thread, for CUDA tensors). (Under torch.compile the compiled
     backward reads the backend when it runs, like every op: torch runs it in a copy of the
@@ -370,4 +389,4 @@ def register_autograd(custom_op, backward: Callable, setup_context: Callable) ->
         with use_backend(ctx.fastgen_backend):
             return backward(ctx, *grads)
 
-    custom_op.register_autograd(backward_with_forward_backend, setup_context=remember_backend)
+    op_function.custom_op.register_autograd(backward_with_forward_backend, setup_context=remember_backend)

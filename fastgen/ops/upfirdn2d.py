@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from fastgen import _cuda
 from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_number, define_custom_op, random_tensor,
-                                  register, register_autograd)
+                                  register, register_autograd, with_the_math)
 
 _NAME = "upfirdn2d"
 
@@ -318,6 +318,7 @@ def _upfirdn2d_op(
     """upfirdn2d with up/down/padding in their normalized (x, y) / (px0, px1, py0, py1) forms."""
 
 
+@with_the_math
 def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1):
     """`torch.ops.fastgen.upfirdn2d` with StyleGAN's argument forms: up / down an int or (x, y),
     padding an int, (px, py) or (px0, px1, py0, py1). See the module docstring."""

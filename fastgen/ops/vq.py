@@ -86,7 +86,7 @@ import torch.nn.functional as F
 
 from fastgen import _cuda
 from fastgen.ops.registry import (CheckCase, Op, check_float_tensor, check_number, check_same_dtype_and_device,
-                                  define_custom_op, random_tensor, register, register_autograd)
+                                  define_custom_op, random_tensor, register, register_autograd, with_the_math)
 
 MAX_DIM = 512
 MAX_CODES = 2**31 - 1
@@ -286,6 +286,7 @@ def _vq_quantize_op(
 
 # The public functions check first so that a non-tensor argument gets this module's TypeError
 # rather than the dispatcher's schema error.
+@with_the_math
 def vq_nearest(z, codebook, metric="l2", return_distance=False, exact=False, input_precision="ieee"):
     """idx (N,) int64, or (idx, distance) with return_distance; see the module docstring."""
     _check_inputs("vq_nearest", z, codebook, metric, exact, input_precision)
@@ -293,6 +294,7 @@ def vq_nearest(z, codebook, metric="l2", return_distance=False, exact=False, inp
     return (idx, distance) if return_distance else idx
 
 
+@with_the_math
 def vq_quantize(z, codebook, beta=0.25, exact=False, input_precision="ieee"):
     """(z_q, idx, loss, counts); see the module docstring."""
     _check_quantize_inputs(z, codebook, beta, exact, input_precision)
