@@ -27,7 +27,7 @@ from fastgen.ops.filtered_lrelu import (
     pack_codes,
     unpack_codes,
 )
-from fastgen.ops.registry import Implementation, random_tensor
+from fastgen.ops.registry import TOLERANCES, Implementation, random_tensor
 from fastgen.ops.upfirdn2d import upfirdn2d_real_samples, upfirdn2d_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -303,17 +303,27 @@ def test_float16_gradient_overflows_to_infinities_not_nan(device, backend, gener
     filtered_lrelu_reference(x64, *_float64(args[1:])).backward(dy.double().cpu())
     expected = x64.grad.half()
     assert expected.isinf().any() and not expected.isnan().any()
-    assert torch.equal(x.grad.isinf().cpu(), expected.isinf()) and not x.grad.isnan().any()
-    assert torch.equal(x.grad.cpu()[expected.isinf()], expected[expected.isinf()])
-    # The finite rest within float16 rounding of the terms' size: the float16 stages round
-    # half-filtered rows of about 8000 * dy, and the sum cancels far below that near the edges.
+    grad = x.grad.cpu()
+    assert not grad.isnan().any()
+    # Within float16 rounding of the terms' size: the float16 stages round half-filtered rows of
+    # about 8000 * dy, and the sum cancels far below that near the edges.
     _, fu, fd, _, up, down, padding, gain, slope, _, flip_filter = _float64(args)
     zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
     all_positive = pack_codes(torch.ones(*x.shape[:2], zh, zw, dtype=torch.int64))
     terms, _ = filtered_lrelu_backward_reference(dy.double().cpu().abs(), all_positive, fu.abs(), fd.abs(), up, down,
                                                  padding, gain, 1.0, flip_filter, *x.shape[2:], False)
-    finite = expected.isfinite()
-    _, detail = mismatch(x.grad.cpu()[finite], x64.grad[finite], magnitude=terms[finite])
+    # Where the exact dx lies within that rounding of float16's overflow threshold (65520: the
+    # smallest magnitude float16 rounds to infinity), a finite value near the maximum and an
+    # infinity are both correct roundings (seen: 64448 for an exact 66061, 2.5% under); the
+    # infinities must coincide everywhere else, signs included.
+    rtol, atol = TOLERANCES[torch.float16]
+    allowed = atol + rtol * torch.maximum(x64.grad.detach().abs(), terms)
+    decided = ((x64.grad.detach().abs() - 65520.0).abs() > allowed)
+    assert torch.equal(grad.isinf()[decided], expected.isinf()[decided])
+    overflowed = grad.isinf()
+    assert torch.equal(grad[overflowed].sign(), x64.grad.detach()[overflowed].sign())
+    finite = grad.isfinite()
+    _, detail = mismatch(grad[finite], x64.grad[finite], magnitude=terms[finite])
     assert not detail, f"finite dx: {detail}"
 
 
