@@ -6,6 +6,7 @@ import fastgen
 from fastgen.accelerator import accelerate, restore
 from fastgen.accelerators.diffusers_attention import LinearAttentionProcessor
 from fastgen.ops.registry import Implementation
+from low_precision import assert_as_accurate_as_eager, float64_copy, to_float64
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
 
@@ -80,12 +81,13 @@ def test_pinned_backend_runs_that_implementation(sana_transformer, generator, mo
     assert len(calls) == LAYERS
 
 
-def test_half_precision_matches(sana_transformer, generator):
+def test_bfloat16_is_as_accurate_as_diffusers(sana_transformer, generator):
     inputs = _sana_inputs(generator, torch.bfloat16)
+    exact = _run(float64_copy(sana_transformer), to_float64(inputs))
     sana_transformer.to(torch.bfloat16)
-    before = _run(sana_transformer, inputs)
+    eager = _run(sana_transformer, inputs)
     accelerate(sana_transformer, backend="triton")
-    torch.testing.assert_close(_run(sana_transformer, inputs), before, rtol=2e-2, atol=2e-2)
+    assert_as_accurate_as_eager(_run(sana_transformer, inputs), eager, exact)
 
 
 def test_compiles_as_one_graph(sana_transformer, generator):

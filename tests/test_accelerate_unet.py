@@ -8,6 +8,7 @@ import fastgen
 from fastgen.accelerator import accelerate, restore
 from fastgen.accelerators.diffusers_attention import SoftmaxAttentionProcessor
 from fastgen.ops import cross_attention as cross_attention_module
+from low_precision import assert_as_accurate_as_eager, float64_copy, to_float64
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
@@ -109,12 +110,13 @@ def test_unet_with_the_classic_processor(unet, generator):
     torch.testing.assert_close(_run_unet(unet, inputs), before)
 
 
-def test_unet_half_precision_matches(unet, generator):
-    unet.to(torch.bfloat16)
+def test_unet_bfloat16_is_as_accurate_as_diffusers(unet, generator):
     inputs = _unet_inputs(generator, torch.bfloat16, masked=True)
-    before = _run_unet(unet, inputs)
+    exact = _run_unet(float64_copy(unet), to_float64(inputs))
+    unet.to(torch.bfloat16)
+    eager = _run_unet(unet, inputs)
     accelerate(unet, backend="triton")
-    torch.testing.assert_close(_run_unet(unet, inputs), before, rtol=2e-2, atol=2e-2)
+    assert_as_accurate_as_eager(_run_unet(unet, inputs), eager, exact)
 
 
 def test_unet_left_alone_with_unsupported_processor(unet):
