@@ -191,15 +191,16 @@ def _notes(old: dict, new: dict, threshold: float) -> list:
     return notes
 
 
-def compare(old_path, new_path, threshold: float = 0.05) -> Report:
+def compare(old_path, new_path, threshold: float = 0.05, *, names: tuple = ("old_path", "new_path")) -> Report:
     """Compare the result file `new_path` against `old_path`; see the module docstring for the
-    rules. `threshold` is the fraction (0.05 = 5%) by which a median must move to count."""
+    rules. `threshold` is the fraction (0.05 = 5%) by which a median must move to count; `names`
+    are what error messages call the two files (the CLI's OLD and NEW)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a number (a fraction, 0.05 for 5%), got {type(threshold).__name__}")
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be a fraction in [0, 1), e.g. 0.05 for 5%, got {threshold!r}")
-    old_meta, old_rows = load_results(old_path, "old_path")
-    new_meta, new_rows = load_results(new_path, "new_path")
+    old_meta, old_rows = load_results(old_path, names[0])
+    new_meta, new_rows = load_results(new_path, names[1])
     rows = []
     for key in dict.fromkeys([*old_rows, *new_rows]):
         old, new = old_rows.get(key), new_rows.get(key)
@@ -230,7 +231,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     noise, or ok -> error/mismatch); 2: the files do not compare (unreadable, or from different
     GPUs or drivers without --allow-different-gpu)."""
     try:
-        report = compare(args.old, args.new, args.threshold)
+        report = compare(args.old, args.new, args.threshold, names=("OLD", "NEW"))
     except (OSError, ValueError) as exc:
         print(f"fastgen bench compare: {exc}", file=sys.stderr)
         return 2

@@ -13,11 +13,12 @@ so. The title carries the GPU, the commit and the date: a plot is meaningless wi
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
 from typing import Optional
+
+from .compare import load_results
 
 MODEL_PREFIX = "model."
 _BASELINE = "eager"
@@ -122,15 +123,16 @@ def _import_pyplot():
 
 def plot_results(results: Path, out_dir: Optional[Path] = None) -> Optional[list]:
     """Write the PNGs for one result file into out_dir (default: beside it). Returns their paths,
-    or None (with a message on stderr) when matplotlib is not installed."""
+    or None (with a message on stderr) when matplotlib is not installed; ValueError when
+    `results` is not a result file."""
     results = Path(results)
+    meta, keyed_rows = load_results(results, "RESULTS")
+    rows = list(keyed_rows.values())
     plt = _import_pyplot()
     if plt is None:
         print("fastgen bench plot: matplotlib is not installed (pip install 'fastgen[bench]'), so no plots "
               "were written", file=sys.stderr)
         return None
-    data = json.loads(results.read_text())
-    meta, rows = data["meta"], data["rows"]
     out_dir = Path(out_dir) if out_dir is not None else results.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -153,7 +153,11 @@ def _bench_plot(args) -> int:
     if not args.results.is_file():
         print(f"fastgen bench plot: no result file {args.results}", file=sys.stderr)
         return 2
-    written = plots.plot_results(args.results, args.out)
+    try:
+        written = plots.plot_results(args.results, args.out)
+    except ValueError as exc:
+        print(f"fastgen bench plot: {exc}", file=sys.stderr)
+        return 2
     return 0 if written is not None else 1
 
 

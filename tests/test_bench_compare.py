@@ -160,7 +160,7 @@ def test_unreadable_files_exit_2_with_the_reason(tmp_path, capsys):
     not_json = tmp_path / "results.csv"
     not_json.write_text("name,impl\n")
     code, out, err = _cli(capsys, not_json, good)
-    assert code == 2 and out == "" and "old_path must be a benchmark result JSON file" in err
+    assert code == 2 and out == "" and "OLD must be a benchmark result JSON file" in err
     code, _, err = _cli(capsys, good, tmp_path / "missing.json")
     assert code == 2 and "missing.json" in err
 

@@ -167,6 +167,37 @@ def test_bench_plot_of_a_missing_file_is_a_clear_error(tmp_path, capsys):
     assert "no result file" in capsys.readouterr().err
 
 
+SAMPLE_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "sample_results.json")
+
+
+def test_every_bench_subcommand_reads_the_sample_results_file(tmp_path, capsys):
+    """bench/sample_results.json (invented numbers, labelled so in its meta) lets a user try the
+    commands that read result files without a GPU."""
+    assert cli.main(["bench", "compare", SAMPLE_RESULTS, SAMPLE_RESULTS]) == 0
+    assert "0 regression(s)" in capsys.readouterr().out
+    assert cli.main(["bench", "order", SAMPLE_RESULTS]) == 0
+    assert "| trms2d | cuda > triton |" in capsys.readouterr().out
+    assert cli.main(["bench", "headline", SAMPLE_RESULTS]) == 0
+    assert "invented numbers" in capsys.readouterr().out
+    assert cli.main(["bench", "order", "--write", SAMPLE_RESULTS]) == 2, "not measured on a GPU: no order is written"
+    assert "no compute_capability" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, problem", [("name,ms\n", "is not JSON"), ("{}", "has no 'meta' object"),
+                                              ("[]", "has no 'meta' object"),
+                                              ('{"meta": {}, "rows": [{"name": "x"}]}', "row 0 of")])
+def test_commands_reading_result_files_refuse_other_files_in_one_line(tmp_path, capsys, content, problem):
+    other = tmp_path / "other.json"
+    other.write_text(content)
+    for argv, named in ((["bench", "plot", str(other)], "RESULTS"), (["bench", "order", str(other)], "RESULTS"),
+                        (["bench", "compare", str(other), SAMPLE_RESULTS], "OLD"),
+                        (["bench", "compare", SAMPLE_RESULTS, str(other)], "NEW")):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and problem in err, err
+        assert f"{named} must be a benchmark result JSON file" in err, err
+
+
 def test_bench_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
     results = _results_file(tmp_path, _synthetic_rows())
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
