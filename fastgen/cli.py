@@ -253,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     _use_interpreter_without_gpu()
     args = build_parser().parse_args(argv)
+    from fastgen.ops.registry import current_backend
+
+    try:
+        current_backend()
+    except ValueError as exc:
+        print(f"fastgen: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except BrokenPipeError:

@@ -126,6 +126,17 @@ def test_backward_reads_y_where_the_activation_allows(act, clamp, dtype, source)
 
 
 @pytest.mark.parametrize("device, backend", _devices_and_backends())
+def test_act_none_is_no_activation_as_in_ada_group_norm(device, backend, generator):
+    x, b = _inputs((2, 6, 5, 7), 1, "contiguous", device, torch.float32, generator)
+    x.requires_grad_(True)
+    with fastgen.use_backend(backend):
+        y = bias_act(x, b, act=None, gain=1.5, clamp=0.7)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, ((x + b[:, None, None]) * 1.5).clamp(-0.7, 0.7))
+    torch.testing.assert_close(dx, (((x + b[:, None, None]) * 1.5).abs() <= 0.7).float() * 1.5)
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_backward_op_into_poisoned_outputs(device, backend, layout, generator):
     """dx and db of the backward op (both reduction directions of db) against its reference."""
@@ -326,13 +337,14 @@ _X = torch.ones(2, 3, 4)
     "call, error, message",
     [
         (lambda: bias_act(_X, act="gelu"), ValueError, "act must be one of linear, relu, lrelu, .*; got 'gelu'"),
+        (lambda: bias_act(_X, act=3), RuntimeError, "Expected a value of type 'Optional\\[str\\]' for argument 'act'"),
         (lambda: bias_act(_X, torch.ones(4)), ValueError, r"b must be a 1-D tensor of x.shape\[dim\] = 3 entries, got shape \(4,\)"),
         (lambda: bias_act(_X, torch.ones(3, 1)), ValueError, r"b must be a 1-D tensor .* got shape \(3, 1\)"),
         (lambda: bias_act(_X, torch.ones(3, dtype=torch.float16)), TypeError, "b dtype torch.float16 must match x dtype"),
         (lambda: bias_act(_X, torch.ones(3, device="meta")), ValueError, "b is on meta but x is on cpu"),
         (lambda: bias_act(_X, dim=3), ValueError, r"dim must be an int in \[-3, 3\)"),
         (lambda: bias_act(_X, clamp=-1.0), ValueError, "clamp must be >= 0"),
-        (lambda: bias_act(_X, gain=float("nan")), TypeError, "gain must be a finite number or None"),
+        (lambda: bias_act(_X, gain=float("nan")), ValueError, "gain must be a finite number or None, got nan"),
         (lambda: bias_act(torch.ones(3, dtype=torch.int64)), TypeError, "x must be float32"),
         (lambda: bias_act_backward(_X, None, None, None, "relu", None, None, None, 1), ValueError,
          "the backward of act='relu' .* needs y, got None"),

@@ -257,7 +257,7 @@ _X = torch.ones(1, 1, 4, 4)
         (lambda: upfirdn2d(_X, None, padding=[1, 2, 3]), TypeError, "padding must be an int or a sequence of 2 ints or 4 ints"),
         (lambda: upfirdn2d(_X, torch.ones(4), padding=[-1, 0, 0, 0]), ValueError,
          r"leaves an empty output: the upsampled, padded image is 4 x 3, smaller than the 4 x 4 filter"),
-        (lambda: upfirdn2d(_X, None, gain=float("inf")), TypeError, "gain must be a finite number"),
+        (lambda: upfirdn2d(_X, None, gain=float("inf")), ValueError, "gain must be a finite number, got inf"),
         (lambda: upfirdn2d(torch.ones(4, 4), None), ValueError, r"x must be 4-D \(B, C, H, W\)"),
         (lambda: upfirdn2d(torch.ones(1, 1, 4, 4, dtype=torch.int32), None), TypeError, "x must be float32"),
     ],

@@ -264,9 +264,11 @@ ADA_LAYER_NORM = register(Op(name="ada_layer_norm", reference=ada_layer_norm_ref
                              allocate_output=_allocate_layer_norm_output, check_cases=_layer_norm_cases))
 # Not in OPS (`fastgen check` drives ops with one output): the backward ops are checked through
 # the forward ops' "bwd" direction, which runs them with the backend forced.
-ADA_GROUP_NORM_BACKWARD = Op(name="ada_group_norm_backward", reference=ada_group_norm_backward_reference,
+ADA_GROUP_NORM_BACKWARD = Op(name="ada_group_norm_backward", called_as="ada_group_norm's backward",
+                             reference=ada_group_norm_backward_reference,
                              allocate_output=_allocate_group_norm_gradients)
-ADA_LAYER_NORM_BACKWARD = Op(name="ada_layer_norm_backward", reference=ada_layer_norm_backward_reference,
+ADA_LAYER_NORM_BACKWARD = Op(name="ada_layer_norm_backward", called_as="ada_layer_norm's backward",
+                             reference=ada_layer_norm_backward_reference,
                              allocate_output=_allocate_layer_norm_gradients)
 
 

@@ -6,7 +6,7 @@ shape and strides and b a vector of x.shape[dim] entries (broadcast along every 
     z = x + b
     y = clamp(gain * act(z), -clamp, clamp)          (no clamping when clamp is None)
 
-with the activations below; `alpha` is the negative slope of lrelu (ignored by the others),
+with the activations below (act None is "linear": no activation); `alpha` is the negative slope of lrelu (ignored by the others),
 and `gain` defaults per activation so that unit-variance inputs keep roughly unit-variance
 outputs:
 
@@ -137,10 +137,13 @@ def _check_tensor(name: str, tensor, x: Optional[torch.Tensor] = None) -> None:
 def parse_params(x, b, act, alpha, gain, clamp, dim) -> Params:
     """Validate every argument (errors name it) and fill in the defaults."""
     _check_tensor("x", x)
-    if not isinstance(act, str) or act not in ACTIVATIONS:
+    act = "linear" if act is None else act  # None is no activation, as for ada_group_norm
+    if not isinstance(act, str):
+        raise TypeError(f"{_NAME}: act must be one of {', '.join(ACTIVATIONS)} or None; got {type(act).__name__}")
+    if act not in ACTIVATIONS:
         raise ValueError(f"{_NAME}: act must be one of {', '.join(ACTIVATIONS)}; got {act!r}")
     for name, value in (("alpha", alpha), ("gain", gain), ("clamp", clamp)):
-        check_number(_NAME, name, value, allow_none=True, error=TypeError)
+        check_number(_NAME, name, value, allow_none=True)
     if clamp is not None and clamp < 0:
         raise ValueError(f"{_NAME}: clamp must be >= 0, got {clamp!r}")
     if not isinstance(dim, int) or isinstance(dim, bool) or not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
@@ -326,7 +329,8 @@ def _check_cases():
 BIAS_ACT = register(Op(name=_NAME, reference=bias_act_reference, allocate_output=_allocate_output,
                        check_cases=_check_cases))
 # Not in OPS (`fastgen check` drives single-output ops); checked through bias_act's backward.
-BIAS_ACT_BACKWARD = Op(name="bias_act_backward", reference=bias_act_backward_reference,
+BIAS_ACT_BACKWARD = Op(name="bias_act_backward", called_as="bias_act's backward",
+                       reference=bias_act_backward_reference,
                        allocate_output=_allocate_gradients)
 
 
@@ -405,7 +409,7 @@ def _backward_cuda(dy, x, b, y, act, alpha, gain, clamp, dim, *, out):
 def bias_act(
     x: torch.Tensor,
     b: Optional[torch.Tensor] = None,
-    act: str = "linear",
+    act: Optional[str] = "linear",
     alpha: Optional[float] = None,
     gain: Optional[float] = None,
     clamp: Optional[float] = None,
@@ -420,7 +424,7 @@ def bias_act_backward(
     x: Optional[torch.Tensor],
     b: Optional[torch.Tensor],
     y: Optional[torch.Tensor],
-    act: str,
+    act: Optional[str],
     alpha: Optional[float],
     gain: Optional[float],
     clamp: Optional[float],

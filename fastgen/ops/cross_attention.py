@@ -221,9 +221,11 @@ CROSS_ATTENTION = register(Op(name="cross_attention", reference=cross_attention_
                               allocate_output=_allocate_output, check_cases=_check_cases))
 # Not in OPS: `fastgen check` and the contract tests drive ops with one output. Both run
 # through cross_attention: its "bwd" direction runs these with the backend forced.
-CROSS_ATTENTION_FORWARD = Op(name="cross_attention_forward", reference=cross_attention_forward_reference,
+CROSS_ATTENTION_FORWARD = Op(name="cross_attention_forward", called_as="cross_attention",
+                             reference=cross_attention_forward_reference,
                              allocate_output=_allocate_output_and_lse)
-CROSS_ATTENTION_BACKWARD = Op(name="cross_attention_backward", reference=cross_attention_backward_reference,
+CROSS_ATTENTION_BACKWARD = Op(name="cross_attention_backward", called_as="cross_attention's backward",
+                              reference=cross_attention_backward_reference,
                               allocate_output=_allocate_gradients)
 
 

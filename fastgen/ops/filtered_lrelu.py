@@ -132,8 +132,8 @@ def check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp) -> None
     _check_factor("up", up)
     _check_factor("down", down)
     for name, value in (("gain", gain), ("slope", slope)):
-        check_number(_NAME, name, value, error=TypeError)
-    check_number(_NAME, "clamp", clamp, allow_none=True, error=TypeError)
+        check_number(_NAME, name, value)
+    check_number(_NAME, "clamp", clamp, allow_none=True)
     if clamp is not None and clamp < 0:
         raise ValueError(f"{_NAME}: clamp must be >= 0 or None, got {clamp}")
     intermediate_size(x.shape, fu, fd, up, down, normalized_padding(padding))
@@ -422,9 +422,11 @@ FILTERED_LRELU = register(Op(name=_NAME, reference=filtered_lrelu_reference, all
                              check_cases=_check_cases))
 # Not in OPS (`fastgen check` compares every output, and codes at |v| ~ 0 legitimately differ
 # between dtypes); tested through the public function's autograd.
-FILTERED_LRELU_WITH_CODES = Op(name="filtered_lrelu_with_codes", reference=filtered_lrelu_with_codes_reference,
+FILTERED_LRELU_WITH_CODES = Op(name="filtered_lrelu_with_codes", called_as="filtered_lrelu",
+                               reference=filtered_lrelu_with_codes_reference,
                                allocate_output=_allocate_output_and_codes)
-FILTERED_LRELU_BACKWARD = Op(name="filtered_lrelu_backward", reference=filtered_lrelu_backward_reference,
+FILTERED_LRELU_BACKWARD = Op(name="filtered_lrelu_backward", called_as="filtered_lrelu's backward",
+                             reference=filtered_lrelu_backward_reference,
                              allocate_output=_allocate_input_gradients)
 
 

@@ -144,7 +144,8 @@ LINEAR_ATTENTION = register(Op(name="linear_attention", reference=linear_attenti
                                allocate_output=_allocate_output, check_cases=_check_cases))
 # Not in OPS: `fastgen check` and the contract tests drive ops with one output. The backward is
 # checked through linear_attention's "bwd" direction, which runs it with the backend forced.
-LINEAR_ATTENTION_BACKWARD = Op(name="linear_attention_backward", reference=linear_attention_backward_reference,
+LINEAR_ATTENTION_BACKWARD = Op(name="linear_attention_backward", called_as="linear_attention's backward",
+                               reference=linear_attention_backward_reference,
                                allocate_output=_allocate_gradients)
 
 

@@ -262,7 +262,8 @@ QK_NORM_ROPE = register(Op(name="qk_norm_rope", reference=qk_norm_rope_reference
                            allocate_output=_allocate_output, check_cases=_check_cases))
 # Not in OPS, like the other backward ops: checked through qk_norm_rope's fwd+bwd runs and by
 # tests/test_qk_norm_rope.py, which drives its Triton and CUDA implementations directly.
-QK_NORM_ROPE_BACKWARD = Op(name="qk_norm_rope_backward", reference=qk_norm_rope_backward_reference,
+QK_NORM_ROPE_BACKWARD = Op(name="qk_norm_rope_backward", called_as="qk_norm_rope's backward",
+                           reference=qk_norm_rope_backward_reference,
                            allocate_output=_allocate_gradients)
 
 QK_NORM_ROPE.implement_at("triton", "fastgen.kernels.qk_norm_rope:qk_norm_rope_forward")

@@ -29,6 +29,20 @@ threads for CUDA tensors, which never entered the forward's block.
 
 Implementations write into an output tensor they are given (`out=`), so tests can poison it
 beforehand and catch elements a kernel never writes.
+
+Errors, one convention for every op. Arguments are validated before any kernel runs; a message
+starts with the op the user called ("fastgen.cross_attention's backward", not an internal op's
+name), names the argument and says what was expected and what was given:
+- TypeError: a value of the wrong kind: not a tensor, an integer tensor where floats are
+  needed, a dtype that differs from the primary tensor's, a string or a bool where a number is
+  needed (`check_number`).
+- ValueError: a value of the right kind the op cannot take: a shape, a device, a NaN or
+  infinite scalar, a non-positive eps, an unknown activation or backend name (also
+  FASTGEN_BACKEND, at the first op call).
+- RuntimeError from PyTorch, quoting the schema, for what the schema itself cannot bind (a
+  list where a tensor goes); None for an optional argument means "absent" everywhere (bias_act's
+  act=None is no activation, as ada_group_norm's).
+- BackendUnavailable (a RuntimeError) when an explicitly requested backend cannot run here.
 """
 from __future__ import annotations
 
@@ -72,13 +86,17 @@ def _validated_backend(name: str, source: str) -> str:
     return name
 
 
-_backend = contextvars.ContextVar(
-    "fastgen_backend", default=_validated_backend(os.environ.get("FASTGEN_BACKEND", "auto"), "FASTGEN_BACKEND"))
+# Read once, at import; validated where it is used, so that a bad value fails the first op
+# call (or the CLI, up front) with the reason instead of `import fastgen` with a traceback.
+_ENVIRONMENT_BACKEND = os.environ.get("FASTGEN_BACKEND") or "auto"
+_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastgen_backend", default=None)
 
 
 def current_backend() -> str:
-    """The backend of the calling thread (see the module docstring)."""
-    return _backend.get()
+    """The backend of the calling thread (see the module docstring); ValueError when no
+    `use_backend` block is open and FASTGEN_BACKEND names no backend."""
+    chosen = _backend.get()
+    return _validated_backend(_ENVIRONMENT_BACKEND, "FASTGEN_BACKEND") if chosen is None else chosen
 
 
 @contextlib.contextmanager
@@ -187,16 +205,17 @@ def check_companion(op_name: str, name: str, tensor, primary: torch.Tensor, shap
     check_same_dtype_and_device(op_name, name, tensor, primary, primary_name)
 
 
-def check_number(op_name: str, name: str, value, *, allow_none: bool = False, positive: bool = False,
-                 error: type = ValueError) -> None:
-    """`error` naming `name` unless `value` is a finite int or float (a bool is not a number
-    here), > 0 when `positive`; None passes when `allow_none`."""
+def check_number(op_name: str, name: str, value, *, allow_none: bool = False, positive: bool = False) -> None:
+    """The contract's convention for a scalar argument: TypeError naming `name` unless `value` is
+    an int or a float (a bool is not a number here; None passes when `allow_none`), ValueError
+    unless it is finite and, when `positive`, > 0."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (positive and value <= 0):
-        wanted = "a finite number" + (" > 0" if positive else "") + (" or None" if allow_none else "")
-        raise error(f"{op_name}: {name} must be {wanted}, got {value!r}")
+    wanted = "a finite number" + (" > 0" if positive else "") + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op_name}: {name} must be {wanted}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{op_name}: {name} must be {wanted}, got {value!r}")
 
 
 def check_attention_inputs(op_name: str, q, k, v, max_head_dim: int, layout: str) -> None:
@@ -254,6 +273,13 @@ class Op:
     check_cases: Callable[[], list] = lambda: []
     differentiable: bool = True  # False: no autograd (index outputs); checks skip the backward
     implementations: dict = field(default_factory=dict)
+    # What messages call an internal op (a forward with extra outputs, a backward): the public
+    # call the user made, e.g. "cross_attention's backward", not a name they never wrote.
+    called_as: Optional[str] = None
+
+    @property
+    def user_facing_name(self) -> str:
+        return f"fastgen.{self.called_as or self.name}"
 
     def implement(self, backend: str, dtypes: tuple = KERNEL_DTYPES):
         """Decorator registering the function it decorates as this op's `backend`."""
@@ -289,7 +315,7 @@ class Op:
             implementation = self.implementations[backend]
             reason = implementation.unavailable_reason(reference_tensor)
             if reason is not None:
-                raise BackendUnavailable(f"fastgen.{self.name}: backend {backend!r} was requested but {reason}")
+                raise BackendUnavailable(f"{self.user_facing_name}: backend {backend!r} was requested but {reason}")
             return implementation
         if reference_tensor.device.type != "cuda":
             return None

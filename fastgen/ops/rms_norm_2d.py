@@ -121,7 +121,8 @@ TRMS2D = register(
 )
 # Not in OPS, like the other backward ops: it is checked through trms2d's fwd+bwd runs and by
 # tests/test_rms_norm_2d.py, which drives its Triton implementation directly.
-TRMS2D_BACKWARD = Op(name="trms2d_backward", reference=trms2d_backward_reference, allocate_output=_allocate_gradients)
+TRMS2D_BACKWARD = Op(name="trms2d_backward", called_as="trms2d's backward",
+                     reference=trms2d_backward_reference, allocate_output=_allocate_gradients)
 
 
 TRMS2D.implement_at("triton", "fastgen.kernels.rms_norm_2d:trms2d_forward")

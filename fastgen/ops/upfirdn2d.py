@@ -126,7 +126,7 @@ def _check_inputs(x, f, gain) -> None:
     if x.dim() != 4:
         raise ValueError(f"{_NAME}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
     check_filter(_NAME, "f", f, x)
-    check_number(_NAME, "gain", gain, error=TypeError)
+    check_number(_NAME, "gain", gain)
 
 
 def output_size(x, f, up, down, padding) -> tuple:
