@@ -1,4 +1,5 @@
-"""diffusers' group norms and the SiLU after them, fused into `fastgen::ada_group_norm`.
+"""diffusers' norms and what follows them, fused into `fastgen::ada_group_norm` (group norms
+and the SiLU after them) and `fastgen::ada_layer_norm` (SANA's modulated layer norms).
 
 `ada_group_norm(x, scale, shift, G, weight, bias, eps, act)` is act(GroupNorm(x) * (1 + scale) + shift)
 with the norm's own affine applied first; with scale = shift = 0 it is act(norm(x)) for an
@@ -36,6 +37,20 @@ with the norm's own affine applied first; with scale = shift = 0 it is act(norm(
   leaves the pair alone.
   MoVQ's Decoder (norm_type="spatial") has a SpatialNorm there, which is left alone.
 
+- `SanaTransformerBlock` computes, with (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
+  gate_mlp) = scale_shift_table + timestep split in six,
+
+      x = x + gate_msa * attn1(norm1(x) * (1 + scale_msa) + shift_msa)   -> ada_layer_norm(x, scale_msa, shift_msa)
+      x = x + attn2(x, caption)                                         (when the block has one)
+      x = x + gate_mlp * ff(norm2(x) * (1 + scale_mlp) + shift_mlp)     -> ada_layer_norm(x, scale_mlp, shift_mlp)
+
+  with norm1 and norm2 LayerNorms without affine (a norm2 with elementwise_affine=True is left
+  alone: the op has no affine). The transformer's `SanaModulatedNorm` head, norm(x) * (1 +
+  scale) + shift with (shift, scale) = scale_shift_table + temb, is one ada_layer_norm as well.
+  diffusers rounds the norm's output to the activations' dtype before the modulation, the op
+  once after it. A call whose timestep (temb) dtype differs from the activations' runs diffusers'
+  forward: there the modulation promotes the result to the wider dtype, which the op does not.
+
 Each module keeps its class, submodules (but for the heads' conv_act, above) and parameters; accelerate sets an instance-level
 `forward` that computes the same function with the op (the original forward stays on the
 class), and restore removes it again. Blocks in any other configuration, and modules whose
@@ -54,6 +69,7 @@ from fastgen.accelerators.patch import (BackendScope, Swap, accelerator, is_diff
                                         replace_attribute, replace_forward)
 
 _OP = "ada_group_norm"
+_LAYER_NORM_OP = "ada_layer_norm"
 
 
 def _group_norm_silu(scope: BackendScope, norm: nn.GroupNorm, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
@@ -218,3 +234,79 @@ def diffusers_ada_group_norm(module: nn.Module, backend: str, ops: frozenset) ->
         return None
     forward = _fused_ada_group_norm_forward(BackendScope(backend))
     return op_not_selected(_OP, ops) or replace_forward(module, types.MethodType(forward, module), "AdaGroupNorm", "fastgen fused forward", _OP)
+
+
+def _fused_sana_block_forward(scope: BackendScope, original_forward: Callable):
+    """SanaTransformerBlock.forward with each norm and its modulation as one ada_layer_norm."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                encoder_hidden_states: Optional[torch.Tensor] = None,
+                encoder_attention_mask: Optional[torch.Tensor] = None, timestep: Optional[torch.Tensor] = None,
+                height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
+        from fastgen.ops.ada_norm import ada_layer_norm
+
+        if timestep.dtype != hidden_states.dtype:
+            return original_forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                    timestep, height, width)
+        # (B, 6, C) -> six (B, C): the op's per-sample modulation.
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).unbind(1)
+        normed = scope.run(ada_layer_norm, hidden_states, scale_msa, shift_msa, self.norm1.eps)
+        hidden_states = hidden_states + gate_msa[:, None] * self.attn1(normed)
+        if self.attn2 is not None:
+            hidden_states = hidden_states + self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                                       attention_mask=encoder_attention_mask)
+        normed = scope.run(ada_layer_norm, hidden_states, scale_mlp, shift_mlp, self.norm2.eps)
+        fed = self.ff(normed.unflatten(1, (height, width)).permute(0, 3, 1, 2))
+        return hidden_states + gate_mlp[:, None] * fed.flatten(2, 3).permute(0, 2, 1)
+
+    return forward
+
+
+def _fused_sana_output_norm_forward(scope: BackendScope, original_forward: Callable):
+    """SanaModulatedNorm.forward as one ada_layer_norm."""
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, scale_shift_table: torch.Tensor) -> torch.Tensor:
+        from fastgen.ops.ada_norm import ada_layer_norm
+
+        if not temb.dtype == scale_shift_table.dtype == hidden_states.dtype:
+            return original_forward(hidden_states, temb, scale_shift_table)
+        shift, scale = (scale_shift_table[None] + temb[:, None].to(scale_shift_table.device)).unbind(1)
+        return scope.run(ada_layer_norm, hidden_states, scale, shift, self.norm.eps)
+
+    return forward
+
+
+def _not_plain_layer_norm(name: str, norm: nn.Module) -> Optional[str]:
+    if type(norm) is not nn.LayerNorm:
+        return f"{name} is {type(norm).__name__}, not a LayerNorm"
+    if norm.weight is not None or norm.bias is not None:
+        return f"{name} has an elementwise affine, which ada_layer_norm does not apply"
+    return None
+
+
+@accelerator
+def diffusers_sana_block(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
+    if not is_diffusers(module, "SanaTransformerBlock"):
+        return None
+    reason = (_not_plain_layer_norm("norm1", module.norm1) or _not_plain_layer_norm("norm2", module.norm2)
+              or _not_diffusers_forward(module) or _skipped_hooks("norm1", module.norm1)
+              or _skipped_hooks("norm2", module.norm2) or op_not_selected(_LAYER_NORM_OP, ops))
+    if reason:
+        return reason
+    forward = _fused_sana_block_forward(BackendScope(backend), module.forward)
+    return replace_forward(module, types.MethodType(forward, module), "SanaTransformerBlock.norm1+modulation, "
+                           "norm2+modulation", "fastgen fused forward", _LAYER_NORM_OP)
+
+
+@accelerator
+def diffusers_sana_output_norm(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
+    if not is_diffusers(module, "SanaModulatedNorm"):
+        return None
+    reason = (_not_plain_layer_norm("norm", module.norm) or _not_diffusers_forward(module)
+              or _skipped_hooks("norm", module.norm) or op_not_selected(_LAYER_NORM_OP, ops))
+    if reason:
+        return reason
+    forward = _fused_sana_output_norm_forward(BackendScope(backend), module.forward)
+    return replace_forward(module, types.MethodType(forward, module), "SanaModulatedNorm",
+                           "fastgen fused forward", _LAYER_NORM_OP)
