@@ -86,39 +86,28 @@ class JointAttentionProcessor(BackendScope):
         if attention_mask is not None or args or kwargs:
             rope = () if image_rotary_emb is None else (image_rotary_emb,)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *rope, *args, **kwargs)
-        from fastgen.ops.cross_attention import cross_attention
-        from fastgen.ops.qk_norm_rope import qk_norm_rope, rope_tables_from_diffusers
+        from fastgen.models.mmdit import JointStream, joint_attention
+        from fastgen.ops.qk_norm_rope import rope_tables_from_diffusers
 
         joint = encoder_hidden_states is not None
-        streams = [(hidden_states, False)]
+        sources = [(hidden_states, False)]
         if joint:
-            streams.insert(0 if self.flux else 1, (encoder_hidden_states, True))
-        batch, heads, head_dim = hidden_states.shape[0], attn.heads, attn.inner_dim // attn.heads
-        total = sum(x.shape[1] for x, _ in streams)
-        joint_q = hidden_states.new_empty(batch, total, heads, head_dim)
-        joint_k = torch.empty_like(joint_q)
-        tables = (None, None)
-        if image_rotary_emb is not None:
-            tables = rope_tables_from_diffusers(*image_rotary_emb, "interleaved")
-        values, start = [], 0
-        for x, is_text in streams:
+            sources.insert(0 if self.flux else 1, (encoder_hidden_states, True))
+        heads, head_dim = attn.heads, attn.inner_dim // attn.heads
+        streams = []
+        for x, is_text in sources:
             q, k, v = (t.unflatten(-1, (heads, head_dim)) for t in _projections(attn, x, is_text))
-            weight_q, weight_k, eps = _stream_norms(
-                attn, ("norm_added_q", "norm_added_k") if is_text else ("norm_q", "norm_k"), head_dim)
-            rows = slice(start, start + x.shape[1])
-            cos, sin = (None, None) if tables[0] is None else (tables[0][rows], tables[1][rows])
-            self.run(lambda: qk_norm_rope(q, k, weight_q, weight_k, cos, sin, eps,
-                                          out_q=joint_q[:, rows], out_k=joint_k[:, rows]))
-            values.append(v)
-            start = rows.stop
-        out = self.run(cross_attention, joint_q, joint_k, torch.cat(values, dim=1)).flatten(2)
+            norms = _stream_norms(attn, ("norm_added_q", "norm_added_k") if is_text else ("norm_q", "norm_k"), head_dim)
+            streams.append(JointStream(q, k, v, *norms))
+        rope = None if image_rotary_emb is None else rope_tables_from_diffusers(*image_rotary_emb, "interleaved")
+        out = self.run(joint_attention, streams, rope)
         if not joint:
             return out if self.flux else _image_out(attn, out)
-        text_rows = encoder_hidden_states.shape[1]
+        rows = {"text": encoder_hidden_states.shape[1], "image": hidden_states.shape[1]}
         if self.flux:
-            text, image = out.split([text_rows, total - text_rows], dim=1)
+            text, image = out.split([rows["text"], rows["image"]], dim=1)
         else:
-            image, text = out.split([total - text_rows, text_rows], dim=1)
+            image, text = out.split([rows["image"], rows["text"]], dim=1)
         if not attn.context_pre_only:
             text = attn.to_add_out(text.contiguous())
         return _image_out(attn, image.contiguous()), text

@@ -67,6 +67,7 @@ from torch import nn
 
 from fastgen.accelerators.patch import (BackendScope, Swap, accelerator, is_diffusers, op_not_selected,
                                         replace_attribute, replace_forward)
+from fastgen.models.common import fused_group_norm
 
 _OP = "ada_group_norm"
 _LAYER_NORM_OP = "ada_layer_norm"
@@ -74,14 +75,8 @@ _LAYER_NORM_OP = "ada_layer_norm"
 
 def _group_norm_silu(scope: BackendScope, norm: nn.GroupNorm, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
                      shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """silu(norm(x) * (1 + scale) + shift) in one op; silu(norm(x)) without scale and shift."""
-    from fastgen.ops.ada_norm import ada_group_norm
-
-    if scale is None:
-        scale = shift = x.new_zeros(x.shape[:2])
-    # The op takes its operands in x's dtype, as the activations run in: the norm's parameters follow.
-    weight, bias = (None if parameter is None else parameter.to(x.dtype) for parameter in (norm.weight, norm.bias))
-    return scope.run(ada_group_norm, x, scale, shift, norm.num_groups, weight, bias, norm.eps, "silu")
+    """silu(norm(x) * (1 + scale) + shift) in one op, under the accelerator's backend."""
+    return scope.run(fused_group_norm, norm, x, "silu", scale, shift)
 
 
 def _fused_resnet_forward(scope: BackendScope, original_forward: Callable):

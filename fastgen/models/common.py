@@ -148,7 +148,13 @@ class RMSNorm(nn.Module):
         return (x.float() * torch.rsqrt(mean_square + self.eps)).to(x.dtype) * self.weight
 
 
-def fused_group_norm(norm: nn.GroupNorm, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
-    """act(norm(x)) in one fused pass: ada_group_norm with zero scale and shift is a GroupNorm."""
-    no_modulation = x.new_zeros(x.shape[:2])
-    return ada_group_norm(x, no_modulation, no_modulation, norm.num_groups, norm.weight, norm.bias, norm.eps, act)
+def fused_group_norm(norm: nn.GroupNorm, x: torch.Tensor, act: Optional[str] = None,
+                     scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """act(norm(x) * (1 + scale) + shift) in one ada_group_norm pass, scale and shift (B, C);
+    without them act(norm(x)), the modulation a stride-0 view of one zero (nothing per call to
+    allocate or read). The norm's parameters are taken in x's dtype, which the op requires and
+    which an autocast region may make differ from theirs."""
+    if scale is None:
+        scale = shift = x.new_zeros(()).expand(x.shape[:2])
+    weight, bias = (None if parameter is None else parameter.to(x.dtype) for parameter in (norm.weight, norm.bias))
+    return ada_group_norm(x, scale, shift, norm.num_groups, weight, bias, norm.eps, act)

@@ -41,7 +41,7 @@ linear, SiLU, linear, with the 256-channel sinusoid of `fastgen.models.common`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,36 @@ from fastgen.ops.qk_norm_rope import qk_norm_rope
 NORM_EPS = 1e-6
 
 Rope = tuple  # (cos, sin), each (tokens, D / 2) float32: one angle per channel pair of a head
+
+
+class JointStream(NamedTuple):
+    """One stream (text or image) of a joint attention: its q, k, v (B, L_s, H, D), any strides,
+    and the RMSNorm weights (D,) of its q and k (None: no QK norm)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    weight_q: Optional[torch.Tensor] = None
+    weight_k: Optional[torch.Tensor] = None
+    eps: float = NORM_EPS
+
+
+def joint_attention(streams: list, rope: Optional[Rope] = None) -> torch.Tensor:
+    """Softmax attention over the streams' tokens concatenated in the order given, (B, L, H D).
+    Each stream's q and k are normalized with its own weights and rotated by its rows of the
+    rope tables (rows of the joint sequence), written by one qk_norm_rope call straight into
+    its rows of the joint q and k: no concatenation pass over them."""
+    first = streams[0].q
+    joint_q = first.new_empty(first.shape[0], sum(stream.q.shape[1] for stream in streams), *first.shape[2:])
+    joint_k = torch.empty_like(joint_q)
+    start = 0
+    for stream in streams:
+        rows = slice(start, start + stream.q.shape[1])
+        cos, sin = (None, None) if rope is None else (rope[0][rows], rope[1][rows])
+        qk_norm_rope(stream.q, stream.k, stream.weight_q, stream.weight_k, cos, sin, stream.eps,
+                     out_q=joint_q[:, rows], out_k=joint_k[:, rows])
+        start = rows.stop
+    return cross_attention(joint_q, joint_k, torch.cat([stream.v for stream in streams], dim=1)).flatten(2)
 
 
 def rope_angles(positions: torch.Tensor, axes_dims: tuple, theta: float) -> Rope:
@@ -107,22 +137,14 @@ class JointAttention(nn.Module):
         N image tokens. Returns (image output, text output or None): projected where the
         module has the projection, the attention's heads flattened (B, tokens, H D) otherwise."""
         text_tokens = 0 if context is None else context.shape[1]
-        streams = [(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)]
+        sources = [(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)]
         if context is not None:
-            streams.insert(0, (context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
+            sources.insert(0, (context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
                                self.norm_added_k))
-        q = x.new_empty(x.shape[0], text_tokens + x.shape[1], self.heads, self.head_dim)
-        k = torch.empty_like(q)
-        values, start = [], 0
-        for tokens, to_q, to_k, to_v, norm_q, norm_k in streams:
-            rows = slice(start, start + tokens.shape[1])
-            cos, sin = (None, None) if rope is None else (rope[0][rows], rope[1][rows])
-            weights = (None, None) if norm_q is None else (norm_q.weight, norm_k.weight)
-            qk_norm_rope(self._heads(to_q(tokens)), self._heads(to_k(tokens)), *weights, cos, sin, NORM_EPS,
-                         out_q=q[:, rows], out_k=k[:, rows])
-            values.append(self._heads(to_v(tokens)))
-            start = rows.stop
-        out = cross_attention(q, k, torch.cat(values, dim=1)).flatten(2)
+        streams = [JointStream(self._heads(to_q(tokens)), self._heads(to_k(tokens)), self._heads(to_v(tokens)),
+                               *((None, None) if norm_q is None else (norm_q.weight, norm_k.weight)))
+                   for tokens, to_q, to_k, to_v, norm_q, norm_k in sources]
+        out = joint_attention(streams, rope)
         text_out, image_out = out[:, :text_tokens], out[:, text_tokens:]
         if hasattr(self, "to_out"):
             image_out = self.to_out[0](image_out)
