@@ -32,8 +32,9 @@ Both become strided (B, T, H, d) views of one token-major projection, with no co
 Parameter names and nesting are guided-diffusion's (`time_embed.*`, `label_emb.*`,
 `input_blocks.*`, `middle_block.*`, `output_blocks.*`, `out.*`), so its released state dicts
 (saved as safetensors) load as they are. Not supported: use_scale_shift_norm=False,
-resblock_updown=False (convolutional resampling), num_heads instead of num_head_channels,
-the super-resolution models and the classifiers.
+resblock_updown=False (convolutional resampling), num_heads instead of num_head_channels and
+the super-resolution models. The noisy-image classifiers that guide sampling are
+`fastgen.models.adm_classifier`.
 """
 from __future__ import annotations
 
@@ -190,6 +191,33 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
+def encoder_blocks(config, res_block: Callable[..., ResBlock],
+                   attention: Callable[[int], AttentionBlock]) -> tuple[nn.ModuleList, list]:
+    """The encoder half of the UNet, which the noisy-image classifier (adm_classifier) is built
+    of too: a 3x3 convolution to channel_mult[0] x model_channels channels, then per level
+    num_res_blocks ResBlocks to mult x model_channels (each followed by attention where the
+    level's downsample rate is one of config.attention_downsample_rates) and, below every level
+    but the last, a ResBlock that halves the resolution. `res_block(channels, out_channels,
+    resample=None)` and `attention(channels)` build the blocks. Returns the blocks and the
+    channels of each block's output (the UNet's skips), in guided-diffusion's order."""
+    ch = int(config.channel_mult[0] * config.model_channels)
+    blocks = nn.ModuleList([EmbedSequential(_conv3x3(config.in_channels, ch))])
+    channels, rate = [ch], 1
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            layers = [res_block(ch, int(mult * config.model_channels))]
+            ch = int(mult * config.model_channels)
+            if rate in config.attention_downsample_rates:
+                layers.append(attention(ch))
+            blocks.append(EmbedSequential(*layers))
+            channels.append(ch)
+        if level != len(config.channel_mult) - 1:
+            blocks.append(EmbedSequential(res_block(ch, ch, "down")))
+            channels.append(ch)
+            rate *= 2
+    return blocks, channels
+
+
 class ADMUNet(nn.Module):
     def __init__(self, config: ADMConfig):
         super().__init__()
@@ -206,23 +234,8 @@ class ADMUNet(nn.Module):
         if c.num_classes is not None:
             self.label_emb = nn.Embedding(c.num_classes, emb)
 
-        attends = c.attention_downsample_rates
-        ch = c.channel_mult[0] * c.model_channels
-        self.input_blocks = nn.ModuleList([EmbedSequential(_conv3x3(c.in_channels, ch))])
-        skip_channels, rate = [ch], 1
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                layers = [res_block(ch, mult * c.model_channels)]
-                ch = mult * c.model_channels
-                if rate in attends:
-                    layers.append(attention(ch))
-                self.input_blocks.append(EmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(c.channel_mult) - 1:
-                self.input_blocks.append(EmbedSequential(res_block(ch, ch, "down")))
-                skip_channels.append(ch)
-                rate *= 2
-
+        self.input_blocks, skip_channels = encoder_blocks(c, res_block, attention)
+        ch, rate, attends = skip_channels[-1], c.downsampling, c.attention_downsample_rates
         self.middle_block = EmbedSequential(res_block(ch, ch), attention(ch), res_block(ch, ch))
 
         self.output_blocks = nn.ModuleList()
