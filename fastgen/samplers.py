@@ -16,6 +16,11 @@ Classifier-free guidance: pred = pred_u + s (pred_c - pred_u), where pred_u is t
 under `uncond` and pred_c under `cond`. Both halves are computed in ONE model call on the
 batch concatenated as [uncond; cond], which keeps the GPU busy with one large batch instead of
 two small ones.
+
+Classifier guidance (Dhariwal & Nichol 2021, as guided-diffusion's sampling): `cond_fn(x, t,
+cond)` returns s grad_x log p(cond | x) at the current sample x_t, the gradient of a noisy-image
+classifier's log-probability scaled by the classifier scale s. DDPM shifts the step's mean by
+variance x gradient; DDIM shifts the noise estimate, eps <- eps - sqrt(1 - abar_t) gradient.
 """
 from __future__ import annotations
 
@@ -261,6 +266,7 @@ def ddim(
     uncond: Any = None,
     guidance_scale: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    cond_fn: Optional[ModelFn] = None,
 ) -> torch.Tensor:
     """DDIM from x = `noise` at timesteps[0] down to the data.
 
@@ -271,7 +277,9 @@ def ddim(
     see spaced_timesteps) or explicit descending `timesteps`. eps is guided as in the module
     docstring. Stable Diffusion passes final_alpha_cumprod = alphas_cumprod[0]. With
     `clip_denoised` (pixel-space models such as ADM), x0 is clamped to [-1, 1] and eps
-    re-derived from it, so the step stays consistent with the clamped estimate."""
+    re-derived from it, so the step stays consistent with the clamped estimate. `cond_fn`
+    (classifier guidance, module docstring) then shifts eps, and x0 follows it unclamped, as
+    guided-diffusion's condition_score."""
     steps = _diffusion_timesteps(alphas_cumprod, num_steps, timesteps, required=True)
     x = noise
     for time, abar_t, abar_prev, _ in _chain(alphas_cumprod, steps, final_alpha_cumprod, noise):
@@ -280,6 +288,9 @@ def ddim(
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
             eps = (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
+        if cond_fn is not None:
+            eps = eps - math.sqrt(1 - abar_t) * cond_fn(x, time, cond).to(x.dtype)
+            x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
         sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
         x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)) * eps
         if sigma > 0:
@@ -326,6 +337,7 @@ def ddpm(
     uncond: Any = None,
     guidance_scale: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    cond_fn: Optional[ModelFn] = None,
 ) -> torch.Tensor:
     """DDPM ancestral sampling from x = `noise` at timesteps[0] (default: every training step,
     T-1 down to 0).
@@ -338,8 +350,14 @@ def ddpm(
     `clip_denoised` clamps to [-1, 1] first (ADM's pixel-space models). sigma^2 is the posterior
     variance beta (1 - abar_p) / (1 - abar_t), or, with `learned_variance` (ADM), the model's
     interpolation exp(f log beta + (1 - f) log posterior) with f = (v + 1) / 2. No noise is added
-    on the last step."""
+    on the last step. `cond_fn` (classifier guidance, module docstring) adds sigma^2 x its
+    gradient to the mean, on every step: on the last, where the posterior variance is 0, the
+    learned variance interpolates towards the step before's posterior variance instead, as
+    guided-diffusion clips it (so a learned-variance chain guided so needs two steps)."""
     steps = _diffusion_timesteps(alphas_cumprod, None, timesteps, required=False)
+    if cond_fn is not None and learned_variance and len(steps) < 2:
+        raise ValueError(f"cond_fn with learned_variance needs at least 2 timesteps (the last step's variance "
+                         f"comes from the step before); got {steps}")
     x = noise
     for time, abar_t, abar_prev, last in _chain(alphas_cumprod, steps, 1.0, noise):
         beta = 1 - abar_t / abar_prev
@@ -349,13 +367,18 @@ def ddpm(
             x0 = x0.clamp(-1, 1)
         mean = (math.sqrt(abar_prev) * beta / (1 - abar_t)) * x0 + (
             math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t)) * x
+        if not last:
+            posterior_variance = beta * (1 - abar_prev) / (1 - abar_t)
+        if fraction is not None and (cond_fn is not None or not last):
+            f = (fraction.to(torch.promote_types(fraction.dtype, torch.float32)) + 1) / 2
+            log_variance = f * math.log(beta) + (1 - f) * math.log(posterior_variance)
+        if cond_fn is not None:
+            variance = (0.0 if last else posterior_variance) if fraction is None else log_variance.exp().to(x.dtype)
+            mean = mean + variance * cond_fn(x, time, cond).to(x.dtype)
         if last:
             return mean
-        posterior_variance = beta * (1 - abar_prev) / (1 - abar_t)
         if fraction is None:
             x = mean + math.sqrt(posterior_variance) * _gaussian(x, generator)
         else:
-            f = (fraction.to(torch.float32) + 1) / 2
-            log_variance = f * math.log(beta) + (1 - f) * math.log(posterior_variance)
             x = mean + (0.5 * log_variance).exp().to(x.dtype) * _gaussian(x, generator)
     return x

@@ -236,3 +236,255 @@ def test_bad_inputs(generator, tiny_classifier):
         adm_classifier.build("imagenet512")
     with pytest.raises(ValueError, match="multiple of num_head_channels 24"):
         adm_classifier.AttentionPool(2, 64, 24, 10)
+
+
+# Classifier guidance. guided-diffusion's sampling loops transcribed in float64 on its respaced
+# diffusion (alphas_cumprod, posterior variance and its log clipped at index 0, the posterior
+# mean coefficients, indexed by the respaced step i, original timestep kept[i] ascending); each
+# step starts from the sampler's own x_t so that rounding does not compound.
+def _linear_schedule(kept):
+    full = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    abar = full[kept]
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    betas = 1 - abar / abar_prev
+    posterior_variance = betas * (1 - abar_prev) / (1 - abar)
+    return dict(abar=abar, abar_prev=abar_prev, betas=betas, posterior_variance=posterior_variance,
+                log_variance_clipped=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+                mean_coef1=betas * abar_prev.sqrt() / (1 - abar),
+                mean_coef2=(1 - abar_prev) * (1 - betas).sqrt() / (1 - abar))
+
+
+def _reference_cond_fn(classifier, scale):
+    """guided-diffusion's classifier-guidance cond_fn: the scaled gradient of the selected log-softmax."""
+    def cond_fn(x, t, labels):
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
+            return torch.autograd.grad(log_probs[range(len(labels)), labels].sum(), x_in)[0] * scale
+    return cond_fn
+
+
+def _pred_xstart(schedule, i, x, eps):
+    abar = schedule["abar"][i]
+    return ((1 / abar).sqrt() * x - (1 / abar - 1).sqrt() * eps).clamp(-1, 1)
+
+
+def _reference_p_sample(model, cond_fn, schedule, kept, i, x, labels, noise, eta=None, learned_variance=True):
+    """p_sample with condition_mean; the variance LEARNED_RANGE or FIXED_SMALL."""
+    t = torch.full((x.shape[0],), float(kept[i]), dtype=torch.float64)
+    if learned_variance:
+        eps, v = model(x, t, labels).chunk(2, dim=1)
+        frac = (v + 1) / 2
+        log_variance = frac * schedule["betas"][i].log() + (1 - frac) * schedule["log_variance_clipped"][i]
+        variance = log_variance.exp()
+    else:
+        eps = model(x, t, labels)
+        variance, log_variance = schedule["posterior_variance"][i], schedule["log_variance_clipped"][i]
+    mean = schedule["mean_coef1"][i] * _pred_xstart(schedule, i, x, eps) + schedule["mean_coef2"][i] * x
+    mean = mean + variance * cond_fn(x, t, labels)
+    return mean + (i != 0) * (0.5 * log_variance).exp() * noise
+
+
+def _reference_ddim_sample(model, cond_fn, schedule, kept, i, x, labels, noise, eta, learned_variance=True):
+    """ddim_sample with condition_score."""
+    t = torch.full((x.shape[0],), float(kept[i]), dtype=torch.float64)
+    abar, abar_prev = schedule["abar"][i], schedule["abar_prev"][i]
+    out = model(x, t, labels)
+    pred_xstart = _pred_xstart(schedule, i, x, out.chunk(2, dim=1)[0] if learned_variance else out)
+    eps = ((1 / abar).sqrt() * x - pred_xstart) / (1 / abar - 1).sqrt()
+    eps = eps - (1 - abar).sqrt() * cond_fn(x, t, labels)
+    pred_xstart = (1 / abar).sqrt() * x - (1 / abar - 1).sqrt() * eps
+    eps = ((1 / abar).sqrt() * x - pred_xstart) / (1 / abar - 1).sqrt()
+    sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
+    mean = pred_xstart * abar_prev.sqrt() + (1 - abar_prev - sigma ** 2).sqrt() * eps
+    return mean + (i != 0) * sigma * noise
+
+
+def _assert_steps_match(reference_step, inputs, images, kept, replay, rtol, atol, **step_arguments):
+    """Each sampler step, from the x_t the model was called with to the next one (the images
+    after the last step), against `reference_step` in float64 with the same noise draws."""
+    assert len(inputs) == len(kept)
+    largest_error = 0.0
+    for step, (x_t, out) in enumerate(zip(inputs, inputs[1:] + [images])):
+        i = len(kept) - 1 - step
+        # The samplers draw no noise for the last step, which guided-diffusion masks out.
+        noise = (torch.randn(x_t.shape, generator=replay, dtype=x_t.dtype) if i != 0 else torch.zeros(x_t.shape))
+        with torch.no_grad():
+            expected = reference_step(schedule=_linear_schedule(kept), kept=kept, i=i, x=x_t.double(),
+                                      noise=noise.double(), **step_arguments)
+        torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol, msg=f"step {step}")
+        largest_error = max(largest_error, (out.double() - expected).abs().max().item())
+    return largest_error
+
+
+def _recording(function, inputs):
+    def recorded(x, t, cond):
+        inputs.append(x.detach().clone())
+        return function(x, t, cond)
+    return recorded
+
+
+CHAINS = {"ddpm": ([0, 500, 999], 0.0), "ddim": ([0, 250, 500, 750], 0.5)}
+
+
+@pytest.mark.parametrize("method, learned_variance", [("ddpm", True), ("ddpm", False), ("ddim", False)])
+def test_cond_fn_steps_match_guided_diffusion_in_float64(generator, method, learned_variance):
+    """samplers.ddpm / ddim in float64 on a random model (eps and v: tanh of a random linear map)
+    and a random gradient field, 10^4 times larger at t = 0, where the DDPM step's variance is
+    about 1e-4: every step's guidance term is O(1), so a tolerance of 1e-10 sees each one."""
+    from fastgen import samplers
+
+    kept, eta = CHAINS[method]
+    weight = torch.randn(10, 5, generator=generator, dtype=torch.float64) / 2
+    field = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+
+    def model(x, t, cond):
+        out = torch.tanh(x @ weight.T + t[:, None].double() / 1000)
+        return out if learned_variance else out[:, :5]
+
+    def cond_fn(x, t, cond):
+        return field * torch.sin(x) * (1 + 1e4 * (t[:, None] == 0))
+
+    noise = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    seed = int(torch.randint(2**62, (), generator=generator))
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    inputs, sampler = [], getattr(samplers, method)
+    options = dict(learned_variance=learned_variance) if method == "ddpm" else dict(eta=eta)
+    images = sampler(_recording(model, inputs), noise, abar, timesteps=torch.tensor(kept[::-1]), clip_denoised=True,
+                     generator=torch.Generator().manual_seed(seed), cond_fn=cond_fn, **options)
+    reference_step = _reference_p_sample if method == "ddpm" else _reference_ddim_sample
+    _assert_steps_match(reference_step, inputs, images, kept, torch.Generator().manual_seed(seed), 1e-10, 1e-10,
+                        model=model, cond_fn=cond_fn, labels=None, eta=eta, learned_variance=learned_variance)
+
+
+@pytest.fixture
+def tiny_unet(generator):
+    from fastgen.models import adm_unet
+
+    _seed_global_rng(generator)
+    return _randomized(adm_unet.build("tiny"), generator).eval()
+
+
+@pytest.mark.parametrize("method", sorted(CHAINS))
+def test_classifier_guided_adm_sampling_matches_guided_diffusion(generator, tiny_unet, tiny_classifier, method):
+    """adm_unet.sample with the random tiny UNet and classifier, in float32, against the float64
+    transcription on float64 copies of both (labels reach the classifier, the scale applies)."""
+    import copy
+
+    from fastgen.models import adm_unet
+
+    kept, eta = CHAINS[method]
+    x, _ = _inputs(generator, batch=2)
+    labels = torch.randint(0, TINY.num_classes, (2,), generator=generator)
+    scale = 3.0
+    seed = int(torch.randint(2**62, (), generator=generator))
+    inputs = []
+    hook = tiny_unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():  # the gradient is taken all the same
+            images = adm_unet.sample(tiny_unet, x, labels, num_steps=len(kept), method=method, eta=eta,
+                                     generator=torch.Generator().manual_seed(seed), classifier=tiny_classifier,
+                                     classifier_scale=scale)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(inputs[0], x, rtol=0, atol=0)
+    reference_step = _reference_p_sample if method == "ddpm" else _reference_ddim_sample
+    cond_fn = _reference_cond_fn(copy.deepcopy(tiny_classifier).double(), scale)
+    _assert_steps_match(reference_step, inputs, images, kept, torch.Generator().manual_seed(seed), 1e-4, 1e-4,
+                        model=copy.deepcopy(tiny_unet).double(), cond_fn=cond_fn, labels=labels, eta=eta)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_guidance_by_a_planted_classifier_moves_samples_to_its_class(generator, method):
+    """Data N(0, I), whose exact noise prediction is eps(x_t) = sqrt(1 - abar_t) x_t, and the
+    planted log p(y | x) = -|x - mu_y|^2 + const with known class means: from the same noise
+    and noise draws, every guided sample lands closer to its class mean than the unguided one,
+    and a zero gradient changes nothing."""
+    from fastgen import samplers
+    from fastgen.models import adm_unet
+
+    means = torch.randn(4, 3, 4, 4, generator=generator)
+    labels = torch.randint(0, 4, (8,), generator=generator)
+    noise = torch.randn(8, 3, 4, 4, generator=generator)
+    seed = int(torch.randint(2**62, (), generator=generator))
+    abar = samplers.alphas_cumprod(samplers.beta_schedule("linear"))
+
+    def eps(x, t, cond):
+        return (1 - abar[t.long()]).sqrt().float().view(-1, 1, 1, 1) * x
+
+    chain = dict(timesteps=adm_unet.respaced_timesteps(25)) if method == "ddpm" else dict(num_steps=25)
+
+    def sampled(scale=None):
+        def cond_fn(x, t, y):
+            return -2 * scale * (x - means[y])
+        return getattr(samplers, method)(eps, noise, abar, cond=labels, generator=torch.Generator().manual_seed(seed),
+                                         cond_fn=None if scale is None else cond_fn, **chain)
+
+    def distance(images):
+        return (images - means[labels]).flatten(1).norm(dim=1)
+
+    unguided = sampled()
+    torch.testing.assert_close(sampled(0.0), unguided, rtol=0, atol=0)
+    ratio = distance(sampled(0.3)) / distance(unguided)
+    assert ratio.max() < 0.9 and ratio.mean() < 0.75, ratio  # about 0.65 (DDPM) and 0.1 (DDIM) on average
+
+
+class _PlantedClassifier(torch.nn.Module):
+    """logits_c(x) = -|x - mu_c|^2: grad_x log softmax(x)_y = 2 (mu_y - sum_c p_c(x) mu_c)."""
+
+    def __init__(self, means):
+        super().__init__()
+        self.means = means
+
+    def forward(self, x, t):
+        return -(x[:, None] - self.means[None]).square().flatten(2).sum(-1)
+
+
+def test_classifier_gradient_is_the_scaled_gradient_of_log_softmax(generator):
+    from fastgen.models import adm_unet
+
+    means = torch.randn(5, 2, 3, generator=generator, dtype=torch.float64) / 3
+    x = torch.randn(4, 2, 3, generator=generator, dtype=torch.float64) / 3
+    labels = torch.randint(0, 5, (4,), generator=generator)
+    classifier = _PlantedClassifier(means)
+    probabilities = torch.softmax(classifier(x, None), dim=-1)
+    expected = 2.5 * 2 * (means[labels] - torch.einsum("bc,cij->bij", probabilities, means))
+    with torch.no_grad():
+        gradient = adm_unet.classifier_gradient(classifier, 2.5)(x, torch.zeros(4), labels)
+    assert gradient.dtype == torch.float64
+    torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"classifier guidance needs labels of shape \(4,\)"):
+        adm_unet.classifier_gradient(classifier, 1.0)(x, torch.zeros(4), None)
+
+
+def test_unconditional_model_is_guided_by_the_classifier_alone(generator, tiny_classifier):
+    """256x256_diffusion_uncond's use: the labels reach the classifier, not the model."""
+    import dataclasses
+
+    from fastgen.models import adm_unet
+
+    _seed_global_rng(generator)
+    model = _randomized(adm_unet.build(dataclasses.replace(adm_unet.CONFIGS["tiny"], num_classes=None)), generator)
+    x, _ = _inputs(generator, batch=2)
+    labels = torch.randint(0, TINY.num_classes, (2,), generator=generator)
+    with torch.no_grad():
+        unguided = adm_unet.sample(model.eval(), x, num_steps=2, method="ddim")
+        guided = adm_unet.sample(model, x, labels, num_steps=2, method="ddim", classifier=tiny_classifier,
+                                 classifier_scale=5.0)
+    assert guided.shape == x.shape and not torch.allclose(guided, unguided)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        adm_unet.sample(model, x, labels, num_steps=2, method="ddim")
+
+
+def test_learned_variance_guidance_refuses_a_one_step_chain(generator):
+    from fastgen import samplers
+
+    abar = samplers.alphas_cumprod(samplers.beta_schedule("linear"))
+    x = torch.randn(2, 3, generator=generator)
+    with pytest.raises(ValueError, match="cond_fn with learned_variance needs at least 2 timesteps"):
+        samplers.ddpm(lambda x, t, c: torch.cat([x, x], 1), x, abar, timesteps=torch.tensor([500]),
+                      learned_variance=True, cond_fn=lambda x, t, c: x)
+    # Without learned variance the last step's variance is 0: one guided step is the unguided one.
+    unguided = samplers.ddpm(lambda x, t, c: x, x, abar, timesteps=torch.tensor([500]))
+    torch.testing.assert_close(samplers.ddpm(lambda x, t, c: x, x, abar, timesteps=torch.tensor([500]),
+                                             cond_fn=lambda x, t, c: x), unguided, rtol=0, atol=0)

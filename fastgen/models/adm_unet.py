@@ -325,6 +325,26 @@ def respaced_timesteps(num_steps: int) -> torch.Tensor:
     return (torch.arange(num_steps, dtype=torch.float64) * stride).round().to(torch.int64).flip(0)
 
 
+def classifier_gradient(classifier: nn.Module, classifier_scale: float) -> samplers.ModelFn:
+    """The samplers' cond_fn for classifier guidance: (x, t, labels) -> s grad_x log p(labels | x, t)
+    with s = classifier_scale and log p the log-softmax of `classifier(x, t)`'s logits (in float32
+    at least), as guided-diffusion's classifier-guided sampling. The gradient is taken with
+    autograd on even inside torch.no_grad(), of x alone (the classifier's parameters get none)."""
+
+    def gradient(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not isinstance(labels, torch.Tensor) or labels.shape != (x.shape[0],):
+            raise ValueError(f"classifier guidance needs labels of shape ({x.shape[0]},), the classes to guide "
+                             f"towards; got {labels if labels is None else tuple(labels.shape)}")
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            logits = classifier(x_in, t)
+            log_probabilities = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            selected = log_probabilities.gather(1, labels[:, None].long()).sum()
+            return torch.autograd.grad(selected, x_in)[0] * classifier_scale
+
+    return gradient
+
+
 def sample(
     model: ADMUNet,
     noise: torch.Tensor,
@@ -336,6 +356,8 @@ def sample(
     method: str = "ddpm",
     eta: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    classifier: Optional[nn.Module] = None,
+    classifier_scale: float = 1.0,
 ) -> torch.Tensor:
     """Images in [-1, 1] from `noise` (B, in_channels, H, W) in num_steps denoising steps.
 
@@ -344,18 +366,30 @@ def sample(
     p_sample_loop; "ddim": DDIM with the given eta on its "ddimN" timesteps (stride T // N from 0).
     The schedule is the config's (cosine for imagenet64, linear for imagenet256). Classifier-free
     guidance mixes the eps of `labels` with that of `null_labels` (for a model trained with a
-    null class; the released ADM models were not, and sample at the default scale 1)."""
+    null class; the released ADM models were not, and sample at the default scale 1).
+
+    Classifier guidance, the paper's: a noisy-image `classifier` (fastgen.models.adm_classifier)
+    steers every step towards `labels` with the gradient classifier_scale x grad log p(labels |
+    x_t) (`classifier_gradient`), added to the DDPM mean times its variance, or to DDIM's eps
+    times -sqrt(1 - abar_t) (fastgen.samplers). An unconditional model (num_classes None) is
+    then called without the labels, which only the classifier reads."""
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim'; got {method!r}")
     config = model.config
     abar = samplers.alphas_cumprod(samplers.beta_schedule(config.noise_schedule, NUM_TRAIN_TIMESTEPS))
-    guidance = dict(cond=labels, uncond=null_labels, guidance_scale=guidance_scale, generator=generator)
+    guidance = dict(cond=labels, uncond=null_labels, guidance_scale=guidance_scale, generator=generator,
+                    cond_fn=None if classifier is None else classifier_gradient(classifier, classifier_scale))
+    model_takes_labels = config.num_classes is not None or classifier is None
+
+    def network(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        return model(x, t, cond if model_takes_labels else None)
+
     if method == "ddpm":
-        return samplers.ddpm(model, noise, abar, timesteps=respaced_timesteps(num_steps),
+        return samplers.ddpm(network, noise, abar, timesteps=respaced_timesteps(num_steps),
                              learned_variance=config.learn_sigma, clip_denoised=True, **guidance)
 
     def eps(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        return model(x, t, cond)[:, : config.in_channels]
+        return network(x, t, cond)[:, : config.in_channels]
 
     return samplers.ddim(eps, noise, abar, num_steps=num_steps, eta=eta, clip_denoised=True, **guidance)
 
