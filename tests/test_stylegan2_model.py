@@ -243,6 +243,99 @@ def test_r1_step_penalty_and_its_gradient(generator, micro):
         assert grad.abs().sum() > 0, name
 
 
+def _replayed_mixing(G, z, generator_state):
+    """The cutoff c, coin u and second latent z2 that style_mixed_ws draws, in its order, from a
+    generator in `generator_state`; and the ws of stylegan2-ada-pytorch's run_G from them: rows
+    [0, c) from mapping(z), [c, num_ws) from mapping(z2), c = num_ws when u >= p."""
+    replay = torch.Generator().set_state(generator_state)
+    cutoff = int(torch.randint(1, G.num_ws, (), generator=replay))
+    coin = float(torch.rand((), generator=replay))
+    second_z = torch.randn(z.shape, generator=replay)
+    return cutoff, coin, second_z
+
+
+def test_style_mixing_takes_the_rows_from_the_cutoff_on_from_the_second_latent(generator, tiny):
+    G, _ = tiny
+    G.train()
+    z = torch.randn(3, TINY.z_dim, generator=generator)
+    w_avg = G.mapping.w_avg.clone()
+    state = generator.get_state()
+    ws, cutoff = stylegan2.style_mixed_ws(G, z, 1.0, generator)
+    expected_cutoff, _, second_z = _replayed_mixing(G, z, state)
+    assert cutoff == expected_cutoff and 1 <= cutoff < G.num_ws
+    # Only the first mapping moved w_avg (one update with z's mean w).
+    first, second = (G.mapping(latent, update_w_avg=False) for latent in (z, second_z))
+    torch.testing.assert_close(G.mapping.w_avg, first[:, 0].mean(0).lerp(w_avg, G.mapping.w_avg_beta))
+    torch.testing.assert_close(ws[:, :cutoff], first[:, :cutoff], rtol=0, atol=0)
+    torch.testing.assert_close(ws[:, cutoff:], second[:, cutoff:], rtol=0, atol=0)
+    assert not torch.allclose(first[:, cutoff:], second[:, cutoff:])
+    # Probability 0: G's own ws, and nothing drawn from the generator.
+    state = generator.get_state()
+    ws, cutoff = stylegan2.style_mixed_ws(G, z, 0.0, generator)
+    assert cutoff == G.num_ws and torch.equal(generator.get_state(), state)
+    torch.testing.assert_close(ws, G.mapping(z, update_w_avg=False), rtol=0, atol=0)
+    for bad in (-0.1, 1.5, True, "0.9"):
+        with pytest.raises(ValueError, match="style_mixing_prob must be a number in \\[0, 1\\]"):
+            stylegan2.style_mixed_ws(G, z, bad, generator)
+
+
+def test_style_mixing_probability_and_cutoffs_over_many_batches(generator):
+    """2000 batches at p = 0.9: the mixed fraction and every cutoff's count within 5 binomial
+    standard deviations of p and of uniform over [1, num_ws), whose rows agree with the cutoff."""
+    config = stylegan2.StyleGAN2Config(resolution=16, z_dim=4, w_dim=4, channel_base=64, channel_max=4,
+                                       mapping_layers=1)
+    _seed_global_rng(generator)
+    G = stylegan2.build(config).eval()
+    z = torch.randn(2, 4, generator=generator)
+    own = G.mapping(z)
+    draws, p = 2000, stylegan2.STYLE_MIXING_PROB
+    cutoffs = []
+    for _ in range(draws):
+        ws, cutoff = stylegan2.style_mixed_ws(G, z, p, generator)
+        cutoffs.append(cutoff)
+        kept = (ws == own).all(dim=2).all(dim=0)
+        assert kept[:cutoff].all() and not kept[cutoff:].any()
+    cutoffs = torch.tensor(cutoffs)
+    mixed = (cutoffs < G.num_ws).sum().item()
+    assert abs(mixed - draws * p) < 5 * (draws * p * (1 - p)) ** 0.5, mixed
+    share = 1 / (G.num_ws - 1)
+    for value in range(1, G.num_ws):
+        count = (cutoffs == value).sum().item()
+        assert abs(count - mixed * share) < 5 * (mixed * share * (1 - share)) ** 0.5, (value, count)
+
+
+def test_r1_step_with_style_mixing_matches_an_eager_step(generator, micro):
+    """The discriminator step on style-mixed fakes against its loss written out, with the cutoff
+    and second latent replayed from the same seeded generator: losses and every D gradient."""
+    G, D = micro
+    real, z = _r1_inputs(MICRO, generator)
+    seed = int(torch.randint(2**62, (), generator=generator))
+    D.zero_grad()
+    losses = stylegan2.r1_step(G, D, real, z=z, noise_mode="const", style_mixing_prob=1.0,
+                               generator=torch.Generator().manual_seed(seed))
+    grads = {name: p.grad.clone() for name, p in D.named_parameters()}
+
+    cutoff, _, second_z = _replayed_mixing(G, z, torch.Generator().manual_seed(seed).get_state())
+    first, second = (G.mapping(latent, update_w_avg=False).detach() for latent in (z, second_z))
+    with torch.no_grad():
+        fake = G.synthesis(torch.cat([first[:, :cutoff], second[:, cutoff:]], dim=1), noise_mode="const")
+        assert not torch.allclose(fake, G.synthesis(first, noise_mode="const"), rtol=1e-3, atol=1e-4)
+    D.zero_grad()
+    x = real.clone().requires_grad_(True)
+    real_logits = D(x)[:, 0]
+    (input_grad,) = torch.autograd.grad(real_logits.sum(), x, create_graph=True)
+    penalty = input_grad.square().sum(dim=[1, 2, 3])
+    loss_fake, loss_real = F.softplus(D(fake)[:, 0]), F.softplus(-real_logits)
+    loss = (loss_fake + loss_real + MICRO.r1_gamma / 2 * penalty).mean()
+    loss.backward()
+    expected = {"loss_fake": loss_fake.mean(), "loss_real": loss_real.mean(), "r1_penalty": penalty.mean(),
+                "loss": loss}
+    for key, value in losses.items():
+        torch.testing.assert_close(value, expected[key].detach(), rtol=1e-5, atol=1e-6, msg=key)
+    for name, p in D.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _skip_unless_available(backend, device):
     if not any(backend in OPS[name].implementations for name in ("upfirdn2d", "bias_act")):
         pytest.skip(f"upfirdn2d and bias_act have no {backend!r} implementation (it would run the reference)")

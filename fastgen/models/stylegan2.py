@@ -43,7 +43,8 @@ conv3x3, a fully-connected layer and the output logit. All layers use equalized 
 
 Training: `r1_step` runs one discriminator step with the non-saturating logistic loss and R1
 regularization, gamma / 2 * ||d D(x) / d x||^2 on real images, whose parameter gradient is a
-second derivative: it differentiates through `upfirdn2d` and `bias_act` twice.
+second derivative: it differentiates through `upfirdn2d` and `bias_act` twice. Its fakes can
+come from style-mixed ws (`style_mixed_ws`, the mixing regularization of StyleGAN2's training).
 
 Differences from stylegan2-ada-pytorch: no class conditioning (c_dim = 0, as FFHQ), no mixed
 precision bookkeeping (run the whole model in one dtype; float16 demodulation overflow
@@ -549,6 +550,42 @@ def from_safetensors(path, name_or_config: Union[str, StyleGAN2Config], device: 
     return load_state_file(path, lambda: build(config, network), device, prefix)
 
 
+STYLE_MIXING_PROB = 0.9  # stylegan2-ada-pytorch's training default
+
+
+def _normal(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """N(0, 1) samples drawn on `generator`'s device (the global RNG of `device` for None), on `device`."""
+    return torch.randn(shape, generator=generator, device=device if generator is None else generator.device).to(device)
+
+
+def style_mixed_ws(G: Generator, z: torch.Tensor, style_mixing_prob: float = STYLE_MIXING_PROB,
+                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, int]:
+    """The ws StyleGAN2 trains on (mixing regularization, as stylegan2-ada-pytorch's StyleGAN2Loss
+    generates them): ws = mapping(z) on every layer, and with probability style_mixing_prob the
+    layers from one cutoff c on take the w of a second latent z2 ~ N(0, I) instead, c drawn
+    uniformly from [1, num_ws) once for the whole batch. The first mapping updates w_avg in
+    training mode as a plain call does, the second never does.
+
+    With style_mixing_prob > 0, three draws from `generator` (the global RNG for None), in this
+    order whatever the outcome: c, u ~ U[0, 1) (mixing iff u < style_mixing_prob) and z2; none at
+    0. Returns ws (B, num_ws, w_dim) and c (num_ws where not mixed)."""
+    if isinstance(style_mixing_prob, bool) or not isinstance(style_mixing_prob, (int, float)) \
+            or not 0 <= style_mixing_prob <= 1:
+        raise ValueError(f"style_mixing_prob must be a number in [0, 1], got {style_mixing_prob!r}")
+    ws = G.mapping(z)
+    num_ws = ws.shape[1]
+    if style_mixing_prob == 0:
+        return ws, num_ws
+    device = z.device if generator is None else generator.device
+    cutoff = int(torch.randint(1, num_ws, (), generator=generator, device=device))
+    mixing = float(torch.rand((), generator=generator, device=device)) < style_mixing_prob
+    second_z = _normal(z.shape, generator, z.device)
+    if not mixing:
+        return ws, num_ws
+    second_ws = G.mapping(second_z, update_w_avg=False)
+    return torch.cat([ws[:, :cutoff], second_ws[:, cutoff:]], dim=1), cutoff
+
+
 def _r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Per-sample ||d D(x) / d x||^2, kept differentiable (create_graph) for the parameters' gradient."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
@@ -557,21 +594,25 @@ def _r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 def r1_step(G: Generator, D: Discriminator, real: torch.Tensor, *, gamma: Optional[float] = None,
             z: Optional[torch.Tensor] = None, optimizer: Optional[torch.optim.Optimizer] = None,
-            noise_mode: str = "random") -> dict:
+            noise_mode: str = "random", style_mixing_prob: float = 0.0,
+            generator: Optional[torch.Generator] = None) -> dict:
     """One discriminator step: loss = mean_b[softplus(D(G(z))) + softplus(-D(real))
     + gamma / 2 * ||grad_x D(real)||^2], backpropagated into D's parameters (G is only
     sampled), then `optimizer.step()` if given (the caller zeroes gradients). gamma defaults to
-    the config's r1_gamma; z (B, z_dim) defaults to fresh normal latents. (StyleGAN2 applies
-    R1 lazily every 16 steps with 16 x gamma; the schedule is the caller's.)
+    the config's r1_gamma; z (B, z_dim) defaults to fresh normal latents from `generator`.
+    (StyleGAN2 applies R1 lazily every 16 steps with 16 x gamma; the schedule is the caller's.)
+    The fakes are synthesized from `style_mixed_ws(G, z, style_mixing_prob, generator)`:
+    StyleGAN2 trains with style_mixing_prob = STYLE_MIXING_PROB (0.9); at the default 0 they
+    are G(z).
 
     Returns the detached batch means: loss_fake, loss_real, r1_penalty (||grad||^2) and loss."""
     gamma = D.config.r1_gamma if gamma is None else gamma
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma < 0:
         raise ValueError(f"gamma must be a number >= 0, got {gamma!r}")
     if z is None:
-        z = torch.randn(real.shape[0], G.config.z_dim, device=real.device)
+        z = _normal((real.shape[0], G.config.z_dim), generator, real.device)
     with torch.no_grad():
-        fake = G(z, noise_mode=noise_mode)
+        fake = G.synthesis(style_mixed_ws(G, z, style_mixing_prob, generator)[0], noise_mode)
     with torch.enable_grad():  # a training step, whatever the caller's grad mode
         loss_fake = F.softplus(D(fake)).squeeze(1)
         real = real.detach().requires_grad_(True)
