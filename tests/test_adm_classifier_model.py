@@ -1,7 +1,11 @@
 """ADM's noisy-image classifier: its state-dict layout against a transcription of
 guided-diffusion's EncoderUNetModel construction, the released configs' parameter counts, the
 forward and the attention pool against float64 re-derivations, the Triton backend, loading and
-bad inputs."""
+bad inputs. Classifier guidance (samplers' cond_fn, adm_unet.sample with a classifier): each
+step against float64 transcriptions of guided-diffusion's guided DDPM and DDIM steps, and a
+planted classifier that pulls samples towards its class."""
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
-from fastgen.models import adm_classifier
+from fastgen import samplers
+from fastgen.models import adm_classifier, adm_unet
 from test_adm_unet_model import _group_norm, _randomized, _reference_sequential, _seed_global_rng
 
 TINY = adm_classifier.CONFIGS["tiny"]
@@ -332,8 +337,6 @@ def test_cond_fn_steps_match_guided_diffusion_in_float64(generator, method, lear
     """samplers.ddpm / ddim in float64 on a random model (eps and v: tanh of a random linear map)
     and a random gradient field, 10^4 times larger at t = 0, where the DDPM step's variance is
     about 1e-4: every step's guidance term is O(1), so a tolerance of 1e-10 sees each one."""
-    from fastgen import samplers
-
     kept, eta = CHAINS[method]
     weight = torch.randn(10, 5, generator=generator, dtype=torch.float64) / 2
     field = torch.randn(3, 5, generator=generator, dtype=torch.float64)
@@ -359,8 +362,6 @@ def test_cond_fn_steps_match_guided_diffusion_in_float64(generator, method, lear
 
 @pytest.fixture
 def tiny_unet(generator):
-    from fastgen.models import adm_unet
-
     _seed_global_rng(generator)
     return _randomized(adm_unet.build("tiny"), generator).eval()
 
@@ -369,10 +370,6 @@ def tiny_unet(generator):
 def test_classifier_guided_adm_sampling_matches_guided_diffusion(generator, tiny_unet, tiny_classifier, method):
     """adm_unet.sample with the random tiny UNet and classifier, in float32, against the float64
     transcription on float64 copies of both (labels reach the classifier, the scale applies)."""
-    import copy
-
-    from fastgen.models import adm_unet
-
     kept, eta = CHAINS[method]
     x, _ = _inputs(generator, batch=2)
     labels = torch.randint(0, TINY.num_classes, (2,), generator=generator)
@@ -400,9 +397,6 @@ def test_guidance_by_a_planted_classifier_moves_samples_to_its_class(generator, 
     planted log p(y | x) = -|x - mu_y|^2 + const with known class means: from the same noise
     and noise draws, every guided sample lands closer to its class mean than the unguided one,
     and a zero gradient changes nothing."""
-    from fastgen import samplers
-    from fastgen.models import adm_unet
-
     means = torch.randn(4, 3, 4, 4, generator=generator)
     labels = torch.randint(0, 4, (8,), generator=generator)
     noise = torch.randn(8, 3, 4, 4, generator=generator)
@@ -441,8 +435,6 @@ class _PlantedClassifier(torch.nn.Module):
 
 
 def test_classifier_gradient_is_the_scaled_gradient_of_log_softmax(generator):
-    from fastgen.models import adm_unet
-
     means = torch.randn(5, 2, 3, generator=generator, dtype=torch.float64) / 3
     x = torch.randn(4, 2, 3, generator=generator, dtype=torch.float64) / 3
     labels = torch.randint(0, 5, (4,), generator=generator)
@@ -459,10 +451,6 @@ def test_classifier_gradient_is_the_scaled_gradient_of_log_softmax(generator):
 
 def test_unconditional_model_is_guided_by_the_classifier_alone(generator, tiny_classifier):
     """256x256_diffusion_uncond's use: the labels reach the classifier, not the model."""
-    import dataclasses
-
-    from fastgen.models import adm_unet
-
     _seed_global_rng(generator)
     model = _randomized(adm_unet.build(dataclasses.replace(adm_unet.CONFIGS["tiny"], num_classes=None)), generator)
     x, _ = _inputs(generator, batch=2)
@@ -477,8 +465,6 @@ def test_unconditional_model_is_guided_by_the_classifier_alone(generator, tiny_c
 
 
 def test_learned_variance_guidance_refuses_a_one_step_chain(generator):
-    from fastgen import samplers
-
     abar = samplers.alphas_cumprod(samplers.beta_schedule("linear"))
     x = torch.randn(2, 3, generator=generator)
     with pytest.raises(ValueError, match="cond_fn with learned_variance needs at least 2 timesteps"):
