@@ -211,6 +211,12 @@ def test_forward_keeps_dtype_and_scalar_timestep_broadcasts(generator, tiny_clas
     torch.testing.assert_close(logits, model(x, torch.full((2,), 250.0)), rtol=0, atol=0)
 
 
+def test_traces_as_one_graph(generator, tiny_classifier):
+    inputs = _inputs(generator, batch=2)
+    compiled = torch.compile(tiny_classifier, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*inputs), tiny_classifier(*inputs))
+
+
 def test_safetensors_round_trip_is_strict(generator, tiny_classifier, tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
     path = tmp_path / "classifier-tiny.safetensors"
