@@ -353,7 +353,7 @@ def ddpm(
     on the last step. `cond_fn` (classifier guidance, module docstring) adds sigma^2 x its
     gradient to the mean, on every step: on the last, where the posterior variance is 0, the
     learned variance interpolates towards the step before's posterior variance instead, as
-    guided-diffusion clips it (so a learned-variance chain guided so needs two steps)."""
+    guided-diffusion clips it (a guided learned-variance chain therefore needs two steps or more)."""
     steps = _diffusion_timesteps(alphas_cumprod, None, timesteps, required=False)
     if cond_fn is not None and learned_variance and len(steps) < 2:
         raise ValueError(f"cond_fn with learned_variance needs at least 2 timesteps (the last step's variance "
