@@ -249,14 +249,28 @@ def test_bad_inputs(generator, tiny_model):
         adm_unet.respaced_timesteps(0)
 
 
-def test_respacing_is_guided_diffusions(generator):
-    """space_timesteps(1000, "N"): a float stride (T - 1) / (N - 1) accumulated and rounded."""
-    for steps in (250, 100, 27, 2):
-        stride, position, expected = 999 / (steps - 1), 0.0, []
+def test_respacing_is_guided_diffusions():
+    """space_timesteps(1000, "N") for every N: a float stride (T - 1) / (N - 1) accumulated and
+    rounded (Python's round: ties to even)."""
+    for steps in range(1, 1001):
+        stride, position, expected = 999 / (steps - 1) if steps > 1 else 1.0, 0.0, []
         for _ in range(steps):
             expected.append(round(position))
             position += stride
         assert adm_unet.respaced_timesteps(steps).tolist() == expected[::-1]
+
+
+def test_ddim_sample_runs_guided_diffusions_ddim_chain(generator, tiny_model):
+    """ddim3: stride 334 (stride 333 would give 4 timesteps), so 668, 334, 0."""
+    x, _, labels = _inputs(generator)
+    calls, hook = _recorded_calls(tiny_model)
+    try:
+        adm_unet.sample(tiny_model, x, labels, num_steps=3, method="ddim")
+    finally:
+        hook.remove()
+    assert [call[0] for call in calls] == [[668.0] * 2, [334.0] * 2, [0.0] * 2]
+    with pytest.raises(ValueError, match="num_steps=300 cannot be DDIM-respaced.* 250 or 334"):
+        adm_unet.sample(tiny_model, x, labels, num_steps=300, method="ddim")
 
 
 def _recorded_calls(model):

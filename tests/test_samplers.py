@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastgen import samplers
+from fastgen.models import adm_unet
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
@@ -323,3 +324,25 @@ def test_time_shifts():
         samplers.shifted_time(t, 0.0)
     with pytest.raises(ValueError, match="num_steps"):
         samplers.flux_timesteps(0)
+
+
+# guided-diffusion's sampling flags of the ADM paper's DDIM results: --timestep_respacing ddimN.
+ADM_DDIM_STRIDES = {10: 100, 25: 40, 30: 34, 50: 20, 100: 10, 250: 4}
+
+
+@pytest.mark.parametrize("num_steps", sorted(ADM_DDIM_STRIDES))
+def test_adm_ddim_timesteps_are_guided_diffusions(num_steps):
+    """space_timesteps(1000, "ddimN"), in integers: the smallest stride k in [1, 1000) with
+    exactly N multiples of k below 1000; those multiples, descending."""
+    stride = next(k for k in range(1, 1000) if len(range(0, 1000, k)) == num_steps)
+    assert stride == ADM_DDIM_STRIDES[num_steps]
+    timesteps = adm_unet.ddim_timesteps(num_steps)
+    assert timesteps.dtype == torch.int64
+    assert timesteps.tolist() == list(range(0, 1000, stride))[::-1]
+    assert timesteps[0].item() == stride * (num_steps - 1) and timesteps[-1].item() == 0
+
+
+@pytest.mark.parametrize("num_steps, nearest", [(300, "250 or 334"), (1, "2"), (999, "500 or 1000")])
+def test_adm_ddim_timesteps_without_an_integer_stride_are_refused(num_steps, nearest):
+    with pytest.raises(ValueError, match=f"num_steps={num_steps} cannot be DDIM-respaced.*are {nearest}$"):
+        adm_unet.ddim_timesteps(num_steps)

@@ -317,12 +317,40 @@ def from_safetensors(path: str, config: Union[str, ADMConfig], device: Union[str
 
 
 def respaced_timesteps(num_steps: int) -> torch.Tensor:
-    """guided-diffusion's `--timestep_respacing N` for ancestral sampling: N training timesteps
-    evenly spread over [0, T - 1], both ends included, rounded to the nearest; descending."""
+    """guided-diffusion's `--timestep_respacing N` (one section of N steps) for ancestral
+    sampling: N training timesteps from 0 to T - 1 at the positions 0, s, 2 s, ... with
+    s = (T - 1) / (N - 1), each rounded to the nearest integer (ties to even); descending.
+
+    The positions are running sums of s in double precision, as in the original: rounding the
+    exact multiples i s instead picks another timestep somewhere on the chain for 283 of the
+    1000 possible N (where a running sum lands a hair on the other side of a half)."""
     if not 1 <= num_steps <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"num_steps must be in [1, {NUM_TRAIN_TIMESTEPS}]; got {num_steps}")
     stride = (NUM_TRAIN_TIMESTEPS - 1) / (num_steps - 1) if num_steps > 1 else 1.0
-    return (torch.arange(num_steps, dtype=torch.float64) * stride).round().to(torch.int64).flip(0)
+    position, chosen = 0.0, []
+    for _ in range(num_steps):
+        chosen.append(round(position))
+        position += stride
+    return torch.tensor(chosen[::-1], dtype=torch.int64)
+
+
+def ddim_timesteps(num_steps: int) -> torch.Tensor:
+    """guided-diffusion's `--timestep_respacing ddimN` for DDIM: every k-th training timestep
+    0, k, 2 k, ... below T, with k the smallest integer stride in [1, T) that gives exactly N of
+    them (ceil(T / k) = N); descending. For 30 steps k = 34 (986 down to 0). A count that no
+    stride gives (300: stride 3 gives 334, stride 4 gives 250; or 1) is refused, as there."""
+    for stride in range(1, NUM_TRAIN_TIMESTEPS):
+        if -(-NUM_TRAIN_TIMESTEPS // stride) == num_steps:
+            return torch.arange(0, NUM_TRAIN_TIMESTEPS, stride, dtype=torch.int64).flip(0)
+    counts = sorted({-(-NUM_TRAIN_TIMESTEPS // stride) for stride in range(1, NUM_TRAIN_TIMESTEPS)})
+    below = max((c for c in counts if c < num_steps), default=None)
+    above = min((c for c in counts if c > num_steps), default=None)
+    nearest = " or ".join(str(c) for c in (below, above) if c is not None)
+    raise ValueError(
+        f"num_steps={num_steps} cannot be DDIM-respaced: no integer stride takes exactly {num_steps} of the "
+        f"{NUM_TRAIN_TIMESTEPS} training timesteps (guided-diffusion's ddimN rule); the nearest counts that work "
+        f"are {nearest}"
+    )
 
 
 def classifier_gradient(classifier: nn.Module, classifier_scale: float) -> samplers.ModelFn:
@@ -363,7 +391,8 @@ def sample(
 
     method "ddpm": ancestral sampling on guided-diffusion's respaced chain (`respaced_timesteps`),
     with the learned variance of learn_sigma configs and x0 clipped to [-1, 1], as its
-    p_sample_loop; "ddim": DDIM with the given eta on its "ddimN" timesteps (stride T // N from 0).
+    p_sample_loop; "ddim": DDIM with the given eta and the same clipping on its "ddimN"
+    timesteps (`ddim_timesteps`: the smallest integer stride giving exactly num_steps steps).
     The schedule is the config's (cosine for imagenet64, linear for imagenet256). Classifier-free
     guidance mixes the eps of `labels` with that of `null_labels` (for a model trained with a
     null class; the released ADM models were not, and sample at the default scale 1).
@@ -391,7 +420,8 @@ def sample(
     def eps(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         return network(x, t, cond)[:, : config.in_channels]
 
-    return samplers.ddim(eps, noise, abar, num_steps=num_steps, eta=eta, clip_denoised=True, **guidance)
+    return samplers.ddim(eps, noise, abar, timesteps=ddim_timesteps(num_steps), eta=eta, clip_denoised=True,
+                         **guidance)
 
 
 def example_resolution(model: ADMUNet, resolution: Optional[int] = None) -> int:
