@@ -79,10 +79,11 @@ def flow_matching_timesteps(
 ) -> torch.Tensor:
     """num_steps + 1 times from 1 (noise) down to 0 (data): an even grid s passed through the
     time shift t = shift s / (1 + (shift - 1) s), which spends more steps at high noise for
-    shift > 1 (SD3; SANA uses shift 3 at 1024 px). float32.
+    shift > 1. float32.
 
-    diffusers' FlowMatchEulerDiscreteScheduler builds its grid slightly differently (its last
-    nonzero time is shifted twice), so its schedule differs from this one near t = 0."""
+    This plain grid is no pipeline's: the SD3 and SANA pipelines step the Euler sampler on
+    diffusers' FlowMatchEulerDiscreteScheduler grid (`sd3_timesteps`, whose last nonzero time is
+    shifted twice), and SANA's default sampler is `flow_dpm_solver` on its own grid."""
     _check_num_steps(num_steps)
     grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32, device=device)
     return shifted_time(grid, shift)
@@ -118,8 +119,8 @@ def resolution_shifted_time(t: torch.Tensor, mu: float) -> torch.Tensor:
 
 def sd3_timesteps(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000,
                   device: Optional[torch.device] = None) -> torch.Tensor:
-    """num_steps + 1 times from 1 to 0 as Stable Diffusion 3's pipeline samples them (diffusers'
-    FlowMatchEulerDiscreteScheduler with `shift`): num_steps times evenly spaced from 1 down to
+    """num_steps + 1 times from 1 to 0 as the Stable Diffusion 3 pipeline, and SANA's with its
+    Euler sampler, sample them (diffusers' FlowMatchEulerDiscreteScheduler with `shift`): num_steps times evenly spaced from 1 down to
     the scheduler's smallest training time s_min = shifted_time(1 / num_train_timesteps, shift),
     each passed through shifted_time, then 0. (s_min is shifted once more there, which sets the
     last nonzero time; flow_matching_timesteps' grid ends at 0 instead.) float32; the network's
@@ -382,3 +383,141 @@ def ddpm(
         else:
             x = mean + (0.5 * log_variance).exp().to(x.dtype) * _gaussian(x, generator)
     return x
+
+
+def linspace_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """num_steps training timesteps, descending: num_steps + 1 points spread evenly over
+    [0, T - 1], rounded to the nearest (ties to even), highest first, the last point (0) left out
+    (diffusers' "linspace" spacing, its DPM-Solver scheduler's default). int64."""
+    if not 1 <= num_steps < num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps - 1}] for distinct timesteps spread over "
+                         f"{num_train_timesteps}; got {num_steps}")
+    points = torch.arange(num_steps + 1, dtype=torch.float64) * ((num_train_timesteps - 1) / num_steps)
+    return points.round().to(torch.int64).flip(0)[:-1]
+
+
+def _x0_and_eps(output: torch.Tensor, x: torch.Tensor, alpha_cumprod: float, prediction_type: str):
+    """The data and noise estimates (x0, eps) at x = sqrt(abar) x0 + sqrt(1 - abar) eps from the
+    model's output: eps itself ("epsilon"), or v = sqrt(abar) eps - sqrt(1 - abar) x0
+    ("v_prediction", Salimans & Ho 2022), which gives x0 = sqrt(abar) x - sqrt(1 - abar) v and
+    eps = sqrt(1 - abar) x + sqrt(abar) v, both defined at abar = 0 too."""
+    alpha, sigma = math.sqrt(alpha_cumprod), math.sqrt(1 - alpha_cumprod)
+    if prediction_type == "epsilon":
+        return (x - sigma * output) / alpha, output
+    return alpha * x - sigma * output, sigma * x + alpha * output
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {prediction_type!r}")
+
+
+def _dpm_solver_2m(predict_data: Callable[[torch.Tensor, int], torch.Tensor], noise: torch.Tensor,
+                   alphas: list, sigmas: list) -> torch.Tensor:
+    """DPM-Solver++(2M) through the states x_i = alphas[i] x0 + sigmas[i] eps, i = 0 .. n, from
+    x_0 = `noise` to sigmas[n] = 0 (the data). predict_data(x, i) is the model's estimate of x0
+    at step i. With lambda = log(alpha / sigma), h = lambda_{i+1} - lambda_i and
+    h' = lambda_i - lambda_{i-1}, a step is
+
+        x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) D_i,
+        D_i = x0_i + h / (2 h') (x0_i - x0_{i-1}),
+
+    first order (D_0 = x0_0) on the first step, and the last step, to sigma = 0, lands on x0."""
+    x = noise
+    earlier = None  # the previous step's x0 estimate and lambda
+    for i in range(len(alphas) - 1):
+        x0 = predict_data(x, i)
+        if sigmas[i + 1] == 0:
+            return x0
+        lambda_now = math.log(alphas[i] / sigmas[i])
+        h = math.log(alphas[i + 1] / sigmas[i + 1]) - lambda_now
+        direction = x0 if earlier is None else x0 + (h / (2 * (lambda_now - earlier[1]))) * (x0 - earlier[0])
+        x = (sigmas[i + 1] / sigmas[i]) * x - (alphas[i + 1] * math.expm1(-h)) * direction
+        earlier = (x0, lambda_now)
+    return x
+
+
+def dpm_solver(
+    model_fn: ModelFn,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    num_steps: Optional[int] = None,
+    timesteps: Optional[torch.Tensor] = None,
+    prediction_type: str = "epsilon",
+    cond: Any = None,
+    uncond: Any = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al., 2022, arXiv:2211.01095) for a discrete-time diffusion model,
+    as diffusers' DPMSolverMultistepScheduler runs it by default ("dpmsolver++", order 2,
+    midpoint form, final sigma 0), from x = `noise` at timesteps[0] down to the data.
+
+    The state at training timestep t is x = alpha x0 + sigma eps with alpha = sqrt(abar_t),
+    sigma = sqrt(1 - abar_t); each step is the multistep update of `_dpm_solver_2m` on the data
+    estimate x0 from the model's output (`prediction_type` "epsilon": x0 = (x - sigma eps) / alpha;
+    "v_prediction": x0 = alpha x - sigma v); after the last timestep the chain ends at sigma = 0,
+    whose step returns that timestep's x0. The first step is first order, which is DDIM's.
+    Give `num_steps` (diffusers' spacing for this scheduler, `linspace_timesteps`) or explicit
+    descending `timesteps`. The model sees the integer timesteps as floats; guidance is as in the
+    module docstring. The sample keeps the dtype of `noise`."""
+    _check_prediction_type(prediction_type)
+    if num_steps is not None and timesteps is None:
+        timesteps = linspace_timesteps(num_steps, alphas_cumprod.numel())
+        num_steps = None
+    steps = _diffusion_timesteps(alphas_cumprod, num_steps, timesteps, required=True)
+    abar = alphas_cumprod.to(torch.float64).tolist()
+    alphas = [math.sqrt(abar[t]) for t in steps] + [1.0]
+    sigmas = [math.sqrt(1 - abar[t]) for t in steps] + [0.0]
+
+    def predict_data(x: torch.Tensor, i: int) -> torch.Tensor:
+        time = torch.full((x.shape[0],), float(steps[i]), device=x.device)
+        output = guided_prediction(model_fn, x, time, cond, uncond, guidance_scale).to(x.dtype)
+        return _x0_and_eps(output, x, abar[steps[i]], prediction_type)[0]
+
+    return _dpm_solver_2m(predict_data, noise, alphas, sigmas)
+
+
+def flow_dpm_solver_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The num_steps + 1 times (noise levels) of SANA's Flow-DPM-Solver, from high to 0: an even
+    grid of num_steps + 1 points from 1 - 1 / T down to 0, passed through shifted_time (diffusers'
+    DPMSolverMultistepScheduler with use_flow_sigmas and flow_shift = `shift`; SANA: shift 3).
+    float64."""
+    _check_num_steps(num_steps)
+    step = (1.0 / num_train_timesteps - 1.0) / num_steps
+    grid = 1.0 - (torch.arange(num_steps + 1, dtype=torch.float64) * step + 1.0)
+    grid[-1] = 1.0 - 1.0 / num_train_timesteps
+    return shifted_time(grid, shift).flip(0)
+
+
+def flow_dpm_solver(
+    model_fn: ModelFn,
+    noise: torch.Tensor,
+    *,
+    num_steps: int,
+    shift: float = 1.0,
+    num_train_timesteps: int = 1000,
+    cond: Any = None,
+    uncond: Any = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Flow-DPM-Solver, SANA's sampler: DPM-Solver++(2M) on the rectified flow
+    x_t = (1 - t) x0 + t noise, whose velocity model v = noise - x0 gives the data estimate
+    x0 = x - t v; the solver steps are those of `_dpm_solver_2m` with alpha = 1 - t, sigma = t,
+    on the times `flow_dpm_solver_sigmas(num_steps, shift)` (SANA's pipeline: diffusers'
+    DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3, prediction_type=
+    "flow_prediction")). The model sees each time truncated down to a whole training timestep,
+    t = floor(T t) / T, as that scheduler hands the network integer timesteps, while the
+    solver's coefficients use the exact t. Guidance is as in the module docstring; the sample
+    keeps the dtype of `noise`."""
+    times = flow_dpm_solver_sigmas(num_steps, shift, num_train_timesteps)
+    model_times = (times * num_train_timesteps).to(torch.int64).double() / num_train_timesteps
+    sigmas = times.tolist()
+    alphas = [1.0 - t for t in sigmas]
+
+    def predict_data(x: torch.Tensor, i: int) -> torch.Tensor:
+        time = torch.full((x.shape[0],), model_times[i].item(), device=x.device)
+        velocity = guided_prediction(model_fn, x, time, cond, uncond, guidance_scale).to(x.dtype)
+        return x - sigmas[i] * velocity
+
+    return _dpm_solver_2m(predict_data, noise, alphas, sigmas)

@@ -346,3 +346,33 @@ def test_adm_ddim_timesteps_are_guided_diffusions(num_steps):
 def test_adm_ddim_timesteps_without_an_integer_stride_are_refused(num_steps, nearest):
     with pytest.raises(ValueError, match=f"num_steps={num_steps} cannot be DDIM-respaced.*are {nearest}$"):
         adm_unet.ddim_timesteps(num_steps)
+
+
+def test_bad_dpm_solver_arguments_are_refused():
+    abar = _schedule()
+    noise = torch.zeros(1, 2)
+    eps = lambda x, t, c: x  # noqa: E731
+    with pytest.raises(ValueError, match="prediction_type must be 'epsilon' or 'v_prediction'; got 'sample'"):
+        samplers.dpm_solver(eps, noise, abar, num_steps=2, prediction_type="sample")
+    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 49\] .*; got 50"):
+        samplers.dpm_solver(eps, noise, abar, num_steps=50)
+    with pytest.raises(ValueError, match="at most one"):
+        samplers.dpm_solver(eps, noise, abar, num_steps=2, timesteps=torch.tensor([3, 1]))
+    with pytest.raises(ValueError, match="strictly descending"):
+        samplers.dpm_solver(eps, noise, abar, timesteps=torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="num_steps must be >= 1; got 0"):
+        samplers.flow_dpm_solver(eps, noise, num_steps=0)
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        samplers.flow_dpm_solver(eps, noise, num_steps=2, shift=-1.0)
+
+
+def test_dpm_solver_lands_on_the_point_mass(generator):
+    """With the exact eps of a point mass every x0 estimate is x0, the second-order correction
+    vanishes and each step keeps x on the path x = alpha x0 + sigma eps: the sample is x0."""
+    abar = _schedule("cosine")
+    x0 = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
+    model = PointMassDenoiser(x0, abar)
+    out = samplers.dpm_solver(model, torch.randn(x0.shape, generator=generator, dtype=torch.float64), abar,
+                              num_steps=6)
+    torch.testing.assert_close(out, x0)
+    assert model.times == [float(t) for t in samplers.linspace_timesteps(6, 50)]

@@ -263,14 +263,17 @@ def test_two_step_sample_with_guidance_is_one_batched_call_per_step(generator, t
     try:
         sampled = sana.sample(
             tiny_model, latents, caption, mask,
-            null_caption=null_caption, null_caption_mask=null_mask, num_steps=2, guidance_scale=scale,
+            null_caption=null_caption, null_caption_mask=null_mask, num_steps=2, guidance_scale=scale, sampler="euler",
         )
     finally:
         hook.remove()
     assert batch_sizes == [2 * latents.shape[0]] * 2
 
-    # The same two Euler steps with separate conditional and unconditional calls.
-    times = [1.0, 0.75, 0.0]  # flow shift 3 applied to 1, 0.5, 0
+    # The same two Euler steps with separate conditional and unconditional calls, on the grid of
+    # diffusers' FlowMatchEulerDiscreteScheduler(shift=3): 1, then the smallest training time
+    # 1 / 1000 shifted twice, then 0.
+    once = 3 * 0.001 / (1 + 2 * 0.001)
+    times = [1.0, 3 * once / (1 + 2 * once), 0.0]
     x = latents
     for t, t_next in zip(times[:-1], times[1:]):
         timestep = torch.full((x.shape[0],), t * sana.TIMESTEP_RANGE)
@@ -278,3 +281,28 @@ def test_two_step_sample_with_guidance_is_one_batched_call_per_step(generator, t
         unconditional = tiny_model(x, null_caption, timestep, null_mask)
         x = x + (t_next - t) * (unconditional + scale * (conditional - unconditional))
     torch.testing.assert_close(sampled, x)
+
+
+def test_default_sampler_is_sanas_flow_dpm_solver_pipeline(generator, tiny_model):
+    """SanaPipeline's denoising loop by hand: DPMSolverMultistepScheduler(use_flow_sigmas=True,
+    flow_shift=3, prediction_type="flow_prediction"), the network at its integer timesteps,
+    guidance mixing the conditional and unconditional velocities."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
+    latents, caption, _, mask = _inputs(generator)
+    null_caption = torch.randn(caption.shape, generator=generator)
+    null_mask = torch.ones_like(mask)
+    scale, steps = 4.5, 3
+    sampled = sana.sample(tiny_model, latents, caption, mask, null_caption=null_caption, null_caption_mask=null_mask,
+                          num_steps=steps, guidance_scale=scale)
+    scheduler = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                      prediction_type="flow_prediction")
+    scheduler.set_timesteps(steps)
+    x = latents
+    for t in scheduler.timesteps:
+        timestep = t.expand(x.shape[0]).float()
+        conditional = tiny_model(x, caption, timestep, mask)
+        unconditional = tiny_model(x, null_caption, timestep, null_mask)
+        x = scheduler.step(unconditional + scale * (conditional - unconditional), t, x).prev_sample
+    torch.testing.assert_close(sampled, x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
+    with pytest.raises(ValueError, match="sampler must be 'flow_dpm_solver' or 'euler'; got 'heun'"):
+        sana.sample(tiny_model, latents, caption, mask, num_steps=1, sampler="heun")
