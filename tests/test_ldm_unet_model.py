@@ -256,6 +256,29 @@ def test_ddim_sample_with_guidance_matches_diffusers_scheduler(generator, tiny_m
     torch.testing.assert_close(sampled, x, rtol=1e-4, atol=1e-4)
 
 
+def test_dpm_solver_sample_with_guidance_matches_diffusers_scheduler(generator, tiny_model):
+    """DPMSolverMultistepScheduler from SD 1.5's scheduler config (its default DPM-Solver++(2M),
+    "linspace" timesteps), stepped by hand with separate conditional and unconditional calls."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
+    latents, _, context = _inputs(generator)
+    null_context = torch.randn(context.shape, generator=generator)
+    scale, steps = 7.5, 4
+    with torch.no_grad():
+        sampled = ldm_unet.sample(tiny_model, latents, context, null_context=null_context, num_steps=steps,
+                                  guidance_scale=scale, method="dpm_solver")
+    scheduler = diffusers.DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                      steps_offset=1)
+    scheduler.set_timesteps(steps)
+    x = latents
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            unconditional, conditional = tiny_model(x, t, null_context), tiny_model(x, t, context)
+            x = scheduler.step(unconditional + scale * (conditional - unconditional), t, x).prev_sample
+    torch.testing.assert_close(sampled, x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
+    with pytest.raises(ValueError, match="method must be 'ddim' or 'dpm_solver'; got 'ddpm'"):
+        ldm_unet.sample(tiny_model, latents, context, method="ddpm")
+
+
 @pytest.mark.parametrize("name", sorted(ldm_unet.CONFIGS))
 def test_diffusers_config_round_trip(name):
     config = ldm_unet.CONFIGS[name]

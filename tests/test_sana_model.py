@@ -263,7 +263,7 @@ def test_two_step_sample_with_guidance_is_one_batched_call_per_step(generator, t
     try:
         sampled = sana.sample(
             tiny_model, latents, caption, mask,
-            null_caption=null_caption, null_caption_mask=null_mask, num_steps=2, guidance_scale=scale, sampler="euler",
+            null_caption=null_caption, null_caption_mask=null_mask, num_steps=2, guidance_scale=scale, method="euler",
         )
     finally:
         hook.remove()
@@ -304,5 +304,5 @@ def test_default_sampler_is_sanas_flow_dpm_solver_pipeline(generator, tiny_model
         unconditional = tiny_model(x, null_caption, timestep, null_mask)
         x = scheduler.step(unconditional + scale * (conditional - unconditional), t, x).prev_sample
     torch.testing.assert_close(sampled, x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
-    with pytest.raises(ValueError, match="sampler must be 'flow_dpm_solver' or 'euler'; got 'heun'"):
-        sana.sample(tiny_model, latents, caption, mask, num_steps=1, sampler="heun")
+    with pytest.raises(ValueError, match="method must be 'flow_dpm_solver' or 'euler'; got 'heun'"):
+        sana.sample(tiny_model, latents, caption, mask, num_steps=1, method="heun")

@@ -392,7 +392,9 @@ def sample(
     method "ddpm": ancestral sampling on guided-diffusion's respaced chain (`respaced_timesteps`),
     with the learned variance of learn_sigma configs and x0 clipped to [-1, 1], as its
     p_sample_loop; "ddim": DDIM with the given eta and the same clipping on its "ddimN"
-    timesteps (`ddim_timesteps`: the smallest integer stride giving exactly num_steps steps).
+    timesteps (`ddim_timesteps`: the smallest integer stride giving exactly num_steps steps);
+    "dpm_solver": DPM-Solver++(2M) (`samplers.dpm_solver`: diffusers' DPMSolverMultistepScheduler
+    with the config's beta schedule, "linspace" timesteps, no clipping), on the eps channels.
     The schedule is the config's (cosine for imagenet64, linear for imagenet256). Classifier-free
     guidance mixes the eps of `labels` with that of `null_labels` (for a model trained with a
     null class; the released ADM models were not, and sample at the default scale 1).
@@ -402,12 +404,15 @@ def sample(
     x_t) (`classifier_gradient`), added to the DDPM mean times its variance, or to DDIM's eps
     times -sqrt(1 - abar_t) (fastgen.samplers). An unconditional model (num_classes None) is
     then called without the labels, which only the classifier reads."""
-    if method not in ("ddpm", "ddim"):
-        raise ValueError(f"method must be 'ddpm' or 'ddim'; got {method!r}")
+    if method not in ("ddpm", "ddim", "dpm_solver"):
+        raise ValueError(f"method must be 'ddpm', 'ddim' or 'dpm_solver'; got {method!r}")
+    if classifier is not None and method == "dpm_solver":
+        raise ValueError("classifier guidance runs with method 'ddpm' or 'ddim', as guided-diffusion formulates it; "
+                         "method 'dpm_solver' takes no classifier")
     config = model.config
     abar = samplers.alphas_cumprod(samplers.beta_schedule(config.noise_schedule, NUM_TRAIN_TIMESTEPS))
-    guidance = dict(cond=labels, uncond=null_labels, guidance_scale=guidance_scale, generator=generator,
-                    cond_fn=None if classifier is None else classifier_gradient(classifier, classifier_scale))
+    guidance = dict(cond=labels, uncond=null_labels, guidance_scale=guidance_scale)
+    cond_fn = None if classifier is None else classifier_gradient(classifier, classifier_scale)
     model_takes_labels = config.num_classes is not None or classifier is None
 
     def network(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -415,13 +420,16 @@ def sample(
 
     if method == "ddpm":
         return samplers.ddpm(network, noise, abar, timesteps=respaced_timesteps(num_steps),
-                             learned_variance=config.learn_sigma, clip_denoised=True, **guidance)
+                             learned_variance=config.learn_sigma, clip_denoised=True, generator=generator,
+                             cond_fn=cond_fn, **guidance)
 
     def eps(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         return network(x, t, cond)[:, : config.in_channels]
 
+    if method == "dpm_solver":
+        return samplers.dpm_solver(eps, noise, abar, num_steps=num_steps, **guidance)
     return samplers.ddim(eps, noise, abar, timesteps=ddim_timesteps(num_steps), eta=eta, clip_denoised=True,
-                         **guidance)
+                         generator=generator, cond_fn=cond_fn, **guidance)
 
 
 def example_resolution(model: ADMUNet, resolution: Optional[int] = None) -> int:

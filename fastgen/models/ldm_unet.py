@@ -438,14 +438,24 @@ def sample(
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     eta: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    method: str = "ddim",
 ) -> torch.Tensor:
-    """Text-to-latent with DDIM as Stable Diffusion's pipeline runs it: num_steps training
-    timesteps spaced evenly and shifted by 1 (diffusers' steps_offset), the last step landing on
-    abar_0 (set_alpha_to_one=False), and classifier-free guidance against `null_context` (the
-    encoded empty prompt) when one is given. eta > 0 adds DDIM's stochastic term, drawn from
-    `generator`. Returns the latent; SD's VAE (`autoencoder_kl`, config "sd15-vae") decodes it
-    after `from_scaled_latents`, a division by 0.18215."""
+    """Text-to-latent as Stable Diffusion's pipeline runs it, with classifier-free guidance
+    against `null_context` (the encoded empty prompt) when one is given. Returns the latent; SD's
+    VAE (`autoencoder_kl`, config "sd15-vae") decodes it after `from_scaled_latents`, a division
+    by 0.18215.
+
+    `method` "ddim": DDIM on num_steps training timesteps spaced evenly and shifted by 1
+    (diffusers' steps_offset), the last step landing on abar_0 (set_alpha_to_one=False); eta > 0
+    adds DDIM's stochastic term, drawn from `generator`. "dpm_solver": DPM-Solver++(2M)
+    (`samplers.dpm_solver`, as diffusers' DPMSolverMultistepScheduler from SD's scheduler
+    config: "linspace" timesteps, ending at sigma = 0); eta and generator do not apply."""
+    if method not in ("ddim", "dpm_solver"):
+        raise ValueError(f"method must be 'ddim' or 'dpm_solver'; got {method!r}")
     abar = samplers.alphas_cumprod(samplers.beta_schedule("scaled_linear", NUM_TRAIN_TIMESTEPS))
+    guidance = dict(cond=context, uncond=null_context, guidance_scale=guidance_scale)
+    if method == "dpm_solver":
+        return samplers.dpm_solver(model, noise, abar, num_steps=num_steps, **guidance)
     return samplers.ddim(
         lambda x, t, cond: model(x, t, cond),
         noise,
@@ -453,10 +463,8 @@ def sample(
         timesteps=samplers.spaced_timesteps(num_steps, NUM_TRAIN_TIMESTEPS, offset=1),
         eta=eta,
         final_alpha_cumprod=float(abar[0]),
-        cond=context,
-        uncond=null_context,
-        guidance_scale=guidance_scale,
         generator=generator,
+        **guidance,
     )
 
 

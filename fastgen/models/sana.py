@@ -387,16 +387,16 @@ def sample(
     num_steps: int = DEFAULT_NUM_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     flow_shift: float = DEFAULT_FLOW_SHIFT,
-    sampler: str = "flow_dpm_solver",
+    method: str = "flow_dpm_solver",
 ) -> torch.Tensor:
     """Text-to-latent from `noise` (t = 1) to t = 0 with SANA's shifted schedule and
     classifier-free guidance against `null_caption` (the embedded empty prompt) when one is
-    given. `sampler` "flow_dpm_solver" (the default, SANA's published sampler and its diffusers
+    given. `method` "flow_dpm_solver" (the default, SANA's published sampler and its diffusers
     pipeline's scheduler): `samplers.flow_dpm_solver`; "euler": `samplers.flow_matching_euler` on
     diffusers' FlowMatchEulerDiscreteScheduler grid (`samplers.sd3_timesteps`). Masks default to
     attending every token."""
-    if sampler not in ("flow_dpm_solver", "euler"):
-        raise ValueError(f"sampler must be 'flow_dpm_solver' or 'euler'; got {sampler!r}")
+    if method not in ("flow_dpm_solver", "euler"):
+        raise ValueError(f"method must be 'flow_dpm_solver' or 'euler'; got {method!r}")
 
     def all_tokens(tokens: torch.Tensor) -> torch.Tensor:
         return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
@@ -412,7 +412,7 @@ def sample(
             "caption_mask": all_tokens(null_caption) if null_caption_mask is None else null_caption_mask,
         }
     guidance = dict(guidance_scale=guidance_scale, cond=cond, uncond=uncond)
-    if sampler == "euler":
+    if method == "euler":
         timesteps = samplers.sd3_timesteps(num_steps, flow_shift, int(TIMESTEP_RANGE), device=noise.device)
         return samplers.flow_matching_euler(velocity, noise, timesteps=timesteps, **guidance)
     return samplers.flow_dpm_solver(velocity, noise, num_steps=num_steps, shift=flow_shift,
