@@ -211,6 +211,38 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1 - betas.to(torch.float64), dim=0)
 
 
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """The betas rescaled to zero terminal SNR (Lin et al., "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", 2024, Algorithm 1): sqrt(abar) is shifted so that its last value is
+    0 and scaled so that its first keeps its value, sqrt(abar)' = (sqrt(abar) - sqrt(abar_T))
+    sqrt(abar_0) / (sqrt(abar_0) - sqrt(abar_T)); the betas follow from the ratios of
+    consecutive abar' (the last beta is 1). The last timestep is then pure noise, which only a
+    v-prediction model can denoise (`ddim`'s prediction_type). float64."""
+    root = alphas_cumprod(betas).sqrt()
+    first, last = root[0].item(), root[-1].item()
+    rescaled = ((root - last) * (first / (first - last))) ** 2
+    return 1 - torch.cat([rescaled[:1], rescaled[1:] / rescaled[:-1]])
+
+
+def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """num_steps training timesteps, descending, from T - 1: T - i T / num_steps, rounded to the
+    nearest (ties to even), minus 1, for i = 0 .. num_steps - 1 (the "trailing" spacing of Lin et
+    al. 2024, which starts sampling at the last, pure-noise timestep; diffusers'
+    timestep_spacing="trailing"). int64.
+
+    The points are T + i d with the stride d = (T - T / num_steps) - T as it is rounded in double
+    precision, as numpy's arange computes them in diffusers: that rounding decides the exact ties
+    (48 steps: 937.5 - 1e-13, so 936). Where numpy's arange returns one point more (a point near 0,
+    so a timestep -1: 62 of the 1000 counts), these are the first num_steps. diffusers'
+    DDIMScheduler steps every timestep t to t - T // num_steps, which is the next of these only
+    when num_steps divides T; `ddim` always steps to the next."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}]; got {num_steps}")
+    total = float(num_train_timesteps)
+    stride = (total - total / num_steps) - total
+    return (total + torch.arange(num_steps, dtype=torch.float64) * stride).round().to(torch.int64) - 1
+
+
 def spaced_timesteps(num_steps: int, num_train_timesteps: int = 1000, offset: int = 0) -> torch.Tensor:
     """num_steps training timesteps, descending, evenly spaced with stride T // num_steps from
     `offset` up (diffusers' "leading" spacing; Stable Diffusion uses offset 1). int64."""
@@ -237,6 +269,13 @@ def _diffusion_timesteps(alphas_cumprod: torch.Tensor, num_steps: Optional[int],
     if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or steps[0] >= total or steps[-1] < 0:
         raise ValueError(f"timesteps must be strictly descending training timesteps in [0, {total}); got {steps}")
     return steps
+
+
+def _check_signal_left(alphas_cumprod: torch.Tensor, steps: list, consequence: str) -> None:
+    """Refuses a chain visiting a timestep whose abar is 0 (zero terminal SNR: pure noise)."""
+    empty = [t for t in steps if alphas_cumprod[t].item() <= 0]
+    if empty:
+        raise ValueError(f"alphas_cumprod is 0 at timestep {empty[0]} of the chain (zero terminal SNR): {consequence}")
 
 
 def _chain(alphas_cumprod: torch.Tensor, steps: list, final_alpha_cumprod: float, noise: torch.Tensor) -> Iterator:
@@ -268,24 +307,36 @@ def ddim(
     guidance_scale: float = 1.0,
     generator: Optional[torch.Generator] = None,
     cond_fn: Optional[ModelFn] = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """DDIM from x = `noise` at timesteps[0] down to the data.
 
     Each step from t to the next timestep p (abar_p = `final_alpha_cumprod` after the last):
-    x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t); sigma = eta sqrt((1 - abar_p) / (1 - abar_t))
-    sqrt(1 - abar_t / abar_p); x <- sqrt(abar_p) x0 + sqrt(1 - abar_p - sigma^2) eps + sigma z.
+    x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t) for an eps model; for `prediction_type`
+    "v_prediction" (SD 2.x) the model predicts v and x0 = sqrt(abar_t) x - sqrt(1 - abar_t) v,
+    eps = sqrt(1 - abar_t) x + sqrt(abar_t) v, defined at abar_t = 0 too (the first timestep of
+    a `zero_terminal_snr` schedule with `trailing_timesteps`, where an eps model is refused).
+    Then sigma = eta sqrt((1 - abar_p) / (1 - abar_t)) sqrt(1 - abar_t / abar_p) and
+    x <- sqrt(abar_p) x0 + sqrt(1 - abar_p - sigma^2) eps + sigma z.
     eta = 0 is deterministic, eta = 1 is DDPM's posterior noise. Give `num_steps` (evenly spaced,
-    see spaced_timesteps) or explicit descending `timesteps`. eps is guided as in the module
-    docstring. Stable Diffusion passes final_alpha_cumprod = alphas_cumprod[0]. With
+    see spaced_timesteps) or explicit descending `timesteps`. The model's prediction is guided as
+    in the module docstring. Stable Diffusion passes final_alpha_cumprod = alphas_cumprod[0]. With
     `clip_denoised` (pixel-space models such as ADM), x0 is clamped to [-1, 1] and eps
     re-derived from it, so the step stays consistent with the clamped estimate. `cond_fn`
     (classifier guidance, module docstring) then shifts eps, and x0 follows it unclamped, as
     guided-diffusion's condition_score."""
+    _check_prediction_type(prediction_type)
     steps = _diffusion_timesteps(alphas_cumprod, num_steps, timesteps, required=True)
+    if prediction_type == "epsilon":
+        _check_signal_left(alphas_cumprod, steps, "an epsilon model's data estimate (x - sqrt(1 - abar) eps) / "
+                                                  "sqrt(abar) is undefined there; a v_prediction model works")
+    elif cond_fn is not None:
+        _check_signal_left(alphas_cumprod, steps, "classifier guidance re-derives the data estimate from the "
+                                                  "shifted eps, which divides by sqrt(abar)")
     x = noise
     for time, abar_t, abar_prev, _ in _chain(alphas_cumprod, steps, final_alpha_cumprod, noise):
-        eps = guided_prediction(model_fn, x, time, cond, uncond, guidance_scale).to(x.dtype)
-        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+        output = guided_prediction(model_fn, x, time, cond, uncond, guidance_scale).to(x.dtype)
+        x0, eps = _x0_and_eps(output, x, abar_t, prediction_type)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
             eps = (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
@@ -466,6 +517,8 @@ def dpm_solver(
         timesteps = linspace_timesteps(num_steps, alphas_cumprod.numel())
         num_steps = None
     steps = _diffusion_timesteps(alphas_cumprod, num_steps, timesteps, required=True)
+    _check_signal_left(alphas_cumprod, steps, "DPM-Solver's log signal-to-noise ratio is -infinite there; "
+                                              "start below it or use ddim")
     abar = alphas_cumprod.to(torch.float64).tolist()
     alphas = [math.sqrt(abar[t]) for t in steps] + [1.0]
     sigmas = [math.sqrt(1 - abar[t]) for t in steps] + [0.0]

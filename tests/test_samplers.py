@@ -376,3 +376,45 @@ def test_dpm_solver_lands_on_the_point_mass(generator):
                               num_steps=6)
     torch.testing.assert_close(out, x0)
     assert model.times == [float(t) for t in samplers.linspace_timesteps(6, 50)]
+
+
+class PointMassVelocity(PointMassDenoiser):
+    """The exact v = sqrt(abar) eps - sqrt(1 - abar) x0 of the point mass x0, defined at abar = 0
+    (pure noise, where v = eps = x)."""
+
+    def __call__(self, x, t, cond):
+        abar = self.abar[t.long()].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        eps = super().__call__(x, t, cond)
+        return abar.sqrt() * eps - (1 - abar).sqrt() * self.x0
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_v_prediction_from_zero_terminal_snr_lands_on_the_point_mass(generator, eta):
+    """On a zero-terminal-SNR schedule with trailing timesteps the chain starts at abar = 0."""
+    abar = samplers.alphas_cumprod(samplers.zero_terminal_snr(samplers.beta_schedule("scaled_linear", 50)))
+    assert abar[-1].item() == 0 and abar[:-1].min().item() > 0
+    x0 = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
+    model = PointMassVelocity(x0, abar)
+    chain = samplers.trailing_timesteps(7, 50)
+    assert chain[0].item() == 49
+    out = samplers.ddim(model, torch.randn(x0.shape, generator=generator, dtype=torch.float64), abar,
+                        timesteps=chain, eta=eta, generator=generator, prediction_type="v_prediction")
+    torch.testing.assert_close(out, x0)
+    assert model.times == [float(t) for t in chain]
+
+
+def test_zero_terminal_snr_refusals():
+    abar = samplers.alphas_cumprod(samplers.zero_terminal_snr(samplers.beta_schedule("linear", 50)))
+    noise = torch.zeros(1, 2)
+    model = lambda x, t, c: x  # noqa: E731
+    chain = samplers.trailing_timesteps(5, 50)
+    with pytest.raises(ValueError, match="alphas_cumprod is 0 at timestep 49 .*epsilon model's data estimate"):
+        samplers.ddim(model, noise, abar, timesteps=chain)
+    with pytest.raises(ValueError, match="alphas_cumprod is 0 at timestep 49 .*DPM-Solver's log"):
+        samplers.dpm_solver(model, noise, abar, timesteps=chain, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="prediction_type must be 'epsilon' or 'v_prediction'; got 'v'"):
+        samplers.ddim(model, noise, abar, timesteps=chain, prediction_type="v")
+    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 50\]; got 51"):
+        samplers.trailing_timesteps(51, 50)
+    # Below the terminal timestep an epsilon model is fine.
+    samplers.ddim(model, noise, abar, timesteps=chain[1:])

@@ -139,3 +139,58 @@ def test_dpm_solver_timesteps_are_diffusers_for_every_count():
         flow_scheduler.set_timesteps(num_steps)
         times = samplers.flow_dpm_solver_sigmas(num_steps, 3.0)[:-1]
         assert (times * 1000).long().tolist() == flow_scheduler.timesteps.tolist(), num_steps
+
+
+def test_zero_terminal_snr_is_diffusers_rescale():
+    """diffusers rescales in float32: its sqrt(abar) agrees to float32 rounding of 1, and the
+    betas, ratios of the small abar near the end, to 1e-5."""
+    for kind in ("scaled_linear", "linear"):
+        scheduler = diffusers.DDIMScheduler(rescale_betas_zero_snr=True, **DIFFUSERS_SCHEDULES[kind])
+        betas = samplers.zero_terminal_snr(samplers.beta_schedule(kind))
+        abar = samplers.alphas_cumprod(betas)
+        torch.testing.assert_close(abar.sqrt().float(), scheduler.alphas_cumprod.sqrt(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(betas.float(), scheduler.betas, rtol=1e-5, atol=1e-5)
+        assert abar[-1].item() == 0 and abar[0].item() == pytest.approx(1 - samplers.beta_schedule(kind)[0].item())
+
+
+def test_trailing_timesteps_are_diffusers_for_every_count():
+    """Where diffusers' numpy arange yields one timestep too many, its extra one is -1 (a point
+    within rounding of 0) and the rest agree."""
+    scheduler = diffusers.DDIMScheduler(timestep_spacing="trailing")
+    overlong = []
+    for num_steps in range(1, 1001):
+        scheduler.set_timesteps(num_steps)
+        expected = scheduler.timesteps.tolist()
+        if len(expected) == num_steps + 1:
+            assert expected[-1] == -1, num_steps
+            expected, overlong = expected[:-1], overlong + [num_steps]
+        assert samplers.trailing_timesteps(num_steps).tolist() == expected, num_steps
+    assert 0 < len(overlong) < 100 and 1000 not in overlong
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 10, 25, 50])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ddim_v_prediction_on_zero_terminal_snr_is_diffusers(generator, num_steps, eta, dtype):
+    """DDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+    timestep_spacing="trailing"), SD 2.x's schedule: the first step starts from pure noise
+    (abar = 0 at timestep 999). Step counts dividing 1000, where diffusers' previous timestep
+    t - 1000 // N is the next one on the chain; with eta > 0 both draw their noise from equally
+    seeded generators."""
+    noise = _noise(generator, dtype)
+    ours = RandomMLP(generator, 7)
+    reference = ours.twin()
+    scheduler = diffusers.DDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                        timestep_spacing="trailing", clip_sample=False,
+                                        **DIFFUSERS_SCHEDULES["scaled_linear"])
+    scheduler.set_timesteps(num_steps)
+    seed = int(torch.randint(2 ** 62, (), generator=generator))
+    reference_generator = torch.Generator().manual_seed(seed)
+    x = noise
+    for timestep in scheduler.timesteps:
+        output = reference(x, timestep.expand(x.shape[0]).float())
+        x = scheduler.step(output, timestep, x, eta=eta, generator=reference_generator).prev_sample
+    assert scheduler.alphas_cumprod[scheduler.timesteps[0]].item() == 0
+    out = samplers.ddim(ours, noise, scheduler.alphas_cumprod, timesteps=samplers.trailing_timesteps(num_steps),
+                        eta=eta, generator=torch.Generator().manual_seed(seed), prediction_type="v_prediction")
+    assert_same_run(ours, reference, out, x)
