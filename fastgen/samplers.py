@@ -7,10 +7,32 @@ Wrapping a network into this form (scaling t to its timestep range, unpacking co
 caller's job, which keeps the samplers independent of any one model.
 
 Two families: flow matching (the model predicts a velocity, t runs from 1 to 0; the schedules
-of SANA, Stable Diffusion 3 and FLUX.1 differ in how they shift the times) and the
-discrete-time diffusion samplers DDPM and DDIM (the model predicts the noise eps, t is a
-training timestep in [0, T), the forward process is x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t)
-eps with abar_t the cumulative product of 1 - beta over steps 0..t).
+of SANA, Stable Diffusion 3 and FLUX.1 differ in how they shift the times) and discrete-time
+diffusion (the model predicts the noise eps, or v, t is a training timestep in [0, T), the
+forward process is x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with abar_t the cumulative
+product of 1 - beta over steps 0..t). Each sampler and schedule follows one original, and the
+tests compare it step by step (every model call's timestep and state) with it:
+
+- flow_matching_euler: Euler on the flow ODE; on `sd3_timesteps` it is diffusers'
+  FlowMatchEulerDiscreteScheduler (SD3, SANA's Euler), on `flux_timesteps` FLUX.1's pipeline;
+  `flow_matching_timesteps` is a plain shifted grid of no pipeline.
+- flow_dpm_solver: SANA's Flow-DPM-Solver, DPM-Solver++(2M) on the flow (diffusers'
+  DPMSolverMultistepScheduler with use_flow_sigmas, flow_shift, flow_prediction).
+- dpm_solver: DPM-Solver++(2M) (Lu et al. 2022) for eps / v models, as diffusers'
+  DPMSolverMultistepScheduler by default, on its "linspace" timesteps (`linspace_timesteps`).
+- ddim: DDIM (Song et al. 2021) as diffusers' DDIMScheduler and guided-diffusion's
+  ddim_sample (clip_denoised); v-prediction and zero terminal SNR (Lin et al. 2024:
+  `zero_terminal_snr`, `trailing_timesteps`) as DDIMScheduler with those options. Timesteps:
+  `spaced_timesteps` (diffusers' "leading"; SD), or a model's own (ADM: guided-diffusion's
+  ddimN respacing, fastgen.models.adm_unet.ddim_timesteps).
+- ddpm: DDPM ancestral sampling with improved DDPM's respacing and learned variance, as
+  guided-diffusion's p_sample_loop.
+- edm_sampler: EDM's Algorithm 2 (Karras et al. 2022; Algorithm 1 without churn) on its
+  rho = 7 levels (`karras_sigmas`) through EDM's preconditioning of a discrete VP model; without
+  churn and with diffusers' timestep lookup it is diffusers' Heun / Euler DiscreteScheduler with
+  use_karras_sigmas.
+- beta_schedule: DDPM's linear, Stable Diffusion's scaled_linear and improved DDPM's cosine
+  betas (diffusers' "linear", "scaled_linear", "squaredcos_cap_v2").
 
 Classifier-free guidance: pred = pred_u + s (pred_c - pred_u), where pred_u is the prediction
 under `uncond` and pred_c under `cond`. Both halves are computed in ONE model call on the
@@ -120,9 +142,10 @@ def resolution_shifted_time(t: torch.Tensor, mu: float) -> torch.Tensor:
 def sd3_timesteps(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000,
                   device: Optional[torch.device] = None) -> torch.Tensor:
     """num_steps + 1 times from 1 to 0 as the Stable Diffusion 3 pipeline, and SANA's with its
-    Euler sampler, sample them (diffusers' FlowMatchEulerDiscreteScheduler with `shift`): num_steps times evenly spaced from 1 down to
-    the scheduler's smallest training time s_min = shifted_time(1 / num_train_timesteps, shift),
-    each passed through shifted_time, then 0. (s_min is shifted once more there, which sets the
+    Euler sampler, sample them (diffusers' FlowMatchEulerDiscreteScheduler with `shift`):
+    num_steps times evenly spaced from 1 down to the scheduler's smallest training time
+    s_min = shifted_time(1 / num_train_timesteps, shift), each passed through shifted_time,
+    then 0. (s_min is shifted once more there, which sets the
     last nonzero time; flow_matching_timesteps' grid ends at 0 instead.) float32; the network's
     timestep is num_train_timesteps times these."""
     _check_num_steps(num_steps)
@@ -574,3 +597,117 @@ def flow_dpm_solver(
         return x - sigmas[i] * velocity
 
     return _dpm_solver_2m(predict_data, noise, alphas, sigmas)
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """EDM's noise levels (Karras et al., 2022, arXiv:2206.00364, eq. 5): num_steps levels
+    sigma_i = (sigma_max^(1/rho) + i / (num_steps - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    from sigma_max down to sigma_min (sigma_max alone for one step), then 0. float64."""
+    _check_num_steps(num_steps)
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(
+            f"sigma_min and sigma_max must satisfy 0 < sigma_min <= sigma_max; got {sigma_min}, {sigma_max}")
+    if rho <= 0:
+        raise ValueError(f"rho must be > 0; got {rho}")
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return torch.cat([(top + ramp * (bottom - top)) ** rho, torch.zeros(1, dtype=torch.float64)])
+
+
+def _timestep_lookup(training_sigmas: torch.Tensor, kind: str) -> Callable[[float], float]:
+    """sigma -> the discrete model's timestep for it. "nearest": the training timestep whose
+    sigma is nearest (EDM's c_noise for a discrete VP model); "log_sigma_interpolated": the
+    fractional timestep interpolating log sigma linearly between the two training timesteps
+    around it, clamped to [0, T - 1] (diffusers' Euler and Heun schedulers)."""
+    if kind == "nearest":
+        return lambda sigma: float((training_sigmas - sigma).abs().argmin())
+    log_sigmas = training_sigmas.log()
+
+    def interpolated(sigma: float) -> float:
+        log_sigma = math.log(max(sigma, 1e-10))
+        low = int(torch.searchsorted(log_sigmas, torch.tensor([log_sigma], dtype=torch.float64), right=True)) - 1
+        low = min(max(low, 0), log_sigmas.numel() - 2)
+        below, above = log_sigmas[low].item(), log_sigmas[low + 1].item()
+        return low + min(max((below - log_sigma) / (below - above), 0.0), 1.0)
+
+    return interpolated
+
+
+def edm_sampler(
+    model_fn: ModelFn,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    num_steps: int,
+    sigma_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    rho: float = 7.0,
+    heun: bool = True,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    prediction_type: str = "epsilon",
+    timestep_lookup: str = "nearest",
+    cond: Any = None,
+    uncond: Any = None,
+    guidance_scale: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """EDM's sampler (Karras et al., 2022, arXiv:2206.00364, Algorithm 2; Algorithm 1 at
+    s_churn = 0) for a discrete-time VP model, on the noise levels `karras_sigmas` (sigma_min and
+    sigma_max default to the model's sigma at its first and last training timestep).
+
+    The state is x = x0 + sigma n, started at x = sigma_0 `noise`. The model becomes the
+    denoiser D(x; sigma) = c_skip x + c_out F(c_in x; t(sigma)) (EDM's preconditioning, with
+    sigma^2 = (1 - abar_t) / abar_t): c_in = 1 / sqrt(sigma^2 + 1), which is the model's own
+    scaling sqrt(abar) of x; for `prediction_type` "epsilon" c_skip = 1, c_out = -sigma, for
+    "v_prediction" c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1). t(sigma) is
+    the training timestep nearest sigma (EDM; `timestep_lookup` "nearest") or diffusers'
+    fractional timestep interpolated in log sigma ("log_sigma_interpolated"). Each step from
+    sigma_i to sigma_{i+1}: gamma = min(s_churn / num_steps, sqrt(2) - 1) where
+    s_tmin <= sigma_i <= s_tmax, else 0; sigma^ = (1 + gamma) sigma_i; x^ = x + sqrt(sigma^^2 -
+    sigma_i^2) s_noise z (drawn from `generator`, only where gamma > 0); d = (x^ - D(x^; sigma^)) /
+    sigma^; x' = x^ + (sigma_{i+1} - sigma^) d, and with `heun`, unless sigma_{i+1} = 0, the
+    trapezoidal correction x' = x^ + (sigma_{i+1} - sigma^) (d + d') / 2 with
+    d' = (x' - D(x'; sigma_{i+1})) / sigma_{i+1}. (EDM's released sampler also snaps every sigma
+    to the model's nearest discrete sigma; here the levels stay on the rho schedule, as diffusers'
+    Karras schedules do.) Guidance is as in the module docstring; the sample keeps the dtype of
+    `noise`."""
+    _check_prediction_type(prediction_type)
+    if timestep_lookup not in ("nearest", "log_sigma_interpolated"):
+        raise ValueError(f"timestep_lookup must be 'nearest' or 'log_sigma_interpolated'; got {timestep_lookup!r}")
+    if alphas_cumprod.ndim != 1 or alphas_cumprod.numel() < 2:
+        raise ValueError(
+            f"alphas_cumprod must be 1-D with at least 2 timesteps; got shape {tuple(alphas_cumprod.shape)}")
+    abar = alphas_cumprod.to(torch.float64)
+    if not ((abar > 0) & (abar < 1)).all():
+        raise ValueError("alphas_cumprod must lie in (0, 1) for finite, positive sigmas (a zero-terminal-SNR "
+                         "schedule has sigma = infinity at its last timestep)")
+    training_sigmas = ((1 - abar) / abar).sqrt()
+    sigmas = karras_sigmas(num_steps, training_sigmas[0].item() if sigma_min is None else sigma_min,
+                           training_sigmas[-1].item() if sigma_max is None else sigma_max, rho).tolist()
+    timestep_of = _timestep_lookup(training_sigmas, timestep_lookup)
+    gamma_max = min(s_churn / num_steps, math.sqrt(2) - 1)
+
+    def denoised(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        time = torch.full((x.shape[0],), timestep_of(sigma), device=x.device)
+        c_in = 1 / math.sqrt(sigma ** 2 + 1)
+        output = guided_prediction(model_fn, c_in * x, time, cond, uncond, guidance_scale).to(x.dtype)
+        if prediction_type == "epsilon":
+            return x - sigma * output
+        return c_in ** 2 * x - (sigma * c_in) * output
+
+    x = sigmas[0] * noise
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        gamma = gamma_max if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + (math.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise) * _gaussian(x, generator)
+        slope = (x - denoised(x, sigma_hat)) / sigma_hat
+        x_next = x + (sigma_next - sigma_hat) * slope
+        if heun and sigma_next > 0:
+            slope_next = (x_next - denoised(x_next, sigma_next)) / sigma_next
+            x_next = x + (sigma_next - sigma_hat) * ((slope + slope_next) / 2)
+        x = x_next
+    return x

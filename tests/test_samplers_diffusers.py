@@ -194,3 +194,29 @@ def test_ddim_v_prediction_on_zero_terminal_snr_is_diffusers(generator, num_step
     out = samplers.ddim(ours, noise, scheduler.alphas_cumprod, timesteps=samplers.trailing_timesteps(num_steps),
                         eta=eta, generator=torch.Generator().manual_seed(seed), prediction_type="v_prediction")
     assert_same_run(ours, reference, out, x)
+
+
+@pytest.mark.parametrize("heun", [True, False])
+@pytest.mark.parametrize("num_steps", [2, 7, 20])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_edm_sampler_is_diffusers_karras_heun_and_euler(generator, heun, num_steps, prediction_type, dtype):
+    """HeunDiscreteScheduler / EulerDiscreteScheduler(use_karras_sigmas=True): EDM's rho = 7
+    levels between the model's smallest and largest sigma, the model at the log-sigma
+    interpolated timestep on x / sqrt(sigma^2 + 1), no churn (diffusers' Euler applies churn with
+    the model at sigma instead of the raised sigma^, and its Heun has none). One step is left
+    out: diffusers takes both ends of its one-step Karras schedule from timestep 0."""
+    noise = _noise(generator, dtype)
+    ours = RandomMLP(generator, 7)
+    reference = ours.twin()
+    kind = diffusers.HeunDiscreteScheduler if heun else diffusers.EulerDiscreteScheduler
+    scheduler = kind(use_karras_sigmas=True, prediction_type=prediction_type, **DIFFUSERS_SCHEDULES["scaled_linear"])
+    scheduler.set_timesteps(num_steps)
+    expected = run_scheduler(scheduler, reference, noise * scheduler.init_noise_sigma)
+    out = samplers.edm_sampler(ours, noise, scheduler.alphas_cumprod, num_steps=num_steps, heun=heun,
+                               prediction_type=prediction_type, timestep_lookup="log_sigma_interpolated")
+    assert_same_run(ours, reference, out, expected)
+    sigmas = scheduler.sigmas if not heun else torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1::2]])
+    training = ((1 - scheduler.alphas_cumprod.double()) / scheduler.alphas_cumprod.double()).sqrt()
+    torch.testing.assert_close(samplers.karras_sigmas(num_steps, training[0].item(), training[-1].item()).float(),
+                               sigmas)
