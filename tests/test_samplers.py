@@ -418,3 +418,32 @@ def test_zero_terminal_snr_refusals():
         samplers.trailing_timesteps(51, 50)
     # Below the terminal timestep an epsilon model is fine.
     samplers.ddim(model, noise, abar, timesteps=chain[1:])
+
+
+NEW_SAMPLERS = {
+    "dpm_solver": lambda model, noise, abar: samplers.dpm_solver(model, noise, abar, num_steps=8),
+    "flow_dpm_solver": lambda model, noise, abar: samplers.flow_dpm_solver(model, noise, num_steps=8, shift=3.0),
+    "edm_sampler": lambda model, noise, abar: samplers.edm_sampler(model, noise, abar, num_steps=8),
+    "ddim_v": lambda model, noise, abar: samplers.ddim(model, noise, abar, num_steps=8, prediction_type="v_prediction"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_SAMPLERS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_samples_keep_their_dtype_and_follow_float64(generator, name, dtype):
+    """A half-precision chain stays in its dtype and within 8 of its rounding steps (relative to
+    the sample's scale; measured: about 2 of them) of the float64 chain, on a contractive random
+    linear model x W (W's norm 1/2)."""
+    abar = _schedule("scaled_linear")
+    weight = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    weight = 0.5 * weight / torch.linalg.matrix_norm(weight, ord=2)
+
+    def model(x, t, cond):
+        return (x.double() @ weight).to(x.dtype)
+
+    noise = torch.randn(3, 5, 6, generator=generator, dtype=torch.float64)
+    exact = NEW_SAMPLERS[name](model, noise, abar)
+    low = NEW_SAMPLERS[name](model, noise.to(dtype), abar)
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    scale = exact.abs().max().item()
+    torch.testing.assert_close(low.double(), exact, rtol=0, atol=8 * torch.finfo(dtype).eps * scale)
