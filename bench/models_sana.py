@@ -2,7 +2,8 @@
 
 One step is one transformer call on the classifier-free-guidance batch (2 x B) of 1024 px
 latents (32 x 32 x 32 with the f32 DC-AE) against 300 caption tokens; the sample is SANA's
-20-step flow-matching Euler loop with guidance. The eager baseline is the model with every op
+20-step Flow-DPM-Solver loop with guidance (sana.sample's default: one transformer call per
+step, as Euler's). The eager baseline is the model with every op
 on its reference (`use_backend("reference")`), torch.compile compiles that, and one row per
 fast backend runs the same model under it. Weights are random (seeded, shared by every
 impl); inputs are fresh per rotation copy.
