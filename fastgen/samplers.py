@@ -560,6 +560,9 @@ def flow_dpm_solver_sigmas(num_steps: int, shift: float = 1.0, num_train_timeste
     DPMSolverMultistepScheduler with use_flow_sigmas and flow_shift = `shift`; SANA: shift 3).
     float64."""
     _check_num_steps(num_steps)
+    # The grid is 1 - (1 + i d) with d = (1 / T - 1) / num_steps and its last point set exactly,
+    # the float64 operations of numpy's linspace in diffusers: the network's timestep is T t
+    # truncated, which one rounding of t can move by a whole timestep.
     step = (1.0 / num_train_timesteps - 1.0) / num_steps
     grid = 1.0 - (torch.arange(num_steps + 1, dtype=torch.float64) * step + 1.0)
     grid[-1] = 1.0 - 1.0 / num_train_timesteps
