@@ -480,3 +480,18 @@ def test_learned_variance_guidance_refuses_a_one_step_chain(generator):
     unguided = samplers.ddpm(lambda x, t, c: x, x, abar, timesteps=torch.tensor([500]))
     torch.testing.assert_close(samplers.ddpm(lambda x, t, c: x, x, abar, timesteps=torch.tensor([500]),
                                              cond_fn=lambda x, t, c: x), unguided, rtol=0, atol=0)
+
+
+def test_guidance_is_refused_where_its_formulation_is_undefined(generator, tiny_classifier):
+    """DPM-Solver has no classifier guidance here; DDIM's guided x0 divides by sqrt(abar), 0 at
+    the first timestep of a zero-terminal-SNR chain."""
+    model = adm_unet.build("tiny").eval()
+    x, _ = _inputs(generator, batch=2)
+    with pytest.raises(ValueError, match="method 'dpm_solver' takes no classifier"):
+        adm_unet.sample(model, x, torch.zeros(2, dtype=torch.long), num_steps=2, method="dpm_solver",
+                        classifier=tiny_classifier)
+    abar = samplers.alphas_cumprod(samplers.zero_terminal_snr(samplers.beta_schedule("linear")))
+    noise = torch.randn(2, 3, generator=generator)
+    with pytest.raises(ValueError, match="alphas_cumprod is 0 at timestep 999 .* classifier guidance re-derives"):
+        samplers.ddim(lambda x, t, c: x, noise, abar, timesteps=samplers.trailing_timesteps(4),
+                      prediction_type="v_prediction", cond_fn=lambda x, t, c: x)
