@@ -19,12 +19,13 @@ serve, each built from named configs with random weights (`build`) or from a loc
 - `stylegan2`: the StyleGAN2 generator and discriminator, the R1-regularised training step
   (with style mixing)
 - `stylegan3`: the StyleGAN3 alias-free generator, T and R
+- `var`: the VAR next-scale prediction transformer, class-conditional generation with guidance
 - `var_vqvae`: VAR's multi-scale VQVAE
 - `vqgan`: the VQGAN / l2-normalised single-scale quantizer
 
 `fastgen.models.common` holds what they share, `fastgen.models.mmdit` what flux and sd3 share."""
 from fastgen.models import (adm_classifier, adm_unet, autoencoder_kl, dcae, flux, ldm_unet, sana, sd3, stylegan,
-                            stylegan2, stylegan3, var_vqvae, vqgan)
+                            stylegan2, stylegan3, var, var_vqvae, vqgan)
 
 __all__ = ["adm_classifier", "adm_unet", "autoencoder_kl", "dcae", "flux", "ldm_unet", "sana", "sd3", "stylegan",
-           "stylegan2", "stylegan3", "var_vqvae", "vqgan"]
+           "stylegan2", "stylegan3", "var", "var_vqvae", "vqgan"]

@@ -286,6 +286,12 @@ class MultiScaleQuantizer(nn.Module):
             raise ValueError(f"latent must be (B, {channels}, {side}, {side}) (the last patch_num); "
                              f"got {tuple(f.shape)}")
 
+    def to_scale(self, latent: torch.Tensor, scale: int) -> torch.Tensor:
+        """A (B, Cvae, h, h) latent area-downsampled to scale s's p_s x p_s (the mean over each
+        cell; the latent itself at the last scale)."""
+        side = self.config.patch_nums[scale]
+        return latent if side == latent.shape[-1] else F.interpolate(latent, size=(side, side), mode="area")
+
     def scale_contribution(self, idx: torch.Tensor, scale: int, batch: int) -> torch.Tensor:
         """h_s: the codes idx (B * p_s * p_s,) of scale s as a map, upsampled to the latent side
         and passed through that scale's phi."""
@@ -300,13 +306,13 @@ class MultiScaleQuantizer(nn.Module):
         the codebook and the phis (its value is f_hat_S)."""
         self._check_latent(f)
         patch_nums, metric = self.config.patch_nums, "cosine" if self.config.using_znorm else "l2"
-        batch, channels, side, _ = f.shape
+        batch, channels = f.shape[:2]
         f_fixed = f.detach()
         codebook = self.embedding.weight.detach()
         loss_dtype = torch.promote_types(f.dtype, torch.float32)
         rest, f_hat, loss, indices = f_fixed, torch.zeros_like(f_fixed), 0.0, []
         for scale, p in enumerate(patch_nums):
-            z = rest if p == side else F.interpolate(rest, size=(p, p), mode="area")
+            z = self.to_scale(rest, scale)
             idx = vq_nearest(z.permute(0, 2, 3, 1).reshape(-1, channels), codebook, metric)
             h = self.scale_contribution(idx, scale, batch)
             f_hat = f_hat + h
@@ -317,8 +323,7 @@ class MultiScaleQuantizer(nn.Module):
                                + F.mse_loss(f_hat.to(loss_dtype), f_fixed.to(loss_dtype)))
         return indices, f_hat, (loss / len(patch_nums) if with_loss else None)
 
-    def indices_to_f_hat(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
-        """f_hat_S from the per-scale indices [(B, p_s^2) for each scale]."""
+    def _check_indices(self, indices: Sequence[torch.Tensor]) -> None:
         patch_nums = self.config.patch_nums
         if len(indices) != len(patch_nums):
             raise ValueError(f"indices must hold one tensor per scale ({len(patch_nums)}); got {len(indices)}")
@@ -327,7 +332,24 @@ class MultiScaleQuantizer(nn.Module):
             if idx.shape != (batch, p * p) or idx.dtype != torch.int64:
                 raise ValueError(f"indices[{scale}] must be int64 of shape ({batch}, {p * p}); "
                                  f"got {idx.dtype} {tuple(idx.shape)}")
+
+    def indices_to_f_hat(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """f_hat_S from the per-scale indices [(B, p_s^2) for each scale]."""
+        self._check_indices(indices)
+        batch = indices[0].shape[0]
         return sum(self.scale_contribution(idx.reshape(-1), scale, batch) for scale, idx in enumerate(indices))
+
+    def teacher_forcing_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The VAR transformer's input for scales 1..S-1 from the token maps of all scales (VAR's
+        idxBl_to_var_input): f_hat_s (the sum of h_1..h_s) downsampled to p_{s+1}, for s = 1..S-1,
+        as rows of Cvae features in raster order, (B, sum_{s>1} p_s^2, Cvae). The last scale's
+        tokens are not used (nothing follows them)."""
+        self._check_indices(indices)
+        batch, f_hat, inputs = indices[0].shape[0], 0, []
+        for scale, idx in enumerate(indices[:-1]):
+            f_hat = f_hat + self.scale_contribution(idx.reshape(-1), scale, batch)
+            inputs.append(self.to_scale(f_hat, scale + 1).flatten(2).transpose(1, 2))
+        return torch.cat(inputs, dim=1)
 
 
 class VarVQVAE(nn.Module):

@@ -1,0 +1,290 @@
+"""The VAR transformer (fastgen.models.var): logits against a float64 transcription of the
+paper's block, FoundationVision's key layout and parameter counts, loading, the KV-cache decode
+against the training forward, and generation (seeds, top-k / top-p, the guidance ramp, backends)."""
+import math
+
+import pytest
+import torch
+
+import fastgen
+from fastgen.models import var, var_vqvae
+
+# An odd config beside tiny: 3 heads of 12, shared AdaLN, no l2-normalized attention, 7 classes.
+ODD = var.VarConfig(depth=3, embed_dim=36, num_heads=3, mlp_ratio=2.5, num_classes=7, vqvae="tiny",
+                    shared_aln=True, attn_l2_norm=False)
+
+
+def _seed_global_rng(generator: torch.Generator) -> None:
+    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+
+
+def _random_model(config, generator, dtype=torch.float32) -> var.VAR:
+    """Every parameter drawn afresh (VAR's zero-initialised biases and small AdaLN included), one
+    head's temperature above the log 100 clamp."""
+    _seed_global_rng(generator)
+    model = var.build(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=dtype) * 0.3)
+            if name.endswith("scale_mul_1H11"):
+                parameter.add_(math.log(4.0))
+                parameter.view(-1)[0] = 5.5  # exp(5.5) > 100: clamped
+    return model
+
+
+def _tokens(config, batch, generator):
+    vocab = config.tokenizer.vocab_size
+    return [torch.randint(vocab, (batch, p * p), generator=generator) for p in config.patch_nums]
+
+
+def _inputs(config, batch, generator, dtype=torch.float32):
+    labels = torch.randint(config.num_classes + 1, (batch,), generator=generator)
+    labels[0] = config.num_classes  # the unconditional class
+    first = config.patch_nums[0] ** 2
+    rest = torch.randn(batch, config.num_tokens - first, config.tokenizer.z_channels, generator=generator, dtype=dtype)
+    return labels, rest
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent float64 transcription of VAR's block and head, from the paper's description,
+# reading the weights by FoundationVision's names.
+
+
+def _layer_norm(x, eps):
+    mean = x.mean(-1, keepdim=True)
+    variance = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(variance + eps)
+
+
+def _silu(x):
+    return x / (1 + torch.exp(-x))
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _transcribed_logits(state, config, labels, rest):
+    w = {key: value.double() for key, value in state.items()}
+    width, heads = config.embed_dim, config.num_heads
+    head_dim = width // heads
+    patch_nums = config.patch_nums
+    scale_of = [s for s, p in enumerate(patch_nums) for _ in range(p * p)]
+    total = len(scale_of)
+    allowed = torch.tensor([[scale_of[j] <= scale_of[i] for j in range(total)] for i in range(total)])
+
+    cond = w["class_emb.weight"][labels]
+    start = cond[:, None, :] + w["pos_start"]
+    words = rest.double() @ w["word_embed.weight"].T + w["word_embed.bias"]
+    x = torch.cat([start, words], dim=1)
+    x = x + w["lvl_embed.weight"][torch.tensor(scale_of)][None] + w["pos_1LC"]
+    if config.shared_aln:
+        shared = _silu(cond) @ w["shared_ada_lin.1.weight"].T + w["shared_ada_lin.1.bias"]
+    for i in range(config.depth):
+        b = f"blocks.{i}."
+        if config.shared_aln:
+            six = w[b + "ada_gss"].reshape(6 * width) + shared
+        else:
+            six = _silu(cond) @ w[b + "ada_lin.1.weight"].T + w[b + "ada_lin.1.bias"]
+        g1, g2, a1, a2, s1, s2 = [six[:, j * width:(j + 1) * width][:, None, :] for j in range(6)]
+
+        h = _layer_norm(x, config.norm_eps) * (1 + a1) + s1
+        qkv = h @ w[b + "attn.mat_qkv.weight"].T
+        q = qkv[..., :width] + w[b + "attn.q_bias"]
+        k = qkv[..., width:2 * width]
+        v = qkv[..., 2 * width:] + w[b + "attn.v_bias"]
+        outputs = []
+        for head in range(heads):
+            cut = slice(head * head_dim, (head + 1) * head_dim)
+            qh, kh, vh = q[..., cut], k[..., cut], v[..., cut]
+            if config.attn_l2_norm:
+                temperature = math.exp(min(w[b + "attn.scale_mul_1H11"][0, head, 0, 0].item(), math.log(100)))
+                qh = qh / qh.norm(dim=-1, keepdim=True) * temperature
+                kh = kh / kh.norm(dim=-1, keepdim=True)
+                softmax_scale = 1.0
+            else:
+                softmax_scale = 0.25 / math.sqrt(head_dim)
+            scores = (qh @ kh.transpose(1, 2)) * softmax_scale
+            scores = scores.masked_fill(~allowed, -math.inf)
+            outputs.append(torch.softmax(scores, dim=-1) @ vh)
+        attended = torch.cat(outputs, dim=-1) @ w[b + "attn.proj.weight"].T + w[b + "attn.proj.bias"]
+        x = x + g1 * attended
+
+        h = _layer_norm(x, config.norm_eps) * (1 + a2) + s2
+        hidden = _gelu_tanh(h @ w[b + "ffn.fc1.weight"].T + w[b + "ffn.fc1.bias"])
+        x = x + g2 * (hidden @ w[b + "ffn.fc2.weight"].T + w[b + "ffn.fc2.bias"])
+
+    two = _silu(cond) @ w["head_nm.ada_lin.1.weight"].T + w["head_nm.ada_lin.1.bias"]
+    scale, shift = two[:, None, :width], two[:, None, width:]
+    x = _layer_norm(x, config.norm_eps) * (1 + scale) + shift
+    return x @ w["head.weight"].T + w["head.bias"]
+
+
+@pytest.mark.parametrize("config", [var.CONFIGS["tiny"], ODD], ids=["tiny", "odd-shared-aln"])
+def test_logits_equal_the_float64_transcription(config, generator):
+    model = _random_model(config, generator, torch.float64)
+    labels, rest = _inputs(config, 3, generator, torch.float64)
+    expected = _transcribed_logits(model.state_dict(), config, labels, rest)
+    with torch.no_grad():
+        logits64 = model(labels, rest)
+        logits32 = model.float()(labels, rest.float())
+    assert logits64.shape == (3, config.num_tokens, config.tokenizer.vocab_size)
+    assert logits64.dtype == logits32.dtype == torch.float32  # logits come back float32
+    # float64 through the model: only the final cast to float32 differs.
+    torch.testing.assert_close(logits64.double(), expected, rtol=1e-6, atol=1e-6)
+    error32 = (logits32.double() - expected).abs().max().item()
+    assert error32 < 2e-4 * expected.abs().max().item(), error32
+
+
+def test_training_forward_is_block_causal_over_the_scales(generator):
+    """Changing the input of scale s changes no logit of the scales before it, and every logit of scale s."""
+    config = var.CONFIGS["tiny"]
+    model = _random_model(config, generator, torch.float64)
+    labels, rest = _inputs(config, 2, generator, torch.float64)
+    ends, first = config.scale_ends, config.patch_nums[0] ** 2
+    changed = rest.clone()
+    changed[:, ends[2] - first:ends[3] - first] += 1.0  # scale 3's input rows
+    with torch.no_grad():
+        before, after = model(labels, rest), model(labels, changed)
+    assert torch.equal(before[:, :ends[2]], after[:, :ends[2]])
+    assert (before[:, ends[2]:ends[3]] != after[:, ends[2]:ends[3]]).all(-1).all()
+
+
+def test_forward_refuses_bad_labels_and_inputs(generator):
+    model = _random_model("tiny", generator)
+    labels, rest = _inputs(model.config, 2, generator)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\].*got \[.*11\]"):
+        model(torch.tensor([0, 11]), rest)
+    with pytest.raises(ValueError, match="labels must be a 1-D int64 tensor"):
+        model(labels.int(), rest)
+    with pytest.raises(ValueError, match=r"next_scale_inputs must be \(B, L - p_1\^2, Cvae\) = \(2, 65, 16\); "
+                                         r"got \(2, 66, 16\)"):
+        model(labels, torch.zeros(2, 66, 16))
+
+
+def test_config_refusals():
+    with pytest.raises(ValueError, match="embed_dim must be divisible by num_heads; got 36 and 5"):
+        var.VarConfig(depth=1, embed_dim=36, num_heads=5)
+    with pytest.raises(ValueError, match="unknown VAR VQVAE config 'var-512'"):
+        var.VarConfig(depth=1, embed_dim=32, num_heads=2, vqvae="var-512")
+
+
+# ---------------------------------------------------------------------------------------------
+# FoundationVision's layout
+
+
+def _foundationvision_state_shapes(depth, shared_aln=False, num_classes=1000, vocab=4096, cvae=32,
+                                   patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)):
+    """Their VAR's state dict as models/var.py and basic_var.py build it (build_vae_var: width
+    64 d, d heads, attn_l2_norm), buffers included."""
+    c, heads = 64 * depth, depth
+    tokens = sum(p * p for p in patch_nums)
+    shapes = {
+        "word_embed.weight": (c, cvae), "word_embed.bias": (c,),
+        "class_emb.weight": (num_classes + 1, c),
+        "pos_start": (1, 1, c), "pos_1LC": (1, tokens, c),
+        "lvl_embed.weight": (len(patch_nums), c),
+        "lvl_1L": (1, tokens), "attn_bias_for_masking": (1, 1, tokens, tokens),
+        "head_nm.ada_lin.1.weight": (2 * c, c), "head_nm.ada_lin.1.bias": (2 * c,),
+        "head.weight": (vocab, c), "head.bias": (vocab,),
+    }
+    if shared_aln:
+        shapes.update({"shared_ada_lin.1.weight": (6 * c, c), "shared_ada_lin.1.bias": (6 * c,)})
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "attn.scale_mul_1H11": (1, heads, 1, 1),
+            b + "attn.q_bias": (c,), b + "attn.v_bias": (c,), b + "attn.zero_k_bias": (c,),
+            b + "attn.mat_qkv.weight": (3 * c, c),
+            b + "attn.proj.weight": (c, c), b + "attn.proj.bias": (c,),
+            b + "ffn.fc1.weight": (4 * c, c), b + "ffn.fc1.bias": (4 * c,),
+            b + "ffn.fc2.weight": (c, 4 * c), b + "ffn.fc2.bias": (c,),
+        })
+        if shared_aln:
+            shapes[b + "ada_gss"] = (1, 1, 6, c)
+        else:
+            shapes.update({b + "ada_lin.1.weight": (6 * c, c), b + "ada_lin.1.bias": (6 * c,)})
+    return shapes
+
+
+@pytest.mark.parametrize("shared_aln", [False, True])
+def test_state_dict_is_foundationvisions_layout(shared_aln):
+    config = var.VarConfig(depth=16, embed_dim=1024, num_heads=16, shared_aln=shared_aln)
+    with torch.device("meta"):
+        model = var.build(config)
+    ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    ours.update({key: tuple(value.shape) for key, value in var._derived_buffers(config).items()})
+    assert ours == _foundationvision_state_shapes(16, shared_aln)
+
+
+def test_parameter_counts_of_the_released_models():
+    """Their README's 310M, 600M, 1.0B and 2.0B (the transformer alone), two significant digits."""
+    published = {"var-d16": 310e6, "var-d20": 600e6, "var-d24": 1.0e9, "var-d30": 2.0e9}
+    for name, count in published.items():
+        with torch.device("meta"):
+            model = var.build(name)
+        ours = sum(p.numel() for p in model.parameters())
+        assert float(f"{ours:.2g}") == count, (name, ours)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in var.build("var-d16").parameters()) == 310_283_520
+
+
+def _save_with_derived_buffers(model, path):
+    from safetensors.torch import save_file
+
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    state.update(var._derived_buffers(model.config))
+    save_file(state, str(path))
+    return state
+
+
+def test_a_foundationvision_state_dict_loads_strictly_in_eval_mode(generator, tmp_path):
+    """Their file, buffers included, loads as is; fastgen.accelerate is not needed for it (the
+    model's norms and cached attention are fastgen ops already)."""
+    from safetensors.torch import save_file
+
+    model = _random_model(ODD, generator)
+    path = tmp_path / "var.safetensors"
+    state = _save_with_derived_buffers(model, path)
+    loaded = var.from_safetensors(str(path), ODD)
+    assert not any(module.training for module in loaded.modules())
+    labels, rest = _inputs(ODD, 2, generator)
+    with torch.no_grad():
+        assert torch.equal(loaded(labels, rest), model(labels, rest))
+
+    missing = dict(state)
+    del missing["blocks.2.ffn.fc1.bias"]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(RuntimeError, match="Missing key.*blocks.2.ffn.fc1.bias"):
+        var.from_safetensors(str(tmp_path / "missing.safetensors"), ODD)
+    wrong = dict(state, lvl_1L=torch.zeros_like(state["lvl_1L"]))
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ValueError, match=r"lvl_1L must be the constant \(1, 66\) the config implies"):
+        var.from_safetensors(str(tmp_path / "wrong.safetensors"), ODD)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache decode
+
+
+@pytest.mark.parametrize("config,dtype,tolerance", [("tiny", torch.float64, 1e-6), ("tiny", torch.float32, 2e-5),
+                                                    (ODD, torch.float32, 2e-5)], ids=["tiny-f64", "tiny-f32", "odd"])
+def test_kv_cache_decode_equals_the_training_forward_at_every_scale(config, dtype, tolerance, generator):
+    model = _random_model(config, generator, dtype)
+    config = model.config
+    labels, rest = _inputs(config, 3, generator, dtype)
+    with torch.no_grad():
+        full = model(labels, rest)
+        cond = model.class_emb(labels)
+        caches, begin = model.new_caches(), 0
+        x = model.start_tokens(cond)
+        for scale, end in enumerate(config.scale_ends):
+            decoded = model.logits(x, cond, caches=caches)
+            assert decoded.shape == (3, end - begin, config.tokenizer.vocab_size)
+            torch.testing.assert_close(decoded, full[:, begin:end], rtol=tolerance, atol=tolerance)
+            if scale + 1 < len(config.patch_nums):
+                first = config.patch_nums[0] ** 2
+                following = config.scale_ends[scale + 1]
+                x = model.word_embed(rest[:, end - first:following - first]) + model.level_position(end, following)
+            begin = end
+    assert caches[0].keys.shape == (3, config.num_tokens, config.num_heads, config.embed_dim // config.num_heads)
