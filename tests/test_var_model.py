@@ -288,3 +288,133 @@ def test_kv_cache_decode_equals_the_training_forward_at_every_scale(config, dtyp
                 x = model.word_embed(rest[:, end - first:following - first]) + model.level_position(end, following)
             begin = end
     assert caches[0].keys.shape == (3, config.num_tokens, config.num_heads, config.embed_dim // config.num_heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+@pytest.fixture
+def tiny_pair(generator):
+    """A random tiny VAR and its random tiny VQVAE (phis kept near the identity, as trained ones)."""
+    model = _random_model("tiny", generator)
+    vqvae = var_vqvae.build("tiny").eval()
+    with torch.no_grad():
+        for phi in vqvae.quantize.quant_resi.qresi_ls:
+            phi.weight.mul_(0.3)
+    return model, vqvae
+
+
+@fastgen.use_backend("reference")  # the Triton interpreter's seconds are spent in the backend test
+def test_same_seed_same_tokens_and_other_seeds_differ(tiny_pair):
+    model, vqvae = tiny_pair
+    labels = torch.tensor([3, 0, 9])
+    first, f_hat = var.generate_tokens(model, vqvae, labels, cfg=2.0, top_k=40, top_p=0.9, seed=11)
+    again, _ = var.generate_tokens(model, vqvae, labels, cfg=2.0, top_k=40, top_p=0.9, seed=11)
+    other, _ = var.generate_tokens(model, vqvae, labels, cfg=2.0, top_k=40, top_p=0.9, seed=12)
+    assert [t.shape for t in first] == [(3, p * p) for p in model.config.patch_nums]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    images = var.generate(model, vqvae, labels, cfg=2.0, top_k=40, top_p=0.9, seed=11)
+    assert images.shape == (3, 3, 12, 12) and images.min() >= -1 and images.max() <= 1
+    with torch.no_grad():
+        torch.testing.assert_close(f_hat, vqvae.quantize.indices_to_f_hat(first), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(images, vqvae.decode(vqvae.quantize.indices_to_f_hat(first)), rtol=1e-5, atol=1e-5)
+
+
+def test_generation_is_the_guided_training_forward_on_its_own_tokens(tiny_pair, monkeypatch):
+    """Each scale's sampled logits are the training forward's logits, on the teacher-forcing
+    input of the generated tokens, for the class and the unconditional class, guided with
+    t = cfg s / (S - 1): the KV cache, the f_hat accumulation and the next-scale inputs together."""
+    model, vqvae = tiny_pair
+    cfg, labels, num_scales = 3.0, torch.tensor([4, 10]), len(model.config.patch_nums)
+    sampled_logits, strengths = [], []
+    original_sample, original_strength = var.sample_tokens, var.guidance_strength
+
+    def recording_sample(logits, top_k, top_p, generator):
+        sampled_logits.append(logits)
+        return original_sample(logits, top_k, top_p, generator)
+
+    def recording_strength(*args):
+        strengths.append(original_strength(*args))
+        return strengths[-1]
+
+    monkeypatch.setattr(var, "sample_tokens", recording_sample)
+    monkeypatch.setattr(var, "guidance_strength", recording_strength)
+    tokens, _ = var.generate_tokens(model, vqvae, labels, cfg=cfg, top_k=0, top_p=0.0, seed=5)
+    assert strengths == [cfg * s / (num_scales - 1) for s in range(num_scales)]
+    with torch.no_grad():
+        rest = vqvae.quantize.teacher_forcing_input(tokens)
+        conditional = model(labels, rest)
+        unconditional = model(torch.full_like(labels, model.config.num_classes), rest)
+    begin = 0
+    for scale, end in enumerate(model.config.scale_ends):
+        t = cfg * scale / (num_scales - 1)
+        expected = (1 + t) * conditional[:, begin:end] - t * unconditional[:, begin:end]
+        torch.testing.assert_close(sampled_logits[scale], expected, rtol=1e-4, atol=1e-4)
+        begin = end
+
+
+def test_guidance_ramp_and_guided_logits(generator):
+    assert [var.guidance_strength(1.5, s, 10) for s in range(10)] == [1.5 * s / 9 for s in range(10)]
+    assert var.guidance_strength(4.0, 0, 1) == 0.0
+    conditional, unconditional = torch.randn(2, 3, 8, generator=generator, dtype=torch.float64).unbind(0)
+    torch.testing.assert_close(var.guided_logits(conditional, unconditional, 0.75),
+                               1.75 * conditional - 0.75 * unconditional, rtol=0, atol=1e-15)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    # Probabilities 0.4, 0.3, 0.15, 0.1, 0.05 planted at shuffled positions.
+    probabilities = torch.tensor([0.1, 0.4, 0.05, 0.3, 0.15], dtype=torch.float64)
+    logits = probabilities.log().view(1, 1, 5)
+
+    def kept(top_k, top_p):
+        return torch.isfinite(var.restrict_support(logits, top_k, top_p)).view(-1).nonzero().view(-1).tolist()
+
+    assert kept(0, 0.0) == [0, 1, 2, 3, 4]
+    assert kept(2, 0.0) == [1, 3]
+    assert kept(5, 0.0) == kept(9, 0.0) == [0, 1, 2, 3, 4]
+    # Ascending cumulative 0.05, 0.15, 0.30, 0.60, 1.0: top_p 0.65 drops those <= 0.35.
+    assert kept(0, 0.65) == [1, 3]
+    assert kept(0, 0.75) == [1, 3, 4]
+    assert kept(0, 0.01) == [1]  # the most likely token always stays
+    # top-k first, then top-p on the renormalized three: 0.4/0.85, 0.3/0.85, 0.15/0.85.
+    assert kept(3, 0.6) == [1, 3]
+    ties = torch.tensor([[[1.0, 2.0, 2.0, 0.0]]])
+    assert torch.isfinite(var.restrict_support(ties, 1, 0.0)).view(-1).tolist() == [False, True, True, False]
+
+
+def test_sampled_tokens_stay_in_the_support(generator):
+    logits = torch.randn(4, 50, 64, generator=generator)
+    drawn = var.sample_tokens(logits, 5, 0.0, generator)
+    allowed = torch.isfinite(var.restrict_support(logits, 5, 0.0))
+    assert drawn.shape == (4, 50) and allowed.gather(-1, drawn[..., None]).all()
+    drawn = var.sample_tokens(logits, 0, 0.3, generator)
+    allowed = torch.isfinite(var.restrict_support(logits, 0, 0.3))
+    assert allowed.gather(-1, drawn[..., None]).all() and not allowed.all()
+
+
+def test_reference_and_triton_backends_generate_the_same_tokens(tiny_pair):
+    model, vqvae = tiny_pair
+    labels = torch.tensor([2, 7])
+    runs = {}
+    for backend in ("reference", "triton"):
+        with fastgen.use_backend(backend):
+            runs[backend], _ = var.generate_tokens(model, vqvae, labels, cfg=1.5, top_k=30, top_p=0.95, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(runs["reference"], runs["triton"]))
+
+
+def test_generation_refusals(tiny_pair):
+    model, vqvae = tiny_pair
+    labels = torch.tensor([1])
+    with pytest.raises(ValueError, match=r"vqvae must be the tokenizer the VAR predicts: its vocab_size is 4096, "
+                                         r"the VAR's 64"):
+        with torch.device("meta"):
+            other = var_vqvae.build("var-256")
+        var.generate(model, other, labels)
+    for bad, message in (({"top_k": -1}, "top_k must be an int >= 0"), ({"top_p": 1.5}, r"top_p must be a number in \[0, 1\]"),
+                         ({"cfg": float("nan")}, "cfg must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            var.generate(model, vqvae, labels, **bad)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):
+        var.generate(model, vqvae, torch.tensor([-1]))
