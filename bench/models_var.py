@@ -1,4 +1,5 @@
-"""VAR's multi-scale VQVAE tokenizing a 256 px batch (issue: codebook search + VAR VQVAE).
+"""VAR's multi-scale VQVAE tokenizing a 256 px batch (issue: codebook search + VAR VQVAE), and
+VAR-d16 generating a batch with it (issue: VAR, whole).
 
 Two benchmarks, at batch 16 (and 1 and 64 outside quick mode), in float32 as VAR runs its
 VQVAE (in bfloat16 the codes' distances tie within rounding so often that two correct runs pick
@@ -19,6 +20,17 @@ a legitimate pick between two codes at near-equal distance (which two correct se
 two compilations of the encoder, can make differently) changes it only slightly: hence the
 loose model tolerance. Work is the FLOP count of the convolutions and matmuls (torch's
 FlopCounterMode on a meta-device run) plus the search's cross term 2 N K D.
+
+`model.<var config>.generate`: class-conditional generation of 16 images at 256 px, all 10
+scales with the KV cache, guidance and VAR's FID sampling recipe (cfg 1.5, top-k 900, top-p
+0.96, one seed for every impl), decoded by the VQVAE; eager, torch.compile of the same call,
+and one row per fast backend. It runs in float32 so that the impls draw the same tokens: every
+draw compares a uniform number with the cumulative probabilities, and bfloat16's rounding of
+the logits moves those boundaries enough to change some of the 10,880 draws, after which the
+images differ (a float32 run changes a draw with a chance of about 1%, then reported as a
+mismatch). Weights are random (seeded); the labels are the case's input. Work: the transformer's
+matmuls on the 2 x 16 guidance batch (12 C^2 per token per block, the head's C V), attention
+against the cache (4 C per query-key pair per block) and the VQVAE decoder's FLOPs.
 """
 from __future__ import annotations
 
@@ -29,7 +41,7 @@ from unittest import mock
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastgen.models import var_vqvae
+from fastgen.models import var, var_vqvae
 from fastgen.ops import vq
 
 from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
@@ -39,6 +51,9 @@ _QUICK_BATCH = 16
 # A near-tie pick moves one image's residual energy by far less than this; a wrong code
 # (or a wrong scale) by far more.
 _MODEL_TOLERANCE = (2e-2, 1e-4)
+# The VAR generating with each tokenizer config, and its batch.
+_GENERATORS = {"var-256": "var-d16", "tiny": "tiny"}
+_GENERATION_BATCH = 16
 
 
 @functools.lru_cache(maxsize=2)
@@ -96,7 +111,54 @@ def _encoder_flops(config: var_vqvae.VarVQVAEConfig, batch: int) -> int:
     return counter.get_total_flops()
 
 
-def benchmarks(quick: bool = False, config_name: str = "var-256", batches: tuple = _BATCHES) -> list:
+@functools.lru_cache(maxsize=2)
+def _generator(var_config: str, device: str, dtype: torch.dtype) -> var.VAR:
+    torch.manual_seed(0)
+    return var.build(var_config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _generation_flops(var_config: str, batch: int) -> int:
+    config = var.CONFIGS[var_config]
+    width, guided = config.embed_dim, 2 * batch
+    matmuls = 2 * guided * config.num_tokens * (12 * width ** 2 * config.depth + width * config.tokenizer.vocab_size)
+    begin, attention = 0, 0
+    for end in config.scale_ends:
+        attention += 4 * guided * (end - begin) * end * width * config.depth
+        begin = end
+    with torch.device("meta"):
+        vqvae = var_vqvae.build(config.tokenizer)
+        side = config.patch_nums[-1]
+        f_hat = torch.empty(batch, config.tokenizer.z_channels, side, side)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        vqvae.decode(f_hat)
+    return matmuls + attention + counter.get_total_flops()
+
+
+def generation_benchmark(vqvae_config: str, batch: int = _GENERATION_BATCH) -> Benchmark:
+    """Generation of `batch` images by the VAR of the tokenizer config `vqvae_config` (module docstring)."""
+    var_config = _GENERATORS[vqvae_config]
+    config = var.CONFIGS[var_config]
+
+    def generate(labels):
+        device = str(labels.device)
+        model = _generator(var_config, device, torch.float32)
+        vqvae = _model(vqvae_config, device, torch.float32)
+        return var.generate(model, vqvae, labels, cfg=var.DEFAULT_CFG, top_k=var.DEFAULT_TOP_K,
+                            top_p=var.DEFAULT_TOP_P, seed=0)
+
+    def make_inputs(device, dtype, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return {"labels": torch.randint(config.num_classes, (batch,), generator=generator).to(device)}
+
+    resolution = config.tokenizer.resolution
+    case = Case(f"{var_config} B{batch} {resolution}px, {len(config.patch_nums)} scales, cfg {var.DEFAULT_CFG}",
+                torch.float32, "fwd", make_inputs, _generation_flops(var_config, batch))
+    return Benchmark(f"model.{var_config}.generate", [case], _impls(generate), bound="compute")
+
+
+def benchmarks(quick: bool = False, config_name: str = "var-256", batches: tuple = _BATCHES,
+               generation_batch: int = _GENERATION_BATCH) -> list:
     config = var_vqvae.CONFIGS[config_name]
     batches = (_QUICK_BATCH,) if quick else batches
     side = config.patch_nums[-1]
@@ -127,4 +189,5 @@ def benchmarks(quick: bool = False, config_name: str = "var-256", batches: tuple
                   tolerance=_MODEL_TOLERANCE),
         Benchmark(f"model.{config_name}.quantizer", latent_cases, _impls(quantize), bound="compute",
                   tolerance=_MODEL_TOLERANCE),
+        generation_benchmark(config_name, generation_batch),
     ]

@@ -44,10 +44,10 @@ def test_sana_example_step_is_one_guidance_batch_denoising_call(generator):
 
 
 # Each tiny config's default image side, from its config (sana: sample_size 8 x 32; ldm_unet,
-# flux, sd3: sample_size 8 x the VAE's 8; dcae: latents of 8 x 32; vqgan: EXAMPLE_RESOLUTION; the
-# others: the config's).
+# flux, sd3: sample_size 8 x the VAE's 8; dcae: latents of 8 x 32; vqgan: EXAMPLE_RESOLUTION; var:
+# its tokenizer's; the others: the config's).
 TINY_RESOLUTIONS = {"adm_unet": 16, "autoencoder_kl": 32, "dcae": 256, "flux": 64, "ldm_unet": 64, "sana": 256,
-                    "sd3": 64, "stylegan": 16, "stylegan2": 16, "stylegan3": 32, "var_vqvae": 12, "vqgan": 256}
+                    "sd3": 64, "stylegan": 16, "stylegan2": 16, "stylegan3": 32, "var": 12, "var_vqvae": 12, "vqgan": 256}
 
 
 def test_every_model_names_its_default_resolution_and_checks_others():

@@ -418,3 +418,20 @@ def test_generation_refusals(tiny_pair):
             var.generate(model, vqvae, labels, **bad)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):
         var.generate(model, vqvae, torch.tensor([-1]))
+
+
+def test_generation_benchmark_work_is_the_transformer_matmuls_attention_and_decode():
+    """Per guided token the blocks multiply by 12 C^2 weights each and the head by C V (2 FLOPs
+    per weight, 2 x 16 x 680 tokens); each of the 680 queries of an image meets the keys of its
+    scale and the earlier ones (4 C per pair per block); what remains is the decoder, about 0.4
+    TFLOP per 256 px image."""
+    from fastgen.bench import models_var
+
+    work = models_var.generation_benchmark("var-256").cases[0].work
+    width, depth, guided = 1024, 16, 32
+    matmuls = 2 * (12 * width ** 2 * depth + width * 4096) * guided * 680
+    sides = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    pairs = sum(p * p * sum(q * q for q in sides[:i + 1]) for i, p in enumerate(sides))
+    attention = 4 * width * depth * guided * pairs
+    decoder = work - matmuls - attention
+    assert 16 * 0.3e12 < decoder < 16 * 0.5e12, decoder
