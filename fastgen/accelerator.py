@@ -4,7 +4,10 @@ The model keeps its weights and its modules; what changes is how some of them co
 diffusers models that means installing fastgen attention processors on their `Attention`
 modules (diffusers' own extension point) and fused forwards on the blocks fastgen has kernels
 for, so the state dict, hooks and `torch.compile` see the same module tree. fastgen's own
-reference models (fastgen.models) call the ops already: for them accelerate pins a backend. Each replacement computes the same function as the code it replaces, up to
+reference models (fastgen.models) call the ops already: for them accelerate pins a backend. A model
+of another codebase that fastgen reimplements in its own layout (FoundationVision's VAR) is run
+by loading its checkpoint into the fastgen model (`fastgen.models.var.from_safetensors` takes
+their state dict as it is), not accelerated in place. Each replacement computes the same function as the code it replaces, up to
 floating-point rounding; `fastgen.restore(model)` puts every original back. `accelerate` makes all
 its swaps or none: when an accelerator raises, the swaps made before are undone and the error
 raised. A forward that something else set on a module's instance (offloading hooks, another

@@ -48,11 +48,14 @@ dropped. Differences from their code: the class-dropout of training (cond_drop_r
 caller's (pass label num_classes for the dropped samples); the head runs in the model's dtype
 (theirs in float32), the logits come back float32; drop-path and dropout are not implemented
 (inference; their released models use none at test time); the "more_smooth" Gumbel sampling of
-their visualizations is not offered. Their package cannot be installed here, so
-`fastgen.accelerate` is not applied to their `VAR` module: it targets diffusers and fastgen
-modules, and a FoundationVision checkpoint runs through fastgen by loading it into this module
-(`from_safetensors`), the supported path, whose every LayerNorm-modulation and cached attention
-is already a fastgen op.
+their visualizations is not offered.
+
+`fastgen.accelerate` targets diffusers modules and fastgen's own: FoundationVision's `VAR`
+module (their package, which is not installable as a dependency) is not one of its kinds. A
+FoundationVision checkpoint runs through fastgen by loading it into this module
+(`from_safetensors`; the state dict loads as it is), the supported path: every modulated
+LayerNorm and the cached attention are fastgen ops already, and `accelerate(model, backend=...)`
+pins a backend on the forward, which generation calls once per scale.
 """
 from __future__ import annotations
 
@@ -166,6 +169,11 @@ class LayerKVCache:
     def __init__(self):
         self.keys: Optional[torch.Tensor] = None
         self.values: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        """The tokens cached so far."""
+        return 0 if self.keys is None else self.keys.shape[1]
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Appends a scale's keys and values; returns all of them so far."""
@@ -316,22 +324,54 @@ class VAR(nn.Module):
             x = block(x, block_cond, ends, None if caches is None else caches[index])
         return self.head(self.head_nm(x, cond)).float()
 
-    def forward(self, labels: torch.Tensor, next_scale_inputs: torch.Tensor) -> torch.Tensor:
-        """The training forward (teacher forcing): logits (B, L, V), float32, of every scale's
-        tokens given the class `labels` (B,) and `next_scale_inputs` (B, L - p_1^2, Cvae), the
-        VQVAE's `quantize.teacher_forcing_input` of the ground-truth token maps."""
+    def forward(self, labels: torch.Tensor, next_scale_inputs: Optional[torch.Tensor] = None,
+                caches: Optional[Sequence[LayerKVCache]] = None) -> torch.Tensor:
+        """Float32 logits of the tokens given the class `labels` (B,).
+
+        Without `caches`, the training forward (teacher forcing): the logits (B, L, V) of every
+        scale's tokens, `next_scale_inputs` (B, L - p_1^2, Cvae) being the VQVAE's
+        `quantize.teacher_forcing_input` of the ground-truth token maps.
+
+        With `caches` (`new_caches()`, one per block), one decoding step: the logits
+        (B, p_s^2, V) of the next scale s, the one after those the caches hold, whose input
+        `next_scale_inputs` is f_hat_{s-1} downsampled to p_s, (B, p_s^2, Cvae) (None for the
+        first scale, whose input is the start token); the caches gain that scale's keys and values.
+        Generation calls this, so a backend pinned on the model by fastgen.accelerate covers it."""
         self._check_labels(labels)
         config = self.config
         first, total = config.patch_nums[0] ** 2, config.num_tokens
-        expected = (labels.shape[0], total - first, config.tokenizer.z_channels)
-        if next_scale_inputs.shape != expected:
-            raise ValueError(f"next_scale_inputs must be (B, L - p_1^2, Cvae) = {expected}; "
-                             f"got {tuple(next_scale_inputs.shape)}")
         cond = self.class_emb(labels)
+        if caches is not None:
+            return self._decode_scale(cond, next_scale_inputs, caches)
+        expected = (labels.shape[0], total - first, config.tokenizer.z_channels)
+        if next_scale_inputs is None or next_scale_inputs.shape != expected:
+            raise ValueError(f"next_scale_inputs must be (B, L - p_1^2, Cvae) = {expected}; "
+                             f"got {None if next_scale_inputs is None else tuple(next_scale_inputs.shape)}")
         rest = self.word_embed(next_scale_inputs.to(cond.dtype)) + self.level_position(first, total)
         x = torch.cat((self.start_tokens(cond), rest), dim=1)
         ends = torch.tensor(config.scale_ends, device=x.device)
         return self.logits(x, cond, ends=ends)
+
+    def _decode_scale(self, cond: torch.Tensor, inputs: Optional[torch.Tensor],
+                      caches: Sequence[LayerKVCache]) -> torch.Tensor:
+        config = self.config
+        if len(caches) != config.depth:
+            raise ValueError(f"caches must hold one LayerKVCache per block ({config.depth}); got {len(caches)}")
+        begin = caches[0].length
+        if begin == config.num_tokens:
+            raise ValueError(f"the caches hold all {len(config.patch_nums)} scales already: nothing left to decode")
+        scale = config.scale_ends.index(begin) + 1 if begin else 0
+        if scale == 0:
+            if inputs is not None:
+                raise ValueError("next_scale_inputs must be None for the first scale (its input is the start token)")
+            return self.logits(self.start_tokens(cond), cond, caches=caches)
+        end = config.scale_ends[scale]
+        expected = (cond.shape[0], end - begin, config.tokenizer.z_channels)
+        if inputs is None or inputs.shape != expected:
+            raise ValueError(f"next_scale_inputs of scale {scale} must be (B, p_s^2, Cvae) = {expected}; "
+                             f"got {None if inputs is None else tuple(inputs.shape)}")
+        x = self.word_embed(inputs.to(cond.dtype)) + self.level_position(begin, end)
+        return self.logits(x, cond, caches=caches)
 
     def new_caches(self) -> List[LayerKVCache]:
         return [LayerKVCache() for _ in self.blocks]
@@ -437,25 +477,22 @@ def generate_tokens(var: VAR, vqvae: var_vqvae.VarVQVAE, labels: torch.Tensor, c
     device that draws every token (None: torch's global generator)."""
     var._check_labels(labels)
     _check_generation(var, vqvae, cfg, top_k, top_p)
-    device, dtype = var.pos_1LC.device, var.pos_1LC.dtype
+    device = var.pos_1LC.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     config, quantizer = var.config, vqvae.quantize
     patch_nums, batch = config.patch_nums, labels.shape[0]
     labels = labels.to(device)
-    cond = var.class_emb(torch.cat((labels, torch.full_like(labels, config.num_classes))))
-    x = var.start_tokens(cond)
-    caches, tokens, f_hat, begin = var.new_caches(), [], 0, 0
-    for scale, side in enumerate(patch_nums):
-        both = var.logits(x, cond, caches=caches)
+    both_labels = torch.cat((labels, torch.full_like(labels, config.num_classes)))
+    caches, tokens, f_hat, next_input = var.new_caches(), [], 0, None
+    for scale in range(len(patch_nums)):
+        both = var(both_labels, next_input, caches=caches)
         logits = guided_logits(both[:batch], both[batch:], guidance_strength(cfg, scale, len(patch_nums)))
         idx = sample_tokens(logits, top_k, top_p, generator)
         tokens.append(idx)
         f_hat = f_hat + quantizer.scale_contribution(idx.reshape(-1), scale, batch)
-        begin += side * side
         if scale + 1 < len(patch_nums):
-            next_input = quantizer.to_scale(f_hat, scale + 1).flatten(2).transpose(1, 2).to(dtype)
-            x = var.word_embed(next_input) + var.level_position(begin, begin + patch_nums[scale + 1] ** 2)
-            x = x.repeat(2, 1, 1)  # the class and the unconditional halves take the same input
+            next_input = quantizer.to_scale(f_hat, scale + 1).flatten(2).transpose(1, 2)
+            next_input = next_input.repeat(2, 1, 1)  # the class and the unconditional halves take the same input
     return tokens, f_hat
 
 
