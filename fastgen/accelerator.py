@@ -7,10 +7,10 @@ for, so the state dict, hooks and `torch.compile` see the same module tree. fast
 reference models (fastgen.models) call the ops already: for them accelerate pins a backend. A model
 of another codebase that fastgen reimplements in its own layout (FoundationVision's VAR) is run
 by loading its checkpoint into the fastgen model (`fastgen.models.var.from_safetensors` takes
-their state dict as it is), not accelerated in place. Each replacement computes the same function as the code it replaces, up to
-floating-point rounding; `fastgen.restore(model)` puts every original back. `accelerate` makes all
-its swaps or none: when an accelerator raises, the swaps made before are undone and the error
-raised. A forward that something else set on a module's instance (offloading hooks, another
+their state dict as it is), not accelerated in place. Each replacement computes the same function
+as the code it replaces, up to floating-point rounding; `fastgen.restore(model)` puts every
+original back. `accelerate` makes all its swaps or none: when an accelerator raises, the swaps
+made before are undone and the error raised. A forward that something else set on a module's instance (offloading hooks, another
 patch) is never replaced: that module is left alone, with the reason.
 
 Which submodules can be accelerated is declared in the modules of `fastgen.accelerators`, one

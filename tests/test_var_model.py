@@ -452,7 +452,8 @@ def test_generation_refusals(tiny_pair):
         with torch.device("meta"):
             other = var_vqvae.build("var-256")
         var.generate(model, other, labels)
-    for bad, message in (({"top_k": -1}, "top_k must be an int >= 0"), ({"top_p": 1.5}, r"top_p must be a number in \[0, 1\]"),
+    for bad, message in (({"top_k": -1}, "top_k must be an int >= 0"),
+                         ({"top_p": 1.5}, r"top_p must be a number in \[0, 1\]"),
                          ({"cfg": float("nan")}, "cfg must be a finite number")):
         with pytest.raises(ValueError, match=message):
             var.generate(model, vqvae, labels, **bad)
