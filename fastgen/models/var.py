@@ -40,15 +40,15 @@ token per position is drawn from their softmax; the tokens' residual h_s is adde
 f_hat downsampled to the next side, word-embedded, is the next scale's input. The decoded f_hat_S
 is the image.
 
-Parameter and buffer names are FoundationVision's (`VAR` in their models/var.py), so their
+Parameter and buffer names are those of FoundationVision's `VAR` module, so their released
 var_d16.pth ... var_d30.pth, converted to safetensors (`save_file(torch.load(pth))`), load as
 they are: the three buffers the file also holds (`lvl_1L`, `attn_bias_for_masking` and each
 block's `attn.zero_k_bias`) are constants derived from the config, checked against it and
 dropped. Differences from their code: the class-dropout of training (cond_drop_rate) is the
 caller's (pass label num_classes for the dropped samples); the head runs in the model's dtype
-(theirs in float32), the logits come back float32; drop-path and dropout are not implemented
-(inference; their released models use none at test time); the "more_smooth" Gumbel sampling of
-their visualizations is not offered.
+(theirs in float32), the logits come back float32; drop-path (VAR trains with rate 0.1 d / 24)
+and dropout are not implemented, being identities at inference; the "more_smooth" Gumbel
+sampling of their visualizations is not offered.
 
 `fastgen.accelerate` targets diffusers modules and fastgen's own: FoundationVision's `VAR`
 module (their package, which is not installable as a dependency) is not one of its kinds. A
@@ -136,7 +136,7 @@ CONFIGS = {
     "tiny": _var_config(2, num_classes=10, vqvae="tiny"),
 }
 
-# VAR's FID sampling recipe (their README: cfg=1.5, top_p=0.96, top_k=900).
+# The sampling recipe of VAR's published FID: cfg=1.5, top_p=0.96, top_k=900.
 DEFAULT_CFG = 1.5
 DEFAULT_TOP_K = 900
 DEFAULT_TOP_P = 0.96
