@@ -483,3 +483,20 @@ def test_generation_benchmark_work_is_the_transformer_matmuls_attention_and_deco
     attention = 4 * width * depth * guided * pairs
     decoder = work - matmuls - attention
     assert 16 * 0.3e12 < decoder < 16 * 0.5e12, decoder
+
+
+def test_tiny_generation_benchmark_runs_on_cpu(tmp_path):
+    """Its eager row runs and its CUDA row says why it cannot on CPU; the Triton backend's tokens
+    are test_reference_and_triton_backends_generate_the_same_tokens' (the interpreter's tens of
+    seconds are spent once, there)."""
+    from fastgen.bench import harness, models_var
+
+    def one_call_timer(prepare, reps, warmup):
+        prepare()()
+        return [1.0]
+
+    bench = models_var.generation_benchmark("tiny", batch=2)
+    rows, _, _ = harness.run([bench], quick=True, out_dir=tmp_path, device="cpu", impls=["cuda"], no_compile=True,
+                             timer=one_call_timer)
+    assert [(r["name"], r["impl"]) for r in rows] == [("model.tiny.generate", "eager"), ("model.tiny.generate", "cuda")]
+    assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("skipped: BackendUnavailable"), rows
