@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Callable
 from unittest import mock
 
 import torch
@@ -135,17 +136,32 @@ def _generation_flops(var_config: str, batch: int) -> int:
     return matmuls + attention + counter.get_total_flops()
 
 
+def _generate_images(model: var.VAR, vqvae: var_vqvae.VarVQVAE, labels: torch.Tensor) -> torch.Tensor:
+    return var.generate(model, vqvae, labels, cfg=var.DEFAULT_CFG, top_k=var.DEFAULT_TOP_K, top_p=var.DEFAULT_TOP_P,
+                        seed=0)
+
+
 def generation_benchmark(vqvae_config: str, batch: int = _GENERATION_BATCH) -> Benchmark:
     """Generation of `batch` images by the VAR of the tokenizer config `vqvae_config` (module docstring)."""
     var_config = _GENERATORS[vqvae_config]
     config = var.CONFIGS[var_config]
 
-    def generate(labels):
-        device = str(labels.device)
-        model = _generator(var_config, device, torch.float32)
-        vqvae = _model(vqvae_config, device, torch.float32)
-        return var.generate(model, vqvae, labels, cfg=var.DEFAULT_CFG, top_k=var.DEFAULT_TOP_K,
-                            top_p=var.DEFAULT_TOP_P, seed=0)
+    def generate_with(run: Callable) -> Callable:
+        # The models are looked up outside `run`: torch.compile would trace through the cache
+        # and build them inside the timed call.
+        def generate(labels):
+            device = str(labels.device)
+            return run(_generator(var_config, device, torch.float32), _model(vqvae_config, device, torch.float32),
+                       labels)
+
+        return generate
+
+    eager = generate_with(_generate_images)
+    impls = {
+        "eager": Impl(lambda case: eager, backend="reference"),
+        "compile": Impl(lambda case: generate_with(compile_reference(_generate_images)), backend="reference"),
+        **backend_impls(eager),
+    }
 
     def make_inputs(device, dtype, seed):
         generator = torch.Generator().manual_seed(seed)
@@ -154,7 +170,7 @@ def generation_benchmark(vqvae_config: str, batch: int = _GENERATION_BATCH) -> B
     resolution = config.tokenizer.resolution
     case = Case(f"{var_config} B{batch} {resolution}px, {len(config.patch_nums)} scales, cfg {var.DEFAULT_CFG}",
                 torch.float32, "fwd", make_inputs, _generation_flops(var_config, batch))
-    return Benchmark(f"model.{var_config}.generate", [case], _impls(generate), bound="compute")
+    return Benchmark(f"model.{var_config}.generate", [case], impls, bound="compute")
 
 
 def benchmarks(quick: bool = False, config_name: str = "var-256", batches: tuple = _BATCHES,
