@@ -35,7 +35,8 @@ def _images(generator, batch=2, dtype=torch.float32):
 
 def _loop_quantizer(f, codebook, phis, config):
     """Residual quantization written out in float64: adaptive average pooling, cdist argmin,
-    bicubic upsampling, phi(x) = (1 - q) x + q conv(x) with numpy's nearest tick."""
+    bicubic upsampling, phi(x) = (1 - q) x + q conv(x) with numpy's nearest tick. Returns
+    (indices, f_hat, loss, f_hat after each scale)."""
     f = f.double()
     codebook = codebook.double()
     patch_nums, q = config.patch_nums, config.quant_resi
@@ -43,7 +44,7 @@ def _loop_quantizer(f, codebook, phis, config):
     margin = 1 / 3 / n if n == 4 else 1 / 2 / n
     ticks = np.linspace(margin, 1 - margin, n)
     side = patch_nums[-1]
-    rest, f_hat, loss, indices = f.clone(), torch.zeros_like(f), 0.0, []
+    rest, f_hat, loss, indices, partial_f_hats = f.clone(), torch.zeros_like(f), 0.0, [], []
     for s, p in enumerate(patch_nums):
         z = F.adaptive_avg_pool2d(rest, p)
         rows = z.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
@@ -55,16 +56,17 @@ def _loop_quantizer(f, codebook, phis, config):
         phi = phis[int(np.argmin(np.abs(ticks - s / (len(patch_nums) - 1))))]
         h = (1 - q) * h + q * F.conv2d(h, phi.weight.double(), phi.bias.double(), padding=1)
         f_hat = f_hat + h
+        partial_f_hats.append(f_hat)
         rest = rest - h
         loss = loss + (1 + config.beta) * (f_hat - f).square().mean()
-    return indices, f_hat, loss / len(patch_nums)
+    return indices, f_hat, loss / len(patch_nums), partial_f_hats
 
 
 def test_quantizer_matches_the_plain_loop(generator, tiny_model):
     model = tiny_model.double()
     f = torch.randn(3, TINY.z_channels, 6, 6, generator=generator, dtype=torch.float64)
     indices, f_hat, loss = model.quantize.quantize(f, with_loss=True)
-    expected_indices, expected_f_hat, expected_loss = _loop_quantizer(
+    expected_indices, expected_f_hat, expected_loss, _ = _loop_quantizer(
         f, model.quantize.embedding.weight.detach(), model.quantize.quant_resi.qresi_ls, TINY)
     for scale, (idx, expected) in enumerate(zip(indices, expected_indices)):
         assert torch.equal(idx, expected), f"scale {scale}"
@@ -72,6 +74,22 @@ def test_quantizer_matches_the_plain_loop(generator, tiny_model):
     torch.testing.assert_close(loss, expected_loss)
     # The scales really refine: each adds information, so the last residual is smaller than f.
     assert (f_hat - f).square().mean() < f.square().mean()
+
+
+def test_teacher_forcing_input_is_each_partial_f_hat_pooled_to_the_next_scale(generator, tiny_model):
+    """VAR's training input: f_hat after scales 1..s, average-pooled to p_{s+1}, rows in raster order."""
+    model = tiny_model.double()
+    f = torch.randn(2, TINY.z_channels, 6, 6, generator=generator, dtype=torch.float64)
+    indices, _, _, partial_f_hats = _loop_quantizer(
+        f, model.quantize.embedding.weight.detach(), model.quantize.quant_resi.qresi_ls, TINY)
+    expected = torch.cat([F.adaptive_avg_pool2d(f_hat, p).flatten(2).transpose(1, 2)
+                          for f_hat, p in zip(partial_f_hats, TINY.patch_nums[1:])], dim=1)
+    with torch.no_grad():
+        got = model.quantize.teacher_forcing_input(indices)
+    assert got.shape == (2, sum(p * p for p in TINY.patch_nums[1:]), TINY.z_channels)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match=r"indices\[1\] must be int64 of shape \(2, 4\)"):
+        model.quantize.teacher_forcing_input([indices[0], indices[1][:, :3]] + indices[2:])
 
 
 def test_indices_round_trip_to_the_same_f_hat_and_image(generator, tiny_model):
