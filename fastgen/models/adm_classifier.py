@@ -38,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models.adm_unet import AttentionBlock, EmbedSequential, GroupNorm32, ResBlock, encoder_blocks
+from fastgen.models.adm_unet import (AttentionBlock, EmbedSequential, EncoderGeometry, GroupNorm32, ResBlock,
+                                     encoder_blocks)
 from fastgen.models.common import load_safetensors, resolve_config, sinusoidal_embedding
 from fastgen.ops.cross_attention import cross_attention
 
 
 @dataclasses.dataclass(frozen=True)
-class ADMClassifierConfig:
+class ADMClassifierConfig(EncoderGeometry):
     """Field names follow guided-diffusion's `EncoderUNetModel` arguments; its script flags:
     classifier_width is model_channels, classifier_depth is num_res_blocks."""
 
@@ -59,22 +60,9 @@ class ADMClassifierConfig:
     in_channels: int = 3
 
     @property
-    def time_embed_dim(self) -> int:
-        return 4 * self.model_channels
-
-    @property
-    def downsampling(self) -> int:
-        """How many times smaller the deepest feature map is than the input."""
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
     def pooled_side(self) -> int:
         """The side S of the map the attention pool reads."""
         return self.image_size // self.downsampling
-
-    @property
-    def attention_downsample_rates(self) -> frozenset:
-        return frozenset(self.image_size // resolution for resolution in self.attention_resolutions)
 
 
 CONFIGS = {

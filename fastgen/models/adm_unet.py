@@ -56,8 +56,26 @@ _GROUPS = 32
 _GROUP_NORM_EPS = 1e-5
 
 
+class EncoderGeometry:
+    """What the ADM UNet and its noisy-image classifier derive alike from their configs'
+    image_size, model_channels, channel_mult and attention_resolutions."""
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @property
+    def downsampling(self) -> int:
+        """How many times smaller the deepest feature map is than the input."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def attention_downsample_rates(self) -> frozenset:
+        return frozenset(self.image_size // resolution for resolution in self.attention_resolutions)
+
+
 @dataclasses.dataclass(frozen=True)
-class ADMConfig:
+class ADMConfig(EncoderGeometry):
     """Field names follow guided-diffusion's `UNetModel` arguments and script flags."""
 
     image_size: int
@@ -78,18 +96,6 @@ class ADMConfig:
     def out_channels(self) -> int:
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
-    @property
-    def time_embed_dim(self) -> int:
-        return 4 * self.model_channels
-
-    @property
-    def downsampling(self) -> int:
-        """How many times smaller the UNet's deepest feature map is than its input."""
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
-    def attention_downsample_rates(self) -> frozenset:
-        return frozenset(self.image_size // resolution for resolution in self.attention_resolutions)
 
 
 CONFIGS = {
