@@ -114,6 +114,29 @@ def _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _row_key_ends(ends_ptr, NUM_ENDS, e_s, rows):
+    """Each row's key end under block-causal attention: the first block end past the row (the
+    ends increase, the first is >= 1), 0 for rows past the last end. A loop over the ends: they
+    are a few dozen at most."""
+    key_ends = rows * 0
+    for j in range(0, NUM_ENDS):
+        end = tl.load(ends_ptr + j * e_s).to(tl.int32)
+        key_ends = tl.where((key_ends == 0) & (end > rows), end, key_ends)
+    return key_ends
+
+
+@triton.jit
+def _block_starts(ends_ptr, NUM_ENDS, e_s, cols):
+    """Each key's block start, the last block end at or before it (0 in the first block): the
+    first query row that sees the key under block-causal attention."""
+    starts = cols * 0
+    for j in range(0, NUM_ENDS):
+        end = tl.load(ends_ptr + j * e_s).to(tl.int32)
+        starts = tl.where(end <= cols, end, starts)
+    return starts
+
+
+@triton.jit
 def _scores(a, b_t, valid, scale, PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """scale * a b_t^T in float32, -inf where `valid` (broadcast to the tile) is False. The
     where sits between the product and every later subtraction, so the product is rounded
@@ -143,14 +166,14 @@ def _score_grad(p, dp, delta, counted):
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
-    LQ, LKV, H, scale,
+    q_ptr, k_ptr, v_ptr, mask_ptr, ends_ptr, out_ptr, lse_ptr,
+    LQ, LKV, H, scale, NUM_ENDS,
     q_sb, q_sl, q_sh, q_sd,
     k_sb, k_sl, k_sh, k_sd,
     v_sb, v_sl, v_sh, v_sd,
-    m_sb, m_sl,
+    m_sb, m_sl, e_s,
     o_sb, o_sl, o_sh, o_sd,
-    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -162,13 +185,25 @@ def _forward_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
-    keys = 0
-    for start in range(0, LKV, BLOCK_N):
+    if BLOCK_CAUSAL:
+        # Key tiles past the block end of the tile's last row are skipped, not masked.
+        key_ends = _row_key_ends(ends_ptr, NUM_ENDS, e_s, tl.where(rows < LQ, rows, LQ - 1))
+        key_stop = tl.max(key_ends, axis=0)
+        keys = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    else:
+        key_stop = LKV
+        keys = 0
+    for start in range(0, key_stop, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = _load_tile(k_ptr, b, h, cols, LKV, d, D, k_sb, k_sl, k_sh, k_sd)
         valid = _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK)
-        keys += tl.sum(valid.to(tl.int32), axis=0)
-        scores = _scores(q, k, valid[None, :], scale, PRECISION, UPCAST_DOTS)
+        if BLOCK_CAUSAL:
+            counted = valid[None, :] & (cols[None, :] < key_ends[:, None])
+            keys += tl.sum(counted.to(tl.int32), axis=1)
+        else:
+            counted = valid[None, :]
+            keys += tl.sum(valid.to(tl.int32), axis=0)
+        scores = _scores(q, k, counted, scale, PRECISION, UPCAST_DOTS)
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         # While a row's scores are all -inf its max is -inf: exponents against 0 give p = 0,
         # rescale 0. Differences to the max, not products folded with it, give the max's own
@@ -192,16 +227,16 @@ def _forward_kernel(
 
 @triton.jit
 def _query_grad_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr,
-    LQ, LKV, H, scale,
+    q_ptr, k_ptr, v_ptr, mask_ptr, ends_ptr, out_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr,
+    LQ, LKV, H, scale, NUM_ENDS,
     q_sb, q_sl, q_sh, q_sd,
     k_sb, k_sl, k_sh, k_sd,
     v_sb, v_sl, v_sh, v_sd,
-    m_sb, m_sl,
+    m_sb, m_sl, e_s,
     o_sb, o_sl, o_sh, o_sd,
     g_sb, g_sl, g_sh, g_sd,
     dq_sb, dq_sl, dq_sh, dq_sd,
-    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -218,30 +253,39 @@ def _query_grad_kernel(
     lse_ptrs, _ = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
     lse = tl.load(lse_ptrs, mask=in_range, other=float("inf"))
     dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
-    for start in range(0, LKV, BLOCK_N):
+    if BLOCK_CAUSAL:
+        key_ends = _row_key_ends(ends_ptr, NUM_ENDS, e_s, tl.where(rows < LQ, rows, LQ - 1))
+        key_stop = tl.max(key_ends, axis=0)
+    else:
+        key_stop = LKV
+    for start in range(0, key_stop, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = _load_tile(k_ptr, b, h, cols, LKV, d, D, k_sb, k_sl, k_sh, k_sd)
         v = _load_tile(v_ptr, b, h, cols, LKV, d, D, v_sb, v_sl, v_sh, v_sd)
         valid = _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK)
-        p = _exp(_scores(q, k, valid[None, :], scale, PRECISION, UPCAST_DOTS) - lse[:, None])
+        if BLOCK_CAUSAL:
+            counted = valid[None, :] & (cols[None, :] < key_ends[:, None])
+        else:
+            counted = valid[None, :]
+        p = _exp(_scores(q, k, counted, scale, PRECISION, UPCAST_DOTS) - lse[:, None])
         dp = _dot(grad, tl.trans(v), PRECISION, UPCAST_DOTS)
-        ds = _score_grad(p, dp, delta[:, None], valid[None, :])
+        ds = _score_grad(p, dp, delta[:, None], counted)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST_DOTS)
     _store_tile(dq_ptr, dq * scale, b, h, rows, LQ, d, D, dq_sb, dq_sl, dq_sh, dq_sd)
 
 
 @triton.jit
 def _key_value_grad_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    LQ, LKV, H, scale,
+    q_ptr, k_ptr, v_ptr, mask_ptr, ends_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    LQ, LKV, H, scale, NUM_ENDS,
     q_sb, q_sl, q_sh, q_sd,
     k_sb, k_sl, k_sh, k_sd,
     v_sb, v_sl, v_sh, v_sd,
-    m_sb, m_sl,
+    m_sb, m_sl, e_s,
     g_sb, g_sl, g_sh, g_sd,
     dk_sb, dk_sl, dk_sh, dk_sd,
     dv_sb, dv_sl, dv_sh, dv_sd,
-    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -254,7 +298,13 @@ def _key_value_grad_kernel(
     valid = _key_is_valid(mask_ptr, b, cols, LKV, m_sb, m_sl, HAS_MASK)
     dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
-    for start in range(0, LQ, BLOCK_M):
+    if BLOCK_CAUSAL:
+        # The query loop starts at the tile of the first row that sees the tile's first key.
+        first_rows = _block_starts(ends_ptr, NUM_ENDS, e_s, cols)
+        query_start = tl.min(first_rows, axis=0) // BLOCK_M * BLOCK_M
+    else:
+        query_start = 0
+    for start in range(query_start, LQ, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         q = _load_tile(q_ptr, b, h, rows, LQ, d, D, q_sb, q_sl, q_sh, q_sd)
         grad = _load_tile(grad_ptr, b, h, rows, LQ, d, D, g_sb, g_sl, g_sh, g_sd)
@@ -263,11 +313,15 @@ def _key_value_grad_kernel(
         lse = tl.load(lse_ptrs, mask=in_range, other=float("inf"))
         delta_ptrs, _ = _row_stats_ptrs(delta_ptr, bh, rows, LQ)
         delta = tl.load(delta_ptrs, mask=in_range, other=0.0)
-        p_t = _exp(_scores(k, q, valid[:, None], scale, PRECISION, UPCAST_DOTS) - lse[None, :])
+        if BLOCK_CAUSAL:
+            counted_t = valid[:, None] & (rows[None, :] >= first_rows[:, None])
+        else:
+            counted_t = valid[:, None]
+        p_t = _exp(_scores(k, q, counted_t, scale, PRECISION, UPCAST_DOTS) - lse[None, :])
         dv += _dot(p_t.to(grad.dtype), grad, PRECISION, UPCAST_DOTS)
         dp_t = _dot(v, tl.trans(grad), PRECISION, UPCAST_DOTS)
         # Rows past Lq are no rows of the reference: dS^T is 0 there, as for masked keys.
-        ds_t = _score_grad(p_t, dp_t, delta[None, :], valid[:, None] & in_range[None, :])
+        ds_t = _score_grad(p_t, dp_t, delta[None, :], counted_t & in_range[None, :])
         dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST_DOTS)
     _store_tile(dk_ptr, dk * scale, b, h, cols, LKV, d, D, dk_sb, dk_sl, dk_sh, dk_sd)
     _store_tile(dv_ptr, dv, b, h, cols, LKV, d, D, dv_sb, dv_sl, dv_sh, dv_sd)
@@ -342,7 +396,7 @@ def _key_value_grad_rows(blocks):
 # several blocks (online softmax across tiles, partial last tiles).
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16}
 # The autotuner adds the dtypes of the tensor arguments to the key.
-_TUNING_KEY = ["LQ", "LKV", "D_PAD", "HAS_MASK"]
+_TUNING_KEY = ["LQ", "LKV", "D_PAD", "HAS_MASK", "BLOCK_CAUSAL"]
 
 
 class _Kernel:
@@ -389,19 +443,27 @@ def _mask_args(mask, q):
     return mask.view(torch.uint8), mask.stride()
 
 
-def _meta(q, mask) -> dict:
+def _ends_args(ends, q):
+    """The block ends (any stride), their count and stride; without them q stands in, unread."""
+    if ends is None:
+        return q, 0, 0
+    return ends, ends.numel(), ends.stride(0)
+
+
+def _meta(q, mask, ends) -> dict:
     head_dim = q.shape[-1]
     return dict(
         D=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), HAS_MASK=mask is not None,
+        BLOCK_CAUSAL=ends is not None,
         PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOTS=q.dtype == torch.bfloat16 and triton_interpreter_enabled(),
     )
 
 
-def cross_attention(q, k, v, mask, scale, *, out) -> None:
+def cross_attention(q, k, v, mask, scale, causal_block_ends=None, *, out) -> None:
     """out = softmax(q k^T scale + mask bias) v, the row log-sum-exps discarded."""
     lse = torch.empty(lse_shape(q), dtype=torch.float32, device=q.device)
-    cross_attention_forward(q, k, v, mask, scale, out=(out, lse))
+    cross_attention_forward(q, k, v, mask, scale, causal_block_ends, out=(out, lse))
 
 
 # Query rows and keys are int32 indices in the kernels: a block's start plus its BLOCK_M or
@@ -415,23 +477,24 @@ def _check_lengths(q, k) -> None:
                          f"queries and keys, got Lq={q.shape[1]}, Lkv={k.shape[1]}")
 
 
-def cross_attention_forward(q, k, v, mask, scale, *, out) -> None:
+def cross_attention_forward(q, k, v, mask, scale, causal_block_ends=None, *, out) -> None:
     """out = (output (like q), lse ((B, H, Lq) float32)) of softmax(q k^T scale + mask bias) v."""
     _check_lengths(q, k)
     output, lse = out
     scale = effective_scale(q, scale)
     batch, q_len, heads, _ = q.shape
     mask_tensor, mask_strides = _mask_args(mask, q)
+    ends, num_ends, ends_stride = _ends_args(causal_block_ends, q)
     _forward(
         q_len, batch * heads,
-        q, k, v, mask_tensor, output, lse,
-        q_len, k.shape[1], heads, scale,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *output.stride(),
-        **_meta(q, mask),
+        q, k, v, mask_tensor, ends, output, lse,
+        q_len, k.shape[1], heads, scale, num_ends,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, ends_stride, *output.stride(),
+        **_meta(q, mask, causal_block_ends),
     )
 
 
-def cross_attention_backward(grad, q, k, v, output, lse, mask, scale, *, out) -> None:
+def cross_attention_backward(grad, q, k, v, output, lse, mask, scale, causal_block_ends=None, *, out) -> None:
     """out = (dq, dk, dv) for the output gradient `grad`, from the forward's output and lse."""
     _check_lengths(q, k)
     dq, dk, dv = out
@@ -439,19 +502,22 @@ def cross_attention_backward(grad, q, k, v, output, lse, mask, scale, *, out) ->
     batch, q_len, heads, _ = q.shape
     kv_len = k.shape[1]
     mask_tensor, mask_strides = _mask_args(mask, q)
+    ends, num_ends, ends_stride = _ends_args(causal_block_ends, q)
     delta = torch.empty_like(lse)
-    meta = _meta(q, mask)
+    meta = _meta(q, mask, causal_block_ends)
     _query_grad(
         q_len, batch * heads,
-        q, k, v, mask_tensor, output, grad, lse, delta, dq,
-        q_len, kv_len, heads, scale,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *output.stride(), *grad.stride(), *dq.stride(),
+        q, k, v, mask_tensor, ends, output, grad, lse, delta, dq,
+        q_len, kv_len, heads, scale, num_ends,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, ends_stride, *output.stride(), *grad.stride(),
+        *dq.stride(),
         **meta,
     )
     _key_value_grad(
         kv_len, batch * heads,
-        q, k, v, mask_tensor, grad, lse, delta, dk, dv,
-        q_len, kv_len, heads, scale,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad.stride(), *dk.stride(), *dv.stride(),
+        q, k, v, mask_tensor, ends, grad, lse, delta, dk, dv,
+        q_len, kv_len, heads, scale, num_ends,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, ends_stride, *grad.stride(), *dk.stride(),
+        *dv.stride(),
         **meta,
     )

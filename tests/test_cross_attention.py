@@ -20,6 +20,7 @@ from fastgen.ops.cross_attention import (
     cross_attention_forward,
     cross_attention_forward_reference,
     cross_attention_reference,
+    block_ends,
     merge_attention,
     padding_mask,
 )
@@ -77,13 +78,28 @@ def _assert_close_to(actual, expected, what):
     assert not detail, f"{what}: {detail}"
 
 
-def _assert_lse_is_logsumexp(lse, q, k, key_padding_mask, scale):
+def _dense_keep(key_padding_mask, causal_block_ends, q_len, kv_len):
+    """(B or 1, 1, Lq or 1, Lkv) bool of the keys each row sees, on the CPU, or None for all: the
+    module docstring's block-causal pattern written out block by block as a dense mask."""
+    keep = None if key_padding_mask is None else key_padding_mask.cpu()[:, None, None, :]
+    if causal_block_ends is not None:
+        dense = torch.zeros(q_len, kv_len, dtype=torch.bool)
+        block_start = 0
+        for end in causal_block_ends.tolist():
+            dense[block_start:end, :end] = True
+            block_start = end
+        keep = dense[None, None] if keep is None else keep & dense
+    return keep
+
+
+def _assert_lse_is_logsumexp(lse, q, k, key_padding_mask, scale, causal_block_ends=None):
     """lse against torch.logsumexp of the float64 scores; +inf exactly on rows with no key."""
     q64, k64 = _upcast((q, k))
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64).cpu() * scale
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask.cpu()[:, None, None, :], float("-inf"))
+    keep = _dense_keep(key_padding_mask, causal_block_ends, q.shape[1], k.shape[1])
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
     expected = torch.logsumexp(scores, dim=-1)
     empty = expected == float("-inf")
     lse = lse.cpu()
@@ -97,25 +113,27 @@ def _poisoned(tensors):
     return tuple(t.fill_(float("nan")) for t in tensors)
 
 
-def _reference_gradients(grad, q, k, v, key_padding_mask, scale):
+def _reference_gradients(grad, q, k, v, key_padding_mask, scale, causal_block_ends=None):
     grad64, q64, k64, v64 = _upcast((grad, q, k, v))
-    out, lse = cross_attention_forward_reference(q64, k64, v64, key_padding_mask, scale)
-    return cross_attention_backward_reference(grad64, q64, k64, v64, out, lse, key_padding_mask, scale)
+    out, lse = cross_attention_forward_reference(q64, k64, v64, key_padding_mask, scale, causal_block_ends)
+    return cross_attention_backward_reference(grad64, q64, k64, v64, out, lse, key_padding_mask, scale,
+                                              causal_block_ends)
 
 
-def _attention_in_dtype(q, k, v, key_padding_mask, scale):
+def _attention_in_dtype(q, k, v, key_padding_mask, scale, causal_block_ends=None):
     """Unfused eager attention computed in the inputs' own dtype, as model code without a
     fused kernel runs it: the yardstick for how exact 16-bit gradients can be."""
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if key_padding_mask is None:
+    keep = _dense_keep(key_padding_mask, causal_block_ends, q.shape[1], k.shape[1])
+    if keep is None:
         return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
-    keep = key_padding_mask[:, None, None, :]
+    keep = keep.to(q.device)
     has_key = keep.any(-1, keepdim=True)
     probabilities = torch.softmax(torch.where(has_key, scores.masked_fill(~keep, float("-inf")), 0.0), dim=-1)
     return torch.einsum("bhqk,bkhd->bqhd", probabilities * has_key, v)
 
 
-def _assert_gradients_close(actual_grads, grad, q, k, v, key_padding_mask, scale):
+def _assert_gradients_close(actual_grads, grad, q, k, v, key_padding_mask, scale, causal_block_ends=None):
     """(dq, dk, dv) against the float64 reference backward. The kernels form delta from the
     stored 16-bit output and round P and dS to the input dtype before their products, as
     FlashAttention does; with peaked softmaxes (large scores, D = 160) the rounded output
@@ -124,9 +142,10 @@ def _assert_gradients_close(actual_grads, grad, q, k, v, key_padding_mask, scale
     same gradients computed by unfused eager attention in the input dtype (the most seen over
     many draws was about 2x): the kernels must be about as exact as the code they replace.
     A real bug is off by far more (ignoring the mask or delta: 100x)."""
-    expected = _reference_gradients(grad, q, k, v, key_padding_mask, scale)
+    expected = _reference_gradients(grad, q, k, v, key_padding_mask, scale, causal_block_ends)
     leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
-    in_dtype = torch.autograd.grad(_attention_in_dtype(*leaves, key_padding_mask, scale), leaves, grad)
+    in_dtype = torch.autograd.grad(_attention_in_dtype(*leaves, key_padding_mask, scale, causal_block_ends), leaves,
+                                   grad)
     for name, actual, reference, yardstick in zip(("dq", "dk", "dv"), actual_grads, expected, in_dtype):
         rtol, atol = TOLERANCES[actual.dtype]
         atol += 4 * (yardstick.double() - reference).abs().max().item()
@@ -334,6 +353,24 @@ def _tensors(q_shape=(1, 4, 2, 8), kv_shape=(1, 6, 2, 8), dtype=torch.float32):
         (lambda: (*_tensors(), torch.ones(1, 6, dtype=torch.bool, device="meta")), ValueError,
          "key_padding_mask is on meta but q is on cpu"),
         (lambda: (*_tensors(), None, float("nan")), ValueError, "scale must be a finite number or None, got nan"),
+        (lambda: (*_tensors(), None, None, torch.tensor([2.0, 6.0])), TypeError,
+         "causal_block_ends must be int32 or int64, got torch.float32"),
+        (lambda: (*_tensors(), None, None, torch.tensor([2, 6], device="meta")), ValueError,
+         "causal_block_ends is on meta but q is on cpu"),
+        (lambda: (*_tensors(), None, None, torch.tensor([[2, 6]])), ValueError,
+         r"causal_block_ends must be 1-D \(one end per block\), got shape \(1, 2\)"),
+        (lambda: (*_tensors(), None, None, torch.tensor([6])), ValueError,
+         "causal_block_ends is for self-attention, Lq == Lkv, got Lq=4, Lkv=6"),
+        (lambda: (*_tensors(kv_shape=(1, 4, 2, 8)), None, None, torch.tensor([3, 2, 4])), ValueError,
+         r"causal_block_ends must increase strictly from at least 1, got \[3, 2, 4\]"),
+        (lambda: (*_tensors(kv_shape=(1, 4, 2, 8)), None, None, torch.tensor([1, 1, 4], dtype=torch.int32)), ValueError,
+         r"causal_block_ends must increase strictly from at least 1, got \[1, 1, 4\]"),
+        (lambda: (*_tensors(kv_shape=(1, 4, 2, 8)), None, None, torch.tensor([0, 4])), ValueError,
+         r"causal_block_ends must increase strictly from at least 1, got \[0, 4\]"),
+        (lambda: (*_tensors(kv_shape=(1, 4, 2, 8)), None, None, torch.tensor([1, 3])), ValueError,
+         "the last of causal_block_ends must be Lq = 4, got 3"),
+        (lambda: (*_tensors(kv_shape=(1, 4, 2, 8)), None, None, torch.tensor([], dtype=torch.int64)), ValueError,
+         "the last of causal_block_ends must be Lq = 4, got no ends"),
     ],
 )
 def test_bad_input_gets_a_clear_error(make_args, error, message):
@@ -349,6 +386,8 @@ def test_reference_rejects_non_tensors():
         cross_attention_reference([[1.0]], *_tensors()[1:])
     with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor or None, got list"):
         cross_attention_reference(*_tensors(), [True] * 6)
+    with pytest.raises(TypeError, match="causal_block_ends must be a 1-D int32 or int64 tensor or None, got list"):
+        cross_attention_reference(*_tensors(), None, None, [2, 6])
 
 
 @pytest.mark.parametrize(
@@ -584,3 +623,168 @@ def test_merge_keeps_nan_of_a_part():
     out, lse = merge_attention(parts)
     assert bool(out.isnan().all()) and bool(lse.isnan().all())
 
+
+
+# Block-causal attention (VAR's scales): odd block lists, one block (full attention), every row
+# its own block (causal attention), and VAR's scales (the first seven of 256 px: 155 tokens;
+# all ten, 680 tokens, take minutes under the interpreter).
+_VAR_SCALES = [p * p for p in (1, 2, 3, 4, 5, 6, 8)]
+_BLOCK_LISTS = [pytest.param([1, 3, 2, 7], id="1,3,2,7"), pytest.param([13], id="one block"),
+                pytest.param([1] * 11, id="causal"), pytest.param([5, 17, 2, 9], id="5,17,2,9")]
+
+
+def _block_causal_case(sizes, batch, heads, head_dim, dtype, device, generator, masked):
+    """q, k, v (a fused qkv projection, sliced), and a padding mask leaving batch row 0 its
+    first key only: every row of it sees that one key, and under blocks its later keys are
+    partly visible, partly padding."""
+    length = sum(sizes)
+    q, k, v = _qkv(batch, length, length, heads, head_dim, "fused qkv", device, dtype, generator)
+    mask = padding_mask([1] + [length - 2] * (batch - 1), length, device) if masked else None
+    return q, k, v, mask, block_ends(sizes, device)
+
+
+def test_block_causal_reference_is_pytorch_attention_with_a_dense_mask(generator):
+    """The op's reference (its mask from searchsorted over the ends) against torch's math SDPA
+    with the dense mask written out block by block, values and autograd, with padding."""
+    sizes = [1, 3, 2, 7]
+    q, k, v, mask, ends = _block_causal_case(sizes, 2, 2, 8, torch.float64, CPU, generator, masked=True)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    keep = _dense_keep(mask, ends, q.shape[1], k.shape[1])
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=keep, scale=0.4).transpose(1, 2)
+    actual = cross_attention_reference(q, k, v, mask, 0.4, ends)
+    torch.testing.assert_close(actual, expected)
+    grad = torch.randn(q.shape, generator=generator, dtype=torch.float64)
+    out, lse = cross_attention_forward_reference(q, k, v, mask, 0.4, ends)
+    for a, e in zip(cross_attention_backward_reference(grad, q, k, v, out, lse, mask, 0.4, ends),
+                    torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", _BLOCK_LISTS)
+@pytest.mark.parametrize("masked", [False, True], ids=["all keys", "padded"])
+def test_block_causal_matches_the_dense_mask_reference(device, dtype, sizes, masked, generator):
+    """The Triton forward (out, lse) and backward (dq, dk, dv) against the float64 reference
+    with the block-causal mask; padded: batch row 0 has one key, which every row sees."""
+    q, k, v, mask, ends = _block_causal_case(sizes, 2, 2, 24, dtype, device, generator, masked)
+    with fastgen.use_backend("triton"):
+        out, lse = cross_attention_forward(q, k, v, mask, None, ends)
+    _assert_close_to(out, cross_attention_reference(*_upcast((q, k, v)), mask, None, ends), "out")
+    _assert_lse_is_logsumexp(lse, q, k, mask, None, ends)
+    grad = random_tensor(tuple(q.shape), "sliced", device, dtype, generator)
+    grads = _poisoned(CROSS_ATTENTION_BACKWARD.allocate_output(grad, q, k, v, out, lse, mask, None, ends))
+    CROSS_ATTENTION_BACKWARD.implementations["triton"].run(grad, q, k, v, out, lse, mask, None, ends, out=grads)
+    _assert_gradients_close(grads, grad, q, k, v, mask, None, ends)
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_block_causal_at_var_scales_through_autograd(device, generator):
+    """VAR's scales at a small head dim, attention scale 1 as VAR's l2-normed attention uses it,
+    int32 ends: the public op's output and its autograd's gradients."""
+    ends = block_ends(_VAR_SCALES, device).int()
+    length = sum(_VAR_SCALES)
+    q, k, v = (t.detach().requires_grad_()
+               for t in _qkv(1, length, length, 1, 16, "fused qkv", device, torch.float32, generator))
+    with fastgen.use_backend("triton"):
+        out = cross_attention(q, k, v, None, 1.0, ends)
+    grad = random_tensor(tuple(q.shape), "contiguous", device, q.dtype, generator)
+    out.backward(grad)
+    _assert_close_to(out, cross_attention_reference(*_upcast((q, k, v)), None, 1.0, ends), "out")
+    _assert_gradients_close((q.grad, k.grad, v.grad), grad, q, k, v, None, 1.0, ends)
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_decode_per_scale_is_the_block_causal_rows(device, generator):
+    """Decode mode (module docstring): the queries of each scale attend, without block ends, to
+    the cache prefix of all earlier scales and their own (views into a longer cache): outputs
+    and lse are the rows of that scale in the block-causal forward over the whole sequence."""
+    sizes = [1, 4, 9, 16, 3]
+    length = sum(sizes)
+    q, k, v = _qkv(2, length, length, 2, 40, "fused qkv", device, torch.float32, generator)
+    k_cache, v_cache = (torch.full((2, length + 7, 2, 40), float("nan"), device=device) for _ in "kv")
+    k_cache[:, :length], v_cache[:, :length] = k, v
+    ends = block_ends(sizes, device)
+    with fastgen.use_backend("triton"):
+        whole, whole_lse = cross_attention_forward(q, k, v, None, None, ends)
+        start = 0
+        for end in ends.tolist():
+            out, lse = cross_attention_forward(q[:, start:end], k_cache[:, :end], v_cache[:, :end])
+            torch.testing.assert_close(out, whole[:, start:end], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(lse, whole_lse[:, :, start:end], rtol=1e-6, atol=1e-6)
+            start = end
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_block_causal_skips_the_tiles_a_block_cannot_see(device, generator):
+    """A block of 128 (every tile size of the kernels divides 128), then one of 16. Head 1: a NaN in a key and
+    a value of block 2; head 0: a NaN in a query and an output gradient row of block 1. Masked
+    but computed tiles would carry them through 0 * NaN products (the reference's dense products
+    do, into every row): skipped, head 1's out, lse and dq of block 1 and head 0's dk and dv of
+    block 2 equal the reference on the clean inputs. A wrong mask would show in the same values."""
+    q, k, v, _, ends = _block_causal_case([128, 16], 1, 2, 16, torch.float32, device, generator, masked=False)
+    grad = random_tensor(tuple(q.shape), "contiguous", device, q.dtype, generator)
+    poisoned = [t.clone() for t in (q, k, v, grad)]
+    for tensor, row, head in zip(poisoned, (10, 130, 131, 20), (0, 1, 1, 0)):
+        tensor[:, row, head, 3] = float("nan")
+    with fastgen.use_backend("triton"):
+        out, lse = cross_attention_forward(*poisoned[:3], None, None, ends)
+        dq, dk, dv = cross_attention_backward(poisoned[3], *poisoned[:3], out, lse, None, None, ends)
+    expected_out, expected_lse = cross_attention_forward_reference(*_upcast((q, k, v)), None, None, ends)
+    expected_dq, expected_dk, expected_dv = _reference_gradients(grad, q, k, v, None, None, ends)
+    first, second = slice(0, 128), slice(128, 144)
+    _assert_close_to(out[:, first, 1], expected_out[:, first, 1], "out of block 1")
+    _assert_close_to(lse[:, 1, first], expected_lse[:, 1, first].float(), "lse of block 1")
+    _assert_close_to(dq[:, first, 1], expected_dq[:, first, 1].float(), "dq of block 1")
+    _assert_close_to(dk[:, second, 0], expected_dk[:, second, 0].float(), "dk of block 2")
+    _assert_close_to(dv[:, second, 0], expected_dv[:, second, 0].float(), "dv of block 2")
+
+
+def test_block_causal_compiles_and_passes_opcheck(generator):
+    """torch.compile(fullgraph=True) of the public op with block ends (forward and backward), and
+    torch.library.opcheck of the three ops with them: the ends travel through the schemas, the
+    fakes and the autograd."""
+    q, k, v = (t.detach().requires_grad_()
+               for t in _qkv(1, 9, 9, 2, 16, "contiguous", CPU, torch.float32, generator))
+    ends, mask = block_ends([2, 3, 4], CPU), padding_mask([7], 9, CPU)
+
+    def attention_block(q, k, v):
+        return cross_attention(q * 2.0, k, v, mask, None, ends).square().sum()
+
+    with fastgen.use_backend("triton"):
+        expected = torch.autograd.grad(attention_block(q, k, v), (q, k, v))
+        compiled = torch.compile(attention_block, backend="aot_eager", fullgraph=True)
+        for a, e in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)), expected):
+            torch.testing.assert_close(a, e)
+        out, lse = cross_attention_forward(q, k, v, mask, None, ends)
+        grad = random_tensor(tuple(q.shape), "contiguous", CPU, q.dtype, generator)
+        for op, args in ((torch.ops.fastgen.cross_attention, (q, k, v, mask, 0.5, ends)),
+                         (torch.ops.fastgen.cross_attention_forward, (q, k, v, None, None, ends)),
+                         (torch.ops.fastgen.cross_attention_backward,
+                          (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse, mask, None, ends))):
+            torch.library.opcheck(op, args)
+
+
+def test_block_causal_gradcheck(generator):
+    """The reference backward with block ends and padding against finite differences."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 6, 6, 1, 3, "contiguous", CPU, torch.float64, generator))
+    ends, mask = block_ends([1, 3, 2], CPU), padding_mask([0, 4], 6, CPU)
+    with fastgen.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda *qkv: cross_attention(*qkv, mask, 0.7, ends), (q, k, v))
+
+
+def test_block_ends_are_read_once_per_unchanged_tensor(monkeypatch):
+    """The ends' values are checked with a device-to-host copy once per tensor: again only after
+    an in-place write (which could break them), and a new tensor is checked anew."""
+    q = torch.ones(1, 4, 1, 8)
+    ends = torch.tensor([1, 4])
+    cross_attention_reference(q, q, q, None, None, ends)
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or t.numpy().tolist())
+    cross_attention_reference(q, q, q, None, None, ends)
+    assert not reads
+    ends[0] = 5
+    with pytest.raises(ValueError, match="increase strictly"):
+        cross_attention_reference(q, q, q, None, None, ends)
+    assert len(reads) == 1

@@ -2,14 +2,32 @@
 cross-attention of Stable Diffusion's UNet (image tokens to text tokens), SANA and DiT, and
 with Lq = Lkv the same op serves self-attention.
 
-`cross_attention(q, k, v, key_padding_mask=None, scale=None)`: q of shape (B, Lq, H, D), k
-and v of shape (B, Lkv, H, D), D <= 256, any strides; key_padding_mask a (B, Lkv) bool tensor,
-True where the key may be attended (the text tokens), False for padding; scale defaults to
-1/sqrt(D). For each batch b, head h and query row i,
+`cross_attention(q, k, v, key_padding_mask=None, scale=None, causal_block_ends=None)`: q of
+shape (B, Lq, H, D), k and v of shape (B, Lkv, H, D), D <= 256, any strides; key_padding_mask a
+(B, Lkv) bool tensor, True where the key may be attended (the text tokens), False for padding;
+scale defaults to 1/sqrt(D); causal_block_ends None or a 1-D int32 / int64 tensor on q's device
+(any stride) of strictly increasing block ends e_0 < e_1 < ... < e_{n-1} = Lq = Lkv, e_0 >= 1,
+for block-causal self-attention (below). For each batch b, head h and query row i,
 
-    s_ij    = scale * q_i . k_j                     for the keys j with mask[b, j] True
+    s_ij    = scale * q_i . k_j                     for the keys j of row i: mask[b, j] True
+                                                    and, with block ends, j < end(i)
     lse_i   = log sum_j exp(s_ij)                   (the row's log-sum-exp)
     out_i   = sum_j exp(s_ij - lse_i) v_j           (softmax(s_i) v)
+
+Block-causal attention (VAR's next-scale prediction, which follows "Visual Autoregressive
+Modeling", Tian et al. 2024: the token maps of all scales form one sequence, and the tokens of
+scale s see those of every scale <= s). Row i lies in block b, e_{b-1} <= i < e_b (e_{-1} = 0),
+and sees the keys j < end(i) = e_b: its own block and every earlier one. For VAR at 256 px the
+blocks are the scales' token maps, causal_block_ends = cumsum(p^2 for p in (1, 2, 3, 4, 5, 6,
+8, 10, 13, 16)) = (1, 5, 14, ..., 680) (`block_ends(sizes, device)` builds it). The pattern
+is the ends alone: no (Lq, Lkv) mask exists in memory (the reference builds one). With every
+block of one row, block-causal attention is causal attention.
+
+Decode mode. Sampling generates one scale at a time: the n_s queries of scale s attend to the
+keys and values of every earlier scale, cached, and their own. That is plain attention (no
+block ends) with q of length n_s and k, v the cache prefix `k_cache[:, :e_s]`, `v_cache[:,
+:e_s]` (views of any strides, read in place): exactly the rows e_{s-1} .. e_s - 1 of the
+block-causal attention over the whole sequence.
 
 A row with no attendable key has an empty sum: its output is 0 (not the NaN of 0/0) and its
 lse is +inf, so that every recomputed exp(s_ij - lse_i) of that row is 0 as well.
@@ -19,6 +37,14 @@ products): a row with a key whose scores hold NaN or +inf, or are all -inf (an i
 k), has out NaN, lse NaN or -inf, and P NaN at every key, masked ones included, so its dq, the
 dk of its keys and the dv of all of them are NaN; dS is 0 at masked keys and on rows without a
 key, where the products still add 0 * inf = NaN from a non-finite q, k or v there.
+
+Keys past a row's block end are not part of its attention, but like padded keys they are
+masked, not removed, where the kernels compute a tile holding both kinds: a non-finite k or v
+of such a key reaches the rows of that tile through a 0 * inf product (as it reaches every row
+in the reference's dense products). The Triton kernels skip every key tile past the last
+row's end of a query tile (and, in the dk / dv pass, every query tile before the first row
+seeing a key tile), so a non-finite value in a later block reaches no row of a query tile
+ending before that block; the finite outputs and gradients are the reference's.
 
 Scores, softmax statistics and accumulation are float32 (float64 for float64 inputs); out
 has q's dtype and shape, contiguous; lse is float32 (B, H, Lq).
@@ -39,7 +65,8 @@ Backward (FlashAttention-2), for an output gradient g and P_ij = exp(s_ij - lse_
     dq_i    = scale sum_j dS_ij k_j       dk_j = scale sum_i dS_ij q_i
 
 Ops: `cross_attention_forward -> (out, lse)` keeps lse for the backward;
-`cross_attention_backward(grad, q, k, v, output, lse, mask, scale) -> (dq, dk, dv)` is an op of
+`cross_attention_backward(grad, q, k, v, output, lse, mask, scale, causal_block_ends) -> (dq,
+dk, dv)` is an op of
 its own so the fast backward is one graph node under torch.compile (first-order gradients
 only); and the public `cross_attention -> out` is a CompositeImplicitAutograd op that returns
 the forward's first output, so autograd and torch.compile see the forward op (whose autograd
@@ -59,6 +86,7 @@ same GPU model, Triton version and inputs.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -77,7 +105,54 @@ def _check_same_place(op_name: str, name: str, tensor: torch.Tensor, q: torch.Te
         raise ValueError(f"{op_name}: {name} is on {tensor.device} but q is on {q.device}")
 
 
-def _check_inputs(op_name: str, q, k, v, key_padding_mask, scale) -> None:
+# Block ends whose values were checked, by id: (weak reference, version counter, Lq). A tensor
+# passed again unchanged (the same object, no in-place write since) is not read again, so a
+# model passing its ends tensor every layer pays the device-to-host copy once.
+_CHECKED_BLOCK_ENDS: dict = {}
+
+
+def _values_are_readable(tensor: torch.Tensor) -> bool:
+    """False for the meta and fake tensors of tracing and during CUDA graph capture."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if tensor.device.type == "meta" or is_fake(tensor):
+        return False
+    return not (tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _check_block_ends(op_name: str, ends, q: torch.Tensor, k: torch.Tensor) -> None:
+    if ends is None:
+        return
+    if not isinstance(ends, torch.Tensor):
+        raise TypeError(f"{op_name}: causal_block_ends must be a 1-D int32 or int64 tensor or None, "
+                        f"got {type(ends).__name__}")
+    if ends.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op_name}: causal_block_ends must be int32 or int64, got {ends.dtype}")
+    if ends.device != q.device:
+        raise ValueError(f"{op_name}: causal_block_ends is on {ends.device} but q is on {q.device}")
+    if ends.dim() != 1:
+        raise ValueError(f"{op_name}: causal_block_ends must be 1-D (one end per block), got shape {tuple(ends.shape)}")
+    q_len = q.shape[1]
+    if k.shape[1] != q_len:
+        raise ValueError(f"{op_name}: causal_block_ends is for self-attention, Lq == Lkv, got Lq={q_len}, "
+                         f"Lkv={k.shape[1]}")
+    if not _values_are_readable(ends):
+        return
+    checked = _CHECKED_BLOCK_ENDS.get(id(ends))
+    if checked is not None and checked[0]() is ends and checked[1:] == (ends._version, q_len):
+        return
+    values = ends.tolist()
+    if any(b <= a for a, b in zip(values, values[1:])) or (values and values[0] < 1):
+        raise ValueError(f"{op_name}: causal_block_ends must increase strictly from at least 1, got {values}")
+    if (values[-1] if values else 0) != q_len:
+        raise ValueError(f"{op_name}: the last of causal_block_ends must be Lq = {q_len}, got "
+                         f"{values[-1] if values else 'no ends'}")
+    key = id(ends)
+    _CHECKED_BLOCK_ENDS[key] = (weakref.ref(ends, lambda _, key=key: _CHECKED_BLOCK_ENDS.pop(key, None)),
+                                ends._version, q_len)
+
+
+def _check_inputs(op_name: str, q, k, v, key_padding_mask, scale, causal_block_ends=None) -> None:
     check_attention_inputs(op_name, q, k, v, MAX_HEAD_DIM, "(B, L, H, D)")
     batch = q.shape[0]
     if key_padding_mask is not None:
@@ -89,6 +164,13 @@ def _check_inputs(op_name: str, q, k, v, key_padding_mask, scale) -> None:
             raise ValueError(f"{op_name}: key_padding_mask must have shape (B, Lkv) = {(batch, k.shape[1])}, "
                              f"got {tuple(key_padding_mask.shape)}")
     check_number(op_name, "scale", scale, allow_none=True)
+    _check_block_ends(op_name, causal_block_ends, q, k)
+
+
+def block_ends(sizes, device) -> torch.Tensor:
+    """causal_block_ends (int64 on `device`) of consecutive blocks of `sizes` rows: VAR's scales
+    are `block_ends([p * p for p in patch_nums], device)`."""
+    return torch.as_tensor(sizes, dtype=torch.int64).cumsum(0).to(device)
 
 
 def effective_scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -100,20 +182,20 @@ def lse_shape(q: torch.Tensor) -> tuple:
     return (batch, heads, q_len)
 
 
-def _allocate_output(q, k, v, key_padding_mask=None, scale=None):
-    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale)
+def _allocate_output(q, k, v, key_padding_mask=None, scale=None, causal_block_ends=None):
+    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale, causal_block_ends)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def _allocate_output_and_lse(q, k, v, key_padding_mask=None, scale=None):
-    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale)
+def _allocate_output_and_lse(q, k, v, key_padding_mask=None, scale=None, causal_block_ends=None):
+    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale, causal_block_ends)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(lse_shape(q), dtype=torch.float32, device=q.device))
 
 
-def _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale) -> None:
+def _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale, causal_block_ends) -> None:
     op_name = "cross_attention_backward"
-    _check_inputs(op_name, q, k, v, key_padding_mask, scale)
+    _check_inputs(op_name, q, k, v, key_padding_mask, scale, causal_block_ends)
     for name, tensor in (("grad", grad), ("output", output)):
         check_companion(op_name, name, tensor, q, tuple(q.shape), "of q", "q")
     if not isinstance(lse, torch.Tensor):
@@ -123,21 +205,41 @@ def _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale) 
         raise ValueError(f"{op_name}: lse must have shape (B, H, Lq) = {lse_shape(q)}, got {tuple(lse.shape)}")
 
 
-def _allocate_gradients(grad, q, k, v, output, lse, key_padding_mask=None, scale=None):
-    _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale)
+def _allocate_gradients(grad, q, k, v, output, lse, key_padding_mask=None, scale=None, causal_block_ends=None):
+    _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale, causal_block_ends)
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
-def _probabilities(q, k, key_padding_mask, scale):
+def block_causal_mask(causal_block_ends: torch.Tensor, length: int) -> torch.Tensor:
+    """(L, L) bool, True where row i sees key j < end(i) (module docstring): the dense form of
+    block-causal attention over `length` = L tokens, for the reference and dense-mask peers
+    (the kernels never build it)."""
+    ends = causal_block_ends.long()
+    positions = torch.arange(length, device=ends.device)
+    row_ends = ends[torch.searchsorted(ends, positions, right=True)]
+    return positions[None, :] < row_ends[:, None]
+
+
+def _keys_of_rows(q, key_padding_mask, causal_block_ends):
+    """The (B or 1, 1, Lq or 1, Lkv) bool of the keys each row attends to (module docstring), or
+    None where every row attends to every key."""
+    keep = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    if causal_block_ends is not None:
+        before_end = block_causal_mask(causal_block_ends, q.shape[1])
+        keep = before_end[None, None] if keep is None else keep & before_end
+    return keep
+
+
+def _probabilities(q, k, key_padding_mask, scale, causal_block_ends=None):
     """(P, scores, has_key) in the compute dtype: the (B, H, Lq, Lkv) softmax probabilities,
     the scaled scores with -inf where the key is masked, and the (B, 1, Lq, 1) bool of rows
     that have at least one key."""
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * effective_scale(q, scale)
-    if key_padding_mask is None:
+    keep = _keys_of_rows(q, key_padding_mask, causal_block_ends)
+    if keep is None:
         has_key = torch.full((1, 1, 1, 1), k.shape[1] > 0, device=q.device)
     else:
-        keep = key_padding_mask[:, None, None, :]
         scores, has_key = scores.masked_fill(~keep, float("-inf")), keep.any(-1, keepdim=True)
     # Rows without a key would be softmax(-inf, ..., -inf) = NaN: give them finite scores
     # and zero the probabilities, so the output and the gradients stay 0 there.
@@ -145,43 +247,45 @@ def _probabilities(q, k, key_padding_mask, scale):
     return probabilities, scores, has_key
 
 
-def _attend(q, k, v, key_padding_mask, scale):
+def _attend(q, k, v, key_padding_mask, scale, causal_block_ends):
     """(out in the compute dtype, scores, has_key) of eager math attention."""
-    probabilities, scores, has_key = _probabilities(q, k, key_padding_mask, scale)
+    probabilities, scores, has_key = _probabilities(q, k, key_padding_mask, scale, causal_block_ends)
     out = torch.einsum("bhqk,bkhd->bqhd", probabilities, v.to(probabilities.dtype))
     return out, scores, has_key
 
 
-def cross_attention_reference(q, k, v, key_padding_mask=None, scale=None):
-    """Eager math attention: the (B, H, Lq, Lkv) score matrix, masked softmax, then v, in
-    float32 (float64 for float64 inputs)."""
-    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale)
-    return _attend(q, k, v, key_padding_mask, scale)[0].to(q.dtype)
+def cross_attention_reference(q, k, v, key_padding_mask=None, scale=None, causal_block_ends=None):
+    """Eager math attention: the (B, H, Lq, Lkv) score matrix, masked softmax (the block-causal
+    pattern as a dense mask), then v, in float32 (float64 for float64 inputs)."""
+    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale, causal_block_ends)
+    return _attend(q, k, v, key_padding_mask, scale, causal_block_ends)[0].to(q.dtype)
 
 
-def cross_attention_forward_reference(q, k, v, key_padding_mask=None, scale=None):
+def cross_attention_forward_reference(q, k, v, key_padding_mask=None, scale=None, causal_block_ends=None):
     """(out, lse) in eager PyTorch; lse is +inf on rows without a key."""
-    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale)
-    out, scores, has_key = _attend(q, k, v, key_padding_mask, scale)
+    _check_inputs("cross_attention", q, k, v, key_padding_mask, scale, causal_block_ends)
+    out, scores, has_key = _attend(q, k, v, key_padding_mask, scale, causal_block_ends)
     lse = torch.where(has_key[..., 0], torch.logsumexp(scores, dim=-1), float("inf"))
     return out.to(q.dtype), lse.float()
 
 
-def cross_attention_backward_reference(grad, q, k, v, output, lse, key_padding_mask=None, scale=None):
+def cross_attention_backward_reference(grad, q, k, v, output, lse, key_padding_mask=None, scale=None,
+                                       causal_block_ends=None):
     """The backward formulas of the module docstring in eager PyTorch. P is recomputed from q
     and k (not from the given lse) and delta from P, so the reference depends on nothing the
     fast forward produced: output and lse are the kernels' inputs."""
-    _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale)
-    probabilities = _probabilities(q, k, key_padding_mask, scale)[0]
+    _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale, causal_block_ends)
+    probabilities = _probabilities(q, k, key_padding_mask, scale, causal_block_ends)[0]
     q_, k_, v_, grad_ = (t.to(probabilities.dtype) for t in (q, k, v, grad))
     dv = torch.einsum("bhqk,bqhd->bkhd", probabilities, grad_)
     dprobabilities = torch.einsum("bqhd,bkhd->bhqk", grad_, v_)
     delta = (dprobabilities * probabilities).sum(-1, keepdim=True)
     dscores = probabilities * (dprobabilities - delta) * effective_scale(q, scale)
-    if key_padding_mask is not None:
+    keep = _keys_of_rows(q, key_padding_mask, causal_block_ends)
+    if keep is not None:
         # No gradient reaches a masked key (nor a row without keys, all masked), as through
         # the reference's masked_fill and where, even where dP is NaN there.
-        dscores = dscores.masked_fill(~key_padding_mask[:, None, None, :], 0.0)
+        dscores = dscores.masked_fill(~keep, 0.0)
     dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k_)
     dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q_)
     return tuple(t.to(q.dtype) for t in (dq, dk, dv))
@@ -193,7 +297,8 @@ def padding_mask(lengths, max_length: int, device) -> torch.Tensor:
     return torch.arange(max_length, device=device)[None, :] < torch.as_tensor(lengths, device=device)[:, None]
 
 
-def _check_case(label, batch, q_len, kv_len, heads, head_dim, layout, scale=None, key_lengths=None):
+def _check_case(label, batch, q_len, kv_len, heads, head_dim, layout, scale=None, key_lengths=None,
+                block_sizes=None):
     def make_args(device, dtype, generator):
         if layout == "fused qkv":
             q, k, v = random_tensor((batch, q_len, 3, heads, head_dim), "contiguous", device, dtype, generator).unbind(2)
@@ -201,7 +306,8 @@ def _check_case(label, batch, q_len, kv_len, heads, head_dim, layout, scale=None
             q = random_tensor((batch, q_len, heads, head_dim), layout, device, dtype, generator)
             k, v = (random_tensor((batch, kv_len, heads, head_dim), layout, device, dtype, generator) for _ in "kv")
         mask = None if key_lengths is None else padding_mask(key_lengths, kv_len, device)
-        return (q, k, v, mask, scale)
+        ends = None if block_sizes is None else block_ends(block_sizes, device)
+        return (q, k, v, mask, scale, ends)
 
     return CheckCase(label, make_args)
 
@@ -214,6 +320,8 @@ def _check_cases():
         _check_case("SANA-like D72 Lq20 Lkv30", 1, 20, 30, 2, 72, "contiguous"),
         _check_case("SD 1.5 deepest D160 Lq12 Lkv77, captions of 9 and 0 tokens", 2, 12, 77, 1, 160,
                     "contiguous", key_lengths=[9, 0]),
+        _check_case("VAR-like block-causal D64 scales 1, 4, 9, 16", 2, 30, 30, 2, 64, "fused qkv",
+                    scale=1.0, block_sizes=[1, 4, 9, 16]),
     ]
 
 
@@ -238,6 +346,7 @@ CROSS_ATTENTION_BACKWARD.implement_at("triton", "fastgen.kernels.cross_attention
 def cross_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+    causal_block_ends: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): the attention output and the per-row log-sum-exp the backward needs."""
 
@@ -246,34 +355,36 @@ def cross_attention_forward(
 def cross_attention_backward(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor, lse: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+    causal_block_ends: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for the output gradient `grad`, recomputing the probabilities from lse."""
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, scale = inputs
+    q, k, v, key_padding_mask, scale, causal_block_ends = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, causal_block_ends)
     ctx.mark_non_differentiable(lse)
     ctx.scale = scale
 
 
 def _backward(ctx, grad, _grad_lse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = cross_attention_backward(grad, q, k, v, out, lse, key_padding_mask, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, key_padding_mask, causal_block_ends = ctx.saved_tensors
+    dq, dk, dv = cross_attention_backward(grad, q, k, v, out, lse, key_padding_mask, ctx.scale, causal_block_ends)
+    return dq, dk, dv, None, None, None
 
 
 register_autograd(cross_attention_forward, _backward, _setup_context)
 
 _LIBRARY = torch.library.Library("fastgen", "FRAGMENT")
 _LIBRARY.define(
-    "cross_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float? scale=None) -> Tensor"
+    "cross_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float? scale=None, "
+    "Tensor? causal_block_ends=None) -> Tensor"
 )
 
 
-def _cross_attention_composite(q, k, v, key_padding_mask=None, scale=None):
-    return torch.ops.fastgen.cross_attention_forward(q, k, v, key_padding_mask, scale)[0]
+def _cross_attention_composite(q, k, v, key_padding_mask=None, scale=None, causal_block_ends=None):
+    return torch.ops.fastgen.cross_attention_forward(q, k, v, key_padding_mask, scale, causal_block_ends)[0]
 
 
 _LIBRARY.impl("cross_attention", _cross_attention_composite, "CompositeImplicitAutograd")
@@ -281,9 +392,10 @@ _LIBRARY.impl("cross_attention", _cross_attention_composite, "CompositeImplicitA
 
 @with_the_math
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+                    key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                    causal_block_ends: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(q k^T scale + mask bias) v (see the module docstring); `torch.ops.fastgen.cross_attention`."""
-    return torch.ops.fastgen.cross_attention(q, k, v, key_padding_mask, scale)
+    return torch.ops.fastgen.cross_attention(q, k, v, key_padding_mask, scale, causal_block_ends)
 
 
 def merge_attention(parts) -> tuple[torch.Tensor, torch.Tensor]:
