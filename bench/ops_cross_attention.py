@@ -15,9 +15,19 @@ k and v views of one fused to_kv projection as diffusers' fused processors give 
   tokens, 24 heads of 128, batch 1 (guidance distilled: no CFG batch); SD3-medium, 333 + 4096
   tokens, 24 heads of 64, batch 2 (CFG).
 
+- VAR's block-causal (scale-causal) self-attention in training at 256 px: the ten scales'
+  token maps, 1^2 .. 16^2, 680 tokens, each scale seeing itself and the earlier ones
+  (`causal_block_ends`), batch 16; VAR-d16 (16 heads of 64, width 1024) and VAR-d30 (30 heads
+  of 64, width 1920). A benchmark of its own (also named cross_attention), as its peers differ:
+  eager (the reference, which builds the dense mask), its torch.compile, SDPA with the dense
+  boolean mask (PyTorch picks the backend: flash takes no mask), and FlexAttention with a block
+  mask built once outside the timing (torch.compile'd, on CUDA: without a GPU flex_attention
+  runs its unfused fallback, which materializes the scores as eager does, so it is skipped).
+
 Work is FLOPs (bound "compute"): 4 B H Lq Lkv D for the forward (two matrix products); the
 backward is counted as 2.5 times that (five products, as FlashAttention counts), so a
-fwd+bwd call is 3.5 times the forward.
+fwd+bwd call is 3.5 times the forward. Block-causal cases count only the (query, key) pairs
+that attend, sum over blocks of the block's rows times its end, in place of Lq Lkv.
 """
 from __future__ import annotations
 
@@ -31,7 +41,7 @@ import torch.nn.functional as F
 from fastgen import BackendUnavailable
 from fastgen.ops import cross_attention
 
-from .harness import Case, Impl, op_benchmark
+from .harness import Case, Impl, compile_reference, op_benchmark
 
 _SD15_LEVELS = ((4096, 40), (1024, 80), (256, 160), (64, 160))  # (image tokens, head dim)
 _FWD_BWD_FACTOR = 1 + 2.5
@@ -134,11 +144,87 @@ def _library_peer(module: str, function: str, dtypes: tuple = ()) -> Impl:
     return Impl(make)
 
 
+_VAR_SCALES = tuple(p * p for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))  # 680 tokens at 256 px
+_VAR_MODELS = (("VAR-d16", 16), ("VAR-d30", 30))  # (model, heads of 64)
+
+
+def _block_causal_case(label: str, batch: int, heads: int, head_dim: int, dtype: torch.dtype, direction: str,
+                       block_sizes: tuple = _VAR_SCALES) -> Case:
+    length = sum(block_sizes)
+
+    def make_inputs(device, dtype, seed):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        qkv = torch.randn(batch, length, 3, heads, head_dim, generator=generator, device=device, dtype=dtype)
+        q, k, v = qkv.unbind(2)
+        return {"q": q, "k": k, "v": v, "causal_block_ends": cross_attention.block_ends(block_sizes, device)}
+
+    ends = itertools.accumulate(block_sizes)
+    pairs = sum(size * end for size, end in zip(block_sizes, ends))
+    flops = 4 * batch * heads * pairs * head_dim
+    if direction == "fwd+bwd":
+        flops = int(flops * _FWD_BWD_FACTOR)
+    shape = f"{label} block-causal B{batch} L{length} ({len(block_sizes)} scales) H{heads}x{head_dim}"
+    return Case(shape, dtype, direction, make_inputs, flops)
+
+
+def _block_causal_cases(quick: bool) -> list:
+    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
+    models = _VAR_MODELS[:1] if quick else _VAR_MODELS
+    return [_block_causal_case(label, 16, heads, 64, dtype, direction)
+            for (label, heads), dtype, direction in itertools.product(models, dtypes, ("fwd", "fwd+bwd"))]
+
+
+def _sdpa_dense_mask(case: Case):
+    """SDPA with the dense boolean mask, built at the first call (the untimed check) and kept:
+    every input set of a case has the same ends."""
+    masks = {}
+
+    def call(q, k, v, causal_block_ends):
+        if "mask" not in masks:
+            masks["mask"] = cross_attention.block_causal_mask(causal_block_ends, q.shape[1])
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=masks["mask"])
+        return out.transpose(1, 2)
+
+    return call
+
+
+def _flex_attention(case: Case):
+    """torch.compile'd FlexAttention with the block mask of the ends (built at the first call,
+    the untimed check, and kept)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:  # torch < 2.5
+        raise BackendUnavailable(f"FlexAttention cannot be imported: {str(exc).splitlines()[0]}") from exc
+    compiled = compile_reference(flex_attention)
+    block_masks = {}
+
+    def call(q, k, v, causal_block_ends):
+        if q.device.type != "cuda":
+            raise BackendUnavailable("FlexAttention is timed on CUDA only: elsewhere flex_attention falls back to "
+                                     "an unfused form that materializes the scores, as eager does")
+        if "mask" not in block_masks:
+            row_ends = cross_attention.block_causal_mask(causal_block_ends, q.shape[1]).sum(1)
+
+            def sees(batch, head, row, key):
+                return key < row_ends[row]
+
+            length = q.shape[1]
+            block_masks["mask"] = create_block_mask(sees, None, None, length, length, device=q.device)
+        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_masks["mask"])
+        return out.transpose(1, 2)
+
+    return call
+
+
 def benchmarks(quick: bool = False) -> list:
     peers = {
         **_sdpa_impls(),
         "xformers": _library_peer("xformers.ops", "memory_efficient_attention"),
         "flash-attn": _library_peer("flash_attn", "flash_attn_func", (torch.float16, torch.bfloat16)),
     }
+    block_causal_peers = {"sdpa-dense-mask": Impl(_sdpa_dense_mask), "flex-attention": Impl(_flex_attention)}
     return [op_benchmark("cross_attention", _cases(quick), cross_attention.cross_attention,
-                         cross_attention.cross_attention_reference, peers, bound="compute")]
+                         cross_attention.cross_attention_reference, peers, bound="compute"),
+            op_benchmark("cross_attention", _block_causal_cases(quick), cross_attention.cross_attention,
+                         cross_attention.cross_attention_reference, block_causal_peers, bound="compute")]
