@@ -21,6 +21,7 @@ from fastgen.ops.cross_attention import (
     cross_attention_forward_reference,
     cross_attention_reference,
     block_ends,
+    l2_normalized_qk,
     merge_attention,
     padding_mask,
 )
@@ -634,13 +635,14 @@ _BLOCK_LISTS = [pytest.param([1, 3, 2, 7], id="1,3,2,7"), pytest.param([13], id=
 
 
 def _block_causal_case(sizes, batch, heads, head_dim, dtype, device, generator, masked):
-    """q, k, v (a fused qkv projection, sliced), and a padding mask leaving batch row 0 its
-    first key only: every row of it sees that one key, and under blocks its later keys are
-    partly visible, partly padding."""
+    """q, k, v (a fused qkv projection), a padding mask leaving batch row 0 its first key only
+    (every row of it sees that one key; under blocks its later keys are partly visible, partly
+    padding), and the block ends as every other element of a longer tensor (stride 2)."""
     length = sum(sizes)
     q, k, v = _qkv(batch, length, length, heads, head_dim, "fused qkv", device, dtype, generator)
     mask = padding_mask([1] + [length - 2] * (batch - 1), length, device) if masked else None
-    return q, k, v, mask, block_ends(sizes, device)
+    ends = block_ends(sizes, device)
+    return q, k, v, mask, torch.stack([ends, torch.full_like(ends, -1)], 1)[:, 0]
 
 
 def test_block_causal_reference_is_pytorch_attention_with_a_dense_mask(generator):
@@ -788,3 +790,55 @@ def test_block_ends_are_read_once_per_unchanged_tensor(monkeypatch):
     with pytest.raises(ValueError, match="increase strictly"):
         cross_attention_reference(q, q, q, None, None, ends)
     assert len(reads) == 1
+
+
+def _l2_normalized_qk_float64(q, k, log_scale):
+    """VAR's attn_l2_norm written out in float64: x / max(sqrt(sum_d x^2), 1e-12), q times
+    exp(min(s_h, log 100))."""
+    def unit(x):
+        return x / torch.clamp(x.square().sum(-1, keepdim=True).sqrt(), min=1e-12)
+
+    q, k, log_scale = (t.double() for t in (q, k, log_scale))
+    return unit(q) * torch.exp(torch.clamp(log_scale, max=math.log(100.0))).view(1, 1, -1, 1), unit(k)
+
+
+def test_l2_normalized_qk_is_vars_attention_normalization(generator):
+    """Values against the float64 transcription: a zero row (stays 0), a row of norm below
+    1e-12 (divided by 1e-12), a head scale past log 100 (clamped); gradients of q, k and the
+    log scale (0 for the clamped head) against finite differences."""
+    q, k = (torch.randn(2, 5, 3, 8, generator=generator, dtype=torch.float64) for _ in "qk")
+    q[0, 1, 2] = 0.0
+    k[1, 3, 0] = 1e-14 * torch.randn(8, generator=generator, dtype=torch.float64)
+    log_scale = torch.tensor([math.log(4.0), 5.0, -1.0], dtype=torch.float64).view(1, 3, 1, 1)
+    for actual, expected in zip(l2_normalized_qk(q, k, log_scale), _l2_normalized_qk_float64(q, k, log_scale)):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
+    assert not l2_normalized_qk(q, k, log_scale)[0][0, 1, 2].any()
+    q[0, 1, 2], k[1, 3, 0] = 1.0, 1.0  # away from the kinks at norms 0 and 1e-12 for finite differences
+    leaves = [t.detach().requires_grad_() for t in (q, k, log_scale)]
+    assert torch.autograd.gradcheck(lambda *args: l2_normalized_qk(*args), leaves)
+    grads = torch.autograd.grad(l2_normalized_qk(*leaves)[0].sum(), leaves[2])
+    assert grads[0].flatten()[1] == 0, "the clamped head's scale gets no gradient"
+    with pytest.raises(ValueError, match=r"log_scale must hold one value per head, H = 3, got shape \(2,\)"):
+        l2_normalized_qk(q, k, torch.zeros(2))
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_var_attention_with_l2_norm_and_block_ends(device, generator):
+    """VAR's training attention as the model calls it: l2_normalized_qk, then the block-causal op
+    with scale 1 on the Triton backend; out and the gradients of q, k, v and the per-head log
+    scale against float64 autograd of the transcription and the dense-mask reference."""
+    sizes = [1, 4, 9, 3]
+    q, k, v, _, ends = _block_causal_case(sizes, 2, 2, 16, torch.float32, device, generator, masked=False)
+    log_scale = torch.full((1, 2, 1, 1), math.log(4.0), device=device) + 0.3 * torch.randn(
+        (1, 2, 1, 1), generator=generator).to(device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, log_scale)]
+    grad = random_tensor(tuple(q.shape), "contiguous", device, q.dtype, generator)
+    with fastgen.use_backend("triton"):
+        out = cross_attention(*l2_normalized_qk(leaves[0], leaves[1], leaves[3]), leaves[2], None, 1.0, ends)
+    actual = (out, *torch.autograd.grad(out, leaves, grad))
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    q64, k64 = _l2_normalized_qk_float64(leaves64[0], leaves64[1], leaves64[3])
+    out64 = cross_attention_reference(q64, k64, leaves64[2], None, 1.0, ends)
+    expected = (out64, *torch.autograd.grad(out64, leaves64, grad.double()))
+    for name, a, e in zip(("out", "dq", "dk", "dv", "dlog_scale"), actual, expected):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -29,6 +29,20 @@ block ends) with q of length n_s and k, v the cache prefix `k_cache[:, :e_s]`, `
 :e_s]` (views of any strides, read in place): exactly the rows e_{s-1} .. e_s - 1 of the
 block-causal attention over the whole sequence.
 
+VAR's attention (its attn_l2_norm) normalizes q and k to unit length per head and multiplies
+q by a learned per-head scale, with attention scale 1:
+
+    q'_i = exp(min(s_h, log 100)) q_i / max(||q_i||, 1e-12),   k'_j = k_j / max(||k_j||, 1e-12)
+
+`l2_normalized_qk(q, k, log_scale)` computes (q', k') in PyTorch (F.normalize; autograd gives
+the normalization's and the scale's gradients), and `cross_attention(q', k', v, None, 1.0,
+ends)` attends. It is not fused into the flash kernels: the normalization is two passes over q
+and k that torch.compile fuses into one, while fusing it would put its backward in both backward
+kernels and sum the scale's gradient across programs. Nor is it qk_norm_rope's RMSNorm:
+x w / sqrt(mean x^2 + eps) with w = 1/sqrt(D) is x / sqrt(||x||^2 + D eps), which departs from
+x / max(||x||, 1e-12) by a relative D eps / (2 ||x||^2) for every eps > 0 the op accepts, and
+its weight is one per feature, shared by the heads, where VAR's scale is one per head.
+
 A row with no attendable key has an empty sum: its output is 0 (not the NaN of 0/0) and its
 lse is +inf, so that every recomputed exp(s_ij - lse_i) of that row is 0 as well.
 
@@ -90,6 +104,7 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from fastgen.ops.registry import (CheckCase, Op, check_attention_inputs, check_companion, check_number,
                                   define_custom_op, random_tensor, register, register_autograd, with_the_math)
@@ -173,6 +188,20 @@ def block_ends(sizes, device) -> torch.Tensor:
     return torch.as_tensor(sizes, dtype=torch.int64).cumsum(0).to(device)
 
 
+def l2_normalized_qk(q: torch.Tensor, k: torch.Tensor, log_scale: torch.Tensor,
+                     max_log_scale: float = math.log(100.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q', k') of VAR's attn_l2_norm (module docstring): q and k (B, L, H, D) normalized to unit
+    length over D, q times exp(min(log_scale, max_log_scale)) for its head; log_scale holds one
+    learned value per head, of any shape with H elements (VAR keeps a (1, H, 1, 1) parameter).
+    Attend with scale 1."""
+    heads = q.shape[2]
+    if log_scale.numel() != heads:
+        raise ValueError(f"l2_normalized_qk: log_scale must hold one value per head, H = {heads}, "
+                         f"got shape {tuple(log_scale.shape)}")
+    head_scale = log_scale.clamp(max=max_log_scale).exp().reshape(1, 1, heads, 1)
+    return F.normalize(q, dim=-1) * head_scale.to(q.dtype), F.normalize(k, dim=-1)
+
+
 def effective_scale(q: torch.Tensor, scale: Optional[float]) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
@@ -214,7 +243,7 @@ def block_causal_mask(causal_block_ends: torch.Tensor, length: int) -> torch.Ten
     """(L, L) bool, True where row i sees key j < end(i) (module docstring): the dense form of
     block-causal attention over `length` = L tokens, for the reference and dense-mask peers
     (the kernels never build it)."""
-    ends = causal_block_ends.long()
+    ends = causal_block_ends.long().contiguous()
     positions = torch.arange(length, device=ends.device)
     row_ends = ends[torch.searchsorted(ends, positions, right=True)]
     return positions[None, :] < row_ends[:, None]
