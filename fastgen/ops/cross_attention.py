@@ -350,7 +350,7 @@ def _check_cases():
         _check_case("SD 1.5 deepest D160 Lq12 Lkv77, captions of 9 and 0 tokens", 2, 12, 77, 1, 160,
                     "contiguous", key_lengths=[9, 0]),
         _check_case("VAR-like block-causal D64 scales 1, 4, 9, 16", 2, 30, 30, 2, 64, "fused qkv",
-                    scale=1.0, block_sizes=[1, 4, 9, 16]),
+                    block_sizes=[1, 4, 9, 16]),
     ]
 
 
