@@ -25,6 +25,16 @@ with a key follows the reference's softmax into NaN (a NaN or +inf score, or sco
 0 / 0, lse -inf); a row with no key, counted by its mask, gets out 0 and lse +inf, so that the
 backward's exp(s - lse) is 0 there.
 
+Block-causal attention (causal_block_ends, constexpr BLOCK_CAUSAL; without it the kernels
+compile as before): each row's key end, the first block end past it, comes from a loop over the
+ends (a few dozen at most) at the start of a program. A query-block program streams the key
+tiles only up to the largest key end of its rows (the last row's: the ends increase), so the
+tiles past it are neither loaded nor computed; inside the tiles it streams, keys at or past a
+row's end are masked as padding is, and a row's key count, which decides the keyless-row
+convention, is counted per row. The dk / dv program of a key tile starts its query loop at the
+tile holding the first row that sees the tile's first key (that key's block start): rows
+before it see none of the tile's keys.
+
 Backward (FlashAttention-2), two launches, no atomics (deterministic):
   1. `_query_grad_kernel`, over query blocks: computes delta = rowsum(dout * out) for its
      rows and stores it for the next launch, then streams the key/value tiles recomputing
