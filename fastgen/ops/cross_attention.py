@@ -26,8 +26,8 @@ block of one row, block-causal attention is causal attention.
 Decode mode. Sampling generates one scale at a time: the n_s queries of scale s attend to the
 keys and values of every earlier scale, cached, and their own. That is plain attention (no
 block ends) with q of length n_s and k, v the cache prefix `k_cache[:, :e_s]`, `v_cache[:,
-:e_s]` (views of any strides, read in place): exactly the rows e_{s-1} .. e_s - 1 of the
-block-causal attention over the whole sequence.
+:e_s]` (views of any strides, read in place): the rows e_{s-1} .. e_s - 1 of the block-causal
+attention over the whole sequence (up to float32 rounding: the tiles differ).
 
 VAR's attention (its attn_l2_norm) normalizes q and k to unit length per head and multiplies
 q by a learned per-head scale, with attention scale 1:
@@ -58,7 +58,8 @@ of such a key reaches the rows of that tile through a 0 * inf product (as it rea
 in the reference's dense products). The Triton kernels skip every key tile past the last
 row's end of a query tile (and, in the dk / dv pass, every query tile before the first row
 seeing a key tile), so a non-finite value in a later block reaches no row of a query tile
-ending before that block; the finite outputs and gradients are the reference's.
+ending before that block: those rows' outputs and gradients stay finite where the reference's
+are NaN, and equal its values on the same inputs without the non-finite value.
 
 Scores, softmax statistics and accumulation are float32 (float64 for float64 inputs); out
 has q's dtype and shape, contiguous; lse is float32 (B, H, Lq).
@@ -80,9 +81,8 @@ Backward (FlashAttention-2), for an output gradient g and P_ij = exp(s_ij - lse_
 
 Ops: `cross_attention_forward -> (out, lse)` keeps lse for the backward;
 `cross_attention_backward(grad, q, k, v, output, lse, mask, scale, causal_block_ends) -> (dq,
-dk, dv)` is an op of
-its own so the fast backward is one graph node under torch.compile (first-order gradients
-only); and the public `cross_attention -> out` is a CompositeImplicitAutograd op that returns
+dk, dv)` is an op of its own so the fast backward is one graph node under torch.compile
+(first-order gradients only); and the public `cross_attention -> out` is a CompositeImplicitAutograd op that returns
 the forward's first output, so autograd and torch.compile see the forward op (whose autograd
 saves lse) and the user sees one tensor. The registered `Op` named cross_attention (driven by
 `fastgen check` and the contract tests) has the single-output signature; its Triton
@@ -90,7 +90,7 @@ implementation is the forward kernel with lse written to a scratch buffer.
 
 Determinism. The kernels use no atomics: for the same inputs and the same tile configuration
 every output and gradient bit is the same in every run. On a GPU the Triton autotuner picks
-the configuration for each (Lq, Lkv, padded D, mask, dtypes) by timing the candidates in the
+the configuration for each (Lq, Lkv, padded D, mask, block ends or not, dtypes) by timing the candidates in the
 process, so two processes (or two GPUs of one kind) can pick different tiles, and their
 results then differ by float32 rounding. Under `torch.use_deterministic_algorithms(True)` the
 kernels skip the autotuner and run one fixed configuration (the lean one that fits at every
