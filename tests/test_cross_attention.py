@@ -778,7 +778,8 @@ def test_block_causal_gradcheck(generator):
 
 def test_block_ends_are_read_once_per_unchanged_tensor(monkeypatch):
     """The ends' values are checked with a device-to-host copy once per tensor: again only after
-    an in-place write (which could break them), and a new tensor is checked anew."""
+    an in-place write (which could break them), and a new tensor is checked anew; an inference
+    tensor (no version counter) at every call."""
     q = torch.ones(1, 4, 1, 8)
     ends = torch.tensor([1, 4])
     cross_attention_reference(q, q, q, None, None, ends)
@@ -790,6 +791,14 @@ def test_block_ends_are_read_once_per_unchanged_tensor(monkeypatch):
     with pytest.raises(ValueError, match="increase strictly"):
         cross_attention_reference(q, q, q, None, None, ends)
     assert len(reads) == 1
+    with torch.inference_mode():  # no version counter: read at every call
+        inference_ends = torch.tensor([1, 4])
+        for _ in range(2):
+            cross_attention_reference(q, q, q, None, None, inference_ends)
+        inference_ends[0] = 4
+        with pytest.raises(ValueError, match="increase strictly"):
+            cross_attention_reference(q, q, q, None, None, inference_ends)
+    assert len(reads) == 4
 
 
 def _l2_normalized_qk_float64(q, k, log_scale):

@@ -122,7 +122,8 @@ def _check_same_place(op_name: str, name: str, tensor: torch.Tensor, q: torch.Te
 
 # Block ends whose values were checked, by id: (weak reference, version counter, Lq). A tensor
 # passed again unchanged (the same object, no in-place write since) is not read again, so a
-# model passing its ends tensor every layer pays the device-to-host copy once.
+# model passing its ends tensor every layer pays the device-to-host copy once. An inference
+# tensor has no version counter: it is read at every call.
 _CHECKED_BLOCK_ENDS: dict = {}
 
 
@@ -153,8 +154,9 @@ def _check_block_ends(op_name: str, ends, q: torch.Tensor, k: torch.Tensor) -> N
                          f"Lkv={k.shape[1]}")
     if not _values_are_readable(ends):
         return
+    version = None if ends.is_inference() else ends._version
     checked = _CHECKED_BLOCK_ENDS.get(id(ends))
-    if checked is not None and checked[0]() is ends and checked[1:] == (ends._version, q_len):
+    if version is not None and checked is not None and checked[0]() is ends and checked[1:] == (version, q_len):
         return
     values = ends.tolist()
     if any(b <= a for a, b in zip(values, values[1:])) or (values and values[0] < 1):
@@ -162,9 +164,10 @@ def _check_block_ends(op_name: str, ends, q: torch.Tensor, k: torch.Tensor) -> N
     if (values[-1] if values else 0) != q_len:
         raise ValueError(f"{op_name}: the last of causal_block_ends must be Lq = {q_len}, got "
                          f"{values[-1] if values else 'no ends'}")
-    key = id(ends)
-    _CHECKED_BLOCK_ENDS[key] = (weakref.ref(ends, lambda _, key=key: _CHECKED_BLOCK_ENDS.pop(key, None)),
-                                ends._version, q_len)
+    if version is not None:
+        key = id(ends)
+        _CHECKED_BLOCK_ENDS[key] = (weakref.ref(ends, lambda _, key=key: _CHECKED_BLOCK_ENDS.pop(key, None)),
+                                    version, q_len)
 
 
 def _check_inputs(op_name: str, q, k, v, key_padding_mask, scale, causal_block_ends=None) -> None:
