@@ -120,20 +120,6 @@ def _transcribed_logits(state, config, labels, rest, dtype=torch.float64):
     return x @ w["head.weight"].T + w["head.bias"]
 
 
-@pytest.mark.parametrize("ends,scale", [([1, 5, 6, 15], None), ([3, 4, 11], 0.3), ([7], 1.0)],
-                         ids=["uneven", "scaled", "one-scale"])
-def test_scale_causal_attention_is_the_softmax_over_the_earlier_and_own_scales(ends, scale, generator):
-    q, k, v = (torch.randn(2, ends[-1], 3, 5, generator=generator, dtype=torch.float64) for _ in "qkv")
-    out = var.scale_causal_attention(q, k, v, torch.tensor(ends), scale=scale)
-    scale_of = [s for s, (begin, end) in enumerate(zip([0] + ends[:-1], ends)) for _ in range(begin, end)]
-    factor = 1 / math.sqrt(5) if scale is None else scale
-    for i, query_scale in enumerate(scale_of):
-        keys = [j for j, key_scale in enumerate(scale_of) if key_scale <= query_scale]
-        weights = torch.softmax(torch.einsum("bhd,bkhd->bhk", q[:, i], k[:, keys]) * factor, dim=-1)
-        torch.testing.assert_close(out[:, i], torch.einsum("bhk,bkhd->bhd", weights, v[:, keys]),
-                                   rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize("config", [var.CONFIGS["tiny"], ODD], ids=["tiny", "odd-shared-aln"])
 def test_logits_equal_the_float64_transcription(config, generator):
     model = _random_model(config, generator, torch.float64)

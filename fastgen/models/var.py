@@ -28,8 +28,11 @@ Linear(SiLU(cond)) for the network (`shared_ada_lin`) plus a learned (6, C) tabl
 Attention has H heads of C / H channels; q, k, v = x W_qkv + (q_bias, 0, v_bias). With
 attn_l2_norm (every released model) q and k are l2-normalized per head and q multiplied by
 exp(min(tau_h, log 100)) (tau = `scale_mul_1H11`, learned, per head), and the softmax scale is 1:
-a cosine attention with a learned, bounded temperature. Without it the scale is 0.25 / sqrt(C/H).
-The tokens of scale s attend to every token of the scales <= s (block-causal over the scales).
+a cosine attention with a learned, bounded temperature (`fastgen.ops.cross_attention.
+l2_normalized_qk`). Without it the scale is 0.25 / sqrt(C/H). The tokens of scale s attend to
+every token of the scales <= s: `cross_attention(..., causal_block_ends=ends)` with the scales'
+cumulative token counts, whose kernel skips the key tiles of later scales (block-causal
+attention over the scales, no L x L mask).
 
 Generation (VAR's autoregressive_infer_cfg): the class and the unconditional class run as one
 batch of 2B; scale by scale the transformer runs on that scale's p_s^2 rows only, its queries
@@ -54,8 +57,9 @@ sampling of their visualizations is not offered.
 module (their package, which is not installable as a dependency) is not one of its kinds. A
 FoundationVision checkpoint runs through fastgen by loading it into this module
 (`from_safetensors`; the state dict loads as it is), the supported path: every modulated
-LayerNorm and the cached attention are fastgen ops already, and `accelerate(model, backend=...)`
-pins a backend on the forward, which generation calls once per scale.
+LayerNorm and both attentions (block-causal in training, cached in generation) are fastgen ops
+already, and `accelerate(model, backend=...)` pins a backend on the forward, which generation
+calls once per scale.
 """
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ from torch import nn
 from fastgen.models import var_vqvae
 from fastgen.models.common import example_resolution_fixed, gelu_tanh, load_safetensors, resolve_config
 from fastgen.ops.ada_norm import ada_layer_norm
-from fastgen.ops.cross_attention import cross_attention
+from fastgen.ops.cross_attention import cross_attention, l2_normalized_qk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,26 +147,6 @@ DEFAULT_TOP_P = 0.96
 EXAMPLE_BATCH = 1
 
 
-def l2_normalize_qk(q: torch.Tensor, k: torch.Tensor, log_scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """VAR's attn_l2_norm on (B, L, H, D) q and k: q / ||q|| * exp(min(tau_h, log 100)) and
-    k / ||k|| over D (norms floored at 1e-12, F.normalize's), tau (H,) the per-head log-scale."""
-    head_scale = log_scale.clamp(max=math.log(100)).exp().view(-1, 1)
-    return F.normalize(q, dim=-1) * head_scale, F.normalize(k, dim=-1)
-
-
-def scale_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.Tensor,
-                           scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(scale q k^T + M) v over (B, L, H, D) q, k, v, where M is 0 where the key's scale is
-    at most the query's and -inf elsewhere; the scales are the blocks [ends[s-1], ends[s]) of the
-    1-D int tensor ends (cumulative, last == L). scale defaults to 1/sqrt(D)."""
-    positions = torch.arange(q.shape[1], device=q.device)
-    scale_of_position = torch.bucketize(positions, ends.to(q.device), right=True)
-    attend = scale_of_position[None, :] <= scale_of_position[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attend,
-                                         scale=scale)
-    return out.transpose(1, 2)
-
-
 class LayerKVCache:
     """One block's keys and values of the scales decoded so far, (B, L_so_far, H, D) each."""
 
@@ -208,9 +192,9 @@ class SelfAttention(nn.Module):
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(batch, tokens, 3, self.num_heads,
                                                                self.head_dim).unbind(2)
         if self.attn_l2_norm:
-            q, k = l2_normalize_qk(q, k, self.scale_mul_1H11.view(-1))
+            q, k = l2_normalized_qk(q, k, self.scale_mul_1H11)
         if cache is None:
-            out = scale_causal_attention(q, k, v, ends, scale=self.softmax_scale)
+            out = cross_attention(q, k, v, scale=self.softmax_scale, causal_block_ends=ends)
         else:
             keys, values = cache.extend(k, v)
             out = cross_attention(q, keys, values, scale=self.softmax_scale)
@@ -287,6 +271,9 @@ class VAR(nn.Module):
         self.blocks = nn.ModuleList(AdaLNSelfAttn(config) for _ in range(config.depth))
         self.head_nm = AdaLNBeforeHead(config)
         self.head = nn.Linear(width, tokenizer.vocab_size)
+        # The attention's causal_block_ends, one tensor for the model's life: the op reads the
+        # values of a given tensor once (a device-to-host copy), not at every call.
+        self.register_buffer("scale_block_ends", torch.tensor(config.scale_ends), persistent=False)
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         classes = self.config.num_classes
@@ -300,9 +287,9 @@ class VAR(nn.Module):
 
     def level_position(self, begin: int, end: int) -> torch.Tensor:
         """lvl_embed[scale of the row] + pos_1LC[row] for the rows [begin, end), (1, end - begin, C)."""
-        ends = torch.tensor(self.config.scale_ends, device=self.pos_1LC.device)
         rows = torch.arange(begin, end, device=self.pos_1LC.device)
-        return self.lvl_embed(torch.bucketize(rows, ends, right=True))[None] + self.pos_1LC[:, begin:end]
+        scale_of_row = torch.bucketize(rows, self.scale_block_ends, right=True)
+        return self.lvl_embed(scale_of_row)[None] + self.pos_1LC[:, begin:end]
 
     def start_tokens(self, cond: torch.Tensor) -> torch.Tensor:
         """The first scale's input (B, p_1^2, C): class embedding + pos_start + its level and position."""
@@ -349,8 +336,7 @@ class VAR(nn.Module):
                              f"got {None if next_scale_inputs is None else tuple(next_scale_inputs.shape)}")
         rest = self.word_embed(next_scale_inputs.to(cond.dtype)) + self.level_position(first, total)
         x = torch.cat((self.start_tokens(cond), rest), dim=1)
-        ends = torch.tensor(config.scale_ends, device=x.device)
-        return self.logits(x, cond, ends=ends)
+        return self.logits(x, cond, ends=self.scale_block_ends)
 
     def _decode_scale(self, cond: torch.Tensor, inputs: Optional[torch.Tensor],
                       caches: Sequence[LayerKVCache]) -> torch.Tensor:
@@ -411,7 +397,10 @@ def from_safetensors(path: str, config: Union[str, VarConfig] = "var-d16",
                                      f"the file holds another {tuple(value.shape)} tensor")
         return state
 
-    return load_safetensors(path, lambda: build(resolved), device, without_derived_buffers)
+    model = load_safetensors(path, lambda: build(resolved), device, without_derived_buffers)
+    # Built on the meta device, the model holds its non-persistent block ends there still.
+    model.scale_block_ends = torch.tensor(resolved.scale_ends, device=device)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
