@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -310,17 +311,33 @@ def workload_items(workloads, op_names: Optional[list] = None) -> Iterator[tuple
             raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
 
 
-def compile_items(items, shard: int = 0, shards: int = 1) -> list:
-    """Launch the items numbered shard, shard + shards, ... inside an active CompileSession;
-    returns the failures ("label: error"), every one of them rather than the first."""
+def compile_items(items, claims: Optional[Path] = None, report: Optional[Callable[[str], None]] = None) -> list:
+    """Launch the items inside an active CompileSession, a group at a time: the consecutive items
+    of one op or benchmark (the label up to " ["), whose launches share kernel variants. Returns
+    the failures ("label: error"), every one of them rather than the first.
+
+    Processes given the same `claims` directory divide the groups as they come free: a process
+    compiles a group only after claiming it (creating the file named by its number there), so no
+    group is compiled twice and a process that drew long groups takes fewer. `report` gets a line
+    per group compiled (its launches, seconds and failures)."""
     failures = []
-    for number, (label, launch) in enumerate(items):
-        if number % shards != shard:
-            continue
-        try:
-            launch()
-        except Exception as error:
-            failures.append(f"{label}: {type(error).__name__}: {str(error)[:2000]}")
+    for number, (group, members) in enumerate(itertools.groupby(items, key=lambda item: item[0].split(" [", 1)[0])):
+        if claims is not None:
+            try:
+                os.close(os.open(Path(claims) / str(number), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:  # another process has it
+                continue
+        started, launches, failed = time.monotonic(), 0, len(failures)
+        for label, launch in members:
+            launches += 1
+            try:
+                launch()
+            except Exception as error:
+                failures.append(f"{label}: {type(error).__name__}: {str(error)[:2000]}")
+        if report is not None:
+            failed = len(failures) - failed
+            report(f"{group}: {launches} launch(es) compiled in {time.monotonic() - started:.1f} s"
+                   + (f", {failed} FAILED" if failed else ""))
     return failures
 
 
@@ -489,7 +506,7 @@ def _build(args) -> int:
     cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="fastgen-precompile-")).resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    shards = max(1, args.jobs)
+    jobs = max(1, args.jobs)
     command = [sys.executable, "-m", "fastgen.precompile", "_compile", "--arch", str(args.arch),
                "--sm-count", str(args.sm_count or SM_COUNT_BY_ARCH[args.arch]), "--key", key]
     for workload in workloads:
@@ -498,16 +515,17 @@ def _build(args) -> int:
         command += ["--op", op]
     environment = {**os.environ, "TRITON_CACHE_DIR": str(cache_dir), "TRITON_STORE_BINARY_ONLY": "1"}
     environment.pop("TRITON_INTERPRET", None)
-    print(f"fastgen precompile: {', '.join(workloads)} for sm_{args.arch} ({shards} process(es)), "
+    print(f"fastgen precompile: {', '.join(workloads)} for sm_{args.arch} ({jobs} process(es)), "
           f"triton {triton.__version__}{' keyed as ' + args.triton_wheel.name if args.triton_wheel else ''}, "
           f"into {cache_dir}", flush=True)
-    workers = [subprocess.Popen(command + ["--shard", f"{i}/{shards}"], env=environment) for i in range(shards)]
-    codes = [worker.wait() for worker in workers]
+    with tempfile.TemporaryDirectory(prefix="fastgen-precompile-claims-") as claims:
+        workers = [subprocess.Popen(command + ["--claims", claims], env=environment) for _ in range(jobs)]
+        codes = [worker.wait() for worker in workers]
     seconds = time.monotonic() - started
     variants = count_variants(cache_dir)
     print(f"fastgen precompile: {variants} kernel variants in {seconds:.0f} s", flush=True)
     if any(codes):
-        print(f"fastgen precompile: {sum(c != 0 for c in codes)} of {shards} processes failed (above)",
+        print(f"fastgen precompile: {sum(c != 0 for c in codes)} of {jobs} processes failed (above)",
               file=sys.stderr)
         return 1
     if args.out:
@@ -524,10 +542,12 @@ def _build(args) -> int:
 
 
 def _compile(args) -> int:
-    """One worker of `build`: compiles its shard of the workload items into TRITON_CACHE_DIR."""
+    """One worker of `build`: compiles the groups of workload items it claims into TRITON_CACHE_DIR,
+    a line per group on stdout."""
     try:
         with CompileSession(args.arch, sm_count=args.sm_count, triton_key=args.key):
-            failures = compile_items(workload_items(args.workload, args.op), *map(int, args.shard.split("/")))
+            failures = compile_items(workload_items(args.workload, args.op), args.claims,
+                                     report=lambda line: print(f"fastgen precompile: {line}", flush=True))
     except TritonInternalsChanged as error:
         print(f"fastgen precompile: this Triton's internals changed: {error}", file=sys.stderr)
         return 3
@@ -594,7 +614,7 @@ def main(argv=None) -> int:
     worker.add_argument("--key", required=True)
     worker.add_argument("--workload", action="append", required=True, choices=WORKLOADS)
     worker.add_argument("--op", action="append")
-    worker.add_argument("--shard", default="0/1")
+    worker.add_argument("--claims", type=Path, help="the directory the workers claim groups of items in")
     worker.set_defaults(run=_compile)
     args = parser.parse_args(argv)
     return args.run(args)

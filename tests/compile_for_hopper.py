@@ -9,9 +9,9 @@ memory limit enforced). Only compilation is checked here; values are checked und
 interpreter and on a GPU.
 
 Run as a script (the test does, in subprocesses: triton.jit must see TRITON_INTERPRET unset);
---help lists the options (--shard, --op, --dtype, --arch, --shared-memory, and --ptxas-report: every
+--help lists the options (--claims, --cache-dir, --op, --dtype, --arch, --shared-memory, and --ptxas-report: every
 compiled variant's registers and spill bytes per thread from ptxas -v and its shared memory,
-most spilled first). Exit 0 when everything compiled, 1 when a kernel failed to compile or
+most spilled first). It prints a line per op as it finishes compiling it. Exit 0 when everything compiled, 1 when a kernel failed to compile or
 would not launch for lack of shared memory, 2 for bad arguments (an unknown op), 3 when this
 Triton's internals no longer fit the stand-in driver (the test then skips rather than fail for
 a reason that is not ours).
@@ -54,9 +54,9 @@ def ptxas_report(arch: int, variants: dict) -> str:
                                          for spilled, registers, shared, name, options in rows])
 
 
-def main(session: "precompile.CompileSession", shard: int, shards: int, op_names, dtypes) -> int:
-    """Compiles the (op, check case, dtype) items numbered shard, shard + shards, ... (of the
-    ops and dtypes named, or all)."""
+def main(session: "precompile.CompileSession", claims, op_names, dtypes) -> int:
+    """Compiles the (op, check case, dtype) items of the ops and dtypes named (or all), every op
+    where `claims` is None, else the ops this process claims there first (precompile.compile_items)."""
     try:
         items = list(precompile.check_items(op_names))
     except ValueError as error:  # an unknown op
@@ -66,7 +66,7 @@ def main(session: "precompile.CompileSession", shard: int, shards: int, op_names
         items = [(label, launch) for label, launch in items if label.endswith(tuple(f", {d}]" for d in dtypes))]
     try:
         with session:
-            failures = precompile.compile_items(items, shard, shards)
+            failures = precompile.compile_items(items, claims, report=lambda line: print(line, flush=True))
     except precompile.TritonInternalsChanged as error:
         print(f"Triton internals changed: {error}")
         return 3
@@ -78,9 +78,12 @@ def main(session: "precompile.CompileSession", shard: int, shards: int, op_names
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shard", default="0/1", metavar="I/N",
-                        help="take every N-th (op, case, dtype) item from the I-th (a test runs N of these "
-                             "processes side by side: compiling is CPU-bound and the items are independent)")
+    parser.add_argument("--claims", type=Path, metavar="DIR",
+                        help="compile only the ops claimed first in DIR: processes sharing DIR (a test runs one "
+                             "per core) divide the ops between them as they come free")
+    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
+                        help="the Triton cache to compile into, which processes sharing DIR share "
+                             "(default: a scratch one)")
     parser.add_argument("--op", action="append", help="only this op (repeatable)")
     parser.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
                         help="only the check cases in this dtype (repeatable)")
@@ -94,12 +97,11 @@ if __name__ == "__main__":
     compile_session = precompile.CompileSession(
         options.arch, None if options.shared_memory is None else options.shared_memory * 1024,
         keep_ptx=options.ptxas_report)
-    index, count = (int(v) for v in options.shard.split("/"))
-    # Compiled into a scratch cache: a kernel already in the user's cache would not be compiled
-    # again, and its PTX (for the report) is not kept there.
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache
-        status = main(compile_session, index, count, options.op, options.dtype)
+    # Compiled into a scratch cache, never the user's: a kernel already there would not be
+    # compiled again, and its PTX (for the report) is not kept there.
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ["TRITON_CACHE_DIR"] = str(options.cache_dir or scratch)
+        status = main(compile_session, options.claims, options.op, options.dtype)
     if options.ptxas_report and status != 3:
         print(ptxas_report(compile_session.arch, compile_session.variants))
     sys.exit(status)

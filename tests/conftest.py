@@ -22,6 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+from session_report import progress, pytest_terminal_summary  # noqa: E402,F401 (a fixture and a hook)
 
 # The fuzz test's (tests/test_fuzz.py) hypothesis profiles, picked by FASTGEN_FUZZ: "ci", the
 # default, draws 3 cases per (op, backend, dtype, direction), about two minutes in all on two CPU
@@ -68,7 +69,19 @@ def _smoke_selection(config, items) -> None:
         items[:] = kept
 
 
+def _deselect_compile_check(config, items) -> None:
+    """The whole compile check (tests/test_compiles_for_hopper.py) compiles every Triton kernel
+    for two GPUs: many CPU-minutes, left to `pytest -m compile_check` (CI's own step)."""
+    if "compile_check" in (config.option.markexpr or ""):
+        return
+    kept = [item for item in items if "compile_check" not in item.keywords]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "compile_check" in item.keywords])
+        items[:] = kept
+
+
 def pytest_collection_modifyitems(config, items):
+    _deselect_compile_check(config, items)
     if config.getoption("--gpu-smoke"):
         _smoke_selection(config, items)
     if torch.cuda.is_available():

@@ -1,8 +1,13 @@
 """Every Triton kernel compiles for sm_90 (H100) and sm_80 (A100) and fits in its shared
-memory, checked without a GPU (see tests/compile_for_hopper.py for how)."""
+memory, checked without a GPU (see tests/compile_for_hopper.py for how). The whole check is
+marked compile_check, which the test command leaves out (minutes of compiling: CI runs it as its
+own step, `pytest -m compile_check`); the other tests here check the checker on one op."""
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,30 +15,67 @@ import torch
 
 import fastgen
 
+COMPILE_TIMEOUT_S = 1500
 
+
+def _run_side_by_side(commands, tell) -> list:
+    """Runs the commands at once, passing each output line to `tell` as it comes (tagged with its
+    process); returns (exit status, whole output) per command."""
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for command in commands]
+    lines = queue.Queue()
+
+    def read(number, stream):
+        for line in stream:
+            lines.put((number, line))
+        lines.put((number, None))
+
+    readers = [threading.Thread(target=read, args=(n, p.stdout), daemon=True) for n, p in enumerate(processes)]
+    for reader in readers:
+        reader.start()
+    outputs, running, deadline = [[] for _ in processes], len(processes), time.monotonic() + COMPILE_TIMEOUT_S
+    while running:
+        try:
+            number, line = lines.get(timeout=max(1.0, deadline - time.monotonic()))
+        except queue.Empty:
+            for process in processes:
+                process.kill()
+            pytest.fail(f"the compile check took over {COMPILE_TIMEOUT_S} s: {''.join(sum(outputs, []))[-5000:]}")
+        if line is None:
+            running -= 1
+            continue
+        outputs[number].append(line)
+        tell(f"process {number}: {line.rstrip()}")
+    return [(process.wait(), "".join(output)) for process, output in zip(processes, outputs)]
+
+
+@pytest.mark.compile_check
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the real kernels")
 # sm_80 skips the bfloat16 variants, a third of its compile time: they take the float16 variants'
 # tiles, dots and shared memory (the same element size), or filtered_lrelu's float32 stages, and
 # differ from both only in elementwise conversions. sm_90 compiles every dtype.
 @pytest.mark.parametrize("arch, dtypes", [(90, []), (80, ["float32", "float16"])], ids=["H100", "A100"])
-def test_every_triton_kernel_compiles_and_fits_in_shared_memory(arch, dtypes, tmp_path):
+def test_every_triton_kernel_compiles_and_fits_in_shared_memory(arch, dtypes, tmp_path, progress):
+    """One process per core (at most 4), sharing a Triton cache (a kernel variant that two ops
+    launch, as an op's backward and its adjoint op's forward do, compiles once) and claiming ops
+    as they come free; a line per op compiled as it finishes."""
     script = Path(__file__).with_name("compile_for_hopper.py")
-    shards = max(1, min(4, os.cpu_count() or 1))
-    logs = [tmp_path / f"shard{i}.log" for i in range(shards)]
+    (tmp_path / "claims").mkdir()
     dtype_options = [option for dtype in dtypes for option in ("--dtype", dtype)]
-    processes = [subprocess.Popen([sys.executable, str(script), "--shard", f"{i}/{shards}", "--arch", str(arch),
-                                   *dtype_options],
-                                  stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
-                 for i, log in enumerate(logs)]
-    codes = [p.wait(timeout=1500) for p in processes]
-    outputs = [log.read_text() for log in logs]
+    command = [sys.executable, str(script), "--arch", str(arch), "--claims", str(tmp_path / "claims"),
+               "--cache-dir", str(tmp_path / "cache"), *dtype_options]
+    processes = max(1, min(4, os.cpu_count() or 1))
+    results = _run_side_by_side([command] * processes, lambda line: progress(f"sm_{arch} {line}"))
+    codes = [code for code, _ in results]
+    outputs = [output for _, output in results]
     if 3 in codes:
         pytest.skip(f"this Triton's internals do not fit the compile-only driver: {outputs[codes.index(3)][-2000:]}")
     for code, output in zip(codes, outputs):
         assert code == 0, output[-20000:]
         # Triton >= 3.9 warns when a launch leaves FMA contraction to its changing default.
         assert "TRITON_DEFAULT_FP_FUSION" not in output, "a launch lacks LAUNCH_OPTIONS"
-    compiled = {kernel for output in outputs for kernel in output.split("kernels: ")[1].split("\n")[0].split(", ")}
+    compiled = {kernel for output in outputs for kernel in output.split("kernels: ")[1].split("\n")[0].split(", ")
+                if kernel}
     assert len(compiled) >= len(fastgen.OPS), compiled
 
 

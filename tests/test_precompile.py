@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import archive_with_manifest
 
+from fastgen import precompile
+
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile the real kernels")
 
 # Two small families: an autotuned-free elementwise one and one with a split reduction.
@@ -158,3 +160,29 @@ def test_build_rejects_an_unknown_op(tmp_path):
     result = _fastgen("precompile", "build", "--op", "no_such_op", "--cache-dir", str(tmp_path), check=False)
     assert result.returncode == 2
     assert "unknown op(s) ['no_such_op']" in result.stderr
+
+
+def test_processes_sharing_claims_compile_each_group_once(tmp_path):
+    """compile_items groups the items by the label's name (op or benchmark) and compiles a group
+    only where it claims it first; every failure is kept, and a line reports each group."""
+    launched = []
+
+    def item(label, fails=False):
+        def launch():
+            launched.append(label)
+            if fails:
+                raise ValueError("too much shared memory")
+        return label, launch
+
+    items = [item("a [1, float32]"), item("a [2, float32]", fails=True), item("b [1, float16]"),
+             item("c [1, float32]"), item("c [2, float16]")]
+    (tmp_path / "1").touch()  # another process has claimed group 1, "b"
+    lines = []
+    failures = precompile.compile_items(items, tmp_path, report=lines.append)
+    assert launched == ["a [1, float32]", "a [2, float32]", "c [1, float32]", "c [2, float16]"]
+    assert failures == ["a [2, float32]: ValueError: too much shared memory"]
+    assert [line.split(":")[0] for line in lines] == ["a", "c"] and lines[0].endswith("1 FAILED"), lines
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["0", "1", "2"]
+    launched.clear()
+    assert precompile.compile_items(items, tmp_path) == [] and launched == []  # every group taken
+    assert len(precompile.compile_items(items)) == 1 and len(launched) == 5  # no claims: every group
