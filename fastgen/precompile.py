@@ -43,6 +43,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -311,17 +312,25 @@ def workload_items(workloads, op_names: Optional[list] = None) -> Iterator[tuple
             raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
 
 
+def _group_of(item) -> str:
+    """"name dtype" of a (label, launch) item: the label up to " [" and the dtype it names."""
+    label = item[0]
+    dtype = re.search(r"\b(float32|float16|bfloat16)\b", label)
+    return label.split(" [", 1)[0] + (f" {dtype.group(1)}" if dtype else "")
+
+
 def compile_items(items, claims: Optional[Path] = None, report: Optional[Callable[[str], None]] = None) -> list:
     """Launch the items inside an active CompileSession, a group at a time: the consecutive items
-    of one op or benchmark (the label up to " ["), whose launches share kernel variants. Returns
-    the failures ("label: error"), every one of them rather than the first.
+    of one op or benchmark (the label up to " [") in one dtype, whose launches share kernel
+    variants (an op's dtypes share none; one group per op would leave a core idle behind the
+    slowest op). Returns the failures ("label: error"), every one of them rather than the first.
 
     Processes given the same `claims` directory divide the groups as they come free: a process
     compiles a group only after claiming it (creating the file named by its number there), so no
     group is compiled twice and a process that drew long groups takes fewer. `report` gets a line
     per group compiled (its launches, seconds and failures)."""
     failures = []
-    for number, (group, members) in enumerate(itertools.groupby(items, key=lambda item: item[0].split(" [", 1)[0])):
+    for number, (group, members) in enumerate(itertools.groupby(items, key=_group_of)):
         if claims is not None:
             try:
                 os.close(os.open(Path(claims) / str(number), os.O_CREAT | os.O_EXCL | os.O_WRONLY))

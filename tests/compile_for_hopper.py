@@ -11,7 +11,8 @@ interpreter and on a GPU.
 Run as a script (the test does, in subprocesses: triton.jit must see TRITON_INTERPRET unset);
 --help lists the options (--claims, --cache-dir, --op, --dtype, --arch, --shared-memory, and --ptxas-report: every
 compiled variant's registers and spill bytes per thread from ptxas -v and its shared memory,
-most spilled first). It prints a line per op as it finishes compiling it. Exit 0 when everything compiled, 1 when a kernel failed to compile or
+most spilled first). It prints a line per op and dtype as it finishes compiling them. Exit 0
+when everything compiled, 1 when a kernel failed to compile or
 would not launch for lack of shared memory, 2 for bad arguments (an unknown op), 3 when this
 Triton's internals no longer fit the stand-in driver (the test then skips rather than fail for
 a reason that is not ours).
@@ -79,8 +80,8 @@ def main(session: "precompile.CompileSession", claims, op_names, dtypes) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--claims", type=Path, metavar="DIR",
-                        help="compile only the ops claimed first in DIR: processes sharing DIR (a test runs one "
-                             "per core) divide the ops between them as they come free")
+                        help="compile only the (op, dtype) groups claimed first in DIR: processes sharing DIR (a test runs one "
+                             "per core) divide them as they come free")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="the Triton cache to compile into, which processes sharing DIR share "
                              "(default: a scratch one)")

@@ -57,8 +57,8 @@ def _run_side_by_side(commands, tell) -> list:
 @pytest.mark.parametrize("arch, dtypes", [(90, []), (80, ["float32", "float16"])], ids=["H100", "A100"])
 def test_every_triton_kernel_compiles_and_fits_in_shared_memory(arch, dtypes, tmp_path, progress):
     """One process per core (at most 4), sharing a Triton cache (a kernel variant that two ops
-    launch, as an op's backward and its adjoint op's forward do, compiles once) and claiming ops
-    as they come free; a line per op compiled as it finishes."""
+    launch, as an op's backward and its adjoint op's forward do, compiles once) and claiming
+    (op, dtype) groups as they come free; a line per group as it finishes."""
     script = Path(__file__).with_name("compile_for_hopper.py")
     (tmp_path / "claims").mkdir()
     dtype_options = [option for dtype in dtypes for option in ("--dtype", dtype)]

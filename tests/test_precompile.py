@@ -163,8 +163,8 @@ def test_build_rejects_an_unknown_op(tmp_path):
 
 
 def test_processes_sharing_claims_compile_each_group_once(tmp_path):
-    """compile_items groups the items by the label's name (op or benchmark) and compiles a group
-    only where it claims it first; every failure is kept, and a line reports each group."""
+    """compile_items groups the items by the label's name (op or benchmark) and dtype and compiles
+    a group only where it claims it first; every failure is kept, and a line reports each group."""
     launched = []
 
     def item(label, fails=False):
@@ -181,8 +181,9 @@ def test_processes_sharing_claims_compile_each_group_once(tmp_path):
     failures = precompile.compile_items(items, tmp_path, report=lines.append)
     assert launched == ["a [1, float32]", "a [2, float32]", "c [1, float32]", "c [2, float16]"]
     assert failures == ["a [2, float32]: ValueError: too much shared memory"]
-    assert [line.split(":")[0] for line in lines] == ["a", "c"] and lines[0].endswith("1 FAILED"), lines
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["0", "1", "2"]
+    assert [line.split(":")[0] for line in lines] == ["a float32", "c float32", "c float16"], lines
+    assert lines[0].endswith("2 launch(es) compiled in 0.0 s, 1 FAILED"), lines
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["0", "1", "2", "3"]
     launched.clear()
     assert precompile.compile_items(items, tmp_path) == [] and launched == []  # every group taken
     assert len(precompile.compile_items(items)) == 1 and len(launched) == 5  # no claims: every group
