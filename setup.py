@@ -1,17 +1,30 @@
 """Build script: the package layout, and the CUDA extension fastgen._C built through CMake.
 
-Metadata lives in pyproject.toml. The extension is built only when nvcc is found (PATH,
-CUDA_HOME, CUDA_PATH, /usr/local/cuda/bin); without it the pure-Python package installs and
-the Triton and reference implementations still work. Environment:
+Metadata lives in pyproject.toml. The extension is built when nvcc is found (PATH, CUDA_HOME,
+CUDA_PATH, /usr/local/cuda/bin), by default for the GPUs of this machine only (nvidia-smi's
+compute capabilities, 9.0 as 90a); on a machine without a GPU it is not built unless
+FASTGEN_CUDA_ARCHS names the targets, and the install says how. Without nvcc the pure-Python
+package installs and the Triton and reference implementations still work. Environment:
   FASTGEN_SKIP_CUDA=1      install without the extension even where nvcc exists
-  FASTGEN_CUDA_ARCHS=90a   SASS targets, ';' or ',' separated (default 80;86;89;90a + PTX)
+  FASTGEN_CUDA_ARCHS=90a   SASS targets, ';' or ',' separated; "all" is 80;86;89;90a + PTX (CI
+                           and wheels: a login node without a GPU building for GPU nodes)
   FASTGEN_PYTHON=python3.12  build the extension for that interpreter's headers and ABI instead
                            of this one's (fastgen precompile extension uses it)
   MAX_JOBS=N               parallel compile jobs (default: all available cores)
-A failed CUDA build fails the install: a broken kernel must not be hidden.
+The build needs cmake >= 3.18, ninja and pybind11: the [build-system] requirements, which pip
+installs in its isolated build environment; with --no-build-isolation they must be installed
+(a missing one is named, with the command that installs it). The CMake build directory stays
+in build/ between installs, so a reinstall recompiles only what changed. What the install did
+(built for which targets in how long, or why not) goes to the terminal, past pip's quiet
+output, and to fastgen/_C_build.json, which `fastgen info` reads. A failed CUDA build fails the
+install: a broken kernel must not be hidden.
 """
 
+import importlib
+import importlib.machinery
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +39,9 @@ ROOT = Path(__file__).resolve().parent
 # Top-level source dirs shipped inside the one import name `fastgen`; a top-level package
 # called `kernels` or `bench` must never be installed (another `kernels` package exists).
 MAPPED_DIRS = {"fastgen.kernels": "kernels", "fastgen.bench": "bench"}
+# What the install did about fastgen._C, beside the module (fastgen/_cuda.py reads it).
+BUILD_RECORD = "_C_build.json"
+BUILD_TOOLS_HINT = "pip install 'cmake>=3.18' ninja pybind11"
 
 
 def discover_packages():
@@ -54,18 +70,33 @@ def find_nvcc():
     return None, [where for where, _ in candidates]
 
 
-def find_tool(name):
-    """cmake or ninja from PATH, else from its PyPI package (as an isolated build has it)."""
-    path = shutil.which(name)
-    if path:
-        return path
+def tool_version(path):
+    """(major, minor) that `path --version` reports, or None where it does not run."""
     try:
-        module = __import__(name)
-        bin_dir = getattr(module, "BIN_DIR", None) or getattr(module, "CMAKE_BIN_DIR", None)
-    except ImportError:
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
         return None
-    candidate = os.path.join(bin_dir, name) if bin_dir else None
-    return candidate if candidate and os.path.isfile(candidate) else None
+    found = re.search(r"(\d+)\.(\d+)", done.stdout)
+    return (int(found.group(1)), int(found.group(2))) if done.returncode == 0 and found else None
+
+
+def find_tool(name, minimum=(0, 0)):
+    """A `name` (cmake, ninja) that runs and reports at least version `minimum`: PATH's, else
+    its PyPI package's binary. A PyPI package's launcher script on PATH is passed over where it
+    fails: a virtual environment's `cmake` script cannot import its module inside pip's isolated
+    build environment."""
+    candidates = [shutil.which(name)]
+    try:
+        module = importlib.import_module(name)
+        bin_dir = getattr(module, "BIN_DIR", None) or getattr(module, "CMAKE_BIN_DIR", None)
+        candidates.append(os.path.join(bin_dir, name) if bin_dir else None)
+    except ImportError:
+        pass
+    for path in candidates:
+        version = tool_version(path) if path else None
+        if version is not None and version >= minimum:
+            return path
+    return None
 
 
 def build_jobs():
@@ -77,16 +108,67 @@ def build_jobs():
         return max(1, os.cpu_count() or 1)
 
 
-def cuda_plan():
-    """(nvcc path, None) when the extension should be built, else (None, reason)."""
-    tail = ("installing without the CUDA extension fastgen._C; "
-            "the Triton and reference implementations still work")
+def local_gpu_archs():
+    """SASS targets for this machine's GPUs from nvidia-smi's compute capabilities (9.0 as 90a,
+    what the kernels are built for on Hopper): [] where nvidia-smi is missing or sees no GPU;
+    None where it cannot tell (a driver too old for the compute_cap query)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        done = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if done.returncode != 0:
+        return None if "compute_cap" in done.stdout + done.stderr else []
+    archs = []
+    for capability in done.stdout.split():
+        arch = capability.replace(".", "") + ("a" if capability == "9.0" else "")
+        if arch not in archs:
+            archs.append(arch)
+    return archs
+
+
+def skip_reason():
+    """Why fastgen._C is not built here, or None to build it."""
     if os.environ.get("FASTGEN_SKIP_CUDA", "") not in ("", "0"):
-        return None, f"fastgen: FASTGEN_SKIP_CUDA is set: {tail}"
+        return "FASTGEN_SKIP_CUDA is set"
     nvcc, looked = find_nvcc()
     if nvcc is None:
-        return None, f"fastgen: nvcc not found (looked in {', '.join(looked)}): {tail}"
-    return nvcc, None
+        return f"nvcc not found (looked in {', '.join(looked)})"
+    if os.environ.get("FASTGEN_CUDA_ARCHS", "").strip() or local_gpu_archs() != []:
+        return None
+    return ("this machine has no CUDA GPU to build it for (compiling it for every GPU takes minutes); to run "
+            "the CUDA kernels on GPU machines (a cluster's GPU nodes), install there, or here with "
+            "FASTGEN_CUDA_ARCHS=90a for H100s or FASTGEN_CUDA_ARCHS=all for sm_80 to sm_90a: "
+            "FASTGEN_CUDA_ARCHS=all pip install -e .")
+
+
+def cuda_archs():
+    """The FASTGEN_CUDA_ARCHS value for CMake: the variable's, this machine's GPUs' where it is
+    unset, "" (CMakeLists.txt's full list) for "all" or GPUs nvidia-smi cannot describe."""
+    archs = os.environ.get("FASTGEN_CUDA_ARCHS", "").strip()
+    if archs:
+        return "" if archs == "all" else archs
+    return ";".join(local_gpu_archs() or [])
+
+
+def tell(message):
+    """Shows a build message to the user without pip's -v (pip keeps a build's output to itself
+    unless it fails): on the terminal where there is one, else on stderr, which pip logs."""
+    try:
+        with open("/dev/tty", "w") as terminal:
+            terminal.write("\n" + message + "\n")  # pip's "Building ... " line has no end yet
+        return
+    except OSError:
+        pass
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_build_record(folders, **record):
+    for folder in folders:
+        Path(folder, BUILD_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
 
 class CMakeBuild(build_ext):
@@ -94,14 +176,20 @@ class CMakeBuild(build_ext):
 
     def build_extension(self, ext):
         nvcc = ext.nvcc
-        cmake, ninja = find_tool("cmake"), find_tool("ninja")
-        missing = [name for name, path in (("cmake", cmake), ("ninja", ninja)) if path is None]
+        cmake, ninja = find_tool("cmake", minimum=(3, 18)), find_tool("ninja")
+        try:
+            import pybind11
+        except ImportError:
+            pybind11 = None
+        missing = [name for name, found in (("cmake >= 3.18", cmake), ("ninja", ninja), ("pybind11", pybind11))
+                   if found is None]
         if missing:
             raise RuntimeError(
-                f"fastgen: nvcc is at {nvcc} but {' and '.join(missing)} not found, so the CUDA "
-                f"extension cannot be built; pip install {' '.join(missing)} (or set "
-                "FASTGEN_SKIP_CUDA=1 to install without it)")
-        import pybind11  # a build requirement; only needed when building the extension
+                f"fastgen: nvcc is at {nvcc}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                "missing here, so the CUDA extension fastgen._C cannot be built. pip installs them itself "
+                "(they are fastgen's [build-system] requirements) unless --no-build-isolation is given; with "
+                f"it, install them first: {BUILD_TOOLS_HINT}. Or set FASTGEN_SKIP_CUDA=1 to install "
+                "without the extension.")
 
         # setuptools copies the result into the source tree for an editable install.
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
@@ -111,11 +199,13 @@ class CMakeBuild(build_ext):
                                     capture_output=True, text=True, check=True).stdout.strip()
             ext_path = ext_path.with_name("_C" + suffix)
         ext_path.parent.mkdir(parents=True, exist_ok=True)
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # Not build_temp, a new temporary directory per pip install: kept here, the object files
+        # of unchanged sources are reused by the next install.
+        build_dir = ROOT / "build" / ("cmake" + ext_path.name[len("_C"):].rsplit(".", 1)[0])
         self._drop_stale_cache(build_dir)
         jobs = build_jobs()
         cu_files = max(1, len(list((ROOT / "csrc").glob("*.cu"))))
-        archs = os.environ.get("FASTGEN_CUDA_ARCHS", "").strip()
+        archs = cuda_archs()
         configure = [
             cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
@@ -133,18 +223,41 @@ class CMakeBuild(build_ext):
         build = [cmake, "--build", str(build_dir), "--parallel", str(jobs)]
 
         start = time.monotonic()
-        for cmd in (configure, build):
-            print("fastgen: " + " ".join(cmd), flush=True)
-            # Output goes straight through: pip shows it on failure (and always with -v).
-            result = subprocess.run(cmd, cwd=ROOT)
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"fastgen: building the CUDA extension fastgen._C failed ({cmd[0]} exited "
-                    f"{result.returncode}; its output is above). Fix the error, or set "
-                    "FASTGEN_SKIP_CUDA=1 to install without the extension.")
+        tell(f"fastgen: building the CUDA extension fastgen._C with {nvcc} (FASTGEN_SKIP_CUDA=1 skips it)")
+        output = "".join(self._run(cmd) for cmd in (configure, build))
         if not ext_path.is_file():
             raise RuntimeError(f"fastgen: CMake finished but {ext_path} was not produced")
-        print(f"fastgen: built fastgen._C in {time.monotonic() - start:.0f} s", flush=True)
+        targets = re.search(r"fastgen: CUDA targets (\S+)", output)
+        targets = targets.group(1) if targets else "unknown targets"
+        seconds = time.monotonic() - start
+        # Ninja names each source it compiles: "Building CUDA object .../csrc/vq.cu.o".
+        compiled = sorted(set(re.findall(r"Building \w+ object \S*?(\w+\.(?:cu|cpp))\.o", output)))
+        message = (f"fastgen: built the CUDA extension fastgen._C for {targets} in {seconds:.0f} s, compiling "
+                   + (", ".join(compiled) if compiled else "nothing (its sources are unchanged)"))
+        tell(message)
+        # An editable install imports the module from the source tree, a wheel from beside it.
+        folders = {ext_path.parent} | ({ROOT / "fastgen"} if self.editable_mode else set())
+        write_build_record(folders, built=True, reason=None, targets=targets, seconds=round(seconds, 1), compiled=compiled,
+                           message=message)
+
+    @staticmethod
+    def _run(cmd):
+        """Runs a CMake step, its output going to pip's log, Ninja's progress lines ([3/14] ...)
+        to the user as they come; returns the output. A failure raises, its output in pip's report."""
+        print("fastgen: " + " ".join(cmd), flush=True)
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            print(line, end="", flush=True)
+            if re.match(r"\[\d+/\d+\] ", line):
+                tell(f"fastgen: {line.rstrip()}")
+        if process.wait() != 0:
+            raise RuntimeError(
+                f"fastgen: building the CUDA extension fastgen._C failed ({cmd[0]} exited "
+                f"{process.returncode}; its output is above). Fix the error, or set "
+                "FASTGEN_SKIP_CUDA=1 to install without the extension.")
+        return "".join(lines)
 
     @staticmethod
     def _drop_stale_cache(build_dir):
@@ -160,25 +273,35 @@ class CMakeBuild(build_ext):
 
 
 def extensions():
-    nvcc, reason = cuda_plan()
-    if nvcc is None:
-        # Metadata-only hooks run setup.py too; say it once, where the build happens.
-        if not {"egg_info", "dist_info"} & set(sys.argv[1:]):
-            print(reason, file=sys.stderr, flush=True)
-        return []
-    ext = Extension("fastgen._C", sources=[])
-    ext.nvcc = nvcc
-    return [ext]
+    reason = skip_reason()
+    if reason is None:
+        ext = Extension("fastgen._C", sources=[])
+        ext.nvcc = find_nvcc()[0]
+        return [ext]
+    # Metadata-only hooks run setup.py too; say it once, where the build happens.
+    if not {"egg_info", "dist_info"} & set(sys.argv[1:]):
+        message = ("fastgen: installing without the CUDA extension fastgen._C (the Triton and reference "
+                   f"implementations work without it): {reason}")
+        # An editable install would otherwise go on importing the module of an earlier build.
+        stale = [ROOT / "fastgen" / f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+        for module in [path for path in stale if path.is_file()]:
+            module.unlink()
+            message += f"; removed {module.relative_to(ROOT)}, an earlier build's"
+        tell(message)
+        write_build_record([ROOT / "fastgen"], built=False, reason=reason, targets=None, seconds=None, compiled=[],
+                           message=message)
+    return []
 
 
-packages, package_dir = discover_packages()
-setup(
-    packages=packages,
-    package_dir=package_dir,
-    include_package_data=False,
-    # The measured "auto" backend order (fastgen bench order --write); absent until a GPU run.
-    package_data={"fastgen.ops": ["backend_order.json"]},
-    ext_modules=extensions(),
-    cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
-)
+if __name__ == "__main__":  # setuptools runs it so; tests import its functions
+    packages, package_dir = discover_packages()
+    setup(
+        packages=packages,
+        package_dir=package_dir,
+        include_package_data=False,
+        # The measured "auto" backend order (fastgen bench order --write); absent until a GPU run.
+        package_data={"fastgen.ops": ["backend_order.json"], "fastgen": [BUILD_RECORD]},
+        ext_modules=extensions(),
+        cmdclass={"build_ext": CMakeBuild},
+        zip_safe=False,
+    )

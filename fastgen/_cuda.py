@@ -11,12 +11,18 @@ that take tensors.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 _BUILD_HINT = (
-    "it is built when fastgen is installed with nvcc reachable (on PATH, in $CUDA_HOME/bin, "
-    "$CUDA_PATH/bin or /usr/local/cuda/bin) and cmake and ninja available: "
-    "pip install --no-build-isolation -e . (add -v to see the build; "
-    "FASTGEN_CUDA_ARCHS=90a compiles for one arch only)"
+    "pip install -e . builds it where nvcc is reachable (on PATH, in $CUDA_HOME/bin, $CUDA_PATH/bin "
+    "or /usr/local/cuda/bin), for this machine's GPUs; on a machine without a GPU (a cluster's login "
+    "node) name the GPUs to build for: FASTGEN_CUDA_ARCHS=90a (H100) or FASTGEN_CUDA_ARCHS=all "
+    "pip install -e ."
 )
+
+# What the install did about the extension (setup.py writes it beside the module).
+_BUILD_RECORD = Path(__file__).with_name("_C_build.json")
 
 _DTYPE_NAMES = {"torch.float32": "float32", "torch.float16": "float16",
                 "torch.bfloat16": "bfloat16", "torch.uint8": "uint8"}
@@ -41,13 +47,28 @@ def _import():
     return _module
 
 
+def build_record() -> dict | None:
+    """What the install did about fastgen._C (setup.py): built (bool), the reason it was not
+    (with how to build it), targets, seconds, the sources compiled, and the message it showed;
+    None for an install from before the record existed."""
+    try:
+        return json.loads(_BUILD_RECORD.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _not_built_reason() -> str:
+    record = build_record()
+    if record is not None and not record["built"]:
+        return f"the CUDA extension fastgen._C is not built: the install skipped it: {record['reason']}"
+    return f"the CUDA extension fastgen._C is not built ({_import_error}); {_BUILD_HINT}"
+
+
 def load():
     """The fastgen._C module; RuntimeError saying how to build it when it is missing."""
     module = _import()
     if module is None:
-        raise RuntimeError(
-            f"the CUDA extension fastgen._C is not built ({_import_error}); {_BUILD_HINT}"
-        ) from _import_error
+        raise RuntimeError(_not_built_reason()) from _import_error
     return module
 
 
@@ -56,7 +77,7 @@ def available() -> str | None:
     global _checked_device, _no_device_reason
     module = _import()
     if module is None:
-        return f"the CUDA extension fastgen._C is not built ({_import_error}); {_BUILD_HINT}"
+        return _not_built_reason()
     if not _checked_device:  # devices do not come and go within a process
         if module.cuda_device_count() == 0:
             _no_device_reason = ("fastgen._C sees no CUDA device (no driver, no GPU, or "

@@ -118,14 +118,18 @@ def _find_nvcc():
 
 @pytest.fixture(scope="session")
 def cuda_extension():
-    """fastgen._C. Where nvcc exists but the module does not import, the install failed to
-    build it: that fails the test instead of skipping it."""
+    """fastgen._C. Skipped where the install chose not to build it (FASTGEN_SKIP_CUDA, no nvcc,
+    or no GPU to build for, as its record says); where nvcc exists but the module does not
+    import otherwise, the install failed to build it: that fails the test instead."""
     from fastgen import _cuda
 
     try:
         return _cuda.load()
     except RuntimeError as e:
         reason = str(e)
+    record = _cuda.build_record()
+    if record is not None and not record["built"]:
+        pytest.skip(f"fastgen._C not built: the install skipped it: {record['reason']}")
     if os.environ.get("FASTGEN_SKIP_CUDA", "") not in ("", "0"):
         pytest.skip("fastgen._C not built: FASTGEN_SKIP_CUDA is set")
     nvcc = _find_nvcc()

@@ -2,7 +2,6 @@
 split statistics paths), large-mean inputs, gradients, determinism, errors; the CUDA
 extension's argument checks (without a GPU too)."""
 import math
-import os
 
 import pytest
 import torch
@@ -668,16 +667,9 @@ def test_cuda_large_group_takes_the_split_path(dtype, layout, generator):
 FAKE_PTR = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def extension():
-    from fastgen import _cuda
-
-    try:
-        return _cuda.load()
-    except RuntimeError as e:
-        if os.environ.get("FASTGEN_SKIP_CUDA", "") not in ("", "0"):
-            pytest.skip(f"fastgen._C not built: {e}")
-        raise
+@pytest.fixture
+def extension(cuda_extension):
+    return cuda_extension
 
 
 def _arg(sizes, dtype="float32", strides=None, ptr=FAKE_PTR):

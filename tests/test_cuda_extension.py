@@ -1,12 +1,12 @@
 """The torch-free CUDA extension fastgen._C and its Python side fastgen._cuda.
 
 Without a GPU: the module must import wherever it could be built (a missing module next to
-an nvcc is a failed build, not a skip), report no device, refuse to launch with a clear
+an nvcc is a failed build, not a skip, unless the install says it skipped it), report no device, refuse to launch with a clear
 RuntimeError, and reject bad arguments with a ValueError naming the argument.
 With a GPU (marker `gpu`): both shortcut ops against eager PyTorch over dtypes, factors,
 layouts, residuals and scales, on NaN-poisoned outputs.
 """
-
+import json
 import os
 
 import pytest
@@ -144,13 +144,18 @@ def test_tensor_arg_rejects_what_the_kernels_cannot_take():
         _cuda.tensor_arg([[1.0]])
 
 
-def test_load_explains_how_to_build_when_missing(monkeypatch):
+def test_load_explains_how_to_build_when_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(_cuda, "_module", None)
     monkeypatch.setattr(_cuda, "_import_error", ImportError("No module named 'fastgen._C'"))
-    with pytest.raises(RuntimeError, match="not built.*nvcc"):
+    monkeypatch.setattr(_cuda, "_BUILD_RECORD", tmp_path / "none.json")  # an install from before the record
+    with pytest.raises(RuntimeError, match="not built.*nvcc.*login node.*FASTGEN_CUDA_ARCHS=90a"):
         _cuda.load()
     assert "not built" in _cuda.available()
-    assert _cuda.build_info() is None
+    assert _cuda.build_info() is None and _cuda.build_record() is None
+    # The install's own reason, where it skipped the extension.
+    (tmp_path / "_C_build.json").write_text(json.dumps({"built": False, "reason": "FASTGEN_SKIP_CUDA is set"}))
+    monkeypatch.setattr(_cuda, "_BUILD_RECORD", tmp_path / "_C_build.json")
+    assert _cuda.available() == "the CUDA extension fastgen._C is not built: the install skipped it: FASTGEN_SKIP_CUDA is set"
 
 
 # ---------------------------------------------------------------------------------------
