@@ -9,28 +9,54 @@ from pathlib import Path
 import torch
 
 
+# TRITON_INTERPRET as the user's environment has it, before the CLI sets it for itself.
+_interpret_as_given: str | None = os.environ.get("TRITON_INTERPRET")
+
+
 def _use_interpreter_without_gpu() -> None:
     # Must happen before any Triton kernel module is imported: triton.jit reads it then.
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _availability(backend: str, device, interpret: str | None) -> str | None:
+    """backend_unavailable_reason as a process whose TRITON_INTERPRET is `interpret` gets it."""
+    from fastgen.ops.registry import backend_unavailable_reason
+
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ.pop("TRITON_INTERPRET", None)
+    if interpret is not None:
+        os.environ["TRITON_INTERPRET"] = interpret
+    try:
+        return backend_unavailable_reason(backend, device)
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def _info(args) -> int:
+    """Versions, the CUDA extension (and what the install said about it), the GPUs, and which
+    implementations run: in a Python process started from this environment (the user's own
+    scripts), and, where that differs, in fastgen's commands, which set TRITON_INTERPRET=1
+    themselves without a GPU. Each backend's reason is the same for every op: it is said once."""
     import fastgen
     from fastgen import _cuda, sysinfo
     from fastgen.check import default_device
-    from fastgen.ops.registry import FAST_BACKENDS, backend_unavailable_reason, current_backend
+    from fastgen.ops.registry import FAST_BACKENDS, current_backend
 
     versions = sysinfo.versions()
     dirty = " (uncommitted changes)" if versions.get("commit_dirty") else ""
     print(f"fastgen {versions['fastgen']}  commit {versions['commit']}{dirty}")
     print(f"python {versions['python']}  torch {versions['torch']} (CUDA {versions['cuda'] or 'none'})  "
           f"triton {versions['triton']}")
-    build = _cuda.build_info()
+    build, record = _cuda.build_info(), _cuda.build_record()
     if build is None:
-        print(f"CUDA extension fastgen._C: {_cuda.available()}")
+        print(f"CUDA extension fastgen._C: {_cuda.available().removeprefix('the CUDA extension fastgen._C ')}")
     else:
-        print(f"CUDA extension fastgen._C: built for {build['archs']}, CUDA runtime {build['cuda_runtime_version']}")
+        installed = f" ({record['message'].removeprefix('fastgen: ')})" if record and record["built"] else ""
+        print(f"CUDA extension fastgen._C: built for {build['archs']}, CUDA runtime "
+              f"{build['cuda_runtime_version']}{installed}")
     gpus = sysinfo.gpus()
     if not gpus:
         print("GPU: none found (NVML and torch see no CUDA device)")
@@ -38,19 +64,21 @@ def _info(args) -> int:
         details = ", ".join(f"{key} {value}" for key, value in gpu.items() if key != "name")
         print(f"GPU {index}: {gpu['name']}: {details}")
     device = default_device()
-    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
-    print(f"backend: {current_backend()} (FASTGEN_BACKEND or use_backend)  "
-          f"Triton interpreter: {'on' if interpreter else 'off'}  ops run on: {device}")
-    print("implementations available here:")
-    for name, op in sorted(fastgen.OPS.items()):
-        cells = []
-        for backend in FAST_BACKENDS:
-            if backend not in op.implementations:
-                cells.append(f"{backend}: none")
-                continue
-            reason = backend_unavailable_reason(backend, device)
-            cells.append(f"{backend}: {'yes' if reason is None else 'no (' + reason + ')'}")
-        print(f"  {name:32s} reference: yes  " + "  ".join(cells))
+    print(f"backend: {current_backend()} (FASTGEN_BACKEND or use_backend)  ops run on: {device}")
+    print(f"ops ({len(fastgen.OPS)}): {', '.join(sorted(fastgen.OPS))}")
+    interpret = "TRITON_INTERPRET unset" if _interpret_as_given is None else f"TRITON_INTERPRET={_interpret_as_given}"
+    print(f"implementations, in a Python process started from this environment ({interpret}):")
+    print(f"  {'reference':9s} every op: yes (the eager PyTorch ground truth)")
+    for backend in FAST_BACKENDS:
+        without = sorted(name for name, op in fastgen.OPS.items() if backend not in op.implementations)
+        which = f"every op but {', '.join(without)}" if without else "every op"
+        reason = _availability(backend, device, _interpret_as_given)
+        in_commands = _availability(backend, device, os.environ.get("TRITON_INTERPRET"))
+        shown = "fastgen._C is not built (above)" if build is None and reason == _cuda.available() else reason
+        print(f"  {backend:9s} {which}: {'yes' if shown is None else 'no: ' + shown}")
+        if in_commands != reason:
+            print(f"  {'':9s} in fastgen's commands (check, bench, profile), which set TRITON_INTERPRET=1 "
+                  f"themselves without a GPU: {'yes, under the interpreter' if in_commands is None else 'no: ' + in_commands}")
     return 0
 
 
@@ -251,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    global _interpret_as_given
+    _interpret_as_given = os.environ.get("TRITON_INTERPRET")
     _use_interpreter_without_gpu()
     args = build_parser().parse_args(argv)
     from fastgen.ops.registry import current_backend

@@ -21,8 +21,29 @@ def test_info_lists_versions_and_every_op(capsys):
     assert "GPU: none found" in out
     for name in OPS:
         assert name in out
-    assert "triton: yes" in out, "the interpreter makes Triton available on CPU"
-    assert re.search(r"cuda: no \((fastgen._C sees no CUDA device|the CUDA extension fastgen._C is not built)", out)
+    # This process has TRITON_INTERPRET=1 (conftest.py): Triton runs here as in the CLI.
+    assert "(TRITON_INTERPRET=1):" in out and "  triton    every op: yes\n" in out, out
+    assert "in fastgen's commands" not in out, out
+    assert re.search(r"  cuda      every op but cross_attention: no: (fastgen._C sees no CUDA device|fastgen._C is "
+                     r"not built \(above\))", out), out
+
+
+def test_info_tells_what_a_python_process_gets_apart_from_what_the_cli_does():
+    """A user's script without TRITON_INTERPRET gets BackendUnavailable from the Triton backend
+    on CPU, though the CLI runs it (it sets TRITON_INTERPRET for itself): info says both, and
+    each backend's reason once, not once per op."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "fastgen.cli", "info"], capture_output=True, text=True,
+                            env=environment, timeout=300)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "a Python process started from this environment (TRITON_INTERPRET unset):" in out, out
+    assert "  triton    every op: no: Triton kernels run on CPU tensors only under TRITON_INTERPRET=1\n" in out, out
+    assert ("in fastgen's commands (check, bench, profile), which set TRITON_INTERPRET=1 themselves without a GPU: "
+            "yes, under the interpreter") in out, out
+    assert out.count("Triton kernels run on CPU tensors only") == 1
+    cuda_reason = re.search(r"CUDA extension fastgen._C: (.*)", out).group(1)
+    assert out.count(cuda_reason) == 1 or "built for" in cuda_reason, out
 
 
 def test_check_runs_the_triton_kernels_under_the_interpreter(capsys):
