@@ -31,10 +31,10 @@ def benchmarks(quick: bool = False) -> list:
 
 def run(filter: Optional[str] = None, quick: bool = False, out_dir: Optional[Path] = None,
         impls: Optional[Sequence[str]] = None, timer: Optional[harness.Timer] = None, device: str = "cuda",
-        no_compile: bool = False, compile_filter: Optional[str] = None) -> tuple:
+        no_compile: bool = False, compile_filter: Optional[str] = None, quiet: bool = False) -> tuple:
     """Run the suite; returns (rows, meta, {"json": path, "csv": path}). See harness.run."""
     return harness.run(benchmarks(quick), filter=filter, quick=quick, out_dir=out_dir, impls=impls,
-                       no_compile=no_compile, timer=timer, device=device, compile_filter=compile_filter)
+                       no_compile=no_compile, timer=timer, device=device, compile_filter=compile_filter, quiet=quiet)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory for the JSON and CSV (default: bench/results/<gpu>/)")
     parser.add_argument("--impl", action="append", metavar="NAME",
                         help="only this implementation (repeatable); eager always runs, as the reference")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress line per case (without a GPU: per op checked), only the results")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--compile-filter", metavar="REGEX",
                         help="the torch.compile baseline only in cases whose 'name shape dtype direction' matches "
@@ -59,7 +61,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     try:
         rows, _, paths = run(filter=args.filter, quick=args.quick, out_dir=args.out, impls=args.impl,
-                             no_compile=args.no_compile, compile_filter=args.compile_filter)
+                             no_compile=args.no_compile, compile_filter=args.compile_filter, quiet=args.quiet)
     except ValueError as exc:  # a filter or impl name that selects nothing, or options that contradict
         print(f"fastgen bench: {exc}", file=sys.stderr)
         return 2

@@ -581,9 +581,10 @@ def select(benchmarks: Sequence[Benchmark], filter: Optional[str] = None, impls:
 
 def run(benchmarks: Sequence[Benchmark], filter: Optional[str] = None, quick: bool = False,
         out_dir: Optional[Path] = None, impls: Optional[Sequence[str]] = None, no_compile: bool = False,
-        timer: Optional[Timer] = None, device: str = "cuda", compile_filter: Optional[str] = None) -> tuple:
-    """Measure, write the JSON and CSV, print progress and the table. Returns (rows, meta,
-    {"json": path, "csv": path}). `timer` defaults to CUDA events on a CUDA device and the
+        timer: Optional[Timer] = None, device: str = "cuda", compile_filter: Optional[str] = None,
+        quiet: bool = False) -> tuple:
+    """Measure, write the JSON and CSV, print progress (a line per row, none when quiet) and the
+    table. Returns (rows, meta, {"json": path, "csv": path}). `timer` defaults to CUDA events on a CUDA device and the
     wall clock otherwise; `select` says what the other arguments pick."""
     device = torch.device(device)
     timer = timer or (cuda_event_timer if device.type == "cuda" else wall_clock_timer)
@@ -599,7 +600,8 @@ def run(benchmarks: Sequence[Benchmark], filter: Optional[str] = None, quick: bo
 
     def report(row: dict) -> None:
         rows.append(row)
-        print(_progress(len(rows), total, row), flush=True)
+        if not quiet:
+            print(_progress(len(rows), total, row), flush=True)
 
     for bench, case, names in selected:
         _run_case(bench, case, names, device, timer, budget, meta["ceilings"], report)

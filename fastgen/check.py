@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -147,13 +147,19 @@ def check_backward(op: Op, backend: str, args: tuple, generator: torch.Generator
                   "grad of argument")
 
 
-def check_op(op: Op, backend: str, device: torch.device, seed: int = 0) -> list:
+def check_op(op: Op, backend: str, device: torch.device, seed: int = 0,
+             on_result: Optional[Callable[[CheckResult], None]] = None) -> list:
+    """Every check case of `op` on `backend`, forward and backward, in each dtype the backend
+    takes; `on_result` sees each result as soon as it is known (progress output)."""
     implementation = op.implementations.get(backend)
     if implementation is None:
         return []
     reason = backend_unavailable_reason(backend, device)
     if reason is not None:
-        return [CheckResult(op.name, backend, "*", "*", "*", "skipped", detail=reason)]
+        results = [CheckResult(op.name, backend, "*", "*", "*", "skipped", detail=reason)]
+        if on_result is not None:
+            on_result(results[0])
+        return results
     generator = torch.Generator().manual_seed(seed)
     results = []
     for case in op.check_cases():
@@ -170,6 +176,8 @@ def check_op(op: Op, backend: str, device: torch.device, seed: int = 0) -> list:
                     error, detail = None, f"{type(exc).__name__}: {exc}"
                 status = "FAIL" if detail else "ok"
                 results.append(CheckResult(op.name, backend, case.label, dtype_name, direction, status, error, detail))
+                if on_result is not None:
+                    on_result(results[-1])
     return results
 
 
@@ -178,25 +186,29 @@ def default_device() -> torch.device:
 
 
 def run_checks(device: Optional[torch.device] = None, backends: Iterable[str] = FAST_BACKENDS,
-               op_names: Optional[Iterable[str]] = None, seed: int = 0) -> list:
+               op_names: Optional[Iterable[str]] = None, seed: int = 0,
+               on_result: Optional[Callable[[CheckResult], None]] = None) -> list:
+    """check_op of every (op, backend), op by op; ValueError for an unknown op name."""
     device = device or default_device()
     names = list(op_names) if op_names is not None else sorted(OPS)
     unknown = [n for n in names if n not in OPS]
     if unknown:
         raise ValueError(f"unknown op(s) {unknown}; known: {sorted(OPS)}")
-    return [r for name in names for backend in backends for r in check_op(OPS[name], backend, device, seed)]
+    return [r for name in names for backend in backends for r in check_op(OPS[name], backend, device, seed, on_result)]
 
 
 def summarize(results: list) -> str:
-    """One line per (op, backend): counts, the worst error, and every failure in full."""
+    """One line per (op, backend) checked: counts, the worst error, and every failure in full;
+    then one line per backend skipped and its reason, which is the same for every op."""
     lines = []
     groups: dict = {}
+    skipped: dict = {}
     for r in results:
-        groups.setdefault((r.op, r.backend), []).append(r)
+        if r.status == "skipped":
+            skipped.setdefault((r.backend, r.detail), []).append(r.op)
+        else:
+            groups.setdefault((r.op, r.backend), []).append(r)
     for (op_name, backend), rows in groups.items():
-        if rows[0].status == "skipped":
-            lines.append(f"  {op_name:32s} {backend:7s} skipped: {rows[0].detail}")
-            continue
         failed = [r for r in rows if r.status == "FAIL"]
         errors = [r.max_abs_err for r in rows if r.max_abs_err is not None]
         worst = max(errors) if errors else float("nan")
@@ -204,4 +216,7 @@ def summarize(results: list) -> str:
         directions = "+".join(d for d in ("fwd", "bwd") if any(r.direction == d for r in rows))
         lines.append(f"  {op_name:32s} {backend:7s} {verdict} ({directions}, max abs err {worst:.2e})")
         lines.extend(f"      {r.case} {r.dtype} {r.direction}: {r.detail}" for r in failed)
+    for (backend, detail), op_names in skipped.items():
+        which = op_names[0] if len(op_names) == 1 else f"{len(op_names)} ops"
+        lines.append(f"  {which:32s} {backend:7s} skipped: {detail}")
     return "\n".join(lines)

@@ -82,19 +82,61 @@ def _info(args) -> int:
     return 0
 
 
-def _run_check(op_names, backends, seed) -> int:
+class _CheckProgress:
+    """fastgen check's progress, fed each result as it is known: each (op, backend)'s summary
+    line once its checks are done, and meanwhile, on a terminal, a status line that each check
+    overwrites. Off the terminal (piped) the lines come as they are done, without the status."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.terminal = stream.isatty()
+        self.group: list = []
+        self.shown = 0
+
+    def __call__(self, result) -> None:
+        if self.group and (self.group[0].op, self.group[0].backend) != (result.op, result.backend):
+            self.finish()
+        self.group.append(result)
+        if self.terminal and result.status != "skipped":
+            self.stream.write(f"\r\033[K  {result.op} {result.backend}: {len(self.group)} check(s) done, "
+                              f"last {result.case} {result.dtype} {result.direction}")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        """The finished (op, backend)'s line; skipped ones wait for the summary, which says each
+        backend's reason once."""
+        from fastgen.check import summarize
+
+        if self.terminal:
+            self.stream.write("\r\033[K")
+        if self.group and self.group[0].status != "skipped":
+            self.stream.write(summarize(self.group) + "\n")
+            self.shown += 1
+        self.stream.flush()
+        self.group = []
+
+
+def _run_check(op_names, backends, seed, quiet=False) -> int:
     from fastgen.check import default_device, run_checks, summarize
 
     device = default_device()
     where = "GPU kernels" if device.type == "cuda" else "CPU tensors, Triton under the interpreter"
-    print(f"fastgen check on {device} ({where}): every implementation against the float64 reference")
+    print(f"fastgen check on {device} ({where}): every implementation against the float64 reference", flush=True)
+    progress = None if quiet else _CheckProgress(sys.stdout)
     try:
         # run_checks reports a crashing kernel as a failed check: a ValueError here is an unknown op name.
-        results = run_checks(device, backends=backends, op_names=op_names, seed=seed)
+        results = run_checks(device, backends=backends, op_names=op_names, seed=seed, on_result=progress)
     except ValueError as exc:
         print(f"fastgen check: {exc}", file=sys.stderr)
         return 2
-    print(summarize(results))
+    if progress is not None:
+        progress.finish()
+        # The checked (op, backend)s are shown: what is left is the skipped backends' reasons.
+        results_left = [r for r in results if r.status == "skipped"]
+    else:
+        results_left = results
+    if results_left:
+        print(summarize(results_left))
     failed = sum(r.status == "FAIL" for r in results)
     passed = sum(r.status == "ok" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
@@ -103,7 +145,7 @@ def _run_check(op_names, backends, seed) -> int:
 
 
 def _check(args) -> int:
-    return _run_check(args.op, args.backend or ("triton", "cuda"), args.seed)
+    return _run_check(args.op, args.backend or ("triton", "cuda"), args.seed, args.quiet)
 
 
 def _bench(args) -> int:
@@ -152,7 +194,7 @@ def _bench_without_gpu(args) -> int:
         print(f"fastgen bench: the selection holds {what}, so there is no kernel to verify here.", file=sys.stderr)
         return 2
     print(f"Verifying the {'/'.join(backends)} kernels of {', '.join(op_names)} on each op's check cases.\n")
-    code = _run_check(op_names, backends, seed=0)
+    code = _run_check(op_names, backends, seed=0, quiet=args.quiet)
     print("\nNo timings were taken (no CUDA GPU). Run `fastgen bench` on a machine with one for the benchmark suite.")
     return code
 
@@ -236,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--op", action="append", help="only this op (repeatable)")
     check.add_argument("--backend", action="append", choices=("triton", "cuda"), help="only this backend")
     check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--quiet", action="store_true",
+                       help="no line per op and backend as its checks finish: the summary at the end only")
     check.set_defaults(run=_check)
 
     bench_parser = commands.add_parser("bench", help="benchmark suite (on CPU: runs check, no timings)")

@@ -264,3 +264,60 @@ def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
         with capsys.disabled():
             monkeypatch.setattr("sys.stdout", closed_pipe)
             assert cli.main(["info"]) == 0
+
+
+def _result(op, backend, status="ok", detail=""):
+    from fastgen.check import CheckResult
+
+    return CheckResult(op, backend, "4x4", "float32", "fwd", status, 1e-7 if status == "ok" else None, detail)
+
+
+def test_check_progress_shows_each_op_and_backend_as_its_checks_finish():
+    import io
+
+    stream = io.StringIO()
+    progress = cli._CheckProgress(stream)
+    progress(_result("trms2d", "triton"))
+    progress(_result("trms2d", "triton"))
+    assert stream.getvalue() == "", "off a terminal, no status line"
+    progress(_result("trms2d", "cuda", "skipped", "no GPU"))
+    assert stream.getvalue().startswith("  trms2d                           triton  ok 2 checks (fwd, max abs err")
+    progress(_result("vq_nearest", "cuda", "skipped", "no GPU"))
+    progress.finish()
+    assert stream.getvalue().count("\n") == 1, "skipped backends wait for the summary, which says the reason once"
+
+
+def _on_a_terminal(*argv):
+    """The CLI's output with its stdout on a pseudo-terminal."""
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "fastgen.cli", *argv], stdout=follower, stderr=subprocess.STDOUT)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=300) == 0, b"".join(chunks).decode()
+    return b"".join(chunks).decode()
+
+
+def test_check_on_a_terminal_shows_a_status_line_per_check_unless_quiet():
+    out = _on_a_terminal("check", "--op", "trms2d", "--backend", "triton")
+    assert "\r\x1b[K  trms2d triton: 1 check(s) done, last " in out, out
+    assert "trms2d                           triton  ok" in out
+    quiet = _on_a_terminal("check", "--op", "trms2d", "--backend", "triton", "--quiet")
+    assert "check(s) done" not in quiet and "trms2d                           triton  ok" in quiet, quiet
+
+
+def test_check_says_a_skipped_backends_reason_once(capsys):
+    assert cli.main(["check", "--op", "trms2d", "--op", "ada_layer_norm", "--backend", "cuda"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"  2 ops +cuda +skipped: ", out), out
+    assert out.count("skipped: ") == 1, out
