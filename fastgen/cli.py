@@ -52,7 +52,7 @@ def _info(args) -> int:
           f"triton {versions['triton']}")
     build, record = _cuda.build_info(), _cuda.build_record()
     if build is None:
-        print(f"CUDA extension fastgen._C: {_cuda.available().removeprefix('the CUDA extension fastgen._C ')}")
+        print(f"CUDA extension fastgen._C: {_cuda.available().removeprefix('the CUDA extension fastgen._C is ')}")
     else:
         installed = f" ({record['message'].removeprefix('fastgen: ')})" if record and record["built"] else ""
         print(f"CUDA extension fastgen._C: built for {build['archs']}, CUDA runtime "
