@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -320,8 +319,8 @@ def _group_of(item) -> str:
 
 
 def compile_items(items, claims: Optional[Path] = None, report: Optional[Callable[[str], None]] = None) -> list:
-    """Launch the items inside an active CompileSession, a group at a time: the consecutive items
-    of one op or benchmark (the label up to " [") in one dtype, whose launches share kernel
+    """Launch the items inside an active CompileSession, a group at a time: the items of one op
+    or benchmark (the label up to " [") in one dtype, in their order, whose launches share kernel
     variants (an op's dtypes share none; one group per op would leave a core idle behind the
     slowest op). Returns the failures ("label: error"), every one of them rather than the first.
 
@@ -330,7 +329,10 @@ def compile_items(items, claims: Optional[Path] = None, report: Optional[Callabl
     group is compiled twice and a process that drew long groups takes fewer. `report` gets a line
     per group compiled (its launches, seconds and failures)."""
     failures = []
-    for number, (group, members) in enumerate(itertools.groupby(items, key=_group_of)):
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(_group_of(item), []).append(item)
+    for number, (group, members) in enumerate(groups.items()):
         if claims is not None:
             try:
                 os.close(os.open(Path(claims) / str(number), os.O_CREAT | os.O_EXCL | os.O_WRONLY))

@@ -174,16 +174,17 @@ def test_processes_sharing_claims_compile_each_group_once(tmp_path):
                 raise ValueError("too much shared memory")
         return label, launch
 
+    # As check_items orders them: case by case, each case in every dtype.
     items = [item("a [1, float32]"), item("a [2, float32]", fails=True), item("b [1, float16]"),
-             item("c [1, float32]"), item("c [2, float16]")]
+             item("c [1, float32]"), item("c [1, float16]"), item("c [2, float32]")]
     (tmp_path / "1").touch()  # another process has claimed group 1, "b"
     lines = []
     failures = precompile.compile_items(items, tmp_path, report=lines.append)
-    assert launched == ["a [1, float32]", "a [2, float32]", "c [1, float32]", "c [2, float16]"]
+    assert launched == ["a [1, float32]", "a [2, float32]", "c [1, float32]", "c [2, float32]", "c [1, float16]"]
     assert failures == ["a [2, float32]: ValueError: too much shared memory"]
     assert [line.split(":")[0] for line in lines] == ["a float32", "c float32", "c float16"], lines
     assert lines[0].endswith("2 launch(es) compiled in 0.0 s, 1 FAILED"), lines
     assert sorted(path.name for path in tmp_path.iterdir()) == ["0", "1", "2", "3"]
     launched.clear()
     assert precompile.compile_items(items, tmp_path) == [] and launched == []  # every group taken
-    assert len(precompile.compile_items(items)) == 1 and len(launched) == 5  # no claims: every group
+    assert len(precompile.compile_items(items)) == 1 and len(launched) == 6  # no claims: every group
