@@ -237,8 +237,8 @@ class CMakeBuild(build_ext):
         tell(message)
         # An editable install imports the module from the source tree, a wheel from beside it.
         folders = {ext_path.parent} | ({ROOT / "fastgen"} if self.editable_mode else set())
-        write_build_record(folders, built=True, reason=None, targets=targets, seconds=round(seconds, 1), compiled=compiled,
-                           message=message)
+        write_build_record(folders, built=True, reason=None, targets=targets, seconds=round(seconds, 1),
+                           compiled=compiled, message=message)
 
     @staticmethod
     def _run(cmd):

@@ -77,8 +77,9 @@ def _info(args) -> int:
         shown = "fastgen._C is not built (above)" if build is None and reason == _cuda.available() else reason
         print(f"  {backend:9s} {which}: {'yes' if shown is None else 'no: ' + shown}")
         if in_commands != reason:
+            verdict = "yes, under the interpreter" if in_commands is None else "no: " + in_commands
             print(f"  {'':9s} in fastgen's commands (check, bench, profile), which set TRITON_INTERPRET=1 "
-                  f"themselves without a GPU: {'yes, under the interpreter' if in_commands is None else 'no: ' + in_commands}")
+                  f"themselves without a GPU: {verdict}")
     return 0
 
 

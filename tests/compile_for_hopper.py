@@ -80,8 +80,8 @@ def main(session: "precompile.CompileSession", claims, op_names, dtypes) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--claims", type=Path, metavar="DIR",
-                        help="compile only the (op, dtype) groups claimed first in DIR: processes sharing DIR (a test runs one "
-                             "per core) divide them as they come free")
+                        help="compile only the (op, dtype) groups claimed first in DIR: processes sharing DIR "
+                             "(a test runs one per core) divide them as they come free")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="the Triton cache to compile into, which processes sharing DIR share "
                              "(default: a scratch one)")

@@ -1,8 +1,9 @@
 """The torch-free CUDA extension fastgen._C and its Python side fastgen._cuda.
 
 Without a GPU: the module must import wherever it could be built (a missing module next to
-an nvcc is a failed build, not a skip, unless the install says it skipped it), report no device, refuse to launch with a clear
-RuntimeError, and reject bad arguments with a ValueError naming the argument.
+an nvcc is a failed build, not a skip, unless the install says it skipped it), report no
+device, refuse to launch with a clear RuntimeError, and reject bad arguments with a
+ValueError naming the argument.
 With a GPU (marker `gpu`): both shortcut ops against eager PyTorch over dtypes, factors,
 layouts, residuals and scales, on NaN-poisoned outputs.
 """
@@ -155,7 +156,8 @@ def test_load_explains_how_to_build_when_missing(monkeypatch, tmp_path):
     # The install's own reason, where it skipped the extension.
     (tmp_path / "_C_build.json").write_text(json.dumps({"built": False, "reason": "FASTGEN_SKIP_CUDA is set"}))
     monkeypatch.setattr(_cuda, "_BUILD_RECORD", tmp_path / "_C_build.json")
-    assert _cuda.available() == "the CUDA extension fastgen._C is not built: the install skipped it: FASTGEN_SKIP_CUDA is set"
+    assert _cuda.available() == ("the CUDA extension fastgen._C is not built: the install skipped it: "
+                                 "FASTGEN_SKIP_CUDA is set")
 
 
 # ---------------------------------------------------------------------------------------
