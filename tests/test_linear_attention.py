@@ -185,14 +185,16 @@ def _one_infinite_value(device, dtype, generator, q_tokens, kv_tokens, head_dim,
     """(q, k, v) of 2 heads with `value` in one entry of v (the first batch and head) and
     fresh random data elsewhere. The key of that row is positive, so S_i0 = +-inf for every i
     (a k_ni <= 0 would make it 0 * inf = NaN). The first three query rows are positive, so
-    their out_n0 are +-inf; in the others, half the entries are <= 0: zero features of phi(q_n)
-    that meet those infinities."""
+    their out_n0 are +-inf; in the others, about half the entries are <= 0, and the fourth row's
+    are made so: zero features of phi(q_n) that meet those infinities (at head dim 1 all six
+    random rows came out positive one draw in 64)."""
     q = random_tensor((1, q_tokens, 2, head_dim), "contiguous", device, dtype, generator)
     k, v = (random_tensor((1, kv_tokens, 2, head_dim), "contiguous", device, dtype, generator) for _ in "kv")
     row = kv_tokens // 2
     k[0, row, 0] = k[0, row, 0].abs() + 0.5
     v[0, row, 0, 0] = value
     q[0, :3, 0] = q[0, :3, 0].abs() + 0.5
+    q[0, 3, 0] = -q[0, 3, 0].abs()
     return q, k, v
 
 
