@@ -3,12 +3,17 @@
 // csrc/ as host C++ against this header instead of the CUDA runtime's).
 //
 // Execution model: a launch runs its blocks one after another; the threads of a block are
-// real OS threads (from a pool kept for the process) running concurrently, so __syncthreads, warp shuffles and shared memory
-// behave as on a GPU for a correct kernel, and a missing barrier shows up as a race (results
-// that vary, or differ from the reference) instead of being hidden by lockstep execution.
+// fibers on the calling thread, switched only at barriers (__syncthreads, __syncwarp and the
+// warp shuffles), so __syncthreads, shuffles and shared memory behave as on a GPU for a correct
+// kernel. Between two barriers each thread runs alone to its next barrier, and successive
+// rounds run the threads in opposite orders (0..n-1, then n-1..0): a read of shared memory
+// that a missing barrier leaves unordered sees another thread's write before it in one round
+// and the poison or a stale value in the next, so the results differ from the reference. Fibers
+// cost a few nanoseconds a switch where OS threads on a few cores cost microseconds a barrier
+// per thread, which dominated the tests' run time.
 // __shared__ variables are function-local statics (one block at a time uses them); dynamic
 // shared memory is a per-launch buffer. A barrier that not every thread reaches (a divergent
-// __syncthreads or shuffle) aborts with a message after a timeout instead of hanging.
+// __syncthreads or shuffle) aborts with a message as soon as no thread can go on.
 // "Device" pointers are host pointers: the tests pass CPU tensors.
 #pragma once
 
@@ -16,19 +21,18 @@
 #include <cuda_bf16.h>
 #include <vector_types.h>
 
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <mutex>
-#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include <sys/mman.h>
 
 #define FASTGEN_CUDA_EMULATION 1
 #define CUDART_VERSION 13000
@@ -99,33 +103,133 @@ inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_
 
 namespace emulation {
 
-// A reusable barrier for `count` threads that reports, instead of hanging, when some thread
-// never arrives.
+#if !defined(__x86_64__)
+#error "the CUDA emulation's fiber switch is written for x86-64"
+#endif
+
+// Saves the callee-saved registers, the SSE and x87 control words and the stack pointer of the
+// running fiber in *from_sp, and resumes the fiber whose stack pointer is to_sp (System V
+// x86-64: everything else is caller-saved across this call). swapcontext would do the same
+// with two system calls per switch for the signal mask, as slow as the OS threads it replaces.
+extern "C" void fastgen_emulation_switch(void** from_sp, void* to_sp);
+asm(R"(
+    .text
+    .weak fastgen_emulation_switch
+    .hidden fastgen_emulation_switch
+    .type fastgen_emulation_switch, @function
+fastgen_emulation_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size fastgen_emulation_switch, .-fastgen_emulation_switch
+)");
+
+class Barrier;
+
+// The running fiber's thread index (each fiber restores its own when it resumes).
+inline thread_local dim3 thread_index{0, 0, 0};
+
+// The threads of the running block as fibers, with their stacks kept for the process (mapped
+// lazily: untouched stack pages cost no memory).
+class Fibers {
+ public:
+  static Fibers& instance() {
+    static Fibers* fibers = new Fibers;
+    return *fibers;
+  }
+
+  // Runs body(t) for t in [0, threads) as fibers until all have returned.
+  void run(unsigned threads, const std::function<void(unsigned)>& body);
+  // The running fiber waits until `barrier` passes `generation`.
+  void wait(const Barrier& barrier, long generation, const char* what);
+
+ private:
+  static constexpr size_t kStackBytes = size_t(1) << 19;
+  static constexpr size_t kGuardBytes = 4096;  // unmapped below each stack: an overflow faults
+
+  struct Fiber {
+    void* sp = nullptr;
+    char* stack = nullptr;
+    bool finished = false;
+    const Barrier* barrier = nullptr;
+    long generation = 0;
+    const char* what = nullptr;
+  };
+
+  [[noreturn]] static void entry();
+  bool blocked(const Fiber& fiber) const;
+  [[noreturn]] void report_divergence() const;
+
+  std::vector<Fiber> fibers_;
+  void* scheduler_sp_ = nullptr;
+  unsigned running_ = 0;
+  const std::function<void(unsigned)>* body_ = nullptr;
+};
+
+// A reusable barrier for `count` threads: the last to arrive releases the others.
 class Barrier {
  public:
   explicit Barrier(int count) : count_(count) {}
   void arrive_and_wait(const char* what) {
-    std::unique_lock<std::mutex> lock(mutex_);
     const long generation = generation_;
     if (++arrived_ == count_) {
       arrived_ = 0;
       ++generation_;
-      cv_.notify_all();
       return;
     }
-    if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return generation_ != generation; })) {
-      std::fprintf(stderr, "cuda emulation: %s reached by %d of %d threads: divergent barrier\n",
-                   what, arrived_, count_);
-      std::abort();
-    }
+    Fibers::instance().wait(*this, generation, what);
   }
+  long generation() const { return generation_; }
+  int arrived() const { return arrived_; }
+  int count() const { return count_; }
 
  private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
   int count_, arrived_ = 0;
   long generation_ = 0;
 };
+
+inline bool Fibers::blocked(const Fiber& fiber) const {
+  return fiber.barrier != nullptr && fiber.barrier->generation() == fiber.generation;
+}
+
+inline void Fibers::wait(const Barrier& barrier, long generation, const char* what) {
+  Fiber& fiber = fibers_[running_];
+  fiber.barrier = &barrier;
+  fiber.generation = generation;
+  fiber.what = what;
+  const dim3 own_index = thread_index;
+  fastgen_emulation_switch(&fiber.sp, scheduler_sp_);
+  thread_index = own_index;
+  fiber.barrier = nullptr;
+}
+
+inline void Fibers::report_divergence() const {
+  for (const Fiber& fiber : fibers_)
+    if (!fiber.finished && fiber.barrier != nullptr) {
+      std::fprintf(stderr, "cuda emulation: %s reached by %d of %d threads: divergent barrier\n", fiber.what,
+                   fiber.barrier->arrived(), fiber.barrier->count());
+      break;
+    }
+  std::abort();
+}
 
 struct Warp {
   Barrier barrier{32};
@@ -139,7 +243,6 @@ struct Block {
   Block(dim3 g, dim3 b) : grid(g), block(b), barrier(int(b.x * b.y * b.z)), warps((b.x * b.y * b.z + 31) / 32) {}
 };
 
-inline thread_local dim3 thread_index{0, 0, 0};
 inline thread_local dim3 block_index{0, 0, 0};
 inline thread_local Block* current_block = nullptr;
 inline std::vector<unsigned char> dynamic_shared_memory;
@@ -153,52 +256,59 @@ T* dynamic_shared() {
 inline int lane() { return int(thread_index.x % 32); }
 inline Warp& warp() { return current_block->warps[thread_index.x / 32]; }
 
-// Worker threads kept for the whole process (starting 256 threads per block would dominate
-// the run time): run(n, fn) calls fn(0) ... fn(n-1) on n of them concurrently and returns
-// when all have finished. Leaked on purpose, so that no joinable thread is destroyed at exit.
-class ThreadPool {
- public:
-  static ThreadPool& instance() {
-    static ThreadPool* pool = new ThreadPool;
-    return *pool;
-  }
+inline void Fibers::entry() {
+  Fibers& self = instance();
+  (*self.body_)(self.running_);
+  Fiber& fiber = self.fibers_[self.running_];
+  fiber.finished = true;
+  fastgen_emulation_switch(&fiber.sp, self.scheduler_sp_);
+  std::abort();  // a finished fiber is never resumed
+}
 
-  void run(unsigned threads, const std::function<void(unsigned)>& fn) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    while (workers_ < threads) {
-      std::thread(&ThreadPool::work, this, workers_++).detach();
+inline void Fibers::run(unsigned threads, const std::function<void(unsigned)>& body) {
+  while (fibers_.size() < threads) {
+    void* mapping = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mapping == MAP_FAILED) {
+      std::fprintf(stderr, "cuda emulation: cannot map a fiber stack\n");
+      std::abort();
     }
-    job_ = &fn;
-    active_ = threads;
-    remaining_ = threads;
-    ++generation_;
-    start_.notify_all();
-    done_.wait(lock, [&] { return remaining_ == 0; });
-    job_ = nullptr;
+    mprotect(mapping, kGuardBytes, PROT_NONE);
+    fibers_.push_back(Fiber{nullptr, static_cast<char*>(mapping) + kGuardBytes});
   }
-
- private:
-  void work(unsigned id) {
-    long seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      start_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (id >= active_) continue;
-      const std::function<void(unsigned)>* job = job_;
-      lock.unlock();
-      (*job)(id);
-      lock.lock();
-      if (--remaining_ == 0) done_.notify_one();
+  uint32_t control_words[2];
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(control_words[0]), "=m"(control_words[1]));
+  body_ = &body;
+  for (unsigned t = 0; t < threads; ++t) {
+    // The frame fastgen_emulation_switch restores: control words, r15, r14, r13, r12, rbx, rbp,
+    // then entry() as the return address, above it a null return address for entry itself, so
+    // that entry starts with the stack alignment of a called function.
+    auto* top = reinterpret_cast<uint64_t*>(fibers_[t].stack + kStackBytes);
+    uint64_t* frame = top - 9;
+    std::memcpy(frame, control_words, sizeof(control_words));
+    std::fill(frame + 1, frame + 7, uint64_t(0));
+    frame[7] = reinterpret_cast<uint64_t>(&Fibers::entry);
+    frame[8] = 0;
+    fibers_[t].sp = frame;
+    fibers_[t].finished = false;
+    fibers_[t].barrier = nullptr;
+  }
+  unsigned finished = 0;
+  for (bool forward = true; finished < threads; forward = !forward) {
+    bool progressed = false;
+    for (unsigned i = 0; i < threads; ++i) {
+      const unsigned t = forward ? i : threads - 1 - i;
+      Fiber& fiber = fibers_[t];
+      if (fiber.finished || blocked(fiber)) continue;
+      running_ = t;
+      fastgen_emulation_switch(&scheduler_sp_, fiber.sp);
+      progressed = true;
+      finished += fiber.finished;
     }
+    if (!progressed) report_divergence();
   }
-
-  std::mutex mutex_;
-  std::condition_variable start_, done_;
-  const std::function<void(unsigned)>* job_ = nullptr;
-  unsigned workers_ = 0, active_ = 0, remaining_ = 0;
-  long generation_ = 0;
-};
+  body_ = nullptr;
+}
 
 // Runs kernel(args...) for every block of the grid, the threads of one block concurrently.
 template <typename... Params>
@@ -216,7 +326,7 @@ struct Launch {
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
           Block state(grid, block);
-          ThreadPool::instance().run(threads, [&](unsigned t) {
+          Fibers::instance().run(threads, [&](unsigned t) {
             thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
             block_index = dim3(bx, by, bz);
             current_block = &state;
