@@ -147,12 +147,12 @@ class Barrier;
 // The running fiber's thread index (each fiber restores its own when it resumes).
 inline thread_local dim3 thread_index{0, 0, 0};
 
-// The threads of the running block as fibers, with their stacks kept for the process (mapped
-// lazily: untouched stack pages cost no memory).
+// The threads of the running block as fibers, one set per OS thread that launches kernels,
+// with their stacks kept for the process (mapped lazily: untouched stack pages cost no memory).
 class Fibers {
  public:
   static Fibers& instance() {
-    static Fibers* fibers = new Fibers;
+    static thread_local Fibers* fibers = new Fibers;
     return *fibers;
   }
 
