@@ -6,10 +6,18 @@ CUDA tests share: the built extension, and fake tensor arguments for its argumen
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-import torch
+# The Triton kernels sit in the repository's top-level kernels/ (installed as fastgen.kernels).
+# `python -m pytest` puts the working directory first on sys.path, where that folder would be
+# imported as the `kernels` package transformers depends on (diffusers imports transformers when
+# it loads a model class): the tests take fastgen from its installation, not from the root.
+_REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or os.curdir).resolve() != _REPOSITORY_ROOT]
+
+import torch  # noqa: E402
 
 # Before anything imports triton: triton.jit reads this when a kernel is defined.
 if not torch.cuda.is_available():
