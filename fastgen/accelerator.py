@@ -66,17 +66,19 @@ class AccelerationReport:
 
 
 def _named_modules(model) -> Iterator[tuple]:
-    """Submodules of a module, or of every module component of a diffusers pipeline."""
+    """Submodules of a module, or of every module component of a diffusers pipeline. A module
+    that two components share comes once, under the first one's name: swapping it again would
+    find its own swap in place and report the module as left."""
     if isinstance(model, nn.Module):
         yield from model.named_modules()
         return
     components = getattr(model, "components", None)
     if not isinstance(components, dict):
         raise TypeError(f"accelerate takes a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}")
+    seen = set()
     for component_name, component in components.items():
         if isinstance(component, nn.Module):
-            for path, module in component.named_modules():
-                yield (f"{component_name}.{path}" if path else component_name), module
+            yield from component.named_modules(memo=seen, prefix=component_name)
 
 
 def _is_reference_model(model) -> bool:

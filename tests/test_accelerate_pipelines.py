@@ -271,3 +271,21 @@ def test_accelerated_pipeline_samples_the_same_images(name, generator, triton_ca
     triton_calls.clear()
     assert torch.equal(_sample(case, seed), expected)
     assert not triton_calls
+
+
+def test_a_module_two_components_share_is_accelerated_once(generator):
+    _seed_weights(generator)
+    vae = _autoencoder_kl(latent_channels=4)
+
+    class Pipeline:  # what accelerate reads of a diffusers pipeline: its components
+        components = {"vae": vae, "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(), "vae_for_previews": vae}
+
+    pipeline = Pipeline()
+    report = fastgen.accelerate(pipeline)
+    assert report.left == [], report
+    assert set(_kl_decoder_replacements()) <= {(r.path, r.op) for r in report.replaced}
+    assert all(r.path.startswith("vae.") for r in report.replaced)
+    assert fastgen.restore(pipeline) == len(report.replaced)
+    assert not any("forward" in vars(module) for module in vae.modules())
+    assert {type(module.processor).__name__ for module in vae.modules() if hasattr(module, "processor")} == {
+        "AttnProcessor2_0"}
