@@ -15,10 +15,17 @@
   the eager baseline is GroupNorm then SiLU, two kernels.
 - adaLN: DiT-XL/2 (C 1152; N 256 tokens at 256 px, 1024 at 512 px) and SANA 0.6B / 1.6B
   (C 1152 / 2240; N 1024 at 1024 px, 4096 at 2048 px).
+- Gated residual + adaLN, the joint blocks of the MM-DiTs at 1024 px, each stream a call of its
+  own: FLUX.1 [dev] (C 3072; 4096 image and 512 T5 tokens; batch 1, guidance is distilled) and
+  SD3 medium (C 1536; 4096 image and 77 + 256 text tokens; batch 2, the classifier-free
+  guidance pair of one call). The baseline is the two steps as diffusers writes them,
+  h = x + gate * branch and then ada_layer_norm's eager math, eager and under torch.compile:
+  the fused op is kept where it measures faster than the compiled pair (issue #19).
 
 Bytes per call: x read and y written once (scale, shift, weight and bias are a rounding error
 but counted); fwd+bwd adds reading x and dy and writing dx once (the statistics are recomputed
-from x, which is the read already counted).
+from x, which is the read already counted). The gated residual reads x and branch and writes h
+and y; its backward reads x, branch and both output gradients and writes dx and dbranch.
 """
 from __future__ import annotations
 
@@ -122,6 +129,40 @@ _LAYER_NORM_SHAPES = (("DiT-XL/2 256px", 32, 256, 1152), ("DiT-XL/2 512px", 8, 1
 _DIRECTIONS = ("fwd", "fwd+bwd")
 
 
+_GATED_TENSORS_MOVED = {"fwd": 4, "fwd+bwd": 10}
+# (label, batch, tokens, channels) of each stream of a joint block at 1024 px.
+_GATED_RESIDUAL_SHAPES = (("FLUX.1-dev 1024px image", 1, 4096, 3072), ("FLUX.1-dev 1024px text", 1, 512, 3072),
+                          ("SD3-medium 1024px image", 2, 4096, 1536), ("SD3-medium 1024px text", 2, 333, 1536))
+
+
+def _gated_residual_case(label: str, batch: int, tokens: int, channels: int, dtype: torch.dtype,
+                         direction: str) -> Case:
+    def make_inputs(device, dtype, seed):
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        def randn(*size):
+            return torch.randn(size, generator=generator, device=device, dtype=dtype)
+
+        return {"x": randn(batch, tokens, channels), "branch": randn(batch, tokens, channels),
+                "gate": randn(batch, channels), "scale": randn(batch, channels), "shift": randn(batch, channels)}
+
+    per_sample_vectors = 3 if direction == "fwd" else 6  # gate, scale, shift read; their gradients written
+    work = (_GATED_TENSORS_MOVED[direction] * batch * tokens * channels + per_sample_vectors * batch * channels
+            ) * dtype.itemsize
+    return Case(f"{label} B{batch} N{tokens} C{channels}", dtype, direction, make_inputs, work)
+
+
+def _residual_then_ada_layer_norm(x, branch, gate, scale, shift):
+    """The eager pair the fused op replaces, as diffusers' joint blocks write it."""
+    h = x + gate.unsqueeze(1) * branch
+    return h, ada_norm.ada_layer_norm_reference(h, scale, shift)
+
+
+def _gated_residual_cases(quick: bool) -> list:
+    shapes = _GATED_RESIDUAL_SHAPES[:1] if quick else _GATED_RESIDUAL_SHAPES
+    return [_gated_residual_case(*shape, torch.bfloat16, d) for shape, d in itertools.product(shapes, _DIRECTIONS)]
+
+
 def _group_norm_cases(quick: bool) -> list:
     bf16 = torch.bfloat16
     if quick:
@@ -150,4 +191,6 @@ def benchmarks(quick: bool = False) -> list:
         op_benchmark("ada_group_norm", _vae_cases(quick), ada_norm.ada_group_norm, _group_norm_silu),
         op_benchmark("ada_layer_norm", _layer_norm_cases(quick), ada_norm.ada_layer_norm,
                      ada_norm.ada_layer_norm_reference),
+        op_benchmark("gated_residual_ada_layer_norm", _gated_residual_cases(quick),
+                     ada_norm.gated_residual_ada_layer_norm, _residual_then_ada_layer_norm),
     ]

@@ -41,7 +41,11 @@ spread of 1e-2 keeps its digits (float32 cannot hold 1e3 + 1e-7 * 1e3 apart othe
 ada_layer_norm: rows are tokens; a program owns a range of rows of one sample and holds
 BLOCK_N whole rows (BLOCK_C >= C channels) at a time, so each row's statistics are two exact
 passes over registers. Its backward writes per-chunk column sums of dy and dy * xhat, added
-by the same final kernel as the group norm's.
+by the same final kernel as the group norm's. gated_residual_ada_layer_norm is the same pair
+of kernels with GATED_RESIDUAL: the forward forms each tile's rows h = x + gate * branch,
+writes h and normalizes it as rounded to x's dtype; the backward recomputes that h, adds the
+gradient of h to the norm's dx, writes dbranch = gate * dx and a third per-chunk column sum,
+of branch * dx, which the final kernel adds into dgate.
 
 Arithmetic is float32 only (loads are converted first): the contract, and the Triton CPU
 interpreter computes bfloat16 arithmetic wrongly. Offsets are int64, and so are the channel,
@@ -504,12 +508,14 @@ def _input_grad_kernel(
 @triton.jit
 def _modulation_grad_kernel(
     sums_ptr, scale_ptr, s_sb, s_sc, weight_ptr, w_s, bias_ptr, bi_s,
-    dscale_ptr, ds_sb, ds_sc, dshift_ptr, dt_sb, dt_sc, dweight_ptr, dw_s, dbias_ptr, db_s,
+    dscale_ptr, ds_sb, ds_sc, dshift_ptr, dt_sb, dt_sc, dweight_ptr, dw_s, dbias_ptr, db_s, dgate_ptr, dg_sb, dg_sc,
     B, C, num_chunks,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, AFFINE_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, AFFINE_GRADS: tl.constexpr, GATE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """From the per-chunk channel sums A and Bc: dshift = A, dscale = weight Bc + bias A and,
-    with AFFINE_GRADS, dweight = sum_b (1 + scale) Bc, dbias = sum_b (1 + scale) A."""
+    with AFFINE_GRADS, dweight = sum_b (1 + scale) Bc, dbias = sum_b (1 + scale) A; with
+    GATE_GRAD, dgate = the sum of the third per-chunk sum (branch * dx)."""
     channel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = channel < C
     weight, bias = _affine_params(channel, valid, weight_ptr, w_s, bias_ptr, bi_s, HAS_WEIGHT, HAS_BIAS)
@@ -525,6 +531,11 @@ def _modulation_grad_kernel(
         tl.store(dshift_ptr + b64 * dt_sb + channel * dt_sc, sum_dz.to(dshift_ptr.dtype.element_ty), mask=valid)
         dscale = weight * sum_dz_xhat + bias * sum_dz
         tl.store(dscale_ptr + b64 * ds_sb + channel * ds_sc, dscale.to(dscale_ptr.dtype.element_ty), mask=valid)
+        if GATE_GRAD:
+            dgate = tl.zeros((BLOCK,), dtype=tl.float32)
+            for k in range(num_chunks):
+                dgate += tl.load(sums_ptr + _sums_offsets(2, k, b, channel, num_chunks, B, C), mask=valid, other=0.0)
+            tl.store(dgate_ptr + b64 * dg_sb + channel * dg_sc, dgate.to(dgate_ptr.dtype.element_ty), mask=valid)
         if AFFINE_GRADS:
             one_plus_scale = 1.0 + tl.load(scale_ptr + b64 * s_sb + channel * s_sc, mask=valid, other=0.0).to(tl.float32)
             dweight += one_plus_scale * sum_dz_xhat
@@ -567,17 +578,38 @@ def _sample_modulation(b, C, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, BLOCK
 
 
 @triton.jit
+def _sample_gate(b, C, gate_ptr, g_sb, g_sc, BLOCK_C: tl.constexpr):
+    """gate[b] over the channels."""
+    cols = tl.arange(0, BLOCK_C)
+    return tl.load(gate_ptr + b.to(tl.int64) * g_sb + cols.to(tl.int64) * g_sc, mask=cols < C, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gated_residual_rows(x, x_ptr, branch_ptr, gate, b, rows, cols, mask, r_sb, r_sn, r_sc):
+    """(branch, h) of a tile: h = x + gate * branch rounded to x's dtype, as the op stores it."""
+    branch = tl.load(branch_ptr + _row_offsets(b, rows, cols, r_sb, r_sn, r_sc), mask=mask, other=0.0).to(tl.float32)
+    h = x + gate[None, :] * branch
+    return branch, h.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _layer_norm_kernel(
-    x_ptr, y_ptr, scale_ptr, shift_ptr, N, C, ROWS, eps,
-    x_sb, x_sn, x_sc, y_sb, y_sn, y_sc, s_sb, s_sc, t_sb, t_sc,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, y_ptr, scale_ptr, shift_ptr, branch_ptr, gate_ptr, h_ptr, N, C, ROWS, eps,
+    x_sb, x_sn, x_sc, y_sb, y_sn, y_sc, s_sb, s_sc, t_sb, t_sc, r_sb, r_sn, r_sc, g_sb, g_sc, h_sb, h_sn, h_sc,
+    GATED_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """y = adaLN of the rows of x or, with GATED_RESIDUAL, of h = x + gate * branch (written too)."""
     b = tl.program_id(1)
     one_plus_scale, shift = _sample_modulation(b, C, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, BLOCK_C)
+    if GATED_RESIDUAL:
+        gate = _sample_gate(b, C, gate_ptr, g_sb, g_sc, BLOCK_C)
     start, end = _chunk_range(tl.program_id(0), N, ROWS)
     for r0 in range(start, end, BLOCK_N):
         rows, cols, mask = _row_tile(r0, end, C, BLOCK_N, BLOCK_C)
         x = tl.load(x_ptr + _row_offsets(b, rows, cols, x_sb, x_sn, x_sc), mask=mask, other=0.0).to(tl.float32)
+        if GATED_RESIDUAL:
+            _, x = _gated_residual_rows(x, x_ptr, branch_ptr, gate, b, rows, cols, mask, r_sb, r_sn, r_sc)
+            tl.store(h_ptr + _row_offsets(b, rows, cols, h_sb, h_sn, h_sc), x.to(h_ptr.dtype.element_ty), mask=mask)
         centered, rstd = _centered_rows(x, mask, cols, C, eps)
         y = centered * rstd[:, None] * one_plus_scale[None, :] + shift[None, :]
         tl.store(y_ptr + _row_offsets(b, rows, cols, y_sb, y_sn, y_sc), y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -585,18 +617,28 @@ def _layer_norm_kernel(
 
 @triton.jit
 def _layer_norm_backward_kernel(
-    dy_ptr, x_ptr, dx_ptr, sums_ptr, scale_ptr, shift_ptr, B, N, C, ROWS, eps,
-    g_sb, g_sn, g_sc, x_sb, x_sn, x_sc, dx_sb, dx_sn, dx_sc, s_sb, s_sc, t_sb, t_sc,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    dy_ptr, x_ptr, dx_ptr, sums_ptr, scale_ptr, shift_ptr, branch_ptr, gate_ptr, dh_ptr, dbranch_ptr,
+    B, N, C, ROWS, eps,
+    g_sb, g_sn, g_sc, x_sb, x_sn, x_sc, dx_sb, dx_sn, dx_sc, s_sb, s_sc, t_sb, t_sc, r_sb, r_sn, r_sc,
+    gt_sb, gt_sc, dh_sb, dh_sn, dh_sc, dr_sb, dr_sn, dr_sc,
+    GATED_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """dx of adaLN and the per-chunk column sums of dy and dy * xhat; with GATED_RESIDUAL the
+    rows are h = x + gate * branch, dx adds the gradient dh of h, dbranch = gate * dx, and a
+    third column sum holds branch * dx."""
     b = tl.program_id(1)
     one_plus_scale, _ = _sample_modulation(b, C, scale_ptr, s_sb, s_sc, shift_ptr, t_sb, t_sc, BLOCK_C)
+    if GATED_RESIDUAL:
+        gate = _sample_gate(b, C, gate_ptr, gt_sb, gt_sc, BLOCK_C)
+        sum_branch_dx = tl.zeros((BLOCK_C,), dtype=tl.float32)
     start, end = _chunk_range(tl.program_id(0), N, ROWS)
     sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dy_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_N):
         rows, cols, mask = _row_tile(r0, end, C, BLOCK_N, BLOCK_C)
         x = tl.load(x_ptr + _row_offsets(b, rows, cols, x_sb, x_sn, x_sc), mask=mask, other=0.0).to(tl.float32)
+        if GATED_RESIDUAL:
+            branch, x = _gated_residual_rows(x, x_ptr, branch_ptr, gate, b, rows, cols, mask, r_sb, r_sn, r_sc)
         dy = tl.load(dy_ptr + _row_offsets(b, rows, cols, g_sb, g_sn, g_sc), mask=mask, other=0.0).to(tl.float32)
         centered, rstd = _centered_rows(x, mask, cols, C, eps)
         xhat = centered * rstd[:, None]
@@ -604,6 +646,11 @@ def _layer_norm_backward_kernel(
         mean_dxhat = tl.sum(dxhat, axis=1) / C
         mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / C
         dx = rstd[:, None] * (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None])
+        if GATED_RESIDUAL:
+            dx += tl.load(dh_ptr + _row_offsets(b, rows, cols, dh_sb, dh_sn, dh_sc), mask=mask, other=0.0).to(tl.float32)
+            tl.store(dbranch_ptr + _row_offsets(b, rows, cols, dr_sb, dr_sn, dr_sc),
+                     (gate[None, :] * dx).to(dbranch_ptr.dtype.element_ty), mask=mask)
+            sum_branch_dx += tl.sum(branch * dx, axis=0)
         tl.store(dx_ptr + _row_offsets(b, rows, cols, dx_sb, dx_sn, dx_sc), dx.to(dx_ptr.dtype.element_ty), mask=mask)
         sum_dy += tl.sum(dy, axis=0)
         sum_dy_xhat += tl.sum(dy * xhat, axis=0)
@@ -612,6 +659,8 @@ def _layer_norm_backward_kernel(
     k = tl.program_id(0)
     tl.store(sums_ptr + _sums_offsets(0, k, b, cols, num_chunks, B, C), sum_dy, mask=cols < C)
     tl.store(sums_ptr + _sums_offsets(1, k, b, cols, num_chunks, B, C), sum_dy_xhat, mask=cols < C)
+    if GATED_RESIDUAL:
+        tl.store(sums_ptr + _sums_offsets(2, k, b, cols, num_chunks, B, C), sum_branch_dx, mask=cols < C)
 
 
 def _target_programs(device: torch.device, per_sm: int) -> int:
@@ -718,8 +767,9 @@ def ada_group_norm_forward(x, scale, shift, num_groups: int, weight, bias, eps: 
     _group_norm_apply_kernel[plan.grid()](x3, y3, mean, m2, **plan.chunking(), **args, **LAUNCH_OPTIONS)
 
 
-def _finish_modulation_grads(sums, num_chunks, scale, weight, bias, dscale, dshift, dweight=None, dbias=None):
-    """dscale, dshift (and dweight, dbias when given) from the per-chunk channel sums."""
+def _finish_modulation_grads(sums, num_chunks, scale, weight, bias, dscale, dshift, dweight=None, dbias=None,
+                             dgate=None):
+    """dscale, dshift (and dweight, dbias, dgate when given) from the per-chunk channel sums."""
     batch, channels = scale.shape
     affine = dweight is not None
     _modulation_grad_kernel[(triton.cdiv(channels, _FINISH_BLOCK),)](
@@ -729,8 +779,10 @@ def _finish_modulation_grads(sums, num_chunks, scale, weight, bias, dscale, dshi
         dscale, *dscale.stride(), dshift, *dshift.stride(),
         dweight if affine else dscale, dweight.stride(0) if affine else 0,
         dbias if affine else dscale, dbias.stride(0) if affine else 0,
+        dscale if dgate is None else dgate, *(dscale if dgate is None else dgate).stride(),
         batch, channels, num_chunks,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, AFFINE_GRADS=affine, BLOCK=_FINISH_BLOCK,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, AFFINE_GRADS=affine, GATE_GRAD=dgate is not None,
+        BLOCK=_FINISH_BLOCK,
         **LAUNCH_OPTIONS,
     )
 
@@ -770,10 +822,10 @@ def ada_group_norm_backward(grad, x, scale, shift, num_groups: int, weight, bias
 class _RowPlan:
     """Whole rows of C channels, BLOCK_N rows per tile, ROWS rows per program."""
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, op_name: str):
         batch, tokens, channels = x.shape
         if channels > _MAX_LAYER_NORM_CHANNELS:
-            raise ValueError(f"ada_layer_norm: the Triton kernels hold whole rows and support C <= "
+            raise ValueError(f"{op_name}: the Triton kernels hold whole rows and support C <= "
                              f"{_MAX_LAYER_NORM_CHANNELS}, got C={channels}")
         self.block_c = triton.next_power_of_2(max(channels, 1))
         self.block_n = max(1, min(triton.next_power_of_2(max(tokens, 1)), _TILE_ELEMENTS // self.block_c))
@@ -790,30 +842,68 @@ class _RowPlan:
         return dict(BLOCK_N=self.block_n, BLOCK_C=self.block_c, num_warps=self.num_warps)
 
 
+def _row_strides(t) -> tuple:
+    """(b, n, c) strides of a (B, N, C) tensor; zeros for an absent one (never read: GATED_RESIDUAL off)."""
+    return (0, 0, 0) if t is None else t.stride()
+
+
+def _layer_norm_forward(x, scale, shift, eps, y, op_name, branch=None, gate=None, h=None) -> None:
+    """y = adaLN(x) or, given branch, gate and h, h = x + gate * branch and y = adaLN(h)."""
+    if y.numel() == 0:
+        return
+    plan = _RowPlan(x, op_name)
+    batch, tokens, channels = x.shape
+    gated = branch is not None
+    _layer_norm_kernel[plan.grid(batch)](
+        x, y, scale, shift, branch if gated else x, gate if gated else scale, h if gated else y,
+        tokens, channels, plan.rows, eps,
+        *x.stride(), *y.stride(), *scale.stride(), *shift.stride(), *_row_strides(branch),
+        *(gate.stride() if gated else (0, 0)), *_row_strides(h),
+        GATED_RESIDUAL=gated, **plan.meta(), **LAUNCH_OPTIONS,
+    )
+
+
+def _layer_norm_backward(grad, x, scale, shift, eps, dx, dscale, dshift, op_name, branch=None, gate=None,
+                         grad_h=None, dbranch=None, dgate=None) -> None:
+    """The gradients of adaLN, or with branch, gate, grad_h those of the gated residual too."""
+    gated = branch is not None
+    if x.numel() == 0:
+        for t in (dx, dscale, dshift, dbranch, dgate):
+            if t is not None:
+                t.zero_()
+        return
+    plan = _RowPlan(x, op_name)
+    batch, tokens, channels = x.shape
+    sums = torch.empty(3 if gated else 2, plan.num_chunks, batch, channels, device=x.device, dtype=torch.float32)
+    _layer_norm_backward_kernel[plan.grid(batch)](
+        grad, x, dx, sums, scale, shift, branch if gated else x, gate if gated else scale,
+        grad_h if gated else grad, dbranch if gated else dx, batch, tokens, channels, plan.rows, eps,
+        *grad.stride(), *x.stride(), *dx.stride(), *scale.stride(), *shift.stride(), *_row_strides(branch),
+        *(gate.stride() if gated else (0, 0)), *_row_strides(grad_h), *_row_strides(dbranch),
+        GATED_RESIDUAL=gated, **plan.meta(), **LAUNCH_OPTIONS,
+    )
+    _finish_modulation_grads(sums, plan.num_chunks, scale, None, None, dscale, dshift, dgate=dgate)
+
+
 def ada_layer_norm_forward(x, scale, shift, eps: float, *, out) -> None:
     """out = ada_layer_norm(x, scale, shift, eps), written in place."""
-    if out.numel() == 0:
-        return
-    plan = _RowPlan(x)
-    batch, tokens, channels = x.shape
-    _layer_norm_kernel[plan.grid(batch)](
-        x, out, scale, shift, tokens, channels, plan.rows, eps,
-        *x.stride(), *out.stride(), *scale.stride(), *shift.stride(), **plan.meta(), **LAUNCH_OPTIONS,
-    )
+    _layer_norm_forward(x, scale, shift, eps, out, "ada_layer_norm")
 
 
 def ada_layer_norm_backward(grad, x, scale, shift, eps: float, *, out) -> None:
     """out = (dx, dscale, dshift) of ada_layer_norm for the output gradient grad, written in place."""
-    dx, dscale, dshift = out
-    if x.numel() == 0:
-        for t in (dx, dscale, dshift):
-            t.zero_()
-        return
-    plan = _RowPlan(x)
-    batch, tokens, channels = x.shape
-    sums = torch.empty(2, plan.num_chunks, batch, channels, device=x.device, dtype=torch.float32)
-    _layer_norm_backward_kernel[plan.grid(batch)](
-        grad, x, dx, sums, scale, shift, batch, tokens, channels, plan.rows, eps,
-        *grad.stride(), *x.stride(), *dx.stride(), *scale.stride(), *shift.stride(), **plan.meta(), **LAUNCH_OPTIONS,
-    )
-    _finish_modulation_grads(sums, plan.num_chunks, scale, None, None, dscale, dshift)
+    _layer_norm_backward(grad, x, scale, shift, eps, *out, "ada_layer_norm")
+
+
+def gated_residual_ada_layer_norm_forward(x, branch, gate, scale, shift, eps: float, *, out) -> None:
+    """out = (h, y) of gated_residual_ada_layer_norm, written in place."""
+    h, y = out
+    _layer_norm_forward(x, scale, shift, eps, y, "gated_residual_ada_layer_norm", branch, gate, h)
+
+
+def gated_residual_ada_layer_norm_backward(grad_h, grad_y, x, branch, gate, scale, shift, eps: float, *,
+                                           out) -> None:
+    """out = (dx, dbranch, dgate, dscale, dshift) of gated_residual_ada_layer_norm, written in place."""
+    dx, dbranch, dgate, dscale, dshift = out
+    _layer_norm_backward(grad_y, x, scale, shift, eps, dx, dscale, dshift, "gated_residual_ada_layer_norm",
+                         branch, gate, grad_h, dbranch, dgate)

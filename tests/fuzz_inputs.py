@@ -118,6 +118,11 @@ SIZES = {
         "tokens": Size((("x", 1),)),
         "channels": Size((("x", 2), ("scale", 1), ("shift", 1)), False),
     },
+    "gated_residual_ada_layer_norm": {
+        "batch": _batch("x", "branch", "gate", "scale", "shift"),
+        "tokens": Size((("x", 1), ("branch", 1))),
+        "channels": Size((("x", 2), ("branch", 2), ("gate", 1), ("scale", 1), ("shift", 1)), False),
+    },
     "bias_act": {
         "batch": _batch("x"),
         "channels": Size((("x", "dim"), ("b", 0)), False),

@@ -1,6 +1,6 @@
-"""Adaptive group / layer norm: every implementation against the float64 reference (fused and
-split statistics paths), large-mean inputs, gradients, determinism, errors; the CUDA
-extension's argument checks (without a GPU too)."""
+"""Adaptive group / layer norm and the gated residual fused with adaLN: every implementation
+against the float64 reference (fused and split statistics paths), large-mean inputs, gradients,
+determinism, errors; the CUDA extension's argument checks (without a GPU too)."""
 import math
 
 import pytest
@@ -16,6 +16,8 @@ from fastgen.ops.ada_norm import (
     ADA_GROUP_NORM_BACKWARD,
     ADA_LAYER_NORM,
     ADA_LAYER_NORM_BACKWARD,
+    GATED_RESIDUAL_ADA_LAYER_NORM,
+    GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD,
     ada_group_norm,
     ada_group_norm_backward,
     ada_group_norm_reference,
@@ -23,6 +25,9 @@ from fastgen.ops.ada_norm import (
     ada_layer_norm_reference,
     ada_group_norm_backward_cuda,
     ada_group_norm_cuda,
+    gated_residual_ada_layer_norm,
+    gated_residual_ada_layer_norm_backward,
+    gated_residual_ada_layer_norm_reference,
 )
 from fastgen.ops.registry import random_tensor
 
@@ -480,6 +485,216 @@ def test_layer_norm_kernel_says_which_widths_it_supports():
     x = torch.ones(1, 1, 16385)
     with fastgen.use_backend("triton"), pytest.raises(ValueError, match="support C <= 16384, got C=16385"):
         ada_layer_norm(x, torch.ones(1, 16385), torch.ones(1, 16385))
+    with fastgen.use_backend("triton"), pytest.raises(
+            ValueError, match="gated_residual_ada_layer_norm: the Triton kernels hold whole rows and support C <= 16384"):
+        gated_residual_ada_layer_norm(x, x, *(torch.ones(1, 16385) for _ in "gab"))
+
+
+# The gated residual fused with the next adaLN (gated_residual_ada_layer_norm).
+
+_GATED_TARGETS = [pytest.param(CPU, id="cpu-triton-interpreter"),
+                  pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
+
+
+@st.composite
+def gated_residual_inputs(draw, device, generator):
+    """Positional gated_residual_ada_layer_norm args: odd token counts and widths, x and branch
+    contiguous or sliced independently, the per-sample vectors sliced or not, every dtype."""
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.sampled_from([1, 7, 33, 72, 200])))
+    x, branch = (random_tensor(shape, draw(st.sampled_from(["contiguous", "sliced"])), device, dtype, generator)
+                 for _ in "xb")
+    gate, scale, shift = (random_tensor((shape[0], shape[2]), draw(st.sampled_from(["contiguous", "sliced"])), device,
+                                        dtype, generator) for _ in "gab")
+    return x, branch, gate, scale, shift, draw(st.sampled_from([1e-6, 1e-3]))
+
+
+def _straight_through_reference(x, branch, gate, scale, shift, eps, h):
+    """The op's contract in float64 on float64 leaves: h = x + gate * branch, y = adaLN of the
+    given h (the op's h, rounded to its dtype), with the rounding passing gradients through."""
+    exact = x + gate[:, None, :] * branch
+    rounded = exact + (h.detach().double() - exact).detach()
+    return exact, ada_layer_norm_reference(rounded, scale, shift, eps)
+
+
+def _gated_reference_gradients(args, h, grad_h, grad_y):
+    leaves = [a.detach().double().requires_grad_() for a in args[:5]]
+    outputs = _straight_through_reference(*leaves, args[5], h)
+    return torch.autograd.grad(outputs, leaves, (grad_h.double(), grad_y.double()))
+
+
+def _gated_gradient_magnitudes(args, h, grad_h, grad_y):
+    """The size of the terms each gradient sums (dx, dbranch, dgate, dscale, dshift), in float64,
+    for mismatch's rtol: dx = dh + rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) cancels
+    where its terms do, and dgate, dscale, dshift sum signed terms over the tokens."""
+    x, branch, gate, scale, shift = _upcast(args[:5])
+    h, grad_h, grad_y = _upcast((h, grad_h, grad_y))
+    rstd = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + args[5])
+    xhat = (h - h.mean(-1, keepdim=True)) * rstd
+    dxhat = (grad_y * (1 + scale[:, None, :])).abs()
+    dh = grad_h.abs() + rstd * (dxhat + dxhat.mean(-1, keepdim=True)
+                                + xhat.abs() * (dxhat * xhat.abs()).mean(-1, keepdim=True))
+    return dh, gate.abs()[:, None, :] * dh, (branch.abs() * dh).sum(1), (grad_y * xhat).abs().sum(1), grad_y.abs().sum(1)
+
+
+_GATED_GRAD_NAMES = ("dx", "dbranch", "dgate", "dscale", "dshift")
+
+
+def _run_gated_forward(args):
+    out = _poisoned(GATED_RESIDUAL_ADA_LAYER_NORM.allocate_output(*args))
+    GATED_RESIDUAL_ADA_LAYER_NORM.implementations["triton"].run(*args, out=out)
+    return out
+
+
+def _run_gated_backward(grad_h, grad_y, args):
+    grads = _poisoned(GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD.allocate_output(grad_h, grad_y, *args))
+    GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD.implementations["triton"].run(grad_h, grad_y, *args, out=grads)
+    return grads
+
+
+@pytest.mark.parametrize("device", _GATED_TARGETS)
+@_HYPOTHESIS
+@given(data=st.data())
+def test_gated_residual_forward_and_backward_kernels_match_reference(device, data, generator):
+    """h against the float64 residual; y against float64 adaLN of the h the kernel returned (the
+    op normalizes its rounded h); the gradients, written over NaN, against float64 autograd."""
+    args = data.draw(gated_residual_inputs(device, generator))
+    h, y = _run_gated_forward(args)
+    _assert_close_to(h, gated_residual_ada_layer_norm_reference(*_upcast(args))[0], "h")
+    _assert_close_to(y, ada_layer_norm_reference(*_upcast((h, args[3], args[4])), args[5]), "y")
+    grad_h, grad_y = (random_tensor(tuple(args[0].shape), "sliced", device, args[0].dtype, generator) for _ in "hy")
+    grads = _run_gated_backward(grad_h, grad_y, args)
+    expected = _gated_reference_gradients(args, h, grad_h, grad_y)
+    magnitudes = _gated_gradient_magnitudes(args, h, grad_h, grad_y)
+    for name, actual, reference, magnitude in zip(_GATED_GRAD_NAMES, grads, expected, magnitudes):
+        _assert_close_to(actual, reference, name, magnitude)
+
+
+def test_gated_residual_statistics_survive_a_large_mean(generator):
+    """h with mean 1e3 and spread 1e-2 (float32): the pivot keeps y's digits, as in adaLN."""
+    x = 1e3 + 1e-2 * torch.randn(2, 9, 96, generator=generator)
+    branch = 1e-2 * torch.randn(2, 9, 96, generator=generator)
+    gate, scale, shift = (torch.randn(2, 96, generator=generator) for _ in "gab")
+    h, y = _run_gated_forward((x, branch, gate, scale, shift, 1e-6))
+    _assert_close_to(h, gated_residual_ada_layer_norm_reference(*_upcast((x, branch, gate, scale, shift)))[0], "h")
+    _assert_close_to(y, ada_layer_norm_reference(h.double(), scale.double(), shift.double()), "y")
+
+
+def test_gated_residual_propagates_non_finite_values_as_the_reference(generator):
+    """An infinity or NaN in x, branch or gate makes h non-finite exactly where the reference's
+    is (same values), the rows it reaches non-finite in y, and the gradients it reaches
+    non-finite, as float64 autograd of the reference."""
+    shape = (2, 7, 24)
+    x, branch = (torch.randn(shape, generator=generator) for _ in "xb")
+    gate, scale, shift = (torch.randn(2, 24, generator=generator) for _ in "gab")
+    x[0, 3, 5], branch[1, 2, 7], gate[1, 20] = float("inf"), float("nan"), float("-inf")
+    args = (x, branch, gate, scale, shift, 1e-6)
+    h, y = _run_gated_forward(args)
+    expected_h, expected_y = gated_residual_ada_layer_norm_reference(*_upcast(args))
+    torch.testing.assert_close(h, expected_h.float(), equal_nan=True)
+    assert torch.equal(y.isfinite(), expected_y.isfinite()) and not y.isfinite().all()
+    grad_h, grad_y = (torch.randn(shape, generator=generator) for _ in "hy")
+    grads = _run_gated_backward(grad_h, grad_y, args)
+    leaves = [a.double().requires_grad_() for a in args[:5]]
+    expected = torch.autograd.grad(gated_residual_ada_layer_norm_reference(*leaves, 1e-6), leaves,
+                                   (grad_h.double(), grad_y.double()))
+    for name, actual, reference in zip(_GATED_GRAD_NAMES, grads, expected):
+        assert torch.equal(actual.isfinite(), reference.isfinite()), name
+        finite = reference.isfinite()
+        _assert_close_to(actual[finite], reference[finite], name)
+
+
+@pytest.mark.parametrize("device", _GATED_TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("outputs_used", ["both", "y only"])
+def test_gated_residual_autograd_runs_the_fast_backward(device, dtype, outputs_used, generator):
+    """Through the custom op with the Triton backend (backward after the use_backend block),
+    against the float64 contract; with only y used, the gradient of h arrives as zeros."""
+    args = (*(random_tensor(shape, "contiguous", device, dtype, generator).requires_grad_()
+              for shape in ((2, 11, 40), (2, 11, 40), (2, 40), (2, 40), (2, 40))), 1e-6)
+    with fastgen.use_backend("triton"):
+        h, y = gated_residual_ada_layer_norm(*args)
+    grad_y = random_tensor((2, 11, 40), "contiguous", device, dtype, generator)
+    grad_h = (random_tensor((2, 11, 40), "contiguous", device, dtype, generator) if outputs_used == "both"
+              else torch.zeros_like(grad_y))
+    if outputs_used == "both":
+        torch.autograd.backward((h, y), (grad_h, grad_y))
+    else:
+        y.backward(grad_y)
+    expected = _gated_reference_gradients(args, h, grad_h, grad_y)
+    magnitudes = _gated_gradient_magnitudes(args, h, grad_h, grad_y)
+    for name, leaf, reference, magnitude in zip(_GATED_GRAD_NAMES, args, expected, magnitudes):
+        _assert_close_to(leaf.grad, reference, f"{name} through autograd", magnitude)
+
+
+def test_gated_residual_gradcheck_and_compile(generator):
+    """The registered autograd against finite differences (float64, reference backend), and the
+    forward and backward ops traced into one graph each, agreeing with eager under Triton."""
+    leaves = [torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+              for shape in ((2, 3, 5), (2, 3, 5), (2, 5), (2, 5), (2, 5))]
+    with fastgen.use_backend("reference"):
+        assert torch.autograd.gradcheck(gated_residual_ada_layer_norm, tuple(leaves))
+
+    def block(x, branch, gate, scale, shift):
+        h, y = gated_residual_ada_layer_norm(x * 2.0, branch, gate, scale, shift)
+        return h.square().sum() + y.sin().sum()
+
+    inputs = tuple(leaf.detach().float().requires_grad_() for leaf in leaves)
+    with fastgen.use_backend("triton"):
+        expected = torch.autograd.grad(block(*inputs), inputs)
+        actual = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(*inputs), inputs)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+def test_gated_residual_has_no_cuda_kernel_and_runs_as_auto_under_cuda(generator):
+    """Backend "cuda" names no implementation of this op: it runs as under "auto" (the reference
+    for CPU tensors, Triton on a GPU), not an error."""
+    assert "cuda" not in GATED_RESIDUAL_ADA_LAYER_NORM.implementations
+    assert "cuda" not in GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD.implementations
+    args = (*(torch.randn(2, 3, 8, generator=generator) for _ in "xb"), *(torch.randn(2, 8, generator=generator)
+                                                                           for _ in "gab"))
+    with fastgen.use_backend("cuda"):
+        actual = gated_residual_ada_layer_norm(*args)
+    for a, e in zip(actual, gated_residual_ada_layer_norm_reference(*args)):
+        assert torch.equal(a, e)
+
+
+def _gated_args(**changes):
+    args = dict(x=torch.ones(2, 3, 4), branch=torch.ones(2, 3, 4), gate=torch.ones(2, 4), scale=torch.ones(2, 4),
+                shift=torch.ones(2, 4), eps=1e-6)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (_gated_args(x=torch.ones(2, 3)), ValueError, r"x must be 3-D \(B, N, C\), got shape \(2, 3\)"),
+        (_gated_args(branch=torch.ones(2, 4, 4)), ValueError,
+         r"branch must have shape of x = \(2, 3, 4\), got \(2, 4, 4\)"),
+        (_gated_args(gate=torch.ones(1, 4)), ValueError, r"gate must have shape \(B, C\) = \(2, 4\), got \(1, 4\)"),
+        (_gated_args(gate=torch.ones(2, 4, dtype=torch.float16)), TypeError,
+         "gate dtype torch.float16 must match x dtype torch.float32"),
+        (_gated_args(branch=torch.ones(2, 3, 4, dtype=torch.int64)), TypeError,
+         "branch must be float32, float16, bfloat16 or float64, got torch.int64"),
+        (_gated_args(scale=torch.ones(2, 5)), ValueError, r"scale must have shape \(B, C\) = \(2, 4\), got \(2, 5\)"),
+        (_gated_args(eps=-1.0), ValueError, "eps must be a finite number > 0, got -1.0"),
+    ],
+)
+def test_gated_residual_bad_input_gets_a_clear_error(args, error, message):
+    for function in (gated_residual_ada_layer_norm, gated_residual_ada_layer_norm_reference):
+        with pytest.raises(error, match=f"gated_residual_ada_layer_norm: {message}"):
+            function(**args)
+
+
+def test_gated_residual_backward_op_checks_both_gradients():
+    args = _gated_args()
+    with pytest.raises(ValueError, match=r"backward: grad_h must have shape of x = \(2, 3, 4\), got \(2, 3\)"):
+        gated_residual_ada_layer_norm_backward(torch.ones(2, 3), torch.ones(2, 3, 4), *args.values())
+    with pytest.raises(TypeError, match="backward: grad_y dtype torch.float64 must match x dtype torch.float32"):
+        gated_residual_ada_layer_norm_backward(torch.ones(2, 3, 4), torch.ones(2, 3, 4, dtype=torch.float64),
+                                               *args.values())
 
 
 @pytest.mark.gpu

@@ -22,6 +22,7 @@ ZERO_SIZES = {
     "cross_attention": {"batch": ((0, 0), (1, 0), (2, 0), (3, 0)), "queries": ((0, 1),),
                         "keys": ((1, 1), (2, 1), (3, 1))},
     "filtered_lrelu": {"batch": ((0, 0),)},
+    "gated_residual_ada_layer_norm": {"batch": ((0, 0), (1, 0), (2, 0), (3, 0), (4, 0)), "tokens": ((0, 1), (1, 1))},
     "linear_attention": {"batch": ((0, 0), (1, 0), (2, 0)), "queries": ((0, 1),), "keys": ((1, 1), (2, 1))},
     "pixel_unshuffle_channel_avg": {"batch": ((0, 0), (3, 0)), "height": ((0, 2), (3, 2)), "width": ((0, 3), (3, 3))},
     "qk_norm_rope": {"batch": ((0, 0), (1, 0)), "tokens": ((0, 1), (1, 1), (4, 0), (5, 0)), "heads": ((0, 2), (1, 2))},

@@ -125,6 +125,7 @@ STATED_CONTRACTS = (
     # follows the docstring's formulas, not torch's group_norm / layer_norm internals.
     StatedContract("ada_group_norm", "inf", ("scale", "weight"), non_finite="either"),
     StatedContract("ada_layer_norm", "inf", ("scale",), non_finite="either"),
+    StatedContract("gated_residual_ada_layer_norm", "inf", ("scale",), non_finite="either"),
     # fastgen/ops/filtered_lrelu.py: a tap multiplies only samples of the signal it filters; the
     # CUDA kernel gives exactly that, the Triton kernel's banded products make a whole tile of y
     # or dx NaN around a non-finite value (a finite value where the contract has none: never).

@@ -22,6 +22,20 @@ the C channels (no affine of its own) and modulate with the token's sample:
 
 as in DiT's adaLN, SANA's t2i_modulate and VAR's AdaLN. y is contiguous with x's dtype.
 
+`gated_residual_ada_layer_norm(x, branch, gate, scale, shift, eps=1e-6)` -> (h, y), x and branch
+(B, N, C), gate, scale and shift (B, C): the gated residual of an adaLN-Zero block followed by the
+next modulated norm (SD3's and FLUX.1's joint blocks: the attention's residual, then norm2),
+
+    h[b, n, :] = x[b, n, :] + gate[b] * branch[b, n, :]
+    y          = ada_layer_norm(h, scale, shift, eps)
+
+h is computed in float32 (float64 for float64 inputs) and rounded once to x's dtype, and y
+normalizes that rounded h, the tensor the op returns: the result is the two-step composition
+with a once-rounded residual. One pass reads x and branch and writes h and y, where the two
+steps read x, branch and h and write h and y (with the product gate * branch a pass of its own
+in eager PyTorch). Whether that beats torch.compile of the two steps is for the benchmark
+(bench/ops_ada_norm.py) to decide; callers make the fused call selectable.
+
 Statistics are float32 (float64 for float64 inputs) whatever the input dtype. They stay exact
 for a large mean: the fast kernels subtract a pivot (the group's / row's first element) before
 summing, so neither the mean of shifted values nor (x - pivot) - mean loses digits to the
@@ -38,6 +52,12 @@ A = sum over positions of dz, Bc = sum over positions of dz * xhat:
                                                                         group's C/G*S elements)
 
 adaLN is the same with G = 1 per token, u = 1 + scale and sums over the token's channels.
+For the gated residual, with dh and dy the gradients of its two outputs, the gradient reaching h
+is dH = dh + (adaLN's dx of h for dy), and
+
+    dx = dH        dbranch = gate[b] * dH        dgate[b, c] = sum over tokens of branch * dH
+
+with dscale and dshift those of adaLN for dy; h is recomputed (and rounded) from x, branch and gate.
 
 Non-finite values propagate through these formulas, evaluated in the order written: every
 output and gradient that a NaN or an infinity reaches is non-finite, and no other. Where an
@@ -46,10 +66,11 @@ above (an infinity times a 0 xhat is NaN); the eager references' torch group_nor
 compute x * (rstd * weight) + (bias - mu * rstd * weight) and backward formulas of their own,
 so they can hold NaN there where the kernels hold an infinity, and the other way round.
 
-Each backward is an op of its own (`ada_group_norm_backward`, `ada_layer_norm_backward`) so
-that the fast backward is one graph node under torch.compile; the statistics are recomputed
-there from x rather than saved, so each forward op keeps its single output. The backward ops
-have no autograd formula themselves: first-order gradients only.
+Each backward is an op of its own (`ada_group_norm_backward`, `ada_layer_norm_backward`,
+`gated_residual_ada_layer_norm_backward`) so that the fast backward is one graph node under
+torch.compile; the statistics are recomputed there from x rather than saved, so no forward op
+has outputs beyond its results. The backward ops have no autograd formula themselves:
+first-order gradients only.
 """
 from __future__ import annotations
 
@@ -101,9 +122,15 @@ def _check_layer_norm_inputs(op_name, x, scale, shift, eps) -> None:
     check_number(op_name, "eps", eps, positive=True)
 
 
-def _check_grad(op_name: str, grad, x: torch.Tensor) -> None:
-    _check_tensor(op_name, "grad", grad, 0, "like x")
-    check_companion(op_name, "grad", grad, x, tuple(x.shape), "of x")
+def _check_gated_residual_inputs(op_name, x, branch, gate, scale, shift, eps) -> None:
+    _check_layer_norm_inputs(op_name, x, scale, shift, eps)
+    check_companion(op_name, "branch", branch, x, tuple(x.shape), "of x")
+    check_companion(op_name, "gate", gate, x, tuple(scale.shape), "(B, C)")
+
+
+def _check_grad(op_name: str, grad, x: torch.Tensor, name: str = "grad") -> None:
+    _check_tensor(op_name, name, grad, 0, "like x")
+    check_companion(op_name, name, grad, x, tuple(x.shape), "of x")
 
 
 def _like_x(x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +168,22 @@ def _allocate_layer_norm_gradients(grad, x, scale, shift, eps=1e-6):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(scale), torch.empty_like(shift)
 
 
+def _allocate_gated_residual_outputs(x, branch, gate, scale, shift, eps=1e-6):
+    """(h, y)."""
+    _check_gated_residual_inputs("gated_residual_ada_layer_norm", x, branch, gate, scale, shift, eps)
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in "hy")
+
+
+def _allocate_gated_residual_gradients(grad_h, grad_y, x, branch, gate, scale, shift, eps=1e-6):
+    """(dx, dbranch, dgate, dscale, dshift)."""
+    op_name = "gated_residual_ada_layer_norm_backward"
+    _check_gated_residual_inputs(op_name, x, branch, gate, scale, shift, eps)
+    _check_grad(op_name, grad_h, x, "grad_h")
+    _check_grad(op_name, grad_y, x, "grad_y")
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty_like(gate), torch.empty_like(scale), torch.empty_like(shift))
+
+
 def _expand_per_channel(t: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     return t.reshape(*t.shape, *([1] * spatial_dims))
 
@@ -167,6 +210,20 @@ def ada_layer_norm_reference(x, scale, shift, eps=1e-6):
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+def _gated_residual(x, branch, gate):
+    """h = x + gate[b] * branch in float32 (float64 for float64), rounded once to x's dtype."""
+    compute = _compute_dtype(x.dtype)
+    return (x.to(compute) + gate.to(compute)[:, None, :] * branch.to(compute)).to(x.dtype)
+
+
+def gated_residual_ada_layer_norm_reference(x, branch, gate, scale, shift, eps=1e-6):
+    """(h, y): the gated residual of the module docstring, then ada_layer_norm's eager formulation
+    of the rounded h."""
+    _check_gated_residual_inputs("gated_residual_ada_layer_norm", x, branch, gate, scale, shift, eps)
+    h = _gated_residual(x, branch, gate)
+    return h, ada_layer_norm_reference(h, scale, shift, eps)
 
 
 def ada_group_norm_backward_reference(grad, x, scale, shift, num_groups, weight=None, bias=None, eps=1e-5, act=None):
@@ -208,10 +265,8 @@ def ada_group_norm_backward_reference(grad, x, scale, shift, num_groups, weight=
     return tuple(t.to(x.dtype) for t in (dx, dscale, sum_dz, dweight, dbias))
 
 
-def ada_layer_norm_backward_reference(grad, x, scale, shift, eps=1e-6):
-    """The backward formulas of the module docstring in eager PyTorch."""
-    _check_layer_norm_inputs("ada_layer_norm_backward", x, scale, shift, eps)
-    _check_grad("ada_layer_norm_backward", grad, x)
+def _layer_norm_gradients(grad, x, scale, eps) -> tuple:
+    """(dx, dscale, dshift) of adaLN by the module docstring's formulas, in the compute dtype."""
     compute = _compute_dtype(x.dtype)
     x_, grad_ = x.to(compute), grad.to(compute)
     mean = x_.mean(-1, keepdim=True)
@@ -219,7 +274,26 @@ def ada_layer_norm_backward_reference(grad, x, scale, shift, eps=1e-6):
     xhat = (x_ - mean) * rstd
     dxhat = grad_ * (1 + scale.to(compute))[:, None, :]
     dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-    return tuple(t.to(x.dtype) for t in (dx, (grad_ * xhat).sum(1), grad_.sum(1)))
+    return dx, (grad_ * xhat).sum(1), grad_.sum(1)
+
+
+def ada_layer_norm_backward_reference(grad, x, scale, shift, eps=1e-6):
+    """The backward formulas of the module docstring in eager PyTorch."""
+    _check_layer_norm_inputs("ada_layer_norm_backward", x, scale, shift, eps)
+    _check_grad("ada_layer_norm_backward", grad, x)
+    return tuple(t.to(x.dtype) for t in _layer_norm_gradients(grad, x, scale, eps))
+
+
+def gated_residual_ada_layer_norm_backward_reference(grad_h, grad_y, x, branch, gate, scale, shift, eps=1e-6):
+    """(dx, dbranch, dgate, dscale, dshift) by the module docstring's formulas in eager PyTorch."""
+    _allocate_gated_residual_gradients(grad_h, grad_y, x, branch, gate, scale, shift, eps)
+    compute = _compute_dtype(x.dtype)
+    h = _gated_residual(x, branch, gate)
+    dh_norm, dscale, dshift = _layer_norm_gradients(grad_y, h, scale, eps)
+    dh = grad_h.to(compute) + dh_norm
+    dbranch = gate.to(compute)[:, None, :] * dh
+    dgate = (branch.to(compute) * dh).sum(1)
+    return tuple(t.to(x.dtype) for t in (dh, dbranch, dgate, dscale, dshift))
 
 
 def _group_norm_case(label, shape, num_groups, layout="contiguous", affine=True, act="silu", eps=1e-5):
@@ -242,6 +316,16 @@ def _layer_norm_case(label, shape, layout="contiguous"):
     return CheckCase(label, make_args)
 
 
+def _gated_residual_case(label, shape, layout="contiguous", gate_layout="contiguous"):
+    def make_args(device, dtype, generator):
+        x, branch = (random_tensor(shape, layout, device, dtype, generator) for _ in "xb")
+        gate = random_tensor((shape[0], shape[2]), gate_layout, device, dtype, generator)
+        scale, shift = (random_tensor((shape[0], shape[2]), "contiguous", device, dtype, generator) for _ in "ab")
+        return (x, branch, gate, scale, shift, 1e-6)
+
+    return CheckCase(label, make_args)
+
+
 def _group_norm_cases():
     return [
         _group_norm_case("AdaGN G8 C24 9x7 silu", (2, 24, 9, 7), 8),
@@ -258,24 +342,44 @@ def _layer_norm_cases():
     ]
 
 
+def _gated_residual_cases():
+    return [
+        _gated_residual_case("gated residual N17 C72", (2, 17, 72)),
+        _gated_residual_case("gated residual N5 C200 sliced", (1, 5, 200), "sliced", "sliced"),
+        _gated_residual_case("gated residual N9 C33", (3, 9, 33), gate_layout="sliced"),
+    ]
+
+
 ADA_GROUP_NORM = register(Op(name="ada_group_norm", reference=ada_group_norm_reference,
                              allocate_output=_allocate_group_norm_output, check_cases=_group_norm_cases))
 ADA_LAYER_NORM = register(Op(name="ada_layer_norm", reference=ada_layer_norm_reference,
                              allocate_output=_allocate_layer_norm_output, check_cases=_layer_norm_cases))
-# Not in OPS (`fastgen check` drives ops with one output): the backward ops are checked through
-# the forward ops' "bwd" direction, which runs them with the backend forced.
+GATED_RESIDUAL_ADA_LAYER_NORM = register(Op(name="gated_residual_ada_layer_norm",
+                                            reference=gated_residual_ada_layer_norm_reference,
+                                            allocate_output=_allocate_gated_residual_outputs,
+                                            check_cases=_gated_residual_cases))
+# Not in OPS: the backward ops are checked through the forward ops' "bwd" direction, which runs
+# them with the backend forced.
 ADA_GROUP_NORM_BACKWARD = Op(name="ada_group_norm_backward", called_as="ada_group_norm's backward",
                              reference=ada_group_norm_backward_reference,
                              allocate_output=_allocate_group_norm_gradients)
 ADA_LAYER_NORM_BACKWARD = Op(name="ada_layer_norm_backward", called_as="ada_layer_norm's backward",
                              reference=ada_layer_norm_backward_reference,
                              allocate_output=_allocate_layer_norm_gradients)
+GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD = Op(name="gated_residual_ada_layer_norm_backward",
+                                            called_as="gated_residual_ada_layer_norm's backward",
+                                            reference=gated_residual_ada_layer_norm_backward_reference,
+                                            allocate_output=_allocate_gated_residual_gradients)
 
 
 ADA_GROUP_NORM.implement_at("triton", "fastgen.kernels.ada_norm:ada_group_norm_forward")
 ADA_GROUP_NORM_BACKWARD.implement_at("triton", "fastgen.kernels.ada_norm:ada_group_norm_backward")
 ADA_LAYER_NORM.implement_at("triton", "fastgen.kernels.ada_norm:ada_layer_norm_forward")
 ADA_LAYER_NORM_BACKWARD.implement_at("triton", "fastgen.kernels.ada_norm:ada_layer_norm_backward")
+# No CUDA kernel: under backend "cuda" the gated residual runs as under "auto" (Triton on a GPU).
+GATED_RESIDUAL_ADA_LAYER_NORM.implement_at("triton", "fastgen.kernels.ada_norm:gated_residual_ada_layer_norm_forward")
+GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD.implement_at(
+    "triton", "fastgen.kernels.ada_norm:gated_residual_ada_layer_norm_backward")
 
 
 # The CUDA kernels (csrc/ada_norm.cu) take x as (B, C, S) like the Triton ones, and plan their
@@ -392,6 +496,22 @@ def ada_layer_norm_backward(
     """(dx, dscale, dshift) of ada_layer_norm for the output gradient `grad`."""
 
 
+@define_custom_op(GATED_RESIDUAL_ADA_LAYER_NORM)
+def gated_residual_ada_layer_norm(
+    x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = x + gate[b] * branch, y = ada_layer_norm(h, scale, shift, eps) (module docstring)."""
+
+
+@define_custom_op(GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD)
+def gated_residual_ada_layer_norm_backward(
+    grad_h: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor,
+    scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dbranch, dgate, dscale, dshift) of gated_residual_ada_layer_norm for its outputs' gradients."""
+
+
 def _group_norm_setup_context(ctx, inputs, output):
     x, scale, shift, num_groups, weight, bias, eps, act = inputs
     ctx.save_for_backward(x, scale, shift, weight, bias)
@@ -417,5 +537,15 @@ def _layer_norm_backward(ctx, grad):
     return dx, dscale, dshift, None
 
 
+def _gated_residual_setup_context(ctx, inputs, output):
+    *tensors, ctx.eps = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _gated_residual_backward(ctx, grad_h, grad_y):
+    return (*gated_residual_ada_layer_norm_backward(grad_h, grad_y, *ctx.saved_tensors, ctx.eps), None)
+
+
 register_autograd(ada_group_norm, _group_norm_backward, _group_norm_setup_context)
 register_autograd(ada_layer_norm, _layer_norm_backward, _layer_norm_setup_context)
+register_autograd(gated_residual_ada_layer_norm, _gated_residual_backward, _gated_residual_setup_context)
