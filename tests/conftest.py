@@ -4,6 +4,7 @@ backend on CPU tensors: csrc/ compiled as host C++ against tests/cuda_emulation,
 each block's threads concurrently (see its cuda_runtime.h). Also the fixtures every op family's
 CUDA tests share: the built extension, and fake tensor arguments for its argument checks."""
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -113,6 +114,25 @@ def generator():
     seed = int(os.environ.get("FASTGEN_TEST_SEED") or torch.seed() % (2**63))
     print(f"generator seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def kernel_runs(monkeypatch):
+    """kernel_runs(op, backend="triton"): a list that gets the first argument's shape of every
+    run of the op's implementation under that backend from then on, for tests asserting that a
+    model or an accelerated module actually reaches the fast kernel."""
+
+    def count(op, backend="triton"):
+        runs, implementation = [], op.implementations[backend]
+
+        def counting(*args, out):
+            runs.append(tuple(args[0].shape))
+            implementation.run(*args, out=out)
+
+        monkeypatch.setitem(op.implementations, backend, dataclasses.replace(implementation, target=counting))
+        return runs
+
+    return count
 
 
 def _find_nvcc():

@@ -9,6 +9,7 @@ import torch
 
 import fastgen
 from fastgen.models import flux
+from fastgen.ops.ada_norm import GATED_RESIDUAL_ADA_LAYER_NORM, GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
 
@@ -132,16 +133,20 @@ def _loss_and_grads(model, *inputs):
     return out.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
 
 
-def test_triton_backend_matches_the_reference_values_and_gradients(generator):
-    """Every op of the model (qk_norm_rope into the joint q and k, cross_attention, ada_layer_norm)
-    on the Triton kernels, under the interpreter here: the output and every parameter's gradient."""
+def test_triton_backend_matches_the_reference_values_and_gradients(generator, kernel_runs):
+    """Every op of the model (qk_norm_rope into the joint q and k, cross_attention, ada_layer_norm,
+    gated_residual_ada_layer_norm) on the Triton kernels, under the interpreter here: the output
+    and every parameter's gradient. The fused residual and norm2 run once per stream of each of
+    the two joint blocks, forward and backward."""
     _, model = _pair(generator)
     latents, text, pooled, timestep, guidance = _inputs(generator, batch=1)
     inputs = (flux.pack_latents(latents), text, pooled, timestep, flux.image_ids(6, 10), flux.text_ids(7), guidance)
     with fastgen.use_backend("reference"):
         expected, expected_grads = _loss_and_grads(model, *inputs)
+    fused = [kernel_runs(op) for op in (GATED_RESIDUAL_ADA_LAYER_NORM, GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD)]
     with fastgen.use_backend("triton"):
         out, grads = _loss_and_grads(model, *inputs)
+    assert [len(runs) for runs in fused] == [4, 4]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -9,6 +9,7 @@ import torch
 
 import fastgen
 from fastgen.models import sd3
+from fastgen.ops.ada_norm import GATED_RESIDUAL_ADA_LAYER_NORM, GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
 
@@ -121,15 +122,18 @@ def _loss_and_grads(model, *inputs):
 
 
 @pytest.mark.parametrize("variant", ["qk-norm", "dual-attention"])
-def test_triton_backend_matches_the_reference_values_and_gradients(generator, variant):
+def test_triton_backend_matches_the_reference_values_and_gradients(generator, variant, kernel_runs):
     """Every op of the model on the Triton kernels, under the interpreter here: the output and
-    every gradient."""
+    every gradient. Each joint block's attention residual and norm2 run fused, forward and
+    backward: both streams in the first block, the image stream in the last (context_pre_only)."""
     _, model = _pair(generator, VARIANTS[variant])
     inputs = _inputs(generator, batch=1)
     with fastgen.use_backend("reference"):
         expected, expected_grads = _loss_and_grads(model, *inputs)
+    fused = [kernel_runs(op) for op in (GATED_RESIDUAL_ADA_LAYER_NORM, GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD)]
     with fastgen.use_backend("triton"):
         out, grads = _loss_and_grads(model, *inputs)
+    assert [len(runs) for runs in fused] == [3, 3]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():

@@ -20,7 +20,9 @@ image first; the attention does not depend on the order of its keys, and SD3 has
 adaLN-Zero. The conditioning vector e (B, C) gives per-sample vectors through
 silu(e) W + b -> (B, k C), split into k vectors in the order diffusers uses; a modulated norm is
 LayerNorm(x) (no affine, eps 1e-6) * (1 + scale) + shift, one `fastgen.ops.ada_layer_norm`
-call, and each residual branch is scaled by its gate.
+call, and each residual branch is scaled by its gate. Where a gated residual is followed by the
+next modulated norm of the same stream (the attention's residual and norm2 below), the two are
+one `fastgen.ops.gated_residual_ada_layer_norm` call, returning the sum and its normalised form.
 
 Joint block (SD3's JointTransformerBlock, FLUX.1's FluxTransformerBlock), for each stream s of
 x and c with its own modulation (shift1, scale1, gate1, shift2, scale2, gate2):
@@ -28,6 +30,9 @@ x and c with its own modulation (shift1, scale1, gate1, shift2, scale2, gate2):
     a_x, a_c = JointAttention(modulate(x, shift1_x, scale1_x), modulate(c, shift1_c, scale1_c))
     x = x + gate1_x a_x
     x = x + gate2_x MLP(modulate(x, shift2_x, scale2_x))      (likewise c with the _c vectors)
+
+where the second and third lines are one gated_residual_modulate call (the residual, then the
+modulated norm of its result) and the MLP's residual a plain one.
 
 with MLP = Linear(C, 4C), GELU (tanh), Linear(4C, C). Two variants of SD3:
 - context_pre_only (SD3's last block): the text stream only feeds the attention's keys and
@@ -48,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen.models.common import ProjectionMLP, RMSNorm, TimestepEmbedder, gelu_tanh
-from fastgen.ops.ada_norm import ada_layer_norm
+from fastgen.ops.ada_norm import ada_layer_norm, gated_residual_ada_layer_norm
 from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.qk_norm_rope import qk_norm_rope
 
@@ -171,6 +176,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return ada_layer_norm(x, scale, shift, NORM_EPS)
 
 
+def gated_residual_modulate(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                            scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, modulate(h, shift, scale)) with h = x + gate * branch per sample: an adaLN-Zero
+    residual and the next modulated norm in one pass."""
+    return gated_residual_ada_layer_norm(x, branch, gate, scale, shift, NORM_EPS)
+
+
 class FeedForward(nn.Module):
     """Linear(dim, 4 dim), GELU (tanh), Linear(4 dim, dim), named `net.0.proj` and `net.2` as in
     diffusers' FeedForward."""
@@ -223,15 +235,17 @@ class JointBlock(nn.Module):
         if self.dual_attention:
             shift3, scale3, gate3 = dual
             self_attended = self.attn2(modulate(x, shift3, scale3))[0]
-        x = x + gate1.unsqueeze(1) * attended
         if self.dual_attention:
-            x = x + gate3.unsqueeze(1) * self_attended
-        x = x + gate2.unsqueeze(1) * self.ff(modulate(x, shift2, scale2))
+            x = x + gate1.unsqueeze(1) * attended
+            x, normed = gated_residual_modulate(x, self_attended, gate3, shift2, scale2)
+        else:
+            x, normed = gated_residual_modulate(x, attended, gate1, shift2, scale2)
+        x = x + gate2.unsqueeze(1) * self.ff(normed)
         if self.context_pre_only:
             return x, None
-        context = context + context_gate1.unsqueeze(1) * context_attended
-        fed = self.ff_context(modulate(context, context_shift2, context_scale2))
-        context = context + context_gate2.unsqueeze(1) * fed
+        context, normed = gated_residual_modulate(context, context_attended, context_gate1, context_shift2,
+                                                  context_scale2)
+        context = context + context_gate2.unsqueeze(1) * self.ff_context(normed)
         return x, clip_to_float16(context)
 
 
