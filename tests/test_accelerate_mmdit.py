@@ -1,5 +1,6 @@
 """fastgen.accelerate on diffusers' FluxTransformer2DModel and SD3Transformer2DModel: every joint
-attention runs qk_norm_rope and cross_attention (Triton, under the interpreter here), the outputs
+attention runs qk_norm_rope and cross_attention, and every joint block its attention residual
+and norm2 as gated_residual_ada_layer_norm (Triton, under the interpreter here), the outputs
 equal the unaccelerated model's, restore gives them back exactly, and what does not fuse is
 left with its reason."""
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 import fastgen
 from fastgen.models import mmdit
+from fastgen.ops.ada_norm import GATED_RESIDUAL_ADA_LAYER_NORM
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
 
@@ -140,3 +142,55 @@ def test_accelerated_transformer_compiles_as_one_graph(generator, name):
         with fastgen.use_backend("reference"):
             torch.testing.assert_close(compiled(), expected, rtol=1e-4, atol=2e-5)
     torch._dynamo.reset()
+
+
+_GATED_RESIDUAL = "gated_residual_ada_layer_norm"
+
+
+def _fused_streams(model) -> int:
+    """The streams whose residual and norm2 the accelerated joint blocks fuse: the image's in
+    every block, the text's where the block returns it (not in SD3's context_pre_only last one)."""
+    return sum(1 + (block.norm2_context is not None) for block in model.transformer_blocks)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_accelerated_joint_blocks_fuse_the_gated_residual(generator, kernel_runs, name):
+    model, inputs, _ = MODELS[name](generator)
+    runs = kernel_runs(GATED_RESIDUAL_ADA_LAYER_NORM)
+    block_class = type(model.transformer_blocks[0]).__name__
+    with torch.no_grad():
+        expected = model(**inputs).sample
+        report = fastgen.accelerate(model, backend="triton", ops=[_GATED_RESIDUAL])
+        replaced = [r for r in report.replaced if r.op == _GATED_RESIDUAL]
+        assert [r.path for r in replaced] == [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+        assert replaced[0].original == f"{block_class} residual+norm2+modulation and residual+norm2_context+modulation"
+        actual = model(**inputs).sample
+        assert len(runs) == _fused_streams(model)
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=2e-5)
+        assert fastgen.restore(model) == len(report.replaced)
+        assert torch.equal(model(**inputs).sample, expected)
+
+
+def test_a_chunked_feed_forward_runs_the_diffusers_block(generator, kernel_runs):
+    model, inputs, _ = _sd3(generator, dual_attention_layers=())
+    model.transformer_blocks[0].set_chunk_feed_forward(1, dim=0)
+    runs = kernel_runs(GATED_RESIDUAL_ADA_LAYER_NORM)
+    with torch.no_grad():
+        expected = model(**inputs).sample
+        fastgen.accelerate(model, backend="triton", ops=[_GATED_RESIDUAL])
+        torch.testing.assert_close(model(**inputs).sample, expected, rtol=1e-4, atol=2e-5)
+    assert len(runs) == _fused_streams(model) - 2, "block 0 (both streams) runs diffusers' forward"
+
+
+def test_blocks_the_op_cannot_reproduce_are_left_with_the_reason(generator):
+    model, _, _ = _flux(generator, guidance=False)
+    report = fastgen.accelerate(model, ops=["qk_norm_rope", "cross_attention"])
+    left = [entry for entry in report.left if entry.module == "FluxTransformerBlock"]
+    assert len(left) == 2 and all(f"op {_GATED_RESIDUAL} was not selected" in entry.reason for entry in left)
+    fastgen.restore(model)
+    model.transformer_blocks[0].norm2.register_forward_hook(lambda *args: None)
+    model.transformer_blocks[1].norm2_context = torch.nn.LayerNorm(model.transformer_blocks[1].norm2.normalized_shape)
+    report = fastgen.accelerate(model, ops=[_GATED_RESIDUAL])
+    reasons = [entry.reason for entry in report.left if entry.module == "FluxTransformerBlock"]
+    assert reasons == ["norm2 has hooks, and the fused forward does not call norm2",
+                       "norm2_context has an elementwise affine, which ada_layer_norm does not apply"], report

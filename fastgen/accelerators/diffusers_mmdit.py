@@ -1,5 +1,6 @@
 """diffusers' MM-DiT attention (FLUX.1's `FluxAttention`, SD3's joint `Attention`) on fastgen's
-`qk_norm_rope` and `cross_attention`.
+`qk_norm_rope` and `cross_attention`, and the gated residual of its joint blocks fused with the
+next modulated norm (`gated_residual_ada_layer_norm`).
 
 Both attend jointly over the tokens of one or two streams, each with its own projections and
 per-head q/k RMSNorms:
@@ -26,17 +27,44 @@ processor. Left alone, with the reason: q/k norms other than an RMSNorm without 
 "layer_norm" option), RMSNorms whose eps is left to the dtype, q and k norms of one stream with
 different eps, head dims above cross_attention's limit, and other processors (IP-adapter,
 fused-projection and custom processors).
+
+Joint blocks (FLUX.1's `FluxTransformerBlock`, SD3's `JointTransformerBlock`). For each stream
+(the image, and the text where the block returns it), with the gates, shifts and scales its
+norm1 / norm1_context (adaLN-Zero) computes from the embedding,
+
+    x = x + gate_msa * attn_output                      (SD3.5's dual blocks: then + gate_msa2 * attn2's)
+    n = norm2(x) * (1 + scale_mlp) + shift_mlp          -> (x, n) = gated_residual_ada_layer_norm(
+                                                            x, attn_output, gate_msa, scale_mlp, shift_mlp)
+    x = x + gate_mlp * ff(n)
+
+with norm2 a LayerNorm without affine. The fused forward calls norm1, norm1_context, the
+attentions and the feed-forwards as the block's own forward does, and replaces the residual and
+norm2 (norm2_context) by one op that reads x and the attention output once and writes x and n.
+diffusers rounds gate * attn_output, the sum and the normalised value to the activations'
+dtype, the op once each. Whether the fused op is worth it against torch.compile of diffusers'
+two steps is decided by its benchmark (bench/ops_ada_norm.py, on a GPU); leaving it out of
+accelerate's `ops=` keeps the blocks as diffusers wrote them. Where the modulation and the
+activations differ in dtype (autocast), a call runs diffusers' two steps; an SD3 block with a
+chunked feed-forward (`set_chunk_feed_forward`) runs diffusers' forward. Left alone, with the
+reason: a norm2 that is not a LayerNorm without affine, norms with hooks (the fused forward does
+not call them), and blocks whose forward something else replaced.
 """
 from __future__ import annotations
 
+import types
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from fastgen.accelerators.patch import BackendScope, Swap, accelerator, is_diffusers, op_not_selected, replace_attribute
+from fastgen.accelerators.diffusers_norm import _not_diffusers_forward, _not_plain_layer_norm, _skipped_hooks
+from fastgen.accelerators.patch import (BackendScope, Swap, accelerator, is_diffusers, op_not_selected,
+                                        replace_attribute, replace_forward)
+from fastgen.models.mmdit import clip_to_float16
+from fastgen.ops import ada_norm
 
 _OPS = ("qk_norm_rope", "cross_attention")
+_GATED_RESIDUAL_OP = "gated_residual_ada_layer_norm"
 
 
 def _rms_norm(norm: Optional[nn.Module], head_dim: int) -> Union[None, tuple, str]:
@@ -151,3 +179,91 @@ def diffusers_joint_attention(module: nn.Module, backend: str, ops: frozenset) -
             return norms
     replacement = JointAttentionProcessor(backend, module.processor, flux=_PROCESSORS[kind])
     return replace_attribute(module, "processor", replacement, type(replacement).__name__, ", ".join(_OPS))
+
+
+def _gated_residual_norm(scope: BackendScope, norm: nn.LayerNorm, x: torch.Tensor, branch: torch.Tensor,
+                         gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tuple:
+    """(h, norm(h) * (1 + scale) + shift) with h = x + gate * branch: one op where every tensor
+    has x's dtype, diffusers' two steps otherwise (a modulation of another dtype promotes them)."""
+    if all(t.dtype == x.dtype for t in (branch, gate, shift, scale)):
+        return scope.run(ada_norm.gated_residual_ada_layer_norm, x, branch, gate, scale, shift, norm.eps)
+    h = x + gate.unsqueeze(1) * branch
+    return h, norm(h) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _stream_update(scope: BackendScope, norm2: nn.LayerNorm, ff: nn.Module, x: torch.Tensor, attended: torch.Tensor,
+                   gate_msa: torch.Tensor, shift_mlp: torch.Tensor, scale_mlp: torch.Tensor,
+                   gate_mlp: torch.Tensor) -> torch.Tensor:
+    """The rest of a joint block for one stream after its attention (module docstring)."""
+    x, normed = _gated_residual_norm(scope, norm2, x, attended, gate_msa, shift_mlp, scale_mlp)
+    return x + gate_mlp.unsqueeze(1) * ff(normed)
+
+
+def _fused_sd3_block_forward(scope: BackendScope, original_forward):
+    """JointTransformerBlock.forward with each stream's residual and norm2 as one op."""
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                joint_attention_kwargs: Optional[dict] = None) -> tuple:
+        if self._chunk_size is not None:
+            return original_forward(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+        kwargs = joint_attention_kwargs or {}
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, *dual = self.norm1(hidden_states, emb=temb)
+        if self.context_pre_only:
+            normed_context = self.norm1_context(encoder_hidden_states, temb)
+        else:
+            normed_context, *context_modulation = self.norm1_context(encoder_hidden_states, emb=temb)
+        attended, context_attended = self.attn(hidden_states=normed, encoder_hidden_states=normed_context, **kwargs)
+        if self.use_dual_attention:
+            normed2, gate_msa2 = dual
+            hidden_states = hidden_states + gate_msa.unsqueeze(1) * attended
+            attended, gate_msa = self.attn2(hidden_states=normed2, **kwargs), gate_msa2
+        hidden_states = _stream_update(scope, self.norm2, self.ff, hidden_states, attended, gate_msa, shift_mlp,
+                                       scale_mlp, gate_mlp)
+        if self.context_pre_only:
+            return None, hidden_states
+        encoder_hidden_states = _stream_update(scope, self.norm2_context, self.ff_context, encoder_hidden_states,
+                                               context_attended, *context_modulation)
+        return encoder_hidden_states, hidden_states
+
+    return forward
+
+
+def _fused_flux_block_forward(scope: BackendScope):
+    """FluxTransformerBlock.forward with each stream's residual and norm2 as one op."""
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                image_rotary_emb: Optional[tuple] = None, joint_attention_kwargs: Optional[dict] = None) -> tuple:
+        normed, *modulation = self.norm1(hidden_states, emb=temb)
+        normed_context, *context_modulation = self.norm1_context(encoder_hidden_states, emb=temb)
+        attended, context_attended, *ip_adapter = self.attn(
+            hidden_states=normed, encoder_hidden_states=normed_context, image_rotary_emb=image_rotary_emb,
+            **(joint_attention_kwargs or {}))
+        hidden_states = _stream_update(scope, self.norm2, self.ff, hidden_states, attended, *modulation)
+        if ip_adapter:  # an IP-adapter processor's third output joins after the feed-forward
+            hidden_states = hidden_states + ip_adapter[0]
+        encoder_hidden_states = _stream_update(scope, self.norm2_context, self.ff_context, encoder_hidden_states,
+                                               context_attended, *context_modulation)
+        return clip_to_float16(encoder_hidden_states), hidden_states
+
+    return forward
+
+
+@accelerator
+def diffusers_joint_block(module: nn.Module, backend: str, ops: frozenset) -> Union[None, Swap, str]:
+    flux = is_diffusers(module, "FluxTransformerBlock")
+    if not flux and not is_diffusers(module, "JointTransformerBlock"):
+        return None
+    norms = [("norm2", module.norm2)] + ([] if module.norm2_context is None else
+                                         [("norm2_context", module.norm2_context)])
+    for name, norm in norms:
+        reason = _not_plain_layer_norm(name, norm) or _skipped_hooks(name, norm)
+        if reason:
+            return reason
+    reason = _not_diffusers_forward(module) or op_not_selected(_GATED_RESIDUAL_OP, ops)
+    if reason:
+        return reason
+    scope = BackendScope(backend)
+    forward = _fused_flux_block_forward(scope) if flux else _fused_sd3_block_forward(scope, module.forward)
+    fused = " and ".join(f"residual+{name}+modulation" for name, _ in norms)
+    return replace_forward(module, types.MethodType(forward, module), f"{type(module).__name__} {fused}",
+                           "fastgen fused forward", _GATED_RESIDUAL_OP)
