@@ -647,7 +647,8 @@ def _layer_norm_backward_kernel(
         mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / C
         dx = rstd[:, None] * (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None])
         if GATED_RESIDUAL:
-            dx += tl.load(dh_ptr + _row_offsets(b, rows, cols, dh_sb, dh_sn, dh_sc), mask=mask, other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + _row_offsets(b, rows, cols, dh_sb, dh_sn, dh_sc), mask=mask, other=0.0)
+            dx += dh.to(tl.float32)
             tl.store(dbranch_ptr + _row_offsets(b, rows, cols, dr_sb, dr_sn, dr_sc),
                      (gate[None, :] * dx).to(dbranch_ptr.dtype.element_ty), mask=mask)
             sum_branch_dx += tl.sum(branch * dx, axis=0)

@@ -485,8 +485,8 @@ def test_layer_norm_kernel_says_which_widths_it_supports():
     x = torch.ones(1, 1, 16385)
     with fastgen.use_backend("triton"), pytest.raises(ValueError, match="support C <= 16384, got C=16385"):
         ada_layer_norm(x, torch.ones(1, 16385), torch.ones(1, 16385))
-    with fastgen.use_backend("triton"), pytest.raises(
-            ValueError, match="gated_residual_ada_layer_norm: the Triton kernels hold whole rows and support C <= 16384"):
+    message = "gated_residual_ada_layer_norm: the Triton kernels hold whole rows and support C <= 16384"
+    with fastgen.use_backend("triton"), pytest.raises(ValueError, match=message):
         gated_residual_ada_layer_norm(x, x, *(torch.ones(1, 16385) for _ in "gab"))
 
 
@@ -534,7 +534,8 @@ def _gated_gradient_magnitudes(args, h, grad_h, grad_y):
     dxhat = (grad_y * (1 + scale[:, None, :])).abs()
     dh = grad_h.abs() + rstd * (dxhat + dxhat.mean(-1, keepdim=True)
                                 + xhat.abs() * (dxhat * xhat.abs()).mean(-1, keepdim=True))
-    return dh, gate.abs()[:, None, :] * dh, (branch.abs() * dh).sum(1), (grad_y * xhat).abs().sum(1), grad_y.abs().sum(1)
+    per_sample_sums = (branch.abs() * dh).sum(1), (grad_y * xhat).abs().sum(1), grad_y.abs().sum(1)
+    return (dh, gate.abs()[:, None, :] * dh, *per_sample_sums)
 
 
 _GATED_GRAD_NAMES = ("dx", "dbranch", "dgate", "dscale", "dshift")

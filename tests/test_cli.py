@@ -24,8 +24,8 @@ def test_info_lists_versions_and_every_op(capsys):
     # This process has TRITON_INTERPRET=1 (conftest.py): Triton runs here as in the CLI.
     assert "(TRITON_INTERPRET=1):" in out and "  triton    every op: yes\n" in out, out
     assert "in fastgen's commands" not in out, out
-    assert re.search(r"  cuda      every op but cross_attention: no: (fastgen._C sees no CUDA device|fastgen._C is "
-                     r"not built \(above\))", out), out
+    assert re.search(r"  cuda      every op but cross_attention, gated_residual_ada_layer_norm: no: "
+                     r"(fastgen._C sees no CUDA device|fastgen._C is not built \(above\))", out), out
 
 
 def test_info_tells_what_a_python_process_gets_apart_from_what_the_cli_does():
