@@ -13,7 +13,8 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 import fastgen.kernels
-from fastgen.ops.ada_norm import ADA_GROUP_NORM, ADA_GROUP_NORM_BACKWARD, ADA_LAYER_NORM, ADA_LAYER_NORM_BACKWARD
+from fastgen.ops.ada_norm import (ADA_GROUP_NORM, ADA_GROUP_NORM_BACKWARD, ADA_LAYER_NORM, ADA_LAYER_NORM_BACKWARD,
+                                  GATED_RESIDUAL_ADA_LAYER_NORM, GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD)
 from fastgen.ops.bias_act import BIAS_ACT, BIAS_ACT_BACKWARD
 from fastgen.ops.cross_attention import CROSS_ATTENTION_BACKWARD, CROSS_ATTENTION_FORWARD
 from fastgen.ops.filtered_lrelu import FILTERED_LRELU_BACKWARD, FILTERED_LRELU_WITH_CODES
@@ -57,6 +58,13 @@ def _ada_ln_dit_xl():
     x, modulation = _meta(4096, 256, 1152), _meta(4096, 1152)
     args = (x, modulation, modulation, 1e-6)
     return [(ADA_LAYER_NORM, args), (ADA_LAYER_NORM_BACKWARD, (x, *args))]
+
+
+def _gated_residual_flux_2048():
+    # A FLUX.1 joint block's image stream at 2048 px (16,384 tokens of 3072 channels), batch 64.
+    x, modulation = _meta(64, 16384, 3072), _meta(64, 3072)
+    args = (x, x, modulation, modulation, modulation, 1e-6)
+    return [(GATED_RESIDUAL_ADA_LAYER_NORM, args), (GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD, (x, x, *args))]
 
 
 def _attention_dit_xl():
@@ -131,6 +139,7 @@ WORKLOADS = [
     pytest.param(_ada_in_ffhq_1024, (True,), id="ada_group_norm AdaIN ffhq-1024 32px batch 128 channels_last"),
     pytest.param(_ada_in_ffhq_1024_full_resolution, (), id="ada_group_norm AdaIN ffhq-1024 1024px batch 128"),
     pytest.param(_ada_ln_dit_xl, (), id="ada_layer_norm DiT-XL/2 batch 4096"),
+    pytest.param(_gated_residual_flux_2048, (), id="gated_residual_ada_layer_norm FLUX.1 2048px batch 64"),
     pytest.param(_attention_dit_xl, (), id="cross_attention DiT-XL/2 batch 4096"),
     pytest.param(_linear_attention_sana, (), id="linear_attention SANA-1.6B batch 1024"),
     pytest.param(_trms2d_dcae_2048, (), id="trms2d DC-AE 2048px batch 16"),
