@@ -34,7 +34,8 @@ normalizes that rounded h, the tensor the op returns: the result is the two-step
 with a once-rounded residual. One pass reads x and branch and writes h and y, where the two
 steps read x, branch and h and write h and y (with the product gate * branch a pass of its own
 in eager PyTorch). Whether that beats torch.compile of the two steps is for the benchmark
-(bench/ops_ada_norm.py) to decide; callers make the fused call selectable.
+(bench/ops_ada_norm.py) to decide, on a GPU: `fastgen.accelerate` leaves it out when `ops=`
+does.
 
 Statistics are float32 (float64 for float64 inputs) whatever the input dtype. They stay exact
 for a large mean: the fast kernels subtract a pivot (the group's / row's first element) before
@@ -174,12 +175,16 @@ def _allocate_gated_residual_outputs(x, branch, gate, scale, shift, eps=1e-6):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in "hy")
 
 
-def _allocate_gated_residual_gradients(grad_h, grad_y, x, branch, gate, scale, shift, eps=1e-6):
-    """(dx, dbranch, dgate, dscale, dshift)."""
+def _check_gated_residual_gradients(grad_h, grad_y, x, branch, gate, scale, shift, eps) -> None:
     op_name = "gated_residual_ada_layer_norm_backward"
     _check_gated_residual_inputs(op_name, x, branch, gate, scale, shift, eps)
     _check_grad(op_name, grad_h, x, "grad_h")
     _check_grad(op_name, grad_y, x, "grad_y")
+
+
+def _allocate_gated_residual_gradients(grad_h, grad_y, x, branch, gate, scale, shift, eps=1e-6):
+    """(dx, dbranch, dgate, dscale, dshift)."""
+    _check_gated_residual_gradients(grad_h, grad_y, x, branch, gate, scale, shift, eps)
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device),
             torch.empty_like(gate), torch.empty_like(scale), torch.empty_like(shift))
 
@@ -286,7 +291,7 @@ def ada_layer_norm_backward_reference(grad, x, scale, shift, eps=1e-6):
 
 def gated_residual_ada_layer_norm_backward_reference(grad_h, grad_y, x, branch, gate, scale, shift, eps=1e-6):
     """(dx, dbranch, dgate, dscale, dshift) by the module docstring's formulas in eager PyTorch."""
-    _allocate_gated_residual_gradients(grad_h, grad_y, x, branch, gate, scale, shift, eps)
+    _check_gated_residual_gradients(grad_h, grad_y, x, branch, gate, scale, shift, eps)
     compute = _compute_dtype(x.dtype)
     h = _gated_residual(x, branch, gate)
     dh_norm, dscale, dshift = _layer_norm_gradients(grad_y, h, scale, eps)
