@@ -194,3 +194,24 @@ def test_blocks_the_op_cannot_reproduce_are_left_with_the_reason(generator):
     reasons = [entry.reason for entry in report.left if entry.module == "FluxTransformerBlock"]
     assert reasons == ["norm2 has hooks, and the fused forward does not call norm2",
                        "norm2_context has an elementwise affine, which ada_layer_norm does not apply"], report
+
+
+def test_a_modulation_of_another_dtype_runs_the_two_steps(generator, kernel_runs):
+    """Under autocast the adaLN linear can hand bfloat16 gates to a float32 stream: the op takes
+    one dtype, so the block's residual and norm2 run as diffusers writes them, promoting."""
+    from fastgen.accelerators.diffusers_mmdit import _gated_residual_norm
+    from fastgen.accelerators.patch import BackendScope
+
+    runs = kernel_runs(GATED_RESIDUAL_ADA_LAYER_NORM)
+    norm = torch.nn.LayerNorm(16, elementwise_affine=False, eps=1e-6)
+    x, branch = (torch.randn(2, 5, 16, generator=generator) for _ in "xb")
+    gate, shift, scale = (torch.randn(2, 16, generator=generator).bfloat16() for _ in "gab")
+    h, normed = _gated_residual_norm(BackendScope("triton"), norm, x, branch, gate, shift, scale)
+    expected_h = x + gate.unsqueeze(1) * branch
+    assert runs == [] and torch.equal(h, expected_h)
+    assert torch.equal(normed, norm(expected_h) * (1 + scale[:, None]) + shift[:, None])
+    gate, shift, scale = (t.float() for t in (gate, shift, scale))
+    h, normed = _gated_residual_norm(BackendScope("triton"), norm, x, branch, gate, shift, scale)
+    assert runs == [(2, 5, 16)]
+    torch.testing.assert_close(h, expected_h)
+    torch.testing.assert_close(normed, norm(expected_h) * (1 + scale[:, None]) + shift[:, None])
