@@ -581,6 +581,18 @@ def test_gated_residual_statistics_survive_a_large_mean(generator):
     _assert_close_to(y, ada_layer_norm_reference(h.double(), scale.double(), shift.double()), "y")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gated_residual_y_normalizes_the_rounded_h_it_returns(backend, generator):
+    """bfloat16 h near 100 holds steps of 0.5: a 0.1-wide branch rounds to a few levels, so y of
+    the unrounded sum would differ from y of the returned h by about 1 (not a rounding)."""
+    x = torch.full((2, 6, 40), 100.0, dtype=torch.bfloat16)
+    branch = (0.1 * torch.randn(2, 6, 40, generator=generator)).bfloat16()
+    gate, scale, shift = (torch.randn(2, 40, generator=generator).bfloat16() for _ in "gab")
+    with fastgen.use_backend(backend):
+        h, y = gated_residual_ada_layer_norm(x, branch, gate, scale, shift)
+    _assert_close_to(y, ada_layer_norm_reference(*_upcast((h, scale, shift))), "y")
+
+
 def test_gated_residual_propagates_non_finite_values_as_the_reference(generator):
     """An infinity or NaN in x, branch or gate makes h non-finite exactly where the reference's
     is (same values), the rows it reaches non-finite in y, and the gradients it reaches
