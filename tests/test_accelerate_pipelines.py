@@ -26,6 +26,7 @@ STEPS = 2
 TEXT_TOKENS = 6
 WORDS = ("a", "red", "fox", "on", "the", "moon")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+GATED_RESIDUAL = "gated_residual_ada_layer_norm"
 JOINT_ATTENTION = "qk_norm_rope, cross_attention"
 
 
@@ -137,10 +138,13 @@ def _flux(generator) -> Case:
         ).eval(),
     )
     attentions = ["transformer.transformer_blocks.0.attn", "transformer.single_transformer_blocks.0.attn"]
-    # Per step: the joint block's attention (qk_norm_rope on each stream) and the single block's.
-    calls = KL_DECODER_CALLS + collections.Counter(qk_norm_rope=STEPS * (2 + 1), cross_attention=STEPS * 2)
+    # Per step: the joint block's attention (qk_norm_rope on each stream) and the single block's;
+    # the joint block's gated residual and norm2 on each stream.
+    calls = KL_DECODER_CALLS + collections.Counter(qk_norm_rope=STEPS * (2 + 1), cross_attention=STEPS * 2,
+                                                   gated_residual_ada_layer_norm=STEPS * 2)
     return Case(pipeline, dict(height=8, width=8, guidance_scale=3.5, max_sequence_length=TEXT_TOKENS),
-                [(path, JOINT_ATTENTION) for path in attentions] + _kl_decoder_replacements(), dict(calls))
+                [(path, JOINT_ATTENTION) for path in attentions] + _kl_decoder_replacements()
+                + [("transformer.transformer_blocks.0", GATED_RESIDUAL)], dict(calls))
 
 
 def _sd3(generator) -> Case:
@@ -163,10 +167,14 @@ def _sd3(generator) -> Case:
     attentions = ["transformer.transformer_blocks.0.attn", "transformer.transformer_blocks.0.attn2",
                   "transformer.transformer_blocks.1.attn"]
     # Classifier-free guidance runs both halves as one batch: per step, the two joint attentions
-    # (qk_norm_rope on each stream) and the dual-attention layer's image-only one.
-    calls = KL_DECODER_CALLS + collections.Counter(qk_norm_rope=STEPS * (2 * 2 + 1), cross_attention=STEPS * 3)
+    # (qk_norm_rope on each stream) and the dual-attention layer's image-only one; the gated
+    # residual and norm2 of both streams in the first block, of the image in the last (its text
+    # stream ends at the attention).
+    calls = KL_DECODER_CALLS + collections.Counter(qk_norm_rope=STEPS * (2 * 2 + 1), cross_attention=STEPS * 3,
+                                                   gated_residual_ada_layer_norm=STEPS * (2 + 1))
     return Case(pipeline, dict(height=8, width=8, guidance_scale=5.0, max_sequence_length=TEXT_TOKENS),
-                [(path, JOINT_ATTENTION) for path in attentions] + _kl_decoder_replacements(), dict(calls))
+                [(path, JOINT_ATTENTION) for path in attentions] + _kl_decoder_replacements()
+                + [(f"transformer.transformer_blocks.{i}", GATED_RESIDUAL) for i in range(2)], dict(calls))
 
 
 def _gemma_tokenizer():
