@@ -1,8 +1,10 @@
 """What the reference model modules share: resolving a config by name, loading a checkpoint
-file without allocating the weights twice, the sinusoidal timestep embedding, turning patch
-tokens back into a map, the two-layer MLPs that embed timesteps and text (diffusers'
-`TimestepEmbedding` and `PixArtAlphaTextProjection` layouts), an RMSNorm over the last
-dimension, and a plain GroupNorm (with its activation) run as one fused `ada_group_norm` pass."""
+file without allocating the weights twice, an example_step's image side and random inputs,
+scalar-or-per-sample inputs, the latent check of patch models, the sinusoidal timestep embedding,
+cutting latents into patch tokens and turning them back into a map, the two-layer MLPs that embed
+timesteps and text (diffusers' `TimestepEmbedding` and `PixArtAlphaTextProjection` layouts), an
+RMSNorm over the last dimension, and a plain GroupNorm (with its activation) run as one fused
+`ada_group_norm` pass."""
 from __future__ import annotations
 
 import math
@@ -61,23 +63,50 @@ def example_resolution_fixed(resolution, only: int, why: str) -> int:
     return only
 
 
-def decode_step(model: nn.Module, batch: int, resolution: int,
-                generator: Optional[torch.Generator]) -> Callable[[], torch.Tensor]:
-    """An autoencoder's example step: one `model.decode`, without autograd, of `batch` random
-    latents for images of side `resolution` pixels, made once from `generator` (a CPU
-    generator: the same values whatever the device) on the model's device and dtype."""
+def example_random(model: nn.Module, batch, generator: Optional[torch.Generator]
+                   ) -> tuple[Callable[..., torch.Tensor], torch.device]:
+    """An example_step's source of inputs, once `batch` is checked to be a positive int:
+    random(*shape), standard normal values drawn from `generator` (a CPU generator: the same
+    values whatever the device) and moved to the model's device and dtype; and that device."""
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int; got {batch!r}")
     parameter = next(model.parameters())
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(device=parameter.device, dtype=parameter.dtype)
+
+    return random, parameter.device
+
+
+def decode_step(model: nn.Module, batch: int, resolution: int,
+                generator: Optional[torch.Generator]) -> Callable[[], torch.Tensor]:
+    """An autoencoder's example step: one `model.decode`, without autograd, of `batch` random
+    latents for images of side `resolution` pixels (`example_random`)."""
+    random, _ = example_random(model, batch, generator)
     side = resolution // model.config.spatial_compression
-    latents = torch.randn(batch, model.config.latent_channels, side, side, generator=generator)
-    latents = latents.to(device=parameter.device, dtype=parameter.dtype)
+    latents = random(batch, model.config.latent_channels, side, side)
 
     def step() -> torch.Tensor:
         with torch.no_grad():
             return model.decode(latents)
 
     return step
+
+
+def per_sample(value, batch: int, device: torch.device) -> torch.Tensor:
+    """A model input given as a scalar or one value per sample (a timestep, a guidance scale) as a
+    tensor on `device`, a scalar expanded to (batch,)."""
+    value = torch.as_tensor(value, device=device)
+    return value.expand(batch) if value.ndim == 0 else value
+
+
+def check_latents(latents: torch.Tensor, channels: int, patch_size: int) -> None:
+    """Raises unless `latents` is (B, channels, H, W) with H and W multiples of `patch_size`."""
+    if latents.ndim != 4 or latents.shape[1] != channels:
+        raise ValueError(f"latents must be (B, {channels}, H, W); got {tuple(latents.shape)}")
+    if latents.shape[2] % patch_size or latents.shape[3] % patch_size:
+        raise ValueError(f"latents height and width must be multiples of patch_size {patch_size}; "
+                         f"got {tuple(latents.shape)}")
 
 
 def sinusoidal_embedding(timestep: torch.Tensor, channels: int, max_period: float = 10000.0,
@@ -120,6 +149,18 @@ class ProjectionMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.activation(self.linear_1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) latents -> (B, h w, hidden_size) tokens, one per p x p patch, row-major over
+    the h x w grid: a convolution of kernel and stride p named `proj`, as in diffusers' `PatchEmbed`."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.proj(latents).flatten(2).transpose(1, 2)
 
 
 class TimestepEmbedder(ProjectionMLP):

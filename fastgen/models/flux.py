@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.common import example_resolution_multiple_of, gelu_tanh, load_safetensors, resolve_config
+from fastgen.models.common import (example_random, example_resolution_multiple_of, gelu_tanh, load_safetensors,
+                                   per_sample, resolve_config)
 from fastgen.models.mmdit import (JointAttention, JointBlock, Modulation, TimestepTextEmbedding, clip_to_float16,
                                   modulate, rope_angles)
 
@@ -221,14 +222,9 @@ class FluxTransformer(nn.Module):
         timestep: the flow time in [0, 1], a scalar or (B,); image_ids (N, 3), text_ids (L, 3)
         (`image_ids`, `text_ids`); guidance: the distilled guidance scale, a scalar or (B,),
         for a model with guidance_embeds only. Returns the velocity (B, N, out_channels)."""
-        batch = image_tokens.shape[0]
-
-        def per_sample(value):
-            value = torch.as_tensor(value, device=image_tokens.device)
-            return value.expand(batch) if value.ndim == 0 else value
-
-        timestep = per_sample(timestep)
-        guidance = None if guidance is None else per_sample(guidance)
+        batch, device = image_tokens.shape[0], image_tokens.device
+        timestep = per_sample(timestep, batch, device)
+        guidance = None if guidance is None else per_sample(guidance, batch, device)
         self._check_inputs(image_tokens, text, pooled_text, timestep, image_ids, text_ids, guidance)
 
         x = self.x_embedder(image_tokens)
@@ -279,16 +275,8 @@ def example_step(
     configs: 4096 image tokens; 64 px for tiny). Inputs are made once, on the model's device and
     dtype, from `generator` (a CPU generator: the same values whatever the device). Returns the
     zero-argument call."""
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int; got {batch!r}")
-    resolution = example_resolution(model, resolution)
-    parameter = next(model.parameters())
-    device, dtype, config = parameter.device, parameter.dtype, model.config
-    side = resolution // AUTOENCODER_FACTOR
-
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-
+    random, device = example_random(model, batch, generator)
+    config, side = model.config, example_resolution(model, resolution) // AUTOENCODER_FACTOR
     image_tokens = pack_latents(random(batch, config.latent_channels, side, side))
     text = random(batch, EXAMPLE_TEXT_TOKENS, config.joint_attention_dim)
     pooled_text = random(batch, config.pooled_projection_dim)

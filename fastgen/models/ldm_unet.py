@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.common import (example_resolution_multiple_of, fused_group_norm, load_safetensors, resolve_config,
-                                   sinusoidal_embedding)
+from fastgen.models.common import (example_random, example_resolution_multiple_of, fused_group_norm, load_safetensors,
+                                   per_sample, resolve_config, sinusoidal_embedding)
 from fastgen.ops.cross_attention import cross_attention
 
 
@@ -396,9 +396,7 @@ class LDMUNet(nn.Module):
         """sample (B, in_channels, H, W) latents; timestep the training timestep in [0, 1000), a
         scalar or (B,); context (B, L, cross_attention_dim) text-encoder states. Returns the
         predicted noise (B, out_channels, H, W)."""
-        timestep = torch.as_tensor(timestep, device=sample.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(sample.shape[0])
+        timestep = per_sample(timestep, sample.shape[0], sample.device)
         self._check_inputs(sample, timestep, context)
         sinusoid = sinusoidal_embedding(timestep, self.config.block_out_channels[0]).to(sample.dtype)
         embedding = F.silu(self.time_embedding(sinusoid))
@@ -482,16 +480,8 @@ def example_step(model: LDMUNet, batch: int = 1, resolution: Optional[int] = Non
     side in pixels (default 512, the model's sample_size times the VAE's 8: 64 x 64 x 4
     latents). Inputs are made once, on the model's device and dtype, from `generator` (a CPU
     generator: the same values whatever the device). Returns the zero-argument call."""
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int; got {batch!r}")
-    resolution = example_resolution(model, resolution)
-    parameter = next(model.parameters())
-    device, dtype, config = parameter.device, parameter.dtype, model.config
-    side = resolution // VAE_SCALE
-
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-
+    random, device = example_random(model, batch, generator)
+    config, side = model.config, example_resolution(model, resolution) // VAE_SCALE
     latents = random(2 * batch, config.in_channels, side, side)
     context = random(2 * batch, CONTEXT_TOKENS, config.cross_attention_dim)
     timestep = torch.full((2 * batch,), NUM_TRAIN_TIMESTEPS / 2, device=device)

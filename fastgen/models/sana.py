@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.common import (ProjectionMLP, RMSNorm, TimestepEmbedder, example_resolution_multiple_of, gelu_tanh,
-                                   load_safetensors, resolve_config, unpatchify)
+from fastgen.models.common import (PatchEmbed, ProjectionMLP, RMSNorm, TimestepEmbedder, check_latents, example_random,
+                                   example_resolution_multiple_of, gelu_tanh, load_safetensors, per_sample,
+                                   resolve_config, unpatchify)
 from fastgen.ops.ada_norm import ada_layer_norm
 from fastgen.ops.cross_attention import cross_attention
 from fastgen.ops.linear_attention import linear_attention
@@ -135,16 +136,6 @@ TIMESTEP_RANGE = 1000.0
 # DC-AE, so the latent side is the image side / 32.
 EXAMPLE_CAPTION_TOKENS = 300
 AUTOENCODER_FACTOR = 32
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, config: SanaConfig):
-        super().__init__()
-        p = config.patch_size
-        self.proj = nn.Conv2d(config.in_channels, config.hidden_size, kernel_size=p, stride=p)
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.proj(latents).flatten(2).transpose(1, 2)
 
 
 class _TimestepConditioning(nn.Module):
@@ -266,7 +257,7 @@ class SanaTransformer(nn.Module):
         super().__init__()
         self.config = config
         hidden = config.hidden_size
-        self.patch_embed = PatchEmbed(config)
+        self.patch_embed = PatchEmbed(config.in_channels, hidden, config.patch_size)
         self.time_embed = AdaLayerNormSingle(hidden)
         self.caption_projection = ProjectionMLP(config.caption_channels, hidden, gelu_tanh)
         self.caption_norm = RMSNorm(hidden, eps=1e-5, initial_scale=config.caption_norm_init)
@@ -275,13 +266,8 @@ class SanaTransformer(nn.Module):
         self.proj_out = nn.Linear(hidden, config.patch_size**2 * config.out_channels)
 
     def _check_inputs(self, latents, caption, timestep, caption_mask) -> None:
-        c, p = self.config, self.config.patch_size
-        if latents.ndim != 4 or latents.shape[1] != c.in_channels:
-            raise ValueError(f"latents must be (B, {c.in_channels}, H, W); got {tuple(latents.shape)}")
-        if latents.shape[2] % p or latents.shape[3] % p:
-            raise ValueError(
-                f"latents height and width must be multiples of patch_size {p}; got {tuple(latents.shape)}"
-            )
+        c = self.config
+        check_latents(latents, c.in_channels, c.patch_size)
         batch = latents.shape[0]
         if caption.ndim != 3 or caption.shape[0] != batch or caption.shape[2] != c.caption_channels:
             raise ValueError(f"caption must be ({batch}, L, {c.caption_channels}); got {tuple(caption.shape)}")
@@ -300,9 +286,7 @@ class SanaTransformer(nn.Module):
         """latents (B, in_channels, H, W); caption (B, L, caption_channels); timestep in [0, 1000],
         a scalar or (B,); caption_mask (B, L), True (or nonzero) = attend. Returns the velocity
         (B, out_channels, H, W)."""
-        timestep = torch.as_tensor(timestep, device=latents.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(latents.shape[0])
+        timestep = per_sample(timestep, latents.shape[0], latents.device)
         self._check_inputs(latents, caption, timestep, caption_mask)
         if caption_mask is not None:
             caption_mask = caption_mask.bool()
@@ -346,16 +330,8 @@ def example_step(
     32 x 32; 256 px for tiny); the latent side is resolution / 32. Inputs are made
     once, on the model's device and dtype, from `generator` (a CPU generator: the same values
     whatever the device). Returns the zero-argument call."""
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int; got {batch!r}")
-    resolution = example_resolution(model, resolution)
-    parameter = next(model.parameters())
-    device, dtype, config = parameter.device, parameter.dtype, model.config
-    side = resolution // AUTOENCODER_FACTOR
-
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-
+    random, device = example_random(model, batch, generator)
+    config, side = model.config, example_resolution(model, resolution) // AUTOENCODER_FACTOR
     latents = random(2 * batch, config.in_channels, side, side)
     caption = random(2 * batch, EXAMPLE_CAPTION_TOKENS, config.caption_channels)
     caption_mask = torch.ones(2 * batch, EXAMPLE_CAPTION_TOKENS, dtype=torch.bool, device=device)

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.common import (example_resolution_multiple_of, load_safetensors, resolve_config,
+from fastgen.models.common import (PatchEmbed as ConvPatchEmbed, check_latents, example_random,
+                                   example_resolution_multiple_of, load_safetensors, per_sample, resolve_config,
                                    sinusoidal_embedding, unpatchify)
 from fastgen.models.mmdit import JointBlock, Modulation, TimestepTextEmbedding, modulate
 
@@ -117,20 +118,20 @@ def position_table(dim: int, max_size: int, base_size: int, device: Optional[tor
     return torch.cat([sin_cos(columns.reshape(-1)), sin_cos(rows.reshape(-1))], dim=-1).float()
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(ConvPatchEmbed):
+    """The patch tokens plus the cropped position table (module docstring)."""
+
     def __init__(self, config: SD3Config):
-        super().__init__()
-        p = config.patch_size
+        super().__init__(config.in_channels, config.hidden_size, config.patch_size)
         self.max_size = config.pos_embed_max_size
-        self.proj = nn.Conv2d(config.in_channels, config.hidden_size, kernel_size=p, stride=p)
-        table = position_table(config.hidden_size, self.max_size, config.sample_size // p)
+        table = position_table(config.hidden_size, self.max_size, config.sample_size // config.patch_size)
         self.register_buffer("pos_embed", table[None])
 
     def forward(self, latents: torch.Tensor, grid: tuple) -> torch.Tensor:
         height, width = grid
         top, left = (self.max_size - height) // 2, (self.max_size - width) // 2
         table = self.pos_embed.view(self.max_size, self.max_size, -1)[top:top + height, left:left + width]
-        tokens = self.proj(latents).flatten(2).transpose(1, 2)
+        tokens = super().forward(latents)
         return (tokens + table.reshape(1, height * width, -1)).to(tokens.dtype)
 
 
@@ -151,11 +152,7 @@ class SD3Transformer(nn.Module):
 
     def _check_inputs(self, latents, text, pooled_text, timestep) -> None:
         c, p = self.config, self.config.patch_size
-        if latents.ndim != 4 or latents.shape[1] != c.in_channels:
-            raise ValueError(f"latents must be (B, {c.in_channels}, H, W); got {tuple(latents.shape)}")
-        if latents.shape[2] % p or latents.shape[3] % p:
-            raise ValueError(f"latents height and width must be multiples of patch_size {p}; "
-                             f"got {tuple(latents.shape)}")
+        check_latents(latents, c.in_channels, p)
         if max(latents.shape[2:]) > p * c.pos_embed_max_size:
             raise ValueError(f"latents height and width must be at most {p * c.pos_embed_max_size} (patch_size x "
                              f"pos_embed_max_size); got {tuple(latents.shape)}")
@@ -173,9 +170,7 @@ class SD3Transformer(nn.Module):
         """latents (B, in_channels, H, W); text (B, L, joint_attention_dim): CLIP-L/G and T5
         states; pooled_text (B, pooled_projection_dim); timestep in [0, 1000], a scalar or (B,).
         Returns the velocity (B, out_channels, H, W)."""
-        timestep = torch.as_tensor(timestep, device=latents.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(latents.shape[0])
+        timestep = per_sample(timestep, latents.shape[0], latents.device)
         self._check_inputs(latents, text, pooled_text, timestep)
         p = self.config.patch_size
         grid = (latents.shape[2] // p, latents.shape[3] // p)
@@ -215,16 +210,8 @@ def example_step(
     whose latents are 128 x 128; 64 px for tiny). Inputs are made once, on the model's device
     and dtype, from `generator` (a CPU generator: the same values whatever the device). Returns
     the zero-argument call."""
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int; got {batch!r}")
-    resolution = example_resolution(model, resolution)
-    parameter = next(model.parameters())
-    device, dtype, config = parameter.device, parameter.dtype, model.config
-    side = resolution // AUTOENCODER_FACTOR
-
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-
+    random, device = example_random(model, batch, generator)
+    config, side = model.config, example_resolution(model, resolution) // AUTOENCODER_FACTOR
     latents = random(2 * batch, config.in_channels, side, side)
     text = random(2 * batch, EXAMPLE_TEXT_TOKENS, config.joint_attention_dim)
     pooled_text = random(2 * batch, config.pooled_projection_dim)
