@@ -7,7 +7,7 @@ It maps a noisy image x_t and its timestep t to class logits log p(y | x_t) + co
 
     e = MLP(sinusoidal(t))                          (width 4 x model_channels, no class embedding)
     h = middle(encoder(x_t, e), e)                  (the ADM UNet's encoder half and middle block:
-                                                     `adm_unet.encoder_blocks`, AdaGN ResBlocks,
+                                                     `adm_unet.EncoderNetwork`, AdaGN ResBlocks,
                                                      the legacy attention head order)
     h = silu(GroupNorm32(h))                        (C channels on an S x S map)
     logits = AttentionPool(h)
@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models.adm_unet import (AttentionBlock, EmbedSequential, EncoderGeometry, GroupNorm32, ResBlock,
-                                     encoder_blocks)
-from fastgen.models.common import load_safetensors, resolve_config, sinusoidal_embedding
+from fastgen.models.adm_unet import EncoderGeometry, EncoderNetwork, GroupNorm32
+from fastgen.models.common import load_safetensors, per_sample, resolve_config
 from fastgen.ops.cross_attention import cross_attention
 
 
@@ -49,13 +48,6 @@ class ADMClassifierConfig(EncoderGeometry):
     """Field names follow guided-diffusion's `EncoderUNetModel` arguments; its script flags:
     classifier_width is model_channels, classifier_depth is num_res_blocks."""
 
-    image_size: int
-    model_channels: int
-    num_res_blocks: int
-    channel_mult: tuple
-    # Image resolutions (pixels) that get self-attention, as --classifier_attention_resolutions.
-    attention_resolutions: tuple = (32, 16, 8)
-    num_head_channels: int = 64
     num_classes: int = 1000
     in_channels: int = 3
 
@@ -107,22 +99,10 @@ class AttentionPool(nn.Module):
         return F.linear(pooled, self.c_proj.weight[..., 0], self.c_proj.bias)
 
 
-class ADMClassifier(nn.Module):
+class ADMClassifier(EncoderNetwork):
     def __init__(self, config: ADMClassifierConfig):
-        super().__init__()
-        self.config = config
-        c, emb = config, config.time_embed_dim
-
-        def res_block(channels, out_channels, resample=None):
-            return ResBlock(channels, emb, out_channels, 0.0, resample)
-
-        def attention(channels):
-            return AttentionBlock(channels, c.num_head_channels, new_order=False)
-
-        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.input_blocks, channels = encoder_blocks(c, res_block, attention)
-        ch = channels[-1]
-        self.middle_block = EmbedSequential(res_block(ch, ch), attention(ch), res_block(ch, ch))
+        super().__init__(config, dropout=0.0, new_attention_order=False)
+        c, ch = config, self.skip_channels[-1]
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(),
                                  AttentionPool(c.pooled_side, ch, c.num_head_channels, c.num_classes))
 
@@ -135,13 +115,10 @@ class ADMClassifier(nn.Module):
         if x.ndim != 4 or x.shape[1:] != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(f"x must be a (B, {c.in_channels}, {c.image_size}, {c.image_size}) tensor (the "
                              f"positional embedding fixes the size); got {tuple(x.shape)}")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
+        timesteps = per_sample(timesteps, x.shape[0], x.device)
         if timesteps.shape != (x.shape[0],):
             raise ValueError(f"timesteps must be a scalar or of shape ({x.shape[0]},); got {tuple(timesteps.shape)}")
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(sinusoidal_embedding(timesteps, c.model_channels).to(dtype))
+        emb = self._embedding(timesteps)
         h = x
         for block in self.input_blocks:
             h = block(h, emb)

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import samplers
-from fastgen.models.common import example_resolution_multiple_of, load_safetensors, resolve_config, sinusoidal_embedding
+from fastgen.models.common import (example_resolution_multiple_of, load_safetensors, per_sample, resolve_config,
+                                   sinusoidal_embedding)
 from fastgen.ops.ada_norm import ada_group_norm
 from fastgen.ops.cross_attention import cross_attention
 
@@ -56,9 +57,19 @@ _GROUPS = 32
 _GROUP_NORM_EPS = 1e-5
 
 
+@dataclasses.dataclass(frozen=True)
 class EncoderGeometry:
-    """What the ADM UNet and its noisy-image classifier derive alike from their configs'
-    image_size, model_channels, channel_mult and attention_resolutions."""
+    """The config fields of the encoder half that the ADM UNet and its noisy-image classifier
+    share, and what they derive from them alike."""
+
+    image_size: int
+    model_channels: int
+    num_res_blocks: int
+    channel_mult: tuple
+    # Image resolutions (pixels) that get self-attention, as the --attention_resolutions flag
+    # (the classifier's --classifier_attention_resolutions).
+    attention_resolutions: tuple = (32, 16, 8)
+    num_head_channels: int = 64
 
     @property
     def time_embed_dim(self) -> int:
@@ -78,13 +89,6 @@ class EncoderGeometry:
 class ADMConfig(EncoderGeometry):
     """Field names follow guided-diffusion's `UNetModel` arguments and script flags."""
 
-    image_size: int
-    model_channels: int
-    num_res_blocks: int
-    channel_mult: tuple
-    # Image resolutions (pixels) that get self-attention, as the --attention_resolutions flag.
-    attention_resolutions: tuple = (32, 16, 8)
-    num_head_channels: int = 64
     num_classes: Optional[int] = 1000
     in_channels: int = 3
     learn_sigma: bool = True
@@ -197,62 +201,69 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
-def encoder_blocks(config, res_block: Callable[..., ResBlock],
-                   attention: Callable[[int], AttentionBlock]) -> tuple[nn.ModuleList, list]:
-    """The encoder half of the UNet, which the noisy-image classifier (adm_classifier) is built
-    of too: a 3x3 convolution to channel_mult[0] x model_channels channels, then per level
-    num_res_blocks ResBlocks to mult x model_channels (each followed by attention where the
-    level's downsample rate is one of config.attention_downsample_rates) and, below every level
-    but the last, a ResBlock that halves the resolution. `res_block(channels, out_channels,
-    resample=None)` and `attention(channels)` build the blocks. Returns the blocks and the
-    channels of each block's output (the UNet's skips), in guided-diffusion's order."""
-    ch = int(config.channel_mult[0] * config.model_channels)
-    blocks = nn.ModuleList([EmbedSequential(_conv3x3(config.in_channels, ch))])
-    channels, rate = [ch], 1
-    for level, mult in enumerate(config.channel_mult):
-        for _ in range(config.num_res_blocks):
-            layers = [res_block(ch, int(mult * config.model_channels))]
-            ch = int(mult * config.model_channels)
-            if rate in config.attention_downsample_rates:
-                layers.append(attention(ch))
-            blocks.append(EmbedSequential(*layers))
-            channels.append(ch)
-        if level != len(config.channel_mult) - 1:
-            blocks.append(EmbedSequential(res_block(ch, ch, "down")))
-            channels.append(ch)
-            rate *= 2
-    return blocks, channels
+class EncoderNetwork(nn.Module):
+    """What the UNet and the noisy-image classifier (adm_classifier) are both built of, under
+    guided-diffusion's names: the timestep MLP `time_embed`, the class embedding `label_emb`
+    (given num_classes), the encoder half `input_blocks` and the `middle_block` (ResBlock,
+    attention, ResBlock). The encoder half: a 3x3 convolution to channel_mult[0] x model_channels
+    channels, then per level num_res_blocks ResBlocks to mult x model_channels (each followed by
+    attention where the level's downsample rate is one of config.attention_downsample_rates)
+    and, below every level but the last, a ResBlock that halves the resolution. skip_channels:
+    the channels of each input block's output (the UNet's skips), in guided-diffusion's order."""
 
-
-class ADMUNet(nn.Module):
-    def __init__(self, config: ADMConfig):
+    def __init__(self, config: EncoderGeometry, dropout: float, new_attention_order: bool,
+                 num_classes: Optional[int] = None):
         super().__init__()
-        self.config = config
-        c, emb = config, config.time_embed_dim
+        self.config, self._dropout, self._new_attention_order = config, dropout, new_attention_order
+        emb = config.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(config.model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb)
 
-        def res_block(channels, out_channels, resample=None):
-            return ResBlock(channels, emb, out_channels, c.dropout, resample)
+        ch = int(config.channel_mult[0] * config.model_channels)
+        self.input_blocks = nn.ModuleList([EmbedSequential(_conv3x3(config.in_channels, ch))])
+        self.skip_channels, rate = [ch], 1
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                layers = [self._res_block(ch, int(mult * config.model_channels))]
+                ch = int(mult * config.model_channels)
+                if rate in config.attention_downsample_rates:
+                    layers.append(self._attention(ch))
+                self.input_blocks.append(EmbedSequential(*layers))
+                self.skip_channels.append(ch)
+            if level != len(config.channel_mult) - 1:
+                self.input_blocks.append(EmbedSequential(self._res_block(ch, ch, "down")))
+                self.skip_channels.append(ch)
+                rate *= 2
+        self.middle_block = EmbedSequential(self._res_block(ch, ch), self._attention(ch), self._res_block(ch, ch))
 
-        def attention(channels):
-            return AttentionBlock(channels, c.num_head_channels, c.use_new_attention_order)
+    def _res_block(self, channels: int, out_channels: int, resample: Optional[str] = None) -> ResBlock:
+        return ResBlock(channels, self.config.time_embed_dim, out_channels, self._dropout, resample)
 
-        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
-        if c.num_classes is not None:
-            self.label_emb = nn.Embedding(c.num_classes, emb)
+    def _attention(self, channels: int) -> AttentionBlock:
+        return AttentionBlock(channels, self.config.num_head_channels, self._new_attention_order)
 
-        self.input_blocks, skip_channels = encoder_blocks(c, res_block, attention)
+    def _embedding(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The timestep MLP of the sinusoidal embedding, in the MLP's dtype."""
+        dtype = self.time_embed[0].weight.dtype
+        return self.time_embed(sinusoidal_embedding(timesteps, self.config.model_channels).to(dtype))
+
+
+class ADMUNet(EncoderNetwork):
+    def __init__(self, config: ADMConfig):
+        super().__init__(config, config.dropout, config.use_new_attention_order, config.num_classes)
+        c, skip_channels = config, list(self.skip_channels)
         ch, rate, attends = skip_channels[-1], c.downsampling, c.attention_downsample_rates
-        self.middle_block = EmbedSequential(res_block(ch, ch), attention(ch), res_block(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
-                layers = [res_block(ch + skip_channels.pop(), mult * c.model_channels)]
+                layers = [self._res_block(ch + skip_channels.pop(), mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if rate in attends:
-                    layers.append(attention(ch))
+                    layers.append(self._attention(ch))
                 if level and i == c.num_res_blocks:
-                    layers.append(res_block(ch, ch, "up"))
+                    layers.append(self._res_block(ch, ch, "up"))
                     rate //= 2
                 self.output_blocks.append(EmbedSequential(*layers))
 
@@ -288,12 +299,9 @@ class ADMUNet(nn.Module):
         variance interpolation v when learn_sigma."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
+        timesteps = per_sample(timesteps, x.shape[0], x.device)
         self._check_inputs(x, timesteps, labels)
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(sinusoidal_embedding(timesteps, self.config.model_channels).to(dtype))
+        emb = self._embedding(timesteps)
         if labels is not None:
             emb = emb + self.label_emb(labels)
 
