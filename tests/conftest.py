@@ -195,8 +195,40 @@ def assert_as_accurate_as_the_reference(actual, reference, exact, what):
     assert error <= allowed, f"{what}: off by {error:.3g} from float64, the reference by {reference_error:.3g}"
 
 
+CPU = torch.device("cpu")
+# The floating dtypes the ops take, and the layouts of an op test's 4-D inputs (random_tensor's).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("contiguous", "channels_last", "sliced")
 # The (device, backend) parameter of the CUDA kernels run under the emulation on CPU tensors.
-EMULATED_CUDA = pytest.param(torch.device("cpu"), "cuda", id="cpu-cuda-emulated", marks=pytest.mark.cuda_emulation)
+EMULATED_CUDA = pytest.param(CPU, "cuda", id="cpu-cuda-emulated", marks=pytest.mark.cuda_emulation)
+# The (device, backend) parameters of an op family with Triton and CUDA kernels: the Triton
+# kernels under the interpreter here, both backends on a GPU, and the CUDA kernels emulated.
+DEVICES_AND_BACKENDS = [pytest.param(CPU, "triton", id="cpu-triton-interpreter"),
+                        *(pytest.param(torch.device("cuda"), backend, id=f"cuda-{backend}", marks=pytest.mark.gpu)
+                          for backend in ("triton", "cuda")),
+                        EMULATED_CUDA]
+
+
+def assert_compiles_as_one_graph(function, x: torch.Tensor) -> None:
+    """function(x) compiles with fullgraph=True (aot_eager) and equals the eager call, both on
+    the Triton kernels."""
+    import fastgen
+
+    with fastgen.use_backend("triton"):
+        expected = function(x)
+        actual = torch.compile(function, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(actual, expected)
+
+
+def clear_error_test(cases: list):
+    """A test, parametrized over `cases`, that each (call, error, message) raises `error` with a
+    message matching `message`."""
+    @pytest.mark.parametrize("call, error, message", cases)
+    def test(call, error, message):
+        with pytest.raises(error, match=message):
+            call()
+
+    return test
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastgen
-from conftest import EMULATED_CUDA, fake_tensor_arg
+from conftest import (CPU, DEVICES_AND_BACKENDS, DTYPES, LAYOUTS, assert_compiles_as_one_graph,
+                      clear_error_test, fake_tensor_arg)
 from fastgen.check import mismatch
 from fastgen.ops.bias_act import (
     ACTIVATIONS,
@@ -22,18 +23,8 @@ from fastgen.ops.bias_act import (
 )
 from fastgen.ops.registry import TOLERANCES, random_tensor
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAYOUTS = ("contiguous", "channels_last", "sliced")
-CPU = torch.device("cpu")
 # (shape, dim): conv activations (NCHW, bias on C), FC layers, a bias on the last axis.
 SHAPES = [((2, 6, 5, 7), 1), ((3, 17), 1), ((2, 3, 9), -1), ((4, 5, 3, 2), 2), ((5,), 0)]
-
-
-def _devices_and_backends():
-    params = [pytest.param(CPU, "triton", id="cpu-triton-interpreter")]
-    for backend in ("triton", "cuda"):
-        params.append(pytest.param(torch.device("cuda"), backend, id=f"cuda-{backend}", marks=pytest.mark.gpu))
-    return params + [EMULATED_CUDA]
 
 
 def _inputs(shape, dim, layout, device, dtype, generator, with_bias=True):
@@ -50,7 +41,7 @@ def settings_of_act(draw):
     return act, alpha, draw(st.sampled_from([None, 1.0, -2.0])), draw(st.sampled_from([None, 0.8, 3.0]))
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape_dim=st.sampled_from(SHAPES), act_settings=settings_of_act(), dtype=st.sampled_from(DTYPES),
        layout=st.sampled_from(LAYOUTS), with_bias=st.booleans())
@@ -104,7 +95,7 @@ def _r1_like(backend, x, b, act, clamp):
     return x.grad, b.grad
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("act, clamp", [("lrelu", 1.0), ("swish", None), ("tanh", 0.9), ("softplus", None)])
 def test_second_order_through_kernels_matches_reference(device, backend, act, clamp, generator):
     x = torch.randn(2, 4, 3, 5, generator=generator)
@@ -125,7 +116,7 @@ def test_backward_reads_y_where_the_activation_allows(act, clamp, dtype, source)
     assert parse_params(torch.ones(1, dtype=dtype), None, act, None, None, clamp, 0).derivative_source(dtype) == source
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 def test_act_none_is_no_activation_as_in_ada_group_norm(device, backend, generator):
     x, b = _inputs((2, 6, 5, 7), 1, "contiguous", device, torch.float32, generator)
     x.requires_grad_(True)
@@ -136,7 +127,7 @@ def test_act_none_is_no_activation_as_in_ada_group_norm(device, backend, generat
     torch.testing.assert_close(dx, (((x + b[:, None, None]) * 1.5).abs() <= 0.7).float() * 1.5)
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_backward_op_into_poisoned_outputs(device, backend, layout, generator):
     """dx and db of the backward op (both reduction directions of db) against its reference."""
@@ -187,7 +178,7 @@ def _assert_same_non_finite_and_close(actual, expected, what):
                                msg=lambda detail: f"{what}: {detail}")
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("clamp", [None, 0.8])
@@ -201,7 +192,7 @@ def test_forward_propagates_nan_and_inf_as_the_reference(device, backend, dtype,
     _assert_same_non_finite_and_close(out, bias_act_reference(x.double(), b.double(), act, None, None, clamp, 1), "y")
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("clamp", [None, 0.8])
@@ -237,7 +228,7 @@ def _grads_against_eager_autograd(backend, x, b, args, generator):
     return (x.grad, b.grad), (x64.grad, b64.grad)
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("clamp", [None, 0.8])
@@ -258,7 +249,7 @@ def test_backward_at_non_finite_z_follows_the_eager_autograd(device, backend, dt
         _assert_same_non_finite_and_close(a, e, what)
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("shape, dim, layout", [((2, 6, 5, 7), 1, "contiguous"), ((2, 6, 5, 7), 1, "channels_last"),
                                                 ((3, 17), 1, "contiguous"), ((2, 3, 9), 2, "contiguous")])
 def test_backward_with_an_expanded_bias_matches_the_reference(device, backend, shape, dim, layout, generator):
@@ -272,7 +263,7 @@ def test_backward_with_an_expanded_bias_matches_the_reference(device, backend, s
         assert not detail, f"{what}: {detail}"
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("empty", ["channels_last", "expanded"])
 def test_empty_input_with_zero_strides_gets_dense_outputs(device, backend, empty, generator):
     """An empty x whose strides include 0 (empty_like would copy them) gives dense y and dx
@@ -318,23 +309,13 @@ def test_torch_compile_fullgraph(generator):
     def layer(x):
         return bias_act(x * 2, b, "lrelu", clamp=1.0).sum(1)
 
-    with fastgen.use_backend("triton"):
-        expected = layer(x)
-        actual = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
-    torch.testing.assert_close(actual, expected)
-
-
-def test_opcheck(generator):
-    for case in BIAS_ACT.check_cases():
-        x, *rest = case.make_args(CPU, torch.float32, generator)
-        torch.library.opcheck(torch.ops.fastgen.bias_act, (x.requires_grad_(), *rest))
+    assert_compiles_as_one_graph(layer, x)
 
 
 _X = torch.ones(2, 3, 4)
 
 
-@pytest.mark.parametrize(
-    "call, error, message",
+test_bad_input_gets_a_clear_error = clear_error_test(
     [
         (lambda: bias_act(_X, act="gelu"), ValueError, "act must be one of linear, relu, lrelu, .*; got 'gelu'"),
         (lambda: bias_act(_X, act=3), RuntimeError, "Expected a value of type 'Optional\\[str\\]' for argument 'act'"),
@@ -350,9 +331,6 @@ _X = torch.ones(2, 3, 4)
          "the backward of act='relu' .* needs y, got None"),
     ],
 )
-def test_bad_input_gets_a_clear_error(call, error, message):
-    with pytest.raises(error, match=message):
-        call()
 
 
 @pytest.mark.gpu

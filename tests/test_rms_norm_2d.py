@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastgen
-from conftest import EMULATED_CUDA, fake_tensor_arg
+from conftest import CPU, DEVICES_AND_BACKENDS, DTYPES, LAYOUTS, clear_error_test, fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops.registry import random_tensor
 from fastgen.ops.rms_norm_2d import (
@@ -17,18 +17,6 @@ from fastgen.ops.rms_norm_2d import (
     trms2d_backward_reference,
     trms2d_reference,
 )
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAYOUTS = ("contiguous", "channels_last", "sliced")
-CPU = torch.device("cpu")
-
-
-def _targets():
-    """(device, backend): the Triton kernels under the interpreter here, both backends on a GPU."""
-    return [pytest.param(CPU, "triton", id="cpu-triton-interpreter"),
-            pytest.param(torch.device("cuda"), "triton", id="cuda-triton", marks=pytest.mark.gpu),
-            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
-            EMULATED_CUDA]
 
 
 def _problem(device, dtype, shape, layout, affine, generator):
@@ -75,7 +63,7 @@ def problems(draw):
     return shape, draw(st.sampled_from(LAYOUTS)), affine, draw(st.sampled_from(DTYPES))
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("op, reference", [(TRMS2D, trms2d_reference), (TRMS2D_BACKWARD, trms2d_backward_reference)],
                          ids=["forward", "backward"])
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -134,7 +122,7 @@ def test_custom_op_gradients_gradcheck(generator):
         assert torch.autograd.gradcheck(lambda *a: trms2d(*a, eps=1e-3), (x, weight, bias))
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout, affine", [("contiguous", (True, True)), ("channels_last", (True, False)),
                                             ("sliced", (False, True))])
@@ -156,7 +144,7 @@ def test_autograd_matches_reference_autograd(device, backend, dtype, layout, aff
         assert not detail, detail
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 def test_backward_accepts_broadcast_gradients(device, backend, generator):
     """y.sum().backward() hands the backward an expanded gradient with all strides 0."""
     x = torch.randn(1, 6, 3, 4, generator=generator).to(device).requires_grad_()
@@ -166,8 +154,7 @@ def test_backward_accepts_broadcast_gradients(device, backend, generator):
     torch.testing.assert_close(bias.grad, torch.full_like(bias, 12.0))
 
 
-@pytest.mark.parametrize(
-    "call, error, message",
+test_bad_input_gets_a_clear_error = clear_error_test(
     [
         (lambda: trms2d_reference([1.0]), TypeError, "x must be a torch.Tensor"),
         (lambda: trms2d(torch.ones(1, 4, 2, 2, dtype=torch.int32)), TypeError, "x must be float32"),
@@ -181,9 +168,6 @@ def test_backward_accepts_broadcast_gradients(device, backend, generator):
          "grad must have shape of x"),
     ],
 )
-def test_bad_input_gets_a_clear_error(call, error, message):
-    with pytest.raises(error, match=message):
-        call()
 
 
 @pytest.mark.gpu

@@ -12,24 +12,15 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import EMULATED_CUDA, FAKE_PTR, fake_tensor_arg
+from conftest import CPU, DEVICES_AND_BACKENDS, DTYPES, EMULATED_CUDA, FAKE_PTR, clear_error_test, fake_tensor_arg
 import fastgen
 from fastgen.check import mismatch
 from fastgen.kernels import vq as vq_kernels
 from fastgen.ops import vq  # registers torch.ops.fastgen.vq_nearest / vq_quantize
 from fastgen.ops.registry import random_tensor
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DIMS = (4, 8, 32, 40, 256)
 LAYOUTS = ("contiguous", "transposed", "sliced")
-CPU = torch.device("cpu")
-
-
-def _devices_and_backends():
-    params = [pytest.param(CPU, "triton", id="cpu-triton-interpreter")]
-    for backend in ("triton", "cuda"):
-        params.append(pytest.param(torch.device("cuda"), backend, id=f"cuda-{backend}", marks=pytest.mark.gpu))
-    return params + [EMULATED_CUDA]
 
 
 GPU_BACKENDS = pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -99,7 +90,7 @@ def _assert_nearest(idx, z, codebook, metric, exact):
         f"{gap.tolist()[:5]}, allowed {allowed.tolist()[:5]}")
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_nearest_matches_float64_reference(device, backend, data, generator):
@@ -115,7 +106,7 @@ def test_nearest_matches_float64_reference(device, backend, data, generator):
     _assert_distances_close(distance, z, codebook, idx, metric)
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", vq.METRICS)
 @pytest.mark.parametrize("exact, splits", [(False, "auto"), (False, "one"), (True, "auto")])
@@ -155,7 +146,7 @@ def test_wide_codes_on_the_triton_kernels(dtype, exact, generator):
 
 # Not under the CUDA emulation, which runs one block at a time: the ~8200 blocks of the
 # code-norm pass alone take minutes there.
-@pytest.mark.parametrize("device, backend", [p for p in _devices_and_backends() if p is not EMULATED_CUDA])
+@pytest.mark.parametrize("device, backend", [p for p in DEVICES_AND_BACKENDS if p is not EMULATED_CUDA])
 @pytest.mark.parametrize("exact", [False, True])
 def test_large_codebook(device, backend, exact, generator):
     """K = 65536 + 37: indices past 2^16, a ragged last tile, many tiles per split."""
@@ -191,7 +182,7 @@ def _assert_within_the_codebook(idx, codebook):
     assert bool(inside.all()), f"indices outside [0, {codebook.shape[0]}): {idx[~inside].tolist()}"
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("metric", vq.METRICS)
 @pytest.mark.parametrize("exact, splits", [(False, "auto"), (False, "one"), (True, "auto")])
@@ -216,7 +207,7 @@ def test_non_finite_and_overflowing_codes_follow_the_reference(device, backend, 
     _assert_distances_close(distance.cpu()[finite], z.cpu()[finite], codebook, idx.cpu()[finite], metric)
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("exact", [False, True])
 def test_quantize_with_non_finite_codes_writes_only_its_counts(device, backend, exact, generator):
     """The chosen codes and their usage counts are the reference's, and nothing lands past the
@@ -249,7 +240,7 @@ def _subnormal_codes_problem(generator, dtype, device, codes=150, rows=40, dim=3
     return z.to(device, dtype), codebook.to(device, dtype)
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("quantize", [False, True])
 def test_exact_ties_subnormal_codes_to_the_lowest_index(device, backend, dtype, quantize, generator):
@@ -270,7 +261,7 @@ def test_exact_ties_subnormal_codes_to_the_lowest_index(device, backend, dtype, 
     assert torch.equal(idx.cpu(), expected), f"{int((idx.cpu() != expected).sum())} of {len(idx)} rows differ"
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("exact", [False, True])
 def test_quantize_z_q_is_nan_where_z_is_not_finite(device, backend, dtype, exact, generator):
@@ -290,7 +281,7 @@ def test_quantize_z_q_is_nan_where_z_is_not_finite(device, backend, dtype, exact
     assert torch.equal(z_q[finite], codebook[idx].expand_as(z_q)[finite])
 
 
-@pytest.mark.parametrize("device, backend", [p for p in _devices_and_backends() if p.values[0] == CPU])
+@pytest.mark.parametrize("device, backend", [p for p in DEVICES_AND_BACKENDS if p.values[0] == CPU])
 @pytest.mark.parametrize("exact", [False, True])
 def test_codebook_row_offsets_past_int32(device, backend, exact, generator):
     """A (3, 8) float16 codebook view with a row stride just below 2^31 elements (so Triton
@@ -348,7 +339,7 @@ def _direct_float64_argmin(z, codebook, metric):
     return torch.cat([((rows[:, None, :] * e64[None]).sum(-1) / norms).argmax(1) for rows in z64.split(16)])
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", vq.METRICS)
 def test_exact_resolves_near_ties(device, backend, dtype, metric, generator):
@@ -442,7 +433,7 @@ def _quantize_problem(device, dtype, generator, n=70, k=129, dim=32, layout="con
     return z, codebook
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_quantize_matches_float64_reference(device, backend, data, generator):
@@ -487,7 +478,7 @@ def test_quantize_gradients_in_float64():
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_backward_matches_reference(device, backend, dtype, generator):
     """exact=True, so that both sides take the same codes: without it a near-tie row may take
@@ -528,7 +519,7 @@ def test_opcheck(backend, generator):
                               (z.requires_grad_(), codebook.requires_grad_(), 0.25, False, "ieee"))
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 def test_empty_z(device, backend, generator):
     codebook = torch.randn(5, 4, generator=generator).to(device)
     z = torch.empty(0, 4, device=device)
@@ -550,8 +541,7 @@ def test_public_function_returns_what_was_asked(generator):
 _Z, _E = torch.ones(3, 4), torch.ones(5, 4)
 
 
-@pytest.mark.parametrize(
-    "call, error, message",
+test_bad_input_gets_a_clear_error = clear_error_test(
     [
         (lambda: vq.vq_nearest(_Z.tolist(), _E), TypeError, "vq_nearest: z must be a torch.Tensor"),
         (lambda: vq.vq_nearest(_Z.int(), _E), TypeError,
@@ -570,9 +560,6 @@ _Z, _E = torch.ones(3, 4), torch.ones(5, 4)
         (lambda: vq.vq_quantize(_Z, _E, float("inf")), ValueError, "vq_quantize: beta must be a finite number"),
     ],
 )
-def test_bad_input_gets_a_clear_error(call, error, message):
-    with pytest.raises(error, match=message):
-        call()
 
 
 @pytest.mark.gpu
