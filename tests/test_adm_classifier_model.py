@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import fastgen
 from fastgen import samplers
 from fastgen.models import adm_classifier, adm_unet
-from test_adm_unet_model import _group_norm, _randomized, _reference_sequential, _seed_global_rng
+from model_checks import seed_global_rng
+from test_adm_unet_model import _group_norm, _randomized, _reference_sequential
 
 TINY = adm_classifier.CONFIGS["tiny"]
 
@@ -136,7 +137,7 @@ def _reference_forward(model, x, timesteps):
 
 @pytest.fixture
 def tiny_classifier(generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     return _randomized(adm_classifier.build("tiny"), generator).eval()
 
 
@@ -157,7 +158,7 @@ def test_forward_matches_guided_diffusion_formulation_in_float64(generator, tiny
 @pytest.mark.parametrize("side, channels, head_channels, batch", [(1, 32, 32, 2), (3, 64, 16, 3), (5, 96, 32, 1)])
 def test_attention_pool_matches_the_float64_formulation(generator, side, channels, head_channels, batch):
     """Odd map sides (a single position too), one to four heads."""
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     pool = _randomized(adm_classifier.AttentionPool(side, channels, head_channels, 7), generator).double()
     x = torch.randn(batch, channels, side, side, generator=generator, dtype=torch.float64)
     with torch.no_grad():
@@ -170,7 +171,7 @@ def test_attention_pool_matches_the_float64_formulation(generator, side, channel
 def test_attention_pool_uses_the_new_head_order(generator):
     """Permuting W_qkv's rows from the q, k, v-first order into the heads-first one changes the
     logits, so the test above tells the two orders apart."""
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     pool = _randomized(adm_classifier.AttentionPool(2, 64, 16, 5), generator)
     x = torch.randn(2, 64, 2, 2, generator=generator)
     with torch.no_grad():
@@ -186,7 +187,7 @@ def test_attention_pool_uses_the_new_head_order(generator):
 # Triton interpreter.
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_attention_pool_on_triton_matches_the_reference(generator, device):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     pool = _randomized(adm_classifier.AttentionPool(3, 64, 16, 5), generator).to(device)
     x = torch.randn(2, 64, 3, 3, generator=generator).to(device)
     results = {}
@@ -368,7 +369,7 @@ def test_cond_fn_steps_match_guided_diffusion_in_float64(generator, method, lear
 
 @pytest.fixture
 def tiny_unet(generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     return _randomized(adm_unet.build("tiny"), generator).eval()
 
 
@@ -457,7 +458,7 @@ def test_classifier_gradient_is_the_scaled_gradient_of_log_softmax(generator):
 
 def test_unconditional_model_is_guided_by_the_classifier_alone(generator, tiny_classifier):
     """256x256_diffusion_uncond's use: the labels reach the classifier, not the model."""
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     model = _randomized(adm_unet.build(dataclasses.replace(adm_unet.CONFIGS["tiny"], num_classes=None)), generator)
     x, _ = _inputs(generator, batch=2)
     labels = torch.randint(0, TINY.num_classes, (2,), generator=generator)

@@ -10,13 +10,10 @@ import torch.nn.functional as F
 
 import fastgen
 from fastgen.models import adm_unet
+from model_checks import NOT_EMULATED, assert_backend_matches_reference, seed_global_rng
 
 TINY = adm_unet.CONFIGS["tiny"]
 ORDERS = {"legacy": TINY, "new": dataclasses.replace(TINY, use_new_attention_order=True)}
-
-
-def _seed_global_rng(generator: torch.Generator) -> None:
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
 
 
 def _randomized(model, generator):
@@ -31,7 +28,7 @@ def _randomized(model, generator):
 
 @pytest.fixture
 def tiny_model(generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     return _randomized(adm_unet.build("tiny"), generator).eval()
 
 
@@ -100,7 +97,7 @@ def _reference_forward(model, x, timesteps, labels):
 
 @pytest.mark.parametrize("order", sorted(ORDERS))
 def test_matches_guided_diffusion_formulation_in_float64(generator, order):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     model = _randomized(adm_unet.build(ORDERS[order]), generator).eval()
     x, timesteps, labels = _inputs(generator)
     with torch.no_grad():
@@ -113,7 +110,7 @@ def test_matches_guided_diffusion_formulation_in_float64(generator, order):
 def test_attention_orders_differ(generator):
     """The same weights give different outputs under the two head orders, so the float64 test
     above tells them apart."""
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     legacy = _randomized(adm_unet.build(ORDERS["legacy"]), generator).eval()
     new = adm_unet.build(ORDERS["new"]).eval()
     new.load_state_dict(legacy.state_dict())
@@ -122,32 +119,12 @@ def test_attention_orders_differ(generator):
         assert not torch.allclose(legacy(*inputs), new(*inputs), rtol=1e-3, atol=1e-3)
 
 
-def _out_and_grads(model, x, timesteps, labels):
-    model.zero_grad()
-    out = model(x, timesteps, labels)
-    out.square().mean().backward()
-    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-# The cuda backend is not run here under the CPU emulation: this model's many GroupNorm
-# launches take minutes there, and test_ada_norm.py runs those kernels emulated already.
-@pytest.mark.parametrize("device, backend", [("cpu", "triton"),
-                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
-                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, backend", NOT_EMULATED)
 def test_every_backend_matches_the_reference(generator, tiny_model, backend, device):
     model = tiny_model.to(device)
     # 8 px images (attention over 4 x 4 positions): the Triton interpreter is slow.
     inputs = [t.to(device) for t in _inputs(generator, side=8)]
-    with fastgen.use_backend("reference"):
-        expected, expected_grads = _out_and_grads(model, *inputs)
-    try:
-        with fastgen.use_backend(backend):
-            out, grads = _out_and_grads(model, *inputs)
-    except fastgen.BackendUnavailable as reason:
-        pytest.skip(f"backend {backend!r} cannot run here: {reason}")
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+    assert_backend_matches_reference(model, inputs, backend, atol=1e-4, grad_rtol=1e-3)
 
 
 def test_ops_are_called_with_the_blocks_shapes(generator, tiny_model, monkeypatch):

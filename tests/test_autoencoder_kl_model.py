@@ -10,6 +10,7 @@ import torch
 import fastgen
 from fastgen.models import autoencoder_kl, common
 from fastgen.ops.cross_attention import MAX_HEAD_DIM
+from model_checks import NOT_EMULATED, assert_backend_matches_reference, seed_global_rng
 
 TINY = autoencoder_kl.CONFIGS["tiny"]
 # FLUX.1's kind: 16 latent channels, no quant convolutions, shifted latents.
@@ -47,12 +48,6 @@ PUBLISHED_DIFFUSERS_CONFIGS = {
 PUBLISHED_PARAMETERS = {"sd15-vae": 83_653_863, "sdxl-vae": 83_653_863, "flux-vae": 83_819_683}
 
 
-def _seed_global_rng(generator: torch.Generator) -> None:
-    # Module initialisers draw from the global RNG: seed it from the per-test generator so the
-    # weights are fresh every run and replayable from the printed seed.
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-
-
 def _randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
     """GroupNorms start as the identity (weight 1, bias 0): draw them so that a swapped weight
     and bias, or a skipped norm, changes the output."""
@@ -66,7 +61,7 @@ def _randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None
 def _diffusers_pair(generator, config=TINY):
     """diffusers' AutoencoderKL with fresh random weights and fastgen's model holding them."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     reference = diffusers.AutoencoderKL(**config.to_diffusers()).eval()
     _randomize_norms(reference, generator)
     model = autoencoder_kl.build(autoencoder_kl.AutoencoderKLConfig.from_diffusers(dict(reference.config))).eval()
@@ -77,7 +72,7 @@ def _diffusers_pair(generator, config=TINY):
 
 @pytest.fixture
 def tiny_model(generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     model = autoencoder_kl.build("tiny").eval()
     _randomize_norms(model, generator)
     return model
@@ -239,32 +234,13 @@ def test_attention_runs_on_torch_because_the_head_is_wider_than_the_op_takes():
     assert all(width > MAX_HEAD_DIM for width in heads.values()), (heads, MAX_HEAD_DIM)
 
 
-def _output_and_grads(model, images):
-    model.zero_grad()
-    out = model(images)
-    out.square().mean().backward()
-    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-# The cuda backend is not run under the CPU emulation: the model's many GroupNorm launches take
-# minutes there, and test_ada_norm.py runs those kernels emulated already.
-@pytest.mark.parametrize("device, backend", [("cpu", "triton"),
-                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
-                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, backend", NOT_EMULATED)
 def test_every_backend_matches_the_reference(generator, tiny_model, backend, device):
     images = _images(generator, batch=1, height=12, width=8).to(device)
-    model = tiny_model.to(device)
-    with fastgen.use_backend("reference"):
-        expected, expected_grads = _output_and_grads(model, images)
-    try:
-        with fastgen.use_backend(backend):
-            out, grads = _output_and_grads(model, images)
-    except fastgen.BackendUnavailable as reason:
-        pytest.skip(f"backend {backend!r} cannot run here: {reason}")
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    grads = assert_backend_matches_reference(tiny_model.to(device), [images], backend, grad_rtol=1e-3)
+    assert len(grads) == len(list(tiny_model.parameters()))
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_traces_as_one_graph(generator, tiny_model):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fastgen
-from conftest import EMULATED_CUDA
 from fastgen.models import dcae
+from model_checks import EVERY_BACKEND, seed_global_rng
 
 TINY = dcae.CONFIGS["tiny"]
 # The SANA model's kinds of resampling (strided conv down, nearest + conv up) and a first stage
@@ -16,12 +16,6 @@ TINY_SANA_STYLE = dataclasses.replace(
     TINY, downsample_block_type="conv", upsample_block_type="interpolate",
     encoder_layers_per_block=(0, 1, 2), decoder_layers_per_block=(0, 2, 1),
 )
-
-
-def _seed_global_rng(generator: torch.Generator) -> None:
-    # Module initialisers draw from the global RNG: seed it from the per-test generator so the
-    # weights are fresh every run and replayable from the printed seed.
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
 
 
 def _randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
@@ -37,7 +31,7 @@ def _randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None
 
 @pytest.fixture
 def tiny_model(generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     model = dcae.build("tiny").eval()
     _randomize_norms(model, generator)
     return model
@@ -53,7 +47,7 @@ def test_matches_diffusers(generator, config):
     the deepest maps have 16 pixels, no more than the head dim: diffusers then runs its N x N
     form of the attention, which must agree with the linear form used here."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     reference = diffusers.AutoencoderDC(**config.to_diffusers()).eval()
     _randomize_norms(reference, generator)
     model = dcae.build(dcae.DCAEConfig.from_diffusers(dict(reference.config))).eval()
@@ -81,9 +75,7 @@ def test_training_step_reaches_every_parameter(generator, tiny_model):
         assert grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("device, backend", [("cpu", "triton"), EMULATED_CUDA,
-                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
-                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, backend", EVERY_BACKEND)
 def test_every_backend_matches_the_reference(generator, tiny_model, backend, device):
     images = _images(generator, batch=1).to(device)
     model = tiny_model.to(device)

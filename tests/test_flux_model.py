@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-import fastgen
 from fastgen.models import flux
+from model_checks import (assert_backend_matches_reference, assert_released_config_matches_diffusers,
+                          example_step_call, seed_global_rng)
 from fastgen.ops.ada_norm import GATED_RESIDUAL_ADA_LAYER_NORM, GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
@@ -24,12 +25,6 @@ PUBLISHED_DIFFUSERS_CONFIGS = {
            "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56]}
     for name, guidance in (("flux-dev", True), ("flux-schnell", False))
 }
-
-
-def _seed_global_rng(generator: torch.Generator) -> None:
-    # Module initialisers draw from the global RNG: seed it from the per-test generator so the
-    # weights are fresh every run and replayable from the printed seed.
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
 
 
 def _diffusers_kwargs(config: flux.FluxConfig) -> dict:
@@ -50,7 +45,7 @@ def _randomize_zero_initialised(model: torch.nn.Module, generator: torch.Generat
 
 def _pair(generator, config=TINY):
     """(diffusers model, fastgen model) with the same random weights."""
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     reference = diffusers.FluxTransformer2DModel(**_diffusers_kwargs(config)).eval()
     _randomize_zero_initialised(reference, generator)
     model = flux.build(dataclasses.replace(flux.FluxConfig.from_diffusers(dict(reference.config)),
@@ -126,13 +121,6 @@ def test_backward_reaches_every_parameter(generator):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-def _loss_and_grads(model, *inputs):
-    model.zero_grad()
-    out = model(*inputs)
-    out.square().mean().backward()
-    return out.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
-
-
 def test_triton_backend_matches_the_reference_values_and_gradients(generator, kernel_runs):
     """Every op of the model (qk_norm_rope into the joint q and k, cross_attention, ada_layer_norm,
     gated_residual_ada_layer_norm) on the Triton kernels, under the interpreter here: the output
@@ -141,15 +129,9 @@ def test_triton_backend_matches_the_reference_values_and_gradients(generator, ke
     _, model = _pair(generator)
     latents, text, pooled, timestep, guidance = _inputs(generator, batch=1)
     inputs = (flux.pack_latents(latents), text, pooled, timestep, flux.image_ids(6, 10), flux.text_ids(7), guidance)
-    with fastgen.use_backend("reference"):
-        expected, expected_grads = _loss_and_grads(model, *inputs)
     fused = [kernel_runs(op) for op in (GATED_RESIDUAL_ADA_LAYER_NORM, GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD)]
-    with fastgen.use_backend("triton"):
-        out, grads = _loss_and_grads(model, *inputs)
+    assert_backend_matches_reference(model, inputs, "triton")
     assert [len(runs) for runs in fused] == [4, 4]
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bad_inputs_raise_value_errors(generator):
@@ -188,16 +170,8 @@ def test_safetensors_round_trip(generator, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_DIFFUSERS_CONFIGS))
 def test_released_configs_build_on_meta_with_diffusers_parameter_count(name):
-    published = PUBLISHED_DIFFUSERS_CONFIGS[name]
-    assert flux.FluxConfig.from_diffusers(published) == flux.CONFIGS[name]
-    with torch.device("meta"):
-        model = flux.build(name)
-        reference = diffusers.FluxTransformer2DModel(
-            **{key: value for key, value in published.items() if not key.startswith("_")})
-    assert all(p.is_meta for p in model.parameters())
-    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in reference.named_parameters()}
-    count = sum(p.numel() for p in model.parameters())
-    assert count == sum(p.numel() for p in reference.parameters())
+    count = assert_released_config_matches_diffusers(flux, diffusers.FluxTransformer2DModel,
+                                                     PUBLISHED_DIFFUSERS_CONFIGS[name], name)
     assert count / 1e9 == pytest.approx(11.9, rel=0.01)
 
 
@@ -252,20 +226,11 @@ def test_sample_matches_the_diffusers_pipeline_loop(generator, config):
 
 
 def test_example_step_is_one_denoising_call_with_distilled_guidance(generator):
-    model = flux.build("tiny").to(torch.float64).eval()
-    calls = []
-    model.register_forward_hook(lambda module, args, output: calls.append((args, output)))
-    step = flux.example_step(model, batch=3, generator=generator)
-    with torch.no_grad():
-        out = step()
-        step()
-    (tokens, text, pooled, timestep, image_ids, text_ids, guidance), first = calls[0]
+    model, (tokens, text, pooled, timestep, image_ids, text_ids, guidance) = example_step_call(flux, 3, generator)
     assert tokens.shape == (3, 16, 16), "64 px / 8 = 8 x 8 latents packed into 4 x 4 tokens"
     assert text.shape == (3, flux.EXAMPLE_TEXT_TOKENS, 24) and tokens.dtype == text.dtype == torch.float64
     assert image_ids.shape == (16, 3) and text_ids.shape == (flux.EXAMPLE_TEXT_TOKENS, 3)
     assert torch.equal(timestep, torch.full((3,), 0.5)) and torch.equal(guidance, torch.full((3,), 3.5))
-    assert calls[1][0][0] is tokens, "inputs are made once"
-    assert out is first and out.shape == tokens.shape
     assert flux.example_step(flux.build(TINY_WITHOUT_GUIDANCE))().shape == (1, 16, 16)
     assert flux.example_step(model, resolution=128)().shape[1] == 64
     for bad in ({"batch": 0}, {"resolution": 72}):

@@ -7,6 +7,7 @@ import torch
 
 import fastgen
 from fastgen.models import ldm_unet
+from model_checks import NOT_EMULATED, assert_backend_matches_reference, seed_global_rng
 
 TINY = ldm_unet.CONFIGS["tiny"]
 
@@ -23,15 +24,9 @@ SD15_DIFFUSERS_CONFIG = {
 SD15_PARAMETERS = 859_520_964  # the published SD 1.5 UNet
 
 
-def _seed_global_rng(generator: torch.Generator) -> None:
-    # Module initialisers draw from the global RNG: seed it from the per-test generator so the
-    # weights are fresh every run and replayable from the printed seed.
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-
-
 @pytest.fixture
 def tiny_model(generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     return ldm_unet.build("tiny")
 
 
@@ -81,32 +76,11 @@ def test_backward_reaches_every_parameter(generator, tiny_model):
     assert context.grad.abs().sum() > 0
 
 
-def _output_and_grads(model, latents, timestep, context):
-    model.zero_grad()
-    out = model(latents, timestep, context)
-    out.square().mean().backward()
-    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-# The cuda backend is not run here under the CPU emulation: this model's many GroupNorm
-# launches take minutes there, and test_ada_norm.py runs those kernels emulated already.
-@pytest.mark.parametrize("device, backend", [("cpu", "triton"),
-                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
-                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, backend", NOT_EMULATED)
 def test_every_backend_matches_the_reference(generator, tiny_model, backend, device):
     # An odd latent side: the up path must upsample to the skip's size, not simply 2x.
     inputs = [tensor.to(device) for tensor in _inputs(generator, height=7, width=6)]
-    model = tiny_model.to(device)
-    with fastgen.use_backend("reference"):
-        expected, expected_grads = _output_and_grads(model, *inputs)
-    try:
-        with fastgen.use_backend(backend):
-            out, grads = _output_and_grads(model, *inputs)
-    except fastgen.BackendUnavailable as reason:
-        pytest.skip(f"backend {backend!r} cannot run here: {reason}")
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_backend_matches_reference(tiny_model.to(device), inputs, backend)
 
 
 def test_attention_goes_through_the_op_with_views(generator, tiny_model, monkeypatch):
@@ -194,7 +168,7 @@ def test_sd15_has_the_published_size_and_diffusers_layout():
 
 def test_matches_diffusers(generator):
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     reference = _tiny_diffusers_unet(diffusers)
     config = ldm_unet.LDMUNetConfig.from_diffusers(dict(reference.config))
     assert config == TINY
@@ -210,7 +184,7 @@ def test_matches_diffusers(generator):
 def test_loads_a_diffusers_checkpoint_file(generator, tmp_path):
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
     safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     reference = _tiny_diffusers_unet(diffusers)
     reference.save_pretrained(tmp_path, safe_serialization=True)  # unet/diffusion_pytorch_model.safetensors
     loaded = ldm_unet.from_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", "tiny")
@@ -225,6 +199,18 @@ def test_loads_a_diffusers_checkpoint_file(generator, tmp_path):
     assert {p.dtype for p in again.parameters()} == {torch.bfloat16}
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def _guided_by_scheduler(scheduler, steps, model, latents, context, null_context, scale):
+    """A diffusers scheduler stepped by hand over `steps` steps from `latents`, with separate
+    conditional and unconditional calls and classifier-free guidance of `scale`."""
+    scheduler.set_timesteps(steps)
+    x = latents
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            unconditional, conditional = model(x, t, null_context), model(x, t, context)
+            x = scheduler.step(unconditional + scale * (conditional - unconditional), t, x).prev_sample
+    return x
 
 
 def test_ddim_sample_with_guidance_matches_diffusers_scheduler(generator, tiny_model):
@@ -243,16 +229,10 @@ def test_ddim_sample_with_guidance_matches_diffusers_scheduler(generator, tiny_m
         hook.remove()
     assert batch_sizes == [2 * latents.shape[0]] * steps  # one call per step on the guidance batch
 
-    # Stable Diffusion's scheduler config (scheduler/scheduler_config.json of SD 1.5), stepped by hand
-    # with separate conditional and unconditional calls.
+    # Stable Diffusion's scheduler config (scheduler/scheduler_config.json of SD 1.5).
     scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    scheduler.set_timesteps(steps)
-    x = latents
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            unconditional, conditional = tiny_model(x, t, null_context), tiny_model(x, t, context)
-            x = scheduler.step(unconditional + scale * (conditional - unconditional), t, x).prev_sample
+    x = _guided_by_scheduler(scheduler, steps, tiny_model, latents, context, null_context, scale)
     torch.testing.assert_close(sampled, x, rtol=1e-4, atol=1e-4)
 
 
@@ -268,12 +248,7 @@ def test_dpm_solver_sample_with_guidance_matches_diffusers_scheduler(generator, 
                                   guidance_scale=scale, method="dpm_solver")
     scheduler = diffusers.DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                       steps_offset=1)
-    scheduler.set_timesteps(steps)
-    x = latents
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            unconditional, conditional = tiny_model(x, t, null_context), tiny_model(x, t, context)
-            x = scheduler.step(unconditional + scale * (conditional - unconditional), t, x).prev_sample
+    x = _guided_by_scheduler(scheduler, steps, tiny_model, latents, context, null_context, scale)
     torch.testing.assert_close(sampled, x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
     with pytest.raises(ValueError, match="method must be 'ddim' or 'dpm_solver'; got 'ddpm'"):
         ldm_unet.sample(tiny_model, latents, context, method="ddpm")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastgen import cli, profile
+from model_checks import example_step_call
 
 MODELS = sorted(profile.discover_models())
 # The families SANA's step must show: its three fastgen op families and the plain-torch rest.
@@ -23,20 +24,11 @@ def test_sana_is_discovered_with_the_contract():
 def test_sana_example_step_is_one_guidance_batch_denoising_call(generator):
     from fastgen.models import sana
 
-    model = sana.build("tiny").to(torch.float64).eval()
-    calls = []
-    model.register_forward_hook(lambda module, args, output: calls.append((args, output)))
-    step = sana.example_step(model, batch=3, generator=generator)
-    with torch.no_grad():
-        out = step()
-        step()
-    (latents, caption, timestep, mask), first = calls[0]
+    model, (latents, caption, timestep, mask) = example_step_call(sana, 3, generator)
     assert latents.shape == (6, 4, 8, 8), "2 x batch latents, 256 px / 32 for tiny by default"
     assert caption.shape == (6, sana.EXAMPLE_CAPTION_TOKENS, 24) and latents.dtype == caption.dtype == torch.float64
     assert mask[:3].all() and mask[3:].sum(1).tolist() == [100] * 3, "the unconditional half is padded"
     assert torch.equal(timestep, torch.full((6,), 500.0))
-    assert calls[1][0][0] is latents, "inputs are made once"
-    assert out is first and out.shape == latents.shape
     assert sana.example_step(model, resolution=512)().shape[-1] == 16
     for bad in ({"batch": 0}, {"resolution": 96}, {"resolution": 32}):
         with pytest.raises(ValueError, match=next(iter(bad))):

@@ -5,21 +5,15 @@ import pytest
 import torch
 
 import fastgen
-from conftest import EMULATED_CUDA
 from fastgen.models import sana
+from model_checks import EVERY_BACKEND, assert_backend_matches_reference, seed_global_rng
 
 TINY = sana.CONFIGS["tiny"]
 
 
-def _seed_global_rng(generator: torch.Generator) -> None:
-    # Module initialisers draw from the global RNG: seed it from the per-test generator so the
-    # weights are fresh every run and replayable from the printed seed.
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-
-
 @pytest.fixture
 def tiny_model(generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     return sana.build("tiny")
 
 
@@ -103,29 +97,10 @@ def test_linear_attention_op_gets_views_of_the_projections(generator, tiny_model
         assert eps == 1e-15
 
 
-def _loss_and_grads(model, latents, caption, timestep, mask):
-    model.zero_grad()
-    out = model(latents, caption, timestep, mask)
-    out.square().mean().backward()
-    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-@pytest.mark.parametrize("device, backend", [("cpu", "triton"), EMULATED_CUDA,
-                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
-                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, backend", EVERY_BACKEND)
 def test_every_backend_matches_the_reference(generator, tiny_model, backend, device):
     inputs = [tensor.to(device) for tensor in _inputs(generator)]
-    model = tiny_model.to(device)
-    with fastgen.use_backend("reference"):
-        expected, expected_grads = _loss_and_grads(model, *inputs)
-    try:
-        with fastgen.use_backend(backend):
-            out, grads = _loss_and_grads(model, *inputs)
-    except fastgen.BackendUnavailable as reason:
-        pytest.skip(f"backend {backend!r} cannot run here: {reason}")
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_backend_matches_reference(tiny_model.to(device), inputs, backend)
 
 
 def test_traces_as_one_graph(generator, tiny_model):
@@ -222,7 +197,7 @@ def test_large_configs_build_on_meta(name, hidden, billions):
 
 def test_matches_diffusers(generator):
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     reference = diffusers.SanaTransformer2DModel(
         in_channels=TINY.in_channels,
         out_channels=TINY.out_channels,

@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-import fastgen
 from fastgen.models import sd3
+from model_checks import (assert_backend_matches_reference, assert_released_config_matches_diffusers,
+                          example_step_call, seed_global_rng)
 from fastgen.ops.ada_norm import GATED_RESIDUAL_ADA_LAYER_NORM, GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
@@ -36,12 +37,6 @@ PUBLISHED_DIFFUSERS_CONFIGS = {
 }
 
 
-def _seed_global_rng(generator: torch.Generator) -> None:
-    # Module initialisers draw from the global RNG: seed it from the per-test generator so the
-    # weights are fresh every run and replayable from the printed seed.
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-
-
 def _diffusers_kwargs(config: sd3.SD3Config) -> dict:
     kwargs = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
     return dict(kwargs, caption_projection_dim=config.hidden_size)
@@ -50,7 +45,7 @@ def _diffusers_kwargs(config: sd3.SD3Config) -> dict:
 def _pair(generator, config=TINY):
     """(diffusers model, fastgen model) with the same random weights, every one of them random
     (a zero bias or unit norm weight would hide a mismatch in what multiplies it)."""
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     reference = diffusers.SD3Transformer2DModel(**_diffusers_kwargs(config)).eval()
     with torch.no_grad():
         for parameter in reference.parameters():
@@ -96,7 +91,7 @@ def test_position_table_matches_diffusers(dim, max_size, base_size):
 
 
 def test_fresh_model_has_the_position_buffer_diffusers_saves(generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     reference = diffusers.SD3Transformer2DModel(**_diffusers_kwargs(TINY))
     torch.testing.assert_close(sd3.build("tiny").pos_embed.pos_embed, reference.pos_embed.pos_embed, rtol=0, atol=1e-6)
 
@@ -113,31 +108,15 @@ def test_backward_reaches_every_parameter_the_output_depends_on(generator):
     assert without_gradient == unused
 
 
-def _loss_and_grads(model, *inputs):
-    model.zero_grad()
-    out = model(*inputs)
-    out.square().mean().backward()
-    return out.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()
-                          if parameter.grad is not None}
-
-
 @pytest.mark.parametrize("variant", ["qk-norm", "dual-attention"])
 def test_triton_backend_matches_the_reference_values_and_gradients(generator, variant, kernel_runs):
     """Every op of the model on the Triton kernels, under the interpreter here: the output and
     every gradient. Each joint block's attention residual and norm2 run fused, forward and
     backward: both streams in the first block, the image stream in the last (context_pre_only)."""
     _, model = _pair(generator, VARIANTS[variant])
-    inputs = _inputs(generator, batch=1)
-    with fastgen.use_backend("reference"):
-        expected, expected_grads = _loss_and_grads(model, *inputs)
     fused = [kernel_runs(op) for op in (GATED_RESIDUAL_ADA_LAYER_NORM, GATED_RESIDUAL_ADA_LAYER_NORM_BACKWARD)]
-    with fastgen.use_backend("triton"):
-        out, grads = _loss_and_grads(model, *inputs)
+    assert_backend_matches_reference(model, _inputs(generator, batch=1), "triton")
     assert [len(runs) for runs in fused] == [3, 3]
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert grads.keys() == expected_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bad_inputs_raise_value_errors(generator):
@@ -172,15 +151,8 @@ def test_safetensors_round_trip(generator, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_DIFFUSERS_CONFIGS))
 def test_released_configs_build_on_meta_with_diffusers_parameter_count(name):
-    published = PUBLISHED_DIFFUSERS_CONFIGS[name]
-    assert sd3.SD3Config.from_diffusers(published) == sd3.CONFIGS[name]
-    with torch.device("meta"):
-        model = sd3.build(name)
-        reference = diffusers.SD3Transformer2DModel(
-            **{key: value for key, value in published.items() if not key.startswith("_")})
-    assert all(p.is_meta for p in model.parameters())
-    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in reference.named_parameters()}
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    assert_released_config_matches_diffusers(sd3, diffusers.SD3Transformer2DModel, PUBLISHED_DIFFUSERS_CONFIGS[name],
+                                             name)
 
 
 def test_unsupported_diffusers_options_are_refused():
@@ -224,20 +196,11 @@ def test_guided_sample_matches_the_diffusers_pipeline_loop(generator):
 
 
 def test_example_step_is_one_guidance_batch_denoising_call(generator):
-    model = sd3.build("tiny").to(torch.float64).eval()
-    calls = []
-    model.register_forward_hook(lambda module, args, output: calls.append((args, output)))
-    step = sd3.example_step(model, batch=2, generator=generator)
-    with torch.no_grad():
-        out = step()
-        step()
-    (latents, text, pooled, timestep), first = calls[0]
+    model, (latents, text, pooled, timestep) = example_step_call(sd3, 2, generator)
     assert latents.shape == (4, 4, 8, 8), "2 x batch latents, 64 px / 8 for tiny by default"
     assert text.shape == (4, sd3.EXAMPLE_TEXT_TOKENS, 24) and pooled.shape == (4, 12)
     assert latents.dtype == text.dtype == torch.float64
     assert torch.equal(timestep, torch.full((4,), 500.0))
-    assert calls[1][0][0] is latents, "inputs are made once"
-    assert out is first and out.shape == latents.shape
     assert sd3.example_step(model, resolution=48)().shape[-1] == 6
     for bad in ({"batch": 0}, {"resolution": 40}):
         with pytest.raises(ValueError, match=next(iter(bad))):

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
-from conftest import EMULATED_CUDA, assert_as_accurate_as_the_reference
+from conftest import assert_as_accurate_as_the_reference
 from fastgen.models import stylegan2
 from fastgen.ops.registry import OPS
+from model_checks import EVERY_BACKEND, seed_global_rng
 
 TINY = stylegan2.CONFIGS["tiny"]
 # The R1 step differentiates twice: under the Triton interpreter and in float64 (slow CPU
@@ -23,13 +24,8 @@ TAPS = torch.tensor(stylegan2.RESAMPLE_TAPS, dtype=torch.float64)
 FIR_2D = torch.outer(TAPS, TAPS) / TAPS.sum() ** 2
 
 
-def _seed_global_rng(generator):
-    # Initialisers draw from the global RNG: seed it from the per-test generator (fresh, printed).
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-
-
 def _build_pair(config, generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     G, D = stylegan2.build(config), stylegan2.build(config, "discriminator")
     # Nonzero noise strengths and biases, so that those paths are exercised.
     with torch.no_grad():
@@ -284,7 +280,7 @@ def test_style_mixing_probability_and_cutoffs_over_many_batches(generator):
     standard deviations of p and of uniform over [1, num_ws), whose rows agree with the cutoff."""
     config = stylegan2.StyleGAN2Config(resolution=16, z_dim=4, w_dim=4, channel_base=64, channel_max=4,
                                        mapping_layers=1)
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     G = stylegan2.build(config).eval()
     z = torch.randn(2, 4, generator=generator)
     own = G.mapping(z)
@@ -346,9 +342,7 @@ def _skip_unless_available(backend, device):
         pytest.skip(f"backend {backend!r} cannot run here: {reason}")
 
 
-@pytest.mark.parametrize("device, backend", [("cpu", "triton"), EMULATED_CUDA,
-                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
-                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, backend", EVERY_BACKEND)
 def test_every_backend_matches_the_reference(generator, tiny, micro, backend, device):
     _skip_unless_available(backend, device)
     G, D = (network.to(device) for network in tiny)

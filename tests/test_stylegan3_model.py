@@ -9,19 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
-from conftest import EMULATED_CUDA, assert_as_accurate_as_the_reference
+from conftest import assert_as_accurate_as_the_reference
 from fastgen.models import stylegan3
 from fastgen.ops.filtered_lrelu import filtered_lrelu
-
-
-def _seed_global_rng(generator: torch.Generator) -> None:
-    # Module initialisers draw from the global RNG: seed it from the per-test generator so the
-    # weights are fresh every run and replayable from the printed seed.
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+from model_checks import EVERY_BACKEND, seed_global_rng
 
 
 def _tiny(generator, name="tiny"):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     model = stylegan3.build(name)
     # Random stand-ins for trained statistics and biases, so no term of the forward is a no-op.
     with torch.no_grad():
@@ -383,9 +378,7 @@ def _images_and_grads(model, z):
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-r"])
-@pytest.mark.parametrize("device, backend", [("cpu", "triton"), EMULATED_CUDA,
-                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
-                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, backend", EVERY_BACKEND)
 def test_fast_backends_match_the_reference(generator, name, device, backend):
     """Every fastgen op the generator calls (filtered_lrelu, bias_act in the mapping) on the
     backend's kernels against their references, forward and parameter gradients."""

@@ -11,13 +11,10 @@ import fastgen
 from conftest import assert_as_accurate_as_the_reference
 from fastgen.models import stylegan, stylegan2
 from fastgen.ops.registry import OPS
+from model_checks import NOT_EMULATED, seed_global_rng
 
 TINY = stylegan.CONFIGS["tiny"]
 BLUR = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=torch.float64) / 16
-
-
-def _seed_global_rng(generator):
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
 
 
 def _randomize(module, generator):
@@ -33,12 +30,12 @@ def _randomize(module, generator):
 
 @pytest.fixture
 def tiny(generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     return _randomize(stylegan.build("tiny"), generator)
 
 
 def _layer(generator, kind, fused_scale=False):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     return _randomize(stylegan.StyledLayer(kind, 4, 5, 6, 10, fused_scale=fused_scale).double(), generator)
 
 
@@ -162,11 +159,7 @@ def _draw_clear_of_kinks(model, generator, monkeypatch, attempts=50):
     raise AssertionError(f"{attempts} draws all put a leaky ReLU input within {KINK_MARGIN} of 0")
 
 
-# The cuda backend is not run here under the CPU emulation: this model's many GroupNorm
-# launches take minutes there, and test_ada_norm.py runs those kernels emulated already.
-@pytest.mark.parametrize("device, backend", [("cpu", "triton"),
-                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
-                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, backend", NOT_EMULATED)
 def test_every_backend_matches_the_reference(generator, tiny, backend, device, monkeypatch):
     if not any(backend in OPS[name].implementations for name in ("ada_group_norm", "upfirdn2d", "bias_act")):
         pytest.skip(f"ada_group_norm, upfirdn2d and bias_act have no {backend!r} implementation")

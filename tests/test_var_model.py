@@ -8,20 +8,17 @@ import torch
 
 import fastgen
 from fastgen.models import var, var_vqvae
+from model_checks import seed_global_rng
 
 # An odd config beside tiny: 3 heads of 12, shared AdaLN, no l2-normalized attention, 7 classes.
 ODD = var.VarConfig(depth=3, embed_dim=36, num_heads=3, mlp_ratio=2.5, num_classes=7, vqvae="tiny",
                     shared_aln=True, attn_l2_norm=False)
 
 
-def _seed_global_rng(generator: torch.Generator) -> None:
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-
-
 def _random_model(config, generator, dtype=torch.float32) -> var.VAR:
     """Every parameter drawn afresh (VAR's zero-initialised biases and small AdaLN included), one
     head's temperature above the log 100 clamp."""
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     model = var.build(config).to(dtype).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():

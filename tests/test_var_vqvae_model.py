@@ -7,19 +7,15 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
-from conftest import EMULATED_CUDA
 from fastgen.models import var_vqvae
+from model_checks import EVERY_BACKEND, seed_global_rng
 
 TINY = var_vqvae.CONFIGS["tiny"]
 
 
-def _seed_global_rng(generator: torch.Generator) -> None:
-    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-
-
 @pytest.fixture
 def tiny_model(generator):
-    _seed_global_rng(generator)
+    seed_global_rng(generator)
     model = var_vqvae.build("tiny")
     with torch.no_grad():
         # Codes at the latent's scale (nn.Embedding's N(0, 1)), phis near VAR's trained ones: small convs.
@@ -119,9 +115,7 @@ def _tokens_and_training_pass(model, images):
     return indices, reconstruction.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("device, backend", [("cpu", "triton"), EMULATED_CUDA,
-                                             pytest.param("cuda", "triton", marks=pytest.mark.gpu),
-                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, backend", EVERY_BACKEND)
 def test_fast_backends_match_the_reference(generator, tiny_model, device, backend):
     images = _images(generator).to(device)
     tiny_model.to(device)
