@@ -122,6 +122,15 @@ def compile_reference(reference: Callable) -> Callable:
     return torch.compile(reference)
 
 
+def diffusers_twin(diffusers_type: type, model: torch.nn.Module) -> torch.nn.Module:
+    """The diffusers `diffusers_type` of `model`'s config (its `to_diffusers()`) sharing the
+    fastgen model's weight tensors, for inference: what users run, beside the fastgen model."""
+    with torch.device("meta"):
+        twin = diffusers_type(**model.config.to_diffusers())
+    twin.load_state_dict(model.state_dict(), strict=True, assign=True)
+    return twin.eval().requires_grad_(False)
+
+
 def op_backends(op_name: str) -> tuple:
     """The fast backends the registered op `op_name` implements, in FAST_BACKENDS order."""
     if op_name not in OPS:

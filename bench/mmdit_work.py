@@ -1,5 +1,6 @@
 """What the MM-DiT model benchmarks (models_flux, models_sd3) share: building a large model
-straight on the GPU in its dtype, a step's FLOP count, and the impls that time a step."""
+straight on the GPU in its dtype, seeded random inputs, a step's FLOP count, and the impls that
+time a step."""
 from __future__ import annotations
 
 import contextlib
@@ -30,6 +31,16 @@ def build_on(build: Callable[[], torch.nn.Module], device: str, dtype: torch.dty
     with torch.device(device), _default_dtype(dtype):
         model = build()
     return model.to(dtype).eval().requires_grad_(False)
+
+
+def seeded_randn(device, dtype: torch.dtype, seed: int) -> Callable[..., torch.Tensor]:
+    """randn(*shape): standard normal values on `device` in `dtype`, from one generator seeded with `seed`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    return randn
 
 
 def step_flops(build: Callable[[], torch.nn.Module], call: Callable[[torch.nn.Module], object]) -> int:

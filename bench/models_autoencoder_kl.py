@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastgen.models import autoencoder_kl
 
-from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
+from .harness import Benchmark, Case, Impl, backend_impls, compile_reference, diffusers_twin
 
 # bfloat16 rounding through some thirty ResnetBlocks, each implementation in its own order; a
 # wrong kernel is off by O(1).
@@ -44,10 +44,7 @@ def _diffusers_autoencoder(config_name: str, device: str, dtype: torch.dtype):
     """diffusers' AutoencoderKL sharing `_model`'s weight tensors."""
     import diffusers
 
-    with torch.device("meta"):
-        autoencoder = diffusers.AutoencoderKL(**autoencoder_kl.CONFIGS[config_name].to_diffusers())
-    autoencoder.load_state_dict(_model(config_name, device, dtype).state_dict(), strict=True, assign=True)
-    return autoencoder.eval().requires_grad_(False)
+    return diffusers_twin(diffusers.AutoencoderKL, _model(config_name, device, dtype))
 
 
 def _latent_shape(config: autoencoder_kl.AutoencoderKLConfig, batch: int, resolution: int) -> tuple:

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastgen.models import dcae
 
-from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
+from .harness import Benchmark, Case, Impl, backend_impls, compile_reference, diffusers_twin
 
 # bfloat16 rounding through some forty blocks, each implementation in its own order; a wrong
 # kernel is off by O(1).
@@ -43,10 +43,7 @@ def _diffusers_autoencoder(config_name: str, device: str, dtype: torch.dtype, ac
     """diffusers' AutoencoderDC sharing `_model`'s weight tensors."""
     import diffusers
 
-    with torch.device("meta"):
-        autoencoder = diffusers.AutoencoderDC(**dcae.CONFIGS[config_name].to_diffusers())
-    autoencoder.load_state_dict(_model(config_name, device, dtype).state_dict(), strict=True, assign=True)
-    autoencoder = autoencoder.eval().requires_grad_(False)
+    autoencoder = diffusers_twin(diffusers.AutoencoderDC, _model(config_name, device, dtype))
     if accelerated:
         from fastgen.accelerator import accelerate
 

@@ -25,7 +25,7 @@ import torch
 from fastgen.models import flux
 
 from .harness import Benchmark, Case
-from .mmdit_work import build_on, step_flops, step_impls
+from .mmdit_work import build_on, seeded_randn, step_flops, step_impls
 
 _LATENT_SIDE = 128  # 1024 px through the 8x VAE
 # The quick run's slice of the network: (double-stream, single-stream) blocks.
@@ -45,11 +45,7 @@ def _model(config: flux.FluxConfig, device: str, dtype: torch.dtype) -> flux.Flu
 
 
 def _inputs(config: flux.FluxConfig, batch: int, side: int, text_tokens: int, device, dtype, seed: int) -> dict:
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def random(*shape):
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-
+    random = seeded_randn(device, dtype, seed)
     return {"image_tokens": random(batch, (side // 2) ** 2, config.in_channels),
             "text": random(batch, text_tokens, config.joint_attention_dim),
             "pooled_text": random(batch, config.pooled_projection_dim)}

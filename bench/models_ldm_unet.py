@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastgen.models import ldm_unet
 
-from .harness import Benchmark, Case, Impl, backend_impls, compile_reference
+from .harness import Benchmark, Case, Impl, backend_impls, compile_reference, diffusers_twin
 
 _TIMESTEP = 500.0
 
@@ -40,10 +40,7 @@ def _diffusers_unet(config_name: str, device: str, dtype: torch.dtype, accelerat
     """diffusers' UNet2DConditionModel sharing `_model`'s weight tensors."""
     import diffusers
 
-    with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel(**ldm_unet.CONFIGS[config_name].to_diffusers())
-    unet.load_state_dict(_model(config_name, device, dtype).state_dict(), strict=True, assign=True)
-    unet = unet.eval().requires_grad_(False)
+    unet = diffusers_twin(diffusers.UNet2DConditionModel, _model(config_name, device, dtype))
     if accelerated:
         from fastgen.accelerator import accelerate
 

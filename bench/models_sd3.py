@@ -24,7 +24,7 @@ import torch
 from fastgen.models import sd3
 
 from .harness import Benchmark, Case
-from .mmdit_work import build_on, step_flops, step_impls
+from .mmdit_work import build_on, seeded_randn, step_flops, step_impls
 
 _LATENT_SIDE = 128  # 1024 px through the 8x VAE
 _QUICK_BLOCKS = 4
@@ -41,11 +41,7 @@ def _model(config: sd3.SD3Config, device: str, dtype: torch.dtype) -> sd3.SD3Tra
 
 
 def _inputs(config: sd3.SD3Config, batch: int, side: int, text_tokens: int, device, dtype, seed: int) -> dict:
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def random(*shape):
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-
+    random = seeded_randn(device, dtype, seed)
     return {"latents": random(batch, config.in_channels, side, side),
             "text": random(batch, text_tokens, config.joint_attention_dim),
             "pooled_text": random(batch, config.pooled_projection_dim)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -290,29 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.set_defaults(run=_bench)
     # Optional, so `fastgen bench [--quick ...]` still runs the suite; its defaults override run=_bench.
     bench_commands = bench_parser.add_subparsers(dest="bench_command", metavar="{compare,plot,order,headline}")
-    compare_parser = bench_commands.add_parser(
-        "compare", help="compare two result files: regressions beyond noise, status changes, missing rows")
-    from fastgen.bench import compare
 
-    compare.add_arguments(compare_parser)
-    compare_parser.set_defaults(run=_bench_compare)
+    def bench_command(name: str, help_text: str, run) -> None:
+        """The subcommand `name`, whose arguments fastgen.bench.<name> adds."""
+        subparser = bench_commands.add_parser(name, help=help_text)
+        importlib.import_module(f"fastgen.bench.{name}").add_arguments(subparser)
+        subparser.set_defaults(run=run)
+
+    bench_command("compare", "compare two result files: regressions beyond noise, status changes, missing rows",
+                  _bench_compare)
     plot_parser = bench_commands.add_parser(
         "plot", help="PNG plots of a result file: speedup vs size per op, model step times")
     plot_parser.add_argument("results", type=Path, help="a result JSON written by fastgen bench")
     plot_parser.add_argument("--out", type=Path, help="directory for the PNGs (default: beside RESULTS)")
     plot_parser.set_defaults(run=_bench_plot)
-    order_parser = bench_commands.add_parser(
-        "order", help="rank each op's backends by a result file's speedups: the 'auto' order for that GPU")
-    from fastgen.bench import order
-
-    order.add_arguments(order_parser)
-    order_parser.set_defaults(run=_bench_order)
-    headline_parser = bench_commands.add_parser(
-        "headline", help="the README's headline table (per benchmark: speedups, fraction of ceiling) from result files")
-    from fastgen.bench import headline
-
-    headline.add_arguments(headline_parser)
-    headline_parser.set_defaults(run=_bench_headline)
+    bench_command("order", "rank each op's backends by a result file's speedups: the 'auto' order for that GPU",
+                  _bench_order)
+    bench_command("headline",
+                  "the README's headline table (per benchmark: speedups, fraction of ceiling) from result files",
+                  _bench_headline)
 
     _add_profile_parser(commands)
     from fastgen import precompile
