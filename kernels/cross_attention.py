@@ -41,6 +41,8 @@ Backward (FlashAttention-2), two launches, no atomics (deterministic):
      P = exp(s - lse), dP = dout v^T, dS = P (dP - delta), and accumulates dq = scale dS k.
      dS is exactly 0 at masked keys, at rows without keys and (second launch) at the rows
      past Lq, where P is 0 but dP or delta may be NaN: the reference passes no gradient there.
+     The second launch masks the rows past Lq as padded keys are masked, so their P is 0 even
+     where their zero-loaded q meets an infinite key element (a 0 * inf = NaN score).
   2. `_key_value_grad_kernel`, over key blocks: keeps BLOCK_N keys and streams the
      query tiles, recomputing P^T and dP^T, and accumulates dv = P^T dout, dk = scale dS^T q.
 P and dS are recomputed twice (once per launch) instead of sharing dq between key blocks
@@ -319,19 +321,20 @@ def _key_value_grad_kernel(
         q = _load_tile(q_ptr, b, h, rows, LQ, d, D, q_sb, q_sl, q_sh, q_sd)
         grad = _load_tile(grad_ptr, b, h, rows, LQ, d, D, g_sb, g_sl, g_sh, g_sd)
         lse_ptrs, in_range = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
-        # Rows past Lq read lse = +inf: their P^T column is exactly 0.
         lse = tl.load(lse_ptrs, mask=in_range, other=float("inf"))
         delta_ptrs, _ = _row_stats_ptrs(delta_ptr, bh, rows, LQ)
         delta = tl.load(delta_ptrs, mask=in_range, other=0.0)
+        # Rows past Lq are no rows of the reference: they are masked as padded keys are, so
+        # their P^T column and dS^T are exactly 0. Their q loads as zeros, whose score with an
+        # infinite key element is 0 * inf = NaN: the mask, not lse = +inf, makes P^T 0 there.
         if BLOCK_CAUSAL:
-            counted_t = valid[:, None] & (rows[None, :] >= first_rows[:, None])
+            counted_t = valid[:, None] & (rows[None, :] >= first_rows[:, None]) & in_range[None, :]
         else:
-            counted_t = valid[:, None]
+            counted_t = valid[:, None] & in_range[None, :]
         p_t = _exp(_scores(k, q, counted_t, scale, PRECISION, UPCAST_DOTS) - lse[None, :])
         dv += _dot(p_t.to(grad.dtype), grad, PRECISION, UPCAST_DOTS)
         dp_t = _dot(v, tl.trans(grad), PRECISION, UPCAST_DOTS)
-        # Rows past Lq are no rows of the reference: dS^T is 0 there, as for masked keys.
-        ds_t = _score_grad(p_t, dp_t, delta[None, :], counted_t & in_range[None, :])
+        ds_t = _score_grad(p_t, dp_t, delta[None, :], counted_t)
         dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST_DOTS)
     _store_tile(dk_ptr, dk * scale, b, h, cols, LKV, d, D, dk_sb, dk_sl, dk_sh, dk_sd)
     _store_tile(dv_ptr, dv, b, h, cols, LKV, d, D, dv_sb, dv_sl, dv_sh, dv_sd)

@@ -245,14 +245,40 @@ def test_nan_and_inf_propagate_as_in_the_reference(dtype, name, value, generator
         out = cross_attention(*leaves, mask)
     grad = random_tensor(tuple(out.shape), "contiguous", CPU, dtype, generator)
     out.backward(grad)
-    expected = _autograd_of_the_reference(grad, q, k, v, mask)
-    for what, actual, reference in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), expected):
-        rounded = reference.to(dtype).double()
+    _assert_non_finite_where_the_reference_is((out, q.grad, k.grad, v.grad),
+                                              _autograd_of_the_reference(grad, q, k, v, mask))
+
+
+def _assert_non_finite_where_the_reference_is(actual_outputs, reference_outputs):
+    """(out, dq, dk, dv) NaN where the float64 reference's are, and infinite where its values
+    rounded to the outputs' dtype are, with the same signs."""
+    for what, actual, reference in zip(("out", "dq", "dk", "dv"), actual_outputs, reference_outputs):
+        rounded = reference.to(actual.dtype).double()
         actual = actual.detach().double()
         differs = (actual.isnan() != rounded.isnan()) | ((actual.isinf() | rounded.isinf()) & (actual != rounded))
         assert not differs.any(), (f"{what}: non-finite where the reference is not, or the other way round, at "
                                    f"{differs.nonzero().tolist()[:4]}: got {actual[differs][:4].tolist()}, "
                                    f"expected {reference[differs][:4].tolist()}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_key_every_row_scores_minus_inf_passes_no_nan_to_other_gradients(dtype, generator):
+    """At head dim 1 an infinite key element alone makes the key's score -inf on every row
+    (q > 0): its P is 0, so its dv and dk are 0 and only dq's 0 * inf is NaN, as in the
+    reference. The dk / dv pass computes the rows past Lq of its query tile too (q loaded as
+    zeros): their 0 * inf score must not reach the key's dv."""
+    q, k, v = (t.detach().clone() for t in _qkv(2, 5, 21, 2, 1, "contiguous", CPU, dtype, generator))
+    q.abs_()
+    k[:, 3, :, 0] = float("-inf")
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with fastgen.use_backend("triton"):
+        out = cross_attention(*leaves)
+    grad = random_tensor(tuple(out.shape), "contiguous", CPU, dtype, generator)
+    out.backward(grad)
+    expected = _autograd_of_the_reference(grad, q, k, v, None)
+    assert torch.equal(expected[3][:, 3], torch.zeros_like(expected[3][:, 3])), "the premise: the key's dv is 0"
+    _assert_non_finite_where_the_reference_is((out, q.grad, k.grad, v.grad), expected)
+    _assert_close_to(v.grad, expected[3], "dv")
 
 
 def test_reference_is_pytorch_attention(generator):

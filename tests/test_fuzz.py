@@ -71,11 +71,6 @@ CI_EXCLUSIONS = (
                 defect="scores near 1e20 make a row one-hot; the flash backward's delta = rowsum(dO * O) then "
                        "differs from dP at the max by a rounding (1e-7) that the huge q or k multiply into dk of -7 "
                        "(expected 0.09) and dq of 38 (expected 0), where the reference's exact one-hot cancels"),
-    KnownDefect("cross_attention", ("triton",), "inf", arguments=("k",), directions=("bwd",),
-                defect="an infinite key element at head dim 1 (its score alone is +-inf): the Triton backward "
-                       "gives NaN in the dv of the row's other keys where the reference has 0 (24 of 40 seeded "
-                       "draws at q (2, 1, 2, 1), k and v (2, 21, 2, 1), float32; found by CI's fuzz on 2026-12-06, "
-                       "present at 0bcbb11 too)"),
     KnownDefect("filtered_lrelu", ("triton",), "odd sizes", directions=("bwd",), dtypes=(torch.float16,),
                 defect="a 16 x 11 two-dimensional down filter: the float16 db is 0.0082 where the reference gives "
                        "0.0133 (allowed 0.002, the float16 reference's own error 1.3e-4); CI's fuzz, 2026-12-06, "
