@@ -43,8 +43,10 @@ inf), so a row whose best is -inf reports a NaN distance and, in exact mode, kee
 without rescoring. Padding columns past K score +inf and are never candidates, even where an infinite
 squared norm (a code near 1e19) makes the candidate threshold infinite.
 
-Arithmetic is float32 (float64 in the exact recheck) on values converted after loading: the
-Triton CPU interpreter computes bfloat16 arithmetic wrongly and runs `tl.dot` on bfloat16
+Arithmetic is float32 (float64 in the exact recheck) on values converted after loading,
+bfloat16 by `to_float32`'s bit shift (the conversion a GPU does; the Triton CPU interpreter's
+own drops a subnormal's leading bit, which reordered the cosine scores of subnormal rows or
+codes). The interpreter also computes bfloat16 arithmetic wrongly and runs `tl.dot` on bfloat16
 operands as integers, so under the interpreter the dot operands are converted to float32
 (`DOT_IN_FP32`; products of 16-bit floats are exact in float32, so this is the same math as
 the tensor cores' fp32 accumulation). Offsets are int64 (a codebook's row index times its row
@@ -66,6 +68,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels import LAUNCH_OPTIONS, sm_count
+from fastgen.kernels._convert import to_float32
 from fastgen.ops.registry import triton_interpreter_enabled
 
 # F.normalize's eps: a code of norm below it is divided by eps instead.
@@ -86,7 +89,7 @@ def _code_norms_kernel(e_ptr, out_ptr, K, D, e_sk, e_sd, COSINE: tl.constexpr, E
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """l2: ||e_k||^2; cosine: 1 / max(||e_k||, eps) (correctly rounded sqrt and division)."""
     k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    e = _load_rows(e_ptr, k, K, D, tl.arange(0, BLOCK_D), e_sk, e_sd).to(tl.float32)
+    e = to_float32(_load_rows(e_ptr, k, K, D, tl.arange(0, BLOCK_D), e_sk, e_sd))
     norms = tl.sum(e * e, axis=1)
     if COSINE:
         norms = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(norms), EPS))
@@ -105,7 +108,7 @@ def _tile_scores(z, z_ptr, rows, N, z_sn, z_sd, e_ptr, norms_ptr, k, K, D, d, e_
     if D_CHUNK == BLOCK_D:
         e = _load_rows(e_ptr, k, K, D, d, e_sk, e_sd)
         if DOT_IN_FP32:
-            e = e.to(tl.float32)
+            e = to_float32(e)
         dots = tl.dot(z, tl.trans(e), input_precision=INPUT_PRECISION)
     else:
         dots = tl.zeros((rows.shape[0], k.shape[0]), tl.float32)
@@ -143,7 +146,7 @@ def _unpack(packed):
 def _fast_distance(z, best, COSINE: tl.constexpr, EPS: tl.constexpr):
     """What the caller gets as the distance from the fast best score: l2 ||z||^2 + score,
     cosine the similarity -score / max(||z||, eps); NaN for a best of -inf (a NaN score)."""
-    z = z.to(tl.float32)
+    z = to_float32(z)
     squared_norm = tl.sum(z * z, axis=1)
     if COSINE:
         distance = -best / tl.maximum(tl.sqrt_rn(squared_norm), EPS)
@@ -166,12 +169,12 @@ def _epilogue(rows, N, K, D, d, best_idx, distance, z_ptr, e_ptr, z_sn, z_sd, e_
         # Only rows < N are loaded: a padded row's index is meaningless.
         e = _load_rows(e_ptr, tl.where(in_rows, best_idx.to(tl.int64), K), K, D, d, e_sk, e_sd)
         mask = in_rows[:, None] & (d < D)[None, :]
-        z32 = z.to(tl.float32)
+        z32 = to_float32(z)
         # A select keeps the code's bits (the interpreter converts subnormal bfloat16 wrongly).
         z_minus_z = z32 - z32
         z_q = tl.where(z_minus_z == 0, e, z_minus_z.to(e.dtype))
         tl.store(zq_ptr + rows[:, None] * D + d[None, :], z_q, mask=mask)
-        error = z32 - e.to(tl.float32)
+        error = z32 - to_float32(e)
         tl.store(value_ptr + rows, tl.sum(error * error, axis=1), mask=in_rows)
         tl.atomic_add(counts_ptr + best_idx, tl.full(best_idx.shape, 1, tl.int64), mask=in_rows)
     else:
@@ -193,7 +196,7 @@ def _nearest_kernel(
     if D_CHUNK == BLOCK_D:
         z = _load_rows(z_ptr, rows, N, D, d, z_sn, z_sd)
         if DOT_IN_FP32:
-            z = z.to(tl.float32)
+            z = to_float32(z)
     best = tl.full((BLOCK_N,), float("inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_N,), tl.int32)
     k_begin = split * tiles_per_split * BLOCK_K
@@ -291,8 +294,8 @@ def _refine_kernel(
     d = tl.arange(0, BLOCK_D)
     fast_best, fast_idx = _best_of_splits(partial_ptr, rows, N, SPLITS, BLOCK_S)
     z = _load_rows(z_ptr, rows, N, D, d, z_sn, z_sd)
-    z32 = z.to(tl.float32)
-    z64 = z.to(tl.float64)
+    z32 = to_float32(z)
+    z64 = z32.to(tl.float64)
     if DOT_IN_FP32:
         z = z32
     threshold = fast_best + 2.0 * _score_error_bound(z32, max_sq_norm_ptr, D, DOT_ERROR, COSINE, EPS)
@@ -314,13 +317,14 @@ def _refine_kernel(
                 row_wants = tl.sum(tl.where(columns[None, :] == j, candidate.to(tl.int32), 0), axis=1) > 0
                 if tl.max(row_wants.to(tl.int32)) > 0:
                     code = tl.zeros((1,), tl.int64) + (k0 + j)
-                    e64 = _load_rows(e_ptr, code, K, D, d, e_sk, e_sd).to(tl.float64)
+                    e64 = to_float32(_load_rows(e_ptr, code, K, D, d, e_sk, e_sd)).to(tl.float64)
                     exact = _accurate_scores(z64, e64, COSINE, EPS)
                     # Columns come in increasing k: strict < keeps the lowest index of a tie.
                     better = row_wants & (exact < other_best)
                     other_best = tl.where(better, exact, other_best)
                     other_idx = tl.where(better, k0 + j, other_idx)
-    fast_e64 = _load_rows(e_ptr, tl.where(in_rows, fast_idx.to(tl.int64), K), K, D, d, e_sk, e_sd).to(tl.float64)
+    fast_e64 = to_float32(_load_rows(e_ptr, tl.where(in_rows, fast_idx.to(tl.int64), K), K, D, d, e_sk, e_sd)
+                          ).to(tl.float64)
     fast_exact = _accurate_scores(z64, fast_e64, COSINE, EPS)
     take_other = (other_best < fast_exact) | ((other_best == fast_exact) & (other_idx < fast_idx))
     best_idx = tl.where(take_other, other_idx, fast_idx)

@@ -75,11 +75,6 @@ CI_EXCLUSIONS = (
                 defect="a 16 x 11 two-dimensional down filter: the float16 db is 0.0082 where the reference gives "
                        "0.0133 (allowed 0.002, the float16 reference's own error 1.3e-4); CI's fuzz, 2026-12-06, "
                        "draw 'StyleGAN3 up2 down2 12-tap clamp', seed 6905"),
-    KnownDefect("vq_nearest", ("triton",), "subnormal", arguments=("z", "codebook"), directions=("fwd",),
-                dtypes=(torch.bfloat16,),
-                defect="cosine search with every z (or codebook) element subnormal: 14 (18) of 21 indices differ "
-                       "from the float64 reference (CI's fuzz, 2026-12-06, draw 'cosine D8 K70 sliced z', seed 0, "
-                       "twice)"),
     KnownDefect("cross_attention", ("triton",), "odd sizes", directions=("bwd",), dtypes=(torch.bfloat16,),
                 defect="with 2 keys the bfloat16 dq is up to 8 times the same-dtype reference's error (0.022 "
                        "against 0.007; fastgen check allows 2): FlashAttention-2's bfloat16 dS and delta from the "

@@ -263,6 +263,35 @@ def test_exact_ties_subnormal_codes_to_the_lowest_index(device, backend, dtype, 
 
 @pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("subnormal", ["z", "codebook"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_cosine_search_over_subnormal_rows_or_codes(device, backend, dtype, subnormal, exact, generator):
+    """Every element of z (or of the codebook) subnormal: exact mode picks the float64 argmax of
+    the op's z . e / max(||e||, eps), and the fast search a code within float32 resolution of
+    it, relative to the scores' own size (which the eps makes ~1e-27 ||z|| for subnormal
+    codes). The Triton interpreter's bfloat16 conversion drops a subnormal's leading bit: it
+    once put 16 of 21 rows on another code."""
+    z, codebook = _matrix(21, 8, "sliced", device, dtype, generator), _matrix(70, 8, "contiguous", device, dtype,
+                                                                            generator)
+    largest_subnormal = torch.finfo(dtype).tiny / 2
+    if subnormal == "z":
+        z = (z.double() * (largest_subnormal / z.double().abs().max())).to(dtype)
+    else:
+        codebook = (codebook.double() * (largest_subnormal / codebook.double().abs().max())).to(dtype)
+    idx, _ = _run_nearest(z, codebook, "cosine", exact, backend=backend)
+    z64, e64 = z.double().cpu(), codebook.double().cpu()
+    scaled_codes = e64 / e64.norm(dim=1).clamp_min(vq.COSINE_EPS)[:, None]
+    scores = z64 @ scaled_codes.T
+    if exact:
+        assert torch.equal(idx.cpu(), scores.argmax(1)), f"{int((idx.cpu() != scores.argmax(1)).sum())} of 21 rows differ"
+        return
+    gap = scores.max(1).values - scores.gather(1, idx.cpu()[:, None]).squeeze(1)
+    resolution = 2e-5 * z64.norm(dim=1) * scaled_codes.norm(dim=1).max()
+    assert bool((gap <= resolution).all()), f"score gaps {gap.tolist()[:5]} past float32 resolution {resolution[0]:.3g}"
+
+
+@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("exact", [False, True])
 def test_quantize_z_q_is_nan_where_z_is_not_finite(device, backend, dtype, exact, generator):
     """The straight-through z + (e - z) is NaN where z is NaN or +-inf: z_q too, and the code
