@@ -215,6 +215,9 @@ def _query_grad_kernel(
         # makes out_n, so grad . out_n, NaN in the reference.
         ddenominator = -tl.sum(tl.where(q <= 0, zero_feature_terms[None, :], phi_q * dnumerator_state_t),
                                axis=1) / denominator
+        # Rows past N load q = 0, whose zero features met the NaN of an infinite S: they are no
+        # rows of the reference and must add nothing to dz (a select per row, not per element).
+        ddenominator = tl.where(rows < N, ddenominator, 0.0)
         dphi_q = dnumerator_state_t + ddenominator[:, None] * normalizer[None, :]
         _store_rows(dq_ptr, _relu_backward(q, dphi_q), b, h, rows, N, dq_sb, dq_sn, dq_sh, dq_sd, d, D)
         dstate += tl.dot(tl.trans(phi_q), dnumerator, input_precision=DOT_PRECISION)

@@ -246,6 +246,27 @@ def test_infinite_value_makes_dz_nan_through_zero_features_of_q(device, backend,
         _assert_non_finite_where_the_reference_is(actual, reference, gradient_name)
 
 
+@pytest.mark.parametrize("device, backend", _forward_targets())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [1, 16])
+def test_infinite_value_with_every_query_feature_positive(device, backend, dtype, head_dim, generator):
+    """The case above without a zero feature of q in the head: out_n0 = +inf on every row,
+    dden_n = -inf, so dz is -inf (not NaN) and dk is -inf at every k > 0 but the infinite
+    value's own row. The rows of the backward's last tile past N (q loaded as zeros, so
+    0 * inf = NaN in their out) must add nothing to dz: they once made every dk NaN."""
+    q, k, v = _one_infinite_value(device, dtype, generator, 9, 48, head_dim, float("inf"))
+    q[0, :, 0] = q[0, :, 0].abs() + 0.5
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with fastgen.use_backend(backend):
+        out = linear_attention(q, k, v, 1e-6)
+    grad = torch.randn(out.shape, generator=generator).abs().to(device, dtype)
+    out.backward(grad)
+    expected = _autograd_of_the_reference(grad, q, k, v, 1e-6)
+    assert (expected[1][0, :, 0] == float("-inf")).any(), "the premise: dk -inf in the head"
+    for gradient_name, actual, reference in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), expected):
+        _assert_non_finite_where_the_reference_is(actual, reference, gradient_name)
+
+
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("name", ["q", "k"])
 def test_bfloat16_subnormal_q_or_k_get_their_gradients(device, name, generator):
