@@ -52,8 +52,8 @@ backward, run in float16 on tensor cores for float16 inputs (float32 accumulatio
 rounded to float16) when the stage's filter is separable; the terms of a 2-D filter's split
 cancel each other, and rounding each term to float16 costs more than the result's tolerance
 (measured: 2x-3x over it), so those stages stay in float32. A float16 stage scales its input by a power of two where
-a huge tap or input would overflow float16 (_separable_fir), so an overflow gives the
-reference's infinity, not NaN. Everything else runs in float32:
+a huge tap or input would overflow float16, and a tap table by another where its largest tap
+passes 2^14 (_separable_fir), so an overflow gives the reference's infinity, not NaN. Everything else runs in float32:
 bfloat16 has too few mantissa bits to round the intermediate to, and the Triton CPU
 interpreter cannot multiply bfloat16 matrices.
 
@@ -99,34 +99,47 @@ def _banded(w_ptr, K, k):
 
 
 @triton.jit
+def _float16_safe_exponent(size):
+    """The power of two e >= 0 with size / 2^e <= 2^14 (_FLOAT16_SAFE_ROW): 0 for a size
+    already there, and for a non-finite one, which has no scale to find."""
+    exponent = tl.where(size > _FLOAT16_SAFE_ROW, tl.ceil(tl.log2(size / _FLOAT16_SAFE_ROW)), 0.0)
+    return tl.where(exponent < 128.0, exponent, 0.0)
+
+
+@triton.jit
 def _separable_fir(src, wy_ptr, wx_ptr, KY, KX, ky, kx_t, RANK: tl.constexpr, DTYPE: tl.constexpr,
                    ROWS: tl.constexpr, COLS: tl.constexpr):
     """sum_r Wy_r @ src @ Wx_r^T in float32: Wy_r[i, s] is tap ky[i, s] of term r's row table,
     Wx_r^T[s, j] tap kx_t[s, j] of its column table (_banded), operands rounded to DTYPE.
 
-    In float16 (one term, _launch), src and the half-filtered rows Wy @ src must stay inside
-    float16's range: rounded to infinities (a huge tap or input), the next product's zeros off
-    the band would turn them to NaN where the float32 sum is an infinity or finite. So src
-    enters scaled by a power of two that bounds them by 2^14 (exact, and 1 unless the tile or
-    the taps are that large), and the float32 sum is scaled back."""
+    In float16 (one term, _launch), the taps, src and the half-filtered rows Wy @ src must
+    stay inside float16's range: rounded to infinities (a huge tap or input), the next
+    product's zeros off the band would turn them to NaN where the float32 sum is an infinity
+    or finite. So each table whose largest tap passes 2^14 enters divided by the power of two
+    that brings it there, src by the one that bounds the half-filtered rows by 2^14 (exact,
+    and 1 for every filter and tile below those sizes), and the float32 sum is scaled back. A
+    table so divided rounds its taps below 2^-24 of its largest to float16 subnormals or 0."""
+    row_exponent = 0.0
+    column_exponent = 0.0
     exponent = 0.0
     if DTYPE == tl.float16:
         taps = tl.arange(0, _MAX_TABLE_TAPS)
-        row_taps_l1 = tl.sum(tl.abs(tl.load(wy_ptr + taps, mask=taps < KY, other=0.0)))
-        bound = tl.max(tl.abs(src)) * tl.maximum(row_taps_l1, 1.0)
-        exponent = tl.where(bound > _FLOAT16_SAFE_ROW, tl.ceil(tl.log2(bound / _FLOAT16_SAFE_ROW)), 0.0)
-        # A non-finite src or tap has no scale to find: left as it is.
-        exponent = tl.where(exponent < 128.0, exponent, 0.0)
+        row_taps = tl.abs(tl.load(wy_ptr + taps, mask=taps < KY, other=0.0))
+        row_exponent = _float16_safe_exponent(tl.max(row_taps))
+        column_exponent = _float16_safe_exponent(tl.max(tl.abs(tl.load(wx_ptr + taps, mask=taps < KX, other=0.0))))
+        row_taps_l1 = tl.sum(row_taps) * tl.exp2(-row_exponent)
+        exponent = _float16_safe_exponent(tl.max(tl.abs(src)) * tl.maximum(row_taps_l1, 1.0))
         src = src * tl.exp2(-exponent)
     src = src.to(DTYPE)
     total = tl.zeros((ROWS, COLS), tl.float32)
     for r in range(RANK):  # a loop, not unrolled: 12 unrolled terms spill and compile for minutes
-        w_y = _banded(wy_ptr + r * KY, KY, ky).to(DTYPE)
-        w_x_t = _banded(wx_ptr + r * KX, KX, kx_t).to(DTYPE)
+        w_y = (_banded(wy_ptr + r * KY, KY, ky) * tl.exp2(-row_exponent)).to(DTYPE)
+        w_x_t = (_banded(wx_ptr + r * KX, KX, kx_t) * tl.exp2(-column_exponent)).to(DTYPE)
         rows_done = tl.dot(w_y, src, input_precision="ieee").to(DTYPE)
         total += tl.dot(rows_done, w_x_t, input_precision="ieee")
     if DTYPE == tl.float16:
-        total = total * tl.exp2(exponent)
+        # One factor at a time: each is finite where their product could overflow float32.
+        total = total * tl.exp2(exponent) * tl.exp2(row_exponent) * tl.exp2(column_exponent)
     return total
 
 
