@@ -1,7 +1,8 @@
 """Every op, fast backend, dtype and direction on fuzz inputs (tests/fuzz_inputs.py) against the
 float64 reference, the way `fastgen check` compares them: NaN-poisoned outputs, the dtype's
 tolerance widened to twice the same-dtype reference's own error, gradients through the custom
-op's autograd with the backend forced.
+op's autograd with the backend forced (and, where an op's docstring says so, GRADIENT_TERMS,
+under the tolerance of the sizes of the terms that sum to them).
 
 Non-finite values are compared by position: an output has NaN exactly where the float64
 reference has NaN, and the reference's infinities (once rounded to the output's dtype, where a
@@ -157,7 +158,7 @@ GRADIENT_TERMS = {
 
 def _worst_with_gradient_terms(triples, what: str, original_worst: Callable, leaves: list, terms: Callable,
                                args: tuple, output_grad: Callable) -> tuple:
-    """check._worst, with the gradients `terms` sizes compared under those sizes."""
+    """check._worst, with each gradient that `terms` sizes compared under its terms' sizes."""
     triples = list(triples)
     expected = {name: triple[1] for name, triple in zip(leaves, triples)}
     magnitudes = terms(args, output_grad(), expected)
