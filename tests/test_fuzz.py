@@ -33,7 +33,8 @@ from fastgen.check import mismatch
 from fastgen.ops import registry
 from fastgen.ops.registry import KERNEL_DTYPES, OPS
 from fastgen.ops.cross_attention import _probabilities as cross_attention_probabilities, effective_scale
-from fastgen.ops.filtered_lrelu import filtered_lrelu_real_samples
+from fastgen.ops.filtered_lrelu import (filtered_lrelu_backward_reference, filtered_lrelu_real_samples,
+                                       intermediate_size, normalized_padding, pack_codes)
 from fastgen.ops.upfirdn2d import upfirdn2d_real_samples
 from fuzz_inputs import INPUT_CLASSES, argument_names, fuzz_inputs
 
@@ -124,9 +125,18 @@ STATED_CONTRACTS = (
 )
 
 
-def _filtered_lrelu_bias_gradient_terms(args: tuple, output_grad: torch.Tensor, expected: dict) -> dict:
-    """db is dx summed over (B, H, W): its terms' sizes are sum |dx|."""
-    return {"b": expected["x"].abs().sum((0, 2, 3))}
+def _filtered_lrelu_gradient_terms(args: tuple, output_grad: torch.Tensor, expected: dict) -> dict:
+    """dx = U^T (d * D^T dy): its terms' sizes are the same sums of |dy|, |taps| and the larger
+    slope's |d|; db is dx summed over (B, H, W): its terms' sizes are sum |dx|."""
+    x, fu, fd, _, up, down, padding, gain, slope, _, flip_filter = (
+        a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
+    padding = normalized_padding(padding)
+    zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
+    positive = pack_codes(torch.ones(*x.shape[:2], zh, zw, dtype=torch.int64))
+    dx_terms, _ = filtered_lrelu_backward_reference(
+        output_grad.cpu().double().abs(), positive, None if fu is None else fu.abs(), None if fd is None else fd.abs(),
+        up, down, padding, abs(gain) * max(1.0, abs(slope)), 1.0, flip_filter, *x.shape[2:], False)
+    return {"x": dx_terms, "b": expected["x"].abs().sum((0, 2, 3))}
 
 
 def _cross_attention_gradient_terms(args: tuple, output_grad: torch.Tensor, expected: dict) -> dict:
@@ -148,8 +158,8 @@ def _cross_attention_gradient_terms(args: tuple, output_grad: torch.Tensor, expe
 # name) giving {argument name: terms' sizes}).
 GRADIENT_TERMS = {
     # fastgen/ops/filtered_lrelu.py, "Precision of the float16 backward": the float16 stages
-    # round every term of db = sum dx (measured 1.0e-4 of sum |dx|).
-    ("filtered_lrelu", "triton"): ((torch.float16,), _filtered_lrelu_bias_gradient_terms),
+    # round the terms of dx and of db = sum dx (measured 1.0e-4 of sum |dx| in db).
+    ("filtered_lrelu", "triton"): ((torch.float16,), _filtered_lrelu_gradient_terms),
     # fastgen/ops/cross_attention.py, "Precision of dq and dk": dS = P (dP - delta) with delta
     # = g . out, which equals sum_j P dP only up to rounding (FlashAttention-2's backward).
     ("cross_attention", "triton"): (KERNEL_DTYPES, _cross_attention_gradient_terms),
