@@ -14,9 +14,12 @@ from pathlib import Path
 # The Triton kernels sit in the repository's top-level kernels/ (installed as fastgen.kernels).
 # `python -m pytest` puts the working directory first on sys.path, where that folder would be
 # imported as the `kernels` package transformers depends on (diffusers imports transformers when
-# it loads a model class): the tests take fastgen from its installation, not from the root.
+# it loads a model class): the tests take fastgen from its installation, not from the root. A
+# copy laid out as installed (tests/test_layout.py's scratch family) has no such folder and is
+# imported from its root.
 _REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or os.curdir).resolve() != _REPOSITORY_ROOT]
+if (_REPOSITORY_ROOT / "kernels").is_dir():
+    sys.path[:] = [entry for entry in sys.path if Path(entry or os.curdir).resolve() != _REPOSITORY_ROOT]
 
 import torch  # noqa: E402
 

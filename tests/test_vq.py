@@ -291,7 +291,7 @@ def test_cosine_search_over_subnormal_rows_or_codes(device, backend, dtype, subn
     assert bool((gap <= resolution).all()), f"score gaps {gap.tolist()[:5]} past float32 resolution {resolution[0]:.3g}"
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("exact", [False, True])
 def test_quantize_z_q_is_nan_where_z_is_not_finite(device, backend, dtype, exact, generator):
