@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # The Triton kernels sit in the repository's top-level kernels/ (installed as fastgen.kernels).
@@ -31,6 +32,56 @@ if not torch.cuda.is_available():
 # torch's intra-op threads instead of all of them, which would oversubscribe the machine.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def _launch_patches_language_once() -> None:
+    """Triton's interpreter replaces triton.language's builtins with interpreted ones for each
+    launch, and again at every call of a @triton.jit helper inside the kernel (inspect.getmembers
+    over three modules, ~0.3 ms a call, never undone): a quarter of an interpreted
+    filtered_lrelu backward, whose helpers run per tap. Inside a launch whose kernel module
+    already sees every language module the helper's does, the helper's patching changes
+    nothing, so the helper runs without it; outside a launch, or for other modules, it runs as
+    before. Where this interpreter's layout differs, nothing is changed."""
+    from triton.runtime import interpreter
+
+    if not all(hasattr(interpreter, name) for name in ("GridExecutor", "InterpretedFunction", "InterpreterError")):
+        return
+    languages = (interpreter.tl, interpreter.tl.core)
+    running = threading.local()  # .launches: the language modules each running launch patched
+
+    def launches() -> list:
+        if not hasattr(running, "launches"):
+            running.launches = []
+        return running.launches
+
+    def seen_languages(fn) -> frozenset:
+        return frozenset(id(value) for value in fn.__globals__.values()
+                         if any(value is language for language in languages))
+
+    launch = interpreter.GridExecutor.__call__
+    helper = interpreter.InterpretedFunction.__call__
+
+    def launch_with_record(self, *args, **kwargs):
+        launches().append(seen_languages(self.fn))
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launches().pop()
+
+    def helper_without_repatching(self, *args, **kwargs):
+        if not launches() or not seen_languages(self.fn) <= launches()[-1]:
+            return helper(self, *args, **kwargs)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    interpreter.GridExecutor.__call__ = launch_with_record
+    interpreter.InterpretedFunction.__call__ = helper_without_repatching
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _launch_patches_language_once()
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
