@@ -1,6 +1,7 @@
 """What a test session tells the terminal beyond pytest's own report (conftest.py loads it): one
-line counting the skipped tests by reason, whatever -q or -r say, and the `progress` fixture,
-through which a long test says what it is doing while it does it."""
+line counting the skipped tests by reason, whatever -q or -r say; the fuzz cases that passed, per
+op and backend (test_fuzz.py records them); and the `progress` fixture, through which a long test
+says what it is doing while it does it."""
 from __future__ import annotations
 
 import collections
@@ -25,9 +26,28 @@ def skip_summary(reports) -> str | None:
                                                              reasons.most_common())
 
 
+# The user property under which test_fuzz.py records (op, backend, cases that passed).
+FUZZ_CASES_PASSED = "fuzz cases passed"
+
+
+def fuzz_summary(reports) -> list[str]:
+    """One line per op: "fuzz cases passed: <op> <backend> N, <backend> N", from the reports'
+    FUZZ_CASES_PASSED properties (a failing test's too: the cases before and while it shrank)."""
+    counts = collections.defaultdict(collections.Counter)
+    for report in reports:
+        for key, value in getattr(report, "user_properties", ()):
+            if key == FUZZ_CASES_PASSED and report.when == "call":
+                op, backend, passed = value
+                counts[op][backend] += passed
+    return [f"fuzz cases passed: {op} " + ", ".join(f"{backend} {passed:,}" for backend, passed in
+                                                   sorted(counts[op].items())) for op in sorted(counts)]
+
+
 def pytest_terminal_summary(terminalreporter):
-    line = skip_summary(terminalreporter.stats.get("skipped", []))
-    if line is not None:
+    lines = fuzz_summary(report for outcome in ("passed", "failed") for report in
+                         terminalreporter.stats.get(outcome, []))
+    skipped = skip_summary(terminalreporter.stats.get("skipped", []))
+    for line in lines + ([skipped] if skipped is not None else []):
         terminalreporter.write_line(line)
 
 

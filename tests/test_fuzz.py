@@ -37,6 +37,7 @@ from fastgen.ops.filtered_lrelu import (filtered_lrelu_backward_reference, filte
                                        intermediate_size, normalized_padding, pack_codes)
 from fastgen.ops.upfirdn2d import upfirdn2d_real_samples
 from fuzz_inputs import INPUT_CLASSES, argument_names, fuzz_inputs
+from session_report import FUZZ_CASES_PASSED
 
 PROFILE = os.environ.get("FASTGEN_FUZZ", "ci")
 CPU = torch.device("cpu")
@@ -339,19 +340,23 @@ def _cases_per_test(name: str, backend: str) -> int:
 @pytest.mark.fuzz
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize("name, device, backend, dtype, direction", _params())
-def test_matches_the_float64_reference(name, device, backend, dtype, direction):
+def test_matches_the_float64_reference(name, device, backend, dtype, direction, record_property):
     reason = registry.backend_unavailable_reason(backend, device)
     if reason is not None:
         pytest.skip(reason)
     op = OPS[name]
     excluded = _excluded(name, backend, dtype, direction)
 
+    passed = 0
+
     @settings(settings.get_profile(PROFILE), max_examples=_cases_per_test(name, backend))
     @given(data=st.data())
     def matches(data):
+        nonlocal passed
         recipe = data.draw(fuzz_inputs(op, device, dtype, excluded))
         if _codes_unspecified(name, recipe.args):
             _assert_code_indices_in_range(op, backend, recipe.args)
+            passed += 1
             return
         contract = _stated_contract(name, backend, recipe.values)
         compare = functools.partial(non_finite_aware_mismatch, tied_codes=_float64_tie(name, recipe.args),
@@ -367,5 +372,10 @@ def test_matches_the_float64_reference(name, device, backend, dtype, direction):
             else:
                 _, detail = check.check_backward(op, backend, recipe.args, torch.Generator().manual_seed(recipe.seed))
         assert not detail, detail
+        passed += 1
 
-    matches()
+    try:
+        matches()
+    finally:
+        where = {"triton": " (interpreter)", "cuda": " (emulated)"}[backend] if device.type == "cpu" else ""
+        record_property(FUZZ_CASES_PASSED, (name, backend + where, passed))

@@ -1,11 +1,12 @@
-"""The test session's own report (tests/session_report.py): one line of skips by reason, progress
-lines that get past output capture, and the compile check left out of a plain run."""
+"""The test session's own report (tests/session_report.py): one line of skips by reason, the fuzz
+cases that passed per op and backend, progress lines that get past output capture, and the
+compile check left out of a plain run."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from session_report import skip_summary
+from session_report import FUZZ_CASES_PASSED, fuzz_summary, skip_summary
 
 TESTS = Path(__file__).parent
 
@@ -39,6 +40,19 @@ def test_skips_are_summed_up_by_reason_in_one_line_and_progress_gets_past_captur
     assert "4 skipped: 3 needs a CUDA GPU; 1 no nvcc" in result.stdout.splitlines(), result.stdout
     assert "halfway through the long test" in result.stdout
     assert "captured, never shown" not in result.stdout
+
+
+def test_fuzz_cases_are_summed_per_op_and_backend_from_call_reports_only():
+    class Report:
+        def __init__(self, when, *properties):
+            self.when, self.user_properties = when, [(FUZZ_CASES_PASSED, p) for p in properties]
+
+    reports = [Report("call", ("trms2d", "triton", 1667)), Report("call", ("trms2d", "triton", 1200)),
+               Report("call", ("trms2d", "cuda", 5)), Report("call", ("bias_act", "cuda", 3)),
+               Report("teardown", ("bias_act", "cuda", 100))]
+    assert fuzz_summary(reports) == ["fuzz cases passed: bias_act cuda 3",
+                                     "fuzz cases passed: trms2d cuda 5, triton 2,867"]
+    assert fuzz_summary([]) == []
 
 
 def test_skip_summary_of_no_skips_is_none():
