@@ -1,8 +1,8 @@
 """Every op, fast backend, dtype and direction on fuzz inputs (tests/fuzz_inputs.py) against the
 float64 reference, the way `fastgen check` compares them: NaN-poisoned outputs, the dtype's
 tolerance widened to twice the same-dtype reference's own error, gradients through the custom
-op's autograd with the backend forced (and, where an op's docstring says so, GRADIENT_TERMS,
-under the tolerance of the sizes of the terms that sum to them).
+op's autograd with the backend forced (and, where an op's docstring says so, TERM_SIZES: outputs
+or gradients under the tolerance of the sizes of the terms that sum to them).
 
 Non-finite values are compared by position: an output has NaN exactly where the float64
 reference has NaN, and the reference's infinities (once rounded to the output's dtype, where a
@@ -33,9 +33,9 @@ from fastgen.check import mismatch
 from fastgen.ops import registry
 from fastgen.ops.registry import KERNEL_DTYPES, OPS
 from fastgen.ops.cross_attention import _probabilities as cross_attention_probabilities, effective_scale
-from fastgen.ops.filtered_lrelu import (filtered_lrelu_backward_reference, filtered_lrelu_real_samples,
-                                       intermediate_size, normalized_padding, pack_codes)
-from fastgen.ops.upfirdn2d import upfirdn2d_real_samples
+from fastgen.ops.filtered_lrelu import (activation_and_codes, filtered_lrelu_backward_reference,
+                                       filtered_lrelu_real_samples, intermediate_size, normalized_padding, pack_codes)
+from fastgen.ops.upfirdn2d import upfirdn2d_real_samples, upfirdn2d_reference
 from fuzz_inputs import INPUT_CLASSES, argument_names, fuzz_inputs
 from session_report import FUZZ_CASES_PASSED
 
@@ -81,7 +81,7 @@ CI_EXCLUSIONS = (
                        "differs from the forward's q k^T by ~1e13 there, so P^T = exp(s - lse) overflows or "
                        "vanishes: dv inf where the reference has -1.4, or -23.6 where it has 0.80 (6 of 12 "
                        "seeded draws, float32). dq and dk there meet the stated precision of "
-                       "fastgen/ops/cross_attention.py (GRADIENT_TERMS)"),
+                       "fastgen/ops/cross_attention.py (TERM_SIZES)"),
 )
 
 # Inputs on which an op promises less than the reference's answer, and the output that holds
@@ -128,7 +128,17 @@ STATED_CONTRACTS = (
 )
 
 
-def _filtered_lrelu_gradient_terms(args: tuple, output_grad: torch.Tensor, expected: dict) -> dict:
+def _filtered_lrelu_output_terms(args: tuple, output_grad, expected: dict) -> dict:
+    """y = D a: its terms' sizes are D's sums over |a| (float64) and |fd|."""
+    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = (
+        a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
+    activation, _ = activation_and_codes(x, fu, fd, b, up, down, normalized_padding(padding), gain, slope, clamp,
+                                         flip_filter, with_codes=False)
+    return {"output 0": upfirdn2d_reference(activation.abs(), None if fd is None else fd.abs(), 1, down, 0,
+                                            flip_filter, 1.0)}
+
+
+def _filtered_lrelu_gradient_terms(args: tuple, output_grad: Callable, expected: dict) -> dict:
     """dx = U^T (d * D^T dy): its terms' sizes are the same sums of |dy|, |taps| and the larger
     slope's |d|; db is dx summed over (B, H, W): its terms' sizes are sum |dx|."""
     x, fu, fd, _, up, down, padding, gain, slope, _, flip_filter = (
@@ -137,16 +147,17 @@ def _filtered_lrelu_gradient_terms(args: tuple, output_grad: torch.Tensor, expec
     zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
     positive = pack_codes(torch.ones(*x.shape[:2], zh, zw, dtype=torch.int64))
     dx_terms, _ = filtered_lrelu_backward_reference(
-        output_grad.cpu().double().abs(), positive, None if fu is None else fu.abs(), None if fd is None else fd.abs(),
-        up, down, padding, abs(gain) * max(1.0, abs(slope)), 1.0, flip_filter, *x.shape[2:], False)
+        output_grad().cpu().double().abs(), positive, None if fu is None else fu.abs(),
+        None if fd is None else fd.abs(), up, down, padding, abs(gain) * max(1.0, abs(slope)), 1.0, flip_filter,
+        *x.shape[2:], False)
     return {"x": dx_terms, "b": expected["x"].abs().sum((0, 2, 3))}
 
 
-def _cross_attention_gradient_terms(args: tuple, output_grad: torch.Tensor, expected: dict) -> dict:
+def _cross_attention_gradient_terms(args: tuple, output_grad: Callable, expected: dict) -> dict:
     """dq_i = scale sum_j P_ij (dP_ij - delta_i) k_j and dk_j = scale sum_i P_ij (dP_ij - delta_i) q_i
     with delta_i = sum_j P_ij dP_ij: their terms' sizes, in float64."""
     q, k, v, mask, scale, ends = (a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
-    q64, k64, v64, grad64 = (t.double() for t in (q, k, v, output_grad.cpu()))
+    q64, k64, v64, grad64 = (t.double() for t in (q, k, v, output_grad().cpu()))
     probabilities = cross_attention_probabilities(q64, k64, mask, scale, ends)[0]
     dprobabilities = torch.einsum("bqhd,bkhd->bhqk", grad64, v64)
     delta = (probabilities * dprobabilities).sum(-1, keepdim=True)
@@ -155,36 +166,39 @@ def _cross_attention_gradient_terms(args: tuple, output_grad: torch.Tensor, expe
             "k": torch.einsum("bhqk,bqhd->bkhd", terms, q64.abs())}
 
 
-# Gradients whose error an op's docstring bounds by its tolerance of the sizes of the terms that
-# sum to them (check.mismatch's magnitude), not of their value, which can cancel:
-# (op, backend) -> (dtypes, function of (args, output gradient, float64 gradients by argument
-# name) giving {argument name: terms' sizes}).
-GRADIENT_TERMS = {
-    # fastgen/ops/filtered_lrelu.py, "Precision of the float16 backward": the float16 stages
-    # round the terms of dx and of db = sum dx (measured 1.0e-4 of sum |dx| in db).
-    ("filtered_lrelu", "triton"): ((torch.float16,), _filtered_lrelu_gradient_terms),
+# Outputs and gradients whose error an op's docstring bounds by its tolerance of the sizes of
+# the terms that sum to them (check.mismatch's magnitude), not of their value, which can cancel:
+# (op, backend, direction) -> (dtypes, function of (args, output gradient (a callable), float64
+# values by name) giving {name: terms' sizes}). Names are the argument names in the backward
+# and "output <i>" in the forward.
+TERM_SIZES = {
+    # fastgen/ops/filtered_lrelu.py, "Precision of float16": the float16 stage 2 rounds a, the
+    # taps and the half-filtered rows (measured 2.0e-4 of the terms' sizes in y); the float16
+    # backward stages round the terms of dx and of db = sum dx (measured 1.0e-4 of sum |dx| in db).
+    ("filtered_lrelu", "triton", "fwd"): ((torch.float16,), _filtered_lrelu_output_terms),
+    ("filtered_lrelu", "triton", "bwd"): ((torch.float16,), _filtered_lrelu_gradient_terms),
     # fastgen/ops/cross_attention.py, "Precision of dq and dk": dS = P (dP - delta) with delta
     # = g . out, which equals sum_j P dP only up to rounding (FlashAttention-2's backward).
-    ("cross_attention", "triton"): (KERNEL_DTYPES, _cross_attention_gradient_terms),
+    ("cross_attention", "triton", "bwd"): (KERNEL_DTYPES, _cross_attention_gradient_terms),
 }
 
 
-def _worst_with_gradient_terms(triples, what: str, original_worst: Callable, leaves: list, terms: Callable,
-                               args: tuple, output_grad: Callable) -> tuple:
-    """check._worst, with each gradient that `terms` sizes compared under its terms' sizes."""
+def _worst_with_term_sizes(triples, what: str, original_worst: Callable, names: list, terms: Callable,
+                           args: tuple, output_grad: Callable) -> tuple:
+    """check._worst, with each tensor that `terms` sizes compared under its terms' sizes."""
     triples = list(triples)
-    expected = {name: triple[1] for name, triple in zip(leaves, triples)}
-    magnitudes = terms(args, output_grad(), expected)
-    others = [(None, None, None) if name in magnitudes else triple for name, triple in zip(leaves, triples)]
+    expected = {name: triple[1] for name, triple in zip(names, triples)}
+    magnitudes = terms(args, output_grad, expected)
+    others = [(None, None, None) if name in magnitudes else triple for name, triple in zip(names, triples)]
     worst, detail = original_worst(others, what)
     if detail:
         return worst, detail
-    for i, (name, (actual, expected_gradient, same_dtype_reference)) in enumerate(zip(leaves, triples)):
+    for i, (name, (actual, expected_value, same_dtype_reference)) in enumerate(zip(names, triples)):
         if name not in magnitudes:
             continue
         # Where a term is non-finite its size says nothing: |expected| alone scales the tolerance.
         magnitude = torch.nan_to_num(magnitudes[name], nan=0.0, posinf=0.0)
-        error, detail = check.mismatch(actual, expected_gradient, same_dtype_reference, magnitude)
+        error, detail = check.mismatch(actual, expected_value, same_dtype_reference, magnitude)
         if detail:
             return error, f"{what} {i}: {detail}"
         worst = max(worst, error)
@@ -192,19 +206,22 @@ def _worst_with_gradient_terms(triples, what: str, original_worst: Callable, lea
 
 
 def _worst_for(op, backend: str, dtype: torch.dtype, direction: str, args: tuple, seed: int) -> Callable:
-    """check._worst for a check of these arguments (GRADIENT_TERMS, in the backward). The output
-    gradient is check_backward's: drawn from a generator seeded by `seed`."""
-    dtypes, terms = GRADIENT_TERMS.get((op.name, backend), ((), None))
-    if direction != "bwd" or dtype not in dtypes:
+    """check._worst for a check of these arguments (TERM_SIZES). The output gradient is
+    check_backward's: drawn from a generator seeded by `seed`."""
+    dtypes, terms = TERM_SIZES.get((op.name, backend, direction), ((), None))
+    if dtype not in dtypes:
         return check._worst
-    leaves = [name for name, a in zip(argument_names(op), args)
-              if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if direction == "fwd":
+        names = [f"output {i}" for i in range(len(check._as_tuple(op.allocate_output(*args))))]
+    else:
+        names = [name for name, a in zip(argument_names(op), args)
+                 if isinstance(a, torch.Tensor) and a.is_floating_point()]
 
     def output_grad():
         out = op.allocate_output(*args)
         return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
 
-    return functools.partial(_worst_with_gradient_terms, original_worst=check._worst, leaves=leaves, terms=terms,
+    return functools.partial(_worst_with_term_sizes, original_worst=check._worst, names=names, terms=terms,
                              args=args, output_grad=output_grad)
 
 

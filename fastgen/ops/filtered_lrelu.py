@@ -51,13 +51,17 @@ codes), the internal `filtered_lrelu_with_codes` (y and the codes; what the publ
 calls when a gradient is needed, so the backward does not recompute) and
 `filtered_lrelu_backward`. Arithmetic is float32 (float64 for float64 x); outputs take x's dtype.
 
-Precision of the float16 backward. For float16 the Triton kernel runs the backward's separable
-stages in float16 (taps and half-filtered rows rounded to float16, float32 accumulation), so
-dx and db carry the roundings of their terms: each element of dx is within float16's tolerance
-of the same sums taken over |dy|, |taps| and the larger slope's |d| (measured: dx -0.4727 where
-float64 gives -0.4678, 0.0049 off where float16's tolerance of |dx|, widened to twice the
-float16 reference's own error, allows 0.0038; up2 down1 with a 5-tap up filter), and db, dx's
-float32 sum over (B, H, W), within float16's tolerance of the channel's sum of |dx|, not of |db|
+Precision of float16. For float16 the Triton kernel runs the forward's second stage (fd over
+the activation a; the first, which decides the codes, stays float32) and the backward's
+separable stages in float16 (taps, stage inputs and half-filtered rows rounded to float16,
+float32 accumulation), so y, dx and db carry the roundings of their terms. Each element of y is
+within float16's tolerance of the same sum taken over |a| and |fd| (measured: y 1.3789 where
+float64 gives 1.3843, 0.0054 off where float16's tolerance of |y| allows 0.0048, 5.2e-4 of the
+terms' sum 10.4; up1 down2 with a separable 4 x 3 fd and slope -0.3). Each element of dx is
+within float16's tolerance of the same sums taken over |dy|, |taps| and the larger slope's |d|
+(measured: dx -0.4727 where float64 gives -0.4678, 0.0049 off where float16's tolerance of
+|dx|, widened to twice the float16 reference's own error, allows 0.0038; up2 down1 with a
+5-tap up filter), and db, dx's float32 sum over (B, H, W), within float16's tolerance of the channel's sum of |dx|, not of |db|
 where that sum cancels (measured: 1.0e-4 of sum |dx|, db 0.0082 where float64 gives 0.0133 with
 sum |dx| = 49, on StyleGAN3's up2 down2 geometry with a 16-tap down filter and a clamp, whose
 codes equal float64's there; float32 stages on the same values are off by 5e-7).
@@ -201,7 +205,7 @@ def _allocate_output_and_codes(x, fu, fd, b, up, down, padding, gain, slope, cla
     return y, torch.empty(_packed_codes_shape(x.shape[:2], zh, zw), dtype=torch.uint8, device=x.device)
 
 
-def _activation_and_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, with_codes=True):
+def activation_and_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, with_codes=True):
     """(a, codes) of the module docstring, in eager ops on the cropped z; codes None unless
     with_codes."""
     zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
@@ -225,7 +229,7 @@ def filtered_lrelu_with_codes_reference(x, fu, fd, b, up, down, padding, gain, s
     """The eager formulation (zero insertion, pad, conv2d, separate activation) and the codes."""
     check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp)
     padding = normalized_padding(padding)
-    a, codes = _activation_and_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, with_codes)
+    a, codes = activation_and_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, with_codes)
     return upfirdn2d_reference(a, fd, 1, down, 0, flip_filter, 1.0).to(x.dtype), codes
 
 
