@@ -182,6 +182,43 @@ def test_2d_filter_split_keeps_only_significant_terms(generator):
     assert rows.shape == (5, 5) and cols.shape == (5, 7)
 
 
+def test_2d_filter_split_keeps_every_tap_to_float32_resolution(generator):
+    """One huge tap in a 2-D filter puts every other singular value below float32 resolution of
+    the first, yet those terms carry the small taps outside the huge one's row and column: the
+    filter is split exactly, by rows or columns (rank 1 gave 0 for those taps), and y and dx,
+    where only small taps reach, match the float64 reference (32 of 144 dx elements were off in
+    float32 before). A separable filter with taps far below its largest (a smooth window's
+    corners) stays rank 1."""
+    from fastgen.ops.filtered_lrelu import factor_tables
+
+    fd = torch.randn(4, 5, generator=generator) / 4
+    fd[1, 2] = 4e9
+    for f in (fd, fd.mT):  # split along the smaller side: 4 terms either way
+        rows, cols = factor_tables(f, False, 1.0, CPU)
+        assert rows.shape[0] == 4 and torch.equal((rows.mT @ cols).flip(0, 1), f)
+    window = torch.exp(-torch.linspace(-4, 4, 9).square())  # corners 1e-14 of the centre
+    rows, _ = factor_tables(window[:, None] * window, False, 1.0, CPU)
+    assert rows.shape[0] == 1
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(1, 2, 9, 8, generator=generator).to(dtype)
+        fu = torch.randn(3, 3, generator=generator) / 3
+        args = (x, fu, fd, None, 1, 2, [2, 1, 3, 1], SQRT2, 0.2, None, False)
+        leaf = x.clone().requires_grad_()
+        with fastgen.use_backend("triton"):
+            y = filtered_lrelu(leaf, *args[1:])
+        dy = torch.randn(y.shape, generator=generator).to(dtype)
+        y.backward(dy)
+        x64 = x.double().requires_grad_()
+        expected = filtered_lrelu_reference(x64, *_float64(args[1:]))
+        expected.backward(dy.double())
+        finite = expected.to(dtype).isfinite()  # float16's y overflows where the huge tap reaches
+        assert torch.equal(y.isfinite(), finite) and torch.equal(y[~finite], expected.to(dtype)[~finite])
+        _assert_close(y[finite], expected[finite], f"{dtype} y")
+        finite = x64.grad.to(dtype).isfinite()
+        assert torch.equal(leaf.grad.isfinite(), finite)
+        _assert_close(leaf.grad[finite], x64.grad[finite], f"{dtype} dx")
+
+
 def test_codes_pack_four_to_a_byte(generator):
     codes = torch.randint(0, 3, (2, 3, 5, 7), generator=generator)
     packed = pack_codes(codes)

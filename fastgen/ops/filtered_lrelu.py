@@ -309,11 +309,18 @@ def filtered_lrelu_backward_reference(dy, codes, fu, fd, up, down, padding, gain
 def factor_tables(f, flip_filter: bool, gain: float, device) -> tuple:
     """(rows, cols), float32 (rank, taps) tables with correlation weights
     w[i, j] = sum_r rows[r, i] * cols[r, j] (the filter flipped unless flip_filter) times gain.
-    A 2-D filter keeps the SVD terms above float32 resolution of the largest: the rest change
-    no float32 product, and a separable 2-D filter becomes rank 1 (one pass, float16 stages).
-    The SVD of a filter holding NaN or an infinity is NaN throughout, so such a filter is split
-    into its rows instead (term r: rows[r] = gain at i = r, 0 elsewhere, cols[r] = w[r]), each
-    tap kept exactly where the sum over r skips the terms whose rows entry is 0 (_cuda_taps)."""
+    A 2-D filter is split into the fewest SVD terms whose sum gives every tap to float32
+    resolution of that tap (2^-22 of it: a float32 filter built as an outer product is
+    separable only up to its own rounding; or for taps near 0, 2^-48 of the largest singular
+    value: float64 SVD's own rounding), so a separable 2-D filter becomes rank 1 (one pass,
+    float16 stages). Where no split shorter than the filter's smaller side does that, it is
+    split exactly, along that side (term r: the filter's row r, or column r, and a one at r),
+    not into SVD terms: their sum cancels, and the SVD resolves a singular vector's small
+    components only to float64 rounding of its large ones (one tap of 4e9 among taps near 1:
+    rank 1 loses every small tap outside its row and column, rank 4 of 4 x 5 carries the
+    small taps of its row and column to 1e-6 of themselves). A filter holding NaN or an
+    infinity, whose SVD is NaN throughout, is split exactly by rows, each tap kept exactly where
+    the sum over r skips the terms whose rows entry is 0 (_cuda_taps)."""
     if f is None:
         one = torch.full((1, 1), float(gain), dtype=torch.float32, device=device)
         return one, torch.ones_like(one)
@@ -322,11 +329,17 @@ def factor_tables(f, flip_filter: bool, gain: float, device) -> tuple:
         w = w.flip(list(range(w.dim())))
     if w.dim() == 1:
         return (w * gain)[None].float().contiguous(), w[None].float().contiguous()
-    if not bool(w.isfinite().all()):
+    rank = min(w.shape)
+    if bool(w.isfinite().all()):
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        sums = torch.cumsum(u.mT[:, :, None] * s[:, None, None] * vh[:, None, :], dim=0)  # sums[r]: terms 0..r
+        error = ((sums - w).abs() / (w.abs() + s[0] * 2.0**-48)).amax((1, 2))
+        rank = 1 if s[0] == 0 else int((error > 2.0**-22).cumprod(0).sum()) + 1
+    if rank < min(w.shape):
+        return (u[:, :rank] * (s[:rank] * gain)).mT.float().contiguous(), vh[:rank].float().contiguous()
+    if w.shape[0] <= w.shape[1] or not bool(w.isfinite().all()):
         return (torch.eye(w.shape[0], dtype=torch.float64, device=w.device) * gain).float(), w.float().contiguous()
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    rank = max(1, int((s > s[0] * torch.finfo(torch.float32).eps).sum()))
-    return (u[:, :rank] * (s[:rank] * gain)).mT.float().contiguous(), vh[:rank].float().contiguous()
+    return (w * gain).mT.float().contiguous(), torch.eye(w.shape[1], dtype=torch.float32, device=w.device)
 
 
 # id(filter) -> (weak reference to it, its version counter, {(flip_filter, gain): tables}), and
