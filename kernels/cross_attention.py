@@ -45,6 +45,10 @@ Backward (FlashAttention-2), two launches, no atomics (deterministic):
      where their zero-loaded q meets an infinite key element (a 0 * inf = NaN score).
   2. `_key_value_grad_kernel`, over key blocks: keeps BLOCK_N keys and streams the
      query tiles, recomputing P^T and dP^T, and accumulates dv = P^T dout, dk = scale dS^T q.
+     Its scores are the transpose of the forward's product q k^T, not k q^T, whose float32
+     rounding differs (at scores near 1e20 by 1e13: P^T 0 where the forward's max key had 1).
+Both clamp the recomputed exponent s - lse at 0 (P <= 1, as the forward's are): a score a
+rounding above the forward's row max makes an infinite P otherwise.
 P and dS are recomputed twice (once per launch) instead of sharing dq between key blocks
 with atomic adds: that costs two of the backward's seven tile products again but makes every
 gradient a fixed-order sum.
@@ -160,6 +164,15 @@ def _scores(a, b_t, valid, scale, PRECISION: tl.constexpr, UPCAST_DOTS: tl.const
 @triton.jit
 def _exp(x):
     return tl.exp2(x * _LOG2E)
+
+
+@triton.jit
+def _probabilities(s, lse):
+    """exp(s - lse) of recomputed scores, at most 1: the exponent is clamped at 0 (NaN kept). A
+    score recomputed one float32 rounding above the forward's row max (an ulp is 1e13 at
+    scores near 1e20) would make P infinite."""
+    x = s - lse
+    return _exp(tl.where(x > 0.0, 0.0, x))
 
 
 @triton.jit
@@ -279,7 +292,7 @@ def _query_grad_kernel(
             counted = valid[None, :] & (cols[None, :] < key_ends[:, None])
         else:
             counted = valid[None, :]
-        p = _exp(_scores(q, k, counted, scale, PRECISION, UPCAST_DOTS) - lse[:, None])
+        p = _probabilities(_scores(q, k, counted, scale, PRECISION, UPCAST_DOTS), lse[:, None])
         dp = _dot(grad, tl.trans(v), PRECISION, UPCAST_DOTS)
         ds = _score_grad(p, dp, delta[:, None], counted)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST_DOTS)
@@ -331,7 +344,11 @@ def _key_value_grad_kernel(
             counted_t = valid[:, None] & (rows[None, :] >= first_rows[:, None]) & in_range[None, :]
         else:
             counted_t = valid[:, None] & in_range[None, :]
-        p_t = _exp(_scores(k, q, counted_t, scale, PRECISION, UPCAST_DOTS) - lse[None, :])
+        # The forward's product q k^T, operands in its order, transposed: k q^T rounds the same
+        # scores differently (a float32 rounding is 1e13 at 1e20, and P^T = exp(s - lse) 0 where
+        # the forward's max key had 1).
+        p_t = _probabilities(tl.trans(_scores(q, k, tl.trans(counted_t), scale, PRECISION, UPCAST_DOTS)),
+                             lse[None, :])
         dv += _dot(p_t.to(grad.dtype), grad, PRECISION, UPCAST_DOTS)
         dp_t = _dot(v, tl.trans(grad), PRECISION, UPCAST_DOTS)
         ds_t = _score_grad(p_t, dp_t, delta[None, :], counted_t)

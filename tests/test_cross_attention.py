@@ -281,6 +281,25 @@ def test_a_key_every_row_scores_minus_inf_passes_no_nan_to_other_gradients(dtype
     _assert_close_to(v.grad, expected[3], "dv")
 
 
+@pytest.mark.parametrize("huge", ["q", "k"])
+def test_scores_near_1e20_give_the_forwards_probabilities_to_dv(huge, generator):
+    """q (or k) times 2^32 puts scores near 1e20, where a float32 rounding is 1e13: the dk / dv
+    pass computed them as k q^T, which rounds the forward's q k^T differently, so P^T =
+    exp(s - lse) overflowed (dv inf where the reference has -1.58) or vanished (0 where the
+    forward's row max had 1). It takes the forward's product, and clamps s - lse at 0."""
+    q, k, v = (t.detach().clone() for t in _qkv(2, 37, 23, 2, 16, "contiguous", CPU, torch.float32, generator))
+    {"q": q, "k": k}[huge].mul_(2.0**32)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with fastgen.use_backend("triton"):
+        out = cross_attention(*leaves)
+    grad = random_tensor(tuple(out.shape), "contiguous", CPU, torch.float32, generator)
+    out.backward(grad)
+    expected = _autograd_of_the_reference(grad, q, k, v, None)
+    _assert_non_finite_where_the_reference_is((out, q.grad, k.grad, v.grad), expected)
+    _assert_close_to(out, expected[0], "out")
+    _assert_close_to(v.grad, expected[3], "dv")
+
+
 def test_reference_is_pytorch_attention(generator):
     """The eager reference against torch's own math attention (boolean attn_mask) in float64,
     and the explicit backward formulas against autograd through it."""
