@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastgen
-from conftest import EMULATED_CUDA
+from conftest import CPU, DEVICES_AND_BACKENDS, EMULATED_CUDA
 from fastgen.check import mismatch
 from fastgen.ops.ada_norm import (
     ADA_GROUP_NORM,
@@ -32,20 +32,12 @@ from fastgen.ops.ada_norm import (
 from fastgen.ops.registry import random_tensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CPU = torch.device("cpu")
 _HYPOTHESIS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _devices():
     return [pytest.param(CPU, id="cpu-triton-interpreter"),
             pytest.param(torch.device("cuda"), id="cuda-triton", marks=pytest.mark.gpu)]
-
-
-def _devices_and_backends():
-    params = [pytest.param(CPU, "triton", id="cpu-triton-interpreter")]
-    for backend in ("triton", "cuda"):
-        params.append(pytest.param(torch.device("cuda"), backend, id=f"cuda-{backend}", marks=pytest.mark.gpu))
-    return params + [EMULATED_CUDA]
 
 
 def _kernels():
@@ -190,7 +182,7 @@ def _group_gradient_magnitudes(grad, x, scale, shift, num_groups, weight, bias, 
             modulated_dz.sum(batch_and_spatial))
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @_HYPOTHESIS
 @given(data=st.data())
 def test_group_norm_forward_matches_reference(device, backend, data, generator):
@@ -199,7 +191,7 @@ def test_group_norm_forward_matches_reference(device, backend, data, generator):
     _assert_close_to(out, ada_group_norm_reference(*_upcast(args)), "y")
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @_HYPOTHESIS
 @given(data=st.data())
 def test_group_norm_backward_kernel_matches_reference(device, backend, data, generator):
@@ -213,7 +205,7 @@ def test_group_norm_backward_kernel_matches_reference(device, backend, data, gen
         _assert_close_to(actual, reference, name, magnitude)
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @_HYPOTHESIS
 @given(data=st.data())
 def test_layer_norm_forward_and_backward_kernels_match_reference(device, backend, data, generator):
@@ -301,7 +293,7 @@ def _with_infinities(t, count, generator):
     return flat.view(t.shape)
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("affine, act", [(True, "silu"), (False, None)], ids=["affine-silu", "plain"])
 @pytest.mark.parametrize("splits", [None, 3], ids=["fused", "split"])
 def test_infinite_scale_meets_the_normalized_value_as_in_the_reference(device, backend, affine, act, splits,
@@ -352,7 +344,7 @@ def test_custom_op_gradcheck(generator):
         assert torch.autograd.gradcheck(ada_layer_norm, (leaf(2, 3, 5), leaf(2, 5), leaf(2, 5)))
 
 
-@pytest.mark.parametrize("device, backend", _devices_and_backends())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_autograd_runs_the_fast_backward(device, backend, dtype, generator):
     """Gradients through the custom ops with a fast backend (backward called after the

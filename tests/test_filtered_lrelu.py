@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastgen
-from conftest import EMULATED_CUDA, fake_tensor_arg
+from conftest import CPU, DEVICES_AND_BACKENDS, fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops import filtered_lrelu as filtered_lrelu_module
 from fastgen.ops.bias_act import bias_act_reference
@@ -31,7 +31,6 @@ from fastgen.ops.registry import TOLERANCES, Implementation, random_tensor
 from fastgen.ops.upfirdn2d import upfirdn2d_real_samples, upfirdn2d_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CPU = torch.device("cpu")
 SQRT2 = math.sqrt(2)
 
 # (x shape, fu shape, fd shape, up, down, padding, clamp, slope, flip_filter). Sizes are odd and,
@@ -59,14 +58,6 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _targets():
-    """(device, backend): the Triton kernels under the interpreter here, both backends on a GPU."""
-    return [pytest.param(CPU, "triton", id="cpu-triton-interpreter"),
-            pytest.param(torch.device("cuda"), "triton", id="cuda-triton", marks=pytest.mark.gpu),
-            pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
-            EMULATED_CUDA]
 
 
 def _args(geometry, layout, device, dtype, generator, gain=SQRT2, with_bias=True):
@@ -104,7 +95,7 @@ def _assert_codes_agree(codes, args):
                               f"first at {differ.nonzero()[0].tolist()}")
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", GEOMETRIES)
 def test_forward_and_codes_match_reference(device, backend, dtype, name, generator):
@@ -124,7 +115,7 @@ def test_forward_and_codes_match_reference(device, backend, dtype, name, generat
     _assert_close(plain, expected, "y without codes")
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 def test_nan_input_stays_nan_through_the_clamp(device, backend, generator):
     """torch.clamp keeps a NaN, so the kernel must too (Triton's default minimum / maximum return
     the other operand, on the GPU as in the interpreter). A non-finite input reaches more outputs
@@ -273,7 +264,7 @@ def _expected_gradients(backend, args, dy):
     return filtered_lrelu_reference(*_float64(args)), dx, db
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["stylegan3 up2 down2 12-tap", "up2 down1 (critically sampled end)",
                                   "2-D filters, crop, negative slope", "up1 down2 1x2 tiles", "up4 down3"])
@@ -286,7 +277,7 @@ def test_backward_matches_reference(device, backend, dtype, name, generator):
         _assert_close(a, e, what)
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 def test_strided_one_tap_filters_are_accepted(device, backend, generator):
     """A one-tap filter viewed with a stride (every other element of a longer buffer) keeps
     that stride through the tap tables, on a dimension of size 1 that the kernels never step
@@ -303,7 +294,7 @@ def test_strided_one_tap_filters_are_accepted(device, backend, generator):
             _assert_close(a, e, what)
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_subnormal_inputs_get_their_own_slope(device, backend, dtype, generator):
     """x of subnormal values only: every code, so every slope of the gradient, is the sign of
@@ -323,7 +314,7 @@ def test_subnormal_inputs_get_their_own_slope(device, backend, dtype, generator)
     _assert_close(x.grad, x64.grad, "dx")
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("tap", [8000.0, 4e9], ids=["inside float16", "past float16"])
 def test_float16_gradient_overflows_to_infinities_not_nan(device, backend, tap, generator):
     """A huge fd tap makes float16 dx overflow, to the reference's signed infinities: the Triton
@@ -366,7 +357,7 @@ def test_float16_gradient_overflows_to_infinities_not_nan(device, backend, tap, 
     assert not detail, f"finite dx: {detail}"
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 def test_float16_bias_gradient_within_tolerance_of_its_terms(device, backend, generator):
     """db sums dx over (B, H, W); the float16 stages round every term, so where the sum
     cancels, db is held to float16's tolerance of sum |dx| (the op's docstring, "Precision of
@@ -390,7 +381,7 @@ def _assert_same_non_finite_and_close(actual, expected, what):
     _assert_close(actual[finite], expected[finite], what)
 
 
-@pytest.mark.parametrize("device, backend", [t for t in _targets() if t.values[1] == "cuda"])
+@pytest.mark.parametrize("device, backend", [t for t in DEVICES_AND_BACKENDS if t.values[1] == "cuda"])
 def test_clamped_samples_pass_no_gradient_at_nan(device, backend, generator):
     """torch.clamp's gradient mask is false at NaN, and its backward selects: a NaN sample of z
     is coded clamped, and a clamped sample's gradient is 0 even where the incoming one is NaN.
@@ -467,7 +458,7 @@ def test_real_samples_oracle_is_the_contract_and_its_autograd_the_backward(case,
     assert more_nan > int(y.isnan().sum() + x.grad.isnan().sum())
 
 
-@pytest.mark.parametrize("device, backend", [t for t in _targets() if t.values[1] == "cuda"])
+@pytest.mark.parametrize("device, backend", [t for t in DEVICES_AND_BACKENDS if t.values[1] == "cuda"])
 @pytest.mark.parametrize("case", NON_FINITE_CASES, ids=lambda case: f"{case[1]}={case[3]} {case[0]}")
 def test_non_finite_values_follow_the_real_samples_contract(device, backend, case, generator):
     """A tap multiplies only samples of the signal it filters (module docstring of the op):
@@ -532,7 +523,7 @@ def test_triton_non_finite_values_are_at_least_the_contracts(device, case, gener
         _assert_non_finite_at_least_where_expected(actual, e, what)
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_codes_of_a_tile_holding_nan_or_inf_are_the_contracts(device, backend, value, generator):
     """One non-finite x: every code equals the contract's away from a decision boundary, so the
@@ -595,7 +586,7 @@ def test_empty_batch(generator):
     assert y.shape[0] == 0 and x.grad.shape == x.shape and torch.equal(b.grad, torch.zeros_like(b))
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_kernel_given_the_same_codes(device, backend, dtype, generator):
     """The backward kernel alone, fed the reference's codes: dx and db (summed in float32 before
@@ -647,7 +638,7 @@ def _r1_penalty_gradients(backend, args, weight):
     return x.grad, weight.grad
 
 
-@pytest.mark.parametrize("device, backend", _targets())
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
 def test_second_order_through_the_kernels_matches_reference(device, backend, generator):
     args = _args(GEOMETRIES["stylegan3 up2 down2 12-tap"], "contiguous", device, torch.float32, generator)
     weight = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device)

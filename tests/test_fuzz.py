@@ -28,7 +28,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import EMULATED_CUDA
+from conftest import DEVICES_AND_BACKENDS
 from fastgen import check
 from fastgen.check import mismatch
 from fastgen.ops import registry
@@ -41,13 +41,6 @@ from fuzz_inputs import INPUT_CLASSES, argument_names, fuzz_inputs
 from session_report import FUZZ_CASES_PASSED
 
 PROFILE = os.environ.get("FASTGEN_FUZZ", "ci")
-CPU = torch.device("cpu")
-TARGETS = (
-    pytest.param(CPU, "triton", id="cpu-triton-interpreter"),
-    pytest.param(torch.device("cuda"), "triton", id="cuda-triton", marks=pytest.mark.gpu),
-    pytest.param(torch.device("cuda"), "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
-    EMULATED_CUDA,
-)
 
 
 @dataclass(frozen=True)
@@ -329,7 +322,7 @@ def _params() -> list:
     params = []
     for name in sorted(OPS):
         op = OPS[name]
-        for target in TARGETS:
+        for target in DEVICES_AND_BACKENDS:
             device, backend = target.values
             if backend not in op.implementations:
                 continue
