@@ -48,7 +48,12 @@ Backward (FlashAttention-2), two launches, no atomics (deterministic):
      Its scores are the transpose of the forward's product q k^T, not k q^T, whose float32
      rounding differs (at scores near 1e20 by 1e13: P^T 0 where the forward's max key had 1).
 Both clamp the recomputed exponent s - lse at 0 (P <= 1, as the forward's are): a score a
-rounding above the forward's row max makes an infinite P otherwise.
+rounding above the forward's row max makes an infinite P otherwise. A recomputed score a
+rounding below it still gives that key P 0 where the forward's was 1: the passes assume their
+float32 scores equal the forward's, which holds under the interpreter (every kernel's tiles
+16 x 16) and is owed a check on a GPU, where the three launches' tiles are tuned apart (at
+scores past about 1e8 in float16 / bfloat16, and 1e20 in float32, where an ulp of a score
+passes 1).
 P and dS are recomputed twice (once per launch) instead of sharing dq between key blocks
 with atomic adds: that costs two of the backward's seven tile products again but makes every
 gradient a fixed-order sum.
@@ -167,7 +172,7 @@ def _exp(x):
 
 
 @triton.jit
-def _probabilities(s, lse):
+def _recomputed_probabilities(s, lse):
     """exp(s - lse) of recomputed scores, at most 1: the exponent is clamped at 0 (NaN kept). A
     score recomputed one float32 rounding above the forward's row max (an ulp is 1e13 at
     scores near 1e20) would make P infinite."""
@@ -292,7 +297,7 @@ def _query_grad_kernel(
             counted = valid[None, :] & (cols[None, :] < key_ends[:, None])
         else:
             counted = valid[None, :]
-        p = _probabilities(_scores(q, k, counted, scale, PRECISION, UPCAST_DOTS), lse[:, None])
+        p = _recomputed_probabilities(_scores(q, k, counted, scale, PRECISION, UPCAST_DOTS), lse[:, None])
         dp = _dot(grad, tl.trans(v), PRECISION, UPCAST_DOTS)
         ds = _score_grad(p, dp, delta[:, None], counted)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST_DOTS)
@@ -345,9 +350,8 @@ def _key_value_grad_kernel(
         else:
             counted_t = valid[:, None] & in_range[None, :]
         # The forward's product q k^T, operands in its order, transposed: k q^T rounds the same
-        # scores differently (a float32 rounding is 1e13 at 1e20, and P^T = exp(s - lse) 0 where
-        # the forward's max key had 1).
-        p_t = _probabilities(tl.trans(_scores(q, k, tl.trans(counted_t), scale, PRECISION, UPCAST_DOTS)),
+        # scores differently (module docstring, backward).
+        p_t = _recomputed_probabilities(tl.trans(_scores(q, k, tl.trans(counted_t), scale, PRECISION, UPCAST_DOTS)),
                              lse[None, :])
         dv += _dot(p_t.to(grad.dtype), grad, PRECISION, UPCAST_DOTS)
         dp_t = _dot(v, tl.trans(grad), PRECISION, UPCAST_DOTS)

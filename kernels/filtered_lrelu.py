@@ -44,18 +44,18 @@ byte, so they cost an eighth of z's bytes in float16 (int8 codes would cost half
 tiles columns so that a tile's owned span VO*down is a multiple of 4: no byte is shared by two
 tiles, and each is written once, whole. Codes are written only when a gradient is needed.
 
-Operand precision. Stage 1 of the forward runs in float32 (input_precision="ieee": exact
-float32 FMA) for every dtype, because z decides the codes: a float16 z would flip the sign of
-samples within float16 rounding of 0, where the gradient jumps, and disagree with the reference
+Operand precision. Stage 1 of the forward runs in float32 (input_precision="ieee": exact float32
+FMA) for every dtype, because z decides the codes: a float16 z would flip the sign of samples
+within float16 rounding of 0, where the gradient jumps, and disagree with the reference
 (measured: a few per 10^4 samples, each a visible error in dx). Stage 2, and both stages of the
 backward, run in float16 on tensor cores for float16 inputs (float32 accumulation; operands
-rounded to float16) when the stage's filter is separable; the terms of a 2-D filter's split
-cancel each other, and rounding each term to float16 costs more than the result's tolerance
-(measured: 2x-3x over it), so those stages stay in float32. A float16 stage scales its input by a power of two where
-a huge tap or input would overflow float16, and a tap table by another where its largest tap
-passes 2^14 (_separable_fir), so an overflow gives the reference's infinity, not NaN. Everything else runs in float32:
-bfloat16 has too few mantissa bits to round the intermediate to, and the Triton CPU
-interpreter cannot multiply bfloat16 matrices.
+rounded to float16) when the stage's filter is one term (1-D or a separable 2-D filter); a 2-D
+filter of several terms stays in float32: the terms of an SVD split cancel each other, and
+rounding each to float16 cost 2x-3x the result's tolerance (measured). A float16 stage scales
+its input by a power of two where a huge tap or input would overflow float16, and a tap table by
+another where its largest tap passes 2^14 (_separable_fir), so an overflow gives the reference's
+infinity, not NaN. Everything else runs in float32: bfloat16 has too few mantissa bits to round
+the intermediate to, and the Triton CPU interpreter cannot multiply bfloat16 matrices.
 
 Non-finite inputs: tl.dot also multiplies the zeros off the band, and 0 * inf is NaN, so an
 Inf or NaN in a stage's input or taps turns its whole tile's outputs to NaN, where the op's

@@ -40,11 +40,20 @@ def _launch_patches_language_once() -> None:
     over three modules, ~0.3 ms a call, never undone): a quarter of an interpreted
     filtered_lrelu backward, whose helpers run per tap. Inside a launch whose kernel module
     already sees every language module the helper's does, the helper's patching changes
-    nothing, so the helper runs without it; outside a launch, or for other modules, it runs as
-    before. Where this interpreter's layout differs, nothing is changed."""
+    nothing, so the helper runs without it; outside a launch, or for other modules, it runs
+    triton's own call. An interpreter whose helper call is not that patching, the rewrite and
+    the call (another triton version) is left as it is."""
+    import inspect
+
     from triton.runtime import interpreter
 
-    if not all(hasattr(interpreter, name) for name in ("GridExecutor", "InterpretedFunction", "InterpreterError")):
+    helper_call = getattr(getattr(interpreter, "InterpretedFunction", None), "__call__", None)
+    try:
+        helper_source = inspect.getsource(helper_call)
+    except (TypeError, OSError):
+        return
+    if not (all(hasattr(interpreter, name) for name in ("GridExecutor", "InterpreterError", "tl", "_patch_lang"))
+            and "_patch_lang(self.fn)" in helper_source and "fn = self.rewrite()" in helper_source):
         return
     languages = (interpreter.tl, interpreter.tl.core)
     running = threading.local()  # .launches: the language modules each running launch patched

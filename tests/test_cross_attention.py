@@ -283,10 +283,9 @@ def test_a_key_every_row_scores_minus_inf_passes_no_nan_to_other_gradients(dtype
 
 @pytest.mark.parametrize("huge", ["q", "k"])
 def test_scores_near_1e20_give_the_forwards_probabilities_to_dv(huge, generator):
-    """q (or k) times 2^32 puts scores near 1e20, where a float32 rounding is 1e13: the dk / dv
-    pass computed them as k q^T, which rounds the forward's q k^T differently, so P^T =
-    exp(s - lse) overflowed (dv inf where the reference has -1.58) or vanished (0 where the
-    forward's row max had 1). It takes the forward's product, and clamps s - lse at 0."""
+    """q (or k) times 2^32 puts scores near 1e20, where a float32 rounding is 1e13: P^T =
+    exp(s - lse) in the dk / dv pass is the forward's only where its scores are the forward's
+    float32 numbers (k q^T rounds q k^T differently: P^T inf, or 0 where the row max's is 1)."""
     q, k, v = (t.detach().clone() for t in _qkv(2, 37, 23, 2, 16, "contiguous", CPU, torch.float32, generator))
     {"q": q, "k": k}[huge].mul_(2.0**32)
     leaves = [t.requires_grad_() for t in (q, k, v)]

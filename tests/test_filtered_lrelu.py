@@ -175,11 +175,10 @@ def test_2d_filter_split_keeps_only_significant_terms(generator):
 
 def test_2d_filter_split_keeps_every_tap_to_float32_resolution(generator):
     """One huge tap in a 2-D filter puts every other singular value below float32 resolution of
-    the first, yet those terms carry the small taps outside the huge one's row and column: the
-    filter is split exactly, by rows or columns (rank 1 gave 0 for those taps), and y and dx,
-    where only small taps reach, match the float64 reference (32 of 144 dx elements were off in
-    float32 before). A separable filter with taps far below its largest (a smooth window's
-    corners) stays rank 1."""
+    the first, yet those terms carry the small taps outside the huge one's row and column (rank
+    1 would make them 0): the filter is split exactly, by rows or columns, and y and dx, where
+    only small taps reach, match the float64 reference. A separable filter with taps far below
+    its largest (a smooth window's corners) or exactly 0 stays rank 1."""
     from fastgen.ops.filtered_lrelu import factor_tables
 
     fd = torch.randn(4, 5, generator=generator) / 4
@@ -189,6 +188,9 @@ def test_2d_filter_split_keeps_every_tap_to_float32_resolution(generator):
         assert rows.shape[0] == 4 and torch.equal((rows.mT @ cols).flip(0, 1), f)
     window = torch.exp(-torch.linspace(-4, 4, 9).square())  # corners 1e-14 of the centre
     rows, _ = factor_tables(window[:, None] * window, False, 1.0, CPU)
+    assert rows.shape[0] == 1
+    # Exact zeros, where the SVD leaves about 1e-16 of the largest singular value.
+    rows, _ = factor_tables(torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([0.0, 1, 2, 1, 0])), False, 1.0, CPU)
     assert rows.shape[0] == 1
     for dtype in (torch.float32, torch.float16):
         x = torch.randn(1, 2, 9, 8, generator=generator).to(dtype)
