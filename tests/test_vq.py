@@ -348,12 +348,16 @@ def test_the_reference_and_the_kernels_take_one_cosine_eps():
 
 
 @pytest.mark.parametrize("metric", vq.METRICS)
-def test_exact_reference_scores_identical_codes_identically(metric, generator):
-    """An expanded codebook (every code the same values): the exact reference's elementwise
-    direct form scores all codes alike and picks index 0, where a matrix product's blocking can
-    round the last columns differently."""
-    z = torch.randn(37, 32, generator=generator, dtype=torch.float64)
-    codebook = torch.randn(1, 32, generator=generator, dtype=torch.float64).expand(70, 32)
+@pytest.mark.parametrize("dim, layout", [(32, "contiguous"), (7, "permuted")])
+def test_exact_reference_scores_identical_codes_identically(metric, dim, layout, generator):
+    """An expanded codebook (every code the same values): the exact reference's direct form
+    scores all codes alike and picks index 0, where a matrix product's blocking can round the
+    last columns differently, and so can a vectorized sum over d, whose order follows each
+    code's place in memory (dim 7 over a column-major z: some rows picked code 4 of 5)."""
+    z = torch.randn(37, dim, generator=generator, dtype=torch.float64)
+    if layout == "permuted":
+        z = z.T.contiguous().T
+    codebook = torch.randn(1, dim, generator=generator, dtype=torch.float64).expand(70 if dim == 32 else 5, dim)
     idx, distance = vq.vq_nearest_reference(z, codebook, metric, True)
     assert idx.tolist() == [0] * 37
     assert torch.equal(idx, _direct_float64_argmin(z, codebook, metric))
@@ -362,11 +366,14 @@ def test_exact_reference_scores_identical_codes_identically(metric, generator):
 
 
 def _direct_float64_argmin(z, codebook, metric):
+    """The direct form's best code in float64, each code's terms summed over d in order."""
     z64, e64 = z.double().cpu(), codebook.double().cpu()
-    if metric == "l2":  # in row chunks, so that the (rows, K, D) differences stay small
-        return torch.cat([(rows[:, None, :] - e64[None]).square().sum(-1).argmin(1) for rows in z64.split(16)])
-    norms = e64.norm(dim=1).clamp_min(vq_kernels.COSINE_EPS)
-    return torch.cat([((rows[:, None, :] * e64[None]).sum(-1) / norms).argmax(1) for rows in z64.split(16)])
+    sums = torch.zeros(len(z64), len(e64), dtype=torch.float64)
+    for d in range(z64.shape[1]):
+        sums += (z64[:, d, None] - e64[None, :, d]).square() if metric == "l2" else z64[:, d, None] * e64[None, :, d]
+    if metric == "l2":
+        return sums.argmin(1)
+    return (sums / e64.norm(dim=1).clamp_min(vq_kernels.COSINE_EPS)).argmax(1)
 
 
 @pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)

@@ -165,28 +165,34 @@ def vq_nearest_reference(z, codebook, metric="l2", exact=False, input_precision=
 # The eps of the cosine direct form's max(||e||, eps) (module docstring), F.normalize's default;
 # the kernels take the same value (kernels/vq.py, COSINE_EPS), and a test holds the two equal.
 COSINE_EPS = 1e-12
-# Rows per chunk of the direct-form search, so that its (rows, K, D) differences stay near 2^24
-# elements whatever the codebook's size.
-_DIRECT_FORM_ELEMENTS = 1 << 24
+# Elements of the (rows, K) scores per chunk of the direct-form search, whatever the codebook's
+# size.
+_DIRECT_FORM_ELEMENTS = 1 << 22
 
 
 def _direct_form_search(z, codebook, metric):
     """(index, distance) of exact mode's contract: the l2 distance sum_d (z_d - e_kd)^2, or the
-    cosine similarity (z . e_k) / max(||e_k||, eps) / ||z||, each a sum of elementwise products
-    (no matrix product, whose blocking can round identical codes differently), best first and
-    ties to the lowest index."""
-    rows = max(1, _DIRECT_FORM_ELEMENTS // max(1, codebook.numel()))
+    cosine similarity (z . e_k) / max(||e_k||, eps) / ||z||, each summed over d in order, one
+    rounding per term for every code alike (neither a matrix product, whose blocking can round
+    identical codes differently, nor a vectorized sum, whose order follows each code's memory
+    alignment), best first and ties to the lowest index."""
+    rows = max(1, _DIRECT_FORM_ELEMENTS // max(1, codebook.shape[0]))
     indices, distances = [], []
     for chunk in z.split(rows):
+        sums = chunk.new_zeros(len(chunk), codebook.shape[0])
+        for d in range(chunk.shape[1]):
+            if metric == "l2":
+                sums += (chunk[:, d, None] - codebook[None, :, d]).square()
+            else:
+                sums += chunk[:, d, None] * codebook[None, :, d]
         if metric == "l2":
-            scores = (chunk[:, None, :] - codebook[None]).square().sum(-1)
             # The NaN of the expanded form (inf - inf, for a code holding inf) picks the code
             # first, in exact mode too (module docstring); no rounding decides whether it occurs.
             expanded = chunk.square().sum(1, keepdim=True) + codebook.square().sum(1) - 2 * chunk @ codebook.T
-            scores = scores.masked_fill(expanded.isnan(), float("nan"))
+            scores = sums.masked_fill(expanded.isnan(), float("nan"))
             best = scores.argmin(1) if scores.shape[1] else torch.zeros(len(chunk), dtype=torch.int64)
         else:
-            similarity = (chunk[:, None, :] * codebook[None]).sum(-1) / codebook.norm(dim=1).clamp_min(COSINE_EPS)
+            similarity = sums / codebook.norm(dim=1).clamp_min(COSINE_EPS)
             scores = similarity / chunk.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
             best = scores.argmax(1) if scores.shape[1] else torch.zeros(len(chunk), dtype=torch.int64)
         indices.append(best)
