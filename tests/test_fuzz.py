@@ -59,8 +59,20 @@ class KnownDefect:
 
 
 TRITON_AND_CUDA = ("triton", "cuda")
-# None at present: each entry is removed with the fix that makes its class pass.
-CI_EXCLUSIONS = ()
+_FILTERED_LRELU_HUGE_1D_TAP = (
+    "a 1-D filter with a tap past 2^14 (the fuzz's 4e9) in a float16 stage (the forward's fd, the backward's fd "
+    "and fu): the stage divides the tap table by the power of two that brings its largest tap to 2^14, and the "
+    "taps below 2^-24 of that round to float16 subnormals or 0, so the outputs the huge tap reaches through them "
+    "lose them (8 seeded draws, fd: 10 of 16 checks off, dx 0 where the reference has -1.1e8, y 0.022 where it "
+    "has 5.9e6; fu: 2 of 4 backward draws). The fix owed: a float32 stage for such a table, chosen on the host "
+    "(a device sync per filter) or in the kernel (a runtime branch, which spills the 12-tap float16 forward: 255 "
+    "registers and 120 bytes where it has 118). 2-D filters with such a tap are split exactly into float32 stages")
+CI_EXCLUSIONS = (
+    KnownDefect("filtered_lrelu", ("triton",), "huge", arguments=("fd",), dtypes=(torch.float16,),
+                defect=_FILTERED_LRELU_HUGE_1D_TAP),
+    KnownDefect("filtered_lrelu", ("triton",), "huge", arguments=("fu",), directions=("bwd",),
+                dtypes=(torch.float16,), defect=_FILTERED_LRELU_HUGE_1D_TAP),
+)
 
 # Inputs on which an op promises less than the reference's answer, and the output that holds
 # what it does promise: code indices in [0, K). fastgen/ops/vq.py: "For a z row holding inf, or

@@ -66,7 +66,10 @@ filter), and db, dx's float32 sum over (B, H, W), within float16's tolerance of 
 sum of |dx|, not of |db| where that sum cancels (measured: 1.0e-4 of sum |dx|, db 0.0082 where
 float64 gives 0.0133 with sum |dx| = 49, on StyleGAN3's up2 down2 geometry with a 16-tap down
 filter and a clamp, whose codes equal float64's there; float32 stages on the same values are off
-by 5e-7).
+by 5e-7). Not yet met: a 1-D filter with a tap past 2^14 (no model's) keeps in a float16 stage
+only its taps above 2^-24 of that tap, the rest round to float16 subnormals or 0 (the Triton
+kernel divides the table to fit float16's range), so outputs the large tap reaches through them
+are wrong; pass float32 x for such filters.
 
 Non-finite values. A filter tap multiplies only samples of the signal it filters: the zeros
 that upsampling inserts, the padding around x and, in the backward, the zeros of the
