@@ -51,11 +51,13 @@ within float16 rounding of 0, where the gradient jumps, and disagree with the re
 backward, run in float16 on tensor cores for float16 inputs (float32 accumulation; operands
 rounded to float16) when the stage's filter is one term (1-D or a separable 2-D filter); a 2-D
 filter of several terms stays in float32: the terms of an SVD split cancel each other, and
-rounding each to float16 cost 2x-3x the result's tolerance (measured). A float16 stage scales
-its input by a power of two where a huge tap or input would overflow float16, and a tap table by
-another where its largest tap passes 2^14 (_separable_fir), so an overflow gives the reference's
-infinity, not NaN. Everything else runs in float32: bfloat16 has too few mantissa bits to round
-the intermediate to, and the Triton CPU interpreter cannot multiply bfloat16 matrices.
+rounding each to float16 cost 2x-3x the result's tolerance (measured); so does a stage whose
+filter, or the previous stage's, has a tap past 2^14 (_taps_fit_float16). A float16 stage
+scales its input by a power of two where a huge input would overflow float16, and a tap table by
+another where its largest tap passes 2^14 (only inside CUDA graph capture, _taps_fit_float16),
+so an overflow gives the reference's infinity, not NaN. Everything else runs in float32:
+bfloat16 has too few mantissa bits to round the intermediate to, and the Triton CPU interpreter
+cannot multiply bfloat16 matrices.
 
 Non-finite inputs: tl.dot also multiplies the zeros off the band, and 0 * inf is NaN, so an
 Inf or NaN in a stage's input or taps turns its whole tile's outputs to NaN, where the op's
@@ -73,6 +75,7 @@ views); every offset is int64. channels_last tensors are read with a stride of C
 neighbours: correct, not coalesced.
 """
 import math
+import weakref
 
 import torch
 import triton
@@ -330,6 +333,34 @@ def _lift(pad1: int, pad2: int, up: int) -> int:
     return max(0, -(-(pad1 + pad2) // up)) + 1
 
 
+# id(rows table) -> (weak reference to it, whether its taps fit a float16 stage), filled once per
+# table: the tables of a filter are built once and kept with it (filter_tables).
+_float16_fits: dict = {}
+
+
+def _taps_fit_float16(rows: torch.Tensor, cols: torch.Tensor) -> bool:
+    """Whether no tap of these tables passes 2^14 (_FLOAT16_SAFE_ROW). A larger table divided to
+    fit float16's range would round its taps below 2^-24 of the largest to float16 subnormals or
+    0, and the stage after it would get an input spread as wide: either loses the outputs the
+    large tap reaches through small values (a 1-D filter with a 4e9 tap: dx 0 where float64
+    gives -1.1e8). Reading the taps synchronises with the GPU, once per table; inside CUDA graph
+    capture, where it cannot, the taps are taken to fit."""
+    key = id(rows)
+    entry = _float16_fits.get(key)
+    if entry is not None and entry[0]() is rows:
+        return entry[1]
+    if rows.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
+    fits = bool(torch.maximum(rows.abs().max(), cols.abs().max()) <= _FLOAT16_SAFE_ROW)
+
+    def forget(ref, key=key):
+        if _float16_fits.get(key, (None,))[0] is ref:
+            del _float16_fits[key]
+
+    _float16_fits[key] = (weakref.ref(rows, forget), fits)
+    return fits
+
+
 def _launch(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp, channel_sums=None):
     """One fused pass over every plane (fastgen.ops.filtered_lrelu.FusedPass).
     channel_sums (C,), when given, receives dst summed over (B, H, W) in float32."""
@@ -351,6 +382,11 @@ def _launch(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp, c
         vo_x -= vo_x % step
     tiles_y, tiles_x = triton.cdiv(out_h, vo_y), triton.cdiv(out_w, vo_x)
     half = src.dtype == torch.float16
+    # A stage runs in float16 where its filter is one term and its taps, and the previous
+    # stage's (which spread its input), fit float16 (_taps_fit_float16).
+    stage1_fits = half and _taps_fit_float16(w1y, w1x)
+    stage1_half = stage1_fits and mode == _BACKWARD and w1y.shape[0] == 1
+    stage2_half = stage1_fits and w2y.shape[0] == 1 and _taps_fit_float16(w2y, w2x)
     codes_arg = codes if codes is not None else dst
     codes_strides = codes.stride() if codes is not None else (0, 0, 0, 0)
     grid = (batch * channels * tiles_y * tiles_x,)
@@ -366,8 +402,8 @@ def _launch(mode, src, bias, dst, codes, fused: FusedPass, gain, slope, clamp, c
         gain, slope, 0.0 if clamp is None else clamp,
         UP=up, DOWN=down, RANK1=w1y.shape[0], RANK2=w2y.shape[0],
         MODE=mode, HAS_BIAS=bias is not None, HAS_CLAMP=clamp is not None, PARTIAL_SUMS=partials is not None,
-        STAGE1_DTYPE=tl.float16 if half and mode == _BACKWARD and w1y.shape[0] == 1 else tl.float32,
-        STAGE2_DTYPE=tl.float16 if half and w2y.shape[0] == 1 else tl.float32,
+        STAGE1_DTYPE=tl.float16 if stage1_half else tl.float32,
+        STAGE2_DTYPE=tl.float16 if stage2_half else tl.float32,
         BI=bi, BM=bm, BO=bo,
         # ptxas for sm_90 on StyleGAN3's 12-tap layers (BM 64): 4 warps spill up to 27 KB per
         # thread (float16 up1/down2, float32 stages); 8 warps spill nothing in float16 and at

@@ -59,20 +59,8 @@ class KnownDefect:
 
 
 TRITON_AND_CUDA = ("triton", "cuda")
-_FILTERED_LRELU_HUGE_1D_TAP = (
-    "a 1-D filter with a tap past 2^14 (the fuzz's 4e9) in a float16 stage (the forward's fd, the backward's fd "
-    "and fu): the stage divides the tap table by the power of two that brings its largest tap to 2^14, and the "
-    "taps below 2^-24 of that round to float16 subnormals or 0, so the outputs the huge tap reaches through them "
-    "lose them (8 seeded draws, fd: 10 of 16 checks off, dx 0 where the reference has -1.1e8, y 0.022 where it "
-    "has 5.9e6; fu: 2 of 4 backward draws). The fix owed: a float32 stage for such a table, chosen on the host "
-    "(a device sync per filter) or in the kernel (a runtime branch, which spills the 12-tap float16 forward: 255 "
-    "registers and 120 bytes where it has 118). 2-D filters with such a tap are split exactly into float32 stages")
-CI_EXCLUSIONS = (
-    KnownDefect("filtered_lrelu", ("triton",), "huge", arguments=("fd",), dtypes=(torch.float16,),
-                defect=_FILTERED_LRELU_HUGE_1D_TAP),
-    KnownDefect("filtered_lrelu", ("triton",), "huge", arguments=("fu",), directions=("bwd",),
-                dtypes=(torch.float16,), defect=_FILTERED_LRELU_HUGE_1D_TAP),
-)
+# None at present: each entry is removed with the fix that makes its class pass.
+CI_EXCLUSIONS = ()
 
 # Inputs on which an op promises less than the reference's answer, and the output that holds
 # what it does promise: code indices in [0, K). fastgen/ops/vq.py: "For a z row holding inf, or
@@ -365,6 +353,31 @@ def test_non_finite_comparison_accepts_either_side_of_overflow_only_within_toler
         actual[wrong_at] = got
         _, detail = non_finite_aware_mismatch(actual, expected, None, magnitude)
         assert detail, (wrong_at, got)
+
+
+@pytest.mark.parametrize("argument", ["fu", "fd"])
+def test_filtered_lrelu_float16_with_a_huge_1d_filter_tap(argument):
+    """A 4e9 tap in a 1-D filter (the fuzz's "huge"): float16 cannot hold the table's small taps
+    beside it, nor the spread of values that stage gives the next, so those stages run in
+    float32 (kernels/filtered_lrelu.py, _taps_fit_float16); y and dx meet the fuzz's comparison
+    (dx 0 where float64 gives -1.1e8 while they ran in float16)."""
+    op = OPS["filtered_lrelu"]
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, 2, 9, 8, generator=generator).half()
+        filters = {"fu": torch.randn(4, generator=generator) / 3, "fd": torch.randn(6, generator=generator) / 4}
+        huge = filters[argument]
+        huge[int(torch.randint(0, len(huge), (1,), generator=generator))] = 4e9 * (-1) ** seed
+        args = (x, filters["fu"], filters["fd"], torch.randn(2, generator=generator).half(), 2, 2, [3, 2, 1, 4],
+                1.4, 0.2, None, False)
+        for direction in ("fwd", "bwd"):
+            with mock.patch.object(check, "mismatch", non_finite_aware_mismatch), \
+                    mock.patch.object(check, "_worst", _worst_for(op, "triton", torch.float16, direction, args, seed)):
+                if direction == "fwd":
+                    _, detail = check.check_forward(op, "triton", args)
+                else:
+                    _, detail = check.check_backward(op, "triton", args, torch.Generator().manual_seed(seed))
+            assert not detail, (seed, direction, detail)
 
 
 def _cases_per_test(name: str, backend: str) -> int:

@@ -51,25 +51,23 @@ codes), the internal `filtered_lrelu_with_codes` (y and the codes; what the publ
 calls when a gradient is needed, so the backward does not recompute) and
 `filtered_lrelu_backward`. Arithmetic is float32 (float64 for float64 x); outputs take x's dtype.
 
-Precision of float16. For float16 the Triton kernel runs the forward's second stage (fd over
-the activation a; the first, which decides the codes, stays float32) and the backward's
-separable stages in float16 (taps, stage inputs and half-filtered rows rounded to float16,
-float32 accumulation) wherever that stage's filter is one term (1-D, or a separable 2-D filter:
-factor_tables), so y, dx and db carry the roundings of their terms. Each element of y is
-within float16's tolerance of the same sum taken over |a| and |fd| (measured: y 1.3789 where
-float64 gives 1.3843, 0.0054 off where float16's tolerance of |y| allows 0.0048, 5.2e-4 of the
-terms' sum 10.4; up1 down2 with a separable 4 x 3 fd and slope -0.3). Each element of dx is
-within float16's tolerance of the same sums taken over |dy|, |taps| and the larger slope's |d|
-(measured: dx -0.4727 where float64 gives -0.4678, 0.0049 off where float16's tolerance of |dx|,
-widened to twice the float16 reference's own error, allows 0.0038; up2 down1 with a 5-tap up
-filter), and db, dx's float32 sum over (B, H, W), within float16's tolerance of the channel's
-sum of |dx|, not of |db| where that sum cancels (measured: 1.0e-4 of sum |dx|, db 0.0082 where
-float64 gives 0.0133 with sum |dx| = 49, on StyleGAN3's up2 down2 geometry with a 16-tap down
-filter and a clamp, whose codes equal float64's there; float32 stages on the same values are off
-by 5e-7). Not yet met: a 1-D filter with a tap past 2^14 (no model's) keeps in a float16 stage
-only its taps above 2^-24 of that tap, the rest round to float16 subnormals or 0 (the Triton
-kernel divides the table to fit float16's range), so outputs the large tap reaches through them
-are wrong; pass float32 x for such filters.
+Precision of float16. For float16 the Triton kernel runs the forward's second stage (fd over the
+activation a; the first, which decides the codes, stays float32) and the backward's separable
+stages in float16 (taps, stage inputs and half-filtered rows rounded to float16, float32
+accumulation) wherever that stage's filter is one term (1-D, or a separable 2-D filter:
+factor_tables) and neither it nor the previous stage's has a tap past 2^14 (whose small taps, or
+the spread of values they make, float16 cannot hold beside it), so y, dx and db carry the
+roundings of their terms. Each element of y is within float16's tolerance of the same sum taken
+over |a| and |fd| (measured: y 1.3789 where float64 gives 1.3843, 0.0054 off where float16's
+tolerance of |y| allows 0.0048, 5.2e-4 of the terms' sum 10.4; up1 down2 with a separable 4 x 3
+fd and slope -0.3). Each element of dx is within float16's tolerance of the same sums taken over
+|dy|, |taps| and the larger slope's |d| (measured: dx -0.4727 where float64 gives -0.4678,
+0.0049 off where float16's tolerance of |dx|, widened to twice the float16 reference's own
+error, allows 0.0038; up2 down1 with a 5-tap up filter), and db, dx's float32 sum over (B, H,
+W), within float16's tolerance of the channel's sum of |dx|, not of |db| where that sum cancels
+(measured: 1.0e-4 of sum |dx|, db 0.0082 where float64 gives 0.0133 with sum |dx| = 49, on
+StyleGAN3's up2 down2 geometry with a 16-tap down filter and a clamp, whose codes equal
+float64's there; float32 stages on the same values are off by 5e-7).
 
 Non-finite values. A filter tap multiplies only samples of the signal it filters: the zeros
 that upsampling inserts, the padding around x and, in the backward, the zeros of the
