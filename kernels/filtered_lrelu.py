@@ -343,13 +343,13 @@ def _taps_fit_float16(rows: torch.Tensor, cols: torch.Tensor) -> bool:
     fit float16's range would round its taps below 2^-24 of the largest to float16 subnormals or
     0, and the stage after it would get an input spread as wide: either loses the outputs the
     large tap reaches through small values (a 1-D filter with a 4e9 tap: dx 0 where float64
-    gives -1.1e8). Reading the taps synchronises with the GPU, once per table; inside CUDA graph
-    capture, where it cannot, the taps are taken to fit."""
+    gives -1.1e8). Reading the taps synchronises with the GPU, once per table; where they cannot
+    be read (inside CUDA graph capture, meta tensors), they are taken to fit."""
     key = id(rows)
     entry = _float16_fits.get(key)
     if entry is not None and entry[0]() is rows:
         return entry[1]
-    if rows.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if rows.is_meta or (rows.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return True
     fits = bool(torch.maximum(rows.abs().max(), cols.abs().max()) <= _FLOAT16_SAFE_ROW)
 
