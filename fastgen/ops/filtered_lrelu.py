@@ -333,7 +333,8 @@ def factor_tables(f, flip_filter: bool, gain: float, device) -> tuple:
     if w.dim() == 1:
         return (w * gain)[None].float().contiguous(), w[None].float().contiguous()
     rank = min(w.shape)
-    if bool(w.isfinite().all()):
+    finite = bool(w.isfinite().all())
+    if finite:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         sums = torch.cumsum(u.mT[:, :, None] * s[:, None, None] * vh[:, None, :], dim=0)  # sums[r]: terms 0..r
         # A NaN error counts as too large.
@@ -341,7 +342,7 @@ def factor_tables(f, flip_filter: bool, gain: float, device) -> tuple:
         rank = 1 if s[0] == 0 else int((~(error <= 2.0**-22)).cumprod(0).sum()) + 1
     if rank < min(w.shape):
         return (u[:, :rank] * (s[:rank] * gain)).mT.float().contiguous(), vh[:rank].float().contiguous()
-    if w.shape[0] <= w.shape[1] or not bool(w.isfinite().all()):
+    if w.shape[0] <= w.shape[1] or not finite:
         return (torch.eye(w.shape[0], dtype=torch.float64, device=w.device) * gain).float(), w.float().contiguous()
     return (w * gain).mT.float().contiguous(), torch.eye(w.shape[1], dtype=torch.float32, device=w.device)
 
