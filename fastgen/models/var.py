@@ -49,9 +49,9 @@ they are: the three buffers the file also holds (`lvl_1L`, `attn_bias_for_maskin
 block's `attn.zero_k_bias`) are constants derived from the config, checked against it and
 dropped. Differences from their code: the class-dropout of training (cond_drop_rate) is the
 caller's (pass label num_classes for the dropped samples); the head runs in the model's dtype
-(theirs in float32), the logits come back float32; drop-path (VAR trains with rate 0.1 d / 24)
-and dropout are not implemented, being identities at inference; the "more_smooth" Gumbel
-sampling of their visualizations is not offered.
+(theirs in float32), the logits come back in float32 or wider (float64 for a float64 model);
+drop-path (VAR trains with rate 0.1 d / 24) and dropout are not implemented, being identities
+at inference; the "more_smooth" Gumbel sampling of their visualizations is not offered.
 
 `fastgen.accelerate` targets diffusers modules and fastgen's own: FoundationVision's `VAR`
 module (their package, which is not installable as a dependency) is not one of its kinds. A
@@ -305,11 +305,13 @@ class VAR(nn.Module):
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor, ends: Optional[torch.Tensor] = None,
                caches: Optional[Sequence[LayerKVCache]] = None) -> torch.Tensor:
-        """The blocks and the head on (B, n, C) rows: float32 logits (B, n, V)."""
+        """The blocks and the head on (B, n, C) rows: logits (B, n, V) in float32, or the model's
+        dtype where it is wider (a float64 model keeps its precision to the end)."""
         block_cond = self.block_condition(cond)
         for index, block in enumerate(self.blocks):
             x = block(x, block_cond, ends, None if caches is None else caches[index])
-        return self.head(self.head_nm(x, cond)).float()
+        logits = self.head(self.head_nm(x, cond))
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def forward(self, labels: torch.Tensor, next_scale_inputs: Optional[torch.Tensor] = None,
                 caches: Optional[Sequence[LayerKVCache]] = None) -> torch.Tensor:
