@@ -106,7 +106,54 @@ STATED_CONTRACTS = (
 )
 
 
-def _filtered_lrelu_output_terms(args: tuple, output_grad, expected: dict) -> dict:
+def _linear_attention_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
+    """dq_n = (sum_j g_nj S_ij - z_i (g_n . out_n)) / den_n and dk_n = sum_m phi(q_m) (g_m . v_n -
+    g_m . out_m) / den_m: their terms' sizes, in float64 (fastgen/ops/linear_attention.py)."""
+    q, k, v, eps = (a.detach().cpu().double().transpose(1, 2) if isinstance(a, torch.Tensor) else a
+                    for a in args)
+    grad = output_grads()[0].cpu().double().transpose(1, 2).abs()  # (B, H, N, D) like q, k, v
+    phi_q, phi_k = q.clamp(min=0), k.clamp(min=0)
+    state_sizes = phi_k.mT @ v.abs()
+    normalizer = phi_k.sum(-2, keepdim=True)
+    denominator = (phi_q * normalizer).sum(-1, keepdim=True) + eps
+    out_sizes = (phi_q @ state_sizes) / denominator
+    delta_sizes = (grad * out_sizes).sum(-1, keepdim=True) / denominator
+    dq = (grad @ state_sizes.mT) / denominator + delta_sizes * normalizer
+    dk = v.abs() @ (phi_q.mT @ (grad / denominator)).mT + (delta_sizes * phi_q).sum(-2, keepdim=True)
+    return {"q": dq.transpose(1, 2), "k": dk.transpose(1, 2)}
+
+
+def _rotated_back_sizes(grad_sizes: torch.Tensor, cos, sin, rope_layout: str) -> torch.Tensor:
+    """|dy| rotated back by the pair rotation with |cos| and |sin|: each g's terms' sizes."""
+    if cos is None:
+        return grad_sizes
+    cos, sin = (table.abs()[None, :, None, :] for table in (cos, sin))
+    if rope_layout == "interleaved":
+        first, second = grad_sizes.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((first * cos + second * sin, first * sin + second * cos), dim=-1).flatten(-2)
+    first, second = grad_sizes.chunk(2, dim=-1)
+    return torch.cat((first * cos + second * sin, first * sin + second * cos), dim=-1)
+
+
+def _qk_norm_rope_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
+    """dx = r (g w - xhat mean(g w xhat)) and dweight = sum g xhat: their terms' sizes, in
+    float64 (fastgen/ops/qk_norm_rope.py)."""
+    q, k, weight_q, weight_k, cos, sin, eps, rope_layout = (
+        a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
+    terms = {}
+    for name, x, weight, grad in zip("qk", (q, k), (weight_q, weight_k), output_grads()):
+        g = _rotated_back_sizes(grad.cpu().double().abs(), cos, sin, rope_layout)
+        if weight is None:
+            terms[name] = g
+            continue
+        r = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        xhat_sizes, scaled = (x * r).abs(), g * weight.abs()
+        terms[name] = r * (scaled + xhat_sizes * (scaled * xhat_sizes).mean(-1, keepdim=True))
+        terms[f"weight_{name}"] = (g * xhat_sizes).sum((0, 1, 2))
+    return terms
+
+
+def _filtered_lrelu_output_terms(args: tuple, output_grads, expected: dict) -> dict:
     """y = D a: its terms' sizes are D's sums over |a| (float64) and |fd|."""
     x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = (
         a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
@@ -116,7 +163,7 @@ def _filtered_lrelu_output_terms(args: tuple, output_grad, expected: dict) -> di
                                             flip_filter, 1.0)}
 
 
-def _filtered_lrelu_gradient_terms(args: tuple, output_grad: Callable, expected: dict) -> dict:
+def _filtered_lrelu_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
     """dx = U^T (d * D^T dy): its terms' sizes are the same sums of |dy|, |taps| and the larger
     slope's |d|; db is dx summed over (B, H, W): its terms' sizes are sum |dx|."""
     x, fu, fd, _, up, down, padding, gain, slope, _, flip_filter = (
@@ -125,17 +172,17 @@ def _filtered_lrelu_gradient_terms(args: tuple, output_grad: Callable, expected:
     zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
     positive = pack_codes(torch.ones(*x.shape[:2], zh, zw, dtype=torch.int64))
     dx_terms, _ = filtered_lrelu_backward_reference(
-        output_grad().cpu().double().abs(), positive, None if fu is None else fu.abs(),
+        output_grads()[0].cpu().double().abs(), positive, None if fu is None else fu.abs(),
         None if fd is None else fd.abs(), up, down, padding, abs(gain) * max(1.0, abs(slope)), 1.0, flip_filter,
         *x.shape[2:], False)
     return {"x": dx_terms, "b": expected["x"].abs().sum((0, 2, 3))}
 
 
-def _cross_attention_gradient_terms(args: tuple, output_grad: Callable, expected: dict) -> dict:
+def _cross_attention_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
     """dq_i = scale sum_j P_ij (dP_ij - delta_i) k_j and dk_j = scale sum_i P_ij (dP_ij - delta_i) q_i
     with delta_i = sum_j P_ij dP_ij: their terms' sizes, in float64."""
     q, k, v, mask, scale, ends = (a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
-    q64, k64, v64, grad64 = (t.double() for t in (q, k, v, output_grad().cpu()))
+    q64, k64, v64, grad64 = (t.double() for t in (q, k, v, output_grads()[0].cpu()))
     probabilities = cross_attention_probabilities(q64, k64, mask, scale, ends)[0]
     dprobabilities = torch.einsum("bqhd,bkhd->bhqk", grad64, v64)
     delta = (probabilities * dprobabilities).sum(-1, keepdim=True)
@@ -146,9 +193,9 @@ def _cross_attention_gradient_terms(args: tuple, output_grad: Callable, expected
 
 # Outputs and gradients whose error an op's docstring bounds by its tolerance of the sizes of
 # the terms that sum to them (check.mismatch's magnitude), not of their value, which can cancel:
-# (op, backend, direction) -> (dtypes, function of (args, output gradient (a callable), float64
-# values by name) giving {name: terms' sizes}). Names are the argument names in the backward
-# and "output <i>" in the forward.
+# (op, backend, direction) -> (dtypes, function of (args, output gradients (a callable giving one
+# per floating output), float64 values by name) giving {name: terms' sizes}). Names are the
+# argument names in the backward and "output <i>" in the forward.
 TERM_SIZES = {
     # fastgen/ops/filtered_lrelu.py, "Precision of float16": the float16 stage 2 rounds a, the
     # taps and the half-filtered rows (measured up to 7.7e-4 of the terms' sizes in y); the float16
@@ -158,15 +205,24 @@ TERM_SIZES = {
     # fastgen/ops/cross_attention.py, "Precision of dq and dk": dS = P (dP - delta) with delta
     # = g . out, which equals sum_j P dP only up to rounding (FlashAttention-2's backward).
     ("cross_attention", "triton", "bwd"): (KERNEL_DTYPES, _cross_attention_gradient_terms),
+    # fastgen/ops/linear_attention.py, "Precision of dq and dk": g . S and z (g . out) cancel where
+    # a head's keys are few. The cuda backend's backward is the Triton kernel's (the eager one on a
+    # CPU).
+    **{("linear_attention", backend, "bwd"): (KERNEL_DTYPES, _linear_attention_gradient_terms)
+       for backend in TRITON_AND_CUDA},
+    # fastgen/ops/qk_norm_rope.py, "Precision of dx and dweight": g w and xhat mean(g w xhat)
+    # cancel where one feature holds most of a row's norm.
+    **{("qk_norm_rope", backend, "bwd"): (KERNEL_DTYPES, _qk_norm_rope_gradient_terms)
+       for backend in TRITON_AND_CUDA},
 }
 
 
 def _worst_with_term_sizes(triples, what: str, original_worst: Callable, names: list, terms: Callable,
-                           args: tuple, output_grad: Callable) -> tuple:
+                           args: tuple, output_grads: Callable) -> tuple:
     """check._worst, with each tensor that `terms` sizes compared under its terms' sizes."""
     triples = list(triples)
     expected = {name: triple[1] for name, triple in zip(names, triples)}
-    magnitudes = terms(args, output_grad, expected)
+    magnitudes = terms(args, output_grads, expected)
     others = [(None, None, None) if name in magnitudes else triple for name, triple in zip(names, triples)]
     worst, detail = original_worst(others, what)
     if detail:
@@ -184,8 +240,8 @@ def _worst_with_term_sizes(triples, what: str, original_worst: Callable, names: 
 
 
 def _worst_for(op, backend: str, dtype: torch.dtype, direction: str, args: tuple, seed: int) -> Callable:
-    """check._worst for a check of these arguments (TERM_SIZES). The output gradient is
-    check_backward's: drawn from a generator seeded by `seed`."""
+    """check._worst for a check of these arguments (TERM_SIZES). The output gradients are
+    check_backward's: drawn in turn, one per floating output, from a generator seeded by `seed`."""
     dtypes, terms = TERM_SIZES.get((op.name, backend, direction), ((), None))
     if dtype not in dtypes:
         return check._worst
@@ -195,12 +251,13 @@ def _worst_for(op, backend: str, dtype: torch.dtype, direction: str, args: tuple
         names = [name for name, a in zip(argument_names(op), args)
                  if isinstance(a, torch.Tensor) and a.is_floating_point()]
 
-    def output_grad():
-        out = op.allocate_output(*args)
-        return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    def output_grads():
+        generator = torch.Generator().manual_seed(seed)
+        return [torch.randn(out.shape, generator=generator).to(out.dtype)
+                for out in check._as_tuple(op.allocate_output(*args)) if out.is_floating_point()]
 
     return functools.partial(_worst_with_term_sizes, original_worst=check._worst, names=names, terms=terms,
-                             args=args, output_grad=output_grad)
+                             args=args, output_grads=output_grads)
 
 
 def _stated_contract(name: str, backend: str, values: Optional[tuple]) -> Optional[StatedContract]:
