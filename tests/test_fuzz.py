@@ -99,6 +99,10 @@ STATED_CONTRACTS = (
     # fastgen/ops/filtered_lrelu.py: a tap multiplies only samples of the signal it filters; the
     # CUDA kernel gives exactly that, the Triton kernel's banded products make a whole tile of y
     # or dx NaN around a non-finite value (a finite value where the contract has none: never).
+    # An infinite tap meets sums whose rounding makes them 0 (NaN) or not (an infinity): the CUDA
+    # kernel is non-finite exactly where the contract is, NaN and infinities alike.
+    StatedContract("filtered_lrelu", "inf", ("fu", "fd"), oracle=filtered_lrelu_real_samples, non_finite="either",
+                   backends=("cuda",)),
     *(StatedContract("filtered_lrelu", value_class, ("x", "fu", "fd", "b"), oracle=filtered_lrelu_real_samples,
                      backends=("cuda",)) for value_class in ("nan", "inf")),
     *(StatedContract("filtered_lrelu", value_class, ("x", "fu", "fd", "b"), oracle=filtered_lrelu_real_samples,
@@ -435,6 +439,36 @@ def test_filtered_lrelu_float16_with_a_huge_1d_filter_tap(argument):
                 else:
                     _, detail = check.check_backward(op, "triton", args, torch.Generator().manual_seed(seed))
             assert not detail, (seed, direction, detail)
+
+
+@pytest.mark.cuda_emulation
+def test_filtered_lrelu_infinite_tap_meeting_a_cancelled_sum():
+    """Two dy that cancel exactly make da = D^T dy 0 for the eager contract, whose -inf tap of fu
+    then gives dx NaN; the CUDA kernel's fused multiply-add leaves da a rounding error and gives
+    -inf or inf. fastgen/ops/filtered_lrelu.py states both (STATED_CONTRACTS: "either")."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 12, 1, generator=generator)
+    fu = torch.randn(3, 1, generator=generator)
+    fu[1, 0] = -math.inf
+    fd = torch.full((4, 1), 1.7837)
+    args = (x, fu, fd, None, 1, 2, [0, 0, 1, 1], 1.0, 0.2, None, False)
+    # Output rows 1 and 2 alone read mid rows 4 and 5, through the down filter's equal taps.
+    dy = torch.randn(1, 1, 5, 1, generator=generator)
+    dy[0, 0, 2] = -dy[0, 0, 1]
+    gradients = []
+    for function, backend, dtype in ((torch.ops.fastgen.filtered_lrelu, "cuda", torch.float32),
+                                     (filtered_lrelu_real_samples, "reference", torch.float64)):
+        x_leaf = x.detach().to(dtype).requires_grad_()
+        with registry.use_backend(backend):
+            y = function(x_leaf, *(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args[1:]))
+        assert y.shape == dy.shape
+        y.backward(dy.to(dtype))
+        gradients.append(x_leaf.grad)
+    actual, expected = gradients
+    assert expected.isnan().any() and not actual.isnan().any()  # the kernel's infinities there
+    contract = _stated_contract("filtered_lrelu", "cuda", ("inf", "fu", 1))
+    assert non_finite_aware_mismatch(actual, expected, non_finite="same")[1]
+    assert not non_finite_aware_mismatch(actual, expected, non_finite=contract.non_finite)[1]
 
 
 def _cases_per_test(name: str, backend: str) -> int:

@@ -79,7 +79,12 @@ inf * 0 are NaN) and the reference has NaN at more outputs and gradients than th
 upfirdn2d_real_samples, autograd its gradients) and agrees with the reference up to rounding
 when every input is finite. Otherwise NaN and infinities in x, b and dy propagate through the
 formulas above: a NaN v is coded as the gradient paragraph says, torch.clamp keeps a NaN, and a
-clamped sample passes no gradient. The CUDA kernel follows this contract. The Triton kernel
+clamped sample passes no gradient. An infinite tap of a second stage (fd in the forward, fu in
+the backward) meets samples the first stage summed (a, or da = D^T dy), and inf * 0 is NaN
+where inf * 1e-9 is an infinity: where such a sum cancels, its rounding decides between NaN and
+either infinity (two dy that cancel exactly give da 0 to the eager reference, and a rounding
+error to a fused multiply-add: dx NaN there, -inf here). The CUDA kernel follows this
+contract: non-finite exactly where it is, and NaN or an infinity as above. The Triton kernel
 promises less: its banded matrix products also multiply the zeros off the band, so a NaN or
 infinity in a tile's stage input (x + b or dy, an activation a or da, or a tap of that stage's
 filter) makes every output of that tile NaN: its outputs are non-finite at least wherever the
