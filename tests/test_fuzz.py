@@ -182,6 +182,13 @@ def _filtered_lrelu_gradient_terms(args: tuple, output_grads: Callable, expected
     return {"x": dx_terms, "b": expected["x"].abs().sum((0, 2, 3))}
 
 
+def _cross_attention_output_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
+    """out_i = sum_j P_ij v_j: its terms' sizes, in float64."""
+    q, k, v, mask, scale, ends = (a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    probabilities = cross_attention_probabilities(q.double(), k.double(), mask, scale, ends)[0]
+    return {"output 0": torch.einsum("bhqk,bkhd->bqhd", probabilities, v.double().abs())}
+
+
 def _cross_attention_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
     """dq_i = scale sum_j P_ij (dP_ij - delta_i) k_j and dk_j = scale sum_i P_ij (dP_ij - delta_i) q_i
     with delta_i = sum_j P_ij dP_ij: their terms' sizes, in float64."""
@@ -206,8 +213,10 @@ TERM_SIZES = {
     # backward stages round the terms of dx and of db = sum dx (measured 1.0e-4 of sum |dx| in db).
     ("filtered_lrelu", "triton", "fwd"): ((torch.float16,), _filtered_lrelu_output_terms),
     ("filtered_lrelu", "triton", "bwd"): ((torch.float16,), _filtered_lrelu_gradient_terms),
-    # fastgen/ops/cross_attention.py, "Precision of dq and dk": dS = P (dP - delta) with delta
-    # = g . out, which equals sum_j P dP only up to rounding (FlashAttention-2's backward).
+    # fastgen/ops/cross_attention.py, "Precision of out": P enters P V rounded to 16 bits; and
+    # "Precision of dq and dk": dS = P (dP - delta) with delta = g . out, which equals sum_j P dP
+    # only up to rounding (FlashAttention-2's backward).
+    ("cross_attention", "triton", "fwd"): (KERNEL_DTYPES, _cross_attention_output_terms),
     ("cross_attention", "triton", "bwd"): (KERNEL_DTYPES, _cross_attention_gradient_terms),
     # fastgen/ops/linear_attention.py, "Precision of dq and dk": g . S and z (g . out) cancel where
     # a head's keys are few. The cuda backend's backward is the Triton kernel's (the eager one on a

@@ -64,6 +64,12 @@ are NaN, and equal its values on the same inputs without the non-finite value.
 Scores, softmax statistics and accumulation are float32 (float64 for float64 inputs); out
 has q's dtype and shape, contiguous; lse is float32 (B, H, Lq).
 
+Precision of out. For float16 and bfloat16 the weights P_ij enter the product with v rounded
+to that dtype (as in FlashAttention), so out_i is within the dtype's tolerance of the size of
+its terms, sum_j P_ij |v_j|, not of its value, which cancels where the v_j differ in sign
+(measured: head dim 1, 57 keys with v up to 1.5e10 in bfloat16, out -2.957e8 where float64
+gives -2.8625e8, the terms' size 5.6e9).
+
 Attention over a key set split in parts (ring or Ulysses sequence parallelism, or keys too many
 for one call) is assembled from each part's (out_p, lse_p) as `merge_attention` does:
 
