@@ -273,6 +273,16 @@ def _worst_for(op, backend: str, dtype: torch.dtype, direction: str, args: tuple
                              args=args, output_grads=output_grads)
 
 
+def check_at_stated_precision(op, backend: str, dtype: torch.dtype, direction: str, args: tuple, seed: int) -> tuple:
+    """check.check_forward or check.check_backward (output gradients drawn from `seed`), with
+    each output or gradient whose precision the op's docstring states by its terms' sizes
+    (TERM_SIZES) held to those sizes."""
+    with mock.patch.object(check, "_worst", _worst_for(op, backend, dtype, direction, args, seed)):
+        if direction == "fwd":
+            return check.check_forward(op, backend, args)
+        return check.check_backward(op, backend, args, torch.Generator().manual_seed(seed))
+
+
 def _stated_contract(name: str, backend: str, values: Optional[tuple]) -> Optional[StatedContract]:
     if values is None:
         return None
@@ -441,12 +451,8 @@ def test_filtered_lrelu_float16_with_a_huge_1d_filter_tap(argument):
         args = (x, filters["fu"], filters["fd"], torch.randn(2, generator=generator).half(), 2, 2, [3, 2, 1, 4],
                 1.4, 0.2, None, False)
         for direction in ("fwd", "bwd"):
-            with mock.patch.object(check, "mismatch", non_finite_aware_mismatch), \
-                    mock.patch.object(check, "_worst", _worst_for(op, "triton", torch.float16, direction, args, seed)):
-                if direction == "fwd":
-                    _, detail = check.check_forward(op, "triton", args)
-                else:
-                    _, detail = check.check_backward(op, "triton", args, torch.Generator().manual_seed(seed))
+            with mock.patch.object(check, "mismatch", non_finite_aware_mismatch):
+                _, detail = check_at_stated_precision(op, "triton", torch.float16, direction, args, seed)
             assert not detail, (seed, direction, detail)
 
 
@@ -519,12 +525,8 @@ def test_matches_the_float64_reference(name, device, backend, dtype, direction, 
         # oneDNN compiles a float16 depthwise convolution (the filters' references on a CPU) per
         # shape, and takes minutes for some (a 1 x 17 filter over 131 columns); torch's own does not.
         with torch.backends.mkldnn.flags(enabled=False), mock.patch.object(check, "mismatch", compare), \
-                mock.patch.object(op, "reference", oracle), \
-                mock.patch.object(check, "_worst", _worst_for(op, backend, dtype, direction, recipe.args, recipe.seed)):
-            if direction == "fwd":
-                _, detail = check.check_forward(op, backend, recipe.args)
-            else:
-                _, detail = check.check_backward(op, backend, recipe.args, torch.Generator().manual_seed(recipe.seed))
+                mock.patch.object(op, "reference", oracle):
+            _, detail = check_at_stated_precision(op, backend, dtype, direction, recipe.args, recipe.seed)
         assert not detail, detail
         passed += 1
 

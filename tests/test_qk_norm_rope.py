@@ -20,7 +20,7 @@ from fastgen.ops.qk_norm_rope import (
 )
 from fastgen.ops.registry import random_tensor, use_backend
 from conftest import fake_tensor_arg
-from test_fuzz import non_finite_aware_mismatch
+from test_fuzz import check_at_stated_precision, non_finite_aware_mismatch
 
 # The fast backends on CPU tensors: Triton under the interpreter, CUDA under the emulation.
 BACKENDS = [pytest.param("triton", id="triton"),
@@ -59,6 +59,14 @@ def _args(shape, variant, dtype, generator, view="contiguous", eps=1e-6):
     return (q, k, *weights, cos, sin, eps, rope_layout or "interleaved")
 
 
+def _check(backend, dtype, direction, args, generator):
+    """The backend against the float64 reference, dx and dweight within the dtype's tolerance of
+    their terms' sizes (the op's "Precision of dx and dweight": at D = 1 float32's dx is off by
+    3e-5 of its value where the terms are hundreds of times the value)."""
+    seed = int(torch.randint(2**62, (), generator=generator))
+    return check_at_stated_precision(QK_NORM_ROPE, backend, dtype, direction, args, seed)
+
+
 def _upcast(args):
     return tuple(a.detach().double() if isinstance(a, torch.Tensor) else a for a in args)
 
@@ -69,10 +77,9 @@ def _upcast(args):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_the_float64_reference_forward_and_backward(backend, view, variant, dtype, generator):
     args = _args((2, 7, 3, 32), variant, dtype, generator, view)
-    error, detail = check.check_forward(QK_NORM_ROPE, backend, args)
-    assert not detail, detail
-    error, detail = check.check_backward(QK_NORM_ROPE, backend, args, generator)
-    assert not detail, detail
+    for direction in ("fwd", "bwd"):
+        error, detail = _check(backend, dtype, direction, args, generator)
+        assert not detail, detail
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -84,8 +91,8 @@ def test_matches_at_head_dims_and_across_many_row_blocks(backend, head_dim, dtyp
     64, D 33 and 1 (norm only) leave the second half one feature short."""
     variant = "both norms, interleaved" if head_dim % 2 == 0 else "norm only"
     args = _args((2, 37, 5, head_dim), variant, dtype, generator)
-    for run in (check.check_forward, lambda *a: check.check_backward(*a, generator)):
-        error, detail = run(QK_NORM_ROPE, backend, args)
+    for direction in ("fwd", "bwd"):
+        error, detail = _check(backend, dtype, direction, args, generator)
         assert not detail, detail
 
 
