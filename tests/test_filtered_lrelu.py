@@ -10,6 +10,7 @@ import torch
 
 import fastgen
 from conftest import CPU, DEVICES_AND_BACKENDS, fake_tensor_arg
+from test_fuzz import filtered_lrelu_gradient_terms
 from fastgen.check import mismatch
 from fastgen.ops import filtered_lrelu as filtered_lrelu_module
 from fastgen.ops.bias_act import bias_act_reference
@@ -176,8 +177,8 @@ def test_2d_filter_split_keeps_only_significant_terms(generator):
 def test_2d_filter_split_keeps_every_tap_to_float32_resolution(generator):
     """One huge tap in a 2-D filter puts every other singular value below float32 resolution of
     the first, yet those terms carry the small taps outside the huge one's row and column (rank
-    1 would make them 0): the filter is split exactly, by rows or columns, and y and dx, where
-    only small taps reach, match the float64 reference. A separable filter with taps far below
+    1 would make them 0): the filter is split exactly, by rows or columns, and y and dx match the
+    float64 reference (where only small taps reach, to float32 resolution of their values). A separable filter with taps far below
     its largest (a smooth window's corners) or exactly 0 stays rank 1."""
     from fastgen.ops.filtered_lrelu import factor_tables
 
@@ -204,12 +205,20 @@ def test_2d_filter_split_keeps_every_tap_to_float32_resolution(generator):
         x64 = x.double().requires_grad_()
         expected = filtered_lrelu_reference(x64, *_float64(args[1:]))
         expected.backward(dy.double())
+        # The huge tap multiplies stage 1's rounding: a's error, float32 resolution of its terms
+        # |fu| |x|, where a itself cancels (y -763,634 where float64 gives -763,578). y and dx
+        # are held to float32 resolution of their terms' sizes through both stages.
+        y_terms = filtered_lrelu_reference(*(a.abs() if isinstance(a, torch.Tensor) else a for a in _float64(args[:8])),
+                                           1.0, None, False)
+        dx_terms = filtered_lrelu_gradient_terms(args, lambda: [dy], {"x": x64.grad})["x"]
         finite = expected.to(dtype).isfinite()  # float16's y overflows where the huge tap reaches
         assert torch.equal(y.isfinite(), finite) and torch.equal(y[~finite], expected.to(dtype)[~finite])
-        _assert_close(y[finite], expected[finite], f"{dtype} y")
+        _, detail = mismatch(y[finite], expected[finite], magnitude=y_terms[finite])
+        assert not detail, f"{dtype} y: {detail}"
         finite = x64.grad.to(dtype).isfinite()
         assert torch.equal(leaf.grad.isfinite(), finite)
-        _assert_close(leaf.grad[finite], x64.grad[finite], f"{dtype} dx")
+        _, detail = mismatch(leaf.grad[finite], x64.grad[finite], magnitude=dx_terms[finite])
+        assert not detail, f"{dtype} dx: {detail}"
 
 
 def test_codes_pack_four_to_a_byte(generator):
@@ -810,3 +819,30 @@ def test_cuda_entry_points_need_a_device(cuda_extension):
         cuda_extension.filtered_lrelu_pass(**_pass_args(), tile_sums=None, stream=0)
     with pytest.raises(RuntimeError, match="no CUDA device available"):
         cuda_extension.filtered_lrelu_tiles(**_pass_args(mode=2, codes=(1, 2, 18, 5)))
+
+
+@pytest.mark.parametrize("clamp", [None, 0.5])
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
+def test_every_gradient_follows_the_recorded_code_where_z_cancels(device, backend, clamp, generator):
+    """Pairs of x of opposite sign under two equal taps: float64 z is exactly 0 at every other
+    sample (the negative side), where a fused multiply-add leaves the rounding error of the first
+    product, of either sign. A sample within rounding of a boundary may take either case, and
+    every gradient follows the case the forward recorded: dx, db and the filters' (which took
+    the eager float32 v's case instead: dfu -6.23 where the recorded codes give -6.69 in a
+    bfloat16 fuzz draw)."""
+    pairs = torch.randn(2, 3, 5, 4, generator=generator) * 3
+    x = torch.stack((pairs, -pairs), dim=-1).flatten(-2).to(device)  # (2, 3, 5, 8)
+    fu = torch.full((1, 2), 0.1, device=device)  # one row: its two taps meet the two columns of a pair
+    fd = torch.tensor([0.3, 0.6, 0.1], device=device)
+    b = torch.zeros(3, device=device)
+    args = (x, fu, fd, b, 1, 1, [0, 0, 0, 0], SQRT2, 0.2, clamp, False)
+    y, codes = FILTERED_LRELU_WITH_CODES.allocate_output(*args)
+    FILTERED_LRELU_WITH_CODES.implementations[backend].run(*args, out=(y, codes))
+    dy = torch.randn(y.shape, generator=generator).to(device)
+    leaves = [a.detach().requires_grad_() for a in (x, fu, fd, b)]
+    with fastgen.use_backend(backend):
+        filtered_lrelu(*leaves, *args[4:]).backward(dy)
+    expected = [a.detach().cpu().double().requires_grad_() for a in (x, fu, fd, b)]
+    filtered_lrelu_real_samples(*expected, *args[4:], codes=codes.cpu()).backward(dy.cpu().double())
+    for what, actual, wanted in zip(("dx", "dfu", "dfd", "db"), leaves, expected):
+        _assert_close(actual.grad, wanted.grad, what)

@@ -39,8 +39,8 @@ side, 2 clamped), packed four to a byte along the columns (the code of column j 
 bytes in float16. A sample whose v lies within rounding of a case's boundary (0, or +-clamp)
 may take either case: where the terms of z cancel exactly (x + b values of opposite sign under
 equal taps) the eager reference's v is 0, the negative side, and the kernels' fused
-multiply-adds leave a rounding error of either sign; the gradient follows the code the forward
-recorded (measured: one such sample in a bfloat16 draw, dx 0.108 where the float64 codes give
+multiply-adds leave a rounding error of either sign; every gradient (dx, db and the filters')
+follows the code the forward recorded (measured: one such sample in a bfloat16 draw, dx 0.108 where the float64 codes give
 0.267 at the two samples it reaches). `filtered_lrelu_backward(dy, codes, ...)` evaluates dx
 from dy and the codes alone, and db = dx summed over (B, H, W) in float32 before dx is rounded.
 The second derivative through the codes is zero almost everywhere, and dx is linear in dy, so the gradient
@@ -253,15 +253,28 @@ def filtered_lrelu_reference(x, fu=None, fd=None, b=None, up=1, down=1, padding=
                                                with_codes=False)[0]
 
 
+def activation_through_codes(v: torch.Tensor, codes: torch.Tensor, slope: float, clamp) -> torch.Tensor:
+    """leaky_relu(v, slope) clamped, with each sample's case (and so its gradient) taken from its
+    packed code rather than decided from v: where v lies within rounding of a boundary, the case
+    the forward recorded."""
+    unpacked = unpack_codes(codes, v.shape[-1])
+    clamped = F.leaky_relu(v, slope)
+    if clamp is not None:
+        clamped = clamped.clamp(-clamp, clamp)
+    return torch.where(unpacked == CODE_POSITIVE, v,
+                       torch.where(unpacked == CODE_NEGATIVE, v * slope, clamped.detach()))
+
+
 def filtered_lrelu_real_samples(x, fu=None, fd=None, b=None, up=1, down=1, padding=0, gain=math.sqrt(2), slope=0.2,
-                                clamp=None, flip_filter=False):
+                                clamp=None, flip_filter=False, codes=None):
     """The op's contract (module docstring, "Non-finite values") evaluated eagerly in float32
     (float64 for float64 x): both FIR stages are upfirdn2d_real_samples, whose taps multiply only
     samples of the signal they filter, and autograd through it gives the contract's gradients
     (the x gradient through each stage's adjoint, again over real samples only). z is computed
     over exactly the rows and columns fd reads, by trimming the far padding rather than cropping
     z afterwards, so that the crop's adjoint adds no zeros to the backward. Agrees with
-    filtered_lrelu_reference up to rounding when every input is finite."""
+    filtered_lrelu_reference up to rounding when every input is finite. Given the forward's packed
+    codes, each sample takes the case its code records (activation_through_codes)."""
     check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp)
     px0, px1, py0, py1 = normalized_padding(padding)
     zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, [px0, px1, py0, py1])
@@ -272,9 +285,12 @@ def filtered_lrelu_real_samples(x, fu=None, fd=None, b=None, up=1, down=1, paddi
     xb = x.to(compute) if b is None else x.to(compute) + b.to(compute)[:, None, None]
     z = upfirdn2d_real_samples(xb, fu, up, 1, [px0, px1 - (full_w - zw), py0, py1 - (full_h - zh)], flip_filter,
                                up * up)
-    a = F.leaky_relu(z * gain, slope)
-    if clamp is not None:
-        a = a.clamp(-clamp, clamp)
+    if codes is not None:
+        a = activation_through_codes(z * gain, codes, slope, clamp)
+    else:
+        a = F.leaky_relu(z * gain, slope)
+        if clamp is not None:
+            a = a.clamp(-clamp, clamp)
     return upfirdn2d_real_samples(a, fd, 1, down, 0, flip_filter, 1.0).to(x.dtype)
 
 
@@ -623,16 +639,17 @@ def _gradients(ctx, dy, codes, fu, fd, x, b):
                                              ctx.x_shape[2], ctx.x_shape[3], bias_grad)
         db = db if bias_grad else None
     if ctx.filter_grad:
-        dfu, dfd = _filter_gradients(dy, x, fu, fd, b, ctx.args, ctx.needs_input_grad[1:3])
+        dfu, dfd = _filter_gradients(dy, codes, x, fu, fd, b, ctx.args, ctx.needs_input_grad[1:3])
     return (dx if ctx.needs_input_grad[0] else None, dfu, dfd, db) + (None,) * 7
 
 
-def _filter_gradients(dy, x, fu, fd, b, args, needed):
+def _filter_gradients(dy, codes, x, fu, fd, b, args, needed):
     """Autograd through the contract evaluated eagerly (filtered_lrelu_real_samples),
-    recomputed: filters are rarely trained."""
+    recomputed: filters are rarely trained. Each sample takes the case the forward coded, as dx
+    does: the eager v decides a sample within rounding of a boundary its own way."""
     with torch.enable_grad():
         filters = [f.detach().requires_grad_() if f is not None and need else f for f, need in zip((fu, fd), needed)]
-        y = filtered_lrelu_real_samples(x.detach(), *filters, None if b is None else b.detach(), *args)
+        y = filtered_lrelu_real_samples(x.detach(), *filters, None if b is None else b.detach(), *args, codes=codes)
         leaves = [f for f, need in zip(filters, needed) if need]
         grads = iter(torch.autograd.grad(y, leaves, dy))
     return tuple(next(grads) if need else None for need in needed)
