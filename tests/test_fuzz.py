@@ -111,7 +111,7 @@ STATED_CONTRACTS = (
 )
 
 
-def _linear_attention_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
+def linear_attention_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
     """dq_n = (sum_j g_nj S_ij - z_i (g_n . out_n)) / den_n and dk_n = sum_m phi(q_m) (g_m . v_n -
     g_m . out_m) / den_m: their terms' sizes, in float64 (fastgen/ops/linear_attention.py)."""
     q, k, v, eps = (a.detach().cpu().double().transpose(1, 2) if isinstance(a, torch.Tensor) else a
@@ -222,7 +222,7 @@ TERM_SIZES = {
     # fastgen/ops/linear_attention.py, "Precision of dq and dk": g . S and z (g . out) cancel where
     # a head's keys are few. The cuda backend's backward is the Triton kernel's (the eager one on a
     # CPU).
-    **{("linear_attention", backend, "bwd"): (KERNEL_DTYPES, _linear_attention_gradient_terms)
+    **{("linear_attention", backend, "bwd"): (KERNEL_DTYPES, linear_attention_gradient_terms)
        for backend in TRITON_AND_CUDA},
     # fastgen/ops/qk_norm_rope.py, "Precision of dx and dweight": g w and xhat mean(g w xhat)
     # cancel where one feature holds most of a row's norm.
