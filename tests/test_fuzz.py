@@ -330,7 +330,8 @@ def _filtered_lrelu_codes_at_ties(backend: str, args: tuple) -> Optional[Callabl
         near |= (torch.nn.functional.leaky_relu(v, slope).abs() - clamp).abs() <= bound * max(1.0, abs(slope))
     if (differ & ~near).any():
         return None
-    return functools.partial(filtered_lrelu_real_samples, codes=pack_codes(torch.where(differ, kernel_codes, expected)))
+    codes = pack_codes(torch.where(differ, kernel_codes, expected)).to(args[0].device)
+    return functools.partial(filtered_lrelu_real_samples, codes=codes)
 
 
 def _float64_tie(name: str, args: tuple) -> Optional[Callable]:
