@@ -10,7 +10,7 @@ import torch
 
 import fastgen
 from conftest import CPU, DEVICES_AND_BACKENDS, fake_tensor_arg
-from test_fuzz import filtered_lrelu_gradient_terms
+from test_fuzz import filtered_lrelu_gradient_terms, filtered_lrelu_output_terms
 from fastgen.check import mismatch
 from fastgen.ops import filtered_lrelu as filtered_lrelu_module
 from fastgen.ops.bias_act import bias_act_reference
@@ -74,9 +74,23 @@ def _float64(args):
     return tuple(a.detach().double().cpu() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def _assert_close(actual, expected, what):
-    _, detail = mismatch(actual, expected)
+def _assert_close(actual, expected, what, magnitude=None):
+    _, detail = mismatch(actual, expected, magnitude=magnitude)
     assert not detail, f"{what}: {detail}"
+
+
+def _float16_term_sizes(backend, args, dy=None, dx=None) -> dict:
+    """The sizes of the terms of y (and, given dy and the float64 dx, of dx and db) where the op
+    states the Triton kernel's float16 precision by them (filtered_lrelu.py, "Precision of
+    float16": measured y 1.3789 where float64 gives 1.3843, past float16's tolerance of |y|);
+    none for other dtypes and the CUDA kernel."""
+    if backend != "triton" or args[0].dtype != torch.float16:
+        return {}
+    terms = {"y": filtered_lrelu_output_terms(args, None, {})["output 0"]}
+    if dy is not None:
+        gradient_terms = filtered_lrelu_gradient_terms(args, lambda: [dy], {"x": dx})
+        terms.update(dx=gradient_terms["x"], db=gradient_terms["b"])
+    return terms
 
 
 def _assert_codes_agree(codes, args):
@@ -109,11 +123,12 @@ def test_forward_and_codes_match_reference(device, backend, dtype, name, generat
     y.fill_(float("nan"))
     codes.fill_(0xFF)  # every code 3: no valid code
     FILTERED_LRELU_WITH_CODES.implementations[backend].run(*args, out=(y, codes))
-    _assert_close(y, expected, "y")
+    terms = _float16_term_sizes(backend, args).get("y")
+    _assert_close(y, expected, "y", terms)
     _assert_codes_agree(codes, args)
     plain = FILTERED_LRELU.allocate_output(*args).fill_(float("nan"))
     FILTERED_LRELU.implementations[backend].run(*args, out=plain)
-    _assert_close(plain, expected, "y without codes")
+    _assert_close(plain, expected, "y without codes", terms)
 
 
 @pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
@@ -284,8 +299,10 @@ def test_backward_matches_reference(device, backend, dtype, name, generator):
     args = _args(GEOMETRIES[name], layout, device, dtype, generator)
     dy = torch.randn(FILTERED_LRELU.allocate_output(*args).shape, generator=generator).to(device, dtype)
     actual = _gradients(backend, args, dy)
-    for what, a, e in zip(("y", "dx", "db"), actual, _expected_gradients(backend, args, dy)):
-        _assert_close(a, e, what)
+    expected = _expected_gradients(backend, args, dy)
+    terms = _float16_term_sizes(backend, args, dy, expected[1])
+    for what, a, e in zip(("y", "dx", "db"), actual, expected):
+        _assert_close(a, e, what, terms.get(what))
 
 
 @pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)

@@ -158,7 +158,7 @@ def _qk_norm_rope_gradient_terms(args: tuple, output_grads: Callable, expected: 
     return terms
 
 
-def _filtered_lrelu_output_terms(args: tuple, output_grads, expected: dict) -> dict:
+def filtered_lrelu_output_terms(args: tuple, output_grads, expected: dict) -> dict:
     """y = D a: its terms' sizes are D's sums over |a| (float64) and |fd|."""
     x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = (
         a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
@@ -212,7 +212,7 @@ TERM_SIZES = {
     # fastgen/ops/filtered_lrelu.py, "Precision of float16": the float16 stage 2 rounds a, the
     # taps and the half-filtered rows (measured up to 7.7e-4 of the terms' sizes in y); the float16
     # backward stages round the terms of dx and of db = sum dx (measured 1.0e-4 of sum |dx| in db).
-    ("filtered_lrelu", "triton", "fwd"): ((torch.float16,), _filtered_lrelu_output_terms),
+    ("filtered_lrelu", "triton", "fwd"): ((torch.float16,), filtered_lrelu_output_terms),
     ("filtered_lrelu", "triton", "bwd"): ((torch.float16,), filtered_lrelu_gradient_terms),
     # fastgen/ops/cross_attention.py, "Precision of out": P enters P V rounded to 16 bits; and
     # "Precision of dq and dk": dS = P (dP - delta) with delta = g . out, which equals sum_j P dP
