@@ -128,6 +128,18 @@ def linear_attention_gradient_terms(args: tuple, output_grads: Callable, expecte
     return {"q": dq.transpose(1, 2), "k": dk.transpose(1, 2)}
 
 
+def trms2d_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
+    """dx = r (g - xhat mean_c(g xhat)) with g = dy weight, dweight = sum dy xhat and dbias =
+    sum dy: their terms' sizes, in float64 (fastgen/ops/rms_norm_2d.py)."""
+    x, weight, _, eps = (a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
+    grad = output_grads()[0].cpu().double()
+    g = grad if weight is None else grad * weight[:, None, None]
+    rstd = torch.rsqrt(x.square().mean(1, keepdim=True) + eps)
+    xhat = x * rstd
+    dx = rstd * (g.abs() + xhat.abs() * (g * xhat).abs().mean(1, keepdim=True))
+    return {"x": dx, "weight": (grad * xhat).abs().sum((0, 2, 3)), "bias": grad.abs().sum((0, 2, 3))}
+
+
 def _rotated_back_sizes(grad_sizes: torch.Tensor, cos, sin, rope_layout: str) -> torch.Tensor:
     """|dy| rotated back by the pair rotation with |cos| and |sin|: each g's terms' sizes."""
     if cos is None:
@@ -224,6 +236,9 @@ TERM_SIZES = {
     # CPU).
     **{("linear_attention", backend, "bwd"): (KERNEL_DTYPES, linear_attention_gradient_terms)
        for backend in TRITON_AND_CUDA},
+    # fastgen/ops/rms_norm_2d.py, "Precision of dx": g and xhat mean(g xhat) cancel where one
+    # channel holds most of a pixel's mean square (always at C = 1).
+    **{("trms2d", backend, "bwd"): (KERNEL_DTYPES, trms2d_gradient_terms) for backend in TRITON_AND_CUDA},
     # fastgen/ops/qk_norm_rope.py, "Precision of dx and dweight": g w and xhat mean(g w xhat)
     # cancel where one feature holds most of a row's norm.
     **{("qk_norm_rope", backend, "bwd"): (KERNEL_DTYPES, _qk_norm_rope_gradient_terms)

@@ -10,6 +10,7 @@ import fastgen
 from conftest import CPU, DEVICES_AND_BACKENDS, DTYPES, LAYOUTS, clear_error_test, fake_tensor_arg
 from fastgen.check import mismatch
 from fastgen.ops.registry import random_tensor
+from test_fuzz import trms2d_gradient_terms
 from fastgen.ops.rms_norm_2d import (
     TRMS2D,
     TRMS2D_BACKWARD,
@@ -26,18 +27,6 @@ def _problem(device, dtype, shape, layout, affine, generator):
     return x, weight, bias
 
 
-def _backward_term_magnitudes(grad, x, weight, bias, eps):
-    """The size of the terms each gradient sums, in float64. dx = rstd * (g - xhat * mean(g * xhat))
-    cancels where one channel dominates the mean square (always at C = 1, where dx =
-    g * rstd * eps / (x^2 + eps)): float32 rounding of either term is then far more than 1e-5
-    of dx, in the float32 reference too."""
-    g = grad if weight is None else grad * weight[:, None, None]
-    rstd = torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
-    xhat = x * rstd
-    dx = rstd * (g.abs() + xhat.abs() * (g * xhat).abs().mean(1, keepdim=True))
-    return dx, (grad * xhat).abs().sum((0, 2, 3)), grad.abs().sum((0, 2, 3))
-
-
 def _assert_matches_reference(op, reference, args, backend):
     """The backend's implementation, writing into NaN-poisoned outputs, against float64."""
     out = op.allocate_output(*args)
@@ -47,7 +36,11 @@ def _assert_matches_reference(op, reference, args, backend):
     upcast = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
     expected = reference(*upcast)
     if op is TRMS2D_BACKWARD:
-        triples = zip(out, expected, _backward_term_magnitudes(*upcast))
+        # dx cancels where one channel dominates the mean square (always at C = 1, where
+        # dx = g r eps / (x^2 + eps)): the op states its precision by the terms' sizes.
+        grad, x, weight, bias, eps = upcast
+        terms = trms2d_gradient_terms((x, weight, bias, eps), lambda: [grad], {})
+        triples = zip(out, expected, (terms["x"], terms["weight"], terms["bias"]))
     else:
         triples = [(out, expected, None)]
     for actual, wanted, magnitude in triples:

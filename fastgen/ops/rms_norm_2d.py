@@ -20,6 +20,13 @@ Backward, with g = dy * weight (per element) and m = mean_c(g * x) per pixel:
     dx = r * g - x * r^3 * m
     dweight[c] = sum over (b, h, w) of dy * x * r,    dbias[c] = sum over (b, h, w) of dy
 
+Precision of dx. The two terms of dx nearly cancel where one channel holds most of a pixel's
+mean square (always at C = 1, where dx = g r eps / (x^2 + eps)), so dx is within the dtype's
+tolerance of its terms' sizes, r (|g| + |x r| mean_c |g x r|), not of its value (measured: Triton,
+float16, C = 1, weight -11800: dx 0.108887 where float64 gives 0.111447, the terms 22 times
+the value); dweight and dbias are within it of sum |dy x r| and sum |dy|. The eager formulas
+round the same way.
+
 The backward is an op of its own (`trms2d_backward`) so the fast backward is one graph node
 under torch.compile; r is recomputed there from x, so the forward keeps a single output. The
 backward op has no autograd formula itself: first-order gradients only.
