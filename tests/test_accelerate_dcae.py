@@ -9,7 +9,7 @@ from fastgen.accelerator import accelerate, restore
 # Importing the module registers the DC-AE accelerators.
 from fastgen.accelerators.diffusers_dcae import MultiscaleLinearAttentionProcessor
 from fastgen.models import dcae
-from low_precision import assert_as_accurate_as_eager, float64_copy, to_float64
+from low_precision import assert_as_accurate_as_eager, float64_copy
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (it is in the test extra)")
 
@@ -123,14 +123,27 @@ def test_triton_backend_under_the_interpreter(autoencoder, generator):
 
 
 def test_bfloat16_is_as_accurate_as_diffusers(autoencoder, generator):
-    """diffusers rounds each RMSNorm to bfloat16 before its affine, trms2d once after it."""
+    """diffusers rounds each RMSNorm to bfloat16 before its affine, trms2d once after it: on the
+    input each norm meets in the accelerated bfloat16 model, its output is as accurate as
+    diffusers' RMSNorm on that input, both against the float64 norm. Compared norm by norm, not
+    at the model's outputs: there two correct bfloat16 evaluations can differ by far more than
+    either's rounding (a drawn model's ReLU linear attention turned a 0.01 change of its input
+    into 1.1 of its output; the accelerated latent was then off by 0.24 where eager's was off
+    by 0.06, with nothing but the norms accelerated and each of them the more accurate)."""
     images, latents = _inputs(generator, dtype=torch.bfloat16)
-    exact = _encode_decode(float64_copy(autoencoder), *to_float64((images, latents)))
     autoencoder.to(torch.bfloat16)
-    eager = _encode_decode(autoencoder, images, latents)
     accelerate(autoencoder)
-    for got, expected, truth in zip(_encode_decode(autoencoder, images, latents), eager, exact):
-        assert_as_accurate_as_eager(got, expected, truth)
+    met = []
+    for module in autoencoder.modules():
+        if type(module).__name__ == "RMSNorm":
+            module.register_forward_hook(lambda norm, inputs, output: met.append((norm, inputs[0], output)))
+    _encode_decode(autoencoder, images, latents)
+    assert len(met) >= 6 and all("forward" in vars(norm) for norm, _, _ in met)  # every norm accelerated
+    with torch.no_grad():
+        for norm, x, got in met:
+            eager = type(norm).forward(norm, x)  # diffusers' own forward, past the installed one
+            exact = type(norm).forward(float64_copy(norm), x.double())
+            assert_as_accurate_as_eager(got, eager, exact)
 
 
 def test_ops_filter_leaves_the_rest_with_the_reason(autoencoder):
