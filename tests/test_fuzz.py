@@ -36,7 +36,8 @@ from fastgen.ops.registry import KERNEL_DTYPES, OPS
 from fastgen.ops.cross_attention import _probabilities as cross_attention_probabilities, effective_scale
 from fastgen.ops.filtered_lrelu import (FILTERED_LRELU_WITH_CODES, activation_and_codes,
                                        filtered_lrelu_backward_reference, filtered_lrelu_real_samples,
-                                       intermediate_size, normalized_padding, pack_codes, unpack_codes)
+                                       intermediate_size, normalized_padding, pack_codes, real_samples_pre_activation,
+                                       sample_codes, unpack_codes)
 from fastgen.ops.upfirdn2d import filter_size, upfirdn2d_real_samples, upfirdn2d_reference
 from fuzz_inputs import INPUT_CLASSES, argument_names, fuzz_inputs
 from session_report import FUZZ_CASES_PASSED
@@ -308,36 +309,26 @@ def _stated_contract(name: str, backend: str, values: Optional[tuple]) -> Option
                  and backend in (contract.backends or (backend,))), None)
 
 
-def _filtered_lrelu_pre_activation(x, fu, b, up, padding, gain, flip_filter, zh, zw) -> torch.Tensor:
-    """v = gain z over the samples fd reads, for float64 arguments."""
-    xb = x if b is None else x + b[:, None, None]
-    return upfirdn2d_reference(xb, fu, up, 1, padding, flip_filter, up * up)[:, :, :zh, :zw] * gain
-
-
 def _filtered_lrelu_codes_at_ties(backend: str, args: tuple) -> Optional[Callable]:
-    """The oracle for a finite filtered_lrelu draw where the kernel's codes differ from the
-    reference's only at samples whose float64 v lies within rounding of a case's boundary (0 or
-    +-clamp; filtered_lrelu.py: such a sample may take either case, and the gradient follows
-    the code recorded): the reference through the kernel's codes at those samples. None where
-    the codes agree, or differ anywhere else (the reference's gradients then show the error).
-    Every gradient follows the recorded codes, the filters' too (filtered_lrelu_real_samples).
-    Rounding: stage 1 runs in float32, x + b then one fused multiply-add per tap, so v is within
-    (taps + 3) 2^-24 of its terms' sizes."""
+    """The oracle for a filtered_lrelu draw where the kernel's codes differ from the contract's
+    only at samples whose float64 v lies within rounding of a case's boundary (0 or +-clamp;
+    filtered_lrelu.py: such a sample may take either case, and every gradient, the filters'
+    too, follows the code recorded): the contract (filtered_lrelu_real_samples, which agrees
+    with the reference up to rounding where every input is finite) through the kernel's codes
+    at those samples. None where the codes agree, or differ anywhere else (the gradients then
+    show the error). Rounding: stage 1 runs in float32, x + b then one fused multiply-add per
+    tap, so v is within (taps + 3) 2^-24 of its terms' sizes."""
     x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = (
         a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
-    padding = normalized_padding(padding)
-    zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
     y, packed = FILTERED_LRELU_WITH_CODES.allocate_output(*args)
     FILTERED_LRELU_WITH_CODES.implementations[backend].run(*args, out=(y, packed))
-    kernel_codes = unpack_codes(packed.cpu(), zw)
-    _, expected = activation_and_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter)
-    expected = unpack_codes(expected, zw)
+    v = real_samples_pre_activation(x, fu, fd, b, up, down, padding, gain, flip_filter)
+    kernel_codes, expected = unpack_codes(packed.cpu(), v.shape[-1]), sample_codes(v, slope, clamp)
     differ = kernel_codes != expected
     if not differ.any():
         return None
-    v = _filtered_lrelu_pre_activation(x, fu, b, up, padding, gain, flip_filter, zh, zw)
-    terms = _filtered_lrelu_pre_activation(x.abs(), None if fu is None else fu.abs(), None if b is None else b.abs(),
-                                           up, padding, abs(gain), flip_filter, zh, zw)
+    terms = real_samples_pre_activation(x.abs(), *(None if f is None else f.abs() for f in (fu, fd, b)), up, down,
+                                        padding, abs(gain), flip_filter)
     fh, fw = filter_size(fu)
     bound = (fh * fw + 3) * 2.0**-24 * terms
     near = v.abs() <= bound
@@ -579,7 +570,7 @@ def test_matches_the_float64_reference(name, device, backend, dtype, direction, 
         compare = functools.partial(non_finite_aware_mismatch, tied_codes=_float64_tie(name, recipe.args),
                                     non_finite=contract.non_finite if contract else "same")
         oracle = (contract and contract.oracle) or op.reference
-        if name == "filtered_lrelu" and direction == "bwd" and contract is None:
+        if name == "filtered_lrelu" and direction == "bwd":
             oracle = _filtered_lrelu_codes_at_ties(backend, recipe.args) or oracle
         # oneDNN compiles a float16 depthwise convolution (the filters' references on a CPU) per
         # shape, and takes minutes for some (a 1 x 17 filter over 131 columns); torch's own does not.

@@ -227,14 +227,17 @@ def activation_and_codes(x, fu, fd, b, up, down, padding, gain, slope, clamp, fl
     z = upfirdn2d_reference(xb, fu, up, 1, padding, flip_filter, up * up)[:, :, :zh, :zw]
     v = z * gain
     a = F.leaky_relu(v, slope)
-    codes = None
-    if with_codes:
-        codes = torch.where(v > 0, CODE_POSITIVE, CODE_NEGATIVE)
-        if clamp is not None:
-            # torch.clamp's gradient mask is lower <= a <= upper: false at NaN too.
-            codes = torch.where(a.abs() <= clamp, codes, CODE_CLAMPED)
-        codes = pack_codes(codes)
+    codes = pack_codes(sample_codes(v, slope, clamp)) if with_codes else None
     return a if clamp is None else a.clamp(-clamp, clamp), codes
+
+
+def sample_codes(v: torch.Tensor, slope: float, clamp) -> torch.Tensor:
+    """Each sample's case of d (module docstring) from v, unpacked."""
+    codes = torch.where(v > 0, CODE_POSITIVE, CODE_NEGATIVE)
+    if clamp is None:
+        return codes
+    # torch.clamp's gradient mask is lower <= a <= upper: false at NaN too.
+    return torch.where(F.leaky_relu(v, slope).abs() <= clamp, codes, CODE_CLAMPED)
 
 
 def filtered_lrelu_with_codes_reference(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter,
@@ -265,6 +268,21 @@ def activation_through_codes(v: torch.Tensor, codes: torch.Tensor, slope: float,
                        torch.where(unpacked == CODE_NEGATIVE, v * slope, clamped.detach()))
 
 
+def real_samples_pre_activation(x, fu, fd, b, up, down, padding, gain, flip_filter) -> torch.Tensor:
+    """v = gain z of the contract (filtered_lrelu_real_samples) over exactly the rows and columns
+    fd reads, in float32 (float64 for float64 x)."""
+    px0, px1, py0, py1 = normalized_padding(padding)
+    zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, [px0, px1, py0, py1])
+    fuh, fuw = filter_size(fu)
+    full_h = x.shape[2] * up + py0 + py1 - fuh + 1
+    full_w = x.shape[3] * up + px0 + px1 - fuw + 1
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xb = x.to(compute) if b is None else x.to(compute) + b.to(compute)[:, None, None]
+    z = upfirdn2d_real_samples(xb, fu, up, 1, [px0, px1 - (full_w - zw), py0, py1 - (full_h - zh)], flip_filter,
+                               up * up)
+    return z * gain
+
+
 def filtered_lrelu_real_samples(x, fu=None, fd=None, b=None, up=1, down=1, padding=0, gain=math.sqrt(2), slope=0.2,
                                 clamp=None, flip_filter=False, codes=None):
     """The op's contract (module docstring, "Non-finite values") evaluated eagerly in float32
@@ -276,19 +294,11 @@ def filtered_lrelu_real_samples(x, fu=None, fd=None, b=None, up=1, down=1, paddi
     filtered_lrelu_reference up to rounding when every input is finite. Given the forward's packed
     codes, each sample takes the case its code records (activation_through_codes)."""
     check_arguments(x, fu, fd, b, up, down, padding, gain, slope, clamp)
-    px0, px1, py0, py1 = normalized_padding(padding)
-    zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, [px0, px1, py0, py1])
-    fuh, fuw = filter_size(fu)
-    full_h = x.shape[2] * up + py0 + py1 - fuh + 1
-    full_w = x.shape[3] * up + px0 + px1 - fuw + 1
-    compute = torch.promote_types(x.dtype, torch.float32)
-    xb = x.to(compute) if b is None else x.to(compute) + b.to(compute)[:, None, None]
-    z = upfirdn2d_real_samples(xb, fu, up, 1, [px0, px1 - (full_w - zw), py0, py1 - (full_h - zh)], flip_filter,
-                               up * up)
+    v = real_samples_pre_activation(x, fu, fd, b, up, down, padding, gain, flip_filter)
     if codes is not None:
-        a = activation_through_codes(z * gain, codes, slope, clamp)
+        a = activation_through_codes(v, codes, slope, clamp)
     else:
-        a = F.leaky_relu(z * gain, slope)
+        a = F.leaky_relu(v, slope)
         if clamp is not None:
             a = a.clamp(-clamp, clamp)
     return upfirdn2d_real_samples(a, fd, 1, down, 0, flip_filter, 1.0).to(x.dtype)
