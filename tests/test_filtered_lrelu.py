@@ -193,8 +193,9 @@ def test_2d_filter_split_keeps_every_tap_to_float32_resolution(generator):
     """One huge tap in a 2-D filter puts every other singular value below float32 resolution of
     the first, yet those terms carry the small taps outside the huge one's row and column (rank
     1 would make them 0): the filter is split exactly, by rows or columns, and y and dx match the
-    float64 reference (where only small taps reach, to float32 resolution of their values). A separable filter with taps far below
-    its largest (a smooth window's corners) or exactly 0 stays rank 1."""
+    float64 reference (where only small taps reach, to float32 resolution of their values). A
+    separable filter with taps far below its largest (a smooth window's corners) or exactly 0
+    stays rank 1."""
     from fastgen.ops.filtered_lrelu import factor_tables
 
     fd = torch.randn(4, 5, generator=generator) / 4

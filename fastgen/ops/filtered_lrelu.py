@@ -40,9 +40,10 @@ bytes in float16. A sample whose v lies within rounding of a case's boundary (0,
 may take either case: where the terms of z cancel exactly (x + b values of opposite sign under
 equal taps) the eager reference's v is 0, the negative side, and the kernels' fused
 multiply-adds leave a rounding error of either sign; every gradient (dx, db and the filters')
-follows the code the forward recorded (measured: one such sample in a bfloat16 draw, dx 0.108 where the float64 codes give
-0.267 at the two samples it reaches). `filtered_lrelu_backward(dy, codes, ...)` evaluates dx
-from dy and the codes alone, and db = dx summed over (B, H, W) in float32 before dx is rounded.
+follows the code the forward recorded (measured: one such sample in a bfloat16 draw, dx 0.108
+where the float64 codes give 0.267 at the two samples it reaches).
+`filtered_lrelu_backward(dy, codes, ...)` evaluates dx from dy and the codes alone, and db = dx
+summed over (B, H, W) in float32 before dx is rounded.
 The second derivative through the codes is zero almost everywhere, and dx is linear in dy, so the gradient
 of dx with respect to dy is the forward map with frozen codes, dy' = D (d * U g): written with
 the upfirdn2d op, whose own gradients exist to every order. That is what R1 regularisation
