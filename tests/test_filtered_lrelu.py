@@ -193,7 +193,9 @@ def test_2d_filter_split_keeps_every_tap_to_float32_resolution(generator):
     """One huge tap in a 2-D filter puts every other singular value below float32 resolution of
     the first, yet those terms carry the small taps outside the huge one's row and column (rank
     1 would make them 0): the filter is split exactly, by rows or columns, and y and dx match the
-    float64 reference (where only small taps reach, to float32 resolution of their values). A
+    float64 reference to the dtype's resolution of their terms' sizes: where the huge tap
+    reaches, those of its terms; where it does not (x is 0 in a corner, so the samples it reads
+    there are 0), those of the small taps, which a lost term would miss by their own size. A
     separable filter with taps far below its largest (a smooth window's corners) or exactly 0
     stays rank 1."""
     from fastgen.ops.filtered_lrelu import factor_tables
@@ -209,10 +211,18 @@ def test_2d_filter_split_keeps_every_tap_to_float32_resolution(generator):
     # Exact zeros, where the SVD leaves about 1e-16 of the largest singular value.
     rows, _ = factor_tables(torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([0.0, 1, 2, 1, 0])), False, 1.0, CPU)
     assert rows.shape[0] == 1
+    huge_tap_only = torch.zeros_like(fd)
+    huge_tap_only[1, 2] = 1.0
     for dtype in (torch.float32, torch.float16):
-        x = torch.randn(1, 2, 9, 8, generator=generator).to(dtype)
+        x = torch.randn(1, 2, 9, 8, generator=generator)
+        x[:, :, :6, :6] = 0
+        x = x.to(dtype)
         fu = torch.randn(3, 3, generator=generator) / 3
         args = (x, fu, fd, None, 1, 2, [2, 1, 3, 1], SQRT2, 0.2, None, False)
+        magnitudes = [a.abs() if isinstance(a, torch.Tensor) else a for a in _float64(args)]
+        reached = filtered_lrelu_reference(*magnitudes[:2], huge_tap_only.double(), *magnitudes[3:8], 1.0, None,
+                                           False) > 0
+        assert 0 < reached.sum() < reached.numel() - 4  # both kinds of output, several of each
         leaf = x.clone().requires_grad_()
         with fastgen.use_backend("triton"):
             y = filtered_lrelu(leaf, *args[1:])
@@ -223,10 +233,12 @@ def test_2d_filter_split_keeps_every_tap_to_float32_resolution(generator):
         expected.backward(dy.double())
         # The huge tap multiplies stage 1's rounding: a's error, float32 resolution of its terms
         # |fu| |x|, where a itself cancels (y -763,634 where float64 gives -763,578). y and dx
-        # are held to float32 resolution of their terms' sizes through both stages.
-        y_terms = filtered_lrelu_reference(*(a.abs() if isinstance(a, torch.Tensor) else a for a in _float64(args[:8])),
-                                           1.0, None, False)
+        # are held to the dtype's resolution of their terms' sizes through both stages.
+        y_terms = filtered_lrelu_reference(*magnitudes[:8], 1.0, None, False)
         dx_terms = filtered_lrelu_gradient_terms(args, lambda: [dy], {"x": x64.grad})["x"]
+        dx_reached = filtered_lrelu_gradient_terms((*args[:2], huge_tap_only, *args[3:]), lambda: [dy],
+                                                   {"x": x64.grad})["x"] > 0
+        assert 0 < dx_reached.sum() < dx_reached.numel() - 4
         finite = expected.to(dtype).isfinite()  # float16's y overflows where the huge tap reaches
         assert torch.equal(y.isfinite(), finite) and torch.equal(y[~finite], expected.to(dtype)[~finite])
         _, detail = mismatch(y[finite], expected[finite], magnitude=y_terms[finite])

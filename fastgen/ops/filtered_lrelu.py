@@ -262,11 +262,13 @@ def activation_through_codes(v: torch.Tensor, codes: torch.Tensor, slope: float,
     packed code rather than decided from v: where v lies within rounding of a boundary, the case
     the forward recorded."""
     unpacked = unpack_codes(codes, v.shape[-1])
-    clamped = F.leaky_relu(v, slope)
+    if unpacked.shape != v.shape:
+        raise ValueError(f"codes of shape {tuple(codes.shape)} do not cover v of shape {tuple(v.shape)}")
+    activated = F.leaky_relu(v, slope)
     if clamp is not None:
-        clamped = clamped.clamp(-clamp, clamp)
+        activated = activated.clamp(-clamp, clamp)
     return torch.where(unpacked == CODE_POSITIVE, v,
-                       torch.where(unpacked == CODE_NEGATIVE, v * slope, clamped.detach()))
+                       torch.where(unpacked == CODE_NEGATIVE, v * slope, activated.detach()))
 
 
 def real_samples_pre_activation(x, fu, fd, b, up, down, padding, gain, flip_filter) -> torch.Tensor:
