@@ -34,7 +34,7 @@ from fastgen.check import mismatch
 from fastgen.ops import registry
 from fastgen.ops.registry import KERNEL_DTYPES, OPS
 from fastgen.ops.cross_attention import _probabilities as cross_attention_probabilities, effective_scale
-from fastgen.ops.filtered_lrelu import (CODE_CLAMPED, CODE_NEGATIVE, CODE_POSITIVE, FILTERED_LRELU_WITH_CODES,
+from fastgen.ops.filtered_lrelu import (CODE_CLAMPED, FILTERED_LRELU_WITH_CODES,
                                        activation_and_codes, filtered_lrelu_backward_reference,
                                        filtered_lrelu_real_samples, intermediate_size, normalized_padding, pack_codes,
                                        real_samples_pre_activation, sample_codes, unpack_codes)
@@ -352,8 +352,7 @@ def _filtered_lrelu_codes_at_ties(backend: str, args: tuple) -> Optional[Callabl
     tie = (v.abs() <= bound) & sign_codes
     if clamp is not None:
         near_clamp = (torch.nn.functional.leaky_relu(v, slope).abs() - clamp).abs() <= bound * max(1.0, abs(slope))
-        sign = torch.where(v > 0, CODE_POSITIVE, CODE_NEGATIVE)
-        tie |= near_clamp & ((kernel_codes == CODE_CLAMPED) | (kernel_codes == sign))
+        tie |= near_clamp & ((kernel_codes == CODE_CLAMPED) | (kernel_codes == sample_codes(v, slope, None)))
     tie &= bound.isfinite()  # an infinite term bounds nothing
     if (differ & ~tie).any():
         return None
