@@ -26,6 +26,7 @@ from fastgen.ops.cross_attention import (
     padding_mask,
 )
 from fastgen.ops.registry import TOLERANCES, random_tensor, use_backend
+from test_fuzz import cross_attention_gradient_terms
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 40, 64, 72, 80, 160)
@@ -142,16 +143,23 @@ def _assert_gradients_close(actual_grads, grad, q, k, v, key_padding_mask, scale
     many rows miss 1e-5 as eager PyTorch does. So atol is widened by 4x the worst error of the
     same gradients computed by unfused eager attention in the input dtype (the most seen over
     many draws was about 2x): the kernels must be about as exact as the code they replace.
-    A real bug is off by far more (ignoring the mask or delta: 100x)."""
+    A real bug is off by far more (ignoring the mask or delta: 100x). dq and dk are held to
+    rtol of their terms' sizes, not of their values, as the op states ("Precision of dq and
+    dk"): delta = g . out from the rounded out does not cancel sum_j P dP exactly, which the
+    eager yardstick's softmax backward does (a suite run's bfloat16 dq, 102 of 320 elements up
+    to 0.0675 off; measured at D 160 with 1 to 6 queries: 3 of 600 bfloat16 gradients past 4x
+    the yardstick's error, none past 0.18 of the terms' tolerance)."""
     expected = _reference_gradients(grad, q, k, v, key_padding_mask, scale, causal_block_ends)
     leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
     in_dtype = torch.autograd.grad(_attention_in_dtype(*leaves, key_padding_mask, scale, causal_block_ends), leaves,
                                    grad)
+    terms = cross_attention_gradient_terms((q, k, v, key_padding_mask, scale, causal_block_ends), lambda: [grad], {})
     for name, actual, reference, yardstick in zip(("dq", "dk", "dv"), actual_grads, expected, in_dtype):
         rtol, atol = TOLERANCES[actual.dtype]
         atol += 4 * (yardstick.double() - reference).abs().max().item()
         error = (actual.detach().double() - reference).abs()
-        bad = ~(error <= atol + rtol * reference.abs())  # NaN (an unwritten element) is bad
+        size = torch.maximum(reference.abs(), terms[name[1]].to(reference.device)) if name[1] in terms else reference.abs()
+        bad = ~(error <= atol + rtol * size)  # NaN (an unwritten element) is bad
         assert not bad.any(), (f"{name}: {int(bad.sum())} of {error.numel()} elements off, worst error "
                                f"{error.max().item():.3g} (rtol {rtol}, atol {atol:.3g})")
 

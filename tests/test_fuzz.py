@@ -214,7 +214,7 @@ def _cross_attention_output_terms(args: tuple, output_grads: Callable, expected:
     return {"output 0": torch.einsum("bhqk,bkhd->bqhd", probabilities, v.double().abs())}
 
 
-def _cross_attention_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
+def cross_attention_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
     """dq_i = scale sum_j P_ij (dP_ij - delta_i) k_j and dk_j = scale sum_i P_ij (dP_ij - delta_i) q_i
     with delta_i = sum_j P_ij dP_ij: their terms' sizes, in float64."""
     q, k, v, mask, scale, ends = (a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
@@ -244,7 +244,7 @@ TERM_SIZES = {
     # "Precision of dq and dk": dS = P (dP - delta) with delta = g . out, which equals sum_j P dP
     # only up to rounding (FlashAttention-2's backward).
     ("cross_attention", "triton", "fwd"): (KERNEL_DTYPES, _cross_attention_output_terms),
-    ("cross_attention", "triton", "bwd"): (KERNEL_DTYPES, _cross_attention_gradient_terms),
+    ("cross_attention", "triton", "bwd"): (KERNEL_DTYPES, cross_attention_gradient_terms),
     # fastgen/ops/linear_attention.py, "Precision of dq and dk": g . S and z (g . out) cancel where
     # a head's keys are few. The cuda backend's backward is the Triton kernel's (the eager one on a
     # CPU).
