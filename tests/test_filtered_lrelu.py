@@ -10,7 +10,7 @@ import torch
 
 import fastgen
 from conftest import CPU, DEVICES_AND_BACKENDS, fake_tensor_arg
-from test_fuzz import filtered_lrelu_bias_gradient_terms, filtered_lrelu_gradient_terms, filtered_lrelu_output_terms
+from test_fuzz import TERM_SIZES, filtered_lrelu_gradient_terms
 from fastgen.check import mismatch
 from fastgen.ops import filtered_lrelu as filtered_lrelu_module
 from fastgen.ops.bias_act import bias_act_reference
@@ -80,16 +80,16 @@ def _assert_close(actual, expected, what, magnitude=None):
 
 
 def _stated_term_sizes(backend, args, dy=None, dx=None) -> dict:
-    """The sizes of the terms of the outputs whose precision the op states by them: db's (sum
-    |dx|, given the float64 dx: "Precision of db"), and for the Triton kernel's float16 y's and,
-    given dy, dx's ("Precision of float16": measured y 1.3789 where float64 gives 1.3843, past
-    float16's tolerance of |y|)."""
-    terms = {} if dx is None else {"db": filtered_lrelu_bias_gradient_terms(args, None, {"x": dx})["b"]}
-    if backend != "triton" or args[0].dtype != torch.float16:
-        return terms
-    terms["y"] = filtered_lrelu_output_terms(args, None, {})["output 0"]
-    if dy is not None:
-        terms["dx"] = filtered_lrelu_gradient_terms(args, lambda: [dy], {"x": dx})["x"]
+    """The sizes of the terms of y and (given dy and the float64 dx) of dx and db, for those the
+    op states its precision by (the fuzz's TERM_SIZES: "Precision of db" on both backends, and
+    "Precision of float16" for the Triton kernel's float16 y and dx)."""
+    terms = {}
+    dtypes, output_terms = TERM_SIZES.get(("filtered_lrelu", backend, "fwd"), ((), None))
+    if args[0].dtype in dtypes:
+        terms["y"] = output_terms(args, None, {})["output 0"]
+    dtypes, gradient_terms = TERM_SIZES.get(("filtered_lrelu", backend, "bwd"), ((), None))
+    if dx is not None and args[0].dtype in dtypes:
+        terms.update({f"d{name}": size for name, size in gradient_terms(args, lambda: [dy], {"x": dx}).items()})
     return terms
 
 
