@@ -30,6 +30,8 @@ from fastgen.ops.ada_norm import (
     gated_residual_ada_layer_norm_reference,
 )
 from fastgen.ops.registry import random_tensor
+from test_fuzz import (ada_group_norm_gradient_terms, ada_layer_norm_gradient_terms, gated_residual_gradient_terms,
+                       gated_residual_reference_at)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HYPOTHESIS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -143,43 +145,7 @@ def _reference_gradients(reference, grad, args, tensor_positions):
 
 
 _GROUP_GRAD_NAMES = ("dx", "dscale", "dshift", "dweight", "dbias")
-
-
-def _group_gradient_magnitudes(grad, x, scale, shift, num_groups, weight, bias, eps, act):
-    """The size of the terms each gradient sums, in float64, for mismatch's rtol (one per name
-    of _GROUP_GRAD_NAMES). dx = rstd * (u dz - mean_group(u A) - xhat * mean_group(u Bc)) cancels
-    in a group of two values (1 - xhat^2 = eps / (var + eps)); the parameter gradients are sums
-    of dz-weighted terms of either sign over the batch and the positions (thousands here), which
-    can cancel to 1e-3 of their size. Float32 rounding of such terms exceeds 1e-5 of the result,
-    in the float32 reference too."""
-    grad, x, scale, shift, weight, bias = _upcast((grad, x, scale, shift, weight, bias))
-    batch, channels = x.shape[:2]
-    per_channel = (batch, channels) + (1,) * (x.dim() - 2)
-
-    def by_group(t):
-        return t.expand(x.shape).reshape(batch, num_groups, -1)
-
-    groups = by_group(x)
-    rstd = torch.rsqrt(groups.var(-1, unbiased=False, keepdim=True) + eps)
-    xhat = ((groups - groups.mean(-1, keepdim=True)) * rstd).reshape(x.shape)
-    modulation = (1 + scale).reshape(per_channel)
-    w = 1 if weight is None else weight.reshape(per_channel[1:])
-    b = 0 if bias is None else bias.reshape(per_channel[1:])
-    dz = grad
-    if act == "silu":
-        z = ada_group_norm_reference(x, scale, shift, num_groups, weight, bias, eps, None)
-        dz = dz * torch.sigmoid(z) * (1 + z * torch.sigmoid(-z))
-    u_dz = by_group((modulation * w * dz).abs())
-    xhat_abs = by_group(xhat.abs())
-    terms = u_dz + u_dz.mean(-1, keepdim=True) + xhat_abs * (u_dz * xhat_abs).mean(-1, keepdim=True)
-    spatial = tuple(range(2, x.dim()))
-    batch_and_spatial = (0,) + spatial
-    dz_abs, modulated_dz = dz.abs(), (modulation * dz).abs()
-    return ((rstd * terms).reshape(x.shape),
-            (dz_abs * (xhat * w + b).abs()).sum(spatial),
-            dz_abs.sum(spatial),
-            (modulated_dz * xhat.abs()).sum(batch_and_spatial),
-            modulated_dz.sum(batch_and_spatial))
+_GROUP_ARGUMENTS = ("x", "scale", "shift", "weight", "bias")
 
 
 @pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
@@ -200,9 +166,9 @@ def test_group_norm_backward_kernel_matches_reference(device, backend, data, gen
                          args[0].dtype, generator)
     grads = _run_group_norm_backward(grad, args, data.draw(_SPLITS), backend)
     expected = _reference_gradients(ada_group_norm_reference, grad, args, (0, 1, 2, 4, 5))
-    magnitudes = _group_gradient_magnitudes(grad, *args)
-    for name, actual, reference, magnitude in zip(_GROUP_GRAD_NAMES, grads, expected, magnitudes):
-        _assert_close_to(actual, reference, name, magnitude)
+    terms = ada_group_norm_gradient_terms(args, lambda: [grad], None)
+    for name, actual, reference, argument in zip(_GROUP_GRAD_NAMES, grads, expected, _GROUP_ARGUMENTS):
+        _assert_close_to(actual, reference, name, terms[argument])
 
 
 @pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
@@ -217,8 +183,9 @@ def test_layer_norm_forward_and_backward_kernels_match_reference(device, backend
     grads = _poisoned(ADA_LAYER_NORM_BACKWARD.allocate_output(grad, *args))
     ADA_LAYER_NORM_BACKWARD.implementations[backend].run(grad, *args, out=grads)
     expected = _reference_gradients(ada_layer_norm_reference, grad, args, (0, 1, 2))
-    for name, actual, reference in zip(("dx", "dscale", "dshift"), grads, expected):
-        _assert_close_to(actual, reference, name)
+    terms = ada_layer_norm_gradient_terms(args, lambda: [grad], None)
+    for name, actual, reference, argument in zip(("dx", "dscale", "dshift"), grads, expected, ("x", "scale", "shift")):
+        _assert_close_to(actual, reference, name, terms[argument])
 
 
 @pytest.mark.parametrize("splits", [None, 3, 9])
@@ -501,36 +468,14 @@ def gated_residual_inputs(draw, device, generator):
     return x, branch, gate, scale, shift, draw(st.sampled_from([1e-6, 1e-3]))
 
 
-def _straight_through_reference(x, branch, gate, scale, shift, eps, h):
-    """The op's contract in float64 on float64 leaves: h = x + gate * branch, y = adaLN of the
-    given h (the op's h, rounded to its dtype), with the rounding passing gradients through."""
-    exact = x + gate[:, None, :] * branch
-    rounded = exact + (h.detach().double() - exact).detach()
-    return exact, ada_layer_norm_reference(rounded, scale, shift, eps)
-
-
 def _gated_reference_gradients(args, h, grad_h, grad_y):
     leaves = [a.detach().double().requires_grad_() for a in args[:5]]
-    outputs = _straight_through_reference(*leaves, args[5], h)
+    outputs = gated_residual_reference_at(h)(*leaves, args[5])
     return torch.autograd.grad(outputs, leaves, (grad_h.double(), grad_y.double()))
 
 
-def _gated_gradient_magnitudes(args, h, grad_h, grad_y):
-    """The size of the terms each gradient sums (dx, dbranch, dgate, dscale, dshift), in float64,
-    for mismatch's rtol: dx = dh + rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) cancels
-    where its terms do, and dgate, dscale, dshift sum signed terms over the tokens."""
-    x, branch, gate, scale, shift = _upcast(args[:5])
-    h, grad_h, grad_y = _upcast((h, grad_h, grad_y))
-    rstd = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + args[5])
-    xhat = (h - h.mean(-1, keepdim=True)) * rstd
-    dxhat = (grad_y * (1 + scale[:, None, :])).abs()
-    dh = grad_h.abs() + rstd * (dxhat + dxhat.mean(-1, keepdim=True)
-                                + xhat.abs() * (dxhat * xhat.abs()).mean(-1, keepdim=True))
-    per_sample_sums = (branch.abs() * dh).sum(1), (grad_y * xhat).abs().sum(1), grad_y.abs().sum(1)
-    return (dh, gate.abs()[:, None, :] * dh, *per_sample_sums)
-
-
 _GATED_GRAD_NAMES = ("dx", "dbranch", "dgate", "dscale", "dshift")
+_GATED_ARGUMENTS = ("x", "branch", "gate", "scale", "shift")
 
 
 def _run_gated_forward(args):
@@ -558,9 +503,9 @@ def test_gated_residual_forward_and_backward_kernels_match_reference(device, dat
     grad_h, grad_y = (random_tensor(tuple(args[0].shape), "sliced", device, args[0].dtype, generator) for _ in "hy")
     grads = _run_gated_backward(grad_h, grad_y, args)
     expected = _gated_reference_gradients(args, h, grad_h, grad_y)
-    magnitudes = _gated_gradient_magnitudes(args, h, grad_h, grad_y)
-    for name, actual, reference, magnitude in zip(_GATED_GRAD_NAMES, grads, expected, magnitudes):
-        _assert_close_to(actual, reference, name, magnitude)
+    terms = gated_residual_gradient_terms(args, lambda: [grad_h, grad_y], None)
+    for name, actual, reference, argument in zip(_GATED_GRAD_NAMES, grads, expected, _GATED_ARGUMENTS):
+        _assert_close_to(actual, reference, name, terms[argument])
 
 
 def test_gated_residual_statistics_survive_a_large_mean(generator):
@@ -609,6 +554,34 @@ def test_gated_residual_propagates_non_finite_values_as_the_reference(generator)
         _assert_close_to(actual[finite], reference[finite], name)
 
 
+def test_gated_residual_float16_overflow_makes_that_tokens_y_nan(generator):
+    """x + gate * branch past float16's 65,504 in one element: h is +-inf there as the reference's,
+    y is NaN in that token only (it normalizes the rounded h), and the gradients are non-finite
+    exactly where float64 autograd of the contract at that h has them: that token's dx and
+    dbranch, its sample's dgate and dscale (sums over the tokens), never dshift."""
+    shape = (2, 5, 24)
+    x, branch = (torch.randn(shape, generator=generator).half() for _ in "xb")
+    gate, scale, shift = (torch.randn(2, 24, generator=generator).half() for _ in "gab")
+    gate[1, 7], branch[1, 3, 7] = 4.0, 2e4  # h 8e4 in float32: +inf once rounded to float16
+    args = (x, branch, gate, scale, shift, 1e-6)
+    h, y = _run_gated_forward(args)
+    expected_h = gated_residual_ada_layer_norm_reference(*args)[0]
+    assert torch.equal(h.isinf(), expected_h.isinf()) and h[1, 3, 7] == float("inf")
+    nan_tokens = y.isnan().any(-1)
+    assert nan_tokens.tolist() == [[False] * 5, [False, False, False, True, False]] and y[1, 3].isnan().all()
+    grad_h, grad_y = (torch.randn(shape, generator=generator).half() for _ in "hy")
+    grads = _run_gated_backward(grad_h, grad_y, args)
+    expected = _gated_reference_gradients(args, h, grad_h, grad_y)
+    for name, actual, reference in zip(_GATED_GRAD_NAMES, grads, expected):
+        assert torch.equal(actual.isfinite(), reference.isfinite()), name
+        finite = reference.isfinite()
+        _assert_close_to(actual[finite], reference[finite], name)
+    dx, dbranch, dgate, dscale, dshift = grads
+    assert dx[1, 3].isnan().all() and dx.isfinite().sum() == dx.numel() - 24
+    assert dgate[1].isnan().all() and dscale[1].isnan().all() and dgate[0].isfinite().all()
+    assert dshift.isfinite().all()
+
+
 @pytest.mark.parametrize("device", _GATED_TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("outputs_used", ["both", "y only"])
@@ -627,9 +600,9 @@ def test_gated_residual_autograd_runs_the_fast_backward(device, dtype, outputs_u
     else:
         y.backward(grad_y)
     expected = _gated_reference_gradients(args, h, grad_h, grad_y)
-    magnitudes = _gated_gradient_magnitudes(args, h, grad_h, grad_y)
-    for name, leaf, reference, magnitude in zip(_GATED_GRAD_NAMES, args, expected, magnitudes):
-        _assert_close_to(leaf.grad, reference, f"{name} through autograd", magnitude)
+    terms = gated_residual_gradient_terms(args, lambda: [grad_h, grad_y], None)
+    for name, leaf, reference, argument in zip(_GATED_GRAD_NAMES, args, expected, _GATED_ARGUMENTS):
+        _assert_close_to(leaf.grad, reference, f"{name} through autograd", terms[argument])
 
 
 def test_gated_residual_gradcheck_and_compile(generator):

@@ -33,6 +33,7 @@ from fastgen import check
 from fastgen.check import mismatch
 from fastgen.ops import registry
 from fastgen.ops.registry import KERNEL_DTYPES, OPS
+from fastgen.ops.ada_norm import ada_group_norm_reference, ada_layer_norm_reference, gated_residual
 from fastgen.ops.cross_attention import _probabilities as cross_attention_probabilities, effective_scale
 from fastgen.ops.filtered_lrelu import (CODE_CLAMPED, FILTERED_LRELU_WITH_CODES,
                                        activation_and_codes, filtered_lrelu_backward_reference,
@@ -110,6 +111,73 @@ STATED_CONTRACTS = (
     *(StatedContract("filtered_lrelu", value_class, ("x", "fu", "fd", "b"), oracle=filtered_lrelu_real_samples,
                      non_finite="at least", backends=("triton",)) for value_class in ("nan", "inf")),
 )
+
+
+def _float64(args: tuple) -> tuple:
+    return tuple(a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def ada_group_norm_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
+    """dx = rstd (u dz - mean_group(u A) - xhat mean_group(u Bc)), dscale = weight Bc + bias A,
+    dshift = A, dweight and dbias sums over the batch of (1 + scale) Bc and (1 + scale) A: their
+    terms' sizes, in float64 (fastgen/ops/ada_norm.py, "Precision of the gradients"). Keys for
+    weight and bias also where they are None (the gradients they would get)."""
+    x, scale, shift, num_groups, weight, bias, eps, act = _float64(args)
+    grad = output_grads()[0].cpu().double()
+    batch, channels = x.shape[:2]
+    per_channel = (batch, channels) + (1,) * (x.dim() - 2)
+
+    def by_group(t):  # not -1: ambiguous for an empty batch
+        return t.expand(x.shape).reshape(batch, num_groups, math.prod(x.shape[1:]) // num_groups)
+
+    groups = by_group(x)
+    rstd = torch.rsqrt(groups.var(-1, unbiased=False, keepdim=True) + eps)
+    xhat = ((groups - groups.mean(-1, keepdim=True)) * rstd).reshape(x.shape)
+    modulation = (1 + scale).reshape(per_channel)
+    w = 1 if weight is None else weight.reshape(per_channel[1:])
+    b = 0 if bias is None else bias.reshape(per_channel[1:])
+    dz = grad
+    if act == "silu":
+        z = ada_group_norm_reference(x, scale, shift, num_groups, weight, bias, eps, None)
+        dz = dz * torch.sigmoid(z) * (1 + z * torch.sigmoid(-z))
+    u_dz = by_group((modulation * w * dz).abs())
+    xhat_abs = by_group(xhat.abs())
+    dx = rstd * (u_dz + u_dz.mean(-1, keepdim=True) + xhat_abs * (u_dz * xhat_abs).mean(-1, keepdim=True))
+    spatial = tuple(range(2, x.dim()))
+    dz_abs, modulated_dz = dz.abs(), (modulation * dz).abs()
+    return {"x": dx.reshape(x.shape), "scale": (dz_abs * (xhat * w + b).abs()).sum(spatial),
+            "shift": dz_abs.sum(spatial), "weight": (modulated_dz * xhat.abs()).sum((0, *spatial)),
+            "bias": modulated_dz.sum((0, *spatial))}
+
+
+def _layer_norm_gradient_terms(h: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, eps: float) -> tuple:
+    """The sizes of adaLN's dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat =
+    grad (1 + scale), and of dscale = sum grad xhat and dshift = sum grad over the tokens."""
+    rstd = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + eps)
+    xhat = (h - h.mean(-1, keepdim=True)) * rstd
+    dxhat = (grad * (1 + scale[:, None, :])).abs()
+    dx = rstd * (dxhat + dxhat.mean(-1, keepdim=True) + xhat.abs() * (dxhat * xhat.abs()).mean(-1, keepdim=True))
+    return dx, (grad * xhat).abs().sum(1), grad.abs().sum(1)
+
+
+def ada_layer_norm_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
+    """adaLN's gradients' terms' sizes, in float64 (fastgen/ops/ada_norm.py, "Precision of the
+    gradients")."""
+    x, scale, _, eps = _float64(args)
+    return dict(zip(("x", "scale", "shift"), _layer_norm_gradient_terms(x, scale, output_grads()[0].cpu().double(), eps)))
+
+
+def gated_residual_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
+    """dx = dH = dh + adaLN's dx of the rounded h, dbranch = gate dH, dgate = sum branch dH over
+    the tokens, and adaLN's dscale and dshift: their terms' sizes, in float64
+    (fastgen/ops/ada_norm.py, "Precision of the gradients")."""
+    h = gated_residual(*args[:3]).detach().cpu().double()
+    _, branch, gate, scale, _, eps = _float64(args)
+    grad_h, grad_y = (g.cpu().double() for g in output_grads())
+    dh_norm, dscale, dshift = _layer_norm_gradient_terms(h, scale, grad_y, eps)
+    dh = grad_h.abs() + dh_norm
+    return {"x": dh, "branch": gate.abs()[:, None, :] * dh, "gate": (branch.abs() * dh).sum(1),
+            "scale": dscale, "shift": dshift}
 
 
 def linear_attention_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
@@ -233,6 +301,13 @@ def cross_attention_gradient_terms(args: tuple, output_grads: Callable, expected
 # per floating output), float64 values by name) giving {name: terms' sizes}). Names are the
 # argument names in the backward and "output <i>" in the forward.
 TERM_SIZES = {
+    # fastgen/ops/ada_norm.py, "Precision of the gradients": dx's three terms cancel where one
+    # value holds most of its group's (row's) variance (always at two values), and the parameter
+    # gradients sum terms of either sign.
+    **{(name, backend, "bwd"): (KERNEL_DTYPES, terms) for name, terms in
+       (("ada_group_norm", ada_group_norm_gradient_terms), ("ada_layer_norm", ada_layer_norm_gradient_terms))
+       for backend in TRITON_AND_CUDA},
+    ("gated_residual_ada_layer_norm", "triton", "bwd"): (KERNEL_DTYPES, gated_residual_gradient_terms),
     # fastgen/ops/filtered_lrelu.py, "Precision of float16": the float16 stage 2 rounds a, the
     # taps and the half-filtered rows (measured up to 7.7e-4 of the terms' sizes in y); the float16
     # backward stages round the terms of dx. "Precision of db": db = sum dx cancels where dx's
@@ -358,6 +433,46 @@ def _filtered_lrelu_codes_at_ties(backend: str, args: tuple) -> Optional[Callabl
         return None
     codes = pack_codes(torch.where(differ, kernel_codes, expected)).to(args[0].device)
     return functools.partial(filtered_lrelu_real_samples, codes=codes)
+
+
+class _WithValue(torch.autograd.Function):
+    """t's place in the graph with another tensor's value: an intermediate that an op rounds and
+    returns, and that its backward formulas treat as exact."""
+
+    @staticmethod
+    def forward(ctx, t, value):
+        return value.to(t.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def gated_residual_reference_at(h: torch.Tensor) -> Callable:
+    """The gated residual's contract with y at a given h, the one the op returned: (x + gate
+    branch, adaLN of h), h carrying x + gate branch's gradient (fastgen/ops/ada_norm.py: y
+    normalizes h "rounded once to x's dtype ... the tensor the op returns", and the backward
+    formulas treat that rounding as exact)."""
+
+    def reference(x, branch, gate, scale, shift, eps=1e-6):
+        exact = gated_residual(x, branch, gate)
+        return exact, ada_layer_norm_reference(_WithValue.apply(exact, h), scale, shift, eps)
+
+    return reference
+
+
+def _gated_residual_at_returned_h(backend: str, args: tuple) -> Callable:
+    """The oracle for a gated residual draw: gated_residual_reference_at the h the kernel returns
+    for these arguments. h itself is held to the float64 h as any output. The normalization
+    multiplies a change of h by rstd: where a token's channels nearly agree, y of the unrounded
+    h differs from y of the rounded one by far more than the dtype's tolerance, and float16's h
+    is +-inf where x + gate branch passes its range (that token's y NaN). The Triton interpreter
+    rounds a float32 to bfloat16 toward zero where a GPU rounds to nearest even, so its h is a
+    unit in the last place from torch's rounding in about a third of the elements."""
+    op = OPS["gated_residual_ada_layer_norm"]
+    out = op.allocate_output(*args)
+    op.implementations[backend].run(*args, out=out)
+    return gated_residual_reference_at(out[0].detach())
 
 
 def _float64_tie(name: str, args: tuple) -> Optional[Callable]:
@@ -592,6 +707,8 @@ def test_matches_the_float64_reference(name, device, backend, dtype, direction, 
         oracle = (contract and contract.oracle) or op.reference
         if name == "filtered_lrelu" and direction == "bwd":
             oracle = _filtered_lrelu_codes_at_ties(backend, recipe.args) or oracle
+        if name == "gated_residual_ada_layer_norm":
+            oracle = _gated_residual_at_returned_h(backend, recipe.args)
         # oneDNN compiles a float16 depthwise convolution (the filters' references on a CPU) per
         # shape, and takes minutes for some (a 1 x 17 filter over 131 columns); torch's own does not.
         with torch.backends.mkldnn.flags(enabled=False), mock.patch.object(check, "mismatch", compare), \
