@@ -132,13 +132,16 @@ def test_logits_equal_the_float64_transcription(config, generator):
     torch.testing.assert_close(logits64, expected, rtol=1e-12, atol=1e-12)
     error32 = (logits32.double() - expected).abs().max().item()
     assert error32 < 2e-4 * expected.abs().max().item(), error32
-    # In bfloat16, as accurate as the transcription run in bfloat16 (measured: 0.5 to 1.57 times its
-    # largest error, 0.77 to 1.003 times its mean error; the largest of two roundings' errors is
-    # the noisier statistic, CI's seed 7265711919258724281 gave 1.57).
+    # In bfloat16, as accurate as the transcription run in bfloat16: its mean error within 1.5x
+    # (measured over 2,150 seeds of "tiny": 0.60x to 1.35x, median 0.85x), its largest within 5x,
+    # a guard against gross errors only. The largest error is a draw between two roundings of the
+    # token whose attention bfloat16 conditions worst (seed 3234: the last token's relative error
+    # 11% after the first attention, the median token's 0.7%): measured 0.28x to 3.67x, 0.8% of
+    # the seeds past 2x.
     plain16 = _transcribed_logits(model.state_dict(), config, labels, rest, torch.bfloat16).double()
     errors16, plain_errors16 = (logits16.double() - expected).abs(), (plain16 - expected).abs()
-    assert errors16.max() <= 2 * plain_errors16.max(), (errors16.max(), plain_errors16.max())
-    assert errors16.mean() <= 1.25 * plain_errors16.mean(), (errors16.mean(), plain_errors16.mean())
+    assert errors16.mean() <= 1.5 * plain_errors16.mean(), (errors16.mean(), plain_errors16.mean())
+    assert errors16.max() <= 5 * plain_errors16.max(), (errors16.max(), plain_errors16.max())
 
 
 def test_training_forward_is_block_causal_over_the_scales(generator):
