@@ -164,7 +164,8 @@ def ada_layer_norm_gradient_terms(args: tuple, output_grads: Callable, expected:
     """adaLN's gradients' terms' sizes, in float64 (fastgen/ops/ada_norm.py, "Precision of the
     gradients")."""
     x, scale, _, eps = _float64(args)
-    return dict(zip(("x", "scale", "shift"), _layer_norm_gradient_terms(x, scale, output_grads()[0].cpu().double(), eps)))
+    grad = output_grads()[0].cpu().double()
+    return dict(zip(("x", "scale", "shift"), _layer_norm_gradient_terms(x, scale, grad, eps)))
 
 
 def gated_residual_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
@@ -468,7 +469,7 @@ def _gated_residual_at_returned_h(backend: str, args: tuple) -> Callable:
     h differs from y of the rounded one by far more than the dtype's tolerance, and float16's h
     is +-inf where x + gate branch passes its range (that token's y NaN). The Triton interpreter
     rounds a float32 to bfloat16 toward zero where a GPU rounds to nearest even, so its h is a
-    unit in the last place from torch's rounding in about a third of the elements."""
+    unit in the last place from torch's rounding in about half the elements."""
     op = OPS["gated_residual_ada_layer_norm"]
     out = op.allocate_output(*args)
     op.implementations[backend].run(*args, out=out)
