@@ -201,7 +201,7 @@ def linear_attention_gradient_terms(args: tuple, output_grads: Callable, expecte
 def trms2d_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
     """dx = r (g - xhat mean_c(g xhat)) with g = dy weight, dweight = sum dy xhat and dbias =
     sum dy: their terms' sizes, in float64 (fastgen/ops/rms_norm_2d.py)."""
-    x, weight, _, eps = (a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
+    x, weight, _, eps = _float64(args)
     grad = output_grads()[0].cpu().double()
     g = grad if weight is None else grad * weight[:, None, None]
     rstd = torch.rsqrt(x.square().mean(1, keepdim=True) + eps)
@@ -225,8 +225,7 @@ def _rotated_back_sizes(grad_sizes: torch.Tensor, cos, sin, rope_layout: str) ->
 def _qk_norm_rope_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
     """dx = r (g w - xhat mean(g w xhat)) and dweight = sum g xhat: their terms' sizes, in
     float64 (fastgen/ops/qk_norm_rope.py)."""
-    q, k, weight_q, weight_k, cos, sin, eps, rope_layout = (
-        a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
+    q, k, weight_q, weight_k, cos, sin, eps, rope_layout = _float64(args)
     terms = {}
     for name, x, weight, grad in zip("qk", (q, k), (weight_q, weight_k), output_grads()):
         g = _rotated_back_sizes(grad.cpu().double().abs(), cos, sin, rope_layout)
@@ -242,8 +241,7 @@ def _qk_norm_rope_gradient_terms(args: tuple, output_grads: Callable, expected: 
 
 def filtered_lrelu_output_terms(args: tuple, output_grads, expected: dict) -> dict:
     """y = D a: its terms' sizes are D's sums over |a| (float64) and |fd|."""
-    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = (
-        a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
+    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = _float64(args)
     activation, _ = activation_and_codes(x, fu, fd, b, up, down, normalized_padding(padding), gain, slope, clamp,
                                          flip_filter, with_codes=False)
     return {"output 0": upfirdn2d_reference(activation.abs(), None if fd is None else fd.abs(), 1, down, 0,
@@ -258,8 +256,7 @@ def filtered_lrelu_bias_gradient_terms(args: tuple, output_grads: Callable, expe
 def filtered_lrelu_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
     """dx = U^T (d * D^T dy): its terms' sizes are the same sums of |dy|, |taps| and the larger
     slope's |d|; db's are sum |dx|."""
-    x, fu, fd, _, up, down, padding, gain, slope, _, flip_filter = (
-        a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
+    x, fu, fd, _, up, down, padding, gain, slope, _, flip_filter = _float64(args)
     padding = normalized_padding(padding)
     zh, zw, _, _ = intermediate_size(x.shape, fu, fd, up, down, padding)
     positive = pack_codes(torch.ones(*x.shape[:2], zh, zw, dtype=torch.int64))
@@ -411,8 +408,7 @@ def _filtered_lrelu_codes_at_ties(backend: str, args: tuple) -> Optional[Callabl
     sizes; the Triton kernel's stage 1 rounds its half-filtered rows too, and a 2-D fu's split
     terms can round past that bound: such a draw keeps the contract's codes and shows as a
     mismatch to examine."""
-    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = (
-        a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args)
+    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = _float64(args)
     y, packed = FILTERED_LRELU_WITH_CODES.allocate_output(*args)
     FILTERED_LRELU_WITH_CODES.implementations[backend].run(*args, out=(y, packed))
     v = real_samples_pre_activation(x, fu, fd, b, up, down, padding, gain, flip_filter)
