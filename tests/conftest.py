@@ -38,10 +38,11 @@ def _launch_patches_language_once() -> None:
     """Triton's interpreter replaces triton.language's builtins with interpreted ones for each
     launch, and again at every call of a @triton.jit helper inside the kernel (inspect.getmembers
     over three modules, ~0.3 ms a call, never undone): a quarter of an interpreted
-    filtered_lrelu backward, whose helpers run per tap. Inside a launch whose kernel module
-    already sees every language module the helper's does, the helper's patching changes
-    nothing, so the helper runs without it; outside a launch, or for other modules, it runs
-    triton's own call. An interpreter whose helper call is not that patching, the rewrite and
+    filtered_lrelu backward, whose helpers run per tap. Inside a launch whose kernel module, or
+    a helper already called in it, sees every language module the helper's does, the helper's
+    patching changes nothing, so the helper runs without it; outside a launch, or for the first
+    helper of a launch to see another module (triton's own tl.sum and tl.zeros see
+    triton.language.core, the kernels' modules triton.language), it runs triton's own call. An interpreter whose helper call is not that patching, the rewrite and
     the call (another triton version) is left as it is."""
     import inspect
 
@@ -57,6 +58,7 @@ def _launch_patches_language_once() -> None:
         return
     languages = (interpreter.tl, interpreter.tl.core)
     running = threading.local()  # .launches: the language modules each running launch patched
+    languages_of = {}  # function -> the language modules its module sees, fixed at its import
 
     def launches() -> list:
         if not hasattr(running, "launches"):
@@ -64,8 +66,10 @@ def _launch_patches_language_once() -> None:
         return running.launches
 
     def seen_languages(fn) -> frozenset:
-        return frozenset(id(value) for value in fn.__globals__.values()
-                         if any(value is language for language in languages))
+        if fn not in languages_of:
+            languages_of[fn] = frozenset(id(value) for value in fn.__globals__.values()
+                                         if any(value is language for language in languages))
+        return languages_of[fn]
 
     launch = interpreter.GridExecutor.__call__
     helper = interpreter.InterpretedFunction.__call__
@@ -78,7 +82,12 @@ def _launch_patches_language_once() -> None:
             launches().pop()
 
     def helper_without_repatching(self, *args, **kwargs):
-        if not launches() or not seen_languages(self.fn) <= launches()[-1]:
+        if not launches():
+            return helper(self, *args, **kwargs)
+        if not seen_languages(self.fn) <= launches()[-1]:
+            # The helper's patching stays until the launch ends: later helpers seeing the same
+            # modules need none.
+            launches()[-1] |= seen_languages(self.fn)
             return helper(self, *args, **kwargs)
         try:
             return self.rewrite()(*args, **kwargs)
