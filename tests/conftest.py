@@ -98,8 +98,36 @@ def _launch_patches_language_once() -> None:
     interpreter.InterpretedFunction.__call__ = helper_without_repatching
 
 
+def _bfloat16_conversion_rounds_to_nearest_even() -> None:
+    """Triton's interpreter converts float32 to bfloat16 by dropping the low 16 bits of the
+    mantissa (its cast calls its bit conversion without a rounding mode): 0.16112 stores as
+    0.160156. A GPU's conversion, the kernels' explicit casts and the implicit one of a store
+    alike, rounds to nearest even, as torch does (0.161133), so the interpreter converts through
+    torch: a bfloat16 output under the interpreter is then the GPU's, not a unit in the last
+    place below it in about half the elements. (A float64 it converts as integers: torch's
+    conversion rounds that once to nearest even too.) Other conversions stay the interpreter's. An
+    interpreter without that cast (another triton version) is left as it is."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    cast = getattr(builder, "cast_impl", None)
+    if cast is None or not hasattr(interpreter, "TensorHandle"):
+        return
+    tl = interpreter.tl
+
+    def cast_rounding_bfloat16_to_nearest_even(self, src, dst_type):
+        if not (dst_type.scalar == tl.bfloat16 and src.dtype.scalar in (tl.float16, tl.float32, tl.float64)):
+            return cast(self, src, dst_type)
+        rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+        return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+
+    builder.cast_impl = cast_rounding_bfloat16_to_nearest_even
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _launch_patches_language_once()
+    _bfloat16_conversion_rounds_to_nearest_even()
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -463,9 +463,7 @@ def _gated_residual_at_returned_h(backend: str, args: tuple) -> Callable:
     for these arguments. h itself is held to the float64 h as any output. The normalization
     multiplies a change of h by rstd: where a token's channels nearly agree, y of the unrounded
     h differs from y of the rounded one by far more than the dtype's tolerance, and float16's h
-    is +-inf where x + gate branch passes its range (that token's y NaN). The Triton interpreter
-    rounds a float32 to bfloat16 toward zero where a GPU rounds to nearest even, so its h is a
-    unit in the last place from torch's rounding in about half the elements."""
+    is +-inf where x + gate branch passes its range (that token's y NaN)."""
     op = OPS["gated_residual_ada_layer_norm"]
     out = op.allocate_output(*args)
     op.implementations[backend].run(*args, out=out)
