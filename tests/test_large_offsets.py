@@ -78,6 +78,53 @@ def test_filtered_lrelu_reads_columns_past_two_to_the_31(backend, generator):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_qk_norm_rope_reads_head_dims_past_two_to_the_31(backend, generator):
+    """q's head-dim stride is 2^26 (D = 40): d x stride reaches 2.6e9 elements, in the norm's
+    sums and in the rotation's pairs."""
+    q = _view_in_large_buffer((1, 3, 2, 40), (0, 80, 40, HUGE_STRIDE), torch.float32, generator)
+    k = torch.randn(1, 3, 2, 40, generator=generator)
+    angles = torch.randn(3, 20, generator=generator)
+    cos, sin = angles.cos(), angles.sin()
+    with fastgen.use_backend(backend):
+        out = fastgen.qk_norm_rope(q, k, cos=cos, sin=sin)
+    with fastgen.use_backend("reference"):
+        expected = fastgen.qk_norm_rope(q.contiguous(), k, cos=cos, sin=sin)
+    for actual, reference in zip(out, expected):
+        torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_shortcuts_read_columns_past_two_to_the_31(backend, generator):
+    """DC-AE's two shortcuts on maps whose column stride is 2^26 (40 columns)."""
+    x = _view_in_large_buffer((1, 4, 2, 40), (0, 80, 40, HUGE_STRIDE), torch.float32, generator)
+    y = _view_in_large_buffer((1, 8, 2, 40), (0, 80, 40, HUGE_STRIDE), torch.float32, generator)
+    for shortcut, tensor, out_channels in ((fastgen.pixel_unshuffle_channel_avg, x, 8),
+                                          (fastgen.channel_dup_pixel_shuffle, y, 4)):
+        with fastgen.use_backend(backend):
+            out = shortcut(tensor, 2, out_channels)
+        with fastgen.use_backend("reference"):
+            expected = shortcut(tensor.contiguous(), 2, out_channels)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_layer_norms_read_channels_past_two_to_the_31(backend, generator):
+    """ada_layer_norm's x and the gated residual's branch with channel stride 2^26 (C = 40)."""
+    x = _view_in_large_buffer((1, 3, 40), (0, 40, HUGE_STRIDE), torch.float32, generator)
+    residual = torch.randn(1, 3, 40, generator=generator)
+    gate, scale, shift = (torch.randn(1, 40, generator=generator) for _ in range(3))
+    runs = ((fastgen.ada_layer_norm, (x, scale, shift), (x.contiguous(), scale, shift)),
+            (fastgen.gated_residual_ada_layer_norm, (residual, x, gate, scale, shift),
+             (residual, x.contiguous(), gate, scale, shift)))
+    for op, args, contiguous_args in runs:
+        with fastgen.use_backend(backend):
+            out = op(*args)
+        with fastgen.use_backend("reference"):
+            expected = op(*contiguous_args)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
 def _values_past_two_to_the_31(count: int, generator) -> torch.Tensor:
     """A lazily allocated float16 buffer of 2^31 + count elements, random from 2^31 on (4 GiB
     of address space, one page of memory)."""
