@@ -203,7 +203,10 @@ def _query_grad_kernel(
         grad = _load_rows(grad_ptr, b, h, rows, N, g_sb, g_sn, g_sh, g_sd, d, D)
         phi_q = _phi(q)
         denominator = tl.sum(phi_q * normalizer[None, :], axis=1) + eps
-        dnumerator = grad / denominator[:, None]
+        # Rows past N load q = 0: where z has an inf their denominator is 0 * inf = NaN, which
+        # must not reach dS through their zero features (every dv of the head NaN where the
+        # reference's rows give 0).
+        dnumerator = tl.where((rows < N)[:, None], grad / denominator[:, None], 0.0)
         # out = phi_q S / den is not needed: grad . out = phi_q . (grad S^T) / den, and
         # dnumerator S^T is needed for dq anyway. One state product per tile instead of two,
         # and S stays resident in one orientation only: with both, float32 at D_PAD 128 (TF32x3

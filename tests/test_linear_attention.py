@@ -281,6 +281,30 @@ def test_infinite_value_with_every_query_feature_positive(device, backend, dtype
         _assert_non_finite_where_the_reference_is(actual, reference, gradient_name)
 
 
+@pytest.mark.parametrize("device, backend", _forward_targets())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [1, 16])
+def test_infinite_key_with_every_query_feature_positive(device, backend, dtype, head_dim, generator):
+    """+inf in k_n0 makes z_0 infinite; with every q_n0 > 0 each real row's denominator is +inf,
+    so dnum_n = g_n / den_n = 0, dS finite and dv NaN only in the infinite key's row (inf * 0).
+    The rows of the backward's last tile past N (q loaded as zeros, so 0 * inf = NaN in their
+    denominator) must add nothing to dS: they once made every dv of the head NaN."""
+    q = random_tensor((1, 9, 2, head_dim), "contiguous", device, dtype, generator)
+    k, v = (random_tensor((1, 5, 2, head_dim), "contiguous", device, dtype, generator) for _ in "kv")
+    q[0, :, 0, 0] = q[0, :, 0, 0].abs() + 0.5
+    k[0, 2, 0, 0] = float("inf")
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with fastgen.use_backend(backend):
+        out = linear_attention(q, k, v)
+    grad = torch.randn(out.shape, generator=generator).to(device, dtype)
+    out.backward(grad)
+    expected = _autograd_of_the_reference(grad, q, k, v)
+    dv_nan = expected[2][0, :, 0].isnan().any(-1)
+    assert dv_nan.tolist() == [False, False, True, False, False], "the premise: dv NaN in the infinite key's row only"
+    for gradient_name, actual, reference in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), expected):
+        _assert_non_finite_where_the_reference_is(actual, reference, gradient_name)
+
+
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("name", ["q", "k"])
 def test_bfloat16_subnormal_q_or_k_get_their_gradients(device, name, generator):
