@@ -28,7 +28,11 @@ def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
 def assert_as_accurate_as_eager(accelerated, eager, exact, max_factor=1.5, mean_factor=1.25):
     """accelerated and eager: outputs in the low precision; exact: the float64 model's output.
     The largest and the mean error of the accelerated output may exceed eager's by the given
-    factors plus 1% (largest) and 0.1% (mean) of the output's magnitude."""
+    factors plus 1% (largest) and 0.1% (mean) of the output's magnitude. Measured over 59 seeds
+    of the four tests that use it (SANA, DC-AE's ten outputs, both UNets; bfloat16 under the
+    Triton interpreter): the largest error takes at most 57% of its bound and the mean 67%. The
+    ratio of largest errors alone reaches 1.52x (a UNet), past max_factor: the magnitude term,
+    not the factor, is what keeps one ill-rounded element from failing the test."""
     exact = exact.double()
     scale = exact.abs().max().item()
     eager_error = (eager.double() - exact).abs()
