@@ -37,13 +37,14 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 def _launch_patches_language_once() -> None:
     """Triton's interpreter replaces triton.language's builtins with interpreted ones for each
     launch, and again at every call of a @triton.jit helper inside the kernel (inspect.getmembers
-    over three modules, ~0.3 ms a call, never undone): a quarter of an interpreted
-    filtered_lrelu backward, whose helpers run per tap. Inside a launch whose kernel module, or
-    a helper already called in it, sees every language module the helper's does, the helper's
-    patching changes nothing, so the helper runs without it; outside a launch, or for the first
-    helper of a launch to see another module (triton's own tl.sum and tl.zeros see
-    triton.language.core, the kernels' modules triton.language), it runs triton's own call. An interpreter whose helper call is not that patching, the rewrite and
-    the call (another triton version) is left as it is."""
+    over three modules, ~0.3 ms a call, left in place until the launch ends): a quarter of an
+    interpreted filtered_lrelu backward, whose helpers run per tap. Inside a launch whose kernel
+    module, or a helper already called in it, sees every language module the helper's does, the
+    helper's patching changes nothing, so the helper runs without it; outside a launch, or for
+    the first helper of a launch to see another module (triton's own tl.sum and tl.zeros see
+    triton.language.core, the kernels' modules triton.language), it runs triton's own call. An
+    interpreter whose helper call is not that patching, the rewrite and the call (another
+    triton version) is left as it is."""
     import inspect
 
     from triton.runtime import interpreter
@@ -58,7 +59,10 @@ def _launch_patches_language_once() -> None:
         return
     languages = (interpreter.tl, interpreter.tl.core)
     running = threading.local()  # .launches: the language modules each running launch patched
-    languages_of = {}  # function -> the language modules its module sees, fixed at its import
+    # function -> the language modules its module sees at its first call. The interpreter's
+    # rewrite may add triton.language to a module later (triton's own helpers); a set smaller
+    # than the module's errs toward triton's own call, which patches no less.
+    languages_of = {}
 
     def launches() -> list:
         if not hasattr(running, "launches"):
@@ -103,10 +107,12 @@ def _bfloat16_conversion_rounds_to_nearest_even() -> None:
     mantissa (its cast calls its bit conversion without a rounding mode): 0.16112 stores as
     0.160156. A GPU's conversion, the kernels' explicit casts and the implicit one of a store
     alike, rounds to nearest even, as torch does (0.161133), so the interpreter converts through
-    torch: a bfloat16 output under the interpreter is then the GPU's, not a unit in the last
-    place below it in about half the elements. (A float64 it converts as integers: torch's
-    conversion rounds that once to nearest even too.) Other conversions stay the interpreter's. An
-    interpreter without that cast (another triton version) is left as it is."""
+    torch: a bfloat16 result under the interpreter is then the GPU's, not a unit in the last
+    place nearer zero in about half the elements. A float64 the interpreter converts as if its
+    bits were an integer; torch converts it through float32, rounding twice (no kernel here
+    converts float64 to bfloat16). Other conversions stay the interpreter's: integers to
+    bfloat16, explicit rounding modes, bfloat16 arithmetic. An interpreter without that cast
+    (another triton version) is left as it is."""
     import numpy as np
     from triton.runtime import interpreter
 

@@ -407,26 +407,29 @@ def _filtered_lrelu_codes_at_ties(backend: str, args: tuple) -> Optional[Callabl
     fused multiply-add per tap (the CUDA kernel), so v is within (taps + 3) 2^-24 of its terms'
     sizes; the Triton kernel's stage 1 rounds its half-filtered rows too, and a 2-D fu's split
     terms can round past that bound: such a draw keeps the contract's codes and shows as a
-    mismatch to examine."""
+    mismatch to examine. The kernel's codes take a launch of their own (a third of an
+    interpreted backward case), so they are read only where a sample lies that near a boundary."""
     x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = _float64(args)
-    y, packed = FILTERED_LRELU_WITH_CODES.allocate_output(*args)
-    FILTERED_LRELU_WITH_CODES.implementations[backend].run(*args, out=(y, packed))
     v = real_samples_pre_activation(x, fu, fd, b, up, down, padding, gain, flip_filter)
-    kernel_codes, expected = unpack_codes(packed.cpu(), v.shape[-1]), sample_codes(v, slope, clamp)
-    differ = kernel_codes != expected
-    if not differ.any():
-        return None
     terms = real_samples_pre_activation(x.abs(), *(None if f is None else f.abs() for f in (fu, fd, b)), up, down,
                                         padding, abs(gain), flip_filter)
     fh, fw = filter_size(fu)
     bound = (fh * fw + 3) * 2.0**-24 * terms
-    sign_codes = (kernel_codes != CODE_CLAMPED) & (expected != CODE_CLAMPED)
-    tie = (v.abs() <= bound) & sign_codes
+    near_zero = (v.abs() <= bound) & bound.isfinite()  # an infinite term bounds nothing
+    near_clamp = torch.zeros_like(near_zero)
     if clamp is not None:
-        near_clamp = (torch.nn.functional.leaky_relu(v, slope).abs() - clamp).abs() <= bound * max(1.0, abs(slope))
-        tie |= near_clamp & ((kernel_codes == CODE_CLAMPED) | (kernel_codes == sample_codes(v, slope, None)))
-    tie &= bound.isfinite()  # an infinite term bounds nothing
-    if (differ & ~tie).any():
+        near_clamp = ((torch.nn.functional.leaky_relu(v, slope).abs() - clamp).abs() <= bound * max(1.0, abs(slope))
+                      ) & bound.isfinite()
+    if not (near_zero | near_clamp).any():
+        return None
+    y, packed = FILTERED_LRELU_WITH_CODES.allocate_output(*args)
+    FILTERED_LRELU_WITH_CODES.implementations[backend].run(*args, out=(y, packed))
+    kernel_codes, expected = unpack_codes(packed.cpu(), v.shape[-1]), sample_codes(v, slope, clamp)
+    differ = kernel_codes != expected
+    sign_codes = (kernel_codes != CODE_CLAMPED) & (expected != CODE_CLAMPED)
+    tie = (near_zero & sign_codes) | (near_clamp & ((kernel_codes == CODE_CLAMPED)
+                                                    | (kernel_codes == sample_codes(v, slope, None))))
+    if not differ.any() or (differ & ~tie).any():
         return None
     codes = pack_codes(torch.where(differ, kernel_codes, expected)).to(args[0].device)
     return functools.partial(filtered_lrelu_real_samples, codes=codes)
@@ -471,11 +474,10 @@ def _gated_residual_at_returned_h(backend: str, args: tuple) -> Callable:
 
 
 def _oracle_at_the_kernels_choices(name: str, backend: str, direction: str, args: tuple) -> Optional[Callable]:
-    """The contract at a choice it leaves to the kernel, taken as the kernel took it, for a draw
-    that fails against the contract's own: filtered_lrelu's codes at ties (its gradients follow
-    the code recorded) and the gated residual's y at the h it returns. None for other ops. A draw
-    that meets the contract needs no second oracle: the kernel's own launch for its choices costs
-    a third of an interpreted filtered_lrelu backward case."""
+    """The contract at a choice it leaves to the kernel, taken as the kernel took it: the
+    filtered_lrelu backward's codes at ties (its gradients follow the code recorded) and the
+    gated residual's y at the h it returns. None for other ops, and for a filtered_lrelu draw
+    whose codes take no tie."""
     if name == "filtered_lrelu" and direction == "bwd":
         return _filtered_lrelu_codes_at_ties(backend, args)
     if name == "gated_residual_ada_layer_norm":
@@ -629,8 +631,8 @@ def test_non_finite_comparison_accepts_either_side_of_overflow_only_within_toler
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
 def test_a_draw_off_the_contract_is_judged_at_the_kernels_choices(direction):
     """The gated residual's float16 h overflowing in one element: y, normalizing the rounded h
-    the op returns, is NaN in that token where the float64 reference's is finite. The contract
-    fails the draw; draw_mismatch, which then judges it at the h the kernel returned, passes it."""
+    the op returns, is NaN in that token where the float64 reference's is finite. The reference
+    fails the draw; draw_mismatch, which judges it at the h the kernel returned, passes it."""
     op = OPS["gated_residual_ada_layer_norm"]
     generator = torch.Generator().manual_seed(0)
     x, branch = (torch.randn(2, 5, 24, generator=generator).half() for _ in "xb")
@@ -697,27 +699,20 @@ def test_filtered_lrelu_infinite_tap_meeting_a_cancelled_sum():
 def draw_mismatch(name: str, backend: str, dtype: torch.dtype, direction: str, args: tuple, seed: int,
                   values: Optional[tuple]) -> str:
     """The fuzz's verdict on one draw: check_at_stated_precision's detail ("" where it passes)
-    against the op's stated contract for the draw's value class (`values`, as fuzz_inputs
-    records it), or its reference; where that fails, against the contract at the kernel's own
-    choices (_oracle_at_the_kernels_choices)."""
+    against the contract at the kernel's own choices where the op leaves it one
+    (_oracle_at_the_kernels_choices), or else the op's stated contract for the draw's value
+    class (`values`, as fuzz_inputs records it), or else its reference."""
     op = OPS[name]
     contract = _stated_contract(name, backend, values)
     compare = functools.partial(non_finite_aware_mismatch, tied_codes=_float64_tie(name, args),
                                 non_finite=contract.non_finite if contract else "same")
-
-    def detail_against(oracle):
-        # oneDNN compiles a float16 depthwise convolution (the filters' references on a CPU) per
-        # shape, and takes minutes for some (a 1 x 17 filter over 131 columns); torch's own does not.
-        with torch.backends.mkldnn.flags(enabled=False), mock.patch.object(check, "mismatch", compare), \
-                mock.patch.object(op, "reference", oracle):
-            return check_at_stated_precision(op, backend, dtype, direction, args, seed)[1]
-
-    detail = detail_against((contract and contract.oracle) or op.reference)
-    if detail:
-        at_kernels_choices = _oracle_at_the_kernels_choices(name, backend, direction, args)
-        if at_kernels_choices is not None:
-            detail = detail_against(at_kernels_choices)
-    return detail
+    oracle = _oracle_at_the_kernels_choices(name, backend, direction, args) or (contract and contract.oracle) \
+        or op.reference
+    # oneDNN compiles a float16 depthwise convolution (the filters' references on a CPU) per
+    # shape, and takes minutes for some (a 1 x 17 filter over 131 columns); torch's own does not.
+    with torch.backends.mkldnn.flags(enabled=False), mock.patch.object(check, "mismatch", compare), \
+            mock.patch.object(op, "reference", oracle):
+        return check_at_stated_precision(op, backend, dtype, direction, args, seed)[1]
 
 
 def _cases_per_test(name: str, backend: str) -> int:

@@ -22,7 +22,7 @@ def _store_converted(x_ptr, cast_ptr, store_ptr, n, BLOCK: tl.constexpr):
 def _values(dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     one_ulp = 2.0**-7  # bfloat16's spacing above 1
     specials = [0.16112, 1 + one_ulp / 2, 1 + 3 * one_ulp / 2, -(1 + one_ulp / 2), 1 + one_ulp / 2 + 2**-20,
-                -0.0, math.inf, -math.inf, math.nan, 3.3e38, 1e-39, -1e-40, 65504.0, 6e-8]
+                -0.0, math.inf, -math.inf, math.nan, 3.3e38, 3.4e38, 1e-39, -1e-40, 65504.0, 6e-8]
     x = torch.tensor(specials, dtype=torch.float64)
     finite_in_dtype = x.to(dtype).isfinite() | ~x.isfinite()
     return torch.cat([x[finite_in_dtype], torch.randn(1000, generator=generator, dtype=torch.float64) * 100]).to(dtype)
@@ -31,8 +31,8 @@ def _values(dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 def test_conversion_to_bfloat16_rounds_to_nearest_even(dtype, generator):
     """Halfway cases, a value just past halfway, signed zero, infinities, NaN, bfloat16's
-    overflow and subnormals and 1,000 random values, by the explicit cast and by a store: the
-    bits torch's rounding gives."""
+    largest values and its overflow (3.4e38 rounds to inf), subnormals and 1,000 random values,
+    by the explicit cast and by a store: the bits torch's rounding gives."""
     x = _values(dtype, generator)
     cast, stored = (torch.empty(len(x), dtype=torch.bfloat16) for _ in "cs")
     _store_converted[(1,)](x, cast, stored, len(x), BLOCK=triton.next_power_of_2(len(x)))

@@ -78,19 +78,19 @@ def test_filtered_lrelu_reads_columns_past_two_to_the_31(backend, generator):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("backend", ["triton"])
 def test_qk_norm_rope_reads_head_dims_past_two_to_the_31(backend, generator):
     """q's head-dim stride is 2^26 (D = 40): d x stride reaches 2.6e9 elements, in the norm's
     sums and in the rotation's pairs."""
     q = _view_in_large_buffer((1, 3, 2, 40), (0, 80, 40, HUGE_STRIDE), torch.float32, generator)
     k = torch.randn(1, 3, 2, 40, generator=generator)
+    weight_q, weight_k = (torch.randn(40, generator=generator) for _ in "qk")
     angles = torch.randn(3, 20, generator=generator)
-    cos, sin = angles.cos(), angles.sin()
+    tables = {"weight_q": weight_q, "weight_k": weight_k, "cos": angles.cos(), "sin": angles.sin()}
     with fastgen.use_backend(backend):
-        out = fastgen.qk_norm_rope(q, k, cos=cos, sin=sin)
+        out = fastgen.qk_norm_rope(q, k, **tables)
     with fastgen.use_backend("reference"):
-        expected = fastgen.qk_norm_rope(q.contiguous(), k, cos=cos, sin=sin)
+        expected = fastgen.qk_norm_rope(q.contiguous(), k, **tables)
     for actual, reference in zip(out, expected):
         torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-5)
 

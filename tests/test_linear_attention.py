@@ -288,7 +288,7 @@ def test_infinite_key_with_every_query_feature_positive(device, backend, dtype, 
     """+inf in k_n0 makes z_0 infinite; with every q_n0 > 0 each real row's denominator is +inf,
     so dnum_n = g_n / den_n = 0, dS finite and dv NaN only in the infinite key's row (inf * 0).
     The rows of the backward's last tile past N (q loaded as zeros, so 0 * inf = NaN in their
-    denominator) must add nothing to dS: they once made every dv of the head NaN."""
+    denominator) must add nothing to dS, or every dv of the head is NaN."""
     q = random_tensor((1, 9, 2, head_dim), "contiguous", device, dtype, generator)
     k, v = (random_tensor((1, 5, 2, head_dim), "contiguous", device, dtype, generator) for _ in "kv")
     q[0, :, 0, 0] = q[0, :, 0, 0].abs() + 0.5
