@@ -222,6 +222,22 @@ def _assert_non_finite_where_the_reference_is(actual, reference, what):
                              f"reference, first at {wrong.nonzero()[0].tolist()}")
 
 
+def _gradients_and_the_references(backend, q, k, v, gradient_of, eps):
+    """((dq, dk, dv) through the op on `backend`, the same from float64 autograd of the
+    reference), for the output gradient gradient_of(out)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with fastgen.use_backend(backend):
+        out = linear_attention(q, k, v, eps)
+    grad = gradient_of(out)
+    out.backward(grad)
+    return (q.grad, k.grad, v.grad), _autograd_of_the_reference(grad, q, k, v, eps)
+
+
+def _assert_gradients_non_finite_where_the_reference_is(gradients, expected):
+    for gradient_name, actual, reference in zip(("dq", "dk", "dv"), gradients, expected):
+        _assert_non_finite_where_the_reference_is(actual, reference, gradient_name)
+
+
 @pytest.mark.parametrize("device, backend", _forward_targets())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [1, 12])
@@ -247,17 +263,12 @@ def test_infinite_value_makes_dz_nan_through_zero_features_of_q(device, backend,
     infinite S_ij (0 * inf), so the reference's grad . out_n, dz and every dk at k > 0 are NaN.
     The Triton backward dropped the terms of such features from dden_n (so that an overflow of
     grad / eps times a finite S gives no NaN) and got -inf or 0 in dk instead."""
-    q, k, v = (t.detach().requires_grad_()
-               for t in _one_infinite_value(device, dtype, generator, 9, 48, head_dim, float("inf")))
-    with fastgen.use_backend(backend):
-        out = linear_attention(q, k, v, 1e-6)
+    q, k, v = _one_infinite_value(device, dtype, generator, 9, 48, head_dim, float("inf"))
     # Positive: every row's dden_n has the same sign, so no inf - inf makes dz NaN anyway.
-    grad = torch.randn(out.shape, generator=generator).abs().to(device, dtype)
-    out.backward(grad)
-    expected = _autograd_of_the_reference(grad, q, k, v, 1e-6)
+    gradients, expected = _gradients_and_the_references(
+        backend, q, k, v, lambda out: torch.randn(out.shape, generator=generator).abs().to(device, dtype), 1e-6)
     assert expected[1].isnan().any(), "the case must have NaN in dk"
-    for gradient_name, actual, reference in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), expected):
-        _assert_non_finite_where_the_reference_is(actual, reference, gradient_name)
+    _assert_gradients_non_finite_where_the_reference_is(gradients, expected)
 
 
 @pytest.mark.parametrize("device, backend", _forward_targets())
@@ -270,15 +281,10 @@ def test_infinite_value_with_every_query_feature_positive(device, backend, dtype
     0 * inf = NaN in their out) must add nothing to dz: they once made every dk NaN."""
     q, k, v = _one_infinite_value(device, dtype, generator, 9, 48, head_dim, float("inf"))
     q[0, :, 0] = q[0, :, 0].abs() + 0.5
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    with fastgen.use_backend(backend):
-        out = linear_attention(q, k, v, 1e-6)
-    grad = torch.randn(out.shape, generator=generator).abs().to(device, dtype)
-    out.backward(grad)
-    expected = _autograd_of_the_reference(grad, q, k, v, 1e-6)
+    gradients, expected = _gradients_and_the_references(
+        backend, q, k, v, lambda out: torch.randn(out.shape, generator=generator).abs().to(device, dtype), 1e-6)
     assert (expected[1][0, :, 0] == float("-inf")).any(), "the premise: dk -inf in the head"
-    for gradient_name, actual, reference in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), expected):
-        _assert_non_finite_where_the_reference_is(actual, reference, gradient_name)
+    _assert_gradients_non_finite_where_the_reference_is(gradients, expected)
 
 
 @pytest.mark.parametrize("device, backend", _forward_targets())
@@ -293,16 +299,11 @@ def test_infinite_key_with_every_query_feature_positive(device, backend, dtype, 
     k, v = (random_tensor((1, 5, 2, head_dim), "contiguous", device, dtype, generator) for _ in "kv")
     q[0, :, 0, 0] = q[0, :, 0, 0].abs() + 0.5
     k[0, 2, 0, 0] = float("inf")
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    with fastgen.use_backend(backend):
-        out = linear_attention(q, k, v)
-    grad = torch.randn(out.shape, generator=generator).to(device, dtype)
-    out.backward(grad)
-    expected = _autograd_of_the_reference(grad, q, k, v)
+    gradients, expected = _gradients_and_the_references(
+        backend, q, k, v, lambda out: torch.randn(out.shape, generator=generator).to(device, dtype), 1e-15)
     dv_nan = expected[2][0, :, 0].isnan().any(-1)
     assert dv_nan.tolist() == [False, False, True, False, False], "the premise: dv NaN in the infinite key's row only"
-    for gradient_name, actual, reference in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), expected):
-        _assert_non_finite_where_the_reference_is(actual, reference, gradient_name)
+    _assert_gradients_non_finite_where_the_reference_is(gradients, expected)
 
 
 @pytest.mark.parametrize("device", _devices())
