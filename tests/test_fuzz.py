@@ -415,11 +415,12 @@ def _filtered_lrelu_codes_at_ties(backend: str, args: tuple) -> Optional[Callabl
                                         padding, abs(gain), flip_filter)
     fh, fw = filter_size(fu)
     bound = (fh * fw + 3) * 2.0**-24 * terms
-    near_zero = (v.abs() <= bound) & bound.isfinite()  # an infinite term bounds nothing
+    bounded = bound.isfinite()  # an infinite term bounds nothing
+    near_zero = (v.abs() <= bound) & bounded
     near_clamp = torch.zeros_like(near_zero)
     if clamp is not None:
-        near_clamp = ((torch.nn.functional.leaky_relu(v, slope).abs() - clamp).abs() <= bound * max(1.0, abs(slope))
-                      ) & bound.isfinite()
+        distance = (torch.nn.functional.leaky_relu(v, slope).abs() - clamp).abs()
+        near_clamp = (distance <= bound * max(1.0, abs(slope))) & bounded
     if not (near_zero | near_clamp).any():
         return None
     y, packed = FILTERED_LRELU_WITH_CODES.allocate_output(*args)

@@ -27,17 +27,24 @@ def _view_in_large_buffer(shape: tuple, strides: tuple, dtype: torch.dtype, gene
     return view
 
 
+def _assert_matches_the_reference(op, args: tuple, backend: str, rtol: float, atol: float) -> None:
+    """op(*args) on `backend` against the reference backend on contiguous copies of args, every
+    output compared."""
+    with fastgen.use_backend(backend):
+        out = op(*args)
+    with fastgen.use_backend("reference"):
+        expected = op(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+    for actual, reference in zip(*(t if isinstance(t, tuple) else (t,) for t in (out, expected))):
+        torch.testing.assert_close(actual.float(), reference.float(), rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("backend", ["triton"])
 def test_cross_attention_reads_head_dims_past_two_to_the_31(backend, generator):
     """D = 40 with the head dim's stride 2^26: d x stride reaches 2.6e9 elements."""
     shape = (1, 5, 1, 40)
     q = _view_in_large_buffer(shape, (0, 40, 0, HUGE_STRIDE), torch.float16, generator)
     k, v = (torch.randn(1, 7, 1, 40, generator=generator).half() for _ in range(2))
-    with fastgen.use_backend(backend):
-        out = fastgen.cross_attention(q, k, v)
-    with fastgen.use_backend("reference"):
-        expected = fastgen.cross_attention(q.contiguous(), k, v)
-    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-3, atol=2e-3)
+    _assert_matches_the_reference(fastgen.cross_attention, (q, k, v), backend, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("backend", ["triton"])
@@ -45,11 +52,7 @@ def test_upfirdn2d_reads_columns_past_two_to_the_31(backend, generator):
     """A 1 x 1 x 3 x 40 map whose column stride is 2^26, through a 4-tap up-2 filter."""
     x = _view_in_large_buffer((1, 1, 3, 40), (0, 0, 40, HUGE_STRIDE), torch.float32, generator)
     f = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8
-    with fastgen.use_backend(backend):
-        out = fastgen.upfirdn2d(x, f, up=2, padding=[2, 1, 2, 1])
-    with fastgen.use_backend("reference"):
-        expected = fastgen.upfirdn2d(x.contiguous(), f, up=2, padding=[2, 1, 2, 1])
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    _assert_matches_the_reference(fastgen.upfirdn2d, (x, f, 2, 1, [2, 1, 2, 1]), backend, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton"])
@@ -59,11 +62,7 @@ def test_linear_attention_reads_heads_and_head_dims_past_two_to_the_31(backend, 
     q = _view_in_large_buffer((1, 5, 40, 40), (0, 40, HUGE_STRIDE, 1), torch.float32, generator)
     k = _view_in_large_buffer((1, 7, 40, 40), (0, 1, 7, HUGE_STRIDE), torch.float32, generator)
     v = torch.randn(1, 7, 40, 40, generator=generator)
-    with fastgen.use_backend(backend):
-        out = fastgen.linear_attention(q, k, v)
-    with fastgen.use_backend("reference"):
-        expected = fastgen.linear_attention(q.contiguous(), k.contiguous(), v)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    _assert_matches_the_reference(fastgen.linear_attention, (q, k, v), backend, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton"])
@@ -71,11 +70,7 @@ def test_filtered_lrelu_reads_columns_past_two_to_the_31(backend, generator):
     """A 1 x 1 x 3 x 40 map whose column stride is 2^26, up 2 and down 2 through 4-tap filters."""
     x = _view_in_large_buffer((1, 1, 3, 40), (0, 0, 40, HUGE_STRIDE), torch.float32, generator)
     f = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8
-    with fastgen.use_backend(backend):
-        out = fastgen.filtered_lrelu(x, f, f, up=2, down=2, padding=2)
-    with fastgen.use_backend("reference"):
-        expected = fastgen.filtered_lrelu(x.contiguous(), f, f, up=2, down=2, padding=2)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    _assert_matches_the_reference(fastgen.filtered_lrelu, (x, f, f, None, 2, 2, 2), backend, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton"])
@@ -86,13 +81,8 @@ def test_qk_norm_rope_reads_head_dims_past_two_to_the_31(backend, generator):
     k = torch.randn(1, 3, 2, 40, generator=generator)
     weight_q, weight_k = (torch.randn(40, generator=generator) for _ in "qk")
     angles = torch.randn(3, 20, generator=generator)
-    tables = {"weight_q": weight_q, "weight_k": weight_k, "cos": angles.cos(), "sin": angles.sin()}
-    with fastgen.use_backend(backend):
-        out = fastgen.qk_norm_rope(q, k, **tables)
-    with fastgen.use_backend("reference"):
-        expected = fastgen.qk_norm_rope(q.contiguous(), k, **tables)
-    for actual, reference in zip(out, expected):
-        torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-5)
+    _assert_matches_the_reference(fastgen.qk_norm_rope, (q, k, weight_q, weight_k, angles.cos(), angles.sin()),
+                                  backend, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton"])
@@ -100,13 +90,8 @@ def test_shortcuts_read_columns_past_two_to_the_31(backend, generator):
     """DC-AE's two shortcuts on maps whose column stride is 2^26 (40 columns)."""
     x = _view_in_large_buffer((1, 4, 2, 40), (0, 80, 40, HUGE_STRIDE), torch.float32, generator)
     y = _view_in_large_buffer((1, 8, 2, 40), (0, 80, 40, HUGE_STRIDE), torch.float32, generator)
-    for shortcut, tensor, out_channels in ((fastgen.pixel_unshuffle_channel_avg, x, 8),
-                                          (fastgen.channel_dup_pixel_shuffle, y, 4)):
-        with fastgen.use_backend(backend):
-            out = shortcut(tensor, 2, out_channels)
-        with fastgen.use_backend("reference"):
-            expected = shortcut(tensor.contiguous(), 2, out_channels)
-        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    _assert_matches_the_reference(fastgen.pixel_unshuffle_channel_avg, (x, 2, 8), backend, rtol=1e-6, atol=1e-6)
+    _assert_matches_the_reference(fastgen.channel_dup_pixel_shuffle, (y, 2, 4), backend, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["triton"])
@@ -115,15 +100,10 @@ def test_layer_norms_read_channels_past_two_to_the_31(backend, generator):
     x = _view_in_large_buffer((1, 3, 40), (0, 40, HUGE_STRIDE), torch.float32, generator)
     residual = torch.randn(1, 3, 40, generator=generator)
     gate, scale, shift = (torch.randn(1, 40, generator=generator) for _ in range(3))
-    runs = ((fastgen.ada_layer_norm, (x, scale, shift), (x.contiguous(), scale, shift)),
-            (fastgen.gated_residual_ada_layer_norm, (residual, x, gate, scale, shift),
-             (residual, x.contiguous(), gate, scale, shift)))
-    for op, args, contiguous_args in runs:
-        with fastgen.use_backend(backend):
-            out = op(*args)
-        with fastgen.use_backend("reference"):
-            expected = op(*contiguous_args)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    _assert_matches_the_reference(fastgen.ada_layer_norm, (x, scale, shift), backend, rtol=1e-5, atol=1e-5)
+    _assert_matches_the_reference(fastgen.gated_residual_ada_layer_norm, (residual, x, gate, scale, shift), backend,
+                                  rtol=1e-5, atol=1e-5)
+
 
 def _values_past_two_to_the_31(count: int, generator) -> torch.Tensor:
     """A lazily allocated float16 buffer of 2^31 + count elements, random from 2^31 on (4 GiB
