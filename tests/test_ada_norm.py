@@ -199,10 +199,11 @@ def test_group_norm_statistics_survive_a_large_mean(splits, generator):
     grad = torch.randn(x.shape, generator=generator)
     grads = _run_group_norm_backward(grad, args, splits)
     expected = _reference_gradients(ada_group_norm_reference, grad, args, (0, 1, 2, 4, 5))
-    # dx scales with rstd = 100: compare relative to its size.
-    _assert_close_to(grads[0] / 100, expected[0] / 100, "dx / 100")
-    for name, actual, reference in zip(_GROUP_GRAD_NAMES[1:], grads[1:], expected[1:]):
-        _assert_close_to(actual, reference, name)
+    # Relative to the sizes of the terms each gradient sums (dx's carry rstd = 100): dscale sums
+    # 132 products of size 1 to about 0.05, so float32 rounding alone is 1e-5 of it.
+    terms = ada_group_norm_gradient_terms(args, lambda: [grad], None)
+    for name, actual, reference, argument in zip(_GROUP_GRAD_NAMES, grads, expected, _GROUP_ARGUMENTS):
+        _assert_close_to(actual, reference, name, terms[argument])
 
 
 def test_layer_norm_statistics_survive_a_large_mean(generator):
