@@ -20,7 +20,8 @@ own key gets exactly exp2(0) = 1 even at scores near 1e20, where folding log2(e)
 score would round the max and its key apart by 2^40. Key columns past Lkv or masked out get a
 score of -inf; while a row's scores are all -inf, m is -inf and the exponent is taken against
 0 instead, so no inf - inf NaN appears. It writes out = acc / l and the row's log-sum-exp
-m + log(l) (exactly m where l = 1, so the backward's exp(s - lse) is exactly 1 there). A row
+m + log(l) in float64 (exactly m where l = 1, so the backward's exp(s - lse) is exactly 1
+there; a float32 lse would give P a relative error up to |lse| 2^-24). A row
 with a key follows the reference's softmax into NaN (a NaN or +inf score, or scores all -inf:
 0 / 0, lse -inf); a row with no key, counted by its mask, gets out 0 and lse +inf, so that the
 backward's exp(s - lse) is 0 there.
@@ -39,6 +40,9 @@ Backward (FlashAttention-2), two launches, no atomics (deterministic):
   1. `_query_grad_kernel`, over query blocks: computes delta = rowsum(dout * out) for its
      rows and stores it for the next launch, then streams the key/value tiles recomputing
      P = exp(s - lse), dP = dout v^T, dS = P (dP - delta), and accumulates dq = scale dS k.
+     lse is split per row into float32 parts hi + lo and the exponent taken as (s - hi) - lo:
+     s - hi is exact wherever P is not negligible (s within a factor 2 of hi, Sterbenz), so
+     the float32 tiles keep the float64 lse's digits at one subtraction more per element.
      dS is exactly 0 at masked keys, at rows without keys and (second launch) at the rows
      past Lq, where P is 0 but dP or delta may be NaN: the reference passes no gradient there.
      The second launch masks the rows past Lq as padded keys are masked, so their P is 0 even
@@ -172,18 +176,31 @@ def _exp(x):
 
 
 @triton.jit
-def _recomputed_probabilities(s, lse):
-    """exp(s - lse) of recomputed scores, at most 1: the exponent is clamped at 0 (NaN kept). A
-    score recomputed one float32 rounding above the forward's row max (an ulp is 1e13 at
-    scores near 1e20) would make P infinite."""
-    x = s - lse
+def _recomputed_probabilities(s, lse_hi, lse_lo):
+    """exp((s - lse_hi) - lse_lo) of recomputed scores, at most 1: the exponent is clamped at 0
+    (NaN kept). A score recomputed one float32 rounding above the forward's row max (an ulp is
+    1e13 at scores near 1e20) would make P infinite."""
+    x = (s - lse_hi) - lse_lo
     return _exp(tl.where(x > 0.0, 0.0, x))
 
 
 @triton.jit
 def _row_stats_ptrs(stats_ptr, bh, rows, LQ):
-    """Pointers and bounds into a (B, H, Lq) float32 row statistic (contiguous)."""
+    """Pointers and bounds into a (B, H, Lq) row statistic (contiguous)."""
     return stats_ptr + bh.to(tl.int64) * LQ + rows, rows < LQ
+
+
+@triton.jit
+def _lse_parts(lse_ptr, bh, rows, LQ):
+    """The float64 lse of `rows` as float32 hi + lo (hi the nearest float32, lo the rest; lo 0
+    where hi is infinite, keeping a keyless row's +inf), and the rows' bounds. Rows past Lq
+    read +inf."""
+    ptrs, in_range = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
+    lse = tl.load(ptrs, mask=in_range, other=float("inf"))
+    hi = lse.to(tl.float32)
+    infinite = (hi == float("inf")) | (hi == float("-inf"))
+    lo = tl.where(infinite, 0.0, (lse - hi.to(tl.float64)).to(tl.float32))
+    return hi, lo, in_range
 
 
 @triton.jit
@@ -251,7 +268,8 @@ def _forward_kernel(
     out = acc / tl.where(has_key, row_sum, 1.0)[:, None]
     _store_tile(out_ptr, out, b, h, rows, LQ, d, D, o_sb, o_sl, o_sh, o_sd)
     lse_ptrs, in_range = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
-    lse = tl.where(has_key, row_max + tl.log2(row_sum) * _LN2, float("inf"))
+    log_sum = (tl.log2(row_sum) * _LN2).to(tl.float64)
+    lse = tl.where(has_key, row_max.to(tl.float64) + log_sum, float("inf"))
     tl.store(lse_ptrs, lse, mask=in_range)
 
 
@@ -280,8 +298,7 @@ def _query_grad_kernel(
     delta = tl.sum(grad.to(tl.float32) * out.to(tl.float32), axis=1)
     stats_ptrs, in_range = _row_stats_ptrs(delta_ptr, bh, rows, LQ)
     tl.store(stats_ptrs, delta, mask=in_range)
-    lse_ptrs, _ = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
-    lse = tl.load(lse_ptrs, mask=in_range, other=float("inf"))
+    lse_hi, lse_lo, _ = _lse_parts(lse_ptr, bh, rows, LQ)
     dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     if BLOCK_CAUSAL:
         key_ends = _row_key_ends(ends_ptr, NUM_ENDS, e_s, tl.where(rows < LQ, rows, LQ - 1))
@@ -297,7 +314,8 @@ def _query_grad_kernel(
             counted = valid[None, :] & (cols[None, :] < key_ends[:, None])
         else:
             counted = valid[None, :]
-        p = _recomputed_probabilities(_scores(q, k, counted, scale, PRECISION, UPCAST_DOTS), lse[:, None])
+        p = _recomputed_probabilities(_scores(q, k, counted, scale, PRECISION, UPCAST_DOTS), lse_hi[:, None],
+                                      lse_lo[:, None])
         dp = _dot(grad, tl.trans(v), PRECISION, UPCAST_DOTS)
         ds = _score_grad(p, dp, delta[:, None], counted)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST_DOTS)
@@ -338,8 +356,7 @@ def _key_value_grad_kernel(
         rows = start + tl.arange(0, BLOCK_M)
         q = _load_tile(q_ptr, b, h, rows, LQ, d, D, q_sb, q_sl, q_sh, q_sd)
         grad = _load_tile(grad_ptr, b, h, rows, LQ, d, D, g_sb, g_sl, g_sh, g_sd)
-        lse_ptrs, in_range = _row_stats_ptrs(lse_ptr, bh, rows, LQ)
-        lse = tl.load(lse_ptrs, mask=in_range, other=float("inf"))
+        lse_hi, lse_lo, in_range = _lse_parts(lse_ptr, bh, rows, LQ)
         delta_ptrs, _ = _row_stats_ptrs(delta_ptr, bh, rows, LQ)
         delta = tl.load(delta_ptrs, mask=in_range, other=0.0)
         # Rows past Lq are no rows of the reference: they are masked as padded keys are, so
@@ -352,7 +369,7 @@ def _key_value_grad_kernel(
         # The forward's product q k^T, operands in its order, transposed: k q^T rounds the same
         # scores differently (module docstring, backward).
         p_t = _recomputed_probabilities(tl.trans(_scores(q, k, tl.trans(counted_t), scale, PRECISION, UPCAST_DOTS)),
-                             lse[None, :])
+                                        lse_hi[None, :], lse_lo[None, :])
         dv += _dot(p_t.to(grad.dtype), grad, PRECISION, UPCAST_DOTS)
         dp_t = _dot(v, tl.trans(grad), PRECISION, UPCAST_DOTS)
         ds_t = _score_grad(p_t, dp_t, delta[None, :], counted_t)
@@ -496,7 +513,7 @@ def _meta(q, mask, ends) -> dict:
 
 def cross_attention(q, k, v, mask, scale, causal_block_ends=None, *, out) -> None:
     """out = softmax(q k^T scale + mask bias) v, the row log-sum-exps discarded."""
-    lse = torch.empty(lse_shape(q), dtype=torch.float32, device=q.device)
+    lse = torch.empty(lse_shape(q), dtype=torch.float64, device=q.device)
     cross_attention_forward(q, k, v, mask, scale, causal_block_ends, out=(out, lse))
 
 
@@ -512,7 +529,7 @@ def _check_lengths(q, k) -> None:
 
 
 def cross_attention_forward(q, k, v, mask, scale, causal_block_ends=None, *, out) -> None:
-    """out = (output (like q), lse ((B, H, Lq) float32)) of softmax(q k^T scale + mask bias) v."""
+    """out = (output (like q), lse ((B, H, Lq) float64)) of softmax(q k^T scale + mask bias) v."""
     _check_lengths(q, k)
     output, lse = out
     scale = effective_scale(q, scale)
@@ -537,7 +554,7 @@ def cross_attention_backward(grad, q, k, v, output, lse, mask, scale, causal_blo
     kv_len = k.shape[1]
     mask_tensor, mask_strides = _mask_args(mask, q)
     ends, num_ends, ends_stride = _ends_args(causal_block_ends, q)
-    delta = torch.empty_like(lse)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     meta = _meta(q, mask, causal_block_ends)
     _query_grad(
         q_len, batch * heads,

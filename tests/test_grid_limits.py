@@ -70,7 +70,7 @@ def _gated_residual_flux_2048():
 def _attention_dit_xl():
     # DiT-XL/2 self-attention (16 heads of 72 over 256 tokens) at batch 4096: B * H = 65,536.
     q = _meta(4096, 256, 16, 72)
-    lse = _meta(4096, 16, 256, dtype=torch.float32)
+    lse = _meta(4096, 16, 256, dtype=torch.float64)
     return [(CROSS_ATTENTION_FORWARD, (q, q, q, None, None)),
             (CROSS_ATTENTION_BACKWARD, (q, q, q, q, q, lse, None, None))]
 

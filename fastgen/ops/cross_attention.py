@@ -62,7 +62,10 @@ ending before that block: those rows' outputs and gradients stay finite where th
 are NaN, and equal its values on the same inputs without the non-finite value.
 
 Scores, softmax statistics and accumulation are float32 (float64 for float64 inputs); out
-has q's dtype and shape, contiguous; lse is float32 (B, H, Lq).
+has q's dtype and shape, contiguous; lse is float64 (B, H, Lq). The backward recomputes P_ij =
+exp(s_ij - lse_i), whose relative error is lse's absolute one: rounded to float32, lse would be
+off by up to |lse| 2^-24, 1.8e-5 of P at |lse| = 300 (past float32's tolerance) and a factor
+e^0.5 at 8.5e6, so lse holds the float32 statistics' m + log(l) in float64.
 
 Precision of out. For float16 and bfloat16 the weights P_ij enter the product with v rounded
 to that dtype (as in FlashAttention), so out_i is within the dtype's tolerance of the size of
@@ -239,7 +242,7 @@ def _allocate_output(q, k, v, key_padding_mask=None, scale=None, causal_block_en
 def _allocate_output_and_lse(q, k, v, key_padding_mask=None, scale=None, causal_block_ends=None):
     _check_inputs("cross_attention", q, k, v, key_padding_mask, scale, causal_block_ends)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty(lse_shape(q), dtype=torch.float32, device=q.device))
+            torch.empty(lse_shape(q), dtype=torch.float64, device=q.device))
 
 
 def _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale, causal_block_ends) -> None:
@@ -249,7 +252,7 @@ def _check_backward_inputs(grad, q, k, v, output, lse, key_padding_mask, scale, 
         check_companion(op_name, name, tensor, q, tuple(q.shape), "of q", "q")
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"{op_name}: lse must be a torch.Tensor, got {type(lse).__name__}")
-    _check_same_place(op_name, "lse", lse, q, torch.float32)
+    _check_same_place(op_name, "lse", lse, q, torch.float64)
     if lse.shape != lse_shape(q):
         raise ValueError(f"{op_name}: lse must have shape (B, H, Lq) = {lse_shape(q)}, got {tuple(lse.shape)}")
 
@@ -315,7 +318,7 @@ def cross_attention_forward_reference(q, k, v, key_padding_mask=None, scale=None
     _check_inputs("cross_attention", q, k, v, key_padding_mask, scale, causal_block_ends)
     out, scores, has_key = _attend(q, k, v, key_padding_mask, scale, causal_block_ends)
     lse = torch.where(has_key[..., 0], torch.logsumexp(scores, dim=-1), float("inf"))
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse.double()
 
 
 def cross_attention_backward_reference(grad, q, k, v, output, lse, key_padding_mask=None, scale=None,
@@ -450,16 +453,16 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def merge_attention(parts) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of attention over the union of disjoint key sets, from each set's (out, lse)
     of `cross_attention_forward` with the same queries (module docstring). A row without a key
-    in any part keeps the op's convention: out 0, lse +inf. The result is float32 (float64 for
-    float64 parts), out laid out as (B, Lq, H, D)."""
+    in any part keeps the op's convention: out 0, lse +inf. lse is float64; out is float32
+    (float64 for float64 parts), laid out as (B, Lq, H, D)."""
     outs, lses = zip(*parts)
     # The op marks a keyless row with lse +inf (its recomputed probabilities are then 0); as a
     # weight in the union that row counts for nothing, which is lse -inf.
-    weights = torch.stack([torch.where(lse == float("inf"), float("-inf"), lse) for lse in lses])
+    weights = torch.stack([torch.where(lse == float("inf"), float("-inf"), lse.double()) for lse in lses])
     lse = torch.logsumexp(weights, dim=0)
     keyless = lse == float("-inf")
     scale = torch.where(keyless, 0.0, torch.exp(weights - torch.where(keyless, 0.0, lse)))
-    compute = torch.promote_types(outs[0].dtype, lse.dtype)
+    compute = torch.promote_types(outs[0].dtype, torch.float32)
     # lse is (B, H, Lq) and out (B, Lq, H, D): the weights move to (B, Lq, H, 1).
-    out = sum(o.to(compute) * w.transpose(1, 2)[..., None] for o, w in zip(outs, scale))
+    out = sum(o.to(compute) * w.transpose(1, 2)[..., None].to(compute) for o, w in zip(outs, scale))
     return out, torch.where(keyless, float("inf"), lse)
