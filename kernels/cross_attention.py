@@ -41,8 +41,9 @@ Backward (FlashAttention-2), two launches, no atomics (deterministic):
      rows and stores it for the next launch, then streams the key/value tiles recomputing
      P = exp(s - lse), dP = dout v^T, dS = P (dP - delta), and accumulates dq = scale dS k.
      lse is split per row into float32 parts hi + lo and the exponent taken as (s - hi) - lo:
-     s - hi is exact wherever P is not negligible (s within a factor 2 of hi, Sterbenz), so
-     the float32 tiles keep the float64 lse's digits at one subtraction more per element.
+     s - hi is exact where s is within a factor 2 of hi (Sterbenz), and elsewhere off by at
+     most 2^-24 |s - hi|, as any float32 exponent is, so the float32 tiles keep the float64
+     lse's digits at one subtraction more per element.
      dS is exactly 0 at masked keys, at rows without keys and (second launch) at the rows
      past Lq, where P is 0 but dP or delta may be NaN: the reference passes no gradient there.
      The second launch masks the rows past Lq as padded keys are masked, so their P is 0 even
@@ -70,9 +71,10 @@ eager float32 attention in an emulation of it (2e-6..4e-6 against float64 at D =
 plain TF32 is 2e-3 off and misses the float32 tolerance). "ieee" (exact float32 FMA) would be as
 accurate but cannot run on tensor cores: with it ptxas for sm_90 spills 2.7..77 KB per thread
 (most above 17 KB) in every float32 configuration at D_PAD 128. Softmax statistics and all
-elementwise arithmetic are float32. The Triton CPU interpreter computes bfloat16 dots
-wrongly (conversions are exact), so under the interpreter bfloat16 operands are converted to
-float32 before each dot (UPCAST_DOTS): the values multiplied are the same bfloat16 values.
+elementwise arithmetic are float32, but for lse's sum m + log(l) and its split (float64). The
+Triton CPU interpreter computes bfloat16 dots wrongly (conversions are exact), so under the
+interpreter bfloat16 operands are converted to float32 before each dot (UPCAST_DOTS): the
+values multiplied are the same bfloat16 values.
 
 Tiles: a few autotuned configs, valid on Ampere and Hopper, pruned by D_PAD so the tiles a
 program keeps and streams fit in registers (budgets from ptxas, below), plus a lean last

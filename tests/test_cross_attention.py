@@ -194,16 +194,18 @@ def test_backward_kernel_matches_reference(device, data, generator):
 
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("largest_score", [3e2, 4e4, 8.5e6])
+@pytest.mark.parametrize("largest_score", [4e4, 8.5e6])
 def test_backward_probabilities_keep_the_digits_of_large_scores(device, dtype, largest_score, generator):
     """21 equal keys (one key row, stride 0), so every P is 1/21 in float64, at scores up to
     `largest_score` of either sign. lse = m + log 21 is stored as float64 and subtracted in two
     float32 parts. Rounded to float32, lse is off by up to |lse| 2^-24, and P by as much
-    relatively: float32's dv failed here from 4e4 on (up to 1.8e-5 at 300: by the rounding of the
-    draw), float16's at 8.5e6 (an ulp of lse is 1 there: P e^-3 for 1/21)."""
+    relatively: with a float32 lse every dtype's dv failed here at 8.5e6 (an ulp of lse is 1
+    there: P e^-3 for 1/21), float32's also at 4e4. The output gradient is 30x larger than
+    unit-normal so that dv's terms, not atol, set its tolerance."""
     q = random_tensor((2, 9, 2, 40), "contiguous", device, dtype, generator)
     k = random_tensor((2, 1, 2, 40), "contiguous", device, dtype, generator).expand(2, 21, 2, 40)
-    v, grad = (random_tensor(s, "contiguous", device, dtype, generator) for s in ((2, 21, 2, 40), (2, 9, 2, 40)))
+    v = random_tensor((2, 21, 2, 40), "contiguous", device, dtype, generator)
+    grad = 30 * random_tensor((2, 9, 2, 40), "contiguous", device, dtype, generator)
     scale = largest_score / torch.einsum("bqhd,bkhd->bhqk", *_upcast((q, k))).abs().max().item()
     with fastgen.use_backend("triton"):
         out, lse = cross_attention_forward(q, k, v, None, scale)

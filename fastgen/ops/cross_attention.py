@@ -64,8 +64,8 @@ are NaN, and equal its values on the same inputs without the non-finite value.
 Scores, softmax statistics and accumulation are float32 (float64 for float64 inputs); out
 has q's dtype and shape, contiguous; lse is float64 (B, H, Lq). The backward recomputes P_ij =
 exp(s_ij - lse_i), whose relative error is lse's absolute one: rounded to float32, lse would be
-off by up to |lse| 2^-24, 1.8e-5 of P at |lse| = 300 (past float32's tolerance) and a factor
-e^0.5 at 8.5e6, so lse holds the float32 statistics' m + log(l) in float64.
+off by up to half an ulp of lse, 1.5e-5 of P at |lse| = 300 (past float32's tolerance) and a
+factor e^0.5 at 8.5e6, so lse holds the float32 statistics' m + log(l) in float64.
 
 Precision of out. For float16 and bfloat16 the weights P_ij enter the product with v rounded
 to that dtype (as in FlashAttention), so out_i is within the dtype's tolerance of the size of
@@ -317,8 +317,9 @@ def cross_attention_forward_reference(q, k, v, key_padding_mask=None, scale=None
     """(out, lse) in eager PyTorch; lse is +inf on rows without a key."""
     _check_inputs("cross_attention", q, k, v, key_padding_mask, scale, causal_block_ends)
     out, scores, has_key = _attend(q, k, v, key_padding_mask, scale, causal_block_ends)
-    lse = torch.where(has_key[..., 0], torch.logsumexp(scores, dim=-1), float("inf"))
-    return out.to(q.dtype), lse.double()
+    # The log-sum-exp of the compute dtype's scores, summed in float64: the op's lse digits.
+    lse = torch.where(has_key[..., 0], torch.logsumexp(scores.double(), dim=-1), float("inf"))
+    return out.to(q.dtype), lse
 
 
 def cross_attention_backward_reference(grad, q, k, v, output, lse, key_padding_mask=None, scale=None,
