@@ -474,16 +474,15 @@ def _gated_residual_at_returned_h(backend: str, args: tuple) -> Callable:
     return gated_residual_reference_at(out[0].detach())
 
 
-def _oracle_at_the_kernels_choices(name: str, backend: str, direction: str, args: tuple) -> Optional[Callable]:
-    """The contract at a choice it leaves to the kernel, taken as the kernel took it: the
-    filtered_lrelu backward's codes at ties (its gradients follow the code recorded) and the
-    gated residual's y at the h it returns. None for other ops, and for a filtered_lrelu draw
-    whose codes take no tie."""
-    if name == "filtered_lrelu" and direction == "bwd":
-        return _filtered_lrelu_codes_at_ties(backend, args)
-    if name == "gated_residual_ada_layer_norm":
-        return _gated_residual_at_returned_h(backend, args)
-    return None
+# The contract at a choice it leaves to the kernel, taken as the kernel took it: (op, direction)
+# -> function of (backend, args) giving the oracle, or None where the draw meets no such choice.
+# The filtered_lrelu backward's gradients follow the code it recorded at a tie; the gated
+# residual's y normalizes the h it returns.
+ORACLES_AT_THE_KERNELS_CHOICES = {
+    ("filtered_lrelu", "bwd"): _filtered_lrelu_codes_at_ties,
+    ("gated_residual_ada_layer_norm", "fwd"): _gated_residual_at_returned_h,
+    ("gated_residual_ada_layer_norm", "bwd"): _gated_residual_at_returned_h,
+}
 
 
 def _float64_tie(name: str, args: tuple) -> Optional[Callable]:
@@ -701,13 +700,14 @@ def draw_mismatch(name: str, backend: str, dtype: torch.dtype, direction: str, a
                   values: Optional[tuple]) -> str:
     """The fuzz's verdict on one draw: check_at_stated_precision's detail ("" where it passes)
     against the contract at the kernel's own choices where the op leaves it one
-    (_oracle_at_the_kernels_choices), or else the op's stated contract for the draw's value
+    (ORACLES_AT_THE_KERNELS_CHOICES), or else the op's stated contract for the draw's value
     class (`values`, as fuzz_inputs records it), or else its reference."""
     op = OPS[name]
     contract = _stated_contract(name, backend, values)
     compare = functools.partial(non_finite_aware_mismatch, tied_codes=_float64_tie(name, args),
                                 non_finite=contract.non_finite if contract else "same")
-    oracle = _oracle_at_the_kernels_choices(name, backend, direction, args) or (contract and contract.oracle) \
+    at_the_kernels_choice = ORACLES_AT_THE_KERNELS_CHOICES.get((name, direction))
+    oracle = (at_the_kernels_choice and at_the_kernels_choice(backend, args)) or (contract and contract.oracle) \
         or op.reference
     # oneDNN compiles a float16 depthwise convolution (the filters' references on a CPU) per
     # shape, and takes minutes for some (a 1 x 17 filter over 131 columns); torch's own does not.
