@@ -695,6 +695,25 @@ def test_key_parts_merge_through_the_lse_into_full_attention(generator, device, 
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", _devices())
+def test_parts_merge_at_large_scores(generator, device):
+    """21 equal keys (stride 0) split 10 + 11 at scores up to 8.5e6: the parts' weights in the
+    union are exp(lse_p - lse) = 10/21 and 11/21, and every P 1/21, only while lse keeps the
+    digits of log 10 and log 11 (an ulp of a float32 lse is 1 there)."""
+    q = random_tensor((2, 9, 2, 40), "contiguous", device, torch.float32, generator)
+    k = random_tensor((2, 1, 2, 40), "contiguous", device, torch.float32, generator).expand(2, 21, 2, 40)
+    v = random_tensor((2, 21, 2, 40), "contiguous", device, torch.float32, generator)
+    scale = 8.5e6 / torch.einsum("bqhd,bkhd->bhqk", *_upcast((q, k))).abs().max().item()
+    with use_backend("triton"):
+        out, lse = merge_attention([cross_attention_forward(q, k[:, a:b], v[:, a:b], None, scale)
+                                    for a, b in ((0, 10), (10, 21))])
+        whole_lse = cross_attention_forward(q, k, v, None, scale)[1]
+    _assert_close_to(out, v.double().mean(1, keepdim=True).expand(out.shape), "merged out")
+    # The same float32 scores m (rounded by up to 0.5 at 8.5e6, in the parts and the whole alike)
+    # plus log 21: equal to float32 logarithms' rounding.
+    torch.testing.assert_close(lse - whole_lse, torch.zeros_like(lse), rtol=0, atol=1e-6)
+
+
 def test_merge_keeps_nan_of_a_part():
     q, k, v = (torch.randn(1, 3, 1, 8) for _ in "qkv")
     k[0, 1, 0, 0] = float("nan")
