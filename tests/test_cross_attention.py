@@ -192,6 +192,15 @@ def test_backward_kernel_matches_reference(device, data, generator):
     _assert_gradients_close(grads, grad, q, k, v, mask, scale)
 
 
+def _equal_keys_at_scores(largest_score, device, dtype, generator):
+    """q (9 rows), k (21 equal keys: one key row at stride 0), v and the scale that makes the
+    largest |score| `largest_score`."""
+    q = random_tensor((2, 9, 2, 40), "contiguous", device, dtype, generator)
+    k = random_tensor((2, 1, 2, 40), "contiguous", device, dtype, generator).expand(2, 21, 2, 40)
+    v = random_tensor((2, 21, 2, 40), "contiguous", device, dtype, generator)
+    return q, k, v, largest_score / torch.einsum("bqhd,bkhd->bhqk", *_upcast((q, k))).abs().max().item()
+
+
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("largest_score", [4e4, 8.5e6])
@@ -202,11 +211,8 @@ def test_backward_probabilities_keep_the_digits_of_large_scores(device, dtype, l
     relatively: with a float32 lse every dtype's dv failed here at 8.5e6 (an ulp of lse is 1
     there: P e^-3 for 1/21), float32's also at 4e4. The output gradient is 30x larger than
     unit-normal so that dv's terms, not atol, set its tolerance."""
-    q = random_tensor((2, 9, 2, 40), "contiguous", device, dtype, generator)
-    k = random_tensor((2, 1, 2, 40), "contiguous", device, dtype, generator).expand(2, 21, 2, 40)
-    v = random_tensor((2, 21, 2, 40), "contiguous", device, dtype, generator)
+    q, k, v, scale = _equal_keys_at_scores(largest_score, device, dtype, generator)
     grad = 30 * random_tensor((2, 9, 2, 40), "contiguous", device, dtype, generator)
-    scale = largest_score / torch.einsum("bqhd,bkhd->bhqk", *_upcast((q, k))).abs().max().item()
     with fastgen.use_backend("triton"):
         out, lse = cross_attention_forward(q, k, v, None, scale)
         dq, dk, dv = cross_attention_backward(grad, q, k, v, out, lse, None, scale)
@@ -700,10 +706,7 @@ def test_parts_merge_at_large_scores(generator, device):
     """21 equal keys (stride 0) split 10 + 11 at scores up to 8.5e6: the parts' weights in the
     union are exp(lse_p - lse) = 10/21 and 11/21, and every P 1/21, only while lse keeps the
     digits of log 10 and log 11 (an ulp of a float32 lse is 1 there)."""
-    q = random_tensor((2, 9, 2, 40), "contiguous", device, torch.float32, generator)
-    k = random_tensor((2, 1, 2, 40), "contiguous", device, torch.float32, generator).expand(2, 21, 2, 40)
-    v = random_tensor((2, 21, 2, 40), "contiguous", device, torch.float32, generator)
-    scale = 8.5e6 / torch.einsum("bqhd,bkhd->bhqk", *_upcast((q, k))).abs().max().item()
+    q, k, v, scale = _equal_keys_at_scores(8.5e6, device, torch.float32, generator)
     with use_backend("triton"):
         out, lse = merge_attention([cross_attention_forward(q, k[:, a:b], v[:, a:b], None, scale)
                                     for a, b in ((0, 10), (10, 21))])
