@@ -53,12 +53,13 @@ Backward (FlashAttention-2), two launches, no atomics (deterministic):
      Its scores are the transpose of the forward's product q k^T, not k q^T, whose float32
      rounding differs (at scores near 1e20 by 1e13: P^T 0 where the forward's max key had 1).
 Both clamp the recomputed exponent s - lse at 0 (P <= 1, as the forward's are): a score a
-rounding above the forward's row max makes an infinite P otherwise. A recomputed score a
-rounding below it still gives that key P 0 where the forward's was 1: the passes assume their
-float32 scores equal the forward's, which holds under the interpreter (every kernel's tiles
-16 x 16) and is owed a check on a GPU, where the three launches' tiles are tuned apart (at
-scores past about 1e8 in float16 / bfloat16, and 1e20 in float32, where an ulp of a score
-passes 1).
+rounding above the forward's row max makes an infinite P otherwise. The passes assume their
+float32 scores equal the forward's: a score recomputed one rounding apart moves its P by a
+factor e^ulp, past float32's tolerance from scores of about 100, by e from 8.4e6 (an ulp of 1),
+and at 1e20 to 0 for the forward's max key. Equality holds under the interpreter (every
+kernel's tiles 16 x 16) and is owed a check on a GPU, where the three launches' tiles are tuned
+apart: test_backward_probabilities_keep_the_digits_of_large_scores (scores up to 4e4 and 8.5e6)
+fails there if they differ.
 P and dS are recomputed twice (once per launch) instead of sharing dq between key blocks
 with atomic adds: that costs two of the backward's seven tile products again but makes every
 gradient a fixed-order sum.
