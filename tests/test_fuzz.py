@@ -281,14 +281,16 @@ def _cross_attention_output_terms(args: tuple, output_grads: Callable, expected:
 
 
 def cross_attention_gradient_terms(args: tuple, output_grads: Callable, expected: dict) -> dict:
-    """dq_i = scale sum_j P_ij (dP_ij - delta_i) k_j and dk_j = scale sum_i P_ij (dP_ij - delta_i) q_i
-    with delta_i = sum_j P_ij dP_ij: their terms' sizes, in float64."""
+    """dq_i = scale sum_j P_ij (g_i . v_j - g_i . out_i) k_j and dk_j = scale sum_i P_ij (g_i . v_j
+    - g_i . out_i) q_i: their terms' sizes written out to products of the inputs, in float64
+    (fastgen/ops/cross_attention.py, "Precision of dq and dk")."""
     q, k, v, mask, scale, ends = (a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
     q64, k64, v64, grad64 = (t.double() for t in (q, k, v, output_grads()[0].cpu()))
     probabilities = cross_attention_probabilities(q64, k64, mask, scale, ends)[0]
-    dprobabilities = torch.einsum("bqhd,bkhd->bhqk", grad64, v64)
-    delta = (probabilities * dprobabilities).sum(-1, keepdim=True)
-    terms = probabilities * (dprobabilities.abs() + delta.abs()) * effective_scale(q, scale)
+    out_abs = torch.einsum("bhqk,bkhd->bqhd", probabilities, v64.abs())
+    dprobabilities = torch.einsum("bqhd,bkhd->bhqk", grad64.abs(), v64.abs())
+    delta = torch.einsum("bqhd,bqhd->bhq", grad64.abs(), out_abs)[..., None]
+    terms = probabilities * (dprobabilities + delta) * effective_scale(q, scale)
     return {"q": torch.einsum("bhqk,bkhd->bqhd", terms, k64.abs()),
             "k": torch.einsum("bhqk,bqhd->bkhd", terms, q64.abs())}
 

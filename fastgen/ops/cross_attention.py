@@ -90,14 +90,21 @@ Backward (FlashAttention-2), for an output gradient g and P_ij = exp(s_ij - lse_
 
 Precision of dq and dk. delta_i = g_i . out_i equals sum_j P_ij (g_i . v_j) only up to rounding
 (out is rounded to q's dtype, and for float16 / bfloat16 P and dS enter the products rounded
-to it, as in FlashAttention-2), and dS_ij = P_ij (dP_ij - delta_i) subtracts the two. So dq and
-dk are within the dtype's tolerance of the sizes of their terms, scale sum_j P_ij (|dP_ij| +
-|delta_i|) |k_j| and scale sum_i P_ij (|dP_ij| + |delta_i|) |q_i|, not of their values, which
-cancel where P is nearly one-hot (measured: with 2 keys in bfloat16, dq 0.038 where the float64
-value is 0.0006, 12 of 16 seeded draws past bfloat16's tolerance of |dq| and none of the terms'
-sizes; at D 80 with 9 queries and 19 keys, dq -0.121 where float64 gives -0.089, 6 of 10 draws
-past it and none of the terms' sizes; at scores near 1e20, where rows are one-hot, dq 38 and dk -7 where float64 gives 0 and
-0.09, a rounding of 1e-7 of dP times a huge k or q). dv has no such subtraction.
+to it, as in FlashAttention-2), and dS_ij = P_ij (dP_ij - delta_i) subtracts the two, each a
+sum over the head dim that can cancel itself. So dq and dk are within the dtype's tolerance of
+the sizes of their terms written out to products of the inputs,
+
+    scale sum_j P_ij (|g_i| . |v_j| + |g_i| . |out|_i) |k_j|   and
+    scale sum_i P_ij (|g_i| . |v_j| + |g_i| . |out|_i) |q_i|,   |out|_i = sum_l P_il |v_l|,
+
+not of their values, which cancel where P is nearly one-hot (measured: with 2 keys in bfloat16,
+dq 0.038 where the float64 value is 0.0006, 12 of 16 seeded draws past bfloat16's tolerance of
+|dq|; at D 80 with 9 queries and 19 keys, dq -0.121 where float64 gives -0.089, 6 of 10 draws
+past it; at scores near 1e20, where rows are one-hot, dq 38 and dk -7 where float64 gives 0 and
+0.09, a rounding of 1e-7 of dP times a huge k or q), nor of |dP_ij| and |delta_i| alone, which
+cancel where g_i is nearly orthogonal to v_j (measured: k up to 1.5e10, a one-hot row whose
+dP = -0.0061 has terms of size 27: dS 2^-21 where float64 gives 0, dq 55 for 0, 0.24% of the
+terms' tolerance and 3.9x that of |dP| + |delta|). dv has no such subtraction.
 
 Ops: `cross_attention_forward -> (out, lse)` keeps lse for the backward;
 `cross_attention_backward(grad, q, k, v, output, lse, mask, scale, causal_block_ends) -> (dq,
