@@ -64,8 +64,8 @@ Inf or NaN in a stage's input or taps turns its whole tile's outputs to NaN, whe
 contract reaches only the filters' support over real samples (and may clamp an Inf to a finite
 value): the op's docstring states this weaker promise. A NaN never comes out finite: the clamp
 propagates it, as torch.clamp does. The codes must be exact all the same (the backward's slopes
-come from them), so the forward with codes computes stage 1 of a tile whose input holds NaN or
-inf as a direct sum over real samples (_real_samples_upsampling_fir, one masked load per tap:
+come from them), so the forward with codes computes stage 1 of a tile whose z holds NaN or inf
+(from its input, a tap or an overflow) again as a direct sum over real samples (_real_samples_upsampling_fir, one masked load per tap:
 slow, but only for such tiles). Only the with-codes variants compile it; ptxas for sm_90: the
 float16 12-tap layer's 77 -> 111 registers, no spills; the float32 and bfloat16 ones, which
 spilled before (120 / 172 bytes), now 164 / 132.
@@ -164,9 +164,13 @@ def _real_samples_upsampling_fir(src_plane, src_sh, src_sw, bias, IN_H, IN_W, wy
             nx = m_x - pad_x + kx
             q_x = nx // UP
             real = row_real & (nx % UP == 0) & (q_x >= 0) & (q_x < IN_W)
+            # A part's zero factor adds nothing: a non-finite filter is split by rows, and a NaN
+            # of row r's part times the other rows' zero factors would be NaN in every row.
             tap = 0.0
             for r in range(RANK):
-                tap += tl.load(wy_ptr + r * KY + ky) * tl.load(wx_ptr + r * KX + kx)
+                wy = tl.load(wy_ptr + r * KY + ky)
+                wx = tl.load(wx_ptr + r * KX + kx)
+                tap += tl.where((wy == 0.0) | (wx == 0.0), 0.0, wy * wx)
             v = to_float32(tl.load(src_plane + q_y.to(tl.int64) * src_sh + q_x.to(tl.int64) * src_sw, mask=real,
                                     other=0.0))
             if HAS_BIAS:
@@ -235,17 +239,16 @@ def _filtered_lrelu_kernel(
         x = tl.where(inside, x + bias, 0.0)
 
     # 2. Stage 1: mid sample m reads input q through tap k = q*UP + pad1 - m. The codes decide the
-    # gradient, so a tile whose input holds NaN or inf (x - x is not 0) computes z over real
-    # samples only, as the contract does, rather than as the banded products, NaN throughout.
-    exact_z = False
+    # gradient, so a tile whose z holds NaN or inf (z - z is not 0: a non-finite input or tap
+    # met the band's zeros, or a sum overflowed) computes z again over real samples only, as the
+    # contract does, rather than as the banded products, NaN throughout.
+    z = _separable_fir(x, w1y_ptr, w1x_ptr, K1Y, K1X, (q0_y + s_row) * UP + pad1_y - (m0_y + t_col),
+                       (q0_x + s_col) * UP + pad1_x - (m0_x + t_row), RANK1, STAGE1_DTYPE, BM, BM)
     if MODE == 1:
-        exact_z = tl.sum(((x - x) != 0).to(tl.int32)) > 0
-    if exact_z:
-        z = _real_samples_upsampling_fir(src_plane, src_sh, src_sw, bias, IN_H, IN_W, w1y_ptr, w1x_ptr, K1Y, K1X,
-                                         m0_y + t_col, m0_x + t_row, pad1_y, pad1_x, UP, RANK1, HAS_BIAS, BM, BM)
-    else:
-        z = _separable_fir(x, w1y_ptr, w1x_ptr, K1Y, K1X, (q0_y + s_row) * UP + pad1_y - (m0_y + t_col),
-                           (q0_x + s_col) * UP + pad1_x - (m0_x + t_row), RANK1, STAGE1_DTYPE, BM, BM)
+        if tl.sum(((z - z) != 0).to(tl.int32)) > 0:
+            z = _real_samples_upsampling_fir(src_plane, src_sh, src_sw, bias, IN_H, IN_W, w1y_ptr, w1x_ptr, K1Y,
+                                             K1X, m0_y + t_col, m0_x + t_row, pad1_y, pad1_x, UP, RANK1, HAS_BIAS,
+                                             BM, BM)
 
     # 3. The pointwise step on the mid tile. Codes: 2 bits each, 4 consecutive columns a byte.
     m_y = m0_y + t_col

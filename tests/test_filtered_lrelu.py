@@ -26,6 +26,8 @@ from fastgen.ops.filtered_lrelu import (
     intermediate_size,
     normalized_padding,
     pack_codes,
+    real_samples_pre_activation,
+    sample_codes,
     unpack_codes,
 )
 from fastgen.ops.registry import TOLERANCES, Implementation, random_tensor
@@ -485,6 +487,27 @@ def _non_finite_args(case, device, generator):
     args[position] = args[position].clone()
     args[position][index] = value
     return tuple(args)
+
+
+@pytest.mark.parametrize("device, backend", DEVICES_AND_BACKENDS)
+@pytest.mark.parametrize("index", [(0, 0), (1, 2), (2, 3)])
+def test_codes_around_a_non_finite_tap_are_the_contracts(device, backend, index, generator):
+    """A NaN tap of a 2-D fu reaches only the mid samples where it meets a real sample; the
+    others' v is finite, and the backward's slopes come from their codes, which must be the
+    contract's. The Triton kernel splits a non-finite filter by rows, and multiplied the other
+    rows' zero factors by the NaN, so the tap's whole column was NaN: the deep fuzz's draw had 5
+    of 42 finite samples coded otherwise and dfu 0.1615 where the contract gives 0.3765."""
+    args = _non_finite_args(("2-D filters, crop, negative slope", "fu", index, float("nan")), device, generator)
+    x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter = _float64(args)
+    v = real_samples_pre_activation(x, fu, fd, b, up, down, padding, gain, flip_filter)
+    y, packed = FILTERED_LRELU_WITH_CODES.allocate_output(*args)
+    FILTERED_LRELU_WITH_CODES.implementations[backend].run(*args, out=(y, packed))
+    codes = unpack_codes(packed.cpu(), v.shape[-1])
+    # Samples within float32 rounding of 0 may take either side (a tie: the gradients follow
+    # the code the kernel records).
+    compared = v.isfinite() & (v.abs() > 1e-4)
+    assert compared.any() and v.isnan().any()
+    assert torch.equal(codes[compared], sample_codes(v, slope, clamp)[compared])
 
 
 def _over_real_samples():
