@@ -103,8 +103,9 @@ infinity in a tile's stage input (x + b or dy, an activation a or da, or a tap o
 filter) makes every output of that tile NaN: its outputs are non-finite at least wherever the
 contract's are (NaN also where the contract has an infinity, or a finite value in that tile),
 never finite where the contract's are not. Its codes are the contract's all the same (a tile
-whose x + b holds NaN or inf computes z over real samples), so gradients away from the
-non-finite values keep their slopes.
+whose first stage comes out NaN or inf, from x + b, a tap or an overflow, computes it again
+over real samples, a non-finite tap meeting only those), so gradients away from the non-finite
+values keep their slopes.
 """
 from __future__ import annotations
 
