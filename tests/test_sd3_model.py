@@ -78,7 +78,10 @@ def test_matches_diffusers(generator, variant, height, width):
         expected = _reference_velocity(reference, latents, text, pooled, timestep)
         out = model(latents, text, pooled, timestep)
     assert out.shape == latents.shape
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # float32 rounding through the blocks scales with the output's largest values (up to 13 at
+    # 12 x 12 tokens), not with each element: 1e-5 absolute failed the sd3 variant on 4 of 13
+    # seeds (1.5e-5 at most); relative to the largest |expected|, the worst of them took 0.11.
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * max(1.0, expected.abs().max().item()))
 
 
 @pytest.mark.parametrize("dim, max_size, base_size", [(32, 12, 4), (96, 40, 16), (256, 192, 64)])
